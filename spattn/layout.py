@@ -1,0 +1,477 @@
+"""Layout: which (query, key) pairs an attention computes — the contract between patterns and kernels.
+
+The sequence of queries is cut into blocks of ``block_q`` tokens and the keys into blocks of
+``block_k`` tokens. Per (batch, head, query block) a Layout records, FlexAttention-style,
+
+* ``kv_num_blocks[b, h, qb]``: how many key blocks are computed, and
+* ``kv_indices[b, h, qb, :kv_num_blocks]``: which ones, sorted ascending (later slots are padding),
+* ``full[b, h, qb, s]``: whether every pair of that tile is computed; tiles that are not full are
+  *partial* and keep only the pairs where the token predicate ``mask_mod`` holds,
+* optional extra key *columns* ``col_indices[b, h, qb, :col_num]`` (token positions, e.g. global
+  tokens or MInference's vertical lines) computed for every query of the block where ``mask_mod``
+  holds (or for all of them when there is no predicate).
+
+Query ``i`` attends key ``j`` iff
+``(kb(j) selected for qb(i) and (full or mask_mod(b, h, i, j))) or (j a column of qb(i) and mask_mod(b, h, i, j))``.
+
+``mask_mod(b, h, q_idx, kv_idx) -> bool tensor`` takes broadcastable integer tensors, as in
+FlexAttention; ``b`` and ``h`` index the Layout's own batch/head dimensions, which are either the
+real sizes or 1 (shared, broadcast). Nothing here materialises an Nq x Nk tensor except
+:meth:`Layout.to_dense` and layouts built by :meth:`Layout.from_dense`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["Layout", "MaskMod"]
+
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _first_true_sorted(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """For a bool tensor [..., M]: (count of True, indices of the True entries ascending, padded)."""
+    num = mask.sum(-1)
+    width = max(int(num.max()) if num.numel() else 0, 1)
+    # stable sort of ~mask puts True first, in ascending index order
+    idx = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices[..., :width]
+    return num, idx
+
+
+def _check_int_tensor(name: str, t: Tensor, dims: int) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dims, got shape {tuple(t.shape)}")
+
+
+class Layout:
+    """Block-sparse description of an attention pattern (see module docstring).
+
+    Shapes: ``kv_num_blocks [B', H', NQB]``, ``kv_indices [B', H', NQB, S]``, ``full [B', H', NQB, S]``,
+    ``col_num [B', H', NQB]``, ``col_indices [B', H', NQB, C]`` with ``B'`` in {1, B}, ``H'`` in {1, H}.
+    """
+
+    def __init__(
+        self,
+        kv_num_blocks: Tensor,
+        kv_indices: Tensor,
+        *,
+        q_len: int,
+        kv_len: int,
+        block_q: int,
+        block_k: Optional[int] = None,
+        mask_mod: Optional[MaskMod] = None,
+        full: Optional[Tensor] = None,
+        col_num: Optional[Tensor] = None,
+        col_indices: Optional[Tensor] = None,
+    ):
+        block_k = block_q if block_k is None else block_k
+        for name, val in (("q_len", q_len), ("kv_len", kv_len), ("block_q", block_q), ("block_k", block_k)):
+            if isinstance(val, bool) or not isinstance(val, int):
+                raise TypeError(f"{name} must be an int, got {type(val).__name__}")
+            if val < 1:
+                raise ValueError(f"{name} must be >= 1, got {val}")
+        if mask_mod is not None and not callable(mask_mod):
+            raise TypeError(f"mask_mod must be callable (b, h, q_idx, kv_idx) -> bool tensor, got {type(mask_mod).__name__}")
+        _check_int_tensor("kv_num_blocks", kv_num_blocks, 3)
+        _check_int_tensor("kv_indices", kv_indices, 4)
+        self.q_len, self.kv_len, self.block_q, self.block_k = q_len, kv_len, block_q, block_k
+        nqb, nkb = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
+        bh = tuple(kv_num_blocks.shape[:2])
+        if kv_num_blocks.shape[2] != nqb:
+            raise ValueError(
+                f"kv_num_blocks must have {nqb} query blocks (q_len={q_len}, block_q={block_q}) "
+                f"in dim 2, got shape {tuple(kv_num_blocks.shape)}"
+            )
+        if tuple(kv_indices.shape[:3]) != bh + (nqb,):
+            raise ValueError(
+                f"kv_indices must have shape {bh + (nqb,)} + (slots,), got {tuple(kv_indices.shape)}"
+            )
+        device = kv_indices.device
+        num = kv_num_blocks.to(device=device, dtype=torch.long)
+        slots = kv_indices.shape[3]
+        if num.numel() and (int(num.min()) < 0 or int(num.max()) > slots):
+            raise ValueError(f"kv_num_blocks must lie in [0, {slots}] (the number of slots in kv_indices)")
+        valid = torch.arange(slots, device=device) < num[..., None]
+        idx = kv_indices.to(torch.long)
+        if bool(((idx < 0) | (idx >= nkb))[valid].any()):
+            raise ValueError(f"kv_indices must lie in [0, {nkb}) for kv_len={kv_len}, block_k={block_k}")
+        if full is None:
+            full = torch.full(valid.shape, mask_mod is None, dtype=torch.bool, device=device)
+        else:
+            if not isinstance(full, Tensor) or full.dtype != torch.bool or full.shape != kv_indices.shape:
+                raise ValueError(f"full must be a bool tensor of shape {tuple(kv_indices.shape)}")
+            full = full.to(device) | (mask_mod is None)
+        # sort the valid slots ascending, padding (index nkb) last; reject duplicates
+        key = torch.where(valid, idx, torch.full_like(idx, nkb))
+        key, order = torch.sort(key, dim=-1, stable=True)
+        if slots > 1 and bool(((key[..., 1:] == key[..., :-1]) & (key[..., 1:] < nkb)).any()):
+            raise ValueError("kv_indices must not repeat a key block within one query block")
+        self.kv_num_blocks = num
+        self.kv_indices = torch.where(key < nkb, key, torch.zeros_like(key))
+        self.full = torch.gather(full, -1, order) & (key < nkb)
+        self.mask_mod = mask_mod
+        self.col_num, self.col_indices = self._normalize_columns(col_num, col_indices, bh, nqb, device)
+
+    # ------------------------------------------------------------------ construction helpers
+    def _normalize_columns(self, col_num, col_indices, bh, nqb, device):
+        if (col_num is None) != (col_indices is None):
+            raise ValueError("col_num and col_indices must be given together")
+        if col_num is None:
+            return None, None
+        _check_int_tensor("col_num", col_num, 3)
+        _check_int_tensor("col_indices", col_indices, 4)
+        if tuple(col_num.shape) != bh + (nqb,) or tuple(col_indices.shape[:3]) != bh + (nqb,):
+            raise ValueError(
+                f"col_num must have shape {bh + (nqb,)} and col_indices {bh + (nqb,)} + (columns,), "
+                f"got {tuple(col_num.shape)} and {tuple(col_indices.shape)}"
+            )
+        cnum = col_num.to(device=device, dtype=torch.long)
+        cidx = col_indices.to(device=device, dtype=torch.long)
+        width = cidx.shape[3]
+        if cnum.numel() and (int(cnum.min()) < 0 or int(cnum.max()) > width):
+            raise ValueError(f"col_num must lie in [0, {width}]")
+        cvalid = torch.arange(width, device=device) < cnum[..., None]
+        if bool(((cidx < 0) | (cidx >= self.kv_len))[cvalid].any()):
+            raise ValueError(f"col_indices must lie in [0, {self.kv_len})")
+        # a column inside a selected block of the same query block is already computed: drop it
+        covered = torch.gather(self.block_map(), -1, (cidx.clamp(0, self.kv_len - 1) // self.block_k))
+        keep = cvalid & ~covered
+        sentinel = self.kv_len
+        key = torch.where(keep, cidx, torch.full_like(cidx, sentinel))
+        key = torch.sort(key, dim=-1).values
+        if width > 1 and bool(((key[..., 1:] == key[..., :-1]) & (key[..., 1:] < sentinel)).any()):
+            raise ValueError("col_indices must not repeat a column within one query block")
+        num = keep.sum(-1)
+        if int(num.max()) == 0:
+            return None, None
+        key = key[..., : int(num.max())]
+        return num, torch.where(key < sentinel, key, torch.zeros_like(key))
+
+    @classmethod
+    def from_block_map(
+        cls,
+        block_map: Tensor,
+        *,
+        q_len: int,
+        kv_len: int,
+        block_q: int,
+        block_k: Optional[int] = None,
+        full_map: Optional[Tensor] = None,
+        mask_mod: Optional[MaskMod] = None,
+        column_map: Optional[Tensor] = None,
+    ) -> "Layout":
+        """Build from a block-level bool map ``[B', H', NQB, NKB]`` (True = tile computed).
+
+        ``full_map`` (same shape) marks tiles needing no predicate; ``column_map [B', H', NQB, Nk]``
+        marks extra key columns per query block.
+        """
+        if not isinstance(block_map, Tensor) or block_map.dtype != torch.bool or block_map.dim() != 4:
+            raise ValueError("block_map must be a 4-D bool tensor [B', H', NQB, NKB]")
+        num, idx = _first_true_sorted(block_map)
+        full = None
+        if full_map is not None:
+            if full_map.shape != block_map.shape or full_map.dtype != torch.bool:
+                raise ValueError(f"full_map must be a bool tensor of shape {tuple(block_map.shape)}")
+            full = torch.gather(full_map, -1, idx)
+        col_num = col_idx = None
+        if column_map is not None:
+            col_num, col_idx = _first_true_sorted(column_map.expand(*block_map.shape[:3], column_map.shape[-1]))
+        return cls(
+            num, idx, q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k,
+            mask_mod=mask_mod, full=full, col_num=col_num, col_indices=col_idx,
+        )
+
+    @classmethod
+    def from_dense(cls, mask: Tensor, block_q: int, block_k: Optional[int] = None) -> "Layout":
+        """Layout computing exactly the True pairs of ``mask`` (``[Nq, Nk]``, ``[B', H', Nq, Nk]``).
+
+        For tests and user-given masks: the predicate looks the mask up, so the mask is kept alive.
+        """
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError("mask must be a bool tensor")
+        if mask.dim() == 2:
+            mask = mask[None, None]
+        if mask.dim() != 4:
+            raise ValueError(f"mask must have shape [Nq, Nk] or [B', H', Nq, Nk], got {tuple(mask.shape)}")
+        block_k = block_q if block_k is None else block_k
+        bp, hp, nq, nk = mask.shape
+        nqb, nkb = _cdiv(nq, block_q), _cdiv(nk, block_k)
+        padded = torch.nn.functional.pad(mask, (0, nkb * block_k - nk, 0, nqb * block_q - nq))
+        tiles = padded.view(bp, hp, nqb, block_q, nkb, block_k)
+        block_map = tiles.any(dim=5).any(dim=3)
+        ones = torch.ones_like(padded)
+        ones[..., nq:, :] = False
+        ones[..., :, nk:] = False
+        # a tile is full when it holds every in-range pair
+        full_map = (tiles == ones.view_as(tiles)).all(dim=5).all(dim=3) & block_map
+        multi_b, multi_h = bp > 1, hp > 1
+
+        def lookup(b, h, q_idx, kv_idx):
+            return mask[b * multi_b, h * multi_h, q_idx, kv_idx]
+
+        return cls.from_block_map(
+            block_map, q_len=nq, kv_len=nk, block_q=block_q, block_k=block_k,
+            full_map=full_map, mask_mod=lookup,
+        )
+
+    # ------------------------------------------------------------------ basic properties
+    @property
+    def batch(self) -> int:
+        return self.kv_num_blocks.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.kv_num_blocks.shape[1]
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.kv_num_blocks.shape[2]
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return _cdiv(self.kv_len, self.block_k)
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_indices.device
+
+    @property
+    def has_columns(self) -> bool:
+        return self.col_num is not None
+
+    def valid_slots(self) -> Tensor:
+        """bool ``[B', H', NQB, S]``: which slots of ``kv_indices`` hold a computed block."""
+        return torch.arange(self.kv_indices.shape[3], device=self.device) < self.kv_num_blocks[..., None]
+
+    def valid_columns(self) -> Tensor:
+        """bool ``[B', H', NQB, C]``: which slots of ``col_indices`` hold a column."""
+        if self.col_num is None:
+            raise ValueError("this layout has no extra columns")
+        return torch.arange(self.col_indices.shape[3], device=self.device) < self.col_num[..., None]
+
+    def block_map(self) -> Tensor:
+        """bool ``[B', H', NQB, NKB]``: True where a tile is computed."""
+        out = torch.zeros(*self.kv_num_blocks.shape, self.num_kv_blocks + 1, dtype=torch.bool, device=self.device)
+        idx = torch.where(self.valid_slots(), self.kv_indices, self.num_kv_blocks)
+        return out.scatter_(-1, idx, True)[..., :-1]
+
+    def full_map(self) -> Tensor:
+        """bool ``[B', H', NQB, NKB]``: True where a tile is computed in full (no predicate)."""
+        out = torch.zeros(*self.kv_num_blocks.shape, self.num_kv_blocks + 1, dtype=torch.bool, device=self.device)
+        idx = torch.where(self.valid_slots() & self.full, self.kv_indices, self.num_kv_blocks)
+        return out.scatter_(-1, idx, True)[..., :-1]
+
+    def column_map(self) -> Optional[Tensor]:
+        """bool ``[B', H', NQB, Nk]`` of extra columns, or None."""
+        if self.col_num is None:
+            return None
+        out = torch.zeros(*self.col_num.shape, self.kv_len + 1, dtype=torch.bool, device=self.device)
+        idx = torch.where(self.valid_columns(), self.col_indices, self.kv_len)
+        return out.scatter_(-1, idx, True)[..., :-1]
+
+    def __repr__(self) -> str:
+        cols = f", columns<= {self.col_indices.shape[3]}" if self.has_columns else ""
+        return (
+            f"Layout(batch={self.batch}, heads={self.heads}, q_len={self.q_len}, kv_len={self.kv_len}, "
+            f"block=({self.block_q}, {self.block_k}), max_blocks={self.kv_indices.shape[3]}"
+            f"{cols}, predicate={'yes' if self.mask_mod is not None else 'no'})"
+        )
+
+    # ------------------------------------------------------------------ membership
+    def contains(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        """Whether query ``q_idx`` attends key ``kv_idx`` (broadcastable index tensors).
+
+        Uses block-level lookups plus the predicate; never builds an Nq x Nk tensor itself.
+        """
+        b = b * (self.batch > 1)
+        h = h * (self.heads > 1)
+        in_range = (q_idx < self.q_len) & (kv_idx < self.kv_len)
+        q_c = q_idx.clamp(0, self.q_len - 1)
+        kv_c = kv_idx.clamp(0, self.kv_len - 1)
+        qb, kb = q_c // self.block_q, kv_c // self.block_k
+        key = (b, h, qb, kb)
+        selected = self._cached("block_map")[key]
+        if self.mask_mod is None and not self.has_columns:
+            return selected & in_range
+        pred = None if self.mask_mod is None else self.mask_mod(b, h, q_c, kv_c)
+        if pred is None:
+            out = selected
+        else:
+            out = selected & (self._cached("full_map")[key] | pred)
+        if self.has_columns:
+            col = self._cached("column_map")[b, h, qb, kv_c]
+            out = out | (col if pred is None else col & pred)
+        return out & in_range
+
+    def _cached(self, name: str) -> Tensor:
+        cache = self.__dict__.setdefault("_cache", {})
+        if name not in cache:
+            cache[name] = getattr(self, name)()
+        return cache[name]
+
+    def to_dense(self) -> Tensor:
+        """bool ``[B', H', Nq, Nk]``: True where the pair is computed. Quadratic: for tests and plots."""
+        dev = self.device
+        b = torch.arange(self.batch, device=dev).view(-1, 1, 1, 1)
+        h = torch.arange(self.heads, device=dev).view(1, -1, 1, 1)
+        q = torch.arange(self.q_len, device=dev).view(1, 1, -1, 1)
+        kv = torch.arange(self.kv_len, device=dev).view(1, 1, 1, -1)
+        out = self.contains(b, h, q, kv)
+        return out.expand(self.batch, self.heads, self.q_len, self.kv_len).clone()
+
+    # ------------------------------------------------------------------ statistics
+    def pair_counts(self, chunk_elems: int = 1 << 22) -> Tensor:
+        """long ``[B', H']``: number of computed (query, key) pairs, without an Nq x Nk tensor."""
+        dev = self.device
+        bq, bk = self.block_q, self.block_k
+        q_sizes = (self.q_len - torch.arange(self.num_q_blocks, device=dev) * bq).clamp(max=bq)
+        k_sizes = (self.kv_len - torch.arange(self.num_kv_blocks, device=dev) * bk).clamp(max=bk)
+        valid = self.valid_slots()
+        sizes = q_sizes.view(1, 1, -1, 1) * k_sizes[self.kv_indices]
+        counts = torch.zeros(self.batch, self.heads, dtype=torch.long, device=dev)
+        counts += (sizes * (valid & self.full)).sum(dim=(2, 3))
+        partial = valid & ~self.full
+        tiles = partial.nonzero()  # [P, 4]: b, h, qb, slot
+        step = max(1, chunk_elems // (bq * bk))
+        for start in range(0, tiles.shape[0], step):
+            t = tiles[start : start + step]
+            b, h, qb = t[:, 0], t[:, 1], t[:, 2]
+            kb = self.kv_indices[b, h, qb, t[:, 3]]
+            q = qb[:, None, None] * bq + torch.arange(bq, device=dev).view(1, -1, 1)
+            kv = kb[:, None, None] * bk + torch.arange(bk, device=dev).view(1, 1, -1)
+            ok = self.mask_mod(b[:, None, None], h[:, None, None], q.clamp(max=self.q_len - 1), kv.clamp(max=self.kv_len - 1))
+            ok = ok & (q < self.q_len) & (kv < self.kv_len)
+            counts.index_put_((b, h), ok.reshape(ok.shape[0], -1).sum(-1), accumulate=True)
+        if self.has_columns:
+            cols = self.valid_columns().nonzero()
+            step = max(1, chunk_elems // bq)
+            for start in range(0, cols.shape[0], step):
+                t = cols[start : start + step]
+                b, h, qb = t[:, 0], t[:, 1], t[:, 2]
+                kv = self.col_indices[b, h, qb, t[:, 3]][:, None]
+                q = qb[:, None] * bq + torch.arange(bq, device=dev)[None]
+                ok = q < self.q_len
+                if self.mask_mod is not None:
+                    ok = ok & self.mask_mod(b[:, None], h[:, None], q.clamp(max=self.q_len - 1), kv)
+                counts.index_put_((b, h), ok.sum(-1), accumulate=True)
+        return counts
+
+    def density(self) -> float:
+        """Fraction of (query, key) pairs computed, averaged over batch and heads."""
+        return float(self.pair_counts().double().mean()) / (self.q_len * self.kv_len)
+
+    def block_density(self) -> float:
+        """Fraction of tiles computed (what a block-sparse kernel pays for)."""
+        return float(self.kv_num_blocks.double().mean()) / self.num_kv_blocks
+
+    # ------------------------------------------------------------------ set algebra
+    def _check_compatible(self, other: "Layout", op: str) -> None:
+        if not isinstance(other, Layout):
+            raise TypeError(f"{op} expects a Layout, got {type(other).__name__}")
+        mine = (self.q_len, self.kv_len, self.block_q, self.block_k)
+        theirs = (other.q_len, other.kv_len, other.block_q, other.block_k)
+        if mine != theirs:
+            raise ValueError(
+                f"{op}: layouts differ in (q_len, kv_len, block_q, block_k): {mine} vs {theirs}"
+            )
+        for dim, a, b in (("batch", self.batch, other.batch), ("heads", self.heads, other.heads)):
+            if a != b and 1 not in (a, b):
+                raise ValueError(f"{op}: layouts' {dim} sizes {a} and {b} do not broadcast")
+
+    def _expanded_maps(self, shape):
+        bm = self.block_map().expand(*shape)
+        fm = self.full_map().expand(*shape)
+        cm = self.column_map()
+        return bm, fm, (None if cm is None else cm.expand(*shape[:3], self.kv_len))
+
+    def _combine(self, other: "Layout", op: str) -> "Layout":
+        self._check_compatible(other, op)
+        shape = (max(self.batch, other.batch), max(self.heads, other.heads), self.num_q_blocks, self.num_kv_blocks)
+        bm_a, fm_a, cm_a = self._expanded_maps(shape)
+        bm_b, fm_b, cm_b = other._expanded_maps(shape)
+        bk = self.block_k
+
+        def blocks_as_columns(bm):
+            return bm.repeat_interleave(bk, dim=-1)[..., : self.kv_len]
+
+        if op == "union":
+            block_map, full_map = bm_a | bm_b, fm_a | fm_b
+            cols = [c for c in (cm_a, cm_b) if c is not None]
+            column_map = None if not cols else (cols[0] if len(cols) == 1 else cols[0] | cols[1])
+            plain = all(x.mask_mod is None and not x.has_columns for x in (self, other))
+            mask_mod = None if plain else (lambda b, h, q, kv: self.contains(b, h, q, kv) | other.contains(b, h, q, kv))
+        else:
+            block_map, full_map = bm_a & bm_b, fm_a & fm_b
+            column_map = None
+            if cm_a is not None:
+                cover_b = blocks_as_columns(bm_b) if cm_b is None else blocks_as_columns(bm_b) | cm_b
+                column_map = cm_a & cover_b
+            if cm_b is not None:
+                extra = cm_b & blocks_as_columns(bm_a)
+                column_map = extra if column_map is None else column_map | extra
+            plain = all(x.mask_mod is None and not x.has_columns for x in (self, other))
+            mask_mod = None if plain else (lambda b, h, q, kv: self.contains(b, h, q, kv) & other.contains(b, h, q, kv))
+        return Layout.from_block_map(
+            block_map, q_len=self.q_len, kv_len=self.kv_len, block_q=self.block_q, block_k=self.block_k,
+            full_map=full_map if mask_mod is not None else None, mask_mod=mask_mod, column_map=column_map,
+        )
+
+    def union(self, other: "Layout") -> "Layout":
+        """Pairs computed by either layout."""
+        return self._combine(other, "union")
+
+    def intersection(self, other: "Layout") -> "Layout":
+        """Pairs computed by both layouts."""
+        return self._combine(other, "intersection")
+
+    __or__ = union
+    __and__ = intersection
+
+    # ------------------------------------------------------------------ FlexAttention
+    def to_block_mask(self):
+        """A FlexAttention ``BlockMask`` built from the block indices (no N x N predicate sweep)."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        nkb = self.num_kv_blocks
+        valid = self.valid_slots()
+        shape = (*self.kv_num_blocks.shape, nkb)
+        full_idx = torch.where(valid & self.full, self.kv_indices, nkb)
+        part_idx = torch.where(valid & ~self.full, self.kv_indices, nkb)
+        full_map = torch.zeros(*shape[:3], nkb + 1, dtype=torch.bool, device=self.device).scatter_(-1, full_idx, True)[..., :-1]
+        part_map = torch.zeros(*shape[:3], nkb + 1, dtype=torch.bool, device=self.device).scatter_(-1, part_idx, True)[..., :-1]
+        cm = self.column_map()
+        if cm is not None:
+            # blocks holding extra columns are evaluated with the full membership predicate
+            col_blocks = torch.zeros(shape, dtype=torch.bool, device=self.device)
+            padded = torch.nn.functional.pad(cm, (0, nkb * self.block_k - self.kv_len))
+            col_blocks |= padded.view(*shape, self.block_k).any(-1)
+            part_map = part_map | (col_blocks & ~full_map)
+        multi_b, multi_h = self.batch > 1, self.heads > 1
+        if cm is None and self.mask_mod is not None:
+            inner = self.mask_mod
+        else:
+            inner = self.contains
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return inner(b * multi_b, h * multi_h, q_idx, kv_idx)
+
+        p_num, p_idx = _first_true_sorted(part_map)
+        f_num, f_idx = _first_true_sorted(full_map)
+        pad = lambda t: torch.nn.functional.pad(t, (0, nkb - t.shape[-1]))
+        return BlockMask.from_kv_blocks(
+            p_num.to(torch.int32), pad(p_idx).to(torch.int32),
+            f_num.to(torch.int32), pad(f_idx).to(torch.int32),
+            BLOCK_SIZE=(self.block_q, self.block_k), mask_mod=mask_mod,
+            seq_lengths=(self.q_len, self.kv_len),
+        )

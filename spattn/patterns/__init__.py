@@ -1,0 +1,32 @@
+"""Patterns: which (query, key) pairs are computed. ``spattn.pattern(spec)`` builds one by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import registry
+from .base import Pattern
+from .static import Dense
+
+__all__ = ["Pattern", "pattern", "Dense"]
+
+
+def pattern(spec: "str | Pattern", /, **kwargs: Any) -> Pattern:
+    """Build a pattern: ``pattern("window", size=256)`` or ``pattern("window(size=256)")``.
+
+    A :class:`Pattern` instance is returned unchanged (keyword overrides are then an error).
+    """
+    if isinstance(spec, Pattern):
+        if kwargs:
+            raise ValueError("keyword parameters cannot be combined with a Pattern instance")
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"pattern must be a spec string or a Pattern, got {type(spec).__name__}")
+    obj = registry.build(spec, **kwargs)
+    if not isinstance(obj, Pattern):
+        name = registry.parse_spec(spec)[0]
+        raise ValueError(
+            f"{name!r} is a {registry.lookup(name).kind} mechanism, not a pattern of (query, key) pairs; "
+            "use it through spattn.nn.Attention(attention=...)"
+        )
+    return obj

@@ -1,0 +1,99 @@
+"""Pattern base class: a pattern turns (q, k) and its parameters into a :class:`~spattn.layout.Layout`."""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..layout import Layout, MaskMod
+
+__all__ = ["Pattern", "causal_mask_mod", "check_qk", "check_int", "check_float"]
+
+
+class Pattern(ABC):
+    """Selects the (query, key) pairs attention computes.
+
+    Subclasses store each constructor parameter under an attribute of the same name (so that
+    ``repr`` round-trips to a spec string) and implement :meth:`layout`.
+    """
+
+    name: str = "pattern"
+    #: True when the selection looks at the values of q/k (dynamic patterns)
+    content_based: bool = False
+
+    @abstractmethod
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
+        """Layout for queries ``q [B, H, Nq, D]`` and keys ``k [B, Hkv, Nk, D]``.
+
+        With ``causal=True`` queries are aligned to the end of the keys (as in decoding):
+        query ``i`` may see key ``j`` only if ``j <= i + Nk - Nq``.
+        """
+
+    def params(self) -> dict[str, Any]:
+        sig = inspect.signature(type(self).__init__)
+        return {p: getattr(self, p) for p in sig.parameters if p != "self" and hasattr(self, p)}
+
+    def spec(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{self.name}({args})" if args else self.name
+
+    def __repr__(self) -> str:
+        return self.spec()
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.params() == other.params()  # type: ignore[union-attr]
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.spec()))
+
+
+def causal_mask_mod(q_len: int, kv_len: int) -> MaskMod:
+    """Predicate of causal attention with queries aligned to the end of the keys."""
+    offset = kv_len - q_len
+
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + offset
+
+    return causal
+
+
+def check_qk(q: Tensor, k: Tensor) -> tuple[int, int, int, int, int]:
+    """Validate shapes; returns (B, Hq, Hkv, Nq, Nk)."""
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape [B, H, N, D], got {tuple(t.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head dim")
+    return q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+
+
+def check_int(owner: str, name: str, value: Any, minimum: int = 0, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
+
+
+def check_float(owner: str, name: str, value: Any, low: float, high: float, *, low_open=False, high_open=False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
+    bad_low = value <= low if low_open else value < low
+    bad_high = value >= high if high_open else value > high
+    if bad_low or bad_high:
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise ValueError(f"{owner}: {name} must lie in {lo}{low}, {high}{hi}, got {value}")
+
+
+def full_block_map(q_len: int, kv_len: int, block_q: int, block_k: int, device) -> tuple[Tensor, Tensor]:
+    """(q block starts, kv block starts) as long tensors, for block-level rule evaluation."""
+    qs = torch.arange(0, q_len, block_q, device=device)
+    ks = torch.arange(0, kv_len, block_k, device=device)
+    return qs, ks
