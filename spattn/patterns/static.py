@@ -11,7 +11,7 @@ from .base import Pattern, causal_mask_mod, check_int, check_qk
 
 __all__ = ["Dense"]
 
-DEFAULT_BLOCK = 128
+DEFAULT_BLOCK = 64
 
 
 def _dense_layout(q_len: int, kv_len: int, block: int, causal: bool, device) -> Layout:
