@@ -1,0 +1,241 @@
+"""How the eager block-sparse kernel cuts a Layout into SDPA calls (its *tile plan*).
+
+A query tile (``block_q`` queries of every query head sharing one kv head) is attended against
+at most two key sets, each run through PyTorch's fused CPU flash kernel and merged by log-sum-exp:
+
+* the **band**: a contiguous key range at a fixed token offset from the tile (``[qb·bq + lo,
+  qb·bq + lo + L)``). Windows, causal diagonals, dilations and neighbourhoods put most of their
+  tiles on such a band, which is read from K/V through a zero-copy strided view.
+* the **gathered** keys: every other selected block (globals, random, content-based choices) and
+  the extra columns, copied into a per-tile buffer.
+
+Pairs inside those key sets that the Layout does not compute are removed by an additive mask
+(finite, so a tile without any allowed key yields a recognisable huge negative log-sum-exp
+instead of NaN). Memory stays proportional to the computed tiles: work proceeds in chunks of
+query tiles whose buffers fit ``chunk_elems`` elements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..layout import Layout
+
+# below this fraction of query tiles, an offset is not worth a band
+_BAND_MIN_SHARE = 0.5
+
+
+def mask_value(dtype: torch.dtype) -> float:
+    """The additive 'excluded' score: finite (no NaN on empty rows), far below any real score."""
+    return torch.finfo(dtype).min if dtype == torch.float16 else -1e30
+
+
+@dataclass
+class Chunk:
+    start: int  # first query tile
+    stop: int  # one past the last query tile
+    gather_len: int  # gathered keys per tile in this chunk (0: none)
+
+
+def _dedupe_sorted(x: Tensor, sentinel: int) -> Tensor:
+    """Sort the last dim, replace repeats by ``sentinel`` and move them to the end."""
+    x = torch.sort(x, dim=-1).values
+    if x.shape[-1] > 1:
+        dup = torch.zeros_like(x, dtype=torch.bool)
+        dup[..., 1:] = x[..., 1:] == x[..., :-1]
+        x = torch.sort(torch.where(dup, torch.full_like(x, sentinel), x), dim=-1).values
+    return x
+
+
+class TilePlan:
+    """Decomposition of ``layout`` for inputs with ``batch``, ``heads_q``, ``heads_kv`` heads."""
+
+    def __init__(self, layout: Layout, batch: int, heads_q: int, heads_kv: int,
+                 key_padding_mask: Optional[Tensor], chunk_elems: int = 1 << 23):
+        self.layout = layout
+        self.batch, self.heads_q, self.heads_kv = batch, heads_q, heads_kv
+        self.group = heads_q // heads_kv
+        self.bq, self.bk = layout.block_q, layout.block_k
+        self.nq, self.nk = layout.q_len, layout.kv_len
+        self.nqb, self.nkb = layout.num_q_blocks, layout.num_kv_blocks
+        self.kpm = key_padding_mask
+        self.device = layout.device
+        self._find_band()
+        self._residual_keys()
+        self._make_chunks(chunk_elems)
+
+    # ------------------------------------------------------------------ band
+    def _find_band(self) -> None:
+        lay = self.layout
+        valid = lay.valid_slots()
+        qb = torch.arange(self.nqb, device=self.device).view(1, 1, -1, 1)
+        offsets = lay.kv_indices * self.bk - qb * self.bq  # token offset of each tile from its query tile
+        self.band_lo, self.band_len = 0, 0
+        self.in_band = torch.zeros_like(valid)
+        if not bool(valid.any()):
+            return
+        values, counts = torch.unique(offsets[valid], return_counts=True)
+        tiles = lay.batch * lay.heads * self.nqb
+        keep = counts >= _BAND_MIN_SHARE * tiles
+        values, counts = values[keep], counts[keep]
+        if values.numel() == 0:
+            return
+        # the run of consecutive offsets (step block_k) covering the most computed tiles
+        breaks = torch.nonzero(values[1:] - values[:-1] != self.bk).flatten() + 1
+        bounds = [0, *breaks.tolist(), values.numel()]
+        best = max(range(len(bounds) - 1), key=lambda r: int(counts[bounds[r] : bounds[r + 1]].sum()))
+        lo, hi = int(values[bounds[best]]), int(values[bounds[best + 1] - 1])
+        self.band_lo, self.band_len = lo, hi - lo + self.bk
+        self.in_band = valid & (offsets >= lo) & (offsets <= hi)
+
+    # ------------------------------------------------------------------ gathered keys
+    def _owner_union(self, idx: Tensor, sentinel: int) -> Tensor:
+        """Union over the query heads that share a kv head (their rows share one key buffer)."""
+        if self.layout.heads > 1 and self.group > 1:
+            b, _, n, s = idx.shape
+            idx = idx.view(b, self.heads_kv, self.group, n, s).permute(0, 1, 3, 2, 4).reshape(b, self.heads_kv, n, self.group * s)
+        return _dedupe_sorted(idx, sentinel)
+
+    def _residual_keys(self) -> None:
+        lay = self.layout
+        residual = lay.valid_slots() & ~self.in_band
+        blocks = torch.where(residual, lay.kv_indices, torch.full_like(lay.kv_indices, self.nkb))
+        blocks = self._owner_union(blocks, self.nkb)
+        width = int((blocks < self.nkb).sum(-1).max()) if blocks.numel() else 0
+        self.res_blocks = blocks[..., :width]  # [B'', Hk'', NQB, Sr] sorted, sentinel nkb
+        self.res_cols = None
+        if lay.has_columns:
+            cols = torch.where(lay.valid_columns(), lay.col_indices, torch.full_like(lay.col_indices, self.nk))
+            cols = self._owner_union(cols, self.nk)
+            width = int((cols < self.nk).sum(-1).max())
+            self.res_cols = cols[..., :width] if width else None
+        per_tile = (self.res_blocks < self.nkb).sum(-1) * self.bk
+        if self.res_cols is not None:
+            per_tile = per_tile + (self.res_cols < self.nk).sum(-1).broadcast_to(per_tile.shape)
+        self.gather_per_tile = per_tile.amax(dim=(0, 1)) if per_tile.numel() else per_tile  # [NQB]
+
+    def _make_chunks(self, chunk_elems: int) -> None:
+        rows = self.batch * self.heads_q * self.bq
+        per_tile = (self.band_len + self.gather_per_tile) * rows
+        self.chunks: list[Chunk] = []
+        start = 0
+        cum = 0
+        gmax = 0
+        counts = self.gather_per_tile.tolist()
+        for t in range(self.nqb):
+            cost = (self.band_len + counts[t]) * rows
+            if t > start and cum + cost > chunk_elems:
+                self.chunks.append(Chunk(start, t, gmax))
+                start, cum, gmax = t, 0, 0
+            cum += cost
+            gmax = max(gmax, counts[t])
+        self.chunks.append(Chunk(start, self.nqb, gmax))
+        del per_tile
+
+    # ------------------------------------------------------------------ per-chunk key indices and masks
+    def gather_indices(self, chunk: Chunk) -> tuple[Tensor, Tensor]:
+        """Key positions gathered per tile ``[B'', Hk'', T, R]`` (``nk`` = padding) and is-column flags."""
+        blocks = self.res_blocks[:, :, chunk.start : chunk.stop]
+        tok = blocks[..., None] * self.bk + torch.arange(self.bk, device=self.device)
+        tok = torch.where((blocks[..., None] < self.nkb) & (tok < self.nk), tok, self.nk).flatten(-2)
+        is_col = torch.zeros_like(tok, dtype=torch.bool)
+        if self.res_cols is not None:
+            cols = self.res_cols[:, :, chunk.start : chunk.stop]
+            lead = torch.broadcast_shapes(tok.shape[:2], cols.shape[:2])
+            tok = torch.cat([tok.expand(*lead, *tok.shape[2:]), cols.expand(*lead, *cols.shape[2:])], -1)
+            is_col = torch.cat([is_col.expand(*lead, *is_col.shape[2:]), torch.ones_like(cols, dtype=torch.bool).expand(*lead, *cols.shape[2:])], -1)
+        # compact: real keys first, then the padding; keep chunk.gather_len slots
+        order = torch.sort((tok >= self.nk).to(torch.uint8), dim=-1, stable=True).indices[..., : chunk.gather_len]
+        return torch.gather(tok, -1, order), torch.gather(is_col, -1, order)
+
+    def _per_head(self, t: Tensor) -> Tensor:
+        """[B'', Hk'', ...] -> indexable by layout head: [B'', H'|1, ...]."""
+        if self.layout.heads > 1 and t.shape[1] > 1 and self.group > 1:
+            return t.repeat_interleave(self.group, dim=1)
+        return t
+
+    def _allowed(self, chunk: Chunk, kv: Tensor, is_col: Optional[Tensor]) -> Tensor:
+        """bool ``[B'|B, H'|1, T, bq, R]``: whether each query row of the chunk computes key ``kv``.
+
+        ``kv [B'|1, H'|1, T, 1, R]`` holds key positions (``>= nk`` or ``< 0`` means padding).
+        """
+        lay = self.layout
+        dev = self.device
+        b = torch.arange(lay.batch, device=dev).view(-1, 1, 1, 1, 1)
+        h = torch.arange(lay.heads, device=dev).view(1, -1, 1, 1, 1)
+        qb = torch.arange(chunk.start, chunk.stop, device=dev).view(1, 1, -1, 1, 1)
+        q = qb * self.bq + torch.arange(self.bq, device=dev).view(1, 1, 1, -1, 1)
+        in_range = (kv >= 0) & (kv < self.nk) & (q < self.nq)
+        kv_c = kv.clamp(0, self.nk - 1)
+        q_c = q.clamp(max=self.nq - 1)
+        kb = kv_c // self.bk
+        selected = lay._cached("block_map")[b, h, qb, kb]
+        pred = None if lay.mask_mod is None else lay.mask_mod(b, h, q_c, kv_c)
+        allowed = selected if pred is None else selected & (lay._cached("full_map")[b, h, qb, kb] | pred)
+        if is_col is not None and bool(is_col.any()):
+            # column membership by binary search in the layout's sorted per-head column lists
+            cols = torch.where(lay.valid_columns(), lay.col_indices, torch.full_like(lay.col_indices, self.nk + 1))
+            cols = cols[:, :, chunk.start : chunk.stop]  # [B', H', T, C]
+            flat_kv = kv_c.squeeze(3)
+            shape = torch.broadcast_shapes(cols.shape[:3], flat_kv.shape[:3])
+            cols_e = cols.expand(*shape, cols.shape[-1]).contiguous()
+            kv_e = flat_kv.expand(*shape, flat_kv.shape[-1]).contiguous()
+            pos = torch.searchsorted(cols_e, kv_e).clamp(max=cols_e.shape[-1] - 1)
+            col_member = (torch.gather(cols_e, -1, pos) == kv_e).unsqueeze(3)
+            if pred is not None:
+                col_member = col_member & pred
+            allowed = torch.where(is_col, col_member, allowed)
+        allowed = allowed & in_range
+        if self.kpm is not None:
+            allowed = allowed & _kpm_lookup(self.kpm, kv_c)
+        return allowed
+
+    def band_positions(self, chunk: Chunk) -> Tensor:
+        """Key positions of the band for each tile of the chunk: ``[1, 1, T, 1, L]``."""
+        dev = self.device
+        qb = torch.arange(chunk.start, chunk.stop, device=dev).view(1, 1, -1, 1, 1)
+        return qb * self.bq + self.band_lo + torch.arange(self.band_len, device=dev).view(1, 1, 1, 1, -1)
+
+    def band_mask(self, chunk: Chunk, dtype: torch.dtype) -> Optional[Tensor]:
+        kv = self.band_positions(chunk)
+        allowed = self._allowed(chunk, kv, None)
+        if self.bq % self.bk or self.band_lo % self.bk:
+            # the window is not block aligned for every tile: keep only keys of in-band tiles
+            qb = torch.arange(chunk.start, chunk.stop, device=self.device).view(1, 1, -1, 1, 1)
+            offset = torch.div(kv, self.bk, rounding_mode="floor") * self.bk - qb * self.bq
+            allowed = allowed & (offset >= self.band_lo) & (offset <= self.band_lo + self.band_len - self.bk)
+        return self.to_sdpa_mask(allowed, dtype)
+
+    def gather_mask(self, chunk: Chunk, kv: Tensor, is_col: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
+        kv5 = self._per_head(kv).unsqueeze(3)
+        col5 = self._per_head(is_col).unsqueeze(3)
+        return self.to_sdpa_mask(self._allowed(chunk, kv5, col5), dtype)
+
+    def to_sdpa_mask(self, allowed: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
+        """bool ``[B'|B, H'|1, T, bq, R]`` -> additive mask ``[1 | B·Hkv, T, G·bq, R]`` (None: all allowed)."""
+        if bool(allowed.all()):
+            return None
+        bmask, hmask, t, bq, r = allowed.shape
+        g, hkv = self.group, self.heads_kv
+        if hmask == 1:
+            allowed = allowed.unsqueeze(2).expand(bmask, 1, g, t, bq, r) if g > 1 else allowed.unsqueeze(2)
+            per_head = False
+        else:
+            allowed = allowed.view(bmask, hkv, g, t, bq, r)
+            per_head = True
+        allowed = allowed.permute(0, 1, 3, 2, 4, 5)  # [B?, H?, T, G, bq, R]
+        if bmask > 1 or per_head:
+            allowed = allowed.expand(self.batch, hkv, t, g, bq, r)
+        lead = allowed.shape[0] * allowed.shape[1]
+        mask = torch.zeros(lead, t, g * bq, r, dtype=dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed.reshape(lead, t, g * bq, r), mask_value(dtype))
+
+
+def _kpm_lookup(kpm: Tensor, kv: Tensor) -> Tensor:
+    """key_padding_mask ``[B, Nk]`` looked up at positions ``kv [B'|1, H'|1, T, 1, R]`` -> [B, ...]."""
+    flat = kv.reshape(kv.shape[0], -1).expand(kpm.shape[0], -1)
+    return torch.gather(kpm, 1, flat).view(kpm.shape[0], *kv.shape[1:])

@@ -1,0 +1,297 @@
+"""Eager block-sparse attention over a Layout, with its own forward and backward.
+
+FlashAttention-style (Dao et al. 2022): the forward keeps only ``out`` and the log-sum-exp; the
+backward recomputes each tile's probabilities from them. The work is cut into query tiles and
+key sets by :class:`~spattn.kernels._tiling.TilePlan`; inside each tile PyTorch's fused CPU flash
+kernel (or plain matmul + softmax on other devices) does the math, and partial results are merged
+by log-sum-exp. Because the backward of softmax attention over a union of key sets only needs the
+*global* ``out`` and ``lse``, every key set's gradient comes from one fused backward call.
+
+No torch.compile, no N x N tensor; memory grows with the computed tiles.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..layout import Layout
+from ._tiling import Chunk, TilePlan, mask_value
+
+__all__ = ["blocksparse_attention"]
+
+
+# ---------------------------------------------------------------------- one key set, one call
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _use_flash(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _tile_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+    """Attention of q ``[X, T, M, D]`` over k/v ``[X, T, R, D]``: (out, lse fp32 ``[X, T, M]``)."""
+    if _use_flash(q):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        return out, lse
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(_lse_dtype(q.dtype)) * scale
+    if mask is not None:
+        scores = scores + mask
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.exp(scores - lse[..., None]).to(v.dtype), v)
+    return out, lse
+
+
+def _tile_backward(dout, q, k, v, out, lse, mask, scale) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of one key set's share, given the *global* out and lse of the rows."""
+    if _use_flash(q):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale
+        )
+    acc = _lse_dtype(q.dtype)
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale
+    if mask is not None:
+        scores = scores + mask
+    probs = torch.exp(scores - lse[..., None])
+    dv = torch.matmul(probs.to(dout.dtype).transpose(-1, -2), dout)
+    dp = torch.matmul(dout, v.transpose(-1, -2)).to(acc)
+    delta = (dout.to(acc) * out.to(acc)).sum(-1, keepdim=True)
+    ds = probs * (dp - delta) * scale
+    dq = torch.matmul(ds.to(q.dtype), k)
+    dk = torch.matmul(ds.to(q.dtype).transpose(-1, -2), q)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------- layout of tensors in tiles
+class _Tiler:
+    """Moves tensors between ``[B, H, N, D]`` and the tile layout ``[B·Hkv, T, G·bq, D]``."""
+
+    def __init__(self, plan: TilePlan):
+        self.plan = plan
+        self.padded_q = plan.nqb * plan.bq
+
+    def pad_q(self, x: Tensor) -> Tensor:
+        """``[B, Hq, Nq, ...]`` -> ``[B, Hkv, G, NQB, bq, ...]`` (zero padded)."""
+        p = self.plan
+        extra = self.padded_q - p.nq
+        if extra:
+            pad = [0, 0] * (x.dim() - 3) + [0, extra]
+            x = F.pad(x, pad)
+        return x.view(p.batch, p.heads_kv, p.group, p.nqb, p.bq, *x.shape[3:])
+
+    def tiles(self, xp: Tensor, chunk: Chunk) -> Tensor:
+        p = self.plan
+        t = xp[:, :, :, chunk.start : chunk.stop]
+        t = t.transpose(2, 3)  # [B, Hkv, T, G, bq, ...]
+        return t.reshape(p.batch * p.heads_kv, chunk.stop - chunk.start, p.group * p.bq, *xp.shape[5:])
+
+    def untile(self, t: Tensor, dst: Tensor, chunk: Chunk) -> None:
+        """Write tiles ``[B·Hkv, T, G·bq, ...]`` into ``dst`` (a padded ``[B, Hkv, G, NQB, bq, ...]``)."""
+        p = self.plan
+        view = t.view(p.batch, p.heads_kv, chunk.stop - chunk.start, p.group, p.bq, *t.shape[3:])
+        dst[:, :, :, chunk.start : chunk.stop].copy_(view.transpose(2, 3))
+
+
+class _KeySets:
+    """K/V prepared for a plan: padded for the band's strided views, extended for gathers."""
+
+    def __init__(self, plan: TilePlan, k: Tensor, v: Tensor):
+        self.plan = plan
+        p = plan
+        bh = p.batch * p.heads_kv
+        if p.band_len:
+            last = (p.nqb - 1) * p.bq + p.band_lo + p.band_len
+            self.left = max(0, -p.band_lo)
+            right = max(0, last - p.nk)
+            self.padded_len = p.nk + self.left + right
+            self.k_band = F.pad(k, (0, 0, self.left, right)).reshape(bh, self.padded_len, k.shape[-1])
+            self.v_band = F.pad(v, (0, 0, self.left, right)).reshape(bh, self.padded_len, v.shape[-1])
+        if bool((p.gather_per_tile > 0).any()):
+            self.k_ext = F.pad(k, (0, 0, 0, 1))  # row nk is the padding key
+            self.v_ext = F.pad(v, (0, 0, 0, 1))
+
+    def band_start(self, chunk: Chunk) -> int:
+        return chunk.start * self.plan.bq + self.plan.band_lo + self.left
+
+    def band(self, x: Tensor, chunk: Chunk) -> Tensor:
+        """Zero-copy overlapping view ``[B·Hkv, T, L, D]`` of padded keys or values."""
+        p = self.plan
+        d = x.shape[-1]
+        return x.as_strided(
+            (x.shape[0], chunk.stop - chunk.start, p.band_len, d),
+            (x.stride(0), p.bq * d, d, 1),
+            x.storage_offset() + self.band_start(chunk) * d,
+        )
+
+    def gather(self, x_ext: Tensor, idx: Tensor) -> Tensor:
+        """Copy the keys ``idx [B'', Hk'', T, R]`` out of ``x_ext [B, Hkv, Nk+1, D]``."""
+        p = self.plan
+        b, h, t, r = idx.shape
+        flat = idx.reshape(b, h, t * r, 1).expand(p.batch, p.heads_kv, t * r, x_ext.shape[-1])
+        return torch.gather(x_ext, 2, flat).view(p.batch * p.heads_kv, t, r, x_ext.shape[-1])
+
+    def scatter_add(self, dst_ext: Tensor, idx: Tensor, grad: Tensor) -> None:
+        p = self.plan
+        b, h, t, r = idx.shape
+        flat = idx.reshape(b, h, t * r, 1).expand(p.batch, p.heads_kv, t * r, grad.shape[-1])
+        dst_ext.scatter_add_(2, flat, grad.reshape(p.batch, p.heads_kv, t * r, grad.shape[-1]))
+
+    def fold_band(self, dst: Tensor, grad: Tensor, chunk: Chunk) -> None:
+        """Add overlapping band tiles ``grad [B·Hkv, T, L, D]`` into ``dst [B·Hkv, padded_len, D]``."""
+        p = self.plan
+        t = chunk.stop - chunk.start
+        base = self.band_start(chunk)
+        if p.band_len % p.bq == 0:
+            for m in range(p.band_len // p.bq):
+                lo = base + m * p.bq
+                dst[:, lo : lo + t * p.bq] += grad[:, :, m * p.bq : (m + 1) * p.bq].reshape(dst.shape[0], t * p.bq, -1)
+        else:
+            pos = base + torch.arange(t, device=dst.device)[:, None] * p.bq + torch.arange(p.band_len, device=dst.device)
+            dst.index_add_(1, pos.flatten(), grad.reshape(dst.shape[0], t * p.band_len, -1))
+
+
+def _merge(parts: list[tuple[Tensor, Tensor]], empty_below: float) -> tuple[Tensor, Tensor]:
+    """Combine partial (out, lse) over disjoint key sets; rows with no key get 0 and -inf."""
+    if len(parts) == 1:
+        out, lse = parts[0]
+    else:
+        lse = torch.logsumexp(torch.stack([l for _, l in parts]), dim=0)
+        acc = None
+        for o, l in parts:
+            term = o.to(lse.dtype) * torch.exp(l - lse)[..., None]
+            acc = term if acc is None else acc + term
+        out = acc.to(parts[0][0].dtype)
+    empty = lse < empty_below
+    out = out.masked_fill(empty[..., None], 0.0)
+    return out, lse.masked_fill(empty, float("-inf"))
+
+
+# ---------------------------------------------------------------------- the autograd function
+def _forward(plan: TilePlan, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    tiler = _Tiler(plan)
+    keys = _KeySets(plan, k, v)
+    qp = tiler.pad_q(q)
+    out_p = q.new_empty(plan.batch, plan.heads_kv, plan.group, plan.nqb, plan.bq, q.shape[-1])
+    lse_p = q.new_empty(plan.batch, plan.heads_kv, plan.group, plan.nqb, plan.bq, dtype=_lse_dtype(q.dtype))
+    neg = mask_value(q.dtype)
+    for chunk in plan.chunks:
+        q_t = tiler.tiles(qp, chunk)
+        parts = []
+        if plan.band_len:
+            mask = plan.band_mask(chunk, q.dtype)
+            parts.append(_tile_forward(q_t, keys.band(keys.k_band, chunk), keys.band(keys.v_band, chunk), mask, scale))
+        if chunk.gather_len:
+            idx, is_col = plan.gather_indices(chunk)
+            mask = plan.gather_mask(chunk, idx, is_col, q.dtype)
+            parts.append(_tile_forward(q_t, keys.gather(keys.k_ext, idx), keys.gather(keys.v_ext, idx), mask, scale))
+        if not parts:  # no key anywhere in this chunk
+            shape = q_t.shape[:-1]
+            parts.append((torch.zeros_like(q_t), torch.full(shape, float("-inf"), dtype=lse_p.dtype, device=q.device)))
+        out_t, lse_t = _merge(parts, neg / 2)
+        tiler.untile(out_t, out_p, chunk)
+        tiler.untile(lse_t, lse_p, chunk)
+    out = out_p.flatten(3, 4)[..., : plan.nq, :].reshape(plan.batch, plan.heads_q, plan.nq, q.shape[-1])
+    lse = lse_p.flatten(3, 4)[..., : plan.nq].reshape(plan.batch, plan.heads_q, plan.nq)
+    return out, lse
+
+
+def _backward(plan, dout, dlse, q, k, v, out, lse, scale):
+    tiler = _Tiler(plan)
+    if dlse is not None:
+        # d lse_i / d s_ij = p_ij: append a ones column to v and dlse to dout (out, q and k get a 0
+        # column, so scores are unchanged); the fused backward's dS = P (dP + dlse - rowsum(dout * out))
+        # is then exactly right.
+        q = torch.cat([q, torch.zeros_like(q[..., :1])], -1)
+        k = torch.cat([k, torch.zeros_like(k[..., :1])], -1)
+        v = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+        dout = torch.cat([dout, dlse.to(dout.dtype)[..., None]], -1)
+        out = torch.cat([out, torch.zeros_like(out[..., :1])], -1)
+    keys = _KeySets(plan, k, v)
+    qp, dop, op = tiler.pad_q(q), tiler.pad_q(dout), tiler.pad_q(out)
+    # rows without keys: lse=+inf makes every probability exactly 0 in the recomputation
+    lp = tiler.pad_q(torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)[..., None]).squeeze(-1)
+    dq_p = torch.zeros_like(qp)
+    dk_band = torch.zeros_like(keys.k_band) if plan.band_len else None
+    dv_band = torch.zeros_like(keys.v_band) if plan.band_len else None
+    dk_ext = torch.zeros_like(keys.k_ext) if hasattr(keys, "k_ext") else None
+    dv_ext = torch.zeros_like(keys.v_ext) if hasattr(keys, "v_ext") else None
+    for chunk in plan.chunks:
+        q_t, do_t, o_t = tiler.tiles(qp, chunk), tiler.tiles(dop, chunk), tiler.tiles(op, chunk)
+        l_t = tiler.tiles(lp[..., None], chunk).squeeze(-1).contiguous()
+        dq_t = None
+        if plan.band_len:
+            mask = plan.band_mask(chunk, q.dtype)
+            g = _tile_backward(do_t, q_t, keys.band(keys.k_band, chunk), keys.band(keys.v_band, chunk), o_t, l_t, mask, scale)
+            dq_t = g[0]
+            keys.fold_band(dk_band, g[1], chunk)
+            keys.fold_band(dv_band, g[2], chunk)
+        if chunk.gather_len:
+            idx, is_col = plan.gather_indices(chunk)
+            mask = plan.gather_mask(chunk, idx, is_col, q.dtype)
+            g = _tile_backward(do_t, q_t, keys.gather(keys.k_ext, idx), keys.gather(keys.v_ext, idx), o_t, l_t, mask, scale)
+            dq_t = g[0] if dq_t is None else dq_t + g[0]
+            keys.scatter_add(dk_ext, idx, g[1])
+            keys.scatter_add(dv_ext, idx, g[2])
+        if dq_t is not None:
+            tiler.untile(dq_t, dq_p, chunk)
+    dq = dq_p.flatten(3, 4)[..., : plan.nq, :].reshape(q.shape)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    if dk_band is not None:
+        sl = slice(keys.left, keys.left + plan.nk)
+        dk += dk_band.view(plan.batch, plan.heads_kv, -1, k.shape[-1])[:, :, sl]
+        dv += dv_band.view(plan.batch, plan.heads_kv, -1, dv.shape[-1])[:, :, sl]
+    if dk_ext is not None:
+        dk += dk_ext[:, :, : plan.nk]
+        dv += dv_ext[:, :, : plan.nk]
+    if dlse is not None:
+        dq, dk, dv = dq[..., :-1], dk[..., :-1], dv[..., :-1]
+    return dq, dk, dv
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale):
+        out, lse = _forward(plan, q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.scale = plan, scale
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dlse = None if dlse is None else torch.nan_to_num(dlse, nan=0.0)
+        dq, dk, dv = _backward(ctx.plan, dout.contiguous(), dlse, q, k, v, out, lse, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def blocksparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: Layout,
+    *,
+    scale: Optional[float] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    return_lse: bool = False,
+    chunk_elems: int = 1 << 23,
+):
+    """Softmax attention restricted to ``layout``, exact, with a memory-lean fused backward.
+
+    q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]`` with ``Hq % Hkv == 0``; ``key_padding_mask [B, Nk]``
+    (True = real key). Returns ``out [B, Hq, Nq, D]`` and, if asked, ``lse [B, Hq, Nq]`` (fp32,
+    ``-inf`` where a query has no key; such rows output zeros). ``chunk_elems`` bounds the per-chunk
+    buffers (scores of one chunk of query tiles), which bounds peak memory at any length.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    plan = TilePlan(layout, q.shape[0], q.shape[1], k.shape[1], key_padding_mask, chunk_elems)
+    out, lse = _BlockSparseAttention.apply(q, k, v, plan, scale)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,51 @@
+"""The oracle: dense masked softmax attention over a Layout (quadratic memory, any dtype incl. fp64)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..layout import Layout
+
+__all__ = ["reference_attention"]
+
+
+def reference_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: Layout,
+    *,
+    scale: Optional[float] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    return_lse: bool = False,
+):
+    """softmax(q kᵀ · scale restricted to ``layout``) v, computed densely in the input dtype.
+
+    q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]`` (GQA: query head h uses kv head h // (Hq/Hkv)),
+    ``key_padding_mask [B, Nk]`` bool (True = real key). Rows with no allowed key give zeros
+    and log-sum-exp ``-inf``. Returns ``out [B, Hq, Nq, D]`` and, if asked, ``lse [B, Hq, Nq]``.
+    """
+    batch, hq, nq, dim = q.shape
+    group = hq // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    allowed = layout.to_dense()  # [B', H', Nq, Nk]
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    empty = ~allowed.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(empty, 0.0)  # keeps logsumexp and its gradient finite
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    probs = torch.exp(scores - lse).masked_fill(empty, 0.0)
+    out = torch.matmul(probs, v)
+    if not return_lse:
+        return out
+    lse = lse.squeeze(-1).to(torch.float64 if q.dtype == torch.float64 else torch.float32).masked_fill(empty.squeeze(-1), float("-inf"))
+    return out, lse.expand(batch, hq, nq)
