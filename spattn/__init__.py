@@ -1,10 +1,15 @@
-"""spattn: sparse and efficient attention for PyTorch."""
+"""spattn: sparse and efficient attention for PyTorch.
+
+A *pattern* picks the (query, key) pairs, a :class:`Layout` records them, a *kernel* computes
+softmax attention on them. See ``spattn.attention`` and ``spattn.pattern``.
+"""
 
 from . import registry
+from .functional import attention
 from .layout import Layout
 from .patterns import Pattern, pattern
 
-__all__ = ["Layout", "Pattern", "pattern", "mechanisms", "registry"]
+__all__ = ["Layout", "Pattern", "attention", "pattern", "mechanisms", "registry"]
 __version__ = "0.1.0"
 
 

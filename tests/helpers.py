@@ -1,0 +1,42 @@
+"""Shared test helpers: compare a kernel with the dense reference, forward and gradients."""
+
+from __future__ import annotations
+
+import torch
+
+from spattn.kernels.reference import reference_attention
+
+
+def finite(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isinf(x), torch.zeros_like(x), x)
+
+
+def run_with_grads(fn, q, k, v, layout, kpm=None, seed=0, lse_grad=True):
+    """Run ``fn`` and backprop a fixed random cotangent through out (and lse); return values and grads."""
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out, lse = fn(q, k, v, layout, key_padding_mask=kpm, return_lse=True)
+    gen = torch.Generator().manual_seed(seed)
+    # dk, dv sum over queries: scale the cotangents so every gradient entry is O(1) and an
+    # absolute bound is also a relative one
+    norm = q.shape[2] ** -0.5
+    g_out = (torch.randn(out.shape, generator=gen, dtype=torch.float64) * norm).to(out.dtype)
+    g_lse = (torch.randn(lse.shape, generator=gen, dtype=torch.float64) * norm * lse_grad).to(lse.dtype)
+    loss = (out * g_out).sum() + (finite(lse) * g_lse).sum()
+    loss.backward()
+    return out.detach(), lse.detach(), q.grad, k.grad, v.grad
+
+
+def assert_matches_reference(fn, q, k, v, layout, kpm=None, atol=1e-5, lse_grad=True):
+    """``fn`` in the inputs' dtype against the reference computed in float64 from the same inputs."""
+    got = run_with_grads(fn, q, k, v, layout, kpm, lse_grad=lse_grad)
+    q64, k64, v64 = (x.double() for x in (q, k, v))
+    want = run_with_grads(reference_attention, q64, k64, v64, layout, kpm, lse_grad=lse_grad)
+    names = ("out", "lse", "dq", "dk", "dv")
+    for name, a, b in zip(names, got, want):
+        assert not torch.isnan(a).any(), f"{name} has NaN"
+        if name == "lse":
+            assert torch.equal(torch.isinf(a), torch.isinf(b)), "lse -inf rows differ"
+            a, b = finite(a), finite(b)
+        err = (a.double() - b.double()).abs().max().item()
+        assert err <= atol, f"{name}: max abs error {err:.3g} > {atol:.1g}"
+    return got
