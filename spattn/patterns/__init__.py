@@ -6,9 +6,13 @@ from typing import Any
 
 from .. import registry
 from .base import Pattern
-from .static import Dense
+from .neighborhood import Neighborhood
+from .static import AShape, Axial, BigBird, Dense, DilatedWindow, Fixed, GlobalTokens, Strided, Window
 
-__all__ = ["Pattern", "pattern", "Dense"]
+__all__ = [
+    "Pattern", "pattern", "Dense", "Window", "DilatedWindow", "GlobalTokens", "BigBird", "Strided", "Fixed",
+    "Axial", "AShape", "Neighborhood",
+]
 
 
 def pattern(spec: "str | Pattern", /, **kwargs: Any) -> Pattern:

@@ -1,4 +1,16 @@
-"""Static patterns: the selection depends only on positions, never on the values of q and k."""
+"""Static patterns: the selection depends only on positions, never on the values of q and k.
+
+Positions. Query ``i`` of ``Nq`` queries sits at key position ``i' = i + Nk - Nq``: queries are aligned
+to the *end* of the keys whenever ``Nq != Nk`` (as in decoding with a KV cache), causal or not.
+Every definition below is written in terms of ``i'``; for ``Nq == Nk`` it is just ``i``. With
+``causal=True`` a pattern additionally keeps only keys ``j <= i'``.
+
+Construction. No pattern builds an ``Nq x Nk`` tensor: block maps ``[B', H', NQB, NKB]`` (which tiles
+are computed, and which of them are *full* so the kernel can skip the predicate) come from
+tile-level arithmetic on the first/last positions of each tile, and the token-level rule is
+handed to the :class:`~spattn.layout.Layout` as ``mask_mod``, consulted only inside partial tiles.
+The pattern's ``block`` is the Layout's tile size (queries and keys).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +21,9 @@ from ..layout import Layout
 from ..registry import register
 from .base import Pattern, causal_mask_mod, check_int, check_qk
 
-__all__ = ["Dense"]
+__all__ = [
+    "Dense", "Window", "DilatedWindow", "GlobalTokens", "BigBird", "Strided", "Fixed", "Axial", "AShape",
+]
 
 DEFAULT_BLOCK = 64
 
@@ -48,3 +62,496 @@ class Dense(Pattern):
     def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
         _, _, _, nq, nk = check_qk(q, k)
         return _dense_layout(nq, nk, self.block, causal, q.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# tile geometry helpers (shared with neighborhood.py)
+
+
+def _floordiv(x: Tensor, m: int) -> Tensor:
+    return torch.div(x, m, rounding_mode="floor")
+
+
+def tile_bounds(q_len: int, kv_len: int, block: int, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(p0, p1, k0, k1)``: first/last aligned query position of each query tile (``[NQB, 1]``) and
+    first/last key of each key tile (``[1, NKB]``). Aligned position: ``i' = i + Nk - Nq``."""
+    off = kv_len - q_len
+    qs = torch.arange(0, q_len, block, device=device)
+    ks = torch.arange(0, kv_len, block, device=device)
+    p0 = (qs + off)[:, None]
+    p1 = ((qs + block - 1).clamp(max=q_len - 1) + off)[:, None]
+    k0 = ks[None, :]
+    k1 = (ks + block - 1).clamp(max=kv_len - 1)[None, :]
+    return p0, p1, k0, k1
+
+
+def _has_multiple(lo: Tensor, hi: Tensor, m: int) -> Tensor:
+    """Whether the integer interval ``[lo, hi]`` contains a multiple of ``m``."""
+    return (lo <= hi) & (_floordiv(hi, m) * m >= lo)
+
+
+def count_progression(a: Tensor, b: Tensor, rho: Tensor, m: int) -> Tensor:
+    """How many ``x`` in ``[a, b]`` have ``x = rho (mod m)`` (0 for an empty interval)."""
+    if m == 1:
+        return (b - a + 1).clamp(min=0)
+    return (_floordiv(b - rho, m) - _floordiv(a - 1 - rho, m)).clamp(min=0)
+
+
+def tile_stats_from_counts(count_fn, q_len: int, kv_len: int, block: int, device, per_pair: int = 1,
+                           budget: int = 1 << 22) -> tuple[Tensor, Tensor]:
+    """Block/full maps ``[NQB, NKB]`` of a pattern given ``count_fn(p [C,1], k0 [1,NKB], k1 [1,NKB])``,
+    the number of keys of each key tile that aligned query position ``p`` attends.
+
+    Costs ``O(Nq * NKB * per_pair)`` in chunks of query tiles (never an ``Nq x Nk`` tensor): a tile is
+    selected iff some query attends some key of it, full iff every query attends all its keys.
+    """
+    off = kv_len - q_len
+    nqb, nkb = -(-q_len // block), -(-kv_len // block)
+    _, _, k0, k1 = tile_bounds(q_len, kv_len, block, device)
+    size = k1 - k0 + 1
+    tiles_per_chunk = max(1, budget // max(1, block * nkb * per_pair))
+    sel, full = [], []
+    for t0 in range(0, nqb, tiles_per_chunk):
+        t1 = min(nqb, t0 + tiles_per_chunk)
+        # padding queries beyond q_len repeat the last query: any/all are unaffected
+        i = torch.arange(t0 * block, t1 * block, device=device).clamp(max=q_len - 1)
+        cnt = count_fn((i + off)[:, None], k0, k1).view(t1 - t0, block, nkb)
+        sel.append((cnt > 0).any(1))
+        full.append((cnt == size).all(1))
+    return torch.cat(sel), torch.cat(full)
+
+
+def make_layout(block_map: Tensor, full_map: Tensor | None, mask_mod, q_len: int, kv_len: int, block: int,
+                column_map: Tensor | None = None) -> Layout:
+    while block_map.dim() < 4:
+        block_map = block_map[None]
+    if full_map is not None:
+        full_map = torch.broadcast_to(full_map, block_map.shape) & block_map
+    if column_map is not None:
+        while column_map.dim() < 4:
+            column_map = column_map[None]
+    return Layout.from_block_map(
+        block_map, full_map=full_map, mask_mod=mask_mod, column_map=column_map,
+        q_len=q_len, kv_len=kv_len, block_q=block,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# window, dilated window, global tokens
+
+
+@register("window", kind="static", description="Sliding-window (local) attention: keys with |i - j| <= size",
+          paper="Beltagy et al. 2020, Longformer: The Long-Document Transformer")
+class Window(Pattern):
+    """Sliding-window / local attention (Longformer, Beltagy et al. 2020; Parmar et al. 2018).
+
+    Query ``i`` attends keys ``j`` with ``|i' - j| <= size`` (``2*size + 1`` keys away from the
+    borders); with ``causal`` the look-back window ``0 <= i' - j <= size``.
+    ``i' = i + Nk - Nq`` (queries aligned to the end of the keys).
+    """
+
+    name = "window"
+
+    def __init__(self, size: int, block: int = DEFAULT_BLOCK):
+        check_int("window", "size", size, 0)
+        check_int("window", "block", block, 1)
+        self.size = size
+        self.block = block
+
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
+        _, _, _, nq, nk = check_qk(q, k)
+        off = nk - nq
+        lo, hi = (0, self.size) if causal else (-self.size, self.size)
+        p0, p1, k0, k1 = tile_bounds(nq, nk, self.block, q.device)
+        dmin, dmax = p0 - k1, p1 - k0  # i' - j over a tile takes every value in [dmin, dmax]
+        block_map = (dmin <= hi) & (dmax >= lo)
+        full_map = (dmin >= lo) & (dmax <= hi)
+
+        def window_mask(b, h, q_idx, kv_idx):
+            d = q_idx + off - kv_idx
+            return (d >= lo) & (d <= hi)
+
+        return make_layout(block_map, full_map, window_mask, nq, nk, self.block)
+
+
+@register("dilated_window", kind="static",
+          description="Dilated sliding window: keys j = i + t*dilation with |t| <= size",
+          paper="Beltagy et al. 2020, Longformer: The Long-Document Transformer")
+class DilatedWindow(Pattern):
+    """Dilated sliding window (Longformer, Beltagy et al. 2020).
+
+    Query ``i`` attends keys ``j = i' + t * dilation`` with ``|t| <= size``; with ``causal``
+    ``-size <= t <= 0``. ``dilation=1`` is :class:`Window`.
+    """
+
+    name = "dilated_window"
+
+    def __init__(self, size: int, dilation: int, block: int = DEFAULT_BLOCK):
+        check_int("dilated_window", "size", size, 0)
+        check_int("dilated_window", "dilation", dilation, 1)
+        check_int("dilated_window", "block", block, 1)
+        self.size = size
+        self.dilation = dilation
+        self.block = block
+
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
+        _, _, _, nq, nk = check_qk(q, k)
+        off, dil = nk - nq, self.dilation
+        span = self.size * dil
+        lo, hi = (0, span) if causal else (-span, span)
+        p0, p1, k0, k1 = tile_bounds(nq, nk, self.block, q.device)
+        dmin, dmax = p0 - k1, p1 - k0
+        block_map = _has_multiple(torch.clamp(dmin, min=lo), torch.clamp(dmax, max=hi), dil)
+        full_map = (dmin >= lo) & (dmax <= hi) & ((dmin == dmax) | (dil == 1)) & (dmin % dil == 0)
+
+        def dilated_mask(b, h, q_idx, kv_idx):
+            d = q_idx + off - kv_idx
+            return (d >= lo) & (d <= hi) & (d % dil == 0)
+
+        return make_layout(block_map, full_map, dilated_mask, nq, nk, self.block)
+
+
+@register("global_tokens", kind="static",
+          description="Global tokens: the first `count` positions see all and are seen by all",
+          paper="Beltagy et al. 2020, Longformer: The Long-Document Transformer")
+class GlobalTokens(Pattern):
+    """Longformer's global attention (Beltagy et al. 2020): the first ``count`` positions attend
+    every key and are attended by every query, i.e. the pairs with ``i' < count`` or ``j < count``;
+    with ``causal`` also ``j <= i'``. Combine with a window by ``layout_a | layout_b``.
+    """
+
+    name = "global_tokens"
+
+    def __init__(self, count: int, block: int = DEFAULT_BLOCK):
+        check_int("global_tokens", "count", count, 1)
+        check_int("global_tokens", "block", block, 1)
+        self.count = count
+        self.block = block
+
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
+        _, _, _, nq, nk = check_qk(q, k)
+        off, c = nk - nq, self.count
+        p0, p1, k0, k1 = tile_bounds(nq, nk, self.block, q.device)
+        if causal:
+            # a global query i' < count only sees j <= i' < count: global keys anyway
+            block_map = (k0 <= p1) & (k0 < c)
+            full_map = (k1 <= p0) & (k1 < c)
+        else:
+            block_map = (p0 < c) | (k0 < c)
+            full_map = (p1 < c) | (k1 < c)
+
+        def global_mask(b, h, q_idx, kv_idx):
+            p = q_idx + off
+            ok = (p < c) | (kv_idx < c)
+            return ok & (kv_idx <= p) if causal else ok
+
+        return make_layout(block_map, full_map, global_mask, nq, nk, self.block)
+
+
+# ---------------------------------------------------------------------------------------------
+# BigBird
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (xor-shift-multiply); products stay below 2**63."""
+    x = x & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+@register("bigbird", kind="static",
+          description="BigBird blocks: window + global + seeded random key blocks (per head)",
+          paper="Zaheer et al. 2020, Big Bird: Transformers for Longer Sequences")
+class BigBird(Pattern):
+    """Block-level BigBird (Zaheer et al. 2020, the ITC variant), in blocks of ``block`` tokens.
+
+    Query tile ``qb`` (queries ``qb*block ...``) sits at key block
+    ``a(qb) = floor(i'_last / block)``, ``i'_last`` the aligned position of its last query
+    (``a(qb) = qb`` when ``Nq == Nk``). It attends key block ``kb`` when
+
+    * ``|a(qb) - kb| <= window // 2`` (sliding window of blocks),
+    * ``kb < globals`` (global key blocks), or ``a(qb) < globals`` (global query blocks see all),
+    * ``kb`` is one of ``random`` blocks drawn for (head, ``qb``) among the blocks not selected by
+      the rules above (fewer when fewer remain): see :meth:`random_blocks`.
+
+    Non-causal, every selected tile is computed in full. With ``causal``, only ``kb <= a(qb)``, the
+    random blocks come from that visible past, and the token-level causal rule ``j <= i'`` applies.
+    The random draw differs per query head, so the Layout has ``H' = Hq`` heads (1 if ``random=0``).
+    """
+
+    name = "bigbird"
+
+    def __init__(self, block: int = DEFAULT_BLOCK, window: int = 3, globals: int = 2, random: int = 3,
+                 seed: int = 0):
+        check_int("bigbird", "block", block, 1)
+        check_int("bigbird", "window", window, 0)
+        check_int("bigbird", "globals", globals, 0)
+        check_int("bigbird", "random", random, 0)
+        check_int("bigbird", "seed", seed, 0)
+        self.block = block
+        self.window = window
+        self.globals = globals
+        self.random = random
+        self.seed = seed
+
+    # block-level geometry -------------------------------------------------------------------
+    def anchors(self, q_len: int, kv_len: int, device=None) -> Tensor:
+        """long ``[NQB]``: the key block each query tile sits at (``a(qb)``)."""
+        last = (torch.arange(0, q_len, self.block, device=device) + self.block - 1).clamp(max=q_len - 1)
+        return _floordiv(last + (kv_len - q_len), self.block)
+
+    def _base_map(self, q_len: int, kv_len: int, causal: bool, device) -> Tensor:
+        a = self.anchors(q_len, kv_len, device)[:, None]
+        kb = torch.arange(-(-kv_len // self.block), device=device)[None, :]
+        base = ((a - kb).abs() <= self.window // 2) | (kb < self.globals) | (a < self.globals)
+        return base & (kb <= a) if causal else base
+
+    def random_blocks(self, num_heads: int, q_len: int, kv_len: int, causal: bool = False, device=None) -> Tensor:
+        """long ``[num_heads, NQB, random]``: the random key blocks of each (head, query tile),
+        ascending, padded with -1 when fewer than ``random`` blocks remain to draw from.
+
+        Drawn without replacement, uniformly, among the key blocks not selected by the window and
+        global rules (and, when causal, not after ``a(qb)``). A pure function of
+        ``(seed, head, qb, lengths)``: candidate ``kb`` gets the hash of ``(seed, head, qb, kb)`` as
+        its score and the ``random`` lowest scores win.
+        """
+        check_int("bigbird.random_blocks", "num_heads", num_heads, 1)
+        nqb, nkb = -(-q_len // self.block), -(-kv_len // self.block)
+        r = self.random
+        if r == 0:
+            return torch.empty(num_heads, nqb, 0, dtype=torch.long, device=device)
+        cand = ~self._base_map(q_len, kv_len, False, device)
+        if causal:
+            a = self.anchors(q_len, kv_len, device)[:, None]
+            cand &= torch.arange(nkb, device=device)[None, :] <= a
+        seed = self.seed
+        folded = 0
+        while True:
+            folded ^= seed & _MASK32
+            seed >>= 32
+            if not seed:
+                break
+        h = torch.arange(num_heads, device=device).view(-1, 1, 1)
+        qb = torch.arange(nqb, device=device).view(1, -1, 1)
+        kb = torch.arange(nkb, device=device).view(1, 1, -1)
+        base = _mix32(torch.tensor(folded, device=device) + 0x9E3779B9)
+        score = _mix32(_mix32(_mix32(base + h) + qb * 0x3C6EF372 + 1) + kb)
+        big = 1 << 40
+        score = torch.where(cand, score, big)
+        order = torch.sort(score, dim=-1, stable=True)
+        take = min(r, nkb)
+        idx = order.indices[..., :take]
+        ok = order.values[..., :take] < big
+        idx = torch.sort(torch.where(ok, idx, nkb), dim=-1).values
+        idx = torch.where(idx < nkb, idx, -1)
+        if take < r:
+            idx = torch.nn.functional.pad(idx, (0, r - take), value=-1)
+        return idx
+
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
+        _, hq, _, nq, nk = check_qk(q, k)
+        dev = q.device
+        nkb = -(-nk // self.block)
+        block_map = self._base_map(nq, nk, causal, dev)[None, None]
+        if self.random > 0:
+            rnd = self.random_blocks(hq, nq, nk, causal, dev)
+            hits = torch.zeros(hq, rnd.shape[1], nkb + 1, dtype=torch.bool, device=dev)
+            hits.scatter_(-1, torch.where(rnd >= 0, rnd, nkb), True)
+            block_map = block_map | hits[None, :, :, :nkb]
+        if not causal:
+            return make_layout(block_map, None, None, nq, nk, self.block)
+        p0, _, _, k1 = tile_bounds(nq, nk, self.block, dev)
+        return make_layout(block_map, k1 <= p0, causal_mask_mod(nq, nk), nq, nk, self.block)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse Transformer: strided and fixed
+
+
+@register("strided", kind="static",
+          description="Sparse Transformer strided (both heads merged): i-j < stride or (i-j) % stride == 0",
+          paper="Child et al. 2019, Generating Long Sequences with Sparse Transformers")
+class Strided(Pattern):
+    """Strided attention of the Sparse Transformer (Child et al. 2019), *merged* form: the union of
+    the paper's two factorized heads, the local head ``|i' - j| < stride`` (causal:
+    ``0 <= i' - j < stride``) and the strided head ``(i' - j) mod stride == 0`` (causal: ``j <= i'``).
+    The paper splits these across heads or layers; one pattern here computes their union.
+    """
+
+    name = "strided"
+
+    def __init__(self, stride: int, block: int = DEFAULT_BLOCK):
+        check_int("strided", "stride", stride, 1)
+        check_int("strided", "block", block, 1)
+        self.stride = stride
+        self.block = block
+
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
+        _, _, _, nq, nk = check_qk(q, k)
+        off, s = nk - nq, self.stride
+        p0, p1, k0, k1 = tile_bounds(nq, nk, self.block, q.device)
+        dmin, dmax = p0 - k1, p1 - k0
+        single = (dmin == dmax) & (dmin % s == 0)
+        if causal:
+            lo = dmin.clamp(min=0)
+            block_map = (lo <= dmax) & ((lo <= s - 1) | _has_multiple(lo, dmax, s))
+            full_map = (dmin >= 0) & ((dmax <= s) | single | (s == 1))
+        else:
+            block_map = ((dmin <= s - 1) & (dmax >= 1 - s)) | _has_multiple(dmin, dmax, s)
+            full_map = ((dmin >= -s) & (dmax <= s)) | single | (s == 1)
+
+        def strided_mask(b, h, q_idx, kv_idx):
+            d = q_idx + off - kv_idx
+            if causal:
+                return (d >= 0) & ((d < s) | (d % s == 0))
+            return (d.abs() < s) | (d % s == 0)
+
+        return make_layout(block_map, full_map, strided_mask, nq, nk, self.block)
+
+
+@register("fixed", kind="static",
+          description="Sparse Transformer fixed (both heads merged): same block of `block`, or summary columns",
+          paper="Child et al. 2019, Generating Long Sequences with Sparse Transformers")
+class Fixed(Pattern):
+    """Fixed attention of the Sparse Transformer (Child et al. 2019), *merged* form (the union of
+    the paper's two heads), with ``l = block`` and ``c = summary``: query ``i`` attends ``j`` when
+    ``floor(j / l) == floor(i' / l)`` (same block) or ``j mod l in {l-c, ..., l-1}`` (the last ``c``
+    positions of every block summarise it); ``causal`` adds ``j <= i'``.
+
+    When ``4 * summary <= block`` the summary positions are given to the Layout as extra key
+    columns (so a kernel gathers ``c/l`` of the keys instead of computing every tile).
+    """
+
+    name = "fixed"
+
+    def __init__(self, block: int = DEFAULT_BLOCK, summary: int = 8):
+        check_int("fixed", "block", block, 1)
+        check_int("fixed", "summary", summary, 1)
+        if summary > block:
+            raise ValueError(f"fixed: summary must be <= block ({block}), got {summary}")
+        self.block = block
+        self.summary = summary
+
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
+        _, _, _, nq, nk = check_qk(q, k)
+        off, l, c = nk - nq, self.block, self.summary
+        p0, p1, k0, k1 = tile_bounds(nq, nk, l, q.device)
+        kb = _floordiv(k0, l)  # key tiles are exactly the blocks of l
+        same = (_floordiv(p0, l) <= kb) & (kb <= _floordiv(p1, l))  # j >= kb*l <= i' holds there
+        one_block = (_floordiv(p0, l) == kb) & (_floordiv(p1, l) == kb)
+        past = (k1 <= p0) if causal else torch.ones_like(same)
+
+        def fixed_mask(b, h, q_idx, kv_idx):
+            p = q_idx + off
+            ok = (torch.div(kv_idx, l, rounding_mode="floor") == torch.div(p, l, rounding_mode="floor")) | (
+                kv_idx % l >= l - c)
+            return ok & (kv_idx <= p) if causal else ok
+
+        if 4 * c <= l:
+            j = torch.arange(nk, device=q.device)[None, :]
+            cols = (j % l >= l - c)
+            if causal:
+                cols = cols & (j <= p1)
+            else:
+                cols = cols.expand(p0.shape[0], nk)
+            return make_layout(same, one_block & past, fixed_mask, nq, nk, l, column_map=cols)
+        s0 = k0 + l - c  # first summary key of the tile
+        summ = (s0 <= k1) & ((s0 <= p1) if causal else True)
+        block_map = same | summ
+        full_map = (one_block | (c == l)) & past
+        return make_layout(block_map, full_map, fixed_mask, nq, nk, l)
+
+
+# ---------------------------------------------------------------------------------------------
+# axial, A-shape
+
+
+@register("axial", kind="static",
+          description="Axial attention on a rows x cols grid (row-major): same row or same column",
+          paper="Ho et al. 2019, Axial Attention in Multidimensional Transformers")
+class Axial(Pattern):
+    """Axial attention (Ho et al. 2019), both axes merged in one pattern: the ``Nk`` keys form a
+    ``rows x cols`` grid in row-major order (``cols = Nk / rows``); query ``i`` (at grid position
+    ``i'``) attends keys in the same row or the same column; ``causal`` adds ``j <= i'``.
+    Requires ``Nk % rows == 0`` and ``Nq <= Nk``.
+    """
+
+    name = "axial"
+
+    def __init__(self, rows: int, block: int = DEFAULT_BLOCK):
+        check_int("axial", "rows", rows, 1)
+        check_int("axial", "block", block, 1)
+        self.rows = rows
+        self.block = block
+
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
+        _, _, _, nq, nk = check_qk(q, k)
+        if nk % self.rows:
+            raise ValueError(f"axial: the number of keys ({nk}) must be divisible by rows={self.rows}")
+        if nq > nk:
+            raise ValueError(f"axial: queries are grid positions, so Nq ({nq}) must be <= Nk ({nk})")
+        off, cols = nk - nq, nk // self.rows
+
+        def count(p, k0, k1):
+            hi = torch.minimum(k1, p) if causal else k1
+            row0 = _floordiv(p, cols) * cols
+            in_row = (torch.minimum(hi, row0 + cols - 1) - torch.maximum(k0, row0) + 1).clamp(min=0)
+            in_col = count_progression(k0, hi, p, cols)
+            return in_row + in_col - ((k0 <= p) & (p <= k1)).long()  # p itself is in both
+
+        block_map, full_map = tile_stats_from_counts(count, nq, nk, self.block, q.device)
+
+        def axial_mask(b, h, q_idx, kv_idx):
+            p = q_idx + off
+            ok = (torch.div(p, cols, rounding_mode="floor") == torch.div(kv_idx, cols, rounding_mode="floor")) | (
+                p % cols == kv_idx % cols)
+            return ok & (kv_idx <= p) if causal else ok
+
+        return make_layout(block_map, full_map, axial_mask, nq, nk, self.block)
+
+
+@register("a_shape", kind="static",
+          description="A-shape: attention sinks (first `sinks` keys) + local window of `local` keys",
+          paper="Xiao et al. 2023, Efficient Streaming Language Models with Attention Sinks; "
+                "Jiang et al. 2024, MInference")
+class AShape(Pattern):
+    """Attention sinks + local window (StreamingLLM, Xiao et al. 2023; MInference's A-shape,
+    Jiang et al. 2024). Causal: ``j <= i'`` and (``j < sinks`` or ``i' - j < local``);
+    non-causal: ``j < sinks`` or ``|i' - j| < local``.
+    """
+
+    name = "a_shape"
+
+    def __init__(self, sinks: int = 64, local: int = 1024, block: int = DEFAULT_BLOCK):
+        check_int("a_shape", "sinks", sinks, 0)
+        check_int("a_shape", "local", local, 1)
+        check_int("a_shape", "block", block, 1)
+        self.sinks = sinks
+        self.local = local
+        self.block = block
+
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
+        _, _, _, nq, nk = check_qk(q, k)
+        off, s, w = nk - nq, self.sinks, self.local
+        p0, p1, k0, k1 = tile_bounds(nq, nk, self.block, q.device)
+        dmin, dmax = p0 - k1, p1 - k0
+        # extreme i' - j over the pairs whose key is not a sink
+        ns_dmax = p1 - torch.clamp(k0, min=s)
+        no_nonsink = k1 < s
+        if causal:
+            block_map = ((k0 < s) & (k0 <= p1)) | ((dmin <= w - 1) & (dmax >= 0))
+            full_map = (dmin >= 0) & (no_nonsink | (ns_dmax <= w - 1))
+        else:
+            block_map = (k0 < s) | ((dmin <= w - 1) & (dmax >= 1 - w))
+            full_map = no_nonsink | ((ns_dmax <= w - 1) & (dmin >= 1 - w))
+
+        def a_shape_mask(b, h, q_idx, kv_idx):
+            d = q_idx + off - kv_idx
+            if causal:
+                return (d >= 0) & ((kv_idx < s) | (d < w))
+            return (kv_idx < s) | (d.abs() < w)
+
+        return make_layout(block_map, full_map, a_shape_mask, nq, nk, self.block)
