@@ -1,0 +1,5 @@
+"""Benchmarks: timing and memory harnesses whose results are JSON (see ``spattn bench``)."""
+
+from .speed import SpeedConfig, format_speed_table, print_speed_table, run_speed, time_call, write_json
+
+__all__ = ["SpeedConfig", "run_speed", "format_speed_table", "print_speed_table", "time_call", "write_json"]

@@ -1,0 +1,507 @@
+"""Speed and memory of sparse attention against dense SDPA: ``spattn bench speed``.
+
+For each sequence length N and each pattern spec this times, on the same random q, k, v
+(``B x H x N x D``, self-attention):
+
+========================  ====================================================================
+``sdpa``                  dense ``F.scaled_dot_product_attention`` forward (once per N)
+``sdpa_bwd``              the same, forward + backward (once per N)
+``sdpa_mask``             dense SDPA with the layout materialised as an N x N bool mask
+                          (the memory comparison; mask construction not timed)
+``blocksparse``           ``spattn.kernels.blocksparse`` forward
+``blocksparse_bwd``       the same, forward + backward
+``flex``                  compiled FlexAttention forward (``spattn.kernels.flex``); the first
+                          call's extra time is reported as ``compile_s`` and the
+                          ``Layout.to_block_mask()`` time as ``block_mask_s``
+========================  ====================================================================
+
+**Timing**: ``warmup`` untimed calls, then the median of ``repeat`` wall-clock timings
+(``time.perf_counter``). ``torch.set_num_threads`` is left alone; the thread count is recorded.
+Forward timings run under ``torch.no_grad()``; forward + backward ones call ``out.backward(g)``
+with a fixed random ``g``.
+
+**Peak memory** (Linux): before each timed call, free heap pages are returned to the OS
+(``malloc_trim``) and the kernel's resident-set high-water mark is reset (``echo 5 >
+/proc/self/clear_refs``); the case's peak is ``VmHWM - VmRSS`` read around the call, i.e. the
+extra resident memory the call needed on top of its inputs (max over repeats). For
+``sdpa_mask`` the N x N bool mask is built before the call, so its bytes are added. Where
+``/proc/self/clear_refs`` cannot be written (macOS, some containers), memory is reported as null.
+
+Results: a dict (see :func:`run_speed`) written as JSON, and a plain or ``rich`` table.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "SpeedConfig", "run_speed", "format_speed_table", "time_call", "PeakMemory", "MEASUREMENTS",
+    "DEFAULT_NS", "DEFAULT_PATTERNS", "print_speed_table", "write_json", "expand_backends", "summarize",
+]
+
+DEFAULT_NS = (1024, 2048, 4096, 8192, 16384)
+DEFAULT_PATTERNS = ("window(size=256)", "bigbird(block=64)")
+#: every measurement name, in table order
+MEASUREMENTS = ("sdpa", "sdpa_bwd", "sdpa_mask", "blocksparse", "blocksparse_bwd", "flex")
+#: short names accepted by ``--backends``, expanded to measurements
+BACKEND_GROUPS = {
+    "sdpa": ("sdpa", "sdpa_bwd"),
+    "dense": ("sdpa", "sdpa_bwd"),
+    "sdpa_mask": ("sdpa_mask",),
+    "blocksparse": ("blocksparse", "blocksparse_bwd"),
+    "flex": ("flex",),
+}
+for _m in MEASUREMENTS:
+    BACKEND_GROUPS.setdefault(_m, (_m,))
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
+
+
+def expand_backends(names: Sequence[str]) -> tuple[str, ...]:
+    """``["sdpa", "flex"]`` -> the measurements they stand for, in table order."""
+    chosen = set()
+    for name in names:
+        if name not in BACKEND_GROUPS:
+            raise ValueError(f"unknown backend {name!r}; valid: {', '.join(sorted(BACKEND_GROUPS))}")
+        chosen.update(BACKEND_GROUPS[name])
+    return tuple(m for m in MEASUREMENTS if m in chosen)
+
+
+# --------------------------------------------------------------------------------- peak memory
+class PeakMemory:
+    """Extra resident memory of a call, via the Linux RSS high-water mark (see module docstring)."""
+
+    def __init__(self) -> None:
+        self.available = False
+        self._trim = None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._read()
+            self.available = True
+        except (OSError, ValueError, AttributeError):
+            return
+        libc_name = ctypes.util.find_library("c")
+        try:
+            libc = ctypes.CDLL(libc_name) if libc_name else None
+            self._trim = getattr(libc, "malloc_trim", None)
+        except OSError:
+            self._trim = None
+
+    @staticmethod
+    def _read() -> tuple[int, int]:
+        text = open("/proc/self/status").read()
+        rss = int(re.search(r"VmRSS:\s+(\d+)", text).group(1))
+        hwm = int(re.search(r"VmHWM:\s+(\d+)", text).group(1))
+        return rss * 1024, hwm * 1024
+
+    def start(self) -> Optional[int]:
+        if not self.available:
+            return None
+        gc.collect()
+        if self._trim is not None:
+            self._trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return self._read()[0]
+
+    def stop(self, rss_before: Optional[int]) -> Optional[int]:
+        if rss_before is None:
+            return None
+        return max(0, self._read()[1] - rss_before)
+
+
+_PEAK: Optional[PeakMemory] = None
+
+
+def _peak() -> PeakMemory:
+    global _PEAK
+    if _PEAK is None:
+        _PEAK = PeakMemory()
+    return _PEAK
+
+
+def time_call(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 5, memory: bool = True) -> dict[str, Any]:
+    """Median wall time of ``fn()`` after ``warmup`` calls; peak extra RSS when ``memory``.
+
+    Returns ``{"median_s", "times_s", "first_s", "peak_bytes"}`` (``first_s`` is the first
+    call's time, i.e. including any compilation; ``peak_bytes`` None when unmeasurable).
+    """
+    peak = _peak() if memory else None
+    first = None
+    for i in range(max(warmup, 0)):
+        t0 = time.perf_counter()
+        fn()
+        if i == 0:
+            first = time.perf_counter() - t0
+    times, peaks = [], []
+    for _ in range(max(repeat, 1)):
+        before = peak.start() if peak is not None else None
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        if peak is not None:
+            peaks.append(peak.stop(before))
+        if first is None:
+            first = dt
+    peaks = [p for p in peaks if p is not None]
+    return {
+        "median_s": statistics.median(times),
+        "times_s": times,
+        "first_s": first,
+        "peak_bytes": max(peaks) if peaks else None,
+    }
+
+
+# --------------------------------------------------------------------------------- the benchmark
+@dataclass
+class SpeedConfig:
+    """What ``run_speed`` measures. ``measurements`` is a subset of :data:`MEASUREMENTS`."""
+
+    ns: Sequence[int] = DEFAULT_NS
+    patterns: Sequence[str] = DEFAULT_PATTERNS
+    measurements: Sequence[str] = MEASUREMENTS
+    batch: int = 1
+    heads: int = 4
+    dim: int = 64
+    dtype: str = "float32"
+    causal: bool = False
+    warmup: int = 1
+    repeat: int = 3
+    memory: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        for n in self.ns:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"sequence lengths must be positive ints, got {n!r}")
+        for name in ("batch", "heads", "dim", "repeat"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        bad = [m for m in self.measurements if m not in MEASUREMENTS]
+        if bad:
+            raise ValueError(f"unknown measurement(s) {', '.join(bad)}; valid: {', '.join(MEASUREMENTS)}")
+        if not self.patterns:
+            raise ValueError("give at least one pattern spec")
+        from .. import pattern  # validates the specs early: unknown names / parameters fail here
+
+        for spec in self.patterns:
+            pattern(spec)
+
+
+def _environment() -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _safe(fn: Callable[[], dict], log: Callable[[str], None], what: str) -> dict:
+    try:
+        return fn()
+    except Exception as err:  # a failing backend is a result, not the end of the benchmark
+        msg = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        log(f"  {what}: failed ({msg})")
+        return {"error": msg}
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _get(rec: dict, key: str, field_: str = "median_s") -> Optional[float]:
+    r = rec.get(key)
+    if not isinstance(r, dict):
+        return None
+    return r.get(field_)
+
+
+def summarize(rec: dict) -> dict[str, Optional[float]]:
+    """Derived ratios of one (N, pattern) record."""
+    d = rec.get("density")
+    sdpa, sdpa_bwd = _get(rec, "sdpa"), _get(rec, "sdpa_bwd")
+    bs, bs_bwd, flex = _get(rec, "blocksparse"), _get(rec, "blocksparse_bwd"), _get(rec, "flex")
+    ideal = None if d is None or sdpa is None else d * sdpa
+    ideal_bwd = None if d is None or sdpa_bwd is None else d * sdpa_bwd
+    return {
+        "ideal_s": ideal,
+        "ideal_bwd_s": ideal_bwd,
+        "blocksparse_over_flex": _ratio(bs, flex),
+        "blocksparse_over_ideal": _ratio(bs, ideal),
+        "flex_over_ideal": _ratio(flex, ideal),
+        "bwd_over_fwd": _ratio(bs_bwd, bs),
+        "bwd_over_ideal_bwd": _ratio(bs_bwd, ideal_bwd),
+        "sdpa_bwd_over_fwd": _ratio(sdpa_bwd, sdpa),
+        "mem_blocksparse_over_sdpa_mask": _ratio(_get(rec, "blocksparse", "peak_bytes"), _get(rec, "sdpa_mask", "peak_bytes")),
+        "mem_blocksparse_bwd_over_sdpa_mask": _ratio(
+            _get(rec, "blocksparse_bwd", "peak_bytes"), _get(rec, "sdpa_mask", "peak_bytes")
+        ),
+    }
+
+
+def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Run the benchmark; returns ``{"config", "environment", "memory_method", "results"}``.
+
+    ``results`` is a list of records, one per (N, pattern): ``n``, ``pattern``, ``density``,
+    ``block_density``, ``layout_s``, one dict per measurement (``median_s``, ``times_s``,
+    ``first_s``, ``peak_bytes`` or ``error``; flex adds ``compile_s`` and ``block_mask_s``) and
+    ``summary`` (:func:`summarize`).
+    """
+    import torch.nn.functional as F
+
+    from .. import pattern
+    from ..kernels.blocksparse import blocksparse_attention
+
+    cfg = config or SpeedConfig()
+    cfg.validate()
+    dtype = _DTYPES[cfg.dtype]
+    want = set(cfg.measurements)
+    peak = _peak() if cfg.memory else None
+    timing = dict(warmup=cfg.warmup, repeat=cfg.repeat, memory=cfg.memory)
+    out: dict[str, Any] = {
+        "benchmark": "speed",
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "environment": _environment(),
+        "memory_method": (
+            "peak RSS above the pre-call RSS (VmHWM reset via /proc/self/clear_refs, malloc_trim first); "
+            "sdpa_mask adds the N x N bool mask" if peak is not None and peak.available else "unavailable"
+        ),
+        "results": [],
+    }
+    for n in cfg.ns:
+        gen = torch.Generator().manual_seed(cfg.seed + n)
+        shape = (cfg.batch, cfg.heads, n, cfg.dim)
+        q, k, v = (torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype) for _ in range(3))
+        grad = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
+        dense: dict[str, Any] = {}
+
+        def fwd_bwd(call):
+            qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+
+            def run():
+                qg.grad = kg.grad = vg.grad = None
+                call(qg, kg, vg).backward(grad)
+
+            return run
+
+        def sdpa_call(a, b, c):
+            return F.scaled_dot_product_attention(a, b, c, is_causal=cfg.causal)
+
+        if "sdpa" in want:
+            log(f"N={n}: dense SDPA forward")
+            with torch.no_grad():
+                dense["sdpa"] = _safe(lambda: time_call(lambda: sdpa_call(q, k, v), **timing), log, "sdpa")
+        if "sdpa_bwd" in want:
+            log(f"N={n}: dense SDPA forward+backward")
+            dense["sdpa_bwd"] = _safe(lambda: time_call(fwd_bwd(sdpa_call), **timing), log, "sdpa_bwd")
+
+        for spec in cfg.patterns:
+            rec: dict[str, Any] = {"n": n, "pattern": spec, **dense}
+            pat = pattern(spec)
+            t0 = time.perf_counter()
+            layout = pat.layout(q, k, causal=cfg.causal)
+            rec["layout_s"] = time.perf_counter() - t0
+            rec["density"] = layout.density()
+            rec["block_density"] = layout.block_density()
+            log(f"N={n} {spec}: density {rec['density']:.4f}")
+
+            if "sdpa_mask" in want:
+                def masked():
+                    mask = layout.to_dense()
+                    with torch.no_grad():
+                        res = time_call(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), **timing)
+                    if res["peak_bytes"] is not None:
+                        res["peak_bytes"] += mask.numel() * mask.element_size()
+                    res["mask_bytes"] = mask.numel() * mask.element_size()
+                    return res
+
+                log(f"N={n} {spec}: dense SDPA with materialised mask")
+                rec["sdpa_mask"] = _safe(masked, log, "sdpa_mask")
+                gc.collect()
+
+            def bs_call(a, b, c):
+                return blocksparse_attention(a, b, c, layout)
+
+            if "blocksparse" in want:
+                log(f"N={n} {spec}: blocksparse forward")
+
+                def bs_fwd():
+                    with torch.no_grad():
+                        return time_call(lambda: bs_call(q, k, v), **timing)
+
+                rec["blocksparse"] = _safe(bs_fwd, log, "blocksparse")
+            if "blocksparse_bwd" in want:
+                log(f"N={n} {spec}: blocksparse forward+backward")
+                rec["blocksparse_bwd"] = _safe(lambda: time_call(fwd_bwd(bs_call), **timing), log, "blocksparse_bwd")
+            if "flex" in want:
+                log(f"N={n} {spec}: compiled FlexAttention forward (first call compiles)")
+                rec["flex"] = _safe(lambda: _time_flex(q, k, v, layout, cfg), log, "flex")
+            rec["summary"] = summarize(rec)
+            out["results"].append(rec)
+            del layout
+            gc.collect()
+    return out
+
+
+def _time_flex(q, k, v, layout, cfg: SpeedConfig) -> dict[str, Any]:
+    from ..kernels.flex import _unavailable_reason, flex_attention
+
+    reason = _unavailable_reason(q.device)
+    if reason is not None:
+        raise RuntimeError(reason)
+    t0 = time.perf_counter()
+    layout.to_block_mask()
+    block_mask_s = time.perf_counter() - t0
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        flex_attention(q, k, v, layout)  # compiles (or hits the compile cache)
+        first = time.perf_counter() - t0
+        res = time_call(lambda: flex_attention(q, k, v, layout), warmup=max(cfg.warmup - 1, 0),
+                        repeat=cfg.repeat, memory=cfg.memory)
+    res["first_s"] = first
+    res["compile_s"] = max(0.0, first - res["median_s"])
+    res["block_mask_s"] = block_mask_s
+    return res
+
+
+# --------------------------------------------------------------------------------- output
+def _ms(x: Optional[float]) -> str:
+    return "-" if x is None else (f"{x * 1e3:.0f}" if x >= 1.0 else f"{x * 1e3:.1f}")
+
+
+def _x(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _mb(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x / 2**20:.0f}"
+
+
+TABLE_COLUMNS = (
+    ("N", "n"), ("pattern", "pattern"), ("density", "density"), ("sdpa ms", "sdpa"), ("ideal ms", "ideal"),
+    ("bs ms", "blocksparse"), ("flex ms", "flex"), ("bs/flex", "bs/flex"), ("bs/ideal", "bs/ideal"),
+    ("sdpa f+b ms", "sdpa_bwd"), ("bs f+b ms", "blocksparse_bwd"), ("f+b/f", "f+b/f"), ("f+b/ideal", "f+b/ideal"),
+    ("compile s", "compile"), ("blockmask ms", "blockmask"), ("mask MB", "mask_mb"), ("bs MB", "bs_mb"),
+    ("bs/mask mem", "memratio"),
+)
+
+
+def _row(rec: dict) -> list[str]:
+    s = rec.get("summary") or summarize(rec)
+
+    def t(key):
+        r = rec.get(key)
+        if isinstance(r, dict) and "error" in r:
+            return "err"
+        return _ms(_get(rec, key))
+
+    flex = rec.get("flex") if isinstance(rec.get("flex"), dict) else {}
+    cells = {
+        "n": str(rec["n"]), "pattern": rec["pattern"], "density": f"{rec['density']:.3f}",
+        "sdpa": t("sdpa"), "ideal": _ms(s["ideal_s"]), "blocksparse": t("blocksparse"), "flex": t("flex"),
+        "bs/flex": _x(s["blocksparse_over_flex"]), "bs/ideal": _x(s["blocksparse_over_ideal"]),
+        "sdpa_bwd": t("sdpa_bwd"), "blocksparse_bwd": t("blocksparse_bwd"), "f+b/f": _x(s["bwd_over_fwd"]),
+        "f+b/ideal": _x(s["bwd_over_ideal_bwd"]),
+        "compile": "-" if flex.get("compile_s") is None else f"{flex['compile_s']:.1f}",
+        "blockmask": _ms(flex.get("block_mask_s")),
+        "mask_mb": _mb(_get(rec, "sdpa_mask", "peak_bytes")), "bs_mb": _mb(_get(rec, "blocksparse", "peak_bytes")),
+        "memratio": _x(s["mem_blocksparse_over_sdpa_mask"]),
+    }
+    return [cells[key] for _, key in TABLE_COLUMNS]
+
+
+def format_speed_table(result: dict[str, Any]) -> str:
+    """Plain-text table of :func:`run_speed`'s result (columns with no data are left out)."""
+    rows = [_row(r) for r in result["results"]]
+    keep = [i for i, (_, _) in enumerate(TABLE_COLUMNS) if i < 3 or any(r[i] != "-" for r in rows)]
+    header = [TABLE_COLUMNS[i][0] for i in keep]
+    body = [[r[i] for i in keep] for r in rows]
+    widths = [max(len(h), *(len(r[j]) for r in body)) if body else len(h) for j, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) if j != 1 else h.ljust(w) for j, (h, w) in enumerate(zip(header, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in body:
+        lines.append("  ".join(c.rjust(w) if j != 1 else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))))
+    env = result.get("environment", {})
+    cfg = result.get("config", {})
+    lines.append(
+        f"B={cfg.get('batch')} H={cfg.get('heads')} D={cfg.get('dim')} {cfg.get('dtype')} "
+        f"causal={cfg.get('causal')}; torch {env.get('torch')}, {env.get('threads')} threads, "
+        f"median of {cfg.get('repeat')} after {cfg.get('warmup')} warmup; ideal = density x dense SDPA; "
+        f"memory: {result.get('memory_method')}"
+    )
+    return "\n".join(lines)
+
+
+def print_speed_table(result: dict[str, Any], file=None) -> None:
+    """Print with ``rich`` when installed, else plain text."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(format_speed_table(result), file=file or sys.stdout)
+        return
+    rows = [_row(r) for r in result["results"]]
+    keep = [i for i in range(len(TABLE_COLUMNS)) if i < 3 or any(r[i] != "-" for r in rows)]
+    table = Table(title="spattn bench speed", caption=format_speed_table({**result, "results": []}).splitlines()[-1])
+    for i in keep:
+        table.add_column(TABLE_COLUMNS[i][0], justify="left" if i == 1 else "right")
+    for r in rows:
+        table.add_row(*[r[i] for i in keep])
+    Console(file=file, width=max(160, 12 * len(keep))).print(table)
+
+
+def write_json(result: dict[str, Any], path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(_finite(result), f, indent=2, default=_json_default, allow_nan=False)
+        f.write("\n")
+
+
+def _finite(obj):
+    """Non-finite floats become null, so the file is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _json_default(obj):
+    if isinstance(obj, torch.dtype):
+        return str(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__}")

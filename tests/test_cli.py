@@ -1,0 +1,70 @@
+"""The ``spattn`` command: list, bench speed on tiny inputs, one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import spattn
+from spattn.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_list_names_every_mechanism(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    mechs = spattn.mechanisms()
+    assert mechs
+    for m in mechs:
+        assert m.name in out and m.signature() in out and m.paper in out
+
+
+def test_bench_speed_quick_writes_json(tmp_path, capsys):
+    path = tmp_path / "sub" / "speed.json"
+    code = main(["bench", "speed", "--quick", "--n", "96", "160", "--patterns", "window(size=16)",
+                 "dense(block=32)", "--backends", "sdpa", "sdpa_mask", "blocksparse", "--heads", "2",
+                 "--dim", "16", "--json", str(path), "--quiet"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "window(size=16)" in out and str(path) in out
+    data = json.loads(path.read_text())
+    assert data["benchmark"] == "speed" and data["config"]["ns"] == [96, 160]
+    assert {(r["n"], r["pattern"]) for r in data["results"]} == {
+        (n, p) for n in (96, 160) for p in ("window(size=16)", "dense(block=32)")
+    }
+    for rec in data["results"]:
+        assert 0 < rec["density"] <= 1
+        for key in ("sdpa", "sdpa_bwd", "sdpa_mask", "blocksparse", "blocksparse_bwd"):
+            assert "error" not in rec[key], rec[key]
+            assert rec[key]["median_s"] > 0 and len(rec[key]["times_s"]) == 2
+        assert "flex" not in rec
+        assert rec["summary"]["blocksparse_over_ideal"] > 0
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["bench", "speed", "--patterns", "nosuchpattern(size=3)"], "nosuchpattern"),
+    (["bench", "speed", "--patterns", "window(size=-1)"], "size"),
+    (["bench", "speed", "--backends", "warp"], "warp"),
+    (["bench", "speed", "--n", "0"], "positive"),
+    (["bench", "speed", "--frobnicate"], "frobnicate"),
+    (["explode"], "explode"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and err.startswith("spattn: error:") and len(err.splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_module_entry_point_exit_status():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "spattn.cli", "bench", "speed", "--patterns", "bogus"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "bogus" in proc.stderr
+    assert "Traceback" not in proc.stderr
