@@ -16,7 +16,8 @@ Query ``i`` attends key ``j`` iff
 
 ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor`` takes broadcastable integer tensors, as in
 FlexAttention; ``b`` and ``h`` index the Layout's own batch/head dimensions, which are either the
-real sizes or 1 (shared, broadcast). Nothing here materialises an Nq x Nk tensor except
+real sizes or 1 (shared, broadcast). Predicates that depend on positions only through ``q_idx - kv_idx``
+should be marked with :func:`translation_invariant` so kernels can reuse tile masks. Nothing here materialises an Nq x Nk tensor except
 :meth:`Layout.to_dense` and layouts built by :meth:`Layout.from_dense`.
 """
 
@@ -27,9 +28,19 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Layout", "MaskMod"]
+__all__ = ["Layout", "MaskMod", "translation_invariant"]
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def translation_invariant(mask_mod: MaskMod) -> MaskMod:
+    """Mark a predicate that depends on ``q_idx`` and ``kv_idx`` only through ``q_idx - kv_idx``.
+
+    Kernels may then reuse one tile's mask for every tile with the same block structure
+    (windows, causal diagonals, dilations); an unmarked predicate is always evaluated per tile.
+    """
+    mask_mod.translation_invariant = True  # type: ignore[attr-defined]
+    return mask_mod
 
 
 def _cdiv(a: int, b: int) -> int:

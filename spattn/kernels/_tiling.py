@@ -39,6 +39,7 @@ class Chunk:
     start: int  # first query tile
     stop: int  # one past the last query tile
     gather_len: int  # gathered keys per tile in this chunk (0: none)
+    uniform: bool = False  # every band tile of the chunk has the plan's shared band mask
 
 
 def _dedupe_sorted(x: Tensor, sentinel: int) -> Tensor:
@@ -65,8 +66,10 @@ class TilePlan:
         self.kpm = key_padding_mask
         self.device = layout.device
         self._find_band()
+        self._find_uniform_tiles()
         self._residual_keys()
         self._make_chunks(chunk_elems)
+        self._uniform_masks: dict[torch.dtype, Optional[Tensor]] = {}
 
     # ------------------------------------------------------------------ band
     def _find_band(self) -> None:
@@ -91,6 +94,33 @@ class TilePlan:
         lo, hi = int(values[bounds[best]]), int(values[bounds[best + 1] - 1])
         self.band_lo, self.band_len = lo, hi - lo + self.bk
         self.in_band = valid & (offsets >= lo) & (offsets <= hi)
+
+    def _find_uniform_tiles(self) -> None:
+        """Tiles whose band mask equals one reference tile's: same block states, all in range,
+        and a translation-invariant (or unused) predicate. They share one broadcast mask."""
+        self.uniform = torch.zeros(self.nqb, dtype=torch.bool, device=self.device)
+        self.uniform_ref = -1
+        if not self.band_len or self.kpm is not None or self.bq % self.bk or self.band_lo % self.bk:
+            return
+        lay = self.layout
+        qb = torch.arange(self.nqb, device=self.device)
+        first = qb * self.bq + self.band_lo
+        interior = (first >= 0) & (first + self.band_len <= self.nk) & ((qb + 1) * self.bq <= self.nq)
+        if not bool(interior.any()):
+            return
+        kb = (first // self.bk)[:, None] + torch.arange(self.band_len // self.bk, device=self.device)
+        kb = kb.clamp(0, self.nkb - 1)
+        rows = qb[:, None]
+        selected = lay._cached("block_map")[:, :, rows, kb]  # [B', H', NQB, slots]
+        partial = selected & ~lay._cached("full_map")[:, :, rows, kb]
+        state = selected.to(torch.int8) + partial.to(torch.int8)
+        candidates = torch.nonzero(interior).flatten()
+        ref = int(candidates[candidates.numel() // 2])
+        if bool(partial[:, :, ref].any()) and not getattr(lay.mask_mod, "translation_invariant", False):
+            return
+        same = (state == state[:, :, ref : ref + 1]).all(-1).all(0).all(0)
+        self.uniform = interior & same
+        self.uniform_ref = ref
 
     # ------------------------------------------------------------------ gathered keys
     def _owner_union(self, idx: Tensor, sentinel: int) -> Tensor:
@@ -126,14 +156,15 @@ class TilePlan:
         cum = 0
         gmax = 0
         counts = self.gather_per_tile.tolist()
+        uniform = self.uniform.tolist()
         for t in range(self.nqb):
             cost = (self.band_len + counts[t]) * rows
-            if t > start and cum + cost > chunk_elems:
-                self.chunks.append(Chunk(start, t, gmax))
+            if t > start and (cum + cost > chunk_elems or uniform[t] != uniform[start]):
+                self.chunks.append(Chunk(start, t, gmax, uniform[start]))
                 start, cum, gmax = t, 0, 0
             cum += cost
             gmax = max(gmax, counts[t])
-        self.chunks.append(Chunk(start, self.nqb, gmax))
+        self.chunks.append(Chunk(start, self.nqb, gmax, uniform[start]))
         del per_tile
 
     # ------------------------------------------------------------------ per-chunk key indices and masks
@@ -159,23 +190,33 @@ class TilePlan:
         return t
 
     def _allowed(self, chunk: Chunk, kv: Tensor, is_col: Optional[Tensor]) -> Tensor:
-        """bool ``[B'|B, H'|1, T, bq, R]``: whether each query row of the chunk computes key ``kv``.
+        """bool ``[B'|B, H'|1, T, 1|bq, R]``: whether the query rows of the chunk compute key ``kv``.
 
-        ``kv [B'|1, H'|1, T, 1, R]`` holds key positions (``>= nk`` or ``< 0`` means padding).
+        ``kv [B'|1, H'|1, T, 1, R]`` holds key positions (``>= nk`` or ``< 0`` means padding). The row
+        dim stays 1 unless the predicate is needed. Padded query rows (beyond ``nq``) are not masked:
+        their results are finite and discarded.
         """
         lay = self.layout
         dev = self.device
         b = torch.arange(lay.batch, device=dev).view(-1, 1, 1, 1, 1)
         h = torch.arange(lay.heads, device=dev).view(1, -1, 1, 1, 1)
         qb = torch.arange(chunk.start, chunk.stop, device=dev).view(1, 1, -1, 1, 1)
-        q = qb * self.bq + torch.arange(self.bq, device=dev).view(1, 1, 1, -1, 1)
-        in_range = (kv >= 0) & (kv < self.nk) & (q < self.nq)
+        in_range = (kv >= 0) & (kv < self.nk)
         kv_c = kv.clamp(0, self.nk - 1)
-        q_c = q.clamp(max=self.nq - 1)
         kb = kv_c // self.bk
         selected = lay._cached("block_map")[b, h, qb, kb]
-        pred = None if lay.mask_mod is None else lay.mask_mod(b, h, q_c, kv_c)
-        allowed = selected if pred is None else selected & (lay._cached("full_map")[b, h, qb, kb] | pred)
+        allowed = selected
+        pred = None
+
+        def predicate():
+            q = qb * self.bq + torch.arange(self.bq, device=dev).view(1, 1, 1, -1, 1)
+            return lay.mask_mod(b, h, q.clamp(max=self.nq - 1), kv_c)
+
+        if lay.mask_mod is not None:
+            full = lay._cached("full_map")[b, h, qb, kb]
+            if bool((selected & ~full).any()):
+                pred = predicate()
+                allowed = selected & (full | pred)
         if is_col is not None and bool(is_col.any()):
             # column membership by binary search in the layout's sorted per-head column lists
             cols = torch.where(lay.valid_columns(), lay.col_indices, torch.full_like(lay.col_indices, self.nk + 1))
@@ -186,8 +227,8 @@ class TilePlan:
             kv_e = flat_kv.expand(*shape, flat_kv.shape[-1]).contiguous()
             pos = torch.searchsorted(cols_e, kv_e).clamp(max=cols_e.shape[-1] - 1)
             col_member = (torch.gather(cols_e, -1, pos) == kv_e).unsqueeze(3)
-            if pred is not None:
-                col_member = col_member & pred
+            if lay.mask_mod is not None:
+                col_member = col_member & (predicate() if pred is None else pred)
             allowed = torch.where(is_col, col_member, allowed)
         allowed = allowed & in_range
         if self.kpm is not None:
@@ -201,6 +242,15 @@ class TilePlan:
         return qb * self.bq + self.band_lo + torch.arange(self.band_len, device=dev).view(1, 1, 1, 1, -1)
 
     def band_mask(self, chunk: Chunk, dtype: torch.dtype) -> Optional[Tensor]:
+        """Additive mask of the band keys for the chunk's tiles (shared across uniform tiles)."""
+        if chunk.uniform:
+            if dtype not in self._uniform_masks:
+                ref = Chunk(self.uniform_ref, self.uniform_ref + 1, 0)
+                self._uniform_masks[dtype] = self._band_mask(ref, dtype)
+            return self._uniform_masks[dtype]
+        return self._band_mask(chunk, dtype)
+
+    def _band_mask(self, chunk: Chunk, dtype: torch.dtype) -> Optional[Tensor]:
         kv = self.band_positions(chunk)
         allowed = self._allowed(chunk, kv, None)
         if self.bq % self.bk or self.band_lo % self.bk:
@@ -216,23 +266,27 @@ class TilePlan:
         return self.to_sdpa_mask(self._allowed(chunk, kv5, col5), dtype)
 
     def to_sdpa_mask(self, allowed: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
-        """bool ``[B'|B, H'|1, T, bq, R]`` -> additive mask ``[1 | B·Hkv, T, G·bq, R]`` (None: all allowed)."""
+        """bool ``[B'|B, H'|1, T, 1|bq, R]`` -> additive ``[1|B·Hkv, T, 1|G·bq, R]`` (None: all allowed)."""
         if bool(allowed.all()):
             return None
-        bmask, hmask, t, bq, r = allowed.shape
+        bm, hm, t, m, r = allowed.shape
         g, hkv = self.group, self.heads_kv
-        if hmask == 1:
-            allowed = allowed.unsqueeze(2).expand(bmask, 1, g, t, bq, r) if g > 1 else allowed.unsqueeze(2)
-            per_head = False
+        if hm == 1 and (m == 1 or g == 1):
+            rows = allowed[:, 0]  # [bm, T, m, R]: one row pattern for every query head
+            if bm > 1 and hkv > 1:
+                rows = rows[:, None].expand(bm, hkv, t, m, r).reshape(bm * hkv, t, m, r)
         else:
-            allowed = allowed.view(bmask, hkv, g, t, bq, r)
-            per_head = True
-        allowed = allowed.permute(0, 1, 3, 2, 4, 5)  # [B?, H?, T, G, bq, R]
-        if bmask > 1 or per_head:
-            allowed = allowed.expand(self.batch, hkv, t, g, bq, r)
-        lead = allowed.shape[0] * allowed.shape[1]
-        mask = torch.zeros(lead, t, g * bq, r, dtype=dtype, device=allowed.device)
-        return mask.masked_fill_(~allowed.reshape(lead, t, g * bq, r), mask_value(dtype))
+            allowed = allowed.expand(bm, hm, t, self.bq, r)
+            if hm == 1:
+                allowed = allowed.unsqueeze(2).expand(bm, 1, g, t, self.bq, r)
+            else:
+                allowed = allowed.view(bm, hkv, g, t, self.bq, r)
+            allowed = allowed.permute(0, 1, 3, 2, 4, 5)  # [bm, hkv|1, T, G, bq, R]
+            if allowed.shape[0] * allowed.shape[1] > 1:
+                allowed = allowed.expand(self.batch, hkv, t, g, self.bq, r)
+            rows = allowed.reshape(-1, t, g * self.bq, r)
+        zero = torch.zeros((), dtype=dtype, device=rows.device)
+        return torch.where(rows, zero, torch.full((), mask_value(dtype), dtype=dtype, device=rows.device))
 
 
 def _kpm_lookup(kpm: Tensor, kv: Tensor) -> Tensor:

@@ -75,13 +75,13 @@ class _Tiler:
         self.plan = plan
         self.padded_q = plan.nqb * plan.bq
 
-    def pad_q(self, x: Tensor) -> Tensor:
-        """``[B, Hq, Nq, ...]`` -> ``[B, Hkv, G, NQB, bq, ...]`` (zero padded)."""
+    def pad_q(self, x: Tensor, value: float = 0.0) -> Tensor:
+        """``[B, Hq, Nq, ...]`` -> ``[B, Hkv, G, NQB, bq, ...]`` (padded with ``value``)."""
         p = self.plan
         extra = self.padded_q - p.nq
         if extra:
             pad = [0, 0] * (x.dim() - 3) + [0, extra]
-            x = F.pad(x, pad)
+            x = F.pad(x, pad, value=value)
         return x.view(p.batch, p.heads_kv, p.group, p.nqb, p.bq, *x.shape[3:])
 
     def tiles(self, xp: Tensor, chunk: Chunk) -> Tensor:
@@ -214,7 +214,8 @@ def _backward(plan, dout, dlse, q, k, v, out, lse, scale):
     keys = _KeySets(plan, k, v)
     qp, dop, op = tiler.pad_q(q), tiler.pad_q(dout), tiler.pad_q(out)
     # rows without keys: lse=+inf makes every probability exactly 0 in the recomputation
-    lp = tiler.pad_q(torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)[..., None]).squeeze(-1)
+    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+    lp = tiler.pad_q(lse[..., None], value=float("inf")).squeeze(-1)
     dq_p = torch.zeros_like(qp)
     dk_band = torch.zeros_like(keys.k_band) if plan.band_len else None
     dv_band = torch.zeros_like(keys.v_band) if plan.band_len else None

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..layout import Layout, MaskMod
+from ..layout import Layout, MaskMod, translation_invariant
 
 __all__ = ["Pattern", "causal_mask_mod", "check_qk", "check_int", "check_float"]
 
@@ -55,6 +55,7 @@ def causal_mask_mod(q_len: int, kv_len: int) -> MaskMod:
     """Predicate of causal attention with queries aligned to the end of the keys."""
     offset = kv_len - q_len
 
+    @translation_invariant
     def causal(b, h, q_idx, kv_idx):
         return kv_idx <= q_idx + offset
 
