@@ -166,6 +166,20 @@ def test_key_padding_and_empty_rows_give_zeros():
     torch.testing.assert_close(out, reference(q, k, v, dense, key_padding_mask=kpm), atol=ATOL, rtol=0)
 
 
+@needs_flex
+def test_bfloat16_within_twice_the_rounding_of_an_fp32_reference():
+    q, k, v = (t.bfloat16() for t in qkv(seed=21))
+    layout = Layout.from_dense(random_mask(B, H, seed=22), 16, 32)
+    dense = layout.to_dense()
+    truth = oracle(q.double(), k.double(), v.double(), dense)
+    cast = oracle(q.float(), k.float(), v.float(), dense).bfloat16()
+    with torch.no_grad():
+        out = flex_attention(q, k, v, layout)
+    assert out.dtype == torch.bfloat16
+    err = (out.double() - truth).abs().max()
+    assert err <= 2 * (cast.double() - truth).abs().max()
+
+
 # ----------------------------------------------------------------------------- fallbacks and errors
 @needs_flex
 def test_cpu_grad_falls_back_to_blocksparse_once():
