@@ -4,12 +4,12 @@ A *pattern* picks the (query, key) pairs, a :class:`Layout` records them, a *ker
 softmax attention on them. See ``spattn.attention`` and ``spattn.pattern``.
 """
 
-from . import registry
+from . import nn, registry
 from .functional import attention
 from .layout import Layout
 from .patterns import Pattern, pattern
 
-__all__ = ["Layout", "Pattern", "attention", "pattern", "mechanisms", "registry"]
+__all__ = ["Layout", "Pattern", "attention", "pattern", "mechanisms", "nn", "registry"]
 __version__ = "0.1.0"
 
 
