@@ -188,7 +188,7 @@ def test_axial(nq, block, causal, rows, cols, data):
     expected = (prow == jrow) | (pcol == jcol)
     if causal:
         expected = expected & (j <= p)
-    check(Axial(rows, block=block).layout(*qk(nq, nk), causal=causal), expected, block, exact_full=True)
+    check(Axial(rows, block=block).layout(*qk(nq, nk), causal=causal), expected, block, exact_full=False)
 
 
 @SETTINGS

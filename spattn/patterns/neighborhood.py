@@ -10,7 +10,7 @@ from torch import Tensor
 from ..layout import Layout
 from ..registry import register
 from .base import Pattern, check_int, check_qk
-from .static import DEFAULT_BLOCK, count_progression, make_layout, tile_stats_from_counts
+from .static import DEFAULT_BLOCK, make_layout, tile_stats_from_segments
 
 __all__ = ["Neighborhood"]
 
@@ -113,21 +113,19 @@ class Neighborhood(Pattern):
         (H, W), (kr, kc), (dr, dc) = self._geometry(nk)
         off = nk - nq
 
-        def count(p, k0, k1):
+        def segments(p):
+            # one raster segment per neighbour row: columns c_first ... c_last, step dc
             r, c = torch.div(p, W, rounding_mode="floor"), p % W
             gr, lor = _axis_window(r, H, kr, dr, causal)
             gc, loc = _axis_window(c, W, kc, dc, causal)
-            c_first = gc + dc * loc.clamp(min=0)  # neighbour columns: c_first ... c_last step dc
-            c_last = gc + dc * (loc + kc - 1)
-            total = torch.zeros(torch.broadcast_shapes(p.shape, k0.shape), dtype=torch.long, device=p.device)
-            for m in range(kr):  # one raster segment per neighbour row
-                t = lor + m
-                row = (gr + dr * t) * W
-                n = count_progression(torch.maximum(row + c_first, k0), torch.minimum(row + c_last, k1), row + gc, dc)
-                total += torch.where(t >= 0, n, 0)
-            return total
+            t = lor[:, None] + torch.arange(kr, device=p.device)  # neighbour rows in group coords
+            row = (gr[:, None] + dr * t) * W
+            a = row + (gc + dc * loc.clamp(min=0))[:, None]
+            b = row + (gc + dc * (loc + kc - 1))[:, None]
+            b = torch.where(t >= 0, b, a - 1)  # causal: rows before the first one do not exist
+            return a, b, row + gc[:, None], dc
 
-        block_map, full_map = tile_stats_from_counts(count, nq, nk, self.block, q.device, per_pair=kr)
+        block_map, full_map = tile_stats_from_segments(segments, nq, nk, self.block, q.device)
 
         def neighborhood_mask(b, h, q_idx, kv_idx):
             p = q_idx + off

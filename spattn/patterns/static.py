@@ -97,25 +97,39 @@ def count_progression(a: Tensor, b: Tensor, rho: Tensor, m: int) -> Tensor:
     return (_floordiv(b - rho, m) - _floordiv(a - 1 - rho, m)).clamp(min=0)
 
 
-def tile_stats_from_counts(count_fn, q_len: int, kv_len: int, block: int, device, per_pair: int = 1,
-                           budget: int = 1 << 22) -> tuple[Tensor, Tensor]:
-    """Block/full maps ``[NQB, NKB]`` of a pattern given ``count_fn(p [C,1], k0 [1,NKB], k1 [1,NKB])``,
-    the number of keys of each key tile that aligned query position ``p`` attends.
+def tile_stats_from_segments(segments_fn, q_len: int, kv_len: int, block: int, device,
+                             budget: int = 1 << 22) -> tuple[Tensor, Tensor]:
+    """Block/full maps ``[NQB, NKB]`` of a pattern whose keys for aligned query position ``p`` are a
+    few *disjoint* arithmetic progressions: ``segments_fn(p [C]) -> (a, b, rho, m)`` with ``a, b,
+    rho`` of shape ``[C, S]`` (keys ``x`` in ``[a, b]`` with ``x = rho (mod m)``; ``a > b`` = unused).
 
-    Costs ``O(Nq * NKB * per_pair)`` in chunks of query tiles (never an ``Nq x Nk`` tensor): a tile is
-    selected iff some query attends some key of it, full iff every query attends all its keys.
+    Each segment is visited only in the key tiles it overlaps, so the cost is
+    ``O(Nq * S * tiles per segment)`` plus an ``[C, NKB]`` count per chunk of query tiles (never an
+    ``Nq x Nk`` tensor): a tile is selected iff some query attends some key of it, full iff every
+    query attends all its keys.
     """
     off = kv_len - q_len
     nqb, nkb = -(-q_len // block), -(-kv_len // block)
-    _, _, k0, k1 = tile_bounds(q_len, kv_len, block, device)
-    size = k1 - k0 + 1
-    tiles_per_chunk = max(1, budget // max(1, block * nkb * per_pair))
+    _, _, k0_all, k1_all = tile_bounds(q_len, kv_len, block, device)
+    size = k1_all - k0_all + 1
+    tiles_per_chunk = max(1, budget // max(1, block * (nkb + 1)))
     sel, full = [], []
     for t0 in range(0, nqb, tiles_per_chunk):
         t1 = min(nqb, t0 + tiles_per_chunk)
         # padding queries beyond q_len repeat the last query: any/all are unaffected
         i = torch.arange(t0 * block, t1 * block, device=device).clamp(max=q_len - 1)
-        cnt = count_fn((i + off)[:, None], k0, k1).view(t1 - t0, block, nkb)
+        a, b, rho, m = segments_fn(i + off)
+        a, b = a.clamp(min=0), b.clamp(max=kv_len - 1)
+        first = _floordiv(a, block)
+        span = (_floordiv(b, block) - first + 1).clamp(min=0)
+        cnt = torch.zeros(i.shape[0], nkb + 1, dtype=torch.long, device=device)
+        for step in range(int(span.max()) if span.numel() else 0):
+            kb = first + step
+            k0 = kb * block
+            k1 = torch.clamp(k0 + block - 1, max=kv_len - 1)
+            n = count_progression(torch.maximum(a, k0), torch.minimum(b, k1), rho, m)
+            cnt.scatter_add_(1, torch.where(step < span, kb, nkb), n)
+        cnt = cnt[:, :nkb].view(t1 - t0, block, nkb)
         sel.append((cnt > 0).any(1))
         full.append((cnt == size).all(1))
     return torch.cat(sel), torch.cat(full)
@@ -494,15 +508,25 @@ class Axial(Pattern):
         if nq > nk:
             raise ValueError(f"axial: queries are grid positions, so Nq ({nq}) must be <= Nk ({nk})")
         off, cols = nk - nq, nk // self.rows
+        p0, p1, k0, k1 = tile_bounds(nq, nk, self.block, q.device)
+        dmin, dmax = p0 - k1, p1 - k0
+        # same column: i' - j is a multiple of cols
+        col_sel = _has_multiple(dmin.clamp(min=0) if causal else dmin, dmax, cols)
+        # same row: the rows both tiles touch; causal also needs a key <= query within one row
+        rlo = torch.maximum(_floordiv(p0, cols), _floordiv(k0, cols))
+        rhi = torch.minimum(_floordiv(p1, cols), _floordiv(k1, cols))
+        row_sel = rlo <= rhi
+        if causal:
+            def row_ok(r):  # earliest key of the tile in row r <= latest query of the tile in row r
+                return torch.maximum(k0, r * cols) <= torch.minimum(p1, r * cols + cols - 1)
 
-        def count(p, k0, k1):
-            hi = torch.minimum(k1, p) if causal else k1
-            row0 = _floordiv(p, cols) * cols
-            in_row = (torch.minimum(hi, row0 + cols - 1) - torch.maximum(k0, row0) + 1).clamp(min=0)
-            in_col = count_progression(k0, hi, p, cols)
-            return in_row + in_col - ((k0 <= p) & (p <= k1)).long()  # p itself is in both
-
-        block_map, full_map = tile_stats_from_counts(count, nq, nk, self.block, q.device)
+            row_sel = row_sel & ((rhi - rlo >= 2) | row_ok(rlo) | row_ok(rhi))
+        block_map = row_sel | col_sel
+        # full (conservative but exact for tiles of > 1 query and key): one shared row, or one column
+        one_row = (_floordiv(p0, cols) == _floordiv(k1, cols)) & (_floordiv(p1, cols) == _floordiv(k0, cols))
+        full_map = one_row | (cols == 1)
+        if causal:
+            full_map = full_map & (dmin >= 0)
 
         def axial_mask(b, h, q_idx, kv_idx):
             p = q_idx + off
