@@ -6,6 +6,7 @@ cases share a few shapes: B=2, Nq=100, Nk=120 (not multiples of the blocks), D=1
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -178,6 +179,33 @@ def test_bfloat16_within_twice_the_rounding_of_an_fp32_reference():
     assert out.dtype == torch.bfloat16
     err = (out.double() - truth).abs().max()
     assert err <= 2 * (cast.double() - truth).abs().max()
+
+
+ALL_PATTERN_CASES = [
+    (spec, causal)
+    for spec in ("window(size=40)", "dilated_window(size=5, dilation=3)", "global_tokens(count=7)",
+                 "bigbird(block=32)", "strided(stride=17)", "fixed(block=32, summary=4)", "axial(rows=15)",
+                 "a_shape(sinks=8, local=50)", "neighborhood(kernel=9)", "dense")
+    for causal in (False, True)
+]
+# each (pattern, causal) compiles anew (10-30 s on 2 cores): three by default, all with SPATTN_SLOW_TESTS=1
+DEFAULT_PATTERN_CASES = [("window(size=40)", True), ("bigbird(block=32)", False), ("fixed(block=32, summary=4)", False)]
+
+
+@needs_flex
+@pytest.mark.parametrize(
+    "spec, causal", ALL_PATTERN_CASES if os.environ.get("SPATTN_SLOW_TESTS") else DEFAULT_PATTERN_CASES
+)
+def test_registered_patterns_with_gqa(spec, causal):
+    from spattn.patterns import pattern
+
+    g = torch.Generator().manual_seed(31)
+    q = torch.randn(2, 4, 300, 32, generator=g)
+    k, v = torch.randn(2, 2, 300, 32, generator=g), torch.randn(2, 2, 300, 32, generator=g)
+    layout = pattern(spec).layout(q, k, causal=causal)
+    with torch.no_grad():
+        out = flex_attention(q, k, v, layout)
+    torch.testing.assert_close(out, reference(q, k, v, layout), atol=ATOL, rtol=0)
 
 
 # ----------------------------------------------------------------------------- fallbacks and errors
