@@ -38,8 +38,23 @@ def mask_value(dtype: torch.dtype) -> float:
 class Chunk:
     start: int  # first query tile
     stop: int  # one past the last query tile
-    gather_len: int  # gathered keys per tile in this chunk (0: none)
+    gather_blocks: int = 0  # gathered key blocks per tile in this chunk
+    gather_cols: int = 0  # gathered single key columns per tile in this chunk
     uniform: bool = False  # every band tile of the chunk has the plan's shared band mask
+
+    @property
+    def gathers(self) -> bool:
+        return bool(self.gather_blocks or self.gather_cols)
+
+
+@dataclass
+class GatherSet:
+    """The gathered keys of a chunk: whole blocks, then single columns."""
+
+    blocks: Tensor  # [B'', Hk'', T, nb] key block indices (nkb = padding)
+    cols: Optional[Tensor]  # [B'', Hk'', T, nc] key positions (nk = padding)
+    positions: Tensor  # [B'', Hk'', T, nb·bk + nc] key position of every gathered slot (nk = padding)
+    is_col: Optional[Tensor]  # [B'', Hk'', T, nb·bk + nc] which slots are columns
 
 
 def _dedupe_sorted(x: Tensor, sentinel: int) -> Tensor:
@@ -143,45 +158,43 @@ class TilePlan:
             cols = self._owner_union(cols, self.nk)
             width = int((cols < self.nk).sum(-1).max())
             self.res_cols = cols[..., :width] if width else None
-        per_tile = (self.res_blocks < self.nkb).sum(-1) * self.bk
+        self.blocks_per_tile = (self.res_blocks < self.nkb).sum(-1).amax(dim=(0, 1))  # [NQB]
+        self.cols_per_tile = torch.zeros_like(self.blocks_per_tile)
         if self.res_cols is not None:
-            per_tile = per_tile + (self.res_cols < self.nk).sum(-1).broadcast_to(per_tile.shape)
-        self.gather_per_tile = per_tile.amax(dim=(0, 1)) if per_tile.numel() else per_tile  # [NQB]
+            self.cols_per_tile = (self.res_cols < self.nk).sum(-1).amax(dim=(0, 1))
 
     def _make_chunks(self, chunk_elems: int) -> None:
         rows = self.batch * self.heads_q * self.bq
-        per_tile = (self.band_len + self.gather_per_tile) * rows
         self.chunks: list[Chunk] = []
-        start = 0
-        cum = 0
-        gmax = 0
-        counts = self.gather_per_tile.tolist()
+        blocks, cols = self.blocks_per_tile.tolist(), self.cols_per_tile.tolist()
         uniform = self.uniform.tolist()
+        start, cum, nb, nc = 0, 0, 0, 0
         for t in range(self.nqb):
-            cost = (self.band_len + counts[t]) * rows
-            if t > start and (cum + cost > chunk_elems or uniform[t] != uniform[start]):
-                self.chunks.append(Chunk(start, t, gmax, uniform[start]))
-                start, cum, gmax = t, 0, 0
+            keys, chunk_keys = blocks[t] * self.bk + cols[t], nb * self.bk + nc
+            cost = (self.band_len + keys) * rows
+            # tiles gathering very different key counts go to different chunks (a chunk pays its max)
+            lopsided = not (chunk_keys / 2 <= keys <= 2 * chunk_keys or max(keys, chunk_keys) <= self.bk)
+            if t > start and (cum + cost > chunk_elems or uniform[t] != uniform[start] or lopsided):
+                self.chunks.append(Chunk(start, t, nb, nc, uniform[start]))
+                start, cum, nb, nc = t, 0, 0, 0
             cum += cost
-            gmax = max(gmax, counts[t])
-        self.chunks.append(Chunk(start, self.nqb, gmax, uniform[start]))
-        del per_tile
+            nb, nc = max(nb, blocks[t]), max(nc, cols[t])
+        self.chunks.append(Chunk(start, self.nqb, nb, nc, uniform[start]))
 
     # ------------------------------------------------------------------ per-chunk key indices and masks
-    def gather_indices(self, chunk: Chunk) -> tuple[Tensor, Tensor]:
-        """Key positions gathered per tile ``[B'', Hk'', T, R]`` (``nk`` = padding) and is-column flags."""
-        blocks = self.res_blocks[:, :, chunk.start : chunk.stop]
+    def gather_keys(self, chunk: Chunk) -> GatherSet:
+        """The keys the chunk's tiles gather (blocks sorted, padding last; then columns)."""
+        blocks = self.res_blocks[:, :, chunk.start : chunk.stop, : chunk.gather_blocks]
         tok = blocks[..., None] * self.bk + torch.arange(self.bk, device=self.device)
         tok = torch.where((blocks[..., None] < self.nkb) & (tok < self.nk), tok, self.nk).flatten(-2)
-        is_col = torch.zeros_like(tok, dtype=torch.bool)
-        if self.res_cols is not None:
-            cols = self.res_cols[:, :, chunk.start : chunk.stop]
-            lead = torch.broadcast_shapes(tok.shape[:2], cols.shape[:2])
-            tok = torch.cat([tok.expand(*lead, *tok.shape[2:]), cols.expand(*lead, *cols.shape[2:])], -1)
-            is_col = torch.cat([is_col.expand(*lead, *is_col.shape[2:]), torch.ones_like(cols, dtype=torch.bool).expand(*lead, *cols.shape[2:])], -1)
-        # compact: real keys first, then the padding; keep chunk.gather_len slots
-        order = torch.sort((tok >= self.nk).to(torch.uint8), dim=-1, stable=True).indices[..., : chunk.gather_len]
-        return torch.gather(tok, -1, order), torch.gather(is_col, -1, order)
+        if not chunk.gather_cols:
+            return GatherSet(blocks, None, tok, None)
+        cols = self.res_cols[:, :, chunk.start : chunk.stop, : chunk.gather_cols]
+        lead = torch.broadcast_shapes(tok.shape[:2], cols.shape[:2])
+        positions = torch.cat([tok.expand(*lead, *tok.shape[2:]), cols.expand(*lead, *cols.shape[2:])], -1)
+        is_col = torch.zeros(positions.shape, dtype=torch.bool, device=self.device)
+        is_col[..., tok.shape[-1] :] = True
+        return GatherSet(blocks, cols, positions, is_col)
 
     def _per_head(self, t: Tensor) -> Tensor:
         """[B'', Hk'', ...] -> indexable by layout head: [B'', H'|1, ...]."""
@@ -260,9 +273,9 @@ class TilePlan:
             allowed = allowed & (offset >= self.band_lo) & (offset <= self.band_lo + self.band_len - self.bk)
         return self.to_sdpa_mask(allowed, dtype)
 
-    def gather_mask(self, chunk: Chunk, kv: Tensor, is_col: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
-        kv5 = self._per_head(kv).unsqueeze(3)
-        col5 = self._per_head(is_col).unsqueeze(3)
+    def gather_mask(self, chunk: Chunk, keys: GatherSet, dtype: torch.dtype) -> Optional[Tensor]:
+        kv5 = self._per_head(keys.positions).unsqueeze(3)
+        col5 = None if keys.is_col is None else self._per_head(keys.is_col).unsqueeze(3)
         return self.to_sdpa_mask(self._allowed(chunk, kv5, col5), dtype)
 
     def to_sdpa_mask(self, allowed: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
@@ -271,10 +284,11 @@ class TilePlan:
             return None
         bm, hm, t, m, r = allowed.shape
         g, hkv = self.group, self.heads_kv
-        if hm == 1 and (m == 1 or g == 1):
-            rows = allowed[:, 0]  # [bm, T, m, R]: one row pattern for every query head
-            if bm > 1 and hkv > 1:
-                rows = rows[:, None].expand(bm, hkv, t, m, r).reshape(bm * hkv, t, m, r)
+        if g == 1 or (hm == 1 and m == 1):
+            # one row pattern per kv head, or one for every head: rows stay 1 (broadcast) or bq
+            if bm * hm > 1:
+                allowed = allowed.expand(self.batch, hkv, t, m, r)
+            rows = allowed.reshape(-1, t, m, r)
         else:
             allowed = allowed.expand(bm, hm, t, self.bq, r)
             if hm == 1:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..layout import Layout
-from ._tiling import Chunk, TilePlan, mask_value
+from ._tiling import Chunk, GatherSet, TilePlan, mask_value
 
 __all__ = ["blocksparse_attention"]
 
@@ -111,9 +111,13 @@ class _KeySets:
             self.padded_len = p.nk + self.left + right
             self.k_band = F.pad(k, (0, 0, self.left, right)).reshape(bh, self.padded_len, k.shape[-1])
             self.v_band = F.pad(v, (0, 0, self.left, right)).reshape(bh, self.padded_len, v.shape[-1])
-        if bool((p.gather_per_tile > 0).any()):
-            self.k_ext = F.pad(k, (0, 0, 0, 1))  # row nk is the padding key
-            self.v_ext = F.pad(v, (0, 0, 0, 1))
+        self.k_blocks = self.v_blocks = self.k_cols = self.v_cols = None
+        if bool((p.blocks_per_tile > 0).any()):
+            # key blocks 0..nkb-1 and one all-zero padding block (index nkb)
+            extra = (p.nkb + 1) * p.bk - p.nk
+            self.k_blocks, self.v_blocks = F.pad(k, (0, 0, 0, extra)), F.pad(v, (0, 0, 0, extra))
+        if bool((p.cols_per_tile > 0).any()):
+            self.k_cols, self.v_cols = F.pad(k, (0, 0, 0, 1)), F.pad(v, (0, 0, 0, 1))  # row nk pads
 
     def band_start(self, chunk: Chunk) -> int:
         return chunk.start * self.plan.bq + self.plan.band_lo + self.left
@@ -128,18 +132,45 @@ class _KeySets:
             x.storage_offset() + self.band_start(chunk) * d,
         )
 
-    def gather(self, x_ext: Tensor, idx: Tensor) -> Tensor:
-        """Copy the keys ``idx [B'', Hk'', T, R]`` out of ``x_ext [B, Hkv, Nk+1, D]``."""
+    def _rows(self, idx: Tensor, per_head: int) -> Tensor:
+        """Flat row numbers for indices ``idx [B'', Hk'', T, R]`` into a ``[B·Hkv·per_head, ...]`` table."""
         p = self.plan
         b, h, t, r = idx.shape
-        flat = idx.reshape(b, h, t * r, 1).expand(p.batch, p.heads_kv, t * r, x_ext.shape[-1])
-        return torch.gather(x_ext, 2, flat).view(p.batch * p.heads_kv, t, r, x_ext.shape[-1])
+        base = torch.arange(p.batch * p.heads_kv, device=idx.device).view(p.batch, p.heads_kv, 1, 1) * per_head
+        return (idx.expand(p.batch, p.heads_kv, t, r) + base).flatten()
 
-    def scatter_add(self, dst_ext: Tensor, idx: Tensor, grad: Tensor) -> None:
+    def gather(self, keys: GatherSet, values: bool) -> Tensor:
+        """Copy the gathered blocks (then columns) out of K or V -> ``[B·Hkv, T, R, D]``."""
         p = self.plan
-        b, h, t, r = idx.shape
-        flat = idx.reshape(b, h, t * r, 1).expand(p.batch, p.heads_kv, t * r, grad.shape[-1])
-        dst_ext.scatter_add_(2, flat, grad.reshape(p.batch, p.heads_kv, t * r, grad.shape[-1]))
+        blocks_src, cols_src = (self.v_blocks, self.v_cols) if values else (self.k_blocks, self.k_cols)
+        d = blocks_src.shape[-1] if blocks_src is not None else cols_src.shape[-1]
+        bh, t = p.batch * p.heads_kv, keys.blocks.shape[2]
+        parts = []
+        if keys.blocks.shape[-1]:
+            table = blocks_src.reshape(-1, p.bk * d)  # one row per key block
+            rows = table.index_select(0, self._rows(keys.blocks, p.nkb + 1))
+            parts.append(rows.view(bh, t, -1, d))
+        if keys.cols is not None:
+            rows = cols_src.reshape(-1, d).index_select(0, self._rows(keys.cols, p.nk + 1))
+            parts.append(rows.view(bh, t, -1, d))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    def scatter_add(self, grads: list, keys: GatherSet, grad: Tensor, values: bool) -> None:
+        """Add ``grad [B·Hkv, T, R, D]`` back at the gathered blocks and columns (``grads`` holds the
+        lazily created accumulators ``[blocks, cols]`` for K or V)."""
+        p = self.plan
+        d = grad.shape[-1]
+        nb = keys.blocks.shape[-1] * p.bk
+        if nb:
+            src = self.v_blocks if values else self.k_blocks
+            if grads[0] is None:
+                grads[0] = torch.zeros_like(src)
+            grads[0].view(-1, p.bk * d).index_add_(0, self._rows(keys.blocks, p.nkb + 1), grad[:, :, :nb].reshape(-1, p.bk * d))
+        if keys.cols is not None:
+            src = self.v_cols if values else self.k_cols
+            if grads[1] is None:
+                grads[1] = torch.zeros_like(src)
+            grads[1].view(-1, d).index_add_(0, self._rows(keys.cols, p.nk + 1), grad[:, :, nb:].reshape(-1, d))
 
     def fold_band(self, dst: Tensor, grad: Tensor, chunk: Chunk) -> None:
         """Add overlapping band tiles ``grad [B·Hkv, T, L, D]`` into ``dst [B·Hkv, padded_len, D]``."""
@@ -185,10 +216,10 @@ def _forward(plan: TilePlan, q: Tensor, k: Tensor, v: Tensor, scale: float) -> t
         if plan.band_len:
             mask = plan.band_mask(chunk, q.dtype)
             parts.append(_tile_forward(q_t, keys.band(keys.k_band, chunk), keys.band(keys.v_band, chunk), mask, scale))
-        if chunk.gather_len:
-            idx, is_col = plan.gather_indices(chunk)
-            mask = plan.gather_mask(chunk, idx, is_col, q.dtype)
-            parts.append(_tile_forward(q_t, keys.gather(keys.k_ext, idx), keys.gather(keys.v_ext, idx), mask, scale))
+        if chunk.gathers:
+            gathered = plan.gather_keys(chunk)
+            mask = plan.gather_mask(chunk, gathered, q.dtype)
+            parts.append(_tile_forward(q_t, keys.gather(gathered, False), keys.gather(gathered, True), mask, scale))
         if not parts:  # no key anywhere in this chunk
             shape = q_t.shape[:-1]
             parts.append((torch.zeros_like(q_t), torch.full(shape, float("-inf"), dtype=lse_p.dtype, device=q.device)))
@@ -219,8 +250,7 @@ def _backward(plan, dout, dlse, q, k, v, out, lse, scale):
     dq_p = torch.zeros_like(qp)
     dk_band = torch.zeros_like(keys.k_band) if plan.band_len else None
     dv_band = torch.zeros_like(keys.v_band) if plan.band_len else None
-    dk_ext = torch.zeros_like(keys.k_ext) if hasattr(keys, "k_ext") else None
-    dv_ext = torch.zeros_like(keys.v_ext) if hasattr(keys, "v_ext") else None
+    dk_gathered, dv_gathered = [None, None], [None, None]  # [blocks, columns] accumulators
     for chunk in plan.chunks:
         q_t, do_t, o_t = tiler.tiles(qp, chunk), tiler.tiles(dop, chunk), tiler.tiles(op, chunk)
         l_t = tiler.tiles(lp[..., None], chunk).squeeze(-1).contiguous()
@@ -231,13 +261,13 @@ def _backward(plan, dout, dlse, q, k, v, out, lse, scale):
             dq_t = g[0]
             keys.fold_band(dk_band, g[1], chunk)
             keys.fold_band(dv_band, g[2], chunk)
-        if chunk.gather_len:
-            idx, is_col = plan.gather_indices(chunk)
-            mask = plan.gather_mask(chunk, idx, is_col, q.dtype)
-            g = _tile_backward(do_t, q_t, keys.gather(keys.k_ext, idx), keys.gather(keys.v_ext, idx), o_t, l_t, mask, scale)
+        if chunk.gathers:
+            gathered = plan.gather_keys(chunk)
+            mask = plan.gather_mask(chunk, gathered, q.dtype)
+            g = _tile_backward(do_t, q_t, keys.gather(gathered, False), keys.gather(gathered, True), o_t, l_t, mask, scale)
             dq_t = g[0] if dq_t is None else dq_t + g[0]
-            keys.scatter_add(dk_ext, idx, g[1])
-            keys.scatter_add(dv_ext, idx, g[2])
+            keys.scatter_add(dk_gathered, gathered, g[1], values=False)
+            keys.scatter_add(dv_gathered, gathered, g[2], values=True)
         if dq_t is not None:
             tiler.untile(dq_t, dq_p, chunk)
     dq = dq_p.flatten(3, 4)[..., : plan.nq, :].reshape(q.shape)
@@ -247,9 +277,10 @@ def _backward(plan, dout, dlse, q, k, v, out, lse, scale):
         sl = slice(keys.left, keys.left + plan.nk)
         dk += dk_band.view(plan.batch, plan.heads_kv, -1, k.shape[-1])[:, :, sl]
         dv += dv_band.view(plan.batch, plan.heads_kv, -1, dv.shape[-1])[:, :, sl]
-    if dk_ext is not None:
-        dk += dk_ext[:, :, : plan.nk]
-        dv += dv_ext[:, :, : plan.nk]
+    for acc_k, acc_v in zip(dk_gathered, dv_gathered):
+        if acc_k is not None:
+            dk += acc_k[:, :, : plan.nk]
+            dv += acc_v[:, :, : plan.nk]
     if dlse is not None:
         dq, dk, dv = dq[..., :-1], dk[..., :-1], dv[..., :-1]
     return dq, dk, dv
