@@ -40,8 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="benchmarks (no sub-command: a short default speed run)",
         description="Benchmarks. Without a sub-command: speed at N=2048, 4096 for window(size=256) and "
-                    "bigbird(block=64) on every backend (a few minutes on 2 cores).",
+                    "bigbird(block=64) on every backend (a few minutes on 2 cores); the options are those "
+                    "of 'spattn bench speed'.",
     )
+    _add_speed_options(bench)
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="{speed}", parser_class=_Parser)
     speed = bench_sub.add_parser(
         "speed", help="time dense SDPA, blocksparse (fwd, fwd+bwd) and compiled FlexAttention",
@@ -115,12 +117,6 @@ def _cmd_speed(args: argparse.Namespace, default_ns: Optional[Sequence[int]] = N
     return 0
 
 
-def _default_bench_args() -> argparse.Namespace:
-    p = _Parser(prog="spattn bench")
-    _add_speed_options(p)
-    return p.parse_args([])
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
@@ -131,7 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.bench_command == "speed":
                 code = _cmd_speed(args)
             else:
-                code = _cmd_speed(_default_bench_args(), default_ns=SHORT_NS)
+                code = _cmd_speed(args, default_ns=SHORT_NS)
         else:
             parser.print_help()
             code = 0

@@ -222,6 +222,8 @@ def _environment() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # other processes competing for the cores distort timings: recorded at start and end
+        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -371,6 +373,8 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
             out["results"].append(rec)
             del layout
             gc.collect()
+    if hasattr(os, "getloadavg"):
+        out["environment"]["load_average_end"] = list(os.getloadavg())
     return out
 
 
@@ -442,6 +446,13 @@ def _row(rec: dict) -> list[str]:
     return [cells[key] for _, key in TABLE_COLUMNS]
 
 
+def _load(env: dict) -> str:
+    start, end = env.get("load_average_start"), env.get("load_average_end")
+    if not start:
+        return ""
+    return f" (load avg {start[0]:.1f}" + (f" -> {end[0]:.1f})" if end else ")")
+
+
 def format_speed_table(result: dict[str, Any]) -> str:
     """Plain-text table of :func:`run_speed`'s result (columns with no data are left out)."""
     rows = [_row(r) for r in result["results"]]
@@ -457,7 +468,8 @@ def format_speed_table(result: dict[str, Any]) -> str:
     cfg = result.get("config", {})
     lines.append(
         f"B={cfg.get('batch')} H={cfg.get('heads')} D={cfg.get('dim')} {cfg.get('dtype')} "
-        f"causal={cfg.get('causal')}; torch {env.get('torch')}, {env.get('threads')} threads, "
+        f"causal={cfg.get('causal')}; torch {env.get('torch')}, {env.get('threads')} threads"
+        f"{_load(env)}, "
         f"median of {cfg.get('repeat')} after {cfg.get('warmup')} warmup; ideal = density x dense SDPA; "
         f"memory: {result.get('memory_method')}"
     )
