@@ -253,7 +253,7 @@ def test_bigbird(nq, nk, block, causal, window, globals_, rnd, seed, heads):
     check_random_draw(p, draw, nq, nk, causal)
     expected = bigbird_expected(nq, nk, block, window, globals_, draw, causal)
     assert layout.heads == (heads if rnd else 1)
-    check(layout, expected if rnd else expected[:1], block, mask_mod_is_definition=False)
+    check(layout, expected if rnd else expected[:1], block)
 
 
 def test_bigbird_draw_is_deterministic_and_per_head():

@@ -293,6 +293,7 @@ class BigBird(Pattern):
 
     Non-causal, every selected tile is computed in full. With ``causal``, only ``kb <= a(qb)``, the
     random blocks come from that visible past, and the token-level causal rule ``j <= i'`` applies.
+    The Layout's ``mask_mod`` is the whole definition (a lookup in the block table, plus causality).
     The random draw differs per query head, so the Layout has ``H' = Hq`` heads (1 if ``random=0``).
     """
 
@@ -375,10 +376,20 @@ class BigBird(Pattern):
             hits = torch.zeros(hq, rnd.shape[1], nkb + 1, dtype=torch.bool, device=dev)
             hits.scatter_(-1, torch.where(rnd >= 0, rnd, nkb), True)
             block_map = block_map | hits[None, :, :, :nkb]
+        # the predicate is the whole definition (block table lookup + causal), so that consumers
+        # which evaluate it outside the listed tiles (e.g. eager FlexAttention) stay exact
+        table = block_map[0].contiguous()
+        multi_h, blk, off = table.shape[0] > 1, self.block, nk - nq
+
+        def bigbird_mask(b, h, q_idx, kv_idx):
+            hit = table[h * multi_h, torch.div(q_idx, blk, rounding_mode="floor"),
+                        torch.div(kv_idx, blk, rounding_mode="floor")]
+            return hit & (kv_idx <= q_idx + off) if causal else hit
+
         if not causal:
-            return make_layout(block_map, None, None, nq, nk, self.block)
+            return make_layout(block_map, block_map, bigbird_mask, nq, nk, self.block)
         p0, _, _, k1 = tile_bounds(nq, nk, self.block, dev)
-        return make_layout(block_map, k1 <= p0, causal_mask_mod(nq, nk), nq, nk, self.block)
+        return make_layout(block_map, k1 <= p0, bigbird_mask, nq, nk, self.block)
 
 
 # ---------------------------------------------------------------------------------------------
