@@ -48,12 +48,17 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _first_true_sorted(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """For a bool tensor [..., M]: (count of True, indices of the True entries ascending, padded)."""
+    """For a bool tensor [..., M]: (count of True, indices of the True entries ascending, padded).
+
+    Linear time: each True entry is scattered to its rank (a running count), no sort.
+    """
     num = mask.sum(-1)
     width = max(int(num.max()) if num.numel() else 0, 1)
-    # stable sort of ~mask puts True first, in ascending index order
-    idx = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices[..., :width]
-    return num, idx
+    rank = torch.where(mask, mask.cumsum(-1) - 1, width)  # False entries go to a spill slot
+    out = torch.zeros(*mask.shape[:-1], width + 1, dtype=torch.long, device=mask.device)
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand(mask.shape)
+    out.scatter_(-1, rank, positions)
+    return num, out[..., :width]
 
 
 def _check_int_tensor(name: str, t: Tensor, dims: int) -> None:
@@ -469,13 +474,12 @@ class Layout:
             col_blocks |= padded.view(*shape, self.block_k).any(-1)
             part_map = part_map | (col_blocks & ~full_map)
         multi_b, multi_h = self.batch > 1, self.heads > 1
-        if cm is None and self.mask_mod is not None:
-            inner = self.mask_mod
-        else:
-            inner = self.contains
 
+        # FlexAttention may evaluate the predicate on pairs outside the listed tiles (its kernel
+        # tiles can be coarser than ours), so it gets the complete membership test, not the
+        # Layout's inside-partial-tiles predicate.
         def mask_mod(b, h, q_idx, kv_idx):
-            return inner(b * multi_b, h * multi_h, q_idx, kv_idx)
+            return self.contains(b * multi_b, h * multi_h, q_idx, kv_idx)
 
         p_num, p_idx = _first_true_sorted(part_map)
         f_num, f_idx = _first_true_sorted(full_map)
