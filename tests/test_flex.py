@@ -284,3 +284,9 @@ def test_flex_available_reports_devices():
     assert isinstance(flex_available("cpu"), bool)
     if not torch.cuda.is_available():
         assert flex_available("cuda") is False
+
+
+def test_block_mask_built_once_per_layout():
+    layout = Layout.from_dense(random_mask(B, H), 16, 32)
+    first = flex_mod._layout_block_mask(layout, torch.device("cpu"))
+    assert flex_mod._layout_block_mask(layout, torch.device("cpu")) is first

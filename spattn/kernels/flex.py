@@ -183,6 +183,23 @@ def _with_key_padding(block_mask, key_padding_mask: Tensor, kv_len: int):
     )
 
 
+def _layout_block_mask(layout: Layout, device: torch.device):
+    """``layout.to_block_mask()`` on ``device``, built once per (layout, device) and kept on the layout.
+
+    (A Layout is treated as immutable. The cache lives in the layout's ``__dict__`` so it dies with it.)
+    """
+    cache = layout.__dict__.setdefault("_flex_block_masks", {})
+    bm = cache.get(device)
+    if bm is None:
+        # Layout.contains fills its block-map cache lazily; fill it outside the compiled region so
+        # tracing the mask predicate has no side effects.
+        zero = torch.zeros(1, dtype=torch.long, device=layout.device)
+        layout.contains(zero, zero, zero, zero)
+        bm = layout.to_block_mask()
+        cache[device] = bm
+    return bm
+
+
 def _validate(q: Tensor, k: Tensor, v: Tensor, layout: Layout, key_padding_mask: Optional[Tensor]) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -210,6 +227,11 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, layout: Layout, key_padding_mask:
     if layout.batch not in (1, B) or layout.heads not in (1, Hq):
         raise ValueError(
             f"layout batch/heads ({layout.batch}, {layout.heads}) must be 1 or ({B}, {Hq}) (batch, query heads)"
+        )
+    if layout.device.type != q.device.type or (q.device.index is not None and layout.device.index not in (None, q.device.index)):
+        raise ValueError(
+            f"layout is on {layout.device} but q is on {q.device}: build the layout on q's device "
+            "(pattern.layout(q, k) does; its predicate's tensors must live where the kernel runs)"
         )
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
@@ -276,15 +298,9 @@ def flex_attention(
     if q.shape[-2] == 0 or k.shape[-2] == 0:  # pragma: no cover - Layout requires lengths >= 1
         raise ValueError("sequence lengths must be >= 1")
 
-    # Layout.contains caches its block maps lazily; fill the cache outside the compiled region so
-    # tracing the mask predicate has no side effects.
-    zero = torch.zeros(1, dtype=torch.long, device=layout.device)
-    layout.contains(zero, zero, zero, zero)
-    block_mask = layout.to_block_mask()
+    block_mask = _layout_block_mask(layout, q.device)
     if key_padding_mask is not None:
         block_mask = _with_key_padding(block_mask, key_padding_mask, k.shape[-2])
-    if block_mask.kv_indices.device != q.device:
-        block_mask = block_mask.to(q.device)
     if on_cpu:
         # grad mode is off here; FlexAttention rejects CPU inputs that merely *carry* requires_grad
         q, k, v = q.detach(), k.detach(), v.detach()
