@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..layout import Layout
+from ..layout import Layout, translation_invariant
 from ..registry import register
 from .base import Pattern, causal_mask_mod, check_int, check_qk
 
@@ -181,6 +181,7 @@ class Window(Pattern):
         block_map = (dmin <= hi) & (dmax >= lo)
         full_map = (dmin >= lo) & (dmax <= hi)
 
+        @translation_invariant
         def window_mask(b, h, q_idx, kv_idx):
             d = q_idx + off - kv_idx
             return (d >= lo) & (d <= hi)
@@ -218,6 +219,7 @@ class DilatedWindow(Pattern):
         block_map = _has_multiple(torch.clamp(dmin, min=lo), torch.clamp(dmax, max=hi), dil)
         full_map = (dmin >= lo) & (dmax <= hi) & ((dmin == dmax) | (dil == 1)) & (dmin % dil == 0)
 
+        @translation_invariant
         def dilated_mask(b, h, q_idx, kv_idx):
             d = q_idx + off - kv_idx
             return (d >= lo) & (d <= hi) & (d % dil == 0)
@@ -428,6 +430,7 @@ class Strided(Pattern):
             block_map = ((dmin <= s - 1) & (dmax >= 1 - s)) | _has_multiple(dmin, dmax, s)
             full_map = ((dmin >= -s) & (dmax <= s)) | single | (s == 1)
 
+        @translation_invariant
         def strided_mask(b, h, q_idx, kv_idx):
             d = q_idx + off - kv_idx
             if causal:
