@@ -24,7 +24,8 @@ with a fixed random ``g``.
 **Peak memory** (Linux): before each timed call, free heap pages are returned to the OS
 (``malloc_trim``) and the kernel's resident-set high-water mark is reset (``echo 5 >
 /proc/self/clear_refs``); the case's peak is ``VmHWM - VmRSS`` read around the call, i.e. the
-extra resident memory the call needed on top of its inputs (max over repeats). For
+extra resident memory the call needed on top of its inputs. This is one extra untimed call after
+the timed ones (re-faulting trimmed pages would slow the timed calls by up to ~25%). For
 ``sdpa_mask`` the N x N bool mask is built before the call, so its bytes are added. Where
 ``/proc/self/clear_refs`` cannot be written (macOS, some containers), memory is reported as null.
 
@@ -140,35 +141,33 @@ def _peak() -> PeakMemory:
 
 
 def time_call(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 5, memory: bool = True) -> dict[str, Any]:
-    """Median wall time of ``fn()`` after ``warmup`` calls; peak extra RSS when ``memory``.
+    """Median wall time of ``fn()`` after ``warmup`` calls; peak extra RSS of one more call when ``memory``.
 
     Returns ``{"median_s", "times_s", "first_s", "peak_bytes"}`` (``first_s`` is the first
     call's time, i.e. including any compilation; ``peak_bytes`` None when unmeasurable).
     """
-    peak = _peak() if memory else None
     first = None
     for i in range(max(warmup, 0)):
         t0 = time.perf_counter()
         fn()
         if i == 0:
             first = time.perf_counter() - t0
-    times, peaks = [], []
+    times = []
     for _ in range(max(repeat, 1)):
-        before = peak.start() if peak is not None else None
         t0 = time.perf_counter()
         fn()
-        dt = time.perf_counter() - t0
-        times.append(dt)
-        if peak is not None:
-            peaks.append(peak.stop(before))
-        if first is None:
-            first = dt
-    peaks = [p for p in peaks if p is not None]
+        times.append(time.perf_counter() - t0)
+    peak_bytes = None
+    if memory:  # one extra, untimed call: returning pages to the OS first would slow the timed ones
+        peak = _peak()
+        before = peak.start()
+        fn()
+        peak_bytes = peak.stop(before)
     return {
         "median_s": statistics.median(times),
         "times_s": times,
-        "first_s": first,
-        "peak_bytes": max(peaks) if peaks else None,
+        "first_s": times[0] if first is None else first,
+        "peak_bytes": peak_bytes,
     }
 
 
@@ -372,7 +371,7 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
                 rec["flex"] = _safe(lambda: _time_flex(q, k, v, layout, cfg), log, "flex")
             rec["summary"] = summarize(rec)
             out["results"].append(rec)
-            del layout
+            layout = None  # free it before the next case
             gc.collect()
     if hasattr(os, "getloadavg"):
         out["environment"]["load_average_end"] = list(os.getloadavg())

@@ -66,8 +66,17 @@ def _torch_version() -> tuple[int, int]:
 def _unavailable_reason(device: Union[str, torch.device]) -> Optional[str]:
     """None when compiled FlexAttention can run on ``device``, else a sentence saying why not."""
     dev = torch.device(device)
+    if dev.type == "cuda":  # availability can change (CUDA_VISIBLE_DEVICES, lazy init): not cached
+        return _check_device("cuda")
+    return _check_device_cached(dev.type)
+
+
+def _check_device(dev_type: str) -> Optional[str]:
+    dev = torch.device(dev_type)
     try:
-        from torch.nn.attention import flex_attention as _fa  # noqa: F401
+        from torch.nn.attention import flex_attention as _fa
+
+        del _fa
     except ImportError:
         return f"torch {torch.__version__} has no torch.nn.attention.flex_attention (needs torch >= 2.5)"
     try:
@@ -110,6 +119,9 @@ def _unavailable_reason(device: Union[str, torch.device]) -> Optional[str]:
             pass
         return None
     return f"spattn's flex backend supports CPU and CUDA devices, got {dev.type!r}"
+
+
+_check_device_cached = functools.lru_cache(maxsize=None)(_check_device)
 
 
 def flex_available(device: Union[str, torch.device] = "cpu") -> bool:
@@ -295,9 +307,6 @@ def flex_attention(
             "so calls with return_lse=True on CPU use the eager 'blocksparse' kernel.",
         )
         return _fallback(q, k, v, layout, scale, key_padding_mask, return_lse)
-    if q.shape[-2] == 0 or k.shape[-2] == 0:  # pragma: no cover - Layout requires lengths >= 1
-        raise ValueError("sequence lengths must be >= 1")
-
     block_mask = _layout_block_mask(layout, q.device)
     if key_padding_mask is not None:
         block_mask = _with_key_padding(block_mask, key_padding_mask, k.shape[-2])
