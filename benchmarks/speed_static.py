@@ -60,10 +60,13 @@ def main(argv=None) -> int:
     p.add_argument("--patterns", nargs="+", default=list(PATTERNS))
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warm-cache", action="store_true",
+                   help="let Inductor reuse its on-disk cache (compile_s then measures a cache load)")
     p.add_argument("--out", default=os.path.join("results", "speed_static.json"))
     args = p.parse_args(argv)
     cfg = SpeedConfig(ns=tuple(args.n), patterns=tuple(args.patterns), batch=1, heads=4, dim=64,
-                      dtype="float32", repeat=args.repeat, warmup=args.warmup)
+                      dtype="float32", repeat=args.repeat, warmup=args.warmup,
+                      cold_compile=not args.warm_cache)
     result = run_speed(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
     result["targets"] = check_targets(result)
     print_speed_table(result)

@@ -73,6 +73,8 @@ def _add_speed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--causal", action="store_true")
     p.add_argument("--repeat", type=int, help="timed repeats per case (default 3; --quick 2)")
     p.add_argument("--warmup", type=int, help="untimed calls per case (default 1)")
+    p.add_argument("--cold-compile", action="store_true",
+                   help="disable Inductor's on-disk caches so FlexAttention's compile time is a cold compile")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory measurement")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
 
@@ -101,7 +103,7 @@ def _cmd_speed(args: argparse.Namespace, default_ns: Optional[Sequence[int]] = N
         heads=args.heads, dim=args.dim, dtype=args.dtype, causal=args.causal,
         warmup=1 if args.warmup is None else args.warmup,
         repeat=args.repeat if args.repeat is not None else (2 if args.quick else 3),
-        memory=args.memory,
+        memory=args.memory, cold_compile=args.cold_compile,
     )
     cfg.validate()  # bad specs / values fail before anything runs
 

@@ -11,7 +11,8 @@ For each sequence length N and each pattern spec this times, on the same random 
 ``blocksparse``           ``spattn.kernels.blocksparse`` forward
 ``blocksparse_bwd``       the same, forward + backward
 ``flex``                  compiled FlexAttention forward (``spattn.kernels.flex``); the first
-                          call's extra time is reported as ``compile_s`` and the
+                          call's extra time is reported as ``compile_s`` (a warm
+                          Inductor disk cache makes it small: ``cold_compile``) and the
                           ``Layout.to_block_mask()`` time (once per layout, cached on
                           it) as ``block_mask_s``
 ========================  ====================================================================
@@ -188,6 +189,8 @@ class SpeedConfig:
     repeat: int = 3
     memory: bool = True
     seed: int = 0
+    #: compile FlexAttention with Inductor's on-disk caches off, so ``compile_s`` is a cold compile
+    cold_compile: bool = False
 
     def validate(self) -> None:
         for n in self.ns:
@@ -390,12 +393,17 @@ def _time_flex(q, k, v, layout, cfg: SpeedConfig) -> dict[str, Any]:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
-        flex_attention(q, k, v, layout)  # compiles (or hits the compile cache)
+        if cfg.cold_compile:
+            with torch.compiler.config.patch(force_disable_caches=True):
+                flex_attention(q, k, v, layout)
+        else:
+            flex_attention(q, k, v, layout)  # compiles, or loads Inductor's on-disk cache
         first = time.perf_counter() - t0
         res = time_call(lambda: flex_attention(q, k, v, layout), warmup=max(cfg.warmup - 1, 0),
                         repeat=cfg.repeat, memory=cfg.memory)
     res["first_s"] = first
     res["compile_s"] = max(0.0, first - res["median_s"])
+    res["compile_cold"] = cfg.cold_compile
     res["block_mask_s"] = block_mask_s
     return res
 
