@@ -474,6 +474,8 @@ class Layout:
             col_blocks |= padded.view(*shape, self.block_k).any(-1)
             part_map = part_map | (col_blocks & ~full_map)
         multi_b, multi_h = self.batch > 1, self.heads > 1
+        for name in ("block_map", "full_map") + (("column_map",) if cm is not None else ()):
+            self._cached(name)  # fill the lookup tables now, not while the predicate is traced
 
         # FlexAttention may evaluate the predicate on pairs outside the listed tiles (its kernel
         # tiles can be coarser than ours), so it gets the complete membership test, not the

@@ -198,8 +198,10 @@ def _merge(parts: list[tuple[Tensor, Tensor]], empty_below: float) -> tuple[Tens
             acc = term if acc is None else acc + term
         out = acc.to(parts[0][0].dtype)
     empty = lse < empty_below
-    out = out.masked_fill(empty[..., None], 0.0)
-    return out, lse.masked_fill(empty, float("-inf"))
+    if bool(empty.any()):  # out and lse are fresh tensors: edit in place
+        out.masked_fill_(empty[..., None], 0.0)
+        lse.masked_fill_(empty, float("-inf"))
+    return out, lse
 
 
 # ---------------------------------------------------------------------- the autograd function

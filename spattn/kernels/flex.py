@@ -203,11 +203,7 @@ def _layout_block_mask(layout: Layout, device: torch.device):
     cache = layout.__dict__.setdefault("_flex_block_masks", {})
     bm = cache.get(device)
     if bm is None:
-        # Layout.contains fills its block-map cache lazily; fill it outside the compiled region so
-        # tracing the mask predicate has no side effects.
-        zero = torch.zeros(1, dtype=torch.long, device=layout.device)
-        layout.contains(zero, zero, zero, zero)
-        bm = layout.to_block_mask()
+        bm = layout.to_block_mask()  # also fills the layout's lookup tables outside the compiled region
         cache[device] = bm
     return bm
 
