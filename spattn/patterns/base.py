@@ -91,10 +91,3 @@ def check_float(owner: str, name: str, value: Any, low: float, high: float, *, l
     if bad_low or bad_high:
         lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
         raise ValueError(f"{owner}: {name} must lie in {lo}{low}, {high}{hi}, got {value}")
-
-
-def full_block_map(q_len: int, kv_len: int, block_q: int, block_k: int, device) -> tuple[Tensor, Tensor]:
-    """(q block starts, kv block starts) as long tensors, for block-level rule evaluation."""
-    qs = torch.arange(0, q_len, block_q, device=device)
-    ks = torch.arange(0, kv_len, block_k, device=device)
-    return qs, ks

@@ -29,23 +29,13 @@ DEFAULT_BLOCK = 64
 
 
 def _dense_layout(q_len: int, kv_len: int, block: int, causal: bool, device) -> Layout:
-    nqb, nkb = -(-q_len // block), -(-kv_len // block)
+    p0, p1, k0, k1 = tile_bounds(q_len, kv_len, block, device)
     if not causal:
-        return Layout.from_block_map(
-            torch.ones(1, 1, nqb, nkb, dtype=torch.bool, device=device),
-            q_len=q_len, kv_len=kv_len, block_q=block,
-        )
-    offset = kv_len - q_len
-    q_first = torch.arange(nqb, device=device) * block
-    q_last = (q_first + block - 1).clamp(max=q_len - 1)
-    k_first = torch.arange(nkb, device=device) * block
-    k_last = (k_first + block - 1).clamp(max=kv_len - 1)
-    block_map = k_first[None, :] <= q_last[:, None] + offset
-    full_map = k_last[None, :] <= q_first[:, None] + offset
-    return Layout.from_block_map(
-        block_map[None, None], full_map=full_map[None, None], mask_mod=causal_mask_mod(q_len, kv_len),
-        q_len=q_len, kv_len=kv_len, block_q=block,
-    )
+        every_tile = torch.ones(p0.shape[0], k0.shape[1], dtype=torch.bool, device=device)
+        return make_layout(every_tile, None, None, q_len, kv_len, block)
+    # a tile is touched if its first key is not after its last query, full if its last key is not
+    # after its first query
+    return make_layout(k0 <= p1, k1 <= p0, causal_mask_mod(q_len, kv_len), q_len, kv_len, block)
 
 
 @register("dense", kind="static", description="Full softmax attention (every pair, or every past pair when causal)",
