@@ -6,7 +6,6 @@ import inspect
 from abc import ABC, abstractmethod
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..layout import Layout, MaskMod, translation_invariant
