@@ -4,12 +4,16 @@ A *pattern* picks the (query, key) pairs, a :class:`Layout` records them, a *ker
 softmax attention on them. See ``spattn.attention`` and ``spattn.pattern``.
 """
 
-from . import nn, registry
+from . import approx, nn, registry
 from .functional import attention
 from .layout import Layout
+from .selection import ClusterSelection, TokenSelection
 from .patterns import Pattern, pattern
 
-__all__ = ["Layout", "Pattern", "attention", "pattern", "mechanisms", "nn", "registry"]
+__all__ = [
+    "Layout", "Pattern", "TokenSelection", "ClusterSelection", "attention", "pattern", "mechanisms", "approx", "nn",
+    "registry",
+]
 __version__ = "0.1.0"
 
 

@@ -12,9 +12,10 @@ from torch import Tensor
 from .kernels.blocksparse import blocksparse_attention
 from .kernels.reference import reference_attention
 from .layout import Layout
+from .selection import ClusterSelection, TokenSelection
 from .patterns import Dense, Pattern, pattern as make_pattern
 
-__all__ = ["attention", "BACKENDS", "resolve_layout"]
+__all__ = ["attention", "BACKENDS", "resolve_selection"]
 
 BACKENDS = ("auto", "reference", "blocksparse", "flex")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -73,22 +74,51 @@ def _check_layout(layout: Layout, q: Tensor, k: Tensor) -> None:
         raise ValueError(f"layout is on {layout.device} but q is on {q.device}")
 
 
-def resolve_layout(q: Tensor, k: Tensor, pattern, causal: bool) -> tuple[Layout, bool]:
-    """Turn ``pattern`` (None, spec string, Pattern or Layout) into a Layout; also says if it is dense."""
+def resolve_selection(q: Tensor, k: Tensor, pattern, causal: bool):
+    """Turn ``pattern`` (None, spec string, Pattern or Layout) into what a kernel runs.
+
+    Returns ``(selection, is_dense)``: a Layout (validated against q, k), or the TokenSelection /
+    ClusterSelection of a per-token pattern; ``is_dense`` says the plain dense pattern was asked for.
+    """
     if isinstance(pattern, Layout):
         if causal:
             raise ValueError("causal=True cannot be combined with a precomputed Layout: causality is part of the Layout")
         _check_layout(pattern, q, k)
         return pattern, False
     pat = Dense() if pattern is None else make_pattern(pattern)
-    layout = pat.layout(q, k, causal=causal)
-    _check_layout(layout, q, k)
-    return layout, isinstance(pat, Dense)
+    selection = pat.select(q, k, causal=causal)
+    if isinstance(selection, Layout):
+        _check_layout(selection, q, k)
+    elif not isinstance(selection, (TokenSelection, ClusterSelection)):
+        raise TypeError(
+            f"{pat.name}.select() returned {type(selection).__name__}; expected a Layout, TokenSelection or ClusterSelection"
+        )
+    return selection, isinstance(pat, Dense)
 
 
 def _sdpa_dense(q, k, v, causal, scale):
     group = q.shape[1] // k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=group > 1)
+
+
+def _attend_selection(q, k, v, selection, backend, scale, key_padding_mask, return_lse):
+    """Token-level selections run on their own kernels; ``reference`` uses the dense mask."""
+    kwargs = dict(scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse)
+    if isinstance(selection, TokenSelection):
+        if backend == "reference":
+            return reference_attention(q, k, v, Layout.from_dense(selection.to_dense()), **kwargs)
+        if backend == "flex":
+            raise ValueError("backend='flex' runs block Layouts; per-query token selections use 'auto' or 'reference'")
+        from .kernels.tokensparse import tokensparse_attention
+
+        return tokensparse_attention(q, k, v, selection, **kwargs)
+    if isinstance(selection, ClusterSelection):
+        if backend not in ("auto", "reference"):
+            raise ValueError(f"backend={backend!r} runs block Layouts; routing windows use 'auto' or 'reference'")
+        from .kernels.clustered import clustered_attention
+
+        return clustered_attention(q, k, v, selection, reference=backend == "reference", **kwargs)
+    raise AssertionError(f"unhandled selection {type(selection).__name__}")
 
 
 def attention(
@@ -132,7 +162,9 @@ def attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     _check_key_padding_mask(key_padding_mask, k)
-    layout, is_dense = resolve_layout(q, k, pattern, causal)
+    layout, is_dense = resolve_selection(q, k, pattern, causal)
+    if not isinstance(layout, Layout):
+        return _attend_selection(q, k, v, layout, backend, scale, key_padding_mask, return_lse)
     kwargs = dict(scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse)
     if backend == "reference":
         return reference_attention(q, k, v, layout, **kwargs)

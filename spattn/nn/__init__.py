@@ -1,5 +1,6 @@
 """Modules: attention layers running any registered mechanism."""
 
-from .attention import Attention
+from . import routing, seqboat, sqa  # noqa: F401  (register layer-level mechanisms)
+from .attention import Attention, build_mechanism
 
-__all__ = ["Attention"]
+__all__ = ["Attention", "build_mechanism"]

@@ -9,28 +9,64 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .. import registry
+from ..approx.base import CONTEXT_PARAMETERS, ApproxAttention, AttentionLayer
 from ..functional import BACKENDS, attention
 from ..layout import Layout
-from ..patterns import Pattern, pattern as make_pattern
+from ..patterns import Pattern
 
-__all__ = ["Attention"]
+Mechanism = Union[Pattern, ApproxAttention, AttentionLayer]
+
+__all__ = ["Attention", "build_mechanism"]
+
+
+def build_mechanism(attention: Union[None, str, Mechanism], **context) -> Optional[Mechanism]:
+    """Build a mechanism from a spec string, filling in the context parameters its factory declares.
+
+    ``context`` holds what the caller knows (``dim, heads, kv_heads, head_dim, causal, max_len``);
+    a value is passed only when the factory accepts that name and the spec did not set it.
+    Objects (Pattern, ApproxAttention, AttentionLayer) are returned unchanged; None means dense.
+    """
+    unknown = sorted(set(context) - set(CONTEXT_PARAMETERS))
+    if unknown:
+        raise ValueError(f"build_mechanism: unknown context {unknown}; valid: {', '.join(CONTEXT_PARAMETERS)}")
+    if attention is None or isinstance(attention, (Pattern, ApproxAttention, AttentionLayer)):
+        return attention
+    if not isinstance(attention, str):
+        raise TypeError(
+            f"attention must be None, a spec string such as 'window(size=256)' or a mechanism object, "
+            f"got {type(attention).__name__}"
+        )
+    name, params = registry.parse_spec(attention)
+    accepted = registry.lookup(name).parameters()
+    fill = {k: v for k, v in context.items() if v is not None and k in accepted and k not in params}
+    mech = registry.build(attention, **fill)
+    if not isinstance(mech, (Pattern, ApproxAttention, AttentionLayer)):
+        raise TypeError(f"{name!r} builds a {type(mech).__name__}, which is not an attention mechanism")
+    return mech
 
 
 class Attention(nn.Module):
     """Multi-head (optionally grouped-query) self-attention with a pluggable mechanism.
 
     ``Attention(dim=512, heads=8, attention="window(size=256)", causal=True)`` maps
-    ``x [B, N, dim]`` to ``[B, N, dim]``. ``attention`` is a spec string or a :class:`Pattern`
-    (``None`` = dense). ``kv_heads`` < ``heads`` gives grouped-query attention (Ainslie et al. 2023).
+    ``x [B, N, dim]`` to ``[B, N, dim]``. ``attention`` is any registered spec string (see
+    ``spattn.mechanisms()``) or a mechanism object (``None`` = dense):
+
+    * a :class:`Pattern` selects pairs and a kernel computes softmax attention on them;
+    * an :class:`~spattn.approx.base.ApproxAttention` replaces the attention function on q, k, v;
+    * an :class:`~spattn.approx.base.AttentionLayer` replaces the whole layer (its own projections).
+
+    ``kv_heads`` < ``heads`` gives grouped-query attention (Ainslie et al. 2023); ``max_len`` is
+    passed to mechanisms that need the maximum length up front (e.g. Linformer's projections).
     Layouts of static patterns are cached per (length, causal, device). Mechanisms with auxiliary
-    losses report them on ``self.aux_loss`` after each forward (0 for static patterns).
+    losses (routing's commitment loss) report them on ``self.aux_loss`` after each forward.
     """
 
     def __init__(
         self,
         dim: int,
         heads: int,
-        attention: Union[None, str, Pattern] = None,
+        attention: Union[None, str, Mechanism] = None,
         *,
         causal: bool = False,
         kv_heads: Optional[int] = None,
@@ -38,6 +74,7 @@ class Attention(nn.Module):
         bias: bool = False,
         dropout: float = 0.0,
         backend: str = "auto",
+        max_len: Optional[int] = None,
     ):
         super().__init__()
         for name, val in (("dim", dim), ("heads", heads)):
@@ -57,12 +94,19 @@ class Attention(nn.Module):
         if not isinstance(causal, bool):
             raise TypeError(f"Attention: causal must be a bool, got {causal!r}")
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
-        self.causal, self.backend = causal, backend
-        self.mechanism = None if attention is None else make_pattern(attention)
-        self.q_proj = nn.Linear(dim, heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
-        self.out_proj = nn.Linear(heads * head_dim, dim, bias=bias)
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
+            raise ValueError(f"Attention: max_len must be a positive int or None, got {max_len!r}")
+        self.causal, self.backend, self.max_len = causal, backend, max_len
+        self.mechanism = build_mechanism(
+            attention, dim=dim, heads=heads, kv_heads=kv_heads, head_dim=head_dim, causal=causal, max_len=max_len
+        )
+        if isinstance(self.mechanism, ApproxAttention) and causal and not self.mechanism.supports_causal:
+            raise ValueError(f"Attention: {self.mechanism.spec()} has no causal form; use causal=False")
+        if not isinstance(self.mechanism, AttentionLayer):  # a layer brings its own projections
+            self.q_proj = nn.Linear(dim, heads * head_dim, bias=bias)
+            self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
+            self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
+            self.out_proj = nn.Linear(heads * head_dim, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
         self.aux_loss: Tensor = torch.zeros(())
         self._layouts: dict[tuple, Layout] = {}
@@ -92,11 +136,20 @@ class Attention(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"Attention: x must have shape [B, N, {self.dim}], got {shape}")
+        if isinstance(self.mechanism, AttentionLayer):
+            out = self.mechanism(x, key_padding_mask=key_padding_mask)
+            self.aux_loss = getattr(self.mechanism, "aux_loss", None)
+            if self.aux_loss is None:
+                self.aux_loss = x.new_zeros(())
+            return self.dropout(out)
         q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.heads)
         k = rearrange(self.k_proj(x), "b n (h d) -> b h n d", h=self.kv_heads)
         v = rearrange(self.v_proj(x), "b n (h d) -> b h n d", h=self.kv_heads)
-        pat, causal = self._pattern_arg(q, k)
-        out = attention(q, k, v, pat, causal=causal, backend=self.backend, key_padding_mask=key_padding_mask)
+        if isinstance(self.mechanism, ApproxAttention):
+            out = self.mechanism(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask)
+        else:
+            pat, causal = self._pattern_arg(q, k)
+            out = attention(q, k, v, pat, causal=causal, backend=self.backend, key_padding_mask=key_padding_mask)
         aux = getattr(self.mechanism, "aux_loss", None)
         self.aux_loss = x.new_zeros(()) if aux is None else aux
         return self.dropout(self.out_proj(rearrange(out, "b h n d -> b n (h d)")))

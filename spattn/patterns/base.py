@@ -7,8 +7,10 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from torch import Tensor
+from torch.nn import Module
 
 from ..layout import Layout, MaskMod, translation_invariant
+from ..selection import ClusterSelection, TokenSelection
 
 __all__ = ["Pattern", "causal_mask_mod", "check_qk", "check_int", "check_float"]
 
@@ -23,7 +25,6 @@ class Pattern(ABC):
     name: str = "pattern"
     #: True when the selection looks at the values of q/k (dynamic patterns)
     content_based: bool = False
-
     @abstractmethod
     def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
         """Layout for queries ``q [B, H, Nq, D]`` and keys ``k [B, Hkv, Nk, D]``.
@@ -31,6 +32,16 @@ class Pattern(ABC):
         With ``causal=True`` queries are aligned to the end of the keys (as in decoding):
         query ``i`` may see key ``j`` only if ``j <= i + Nk - Nq``.
         """
+
+    def select(self, q: Tensor, k: Tensor, causal: bool = False) -> "Layout | TokenSelection | ClusterSelection":
+        """What a kernel executes: the Layout by default.
+
+        Patterns whose choice is per token override this: per-query key sets return a
+        :class:`~spattn.selection.TokenSelection` (token-sparse kernel), routing returns a
+        :class:`~spattn.selection.ClusterSelection` (cluster-window kernel). Their :meth:`layout`
+        may then be expensive (it exists for inspection and plots).
+        """
+        return self.layout(q, k, causal=causal)
 
     def params(self) -> dict[str, Any]:
         sig = inspect.signature(type(self).__init__)
@@ -43,10 +54,16 @@ class Pattern(ABC):
     def __repr__(self) -> str:
         return self.spec()
 
+    # Patterns with learned state are also nn.Modules; those compare by identity, because
+    # nn.Module.named_modules() de-duplicates by hash/eq and two layers' centroids must stay distinct.
     def __eq__(self, other: object) -> bool:
+        if isinstance(self, Module):
+            return self is other
         return type(self) is type(other) and self.params() == other.params()  # type: ignore[union-attr]
 
     def __hash__(self) -> int:
+        if isinstance(self, Module):
+            return id(self)
         return hash((type(self), self.spec()))
 
 

@@ -1,0 +1,156 @@
+"""Selections that are not block layouts: per-query token sets and routing's cluster windows.
+
+Content-based patterns whose choice is per token rather than per block hand one of these to a
+kernel instead of a :class:`~spattn.layout.Layout` (same layer: patterns build them, kernels read them):
+
+* :class:`TokenSelection` — each query attends to its own set of at most K keys (top-k attention,
+  decode-time selection: Quest, Double Sparsity, TidalDecode). Softmax runs over the union of the
+  selected keys, so it is exactly attention restricted to ``to_dense()``.
+* :class:`ClusterSelection` — Routing Transformer windows: C windows of w sorted positions per
+  (batch, head); each window runs dense attention on its own members and a query that belongs to
+  several windows receives the *average* of their outputs (Roy et al. 2021), which is not a softmax
+  over a union, so it has its own kernel.
+
+Batch and head dimensions broadcast like a Layout's (size 1 = shared).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+from torch import Tensor
+
+__all__ = ["TokenSelection", "ClusterSelection"]
+
+
+def _check_index_tensor(owner: str, name: str, t: Tensor, dims: int) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.long:
+        raise TypeError(f"{owner}: {name} must be int64, got {t.dtype}")
+    if t.dim() != dims:
+        raise ValueError(f"{owner}: {name} must be {dims}-D, got shape {tuple(t.shape)}")
+
+
+@dataclass(frozen=True)
+class TokenSelection:
+    """Per-query key indices.
+
+    Attributes:
+        indices: ``[B', H', Nq, K]`` int64 key positions in ``[0, kv_len)``; ``-1`` marks an unused
+            slot. Duplicates are not allowed among the valid slots of one query (a key counts once).
+        q_len, kv_len: sequence lengths the selection was made for.
+    Causality, windows, sinks etc. are already applied by the pattern: every valid index is computed.
+    """
+
+    indices: Tensor
+    q_len: int
+    kv_len: int
+
+    def __post_init__(self):
+        _check_index_tensor("TokenSelection", "indices", self.indices, 4)
+        if self.indices.shape[2] != self.q_len:
+            raise ValueError(f"TokenSelection: indices has {self.indices.shape[2]} query rows but q_len={self.q_len}")
+        if self.indices.numel() and (int(self.indices.min()) < -1 or int(self.indices.max()) >= self.kv_len):
+            raise ValueError(f"TokenSelection: indices must lie in [-1, {self.kv_len}), -1 = unused slot")
+
+    @property
+    def batch(self) -> int:
+        return self.indices.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.indices.shape[1]
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[3]
+
+    @property
+    def device(self) -> torch.device:
+        return self.indices.device
+
+    @property
+    def valid(self) -> Tensor:
+        """bool ``[B', H', Nq, K]``: which slots hold a key."""
+        return self.indices >= 0
+
+    def to_dense(self) -> Tensor:
+        """bool ``[B', H', Nq, Nk]``, True where a pair is computed (materialises Nq×Nk: tests only)."""
+        b, h, nq, _ = self.indices.shape
+        dense = torch.zeros(b, h, nq, self.kv_len + 1, dtype=torch.bool, device=self.device)
+        dense.scatter_(-1, torch.where(self.valid, self.indices, self.kv_len), True)
+        return dense[..., : self.kv_len]
+
+    def pair_counts(self) -> Tensor:
+        """int64 ``[B', H', Nq]``: keys computed per query."""
+        return self.valid.sum(-1)
+
+    def density(self) -> float:
+        """Fraction of (query, key) pairs computed, averaged over batch and heads."""
+        return float(self.pair_counts().sum()) / (self.batch * self.heads * self.q_len * self.kv_len)
+
+
+@dataclass(frozen=True)
+class ClusterSelection:
+    """Routing windows: per (batch, head), C windows of w token positions sorted ascending.
+
+    Attributes:
+        query_indices: ``[B, H', C, w]`` int64 positions of the queries of each window.
+        key_indices: ``[B, H', C, w]`` positions of its keys (the same tensor for shared-QK routing).
+        q_len, kv_len: sequence lengths.
+        causal: inside a window, query at position i sees key at position j only if j <= i
+            (positions aligned to the end of the keys when q_len != kv_len).
+    A query in no window gets zeros; a query in several windows gets the mean of their outputs.
+    """
+
+    query_indices: Tensor
+    key_indices: Tensor
+    q_len: int
+    kv_len: int
+    causal: bool = False
+
+    def __post_init__(self):
+        _check_index_tensor("ClusterSelection", "query_indices", self.query_indices, 4)
+        _check_index_tensor("ClusterSelection", "key_indices", self.key_indices, 4)
+        if self.query_indices.shape[:3] != self.key_indices.shape[:3]:
+            raise ValueError(
+                "ClusterSelection: query_indices and key_indices must agree in [B, H, C], got "
+                f"{tuple(self.query_indices.shape)} and {tuple(self.key_indices.shape)}"
+            )
+        for name, t, n in (("query_indices", self.query_indices, self.q_len), ("key_indices", self.key_indices, self.kv_len)):
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
+                raise ValueError(f"ClusterSelection: {name} must lie in [0, {n})")
+
+    @property
+    def batch(self) -> int:
+        return self.query_indices.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.query_indices.shape[1]
+
+    @property
+    def clusters(self) -> int:
+        return self.query_indices.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.query_indices.device
+
+    def to_dense(self) -> Tensor:
+        """bool ``[B, H', Nq, Nk]``: pairs computed in at least one window (tests and plots only)."""
+        b, h, c, wq = self.query_indices.shape
+        wk = self.key_indices.shape[3]
+        pair = torch.ones(b, h, c, wq, wk, dtype=torch.bool, device=self.device)
+        if self.causal:
+            offset = self.kv_len - self.q_len
+            pair = self.key_indices[..., None, :] <= self.query_indices[..., :, None] + offset
+        flat = (self.query_indices[..., :, None] * self.kv_len + self.key_indices[..., None, :]).flatten(2)
+        dense = torch.zeros(b, h, self.q_len * self.kv_len, dtype=torch.long, device=self.device)
+        dense.scatter_reduce_(-1, flat, pair.expand(b, h, c, wq, wk).flatten(2).long(), reduce="amax")
+        return dense.view(b, h, self.q_len, self.kv_len).bool()
+
+    def density(self) -> float:
+        """Fraction of (query, key) pairs computed in at least one window (uses ``to_dense``)."""
+        return float(self.to_dense().float().mean())
