@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import registry
-from . import biformer, decode, prefill, routing, topk  # noqa: F401  (register the dynamic patterns)
+from . import biformer, decode, prefill, routing, seer, topk  # noqa: F401  (register the dynamic patterns)
 from .base import Pattern
 from .neighborhood import Neighborhood
 from .static import AShape, Axial, BigBird, Dense, DilatedWindow, Fixed, GlobalTokens, Strided, Window
