@@ -1,1 +1,200 @@
-"""Placeholder: this module is being written (its imports register mechanisms)."""
+"""Token-sparse attention: each query attends to its own gathered set of at most K keys.
+
+Executes a :class:`~spattn.selection.TokenSelection` (top-k attention, Explicit Sparse Transformer,
+Zhao et al. 2019; BiFormer's routed regions, Zhu et al. 2023; decode-time selectors): for query ``i``
+of head ``h`` the softmax runs over the keys ``indices[b, h, i, :]`` (``-1`` = unused slot), i.e. it
+is exactly dense attention restricted to ``selection.to_dense()``.
+
+Memory is ``O(chunk * K * D)``: queries are processed in chunks, the selected keys/values of a
+chunk are gathered into ``[B, Hkv, G, chunk, K, D]`` tensors (``G = Hq / Hkv``, grouped-query
+attention gathers from the shared kv head), and the backward recomputes the probabilities from the
+saved log-sum-exp and scatters ``dK``/``dV`` with ``index_add_``. Nothing of size ``Nq x Nk`` exists.
+Half-precision inputs are computed in float32 and cast back.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..selection import TokenSelection
+
+__all__ = ["tokensparse_attention"]
+
+#: elements of one gathered ``[B, Hq, chunk, K, D]`` block (about 32 MB in float32)
+GATHER_BUDGET = 1 << 23
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_size(batch: int, heads: int, slots: int, dim: int, nq: int) -> int:
+    return max(1, min(nq, GATHER_BUDGET // max(1, batch * heads * slots * dim)))
+
+
+class _Gathered:
+    """Indices of one query chunk, arranged for gathering from ``[B, Hkv, Nk, D]``."""
+
+    def __init__(self, indices: Tensor, c0: int, c1: int, batch: int, hkv: int, group: int, nk: int, kpm):
+        idx = indices[:, :, c0:c1].expand(batch, hkv * group, c1 - c0, indices.shape[-1])
+        valid = idx >= 0
+        idx = idx.clamp(min=0)
+        if kpm is not None:
+            valid = valid & kpm[torch.arange(batch, device=idx.device)[:, None, None, None], idx]
+        shape = (batch, hkv, group, c1 - c0, idx.shape[-1])
+        self.valid = valid.reshape(shape)
+        self.flat = idx.reshape(batch, hkv, -1)  # [B, Hkv, G*c*K]
+        self.shape = shape
+
+    def gather(self, t: Tensor) -> Tensor:
+        """``t [B, Hkv, Nk, D]`` -> ``[B, Hkv, G, c, K, D]``."""
+        d = t.shape[-1]
+        out = torch.gather(t, 2, self.flat[..., None].expand(*self.flat.shape, d))
+        return out.view(*self.shape, d)
+
+    def scatter_add(self, target: Tensor, values: Tensor) -> None:
+        """Add ``values [B, Hkv, G, c, K, D]`` into ``target [B, Hkv, Nk, D]`` at the gathered rows."""
+        b, hkv, nk, d = target.shape
+        base = (torch.arange(b * hkv, device=target.device) * nk).view(b, hkv, 1)
+        rows = (self.flat + base).reshape(-1)
+        target.view(b * hkv * nk, d).index_add_(0, rows, values.reshape(-1, d))
+
+
+def _scores(qc: Tensor, kg: Tensor, valid: Tensor, scale: float) -> Tensor:
+    """``qc [B, Hkv, G, c, D]``, ``kg [..., c, K, D]`` -> masked scores ``[..., c, K]``."""
+    s = torch.matmul(kg, qc.unsqueeze(-1)).squeeze(-1) * scale
+    return s.masked_fill(~valid, float("-inf"))
+
+
+class _TokenSparse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, indices, kpm, scale):
+        batch, hq, nq, dim = q.shape
+        hkv, nk = k.shape[1], k.shape[2]
+        group = hq // hkv
+        cdt = _compute_dtype(q.dtype)
+        qc_all = q.to(cdt).view(batch, hkv, group, nq, dim)
+        kc, vc = k.to(cdt), v.to(cdt)
+        out = torch.zeros(batch, hkv, group, nq, dim, dtype=cdt, device=q.device)
+        lse = torch.full((batch, hkv, group, nq), float("-inf"), dtype=cdt, device=q.device)
+        chunk = _chunk_size(batch, hq, indices.shape[-1], dim, nq)
+        for c0 in range(0, nq, chunk):
+            c1 = min(nq, c0 + chunk)
+            g = _Gathered(indices, c0, c1, batch, hkv, group, nk, kpm)
+            s = _scores(qc_all[:, :, :, c0:c1], g.gather(kc), g.valid, scale)
+            row_lse = torch.logsumexp(s, dim=-1)
+            safe = torch.where(torch.isinf(row_lse), torch.zeros_like(row_lse), row_lse)
+            p = torch.exp(s - safe[..., None])  # exactly 0 on masked slots and empty rows
+            out[:, :, :, c0:c1] = torch.matmul(p.unsqueeze(-2), g.gather(vc)).squeeze(-2)
+            lse[:, :, :, c0:c1] = row_lse
+        ctx.save_for_backward(q, k, v, indices, kpm, out, lse)
+        ctx.scale = scale
+        ctx.chunk = chunk
+        return out.view(batch, hq, nq, dim).to(q.dtype), lse.view(batch, hq, nq)
+
+    @staticmethod
+    def backward(ctx, g_out, g_lse):
+        q, k, v, indices, kpm, out, lse = ctx.saved_tensors
+        scale, chunk = ctx.scale, ctx.chunk
+        batch, hq, nq, dim = q.shape
+        hkv, nk = k.shape[1], k.shape[2]
+        group = hq // hkv
+        cdt = out.dtype
+        qc_all = q.to(cdt).view(batch, hkv, group, nq, dim)
+        kc, vc = k.to(cdt), v.to(cdt)
+        g_out = (torch.zeros_like(out) if g_out is None else g_out.to(cdt).view_as(out))
+        g_lse = torch.zeros_like(lse) if g_lse is None else g_lse.to(cdt).view_as(lse)
+        # d softmax: ds = p * (dp - delta), delta = rowsum(dO * O) - dLSE (lse's own gradient is p)
+        delta = (g_out * out).sum(-1) - g_lse
+        safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+        dq = torch.zeros_like(qc_all)
+        dk = torch.zeros_like(kc)
+        dv = torch.zeros_like(vc)
+        for c0 in range(0, nq, chunk):
+            c1 = min(nq, c0 + chunk)
+            g = _Gathered(indices, c0, c1, batch, hkv, group, nk, kpm)
+            qc = qc_all[:, :, :, c0:c1]
+            kg, vg = g.gather(kc), g.gather(vc)
+            p = torch.exp(_scores(qc, kg, g.valid, scale) - safe_lse[:, :, :, c0:c1, None])
+            go = g_out[:, :, :, c0:c1]
+            g.scatter_add(dv, p[..., None] * go[..., None, :])
+            dp = torch.matmul(vg, go.unsqueeze(-1)).squeeze(-1)
+            ds = p * (dp - delta[:, :, :, c0:c1, None]) * scale
+            dq[:, :, :, c0:c1] = torch.matmul(ds.unsqueeze(-2), kg).squeeze(-2)
+            g.scatter_add(dk, ds[..., None] * qc[..., None, :])
+        dq = dq.view(batch, hq, nq, dim).to(q.dtype)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, selection, key_padding_mask) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"tokensparse_attention: {name} must be a 4-D tensor [B, H, N, D]")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"tokensparse_attention: {name} must be a floating tensor, got {t.dtype}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"tokensparse_attention: expected q [B, Hq, Nq, D], k = v [B, Hkv, Nk, D] with Hq % Hkv == 0, "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not isinstance(selection, TokenSelection):
+        raise TypeError(f"tokensparse_attention: selection must be a TokenSelection, got {type(selection).__name__}")
+    if (selection.q_len, selection.kv_len) != (q.shape[2], k.shape[2]):
+        raise ValueError(
+            f"tokensparse_attention: selection is for (Nq, Nk) = {(selection.q_len, selection.kv_len)} "
+            f"but q, k have {(q.shape[2], k.shape[2])}"
+        )
+    if selection.batch not in (1, q.shape[0]) or selection.heads not in (1, q.shape[1]):
+        raise ValueError(
+            f"tokensparse_attention: selection indices {tuple(selection.indices.shape)} must have batch 1 or "
+            f"{q.shape[0]} and heads 1 or {q.shape[1]}"
+        )
+    if selection.device != q.device:
+        raise ValueError(f"tokensparse_attention: selection is on {selection.device} but q is on {q.device}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError("tokensparse_attention: key_padding_mask must be a bool tensor [B, Nk] (True = real key)")
+        if tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2]):
+            raise ValueError(
+                f"tokensparse_attention: key_padding_mask must have shape {(k.shape[0], k.shape[2])}, "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+
+
+def tokensparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    selection: TokenSelection,
+    *,
+    scale: Optional[float] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    return_lse: bool = False,
+):
+    """Softmax attention of each query over its selected keys, with forward and backward.
+
+    Args:
+        q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` (query head ``h`` reads kv head ``h // (Hq/Hkv)``).
+        selection: :class:`TokenSelection` with indices ``[B', H', Nq, K]`` (``B'`` in {1, B},
+            ``H'`` in {1, Hq}; ``-1`` = unused slot).
+        scale: score scale, default ``1/sqrt(D)``.
+        key_padding_mask: bool ``[B, Nk]``, True = real key; padded keys are dropped from every set.
+        return_lse: also return the log-sum-exp ``[B, Hq, Nq]`` (float32, float64 for float64 inputs).
+
+    Queries left with no key get zeros and log-sum-exp ``-inf`` (finite, NaN-free gradients).
+    """
+    _check(q, k, v, selection, key_padding_mask)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    indices = selection.indices
+    if indices.shape[-1] == 0:  # nothing selected anywhere: keep the graph for zero gradients
+        out = q * 0.0 + (k.sum() + v.sum()) * 0.0
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=_compute_dtype(q.dtype), device=q.device)
+        return (out, lse) if return_lse else out
+    out, lse = _TokenSparse.apply(q, k, v, indices, key_padding_mask, scale)
+    if not return_lse:
+        return out
+    return out, lse.to(_compute_dtype(q.dtype))
