@@ -6,6 +6,7 @@
     spattn bench                                  a short default speed benchmark (N = 2048, 4096)
     spattn bench speed [--n 4096 8192] [--patterns "window(size=256)" "bigbird(block=64)"]
                        [--backends sdpa blocksparse flex ...] [--json out.json] [--quick]
+    spattn bench fidelity [--n 2048] [--specs "topk(k=64)" ...] [--inputs random planted] [--plot out.png]
 
 Errors (unknown pattern, bad option) print one line on stderr and exit with status 2.
 """
@@ -44,14 +45,38 @@ def build_parser() -> argparse.ArgumentParser:
                     "of 'spattn bench speed'.",
     )
     _add_speed_options(bench)
-    bench_sub = bench.add_subparsers(dest="bench_command", metavar="{speed}", parser_class=_Parser)
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="{speed,fidelity}", parser_class=_Parser)
     speed = bench_sub.add_parser(
         "speed", help="time dense SDPA, blocksparse (fwd, fwd+bwd) and compiled FlexAttention",
         description="Time dense SDPA, blocksparse forward and forward+backward and compiled FlexAttention "
                     "on each pattern; print a table and write JSON.",
     )
     _add_speed_options(speed)
+    fidelity = bench_sub.add_parser(
+        "fidelity", help="output error and top-key recall of each mechanism vs dense attention",
+        description="Relative output error vs dense, recall of the true top-k keys and of planted keys, density, "
+                    "for random and planted-key inputs; prints a table, writes JSON (and a PNG with --plot).",
+    )
+    _add_fidelity_options(fidelity)
     return parser
+
+
+def _add_fidelity_options(p: argparse.ArgumentParser) -> None:
+    from .bench.fidelity import DEFAULT_SPECS, INPUT_KINDS
+
+    p.add_argument("--n", type=int, default=2048, help="sequence length (default %(default)s)")
+    p.add_argument("--specs", nargs="+", metavar="SPEC", default=list(DEFAULT_SPECS),
+                   help="mechanism specs, several sparsity levels per family (default: a sweep of every family)")
+    p.add_argument("--inputs", nargs="+", choices=INPUT_KINDS, default=list(INPUT_KINDS))
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--topk", type=int, default=16, help="recall of each query's true top-k keys (default %(default)s)")
+    p.add_argument("--non-causal", dest="causal", action="store_false", help="bidirectional attention (default causal)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="results/fidelity.json", metavar="PATH")
+    p.add_argument("--plot", metavar="PNG", help="also plot error vs density (needs matplotlib)")
+    p.add_argument("--quiet", action="store_true")
 
 
 def _add_speed_options(p: argparse.ArgumentParser) -> None:
@@ -119,6 +144,24 @@ def _cmd_speed(args: argparse.Namespace, default_ns: Optional[Sequence[int]] = N
     return 0
 
 
+def _cmd_fidelity(args: argparse.Namespace) -> int:
+    from .bench.fidelity import DEFAULT_SPECS, FidelityConfig, format_fidelity_table, plot_fidelity, run_fidelity, write_json
+
+    cfg = FidelityConfig(n=args.n, batch=args.batch, heads=args.heads, dim=args.dim, causal=args.causal,
+                         inputs=tuple(args.inputs), specs=tuple(args.specs), topk=args.topk, seed=args.seed,
+                         skip_unknown=tuple(args.specs) == DEFAULT_SPECS)  # names the user typed must exist
+    cfg.validate()
+    result = run_fidelity(cfg, log=(lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
+    print(format_fidelity_table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_fidelity(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
@@ -128,6 +171,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "bench":
             if args.bench_command == "speed":
                 code = _cmd_speed(args)
+            elif args.bench_command == "fidelity":
+                code = _cmd_fidelity(args)
             else:
                 code = _cmd_speed(args, default_ns=SHORT_NS)
         else:

@@ -74,22 +74,40 @@ def _check_layout(layout: Layout, q: Tensor, k: Tensor) -> None:
         raise ValueError(f"layout is on {layout.device} but q is on {q.device}")
 
 
+def _check_selection(sel: "TokenSelection | ClusterSelection", q: Tensor, k: Tensor) -> None:
+    name = type(sel).__name__
+    if (sel.q_len, sel.kv_len) != (q.shape[2], k.shape[2]):
+        raise ValueError(f"{name} is for (Nq, Nk) = {(sel.q_len, sel.kv_len)} but q, k have {(q.shape[2], k.shape[2])}")
+    if sel.batch not in (1, q.shape[0]):
+        raise ValueError(f"{name} batch size {sel.batch} must be 1 or B={q.shape[0]}")
+    if sel.heads not in (1, q.shape[1]):
+        raise ValueError(f"{name} head count {sel.heads} must be 1 or the number of query heads {q.shape[1]}")
+    if sel.device != q.device:
+        raise ValueError(f"{name} is on {sel.device} but q is on {q.device}")
+
+
 def resolve_selection(q: Tensor, k: Tensor, pattern, causal: bool):
     """Turn ``pattern`` (None, spec string, Pattern or Layout) into what a kernel runs.
 
     Returns ``(selection, is_dense)``: a Layout (validated against q, k), or the TokenSelection /
     ClusterSelection of a per-token pattern; ``is_dense`` says the plain dense pattern was asked for.
     """
-    if isinstance(pattern, Layout):
+    if isinstance(pattern, (Layout, TokenSelection, ClusterSelection)):
+        what = type(pattern).__name__
         if causal:
-            raise ValueError("causal=True cannot be combined with a precomputed Layout: causality is part of the Layout")
-        _check_layout(pattern, q, k)
+            raise ValueError(f"causal=True cannot be combined with a precomputed {what}: causality is part of it")
+        if isinstance(pattern, Layout):
+            _check_layout(pattern, q, k)
+        else:
+            _check_selection(pattern, q, k)
         return pattern, False
     pat = Dense() if pattern is None else make_pattern(pattern)
     selection = pat.select(q, k, causal=causal)
     if isinstance(selection, Layout):
         _check_layout(selection, q, k)
-    elif not isinstance(selection, (TokenSelection, ClusterSelection)):
+    elif isinstance(selection, (TokenSelection, ClusterSelection)):
+        _check_selection(selection, q, k)
+    else:
         raise TypeError(
             f"{pat.name}.select() returned {type(selection).__name__}; expected a Layout, TokenSelection or ClusterSelection"
         )
@@ -106,7 +124,7 @@ def _attend_selection(q, k, v, selection, backend, scale, key_padding_mask, retu
     kwargs = dict(scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse)
     if isinstance(selection, TokenSelection):
         if backend == "reference":
-            return reference_attention(q, k, v, Layout.from_dense(selection.to_dense()), **kwargs)
+            return reference_attention(q, k, v, selection.to_layout(), **kwargs)
         if backend == "flex":
             raise ValueError("backend='flex' runs block Layouts; per-query token selections use 'auto' or 'reference'")
         from .kernels.tokensparse import tokensparse_attention
@@ -125,7 +143,7 @@ def attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    pattern: Union[None, str, Pattern, Layout] = None,
+    pattern: Union[None, str, Pattern, Layout, TokenSelection, ClusterSelection] = None,
     *,
     causal: bool = False,
     scale: Optional[float] = None,
@@ -138,7 +156,8 @@ def attention(
     Args:
         q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` with ``Hq % Hkv == 0`` (grouped-query attention).
         pattern: None (dense), a spec string such as ``"window(size=256)"``, a :class:`Pattern`,
-            or a precomputed :class:`Layout`.
+            or what a pattern selected: a :class:`Layout`, :class:`TokenSelection` or
+            :class:`ClusterSelection` (``pattern.select(q, k, causal)``).
         causal: query ``i`` sees key ``j`` only if ``j <= i + Nk - Nq`` (queries aligned to the end
             of the keys, as in decoding with a KV cache).
         scale: score scale, default ``1/sqrt(D)``.

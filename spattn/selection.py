@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .layout import Layout
+
 __all__ = ["TokenSelection", "ClusterSelection"]
 
 
@@ -81,6 +83,10 @@ class TokenSelection:
         dense = torch.zeros(b, h, nq, self.kv_len + 1, dtype=torch.bool, device=self.device)
         dense.scatter_(-1, torch.where(self.valid, self.indices, self.kv_len), True)
         return dense[..., : self.kv_len]
+
+    def to_layout(self, block: int = 64) -> Layout:
+        """The same pairs as a block :class:`Layout` (via ``to_dense``: O(Nq·Nk), for reference/inspection)."""
+        return Layout.from_dense(self.to_dense(), block, block)
 
     def pair_counts(self) -> Tensor:
         """int64 ``[B', H', Nq]``: keys computed per query."""
