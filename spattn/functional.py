@@ -95,7 +95,7 @@ def resolve_selection(q: Tensor, k: Tensor, pattern, causal: bool):
     if isinstance(pattern, (Layout, TokenSelection, ClusterSelection)):
         what = type(pattern).__name__
         if causal:
-            raise ValueError(f"causal=True cannot be combined with a precomputed {what}: causality is part of it")
+            raise ValueError(f"causal=True cannot be combined with a precomputed {what}: causality is part of the {what}")
         if isinstance(pattern, Layout):
             _check_layout(pattern, q, k)
         else:

@@ -121,7 +121,7 @@ def test_precomputed_token_selection():
     want = reference_attention(q, k, v, Layout.from_dense(sel.to_dense(), 4, 4))
     torch.testing.assert_close(out, want)
     assert torch.equal(out[0, 0, 4], torch.zeros(8))
-    with pytest.raises(ValueError, match="causality is part of it"):
+    with pytest.raises(ValueError, match="causality is part of the TokenSelection"):
         spattn.attention(q, k, v, sel, causal=True)
     with pytest.raises(ValueError, match=r"is for \(Nq, Nk\) = \(9, 12\)"):
         spattn.attention(q[:, :, :5], k, v, sel)
