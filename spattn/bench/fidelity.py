@@ -130,7 +130,8 @@ def _dense(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _evaluate(spec: str, q, k, v, planted, scores, dense_out, cfg: FidelityConfig) -> dict[str, Any]:
-    mech = build_mechanism(spec, heads=cfg.heads, kv_heads=cfg.heads, head_dim=cfg.dim, causal=cfg.causal, max_len=cfg.n)
+    mech = build_mechanism(spec, dim=cfg.heads * cfg.dim, heads=cfg.heads, kv_heads=cfg.heads, head_dim=cfg.dim,
+                           causal=cfg.causal, max_len=cfg.n)
     if isinstance(mech, torch.nn.Module):
         mech.eval()
     rec: dict[str, Any] = {"spec": spec, "learned": isinstance(mech, torch.nn.Module) and any(True for _ in mech.parameters())}

@@ -56,12 +56,15 @@ import torch
 __all__ = [
     "SpeedConfig", "run_speed", "format_speed_table", "time_call", "PeakMemory", "MEASUREMENTS",
     "DEFAULT_NS", "DEFAULT_PATTERNS", "print_speed_table", "write_json", "expand_backends", "summarize",
+    "fit_exponents",
 ]
 
 DEFAULT_NS = (1024, 2048, 4096, 8192, 16384)
 DEFAULT_PATTERNS = ("window(size=256)", "bigbird(block=64)")
-#: every measurement name, in table order
-MEASUREMENTS = ("sdpa", "sdpa_bwd", "sdpa_mask", "blocksparse", "blocksparse_bwd", "flex")
+#: every measurement name, in table order ("blocksparse" is the mechanism's own spattn path: the
+#: blocksparse kernel for Layouts, the token-sparse / cluster kernels for per-token selections,
+#: the mechanism's forward for approximations; see the record's "kernel")
+MEASUREMENTS = ("sdpa", "sdpa_bwd", "sdpa_mask", "select", "blocksparse", "blocksparse_bwd", "flex")
 #: short names accepted by ``--backends``, expanded to measurements
 BACKEND_GROUPS = {
     "sdpa": ("sdpa", "sdpa_bwd"),
@@ -69,6 +72,7 @@ BACKEND_GROUPS = {
     "sdpa_mask": ("sdpa_mask",),
     "blocksparse": ("blocksparse", "blocksparse_bwd"),
     "flex": ("flex",),
+    "spattn": ("blocksparse", "blocksparse_bwd"),
 }
 for _m in MEASUREMENTS:
     BACKEND_GROUPS.setdefault(_m, (_m,))
@@ -209,10 +213,22 @@ class SpeedConfig:
             raise ValueError(f"unknown measurement(s) {', '.join(bad)}; valid: {', '.join(MEASUREMENTS)}")
         if not self.patterns:
             raise ValueError("give at least one pattern spec")
-        from .. import pattern  # validates the specs early: unknown names / parameters fail here
+        for spec in self.patterns:  # unknown names / parameters fail here, before anything runs
+            _build(spec, self, 1)
 
-        for spec in self.patterns:
-            pattern(spec)
+
+def _build(spec: str, cfg: "SpeedConfig", n: int):
+    """The mechanism of ``spec`` for self-attention of length ``n`` (eval mode)."""
+    from ..approx.base import AttentionLayer
+    from ..nn.attention import build_mechanism
+
+    mech = build_mechanism(spec, dim=cfg.heads * cfg.dim, heads=cfg.heads, kv_heads=cfg.heads, head_dim=cfg.dim,
+                           causal=cfg.causal, max_len=n)
+    if isinstance(mech, AttentionLayer):
+        raise ValueError(f"{spec!r} replaces the whole layer (x -> x); speed times q/k/v attention mechanisms only")
+    if isinstance(mech, torch.nn.Module):
+        mech.eval()
+    return mech
 
 
 def _environment() -> dict[str, Any]:
@@ -260,6 +276,7 @@ def summarize(rec: dict) -> dict[str, Optional[float]]:
     ideal = None if d is None or sdpa is None else d * sdpa
     ideal_bwd = None if d is None or sdpa_bwd is None else d * sdpa_bwd
     return {
+        "select_over_sdpa": _ratio(_get(rec, "select"), sdpa),
         "ideal_s": ideal,
         "ideal_bwd_s": ideal_bwd,
         "blocksparse_over_flex": _ratio(bs, flex),
@@ -285,8 +302,11 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
     """
     import torch.nn.functional as F
 
-    from .. import pattern
+    from ..functional import attention
     from ..kernels.blocksparse import blocksparse_attention
+    from ..layout import Layout
+    from ..patterns import Pattern
+    from ..selection import TokenSelection
 
     cfg = config or SpeedConfig()
     cfg.validate()
@@ -333,15 +353,26 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
 
         for spec in cfg.patterns:
             rec: dict[str, Any] = {"n": n, "pattern": spec, **dense}
-            pat = pattern(spec)
-            t0 = time.perf_counter()
-            layout = pat.layout(q, k, causal=cfg.causal)
-            rec["layout_s"] = time.perf_counter() - t0
-            rec["density"] = layout.density()
-            rec["block_density"] = layout.block_density()
-            log(f"N={n} {spec}: density {rec['density']:.4f}")
+            mech = _build(spec, cfg, n)
+            if isinstance(mech, Pattern):
+                t0 = time.perf_counter()
+                layout = mech.select(q, k, causal=cfg.causal)
+                rec["layout_s"] = time.perf_counter() - t0
+                rec["kernel"] = {Layout: "blocksparse", TokenSelection: "tokensparse"}.get(type(layout), "clustered")
+                rec["density"] = layout.density()
+                rec["block_density"] = layout.block_density() if isinstance(layout, Layout) else None
+                log(f"N={n} {spec}: density {rec['density']:.4f}")
+            else:  # an approximation: no pairs, no mask, no flex
+                layout, rec["kernel"], rec["density"], rec["block_density"] = None, "approximation", None, None
 
-            if "sdpa_mask" in want:
+            if "select" in want and isinstance(mech, Pattern) and mech.content_based:
+                log(f"N={n} {spec}: selection (estimation) time")
+                with torch.no_grad():
+                    rec["select"] = _safe(
+                        lambda: time_call(lambda: mech.select(q, k, causal=cfg.causal), warmup=cfg.warmup,
+                                          repeat=cfg.repeat, memory=False), log, "select")
+
+            if "sdpa_mask" in want and layout is not None:
                 def masked():
                     mask = layout.to_dense()
                     with torch.no_grad():
@@ -355,11 +386,18 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
                 rec["sdpa_mask"] = _safe(masked, log, "sdpa_mask")
                 gc.collect()
 
-            def bs_call(a, b, c):
-                return blocksparse_attention(a, b, c, layout)
+            if layout is None:
+                def bs_call(a, b, c, mech=mech):
+                    return mech(a, b, c, causal=cfg.causal)
+            elif isinstance(layout, Layout):
+                def bs_call(a, b, c, layout=layout):
+                    return blocksparse_attention(a, b, c, layout)
+            else:
+                def bs_call(a, b, c, layout=layout):
+                    return attention(a, b, c, layout)
 
             if "blocksparse" in want:
-                log(f"N={n} {spec}: blocksparse forward")
+                log(f"N={n} {spec}: {rec['kernel']} forward")
 
                 def bs_fwd():
                     with torch.no_grad():
@@ -367,9 +405,9 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
 
                 rec["blocksparse"] = _safe(bs_fwd, log, "blocksparse")
             if "blocksparse_bwd" in want:
-                log(f"N={n} {spec}: blocksparse forward+backward")
+                log(f"N={n} {spec}: {rec['kernel']} forward+backward")
                 rec["blocksparse_bwd"] = _safe(lambda: time_call(fwd_bwd(bs_call), **timing), log, "blocksparse_bwd")
-            if "flex" in want:
+            if "flex" in want and isinstance(layout, Layout):
                 log(f"N={n} {spec}: compiled FlexAttention forward (first call compiles)")
                 rec["flex"] = _safe(lambda: _time_flex(q, k, v, layout, cfg), log, "flex")
             rec["summary"] = summarize(rec)
@@ -423,7 +461,7 @@ def _mb(x: Optional[float]) -> str:
 
 TABLE_COLUMNS = (
     ("N", "n"), ("pattern", "pattern"), ("density", "density"), ("sdpa ms", "sdpa"), ("ideal ms", "ideal"),
-    ("bs ms", "blocksparse"), ("flex ms", "flex"), ("bs/flex", "bs/flex"), ("bs/ideal", "bs/ideal"),
+    ("select ms", "select"), ("sel/sdpa", "sel/sdpa"), ("bs ms", "blocksparse"), ("flex ms", "flex"), ("bs/flex", "bs/flex"), ("bs/ideal", "bs/ideal"),
     ("sdpa f+b ms", "sdpa_bwd"), ("bs f+b ms", "blocksparse_bwd"), ("f+b/f", "f+b/f"), ("f+b/ideal", "f+b/ideal"),
     ("compile s", "compile"), ("blockmask ms", "blockmask"), ("mask MB", "mask_mb"), ("bs MB", "bs_mb"),
     ("bs/mask mem", "memratio"),
@@ -441,7 +479,9 @@ def _row(rec: dict) -> list[str]:
 
     flex = rec.get("flex") if isinstance(rec.get("flex"), dict) else {}
     cells = {
-        "n": str(rec["n"]), "pattern": rec["pattern"], "density": f"{rec['density']:.3f}",
+        "n": str(rec["n"]), "density": "-" if rec.get("density") is None else f"{rec['density']:.3f}",
+        "pattern": rec["pattern"] + ("" if rec.get("kernel", "blocksparse") == "blocksparse" else f" [{rec['kernel']}]"),
+        "select": t("select"), "sel/sdpa": _x(s.get("select_over_sdpa")),
         "sdpa": t("sdpa"), "ideal": _ms(s["ideal_s"]), "blocksparse": t("blocksparse"), "flex": t("flex"),
         "bs/flex": _x(s["blocksparse_over_flex"]), "bs/ideal": _x(s["blocksparse_over_ideal"]),
         "sdpa_bwd": t("sdpa_bwd"), "blocksparse_bwd": t("blocksparse_bwd"), "f+b/f": _x(s["bwd_over_fwd"]),
@@ -452,6 +492,30 @@ def _row(rec: dict) -> list[str]:
         "memratio": _x(s["mem_blocksparse_over_sdpa_mask"]),
     }
     return [cells[key] for _, key in TABLE_COLUMNS]
+
+
+def fit_exponents(result: dict[str, Any], measurement: str = "blocksparse") -> dict[str, float]:
+    """Least-squares slope of log(time) vs log(N) per pattern (and for dense SDPA): time ∝ N^slope.
+
+    Only patterns timed at two or more lengths get a slope; linear-time mechanisms should be ~1,
+    dense attention ~2 (less at small N, where per-call overhead dominates).
+    """
+    series: dict[str, list[tuple[float, float]]] = {}
+    for rec in result["results"]:
+        for key, name in ((measurement, rec["pattern"]), ("sdpa", "dense SDPA")):
+            t = _get(rec, key)
+            if t and t > 0 and (rec["n"], t) not in series.get(name, []):
+                series.setdefault(name, []).append((rec["n"], t))
+    slopes = {}
+    for name, pts in series.items():
+        ns = sorted({n for n, _ in pts})
+        if len(ns) < 2:
+            continue
+        xs = [math.log(n) for n, _ in pts]
+        ys = [math.log(t) for _, t in pts]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        slopes[name] = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return slopes
 
 
 def _load(env: dict) -> str:
@@ -481,6 +545,9 @@ def format_speed_table(result: dict[str, Any]) -> str:
         f"median of {cfg.get('repeat')} after {cfg.get('warmup')} warmup; ideal = density x dense SDPA; "
         f"memory: {result.get('memory_method')}"
     )
+    slopes = fit_exponents(result) if result["results"] else {}
+    if slopes:
+        lines.append("forward time ∝ N^x: " + ", ".join(f"{name} x={x:.2f}" for name, x in slopes.items()))
     return "\n".join(lines)
 
 
@@ -499,7 +566,11 @@ def print_speed_table(result: dict[str, Any], file=None) -> None:
         table.add_column(TABLE_COLUMNS[i][0], justify="left" if i == 1 else "right")
     for r in rows:
         table.add_row(*[r[i] for i in keep])
-    Console(file=file, width=max(160, 12 * len(keep))).print(table)
+    console = Console(file=file, width=max(160, 12 * len(keep)))
+    console.print(table)
+    slopes = fit_exponents(result)
+    if slopes:
+        console.print("forward time ∝ N^x: " + ", ".join(f"{name} x={x:.2f}" for name, x in slopes.items()))
 
 
 def write_json(result: dict[str, Any], path: str) -> None:
