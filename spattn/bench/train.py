@@ -1,0 +1,507 @@
+"""Training loop for the benchmark tasks (``spattn train <task>``).
+
+Plain PyTorch: AdamW (decoupled weight decay, Loshchilov & Hutter 2019) on matrices only, linear
+warmup then cosine decay, gradient-norm clipping, optional bf16 autocast, evaluation every
+``eval_every`` steps, early stop once the eval metric reaches ``target_acc``, a JSON metrics log and
+a tqdm progress bar with loss / accuracy / tokens per second.
+
+Checkpoints hold everything a run depends on: model (including buffers such as routing
+centroids), optimizer, scheduler, the torch / Python / NumPy RNG states and the data position
+(epoch and batch within the epoch). Batches are drawn by index from a permutation seeded by
+``(seed, epoch)``, so a run resumed from a checkpoint replays exactly the batches, dropout masks
+and updates of an uninterrupted run: its parameters are bit-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models import ModelConfig, build_model
+from .tasks import Task, TaskData, as_batch, get_task
+
+__all__ = ["TrainConfig", "train", "evaluate", "add_train_arguments", "run_train", "load_checkpoint", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "spattn-train-v1"
+MODEL_FIELDS = {f.name for f in fields(ModelConfig)} - {"kind", "vocab_size", "num_classes"}
+
+
+@dataclass
+class TrainConfig:
+    """One training run. ``model`` overrides the task's model defaults (fields of :class:`ModelConfig`);
+    ``task_options`` are passed to the task's data builder. ``None`` fields take the task's defaults."""
+
+    task: str = "mqar"
+    attention: str = "dense"
+    steps: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    warmup: Optional[int] = None
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    bf16: bool = False
+    eval_every: int = 100
+    eval_batches: Optional[int] = None  # None = the whole validation set
+    eval_batch_size: Optional[int] = None
+    target_acc: Optional[float] = None
+    seed: int = 0
+    out_dir: Optional[str] = None  # checkpoint.pt and metrics.json live here
+    checkpoint_every: Optional[int] = None  # default: every eval
+    resume: bool = False
+    max_minutes: Optional[float] = None  # stop (with a checkpoint) after this much training time
+    progress: bool = True
+    test: bool = True  # evaluate the test split at the end
+    model: dict = field(default_factory=dict)
+    task_options: dict = field(default_factory=dict)
+
+    def resolved(self, task: Task) -> "TrainConfig":
+        """A copy with the task's training defaults filled in (and built-in fallbacks)."""
+        fallback = dict(steps=1000, batch_size=32, lr=1e-3, weight_decay=0.01, warmup=100)
+        d = asdict(self)
+        for k, v in fallback.items():
+            if d[k] is None:
+                d[k] = task.train_defaults.get(k, v)
+        if d["target_acc"] is None and "target_acc" in task.train_defaults:
+            d["target_acc"] = task.train_defaults["target_acc"]
+        cfg = TrainConfig(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def pos_int(name, allow_none=False):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainConfig: {name} must be a positive int, got {v!r}")
+
+        for name in ("steps", "batch_size", "eval_every"):
+            pos_int(name)
+        for name in ("eval_batches", "eval_batch_size", "checkpoint_every"):
+            pos_int(name, allow_none=True)
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"TrainConfig: warmup must be an int >= 0, got {self.warmup!r}")
+        if not self.lr > 0 or not self.weight_decay >= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainConfig: need lr > 0, weight_decay >= 0, 0 <= min_lr_ratio <= 1; got "
+                             f"{self.lr}, {self.weight_decay}, {self.min_lr_ratio}")
+        if not self.grad_clip >= 0:
+            raise ValueError(f"TrainConfig: grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        if self.target_acc is not None and not 0 < self.target_acc <= 1:
+            raise ValueError(f"TrainConfig: target_acc must lie in (0, 1], got {self.target_acc}")
+        if self.resume and not self.out_dir:
+            raise ValueError("TrainConfig: resume=True needs out_dir (where the checkpoint is)")
+        bad = sorted(set(self.model) - MODEL_FIELDS)
+        if bad:
+            raise ValueError(f"TrainConfig: unknown model field(s) {bad}; valid: {', '.join(sorted(MODEL_FIELDS))}")
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warmup from 0 over ``warmup`` steps, then cosine to ``min_ratio`` at ``total``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, norms, or embedding tables)."""
+    decay, no_decay, seen = [], [], set()
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for p in model.parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.98), eps=1e-8)
+
+
+def model_config_for(task: Task, data: TaskData, cfg: TrainConfig) -> ModelConfig:
+    d = dict(task.model_defaults)
+    d.update(cfg.model)
+    d.update(kind=task.model_kind, vocab_size=data.vocab_size, num_classes=data.num_classes, attention=cfg.attention)
+    extra = 1 if task.model_kind in ("classifier", "retrieval") and d.get("pool", "cls") == "cls" else 0
+    d.setdefault("max_len", data.seq_len + extra)
+    return ModelConfig.from_dict(d)
+
+
+def forward_batch(model: nn.Module, task: Task, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Logits and targets of a normalised batch; token objectives are flattened to ``[M, C]``, ``[M]``."""
+    mask = batch.get("mask")
+    if task.model_kind == "retrieval":
+        logits = model(batch["tokens"], mask, batch["tokens2"], batch.get("mask2"))
+    else:
+        logits = model(batch["tokens"], mask)
+    target = batch["target"].long()
+    if task.objective == "tokens":
+        return logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
+    return logits, target.reshape(-1)
+
+
+def _loss_and_counts(logits: Tensor, target: Tensor) -> tuple[Tensor, int, int]:
+    valid = target != -100
+    n = int(valid.sum())
+    loss = F.cross_entropy(logits.float(), target, ignore_index=-100, reduction="sum") / max(n, 1)
+    correct = int(((logits.argmax(-1) == target) & valid).sum())
+    return loss, correct, n
+
+
+def _count_tokens(batch: dict[str, Tensor]) -> int:
+    total = 0
+    for t, m in (("tokens", "mask"), ("tokens2", "mask2")):
+        if t in batch:
+            total += int(batch[m].sum()) if m in batch else batch[t].numel()
+    return total
+
+
+def _autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, dataset, collate, *, batch_size: int, max_batches: Optional[int] = None,
+             bf16: bool = False) -> dict[str, float]:
+    """Mean loss, accuracy (over labels, or over positions with target != -100) and bits per byte/token."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    n = len(dataset)
+    batches = math.ceil(n / batch_size)
+    if max_batches is not None:
+        batches = min(batches, max_batches)
+    for b in range(batches):
+        items = [dataset[i] for i in range(b * batch_size, min(n, (b + 1) * batch_size))]
+        batch = as_batch(collate(items))
+        with _autocast(bf16):
+            logits, target = forward_batch(model, task, batch)
+        loss, c, k = _loss_and_counts(logits, target)
+        loss_sum += float(loss) * k
+        correct += c
+        count += k
+    model.train(was_training)
+    loss = loss_sum / max(count, 1)
+    return {"loss": loss, "acc": correct / max(count, 1), "bpb": loss / math.log(2), "count": count}
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
+    """Atomic write: a crash while saving never leaves a half-written checkpoint behind."""
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """Read a training checkpoint; a missing, corrupt or foreign file raises ``ValueError``."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated/garbage files
+        raise ValueError(f"checkpoint {path!r} is corrupt or not a spattn training checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path!r} is not a spattn training checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    return ckpt
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------- loop
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
+          callback: Optional[Callable[[int, dict], None]] = None) -> dict[str, Any]:
+    """Run (or resume) training; returns ``{"model", "model_config", "history", "val", "test", ...}``.
+
+    ``callback(step, record)`` is called after every optimizer step (``record`` holds train loss/acc
+    and, at eval steps, the eval metrics); raising from it interrupts the run like a crash would.
+    ``data`` skips the task's data builder (used by the LRA/MQAR sweeps to share generated data).
+    """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"train: expected a TrainConfig, got {type(cfg).__name__}")
+    task = get_task(cfg.task)
+    cfg = cfg.resolved(task)
+    _seed_all(cfg.seed)
+    if data is None:
+        data = task.make_data(**cfg.task_options)
+    model_cfg = model_config_for(task, data, cfg)
+    model = build_model(model_cfg)
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
+    ckpt_path = metrics_path = None
+    if cfg.out_dir:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
+        metrics_path = os.path.join(cfg.out_dir, "metrics.json")
+
+    step, epoch, pos, history, train_seconds = 0, 0, 0, [], 0.0
+    best = {"step": 0, "acc": 0.0}
+    if cfg.resume and ckpt_path and os.path.exists(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path)
+        saved = ckpt["model_config"]
+        if saved != model_cfg.to_dict():
+            diff = sorted(k for k in set(saved) | set(model_cfg.to_dict()) if saved.get(k) != model_cfg.to_dict().get(k))
+            raise ValueError(f"cannot resume from {ckpt_path!r}: the model config differs in {diff}")
+        if ckpt["train_config"]["task"] != cfg.task or ckpt["train_config"]["task_options"] != cfg.task_options:
+            raise ValueError(f"cannot resume from {ckpt_path!r}: it was trained on task {ckpt['train_config']['task']!r} "
+                             f"with options {ckpt['train_config']['task_options']}")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"])
+        step, epoch, pos = ckpt["step"], ckpt["epoch"], ckpt["pos"]
+        history, best, train_seconds = ckpt["history"], ckpt["best"], ckpt["train_seconds"]
+
+    def checkpoint() -> None:
+        if ckpt_path:
+            save_checkpoint(ckpt_path, {
+                "format": CHECKPOINT_FORMAT, "model_config": model_cfg.to_dict(), "train_config": asdict(cfg),
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": _rng_state(), "step": step, "epoch": epoch, "pos": pos, "history": history, "best": best,
+                "train_seconds": train_seconds,
+            })
+
+    def log(result=None) -> None:
+        if metrics_path:
+            _write_json(metrics_path, {"train_config": asdict(cfg), "model_config": model_cfg.to_dict(),
+                                       "parameters": n_params, "history": history, "result": result})
+
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = len(data.train)
+    per_epoch = n_train // cfg.batch_size
+    if per_epoch < 1:
+        raise ValueError(f"the training set ({n_train} examples) is smaller than one batch ({cfg.batch_size})")
+    eval_bs = cfg.eval_batch_size or cfg.batch_size
+    every_ckpt = cfg.checkpoint_every or cfg.eval_every
+    stopped = "steps"
+    if best["acc"] >= (cfg.target_acc or 2.0):
+        stopped = "target"
+    bar = _progress(cfg, step, model_cfg)
+    win_loss, win_correct, win_count, win_tokens, win_time = 0.0, 0, 0, 0, 0.0
+    model.train()
+    order, order_epoch = None, -1
+    while step < cfg.steps and stopped == "steps":
+        t0 = time.perf_counter()
+        if order_epoch != epoch:
+            order, order_epoch = _epoch_order(n_train, cfg.seed, epoch), epoch
+        idx = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size].tolist()
+        batch = as_batch(data.collate([data.train[i] for i in idx]))
+        with _autocast(cfg.bf16):
+            logits, target = forward_batch(model, task, batch)
+            loss, correct, count = _loss_and_counts(logits, target)
+            aux = getattr(model, "aux_loss", None)
+            total = loss + aux.float() if isinstance(aux, Tensor) else loss
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"loss became {float(total.detach())} at step {step + 1}; lower --lr or check the data")
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        pos += 1
+        if pos >= per_epoch:
+            epoch, pos = epoch + 1, 0
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+        win_loss += float(loss.detach()) * count
+        win_correct, win_count, win_tokens, win_time = win_correct + correct, win_count + count, win_tokens + _count_tokens(batch), win_time + dt
+        record = {"step": step, "loss": float(loss.detach()), "acc": correct / max(count, 1), "lr": sched.get_last_lr()[0]}
+        bar.update(1)
+        bar.set_postfix(loss=f"{win_loss / max(win_count, 1):.3f}", acc=f"{win_correct / max(win_count, 1):.3f}",
+                        tok_s=f"{win_tokens / max(win_time, 1e-9):.0f}")
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            ev = evaluate(model, task, data.val, data.collate, batch_size=eval_bs, max_batches=cfg.eval_batches, bf16=cfg.bf16)
+            entry = {"step": step, "epoch": epoch, "train_loss": win_loss / max(win_count, 1),
+                     "train_acc": win_correct / max(win_count, 1), "tokens_per_s": win_tokens / max(win_time, 1e-9),
+                     "s_per_step": win_time / max(1, cfg.eval_every if step % cfg.eval_every == 0 else step % cfg.eval_every),
+                     "lr": record["lr"], "train_seconds": train_seconds,
+                     "val_loss": ev["loss"], "val_acc": ev["acc"], "val_bpb": ev["bpb"]}
+            history.append(entry)
+            record.update(entry)
+            win_loss, win_correct, win_count, win_tokens, win_time = 0.0, 0, 0, 0, 0.0
+            if ev["acc"] > best["acc"]:
+                best = {"step": step, "acc": ev["acc"]}
+            bar.write(_format_entry(entry, task))
+            if cfg.target_acc is not None and ev["acc"] >= cfg.target_acc:
+                stopped = "target"
+            log()
+        if cfg.max_minutes is not None and train_seconds >= 60 * cfg.max_minutes and stopped == "steps":
+            stopped = "time"
+        if step % every_ckpt == 0 or stopped != "steps" or step == cfg.steps:
+            checkpoint()
+        if callback is not None:
+            callback(step, record)
+    bar.close()
+    result: dict[str, Any] = {"task": cfg.task, "attention": model.backbone.attention_spec if hasattr(model, "backbone") else cfg.attention,
+                              "steps": step, "stopped": stopped, "train_seconds": train_seconds, "parameters": n_params,
+                              "best_val": best, "majority_acc": data.majority_acc,
+                              "s_per_step": train_seconds / max(step, 1)}
+    result["val"] = evaluate(model, task, data.val, data.collate, batch_size=eval_bs, max_batches=cfg.eval_batches, bf16=cfg.bf16)
+    if cfg.test and data.test is not None:
+        result["test"] = evaluate(model, task, data.test, data.collate, batch_size=eval_bs, bf16=cfg.bf16)
+    log(result)
+    return {"model": model, "model_config": model_cfg, "train_config": cfg, "history": history, **result}
+
+
+def _format_entry(e: dict, task: Task) -> str:
+    metric = f"val_bpb {e['val_bpb']:.3f}" if task.metric == "bpb" else f"val_acc {e['val_acc']:.4f}"
+    return (f"step {e['step']:>6}  train_loss {e['train_loss']:.4f}  train_acc {e['train_acc']:.4f}  "
+            f"val_loss {e['val_loss']:.4f}  {metric}  {e['tokens_per_s']:.0f} tok/s  {e['s_per_step'] * 1000:.0f} ms/step")
+
+
+def _progress(cfg: TrainConfig, step: int, model_cfg: ModelConfig):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc=f"{cfg.task} {model_cfg.attention}",
+                dynamic_ncols=True, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``spattn train <task>``."""
+    from .tasks import task_names
+
+    p.add_argument("task", help=f"task name: {', '.join(task_names())}")
+    p.add_argument("--attention", default="dense", metavar="SPEC", help="attention spec, e.g. 'window(size=32)' (default dense)")
+    g = p.add_argument_group("optimisation (defaults: the task's)")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--warmup", type=int, help="linear warmup steps before the cosine decay")
+    g.add_argument("--min-lr-ratio", type=float, default=0.0)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, help="torch.set_num_threads")
+    e = p.add_argument_group("evaluation, checkpoints, logging")
+    e.add_argument("--eval-every", type=int, default=100)
+    e.add_argument("--eval-batches", type=int, help="validation batches per eval (default all)")
+    e.add_argument("--target-acc", type=float, help="stop once validation accuracy reaches this (0-1)")
+    e.add_argument("--max-minutes", type=float, help="stop after this much training time (checkpointed)")
+    e.add_argument("--out", metavar="DIR", help="directory for checkpoint.pt and metrics.json")
+    e.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: every eval)")
+    e.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt if it exists")
+    e.add_argument("--no-test", dest="test", action="store_false", help="skip the final test-set evaluation")
+    e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    m = p.add_argument_group("model (defaults: the task's)")
+    m.add_argument("--dim", type=int)
+    m.add_argument("--depth", type=int)
+    m.add_argument("--heads", type=int)
+    m.add_argument("--kv-heads", type=int)
+    m.add_argument("--mlp-ratio", type=float)
+    m.add_argument("--dropout", type=float)
+    m.add_argument("--positions", choices=("learned", "rope", "none"))
+    m.add_argument("--pool", choices=("cls", "mean"))
+    m.add_argument("--backend", help="attention backend: auto | reference | blocksparse | flex")
+    d = p.add_argument_group("data (what the task accepts; see its builder)")
+    d.add_argument("--seq-len", type=int, help="sequence length (mqar, bytelm)")
+    d.add_argument("--kv-pairs", type=int, help="key-value pairs (mqar)")
+    d.add_argument("--vocab", type=int, help="vocabulary size (mqar)")
+    d.add_argument("--max-len", type=int, help="longest example in tokens (listops, LRA files)")
+    d.add_argument("--num-train", type=int)
+    d.add_argument("--num-test", type=int)
+    d.add_argument("--data-dir", help="directory of the official LRA release files (text, retrieval, image)")
+    d.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other option of the task's data builder (Python literal values)")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    import ast
+
+    model = {k: getattr(args, k) for k in ("dim", "depth", "heads", "kv_heads", "mlp_ratio", "dropout", "positions", "pool", "backend")
+             if getattr(args, k, None) is not None}
+    opts = {k: getattr(args, k) for k in ("seq_len", "kv_pairs", "vocab", "max_len", "num_train", "num_test", "data_dir")
+            if getattr(args, k, None) is not None}
+    for item in args.task_option:
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--task-option expects KEY=VALUE, got {item!r}")
+        try:
+            opts[key.strip()] = ast.literal_eval(val)
+        except (ValueError, SyntaxError):
+            opts[key.strip()] = val
+    return TrainConfig(
+        task=args.task, attention=args.attention, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip,
+        bf16=args.bf16, eval_every=args.eval_every, eval_batches=args.eval_batches, target_acc=args.target_acc,
+        seed=args.seed, out_dir=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        max_minutes=args.max_minutes, progress=args.progress, test=args.test, model=model, task_options=opts,
+    )
+
+
+def summary_line(res: dict[str, Any]) -> str:
+    parts = [f"{res['task']} {res['attention']}: {res['steps']} steps ({res['stopped']}), "
+             f"{res['train_seconds']:.0f} s training, {res['s_per_step'] * 1000:.0f} ms/step, {res['parameters']} params"]
+    for split in ("val", "test"):
+        if split in res:
+            r = res[split]
+            parts.append(f"{split} acc {r['acc']:.4f} loss {r['loss']:.4f} bpb {r['bpb']:.3f}")
+    if res.get("majority_acc") is not None:
+        parts.append(f"majority-class acc {res['majority_acc']:.4f}")
+    return "; ".join(parts)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``spattn train``: train, print a one-line summary; returns the exit status."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    res = train(config_from_args(args))
+    print(summary_line(res))
+    return 0

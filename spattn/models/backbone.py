@@ -1,0 +1,103 @@
+"""Token embedding + positions + a stack of pre-norm blocks + final norm, shared by every model."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..nn.block import TransformerBlock
+from ..nn.positions import LearnedPositions
+
+__all__ = ["Backbone", "POSITIONS"]
+
+POSITIONS = ("learned", "rope", "none")
+
+
+def _positive_int(owner: str, name: str, val) -> None:
+    if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {val!r}")
+
+
+class Backbone(nn.Module):
+    """``tokens [B, N]`` (int64) -> hidden states ``[B, N(+extra), dim]``.
+
+    ``extra_tokens`` learned vectors (e.g. a CLS token) can be prepended by the caller through
+    :meth:`embed` + :meth:`encode`. ``max_len`` bounds the length *including* prepended vectors;
+    longer inputs raise ``ValueError``. ``aux_loss`` after a forward is the sum of the blocks'
+    auxiliary losses (routing's commitment loss), to be added to the training loss.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        max_len: int,
+        attention: Optional[str] = None,
+        *,
+        causal: bool = False,
+        positions: str = "learned",
+        kv_heads: Optional[int] = None,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        embed_dropout: float = 0.0,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        owner = type(self).__name__
+        for name, val in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth), ("heads", heads), ("max_len", max_len)):
+            _positive_int(owner, name, val)
+        if positions not in POSITIONS:
+            raise ValueError(f"{owner}: positions must be one of {', '.join(POSITIONS)}; got {positions!r}")
+        self.vocab_size, self.dim, self.max_len, self.positions = vocab_size, dim, max_len, positions
+        self.embed = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.pos = LearnedPositions(max_len, dim) if positions == "learned" else None
+        self.embed_drop = nn.Dropout(embed_dropout)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(
+                dim, heads, attention, causal=causal, max_len=max_len, kv_heads=kv_heads, mlp_ratio=mlp_ratio,
+                dropout=dropout, attn_dropout=attn_dropout, rope=positions == "rope", backend=backend,
+            )
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.aux_loss: Tensor = torch.zeros(())
+
+    @property
+    def attention_spec(self) -> str:
+        return self.blocks[0].attn.spec
+
+    def check_tokens(self, tokens: Tensor, mask: Optional[Tensor], extra: int = 0) -> None:
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be an int64 tensor [B, N], got {shape}")
+        n = tokens.shape[1] + extra
+        if n > self.max_len:
+            raise ValueError(
+                f"sequence length {n} (including {extra} prepended token(s)) exceeds the model's max_len={self.max_len}; "
+                "build the model with a larger max_len or truncate the input"
+            )
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != tokens.shape):
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(tokens.shape)} (True = real token), got "
+                             f"{mask.dtype} {tuple(mask.shape)}")
+
+    def encode(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """Embedded ``x [B, N, dim]`` -> hidden ``[B, N, dim]``; ``mask [B, N]`` bool, True = real."""
+        if self.pos is not None:
+            x = self.pos(x)
+        x = self.embed_drop(x)
+        aux = x.new_zeros(())
+        for block in self.blocks:
+            x = block(x, key_padding_mask=mask)
+            aux = aux + block.aux_loss
+        self.aux_loss = aux
+        return self.norm(x)
+
+    def forward(self, tokens: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        self.check_tokens(tokens, mask)
+        return self.encode(self.embed(tokens.long()), mask)

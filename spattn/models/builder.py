@@ -1,0 +1,92 @@
+"""Build a model from a :class:`ModelConfig` (a plain, JSON-serialisable description).
+
+``build_model(ModelConfig(kind="classifier", vocab_size=20, num_classes=10, attention="window(size=32)"))``.
+The attention spec is validated when the model is built: an unknown mechanism raises ``ValueError``
+listing the registered ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
+
+from torch import nn
+
+from .. import registry
+from .backbone import POSITIONS
+from .classifier import POOLS, SequenceClassifier
+from .lm import CausalLM
+from .retrieval import TwoTowerClassifier
+
+__all__ = ["ModelConfig", "build_model", "MODEL_KINDS"]
+
+MODEL_KINDS = ("classifier", "lm", "retrieval")
+
+
+@dataclass
+class ModelConfig:
+    """Hyperparameters of a model. ``max_len`` bounds the sequence length (CLS included)."""
+
+    kind: str = "classifier"
+    vocab_size: int = 256
+    num_classes: int = 2
+    dim: int = 64
+    depth: int = 2
+    heads: int = 2
+    kv_heads: Optional[int] = None
+    max_len: int = 512
+    attention: str = "dense"
+    positions: str = "learned"
+    pool: str = "cls"
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    embed_dropout: float = 0.0
+    head_hidden: int = 0
+    backend: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; valid: {', '.join(sorted(names))}")
+        return cls(**d)
+
+    def validate(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"ModelConfig: kind must be one of {', '.join(MODEL_KINDS)}; got {self.kind!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"ModelConfig: positions must be one of {', '.join(POSITIONS)}; got {self.positions!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"ModelConfig: pool must be one of {', '.join(POOLS)}; got {self.pool!r}")
+        if not isinstance(self.attention, str) or not self.attention.strip():
+            raise ValueError(f"ModelConfig: attention must be a spec string such as 'window(size=32)', got {self.attention!r}")
+        try:
+            name, _ = registry.parse_spec(self.attention)
+            registry.lookup(name)
+        except (KeyError, ValueError) as e:
+            msg = e.args[0] if e.args else str(e)
+            raise ValueError(f"ModelConfig: bad attention {self.attention!r}: {msg}") from None
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The model described by ``config`` (classifier, causal LM, or two-tower retrieval)."""
+    if isinstance(config, dict):
+        config = ModelConfig.from_dict(config)
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"build_model: expected a ModelConfig or dict, got {type(config).__name__}")
+    config.validate()
+    common = dict(
+        dim=config.dim, depth=config.depth, heads=config.heads, kv_heads=config.kv_heads, max_len=config.max_len,
+        attention=config.attention, positions=config.positions, mlp_ratio=config.mlp_ratio, dropout=config.dropout,
+        attn_dropout=config.attn_dropout, embed_dropout=config.embed_dropout, backend=config.backend,
+    )
+    if config.kind == "lm":
+        return CausalLM(config.vocab_size, **common)
+    if config.kind == "retrieval":
+        return TwoTowerClassifier(config.vocab_size, config.num_classes, pool=config.pool, head_hidden=config.head_hidden, **common)
+    return SequenceClassifier(config.vocab_size, config.num_classes, pool=config.pool, head_hidden=config.head_hidden, **common)

@@ -1,0 +1,96 @@
+"""Pre-norm Transformer block around :class:`spattn.nn.Attention` (any registered mechanism).
+
+``TransformerBlock(dim, heads, attention="window(size=32)")`` maps ``x [B, N, dim]`` to
+``[B, N, dim]`` as ``x + Drop(Attn(LN(x)))`` then ``x + Drop(MLP(LN(x)))`` (pre-norm, Xiong et al.
+2020, "On Layer Normalization in the Transformer Architecture"). ``mlp_ratio=0`` drops the MLP
+(Zoology's MQAR attention baselines use ``nn.Identity`` as the state mixer).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from ..approx.base import AttentionLayer
+from .attention import Attention
+from .positions import RotaryProjection
+
+__all__ = ["TransformerBlock", "MLP"]
+
+
+class MLP(nn.Module):
+    """``x [.., dim]`` -> ``Linear(dim, hidden) -> GELU -> Dropout -> Linear(hidden, dim)``."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1, self.act, self.drop, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm attention + MLP block.
+
+    Args:
+        dim, heads: model width and attention heads (``kv_heads`` for GQA).
+        attention: spec string of any registered mechanism (``None``/``"dense"`` = full attention).
+        causal: causal attention (language models).
+        max_len: longest sequence, passed to mechanisms that need it and to RoPE tables.
+        mlp_ratio: hidden width of the MLP in multiples of ``dim`` (0 = no MLP).
+        dropout: residual/MLP dropout; ``attn_dropout`` on the attention output.
+        rope: rotate queries and keys with RoPE (needs ``max_len`` and an even head dim; not
+            available for layer-level mechanisms that bring their own projections).
+    After each forward ``aux_loss`` holds the attention's auxiliary loss (0 when it has none).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        attention: Optional[str] = None,
+        *,
+        causal: bool = False,
+        max_len: Optional[int] = None,
+        kv_heads: Optional[int] = None,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        rope: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if not isinstance(mlp_ratio, (int, float)) or mlp_ratio < 0:
+            raise ValueError(f"TransformerBlock: mlp_ratio must be >= 0, got {mlp_ratio!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"TransformerBlock: dropout must lie in [0, 1), got {dropout}")
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(
+            dim, heads, attention, causal=causal, kv_heads=kv_heads, dropout=attn_dropout, backend=backend, max_len=max_len
+        )
+        if rope:
+            if max_len is None:
+                raise ValueError("TransformerBlock: rope=True needs max_len")
+            if isinstance(self.attn.mechanism, AttentionLayer):
+                raise ValueError(
+                    f"TransformerBlock: RoPE cannot be applied inside {self.attn.spec}, which brings its own "
+                    "projections; use learned positions instead"
+                )
+            self.attn.q_proj = RotaryProjection(self.attn.q_proj, self.attn.heads, max_len)
+            self.attn.k_proj = RotaryProjection(self.attn.k_proj, self.attn.kv_heads, max_len)
+        self.drop = nn.Dropout(dropout)
+        hidden = int(round(mlp_ratio * dim))
+        self.norm2 = nn.LayerNorm(dim) if hidden else None
+        self.mlp = MLP(dim, hidden, dropout) if hidden else None
+
+    @property
+    def aux_loss(self) -> Tensor:
+        return self.attn.aux_loss
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """``x [B, N, dim]``, ``key_padding_mask [B, N]`` bool (True = real token) -> ``[B, N, dim]``."""
+        x = x + self.drop(self.attn(self.norm1(x), key_padding_mask=key_padding_mask))
+        if self.mlp is not None:
+            x = x + self.drop(self.mlp(self.norm2(x)))
+        return x

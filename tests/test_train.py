@@ -1,0 +1,191 @@
+"""Training loop: learning, exact resume, checkpoint errors, early stop, metrics log, CLI entry points."""
+
+import argparse
+import json
+import os
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from spattn.bench import tasks as T
+from spattn.bench.train import TrainConfig, add_train_arguments, load_checkpoint, lr_lambda, run_train, train
+
+
+class FirstTokenDataset(Dataset):
+    """Label = the class of the first token; variable lengths (padding exercised)."""
+
+    def __init__(self, n, seed, seq=24, vocab=12, classes=4):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randint(1, vocab, (n, seq), generator=g)
+        self.len = torch.randint(seq // 2, seq + 1, (n,), generator=g)
+        self.classes = classes
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        n = int(self.len[i])
+        return self.x[i, :n], int(self.x[i, 0]) % self.classes
+
+
+def collate(items):
+    n = max(len(t) for t, _ in items)
+    tokens = torch.zeros(len(items), n, dtype=torch.long)
+    mask = torch.zeros(len(items), n, dtype=torch.bool)
+    for b, (t, _) in enumerate(items):
+        tokens[b, : len(t)] = t
+        mask[b, : len(t)] = True
+    return {"tokens": tokens, "labels": torch.tensor([y for _, y in items]), "mask": mask}
+
+
+class ShiftDataset(Dataset):
+    """Token task: target at position i is the token at i - 1 (needs attention one step back)."""
+
+    def __init__(self, n, seed, seq=16, vocab=10):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randint(0, vocab, (n, seq), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        y = torch.full_like(self.x[i], -100)
+        y[1:] = self.x[i, :-1]
+        return {"tokens": self.x[i], "targets": y}
+
+
+def shift_collate(items):
+    return {"tokens": torch.stack([it["tokens"] for it in items]), "targets": torch.stack([it["targets"] for it in items])}
+
+
+def _first(num_train=256, seq=24):
+    return T.TaskData(FirstTokenDataset(num_train, 0, seq), FirstTokenDataset(64, 1, seq), FirstTokenDataset(64, 2, seq),
+                      collate, 12, 4, seq, majority_acc=0.25)
+
+
+def _shift(num_train=256):
+    return T.TaskData(ShiftDataset(num_train, 0), ShiftDataset(64, 1), ShiftDataset(64, 2), shift_collate, 10, 10, 16)
+
+
+T.register_task(T.Task("_first", _first, "classifier", "classify", model_defaults=dict(dim=32, depth=1, heads=2),
+                       train_defaults=dict(batch_size=16, lr=3e-3, warmup=5, steps=40)), replace=True)
+T.register_task(T.Task("_shift", _shift, "lm", "tokens", model_defaults=dict(dim=32, depth=1, heads=2, mlp_ratio=0.0),
+                       train_defaults=dict(batch_size=16, lr=1e-2, warmup=5, steps=60)), replace=True)
+
+
+def cfg(**kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("eval_every", 20)
+    return TrainConfig(**kw)
+
+
+def test_learns_classification_and_writes_metrics(tmp_path):
+    torch.manual_seed(0)
+    res = train(cfg(task="_first", attention="window(size=2)", out_dir=str(tmp_path), model=dict(pool="cls")))
+    assert res["test"]["acc"] > 0.9, res["test"]  # majority is 0.25: the CLS token must find position 0
+    log = json.loads((tmp_path / "metrics.json").read_text())
+    assert [h["step"] for h in log["history"]] == [20, 40]
+    assert log["result"]["test"]["acc"] == res["test"]["acc"]
+    assert log["model_config"]["attention"] == "window(size=2)"
+
+
+def test_learns_token_task_with_causal_window():
+    res = train(cfg(task="_shift", attention="window(size=1)", model=dict(positions="rope")))
+    assert res["val"]["acc"] > 0.9, res["val"]
+
+
+def test_early_stop_at_target_accuracy():
+    res = train(cfg(task="_shift", steps=400, eval_every=10, target_acc=0.5))
+    assert res["stopped"] == "target" and res["steps"] < 400
+    assert res["history"][-1]["val_acc"] >= 0.5
+
+
+def test_interrupted_run_resumes_bit_identical(tmp_path):
+    base = dict(task="_first", attention="dense", steps=12, eval_every=4, checkpoint_every=2,
+                model=dict(dropout=0.2, embed_dropout=0.1), task_options=dict(num_train=64))
+    full = train(cfg(out_dir=str(tmp_path / "a"), **base))  # 64 / 16 = 4 batches per epoch: crosses epochs
+
+    def crash(step, record):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(out_dir=str(tmp_path / "b"), **base), callback=crash)
+    assert load_checkpoint(str(tmp_path / "b" / "checkpoint.pt"))["step"] == 6
+    resumed = train(cfg(out_dir=str(tmp_path / "b"), resume=True, **base))
+    a, b = full["model"].state_dict(), resumed["model"].state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [h["val_loss"] for h in full["history"]] == [h["val_loss"] for h in resumed["history"]]
+
+
+def test_resume_refuses_other_model(tmp_path):
+    train(cfg(task="_first", steps=2, out_dir=str(tmp_path), test=False))
+    with pytest.raises(ValueError, match="model config differs in .*dim"):
+        train(cfg(task="_first", steps=4, out_dir=str(tmp_path), resume=True, model=dict(dim=16)))
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="corrupt"):
+        train(cfg(task="_first", steps=2, out_dir=str(tmp_path), resume=True))
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="not a spattn training checkpoint"):
+        load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(task="no_such_task"), "unknown task 'no_such_task'; valid tasks: .*mqar"),
+    (dict(task="_first", attention="no_such_attention"), "unknown attention mechanism 'no_such_attention'"),
+    (dict(task="_first", attention="window(size=2"), "cannot parse spec"),
+    (dict(task="_first", steps=0), "steps must be a positive int"),
+    (dict(task="_first", lr=-1.0), "lr > 0"),
+    (dict(task="_first", target_acc=1.5), "target_acc"),
+    (dict(task="_first", resume=True), "resume=True needs out_dir"),
+    (dict(task="_first", model=dict(width=3)), "unknown model field"),
+    (dict(task="_first", task_options=dict(bogus=1)), "does not take option"),
+    (dict(task="_first", model=dict(max_len=10)), "exceeds the model's max_len=10"),
+])
+def test_bad_configs(kw, match):
+    with pytest.raises(ValueError, match=match):
+        train(cfg(**kw))
+
+
+def test_warmup_cosine_schedule():
+    f = lr_lambda(10, 110, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+
+
+def test_aux_loss_is_added(monkeypatch):
+    """The model's aux loss is part of the training loss: a NaN aux loss (only) makes the loop stop with a clear error."""
+    from spattn.models.backbone import Backbone
+
+    orig = Backbone.encode
+
+    def encode(self, x, mask=None):
+        h = orig(self, x, mask)
+        self.aux_loss = self.aux_loss + h.sum() * float("nan")
+        return h
+
+    monkeypatch.setattr(Backbone, "encode", encode)
+    with pytest.raises(FloatingPointError, match="loss became nan"):
+        train(cfg(task="_first", steps=2))
+
+
+def test_cli_functions(tmp_path, capsys):
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    args = p.parse_args(["_first", "--attention", "window(size=3)", "--steps", "6", "--eval-every", "3", "--out",
+                         str(tmp_path), "--no-progress", "--dim", "16", "--task-option", "num_train=64"])
+    assert run_train(args) == 0
+    out = capsys.readouterr().out
+    assert "_first window(size=3" in out and ": 6 steps" in out and "test acc" in out
+    args = p.parse_args(["_first", "--steps", "8", "--eval-every", "3", "--out", str(tmp_path), "--resume", "--no-progress",
+                         "--dim", "16", "--task-option", "num_train=64", "--attention", "window(size=3)"])
+    assert run_train(args) == 0
+    assert load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 8
