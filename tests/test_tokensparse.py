@@ -142,3 +142,11 @@ def test_bad_inputs():
         tokensparse_attention(q, k, v, sel, key_padding_mask=torch.ones(2, 7))
     with pytest.raises(ValueError, match="key_padding_mask must have shape"):
         tokensparse_attention(q, k, v, sel, key_padding_mask=torch.ones(2, 6, dtype=torch.bool))
+
+
+def test_non_contiguous_inputs():
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in _qkv(gen, 2, 4, 2, 11, 13, 4))
+    assert not k.is_contiguous()
+    sel = _random_selection(gen, 2, 4, 11, 13, 5, 0.1)
+    assert_matches_reference(_kernel(sel), q, k, v, Layout.from_dense(sel.to_dense(), 4))

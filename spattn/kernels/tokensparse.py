@@ -77,7 +77,7 @@ class _TokenSparse(torch.autograd.Function):
         hkv, nk = k.shape[1], k.shape[2]
         group = hq // hkv
         cdt = _compute_dtype(q.dtype)
-        qc_all = q.to(cdt).view(batch, hkv, group, nq, dim)
+        qc_all = q.to(cdt).reshape(batch, hkv, group, nq, dim)
         kc, vc = k.to(cdt), v.to(cdt)
         out = torch.zeros(batch, hkv, group, nq, dim, dtype=cdt, device=q.device)
         lse = torch.full((batch, hkv, group, nq), float("-inf"), dtype=cdt, device=q.device)
@@ -104,16 +104,16 @@ class _TokenSparse(torch.autograd.Function):
         hkv, nk = k.shape[1], k.shape[2]
         group = hq // hkv
         cdt = out.dtype
-        qc_all = q.to(cdt).view(batch, hkv, group, nq, dim)
+        qc_all = q.to(cdt).reshape(batch, hkv, group, nq, dim)
         kc, vc = k.to(cdt), v.to(cdt)
-        g_out = (torch.zeros_like(out) if g_out is None else g_out.to(cdt).view_as(out))
-        g_lse = torch.zeros_like(lse) if g_lse is None else g_lse.to(cdt).view_as(lse)
+        g_out = torch.zeros_like(out) if g_out is None else g_out.to(cdt).reshape(out.shape)
+        g_lse = torch.zeros_like(lse) if g_lse is None else g_lse.to(cdt).reshape(lse.shape)
         # d softmax: ds = p * (dp - delta), delta = rowsum(dO * O) - dLSE (lse's own gradient is p)
         delta = (g_out * out).sum(-1) - g_lse
         safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-        dq = torch.zeros_like(qc_all)
-        dk = torch.zeros_like(kc)
-        dv = torch.zeros_like(vc)
+        dq = torch.zeros(qc_all.shape, dtype=cdt, device=q.device)
+        dk = torch.zeros(k.shape, dtype=cdt, device=q.device)  # contiguous: index_add_ on a flat view
+        dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
         for c0 in range(0, nq, chunk):
             c1 = min(nq, c0 + chunk)
             g = _Gathered(indices, c0, c1, batch, hkv, group, nk, kpm)

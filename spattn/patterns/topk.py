@@ -1,1 +1,278 @@
-"""Placeholder: this module is being written (its imports register mechanisms)."""
+"""Content-based top-k selection: per query (Explicit Sparse Transformer) and per block (top-k / mass).
+
+* :class:`TopK` — ``topk(k=8)``: Explicit Sparse Transformer (Zhao et al. 2019, arXiv 1912.11637).
+  Per (batch, query head, query) the scores ``q·k`` of the *allowed* keys (causal mask applied before
+  selection) are ranked and the keys whose score is ``>=`` the k-th largest are kept. As in the
+  official code (``S.masked_fill(S < topk(S, k).values[..., -1:], -inf)``) every key tied with the
+  k-th value is kept, so a row may keep more than k keys; a row with fewer than k allowed keys keeps
+  them all. ``ties="first"`` keeps exactly k (lower key index wins a tie), as ``torch.topk`` +
+  scatter does in DRSformer. Returns a :class:`~spattn.selection.TokenSelection`.
+* :class:`BlockTopK` — ``block_topk(k=8, block=64)``: mean-pooled query/key blocks (SLA,
+  MInference block-sparse, FlexPrefill's query-aware branch), score ``q̄·k̄``, keep the k best key
+  blocks per query block.
+* :class:`BlockMass` — ``block_mass(threshold=0.9, block=64)``: softmax of the pooled scores
+  (``/sqrt(D)``) over the allowed key blocks of each query block; keep the smallest set of blocks,
+  taken in descending score order, whose cumulative probability reaches ``threshold`` (FlexPrefill's
+  γ-coverage, XAttention's τ, VSA-style selection).
+
+Block patterns in causal mode follow the prefill family (MInference, XAttention, FlexPrefill): only
+key blocks holding at least one visible key compete, and the *diagonal* key blocks (those
+overlapping the query block's own aligned positions ``i + Nk - Nq``) are always kept, so every query
+sees at least itself; they count towards the k budget / the mass (when Nk - Nq is not a multiple
+of the block a query block straddles two diagonal key blocks: both are kept, even beyond k). Non-causal mode forces nothing.
+Kept tiles apply the causal predicate, so the layout never computes a future key.
+
+Scores are computed in float32 (float64 for float64 inputs) without the softmax scale (a positive
+scale does not change a ranking). Query-level scores are computed in query chunks: memory is
+``O(chunk * Nk)``, never ``Nq x Nk``. Ties between blocks go to the lower block index.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..layout import Layout
+from ..registry import register
+from ..selection import TokenSelection
+from .base import Pattern, causal_mask_mod, check_float, check_int, check_qk
+from .static import tile_bounds
+
+__all__ = [
+    "TopK", "BlockTopK", "BlockMass", "topk_selections", "selection_layout", "pooled_block_scores",
+    "causal_block_maps",
+]
+
+#: elements of one ``[B, Hq, chunk, Nk]`` score block
+SCORE_BUDGET = 1 << 22
+TIES = ("keep", "first")
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _mask_to_indices(mask: Tensor) -> Tensor:
+    """bool ``[..., N]`` -> int64 ``[..., W]`` of the True positions ascending, ``-1`` padded (W = max count)."""
+    count = mask.sum(-1)
+    width = int(count.max()) if count.numel() else 0
+    rank = torch.where(mask, mask.cumsum(-1) - 1, width)
+    out = torch.full((*mask.shape[:-1], width + 1), -1, dtype=torch.long, device=mask.device)
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand(mask.shape)
+    out.scatter_(-1, rank, positions)
+    return out[..., :width]
+
+
+def topk_selections(
+    q: Tensor,
+    k: Tensor,
+    ks: Iterable[int],
+    *,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    ties: str = "keep",
+) -> list[TokenSelection]:
+    """One :class:`TokenSelection` per entry of ``ks``: each query's top-``k`` allowed keys.
+
+    ``q [B, Hq, Nq, D]``, ``k [B, Hkv, Nk, D]`` (GQA: query head h scores kv head ``h // (Hq/Hkv)``).
+    Scores are computed once per query chunk and shared by every ``k`` (DRSformer's multi-ratio
+    selection). ``key_padding_mask [B, Nk]`` (True = real key) and the causal mask are applied before
+    ranking. ``ties``: ``"keep"`` keeps every key tied with the k-th score (Explicit Sparse
+    Transformer), ``"first"`` keeps exactly k, lower key index first.
+    """
+    batch, hq, hkv, nq, nk = check_qk(q, k)
+    ks = list(ks)
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+    for kk in ks:
+        check_int("topk", "k", kk, 1)
+        if kk > nk:
+            raise ValueError(f"topk: k={kk} exceeds the number of keys Nk={nk}")
+    group = hq // hkv
+    sdt = _score_dtype(q.dtype)
+    qs = q.detach().to(sdt).view(batch, hkv, group, nq, -1)
+    kt = k.detach().to(sdt).transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, D, Nk]
+    chunk = max(1, min(nq, SCORE_BUDGET // max(1, batch * hq * nk)))
+    keys = torch.arange(nk, device=q.device)
+    offset = nk - nq
+    parts: list[list[Tensor]] = [[] for _ in ks]
+    for c0 in range(0, nq, chunk):
+        c1 = min(nq, c0 + chunk)
+        s = torch.matmul(qs[:, :, :, c0:c1], kt).view(batch, hq, c1 - c0, nk)
+        allowed = torch.ones(1, 1, 1, nk, dtype=torch.bool, device=q.device)
+        if causal:
+            allowed = keys <= (torch.arange(c0, c1, device=q.device) + offset)[:, None]
+            allowed = allowed[None, None]
+        if key_padding_mask is not None:
+            allowed = allowed & key_padding_mask[:, None, None, :]
+        s = s.masked_fill(~allowed, float("-inf"))
+        order = None
+        for slot, kk in enumerate(ks):
+            if ties == "keep":
+                kth = torch.topk(s, kk, dim=-1).values[..., -1:]
+                parts[slot].append(_mask_to_indices((s >= kth) & allowed))
+            else:
+                if order is None:
+                    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+                idx = order[..., :kk]
+                parts[slot].append(torch.where(torch.gather(allowed.expand_as(s), -1, idx), idx, -1))
+    out = []
+    for chunks in parts:
+        width = max(p.shape[-1] for p in chunks)
+        idx = torch.cat([F.pad(p, (0, width - p.shape[-1]), value=-1) for p in chunks], dim=2)
+        out.append(TokenSelection(idx, nq, nk))
+    return out
+
+
+def selection_layout(selection: TokenSelection, block: int) -> Layout:
+    """An exact :class:`Layout` of a TokenSelection (for inspection, plots, block kernels).
+
+    Tiles holding a selected pair are computed; inside them the predicate looks the key up in the
+    query's index list (``O(tile * K)``), so nothing ``Nq x Nk`` is built.
+    """
+    check_int("selection_layout", "block", block, 1)
+    idx = selection.indices
+    bsel, hsel, nq, slots = idx.shape
+    nk = selection.kv_len
+    nqb, nkb = -(-nq // block), -(-nk // block)
+    padded = F.pad(idx, (0, 0, 0, nqb * block - nq), value=-1).view(bsel, hsel, nqb, block * slots)
+    block_map = torch.zeros(bsel, hsel, nqb, nkb + 1, dtype=torch.bool, device=idx.device)
+    block_map.scatter_(-1, torch.where(padded >= 0, padded // block, nkb), True)
+    multi_b, multi_h = bsel > 1, hsel > 1
+
+    def member(b, h, q_idx, kv_idx):
+        return (idx[b * multi_b, h * multi_h, q_idx] == kv_idx[..., None]).any(-1)
+
+    return Layout.from_block_map(block_map[..., :nkb], q_len=nq, kv_len=nk, block_q=block, mask_mod=member)
+
+
+@register("topk", kind="dynamic", description="Explicit Sparse Transformer: each query keeps its k highest-scoring keys",
+          paper="Zhao et al. 2019, Explicit Sparse Transformer (arXiv 1912.11637)")
+class TopK(Pattern):
+    """Per-query top-k keys (see module docstring); ``select`` -> TokenSelection ``[B, Hq, Nq, K']``.
+
+    ``K'`` is k, or more where keys tie with the k-th score under ``ties="keep"``.
+    """
+
+    name = "topk"
+    content_based = True
+
+    def __init__(self, k: int = 8, ties: str = "keep", block: int = 64):
+        check_int("topk", "k", k, 1)
+        check_int("topk", "block", block, 1)
+        if ties not in TIES:
+            raise ValueError(f"topk: ties must be one of {TIES}, got {ties!r}")
+        self.k, self.ties, self.block = k, ties, block
+
+    def select(self, q: Tensor, k: Tensor, causal: bool = False) -> TokenSelection:
+        return topk_selections(q, k, [self.k], causal=causal, ties=self.ties)[0]
+
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
+        """The selection as a Layout with tiles of ``block`` (inspection; the kernel runs ``select``)."""
+        return selection_layout(self.select(q, k, causal=causal), self.block)
+
+
+# ------------------------------------------------------------------------------------------ blocks
+
+
+def _pool(x: Tensor, block: int) -> Tensor:
+    """Mean over each block of ``block`` tokens (the last, partial block over its real tokens)."""
+    b, h, n, d = x.shape
+    nb = -(-n // block)
+    sums = F.pad(x, (0, 0, 0, nb * block - n)).view(b, h, nb, block, d).sum(3)
+    counts = (n - torch.arange(nb, device=x.device) * block).clamp(max=block)
+    return sums / counts[:, None].to(x.dtype)
+
+
+def pooled_block_scores(q: Tensor, k: Tensor, block: int) -> Tensor:
+    """``mean_pool(q) · mean_pool(k)ᵀ`` per query head: ``[B, Hq, NQB, NKB]`` (fp32, fp64 for fp64)."""
+    batch, hq, hkv, _, _ = check_qk(q, k)
+    sdt = _score_dtype(q.dtype)
+    qp = _pool(q.detach().to(sdt), block)
+    kp = _pool(k.detach().to(sdt), block)
+    s = torch.matmul(qp.view(batch, hkv, hq // hkv, qp.shape[2], -1), kp.transpose(-1, -2).unsqueeze(2))
+    return s.view(batch, hq, qp.shape[2], kp.shape[2])
+
+
+def causal_block_maps(q_len: int, kv_len: int, block: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """``(allowed, diagonal, full)`` ``[NQB, NKB]``: tiles with a visible key, tiles overlapping the
+    query block's own aligned positions, tiles visible in full (causal, queries aligned to the end)."""
+    p0, p1, k0, k1 = tile_bounds(q_len, kv_len, block, device)
+    allowed = k0 <= p1
+    diagonal = allowed & (k1 >= p0)
+    return allowed, diagonal, k1 <= p0
+
+
+def _block_candidates(q: Tensor, k: Tensor, block: int, causal: bool):
+    """Pooled scores with disallowed tiles at -inf, the forced tiles, and the Layout arguments."""
+    _, _, _, nq, nk = check_qk(q, k)
+    scores = pooled_block_scores(q, k, block)
+    if not causal:
+        forced = torch.zeros_like(scores, dtype=torch.bool)
+        return scores, torch.ones_like(forced), forced, dict(q_len=nq, kv_len=nk, block_q=block)
+    allowed, diagonal, full = causal_block_maps(nq, nk, block, q.device)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    forced = diagonal.expand_as(scores)
+    kwargs = dict(q_len=nq, kv_len=nk, block_q=block, mask_mod=causal_mask_mod(nq, nk), full_map=full.expand_as(scores))
+    return scores, allowed.expand_as(scores), forced, kwargs
+
+
+def _descending_order(scores: Tensor, forced: Tensor) -> Tensor:
+    """Key-block order per row: forced blocks first, then by score, lower index first on ties."""
+    key = scores.masked_fill(forced, float("inf"))
+    return torch.sort(key, dim=-1, descending=True, stable=True).indices
+
+
+@register("block_topk", kind="dynamic", description="Top-k key blocks per query block from mean-pooled q/k scores",
+          paper="Block top-k selection as in MInference block-sparse (Jiang et al. 2024), SLA (Zhang et al. 2025)")
+class BlockTopK(Pattern):
+    """Keep the ``k`` key blocks with the highest pooled score per query block (causal: diagonal forced)."""
+
+    name = "block_topk"
+    content_based = True
+
+    def __init__(self, k: int = 8, block: int = 64):
+        check_int("block_topk", "k", k, 1)
+        check_int("block_topk", "block", block, 1)
+        self.k, self.block = k, block
+
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
+        _, _, _, _, nk = check_qk(q, k)
+        nkb = -(-nk // self.block)
+        if self.k > nkb:
+            raise ValueError(f"block_topk: k={self.k} exceeds the number of key blocks {nkb} (Nk={nk}, block={self.block})")
+        scores, allowed, forced, kwargs = _block_candidates(q, k, self.block, causal)
+        order = _descending_order(scores, forced)[..., : self.k]
+        keep = torch.zeros_like(allowed).scatter_(-1, order, True) | forced
+        return Layout.from_block_map(keep & allowed, **kwargs)
+
+
+@register("block_mass", kind="dynamic",
+          description="Smallest set of key blocks per query block whose pooled softmax mass reaches a threshold",
+          paper="Cumulative-mass block selection as in FlexPrefill (Lai et al. 2025), XAttention (Xu et al. 2025)")
+class BlockMass(Pattern):
+    """Per query block: softmax of pooled scores ``/sqrt(D)`` over allowed key blocks, keep the
+    shortest prefix in descending order (forced diagonal first in causal mode) with mass ``>= threshold``."""
+
+    name = "block_mass"
+    content_based = True
+
+    def __init__(self, threshold: float = 0.9, block: int = 64):
+        check_float("block_mass", "threshold", threshold, 0.0, 1.0, low_open=True)
+        check_int("block_mass", "block", block, 1)
+        self.threshold, self.block = threshold, block
+
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
+        scores, allowed, forced, kwargs = _block_candidates(q, k, self.block, causal)
+        probs = torch.softmax(scores / math.sqrt(q.shape[-1]), dim=-1)
+        probs = torch.nan_to_num(probs, nan=0.0)  # a query block with no visible key
+        order = _descending_order(scores, forced)
+        sorted_mass = torch.gather(probs, -1, order)
+        before = sorted_mass.cumsum(-1) - sorted_mass  # mass of the blocks ranked ahead
+        take = (before < self.threshold) | torch.gather(forced, -1, order)
+        keep = torch.zeros_like(allowed).scatter_(-1, order, take)
+        return Layout.from_block_map(keep & allowed, **kwargs)

@@ -1,0 +1,259 @@
+"""topk / block_topk / block_mass: brute-force definitions, kernels vs reference on the selection, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import spattn
+from spattn.layout import Layout
+from spattn.patterns import topk as topk_module
+from spattn.patterns.topk import selection_layout, topk_selections
+
+from .helpers import assert_matches_reference
+
+
+def _qkv(seed, batch, hq, hkv, nq, nk, dim, integer=False, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    def make(h, n):
+        if integer:  # small integers: exact scores with many ties
+            return torch.randint(-2, 3, (batch, h, n, dim), generator=gen).to(dtype)
+        return torch.randn(batch, h, n, dim, generator=gen, dtype=dtype)
+    return make(hq, nq), make(hkv, nk), make(hkv, nk)
+
+
+def _visible(i, j, nq, nk, causal):
+    return not causal or j <= i + nk - nq
+
+
+def brute_topk(q, k, kk, causal, ties, kpm=None):
+    """Per query: the official rule (keep s >= k-th largest allowed score) or exactly k, lower index first."""
+    batch, hq, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    out = torch.zeros(batch, hq, nq, nk, dtype=torch.bool)
+    for b in range(batch):
+        for h in range(hq):
+            s = (q[b, h].double() @ k[b, h // (hq // hkv)].double().T).tolist()
+            for i in range(nq):
+                allowed = [j for j in range(nk) if _visible(i, j, nq, nk, causal) and (kpm is None or kpm[b, j])]
+                ranked = sorted(allowed, key=lambda j: (-s[i][j], j))
+                if ties == "first" or len(ranked) <= kk:
+                    kept = ranked[:kk]
+                else:
+                    kth = s[i][ranked[kk - 1]]
+                    kept = [j for j in allowed if s[i][j] >= kth]
+                out[b, h, i, kept] = True
+    return out
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    batch=st.integers(1, 2), hkv=st.integers(1, 2), group=st.sampled_from([1, 2]),
+    nq=st.integers(1, 24), extra=st.sampled_from([0, 0, 5]), kk=st.integers(1, 9),
+    causal=st.booleans(), ties=st.sampled_from(["keep", "first"]), integer=st.booleans(),
+    padded=st.booleans(), seed=st.integers(0, 10_000),
+)
+def test_topk_matches_brute_force(batch, hkv, group, nq, extra, kk, causal, ties, integer, padded, seed):
+    nk = nq + extra
+    kk = min(kk, nk)
+    q, k, _ = _qkv(seed, batch, hkv * group, hkv, nq, nk, 4, integer=integer)
+    kpm = (torch.rand(batch, nk, generator=torch.Generator().manual_seed(seed)) < 0.8) if padded else None
+    sel = topk_selections(q, k, [kk], causal=causal, key_padding_mask=kpm, ties=ties)[0]
+    assert torch.equal(sel.to_dense(), brute_topk(q, k, kk, causal, ties, kpm))
+    valid = sel.indices[sel.valid]
+    assert valid.numel() == sel.to_dense().sum()  # no duplicate keys in a row
+
+
+def test_topk_keeps_ties_like_the_official_code():
+    q = torch.ones(1, 1, 1, 1)
+    k = torch.tensor([3.0, 1.0, 2.0, 2.0, 2.0, 0.0]).view(1, 1, 6, 1)
+    sel = spattn.pattern("topk(k=2)").select(q, k)
+    assert sorted(sel.indices[sel.valid].tolist()) == [0, 2, 3, 4]  # every key tied with the 2nd score
+    first = spattn.pattern("topk(k=2, ties='first')").select(q, k)
+    assert sorted(first.indices[first.valid].tolist()) == [0, 2]
+
+
+def test_topk_causal_rows_with_few_keys_keep_all():
+    q, k, _ = _qkv(0, 1, 2, 2, 10, 10, 4)
+    dense = spattn.pattern("topk(k=4)").select(q, k, causal=True).to_dense()
+    counts = dense.sum(-1)[0, 0]
+    assert counts[:4].tolist() == [1, 2, 3, 4] and (counts[4:] == 4).all()
+    assert not dense[0, 0].triu(1).any()
+
+
+def test_topk_chunking_is_invisible(monkeypatch):
+    q, k, _ = _qkv(1, 2, 4, 2, 40, 47, 8)
+    want = topk_selections(q, k, [3, 7], causal=True)
+    monkeypatch.setattr(topk_module, "SCORE_BUDGET", 100)  # one query per chunk
+    got = topk_selections(q, k, [3, 7], causal=True)
+    for a, b in zip(got, want):
+        assert torch.equal(a.to_dense(), b.to_dense())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_topk_layout_equals_selection(causal):
+    q, k, _ = _qkv(2, 2, 4, 2, 45, 52, 8, integer=True)
+    pat = spattn.pattern("topk(k=6, block=16)")
+    sel = pat.select(q, k, causal=causal)
+    layout = pat.layout(q, k, causal=causal)
+    assert torch.equal(layout.to_dense(), sel.to_dense().expand(2, 4, 45, 52))
+    assert torch.equal(selection_layout(sel, 7).to_dense(), sel.to_dense())
+
+
+# -------------------------------------------------------------------------------- block patterns
+
+
+def _pool(x, block):
+    n = x.shape[2]
+    return torch.stack([x[:, :, s:s + block].double().mean(2) for s in range(0, n, block)], dim=2)
+
+
+def _block_candidates(q, k, block, causal):
+    """Brute-force (scores, allowed, forced) per (b, h, qb) as Python lists."""
+    batch, hq, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    qp, kp = _pool(q, block), _pool(k, block)
+    nqb, nkb = qp.shape[2], kp.shape[2]
+    for b in range(batch):
+        for h in range(hq):
+            s = qp[b, h] @ kp[b, h // (hq // hkv)].T
+            for qb in range(nqb):
+                queries = range(qb * block, min(nq, qb * block + block))
+                allowed, forced = [], []
+                for kb in range(nkb):
+                    keys = range(kb * block, min(nk, kb * block + block))
+                    if any(_visible(i, j, nq, nk, causal) for i in queries for j in keys):
+                        allowed.append(kb)
+                    if causal and any(j == i + nk - nq for i in queries for j in keys):
+                        forced.append(kb)
+                yield b, h, qb, s[qb].tolist(), allowed, forced
+
+
+def _expand(keep, q, k, block, causal):
+    batch, hq, nq, _ = q.shape
+    nk = k.shape[2]
+    dense = torch.zeros(batch, hq, nq, nk, dtype=torch.bool)
+    for (b, h, qb), kbs in keep.items():
+        for i in range(qb * block, min(nq, qb * block + block)):
+            for kb in kbs:
+                for j in range(kb * block, min(nk, kb * block + block)):
+                    dense[b, h, i, j] = _visible(i, j, nq, nk, causal)
+    return dense
+
+
+def brute_block_topk(q, k, kk, block, causal):
+    keep = {}
+    for b, h, qb, s, allowed, forced in _block_candidates(q, k, block, causal):
+        ranked = sorted(allowed, key=lambda kb: (kb not in forced, -s[kb], kb))
+        keep[b, h, qb] = set(ranked[:kk]) | set(forced)  # the diagonal is always kept
+    return _expand(keep, q, k, block, causal)
+
+
+def brute_block_mass(q, k, tau, block, causal):
+    keep = {}
+    d = q.shape[-1]
+    for b, h, qb, s, allowed, forced in _block_candidates(q, k, block, causal):
+        if not allowed:
+            continue
+        z = sum(math.exp(s[kb] / math.sqrt(d)) for kb in allowed)
+        ranked = sorted(allowed, key=lambda kb: (kb not in forced, -s[kb], kb))
+        kept, mass = [], 0.0
+        for kb in ranked:
+            if mass >= tau and kb not in forced:
+                break
+            kept.append(kb)
+            mass += math.exp(s[kb] / math.sqrt(d)) / z
+        keep[b, h, qb] = kept
+    return _expand(keep, q, k, block, causal)
+
+
+_BLOCK_CASES = dict(
+    batch=st.integers(1, 2), group=st.sampled_from([1, 2]), nq=st.integers(1, 40),
+    extra=st.sampled_from([0, 0, 9, -5]), block=st.sampled_from([4, 7, 8]), causal=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+
+
+@settings(max_examples=20, deadline=None)
+@given(kk=st.integers(1, 4), **_BLOCK_CASES)
+def test_block_topk_matches_brute_force(kk, batch, group, nq, extra, block, causal, seed):
+    nk = max(1, nq + extra)
+    kk = min(kk, -(-nk // block))
+    q, k, _ = _qkv(seed, batch, 2 * group, 2, nq, nk, 4, dtype=torch.float64)
+    layout = spattn.pattern(f"block_topk(k={kk}, block={block})").layout(q, k, causal=causal)
+    assert torch.equal(layout.to_dense().expand(batch, 2 * group, nq, nk), brute_block_topk(q, k, kk, block, causal))
+
+
+@settings(max_examples=20, deadline=None)
+@given(tau=st.sampled_from([0.05, 0.5, 0.9, 1.0]), **_BLOCK_CASES)
+def test_block_mass_matches_brute_force(tau, batch, group, nq, extra, block, causal, seed):
+    nk = max(1, nq + extra)
+    q, k, _ = _qkv(seed, batch, 2 * group, 2, nq, nk, 4, dtype=torch.float64)
+    layout = spattn.pattern(f"block_mass(threshold={tau}, block={block})").layout(q, k, causal=causal)
+    assert torch.equal(layout.to_dense().expand(batch, 2 * group, nq, nk), brute_block_mass(q, k, tau, block, causal))
+
+
+def test_block_mass_threshold_one_keeps_every_allowed_block():
+    q, k, _ = _qkv(3, 1, 2, 2, 30, 30, 4, dtype=torch.float64)
+    layout = spattn.pattern("block_mass(threshold=1.0, block=8)").layout(q, k, causal=True)
+    assert torch.equal(layout.to_dense()[0, 0], torch.ones(30, 30, dtype=torch.bool).tril())
+
+
+# -------------------------------------------------------------------------------- through spattn.attention
+
+SPECS = ["topk(k=8)", "topk(k=3, ties='first')", "block_topk(k=2, block=16)", "block_mass(threshold=0.6, block=16)"]
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    batch=st.integers(1, 2), group=st.sampled_from([1, 2]), n=st.integers(33, 70), extra=st.sampled_from([0, 11]),
+    causal=st.booleans(), padded=st.booleans(), seed=st.integers(0, 1000),
+)
+@pytest.mark.parametrize("spec", SPECS)
+def test_attention_matches_reference_on_the_selection(spec, batch, group, n, extra, causal, padded, seed):
+    q, k, v = _qkv(seed, batch, 2 * group, 2, n, n + extra, 8)
+    kpm = (torch.rand(batch, n + extra, generator=torch.Generator().manual_seed(seed)) < 0.85) if padded else None
+    selection = spattn.pattern(spec).select(q, k, causal=causal)
+    layout = selection if isinstance(selection, Layout) else Layout.from_dense(selection.to_dense(), 16)
+
+    def run(q_, k_, v_, _layout, **kw):
+        return spattn.attention(q_, k_, v_, spec, causal=causal, **kw)
+
+    assert_matches_reference(run, q, k, v, layout, kpm)
+
+
+def test_topk_through_nn_attention_trains():
+    layer = spattn.nn.Attention(dim=16, heads=2, attention="topk(k=4)", causal=True)
+    x = torch.randn(2, 20, 16, requires_grad=True)
+    layer(x).square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+# -------------------------------------------------------------------------------- errors
+
+
+def test_errors():
+    q, k, _ = _qkv(0, 1, 2, 2, 10, 12, 4)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        spattn.pattern("topk(k=0)")
+    with pytest.raises(TypeError, match="k must be an int"):
+        spattn.pattern("topk(k=2.5)")
+    with pytest.raises(ValueError, match="exceeds the number of keys Nk=12"):
+        spattn.pattern("topk(k=13)").select(q, k)
+    with pytest.raises(ValueError, match="ties must be one of"):
+        spattn.pattern("topk(k=2, ties='random')")
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        spattn.pattern("block_topk(k=2, block=0)")
+    with pytest.raises(ValueError, match="k=4 exceeds the number of key blocks 3"):
+        spattn.pattern("block_topk(k=4, block=4)").layout(q, k)
+    for tau in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"threshold must lie in \(0.0, 1.0\]"):
+            spattn.pattern(f"block_mass(threshold={tau})")
+    with pytest.raises(TypeError, match="threshold must be a number"):
+        spattn.pattern("block_mass(threshold='high')")
+    with pytest.raises(ValueError, match="must agree in batch and head dim"):
+        spattn.pattern("topk(k=2)").select(q, k[..., :3])
