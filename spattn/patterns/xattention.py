@@ -1,0 +1,125 @@
+"""XAttention (Xu et al. 2025, arXiv 2503.16428): antidiagonal block scoring with a cumulative threshold.
+
+Official code: mit-han-lab/x-attention ``xattn/src/Xattention.py`` (``xattn_estimate``, torch path,
+``select_mode="inverse"``) and ``xattn/src/utils.py`` (``find_blocks_chunked``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..layout import Layout
+from ..registry import register
+from .base import Pattern, check_float, check_int, check_qk
+from .minference import block_layout, expand_kv, query_block_bounds
+
+__all__ = ["XAttention", "antidiagonal_block_scores", "threshold_select"]
+
+
+def antidiagonal_block_scores(q: Tensor, k: Tensor, stride: int, block: int, causal: bool,
+                              chunk_elems: int = 1 << 24) -> Tensor:
+    """XAttention block scores ``[B, Hq, NQB, NKB]`` (fp32).
+
+    Both sequences are zero-padded to whole blocks and cut into ``stride x stride`` tiles. The
+    "inverse" reshaping ``Q_r[i] = concat_t q[iS + S-1-t]``, ``K_r[j] = concat_t k[jS + t]`` makes
+    ``Q_r[i]·K_r[j]`` the sum of tile (i, j)'s antidiagonal. ``A_r = softmax(Q_r K_rᵀ / (√D·S))``
+    per strided row over the strided keys; with ``causal`` a strided key is visible when its first
+    key is not after the row's last (aligned) query, i.e. the diagonal tile's whole antidiagonal
+    counts, as in the official code. Rows/columns whose first token is padding are dropped. The
+    score of block (I, J) is the sum of ``A_r`` over its ``(block/S)²`` strided entries, so every
+    real strided row contributes 1 to its block row. Query rows are processed in chunks of at most
+    ``chunk_elems`` scores; with ``causal`` a chunk only looks at the keys it can see.
+    """
+    bsz, hq, nq, dim = q.shape
+    nk = k.shape[2]
+    s, off = stride, nk - nq
+    p0, p1, k0, _ = query_block_bounds(nq, nk, block, q.device)
+    nqb, nkb = p0.shape[0], k0.shape[1]
+    per = block // s  # strided rows/cols per block
+    qp = torch.nn.functional.pad(q.float(), (0, 0, 0, nqb * block - nq))
+    kp = torch.nn.functional.pad(expand_kv(k, hq).float(), (0, 0, 0, nkb * block - nk))
+    q_r = qp.view(bsz, hq, nqb * per, s, dim).flip(3).reshape(bsz, hq, nqb * per, s * dim)
+    k_r = kp.view(bsz, hq, nkb * per, s * dim)
+    q_r = q_r * (1.0 / (math.sqrt(dim) * s))
+    real_cols = torch.arange(nkb * per, device=q.device) * s < nk
+    out = torch.empty(bsz, hq, nqb, nkb, dtype=torch.float32, device=q.device)
+    rows_per_chunk = max(1, chunk_elems // max(1, bsz * hq * nkb * per * per)) * per
+    for r0 in range(0, nqb * per, rows_per_chunk):
+        r1 = min(r0 + rows_per_chunk, nqb * per)
+        rows = torch.arange(r0, r1, device=q.device)
+        if causal:
+            last = (rows * s + s - 1).clamp(max=nq - 1) + off  # last aligned query of each strided row
+            ncols = min(nkb, int(last.max()) // block + 1) * per
+            visible = (torch.arange(ncols, device=q.device)[None, :] * s <= last[:, None]) & real_cols[None, :ncols]
+        else:
+            ncols = nkb * per
+            visible = real_cols[None, :].expand(r1 - r0, ncols)
+        logits = torch.matmul(q_r[:, :, r0:r1], k_r[:, :, :ncols].transpose(-1, -2))
+        logits.masked_fill_(~visible, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        probs.masked_fill_((rows * s >= nq)[:, None], 0.0)  # padded strided rows
+        probs = torch.nan_to_num_(probs, nan=0.0)
+        sums = probs.view(bsz, hq, (r1 - r0) // per, per, ncols // per, per).sum(dim=(3, 5))
+        out[:, :, r0 // per: r1 // per] = 0.0
+        out[:, :, r0 // per: r1 // per, : ncols // per] = sums
+    return out
+
+
+def threshold_select(scores: Tensor, threshold: float, forced: Tensor, valid: Tensor) -> Tensor:
+    """``find_blocks_chunked``: per row keep the ``forced`` blocks, then the other valid blocks in
+    descending score order while the kept mass is below ``threshold·(row total)``.
+
+    ``scores [..., M]`` (non-negative), ``forced``/``valid`` bool broadcastable to it. Ties keep the
+    lower index first. Returns bool ``[..., M]``.
+    """
+    scores = scores.double() * valid
+    forced = (forced & valid).expand_as(scores)
+    need = threshold * scores.sum(-1, keepdim=True)
+    others = torch.where(forced | ~valid, -1.0, scores)
+    vals, order = torch.sort(others, dim=-1, descending=True, stable=True)
+    before = (scores * forced).sum(-1, keepdim=True) + torch.cumsum(vals.clamp(min=0), -1) - vals.clamp(min=0)
+    take = (before < need) & (vals >= 0)
+    return forced | torch.zeros_like(forced).scatter_(-1, order, take)
+
+
+@register("xattention", kind="dynamic",
+          description="XAttention: strided antidiagonal block scores, cumulative threshold selection",
+          paper="Xu et al. 2025, XAttention: Block Sparse Attention with Antidiagonal Scoring")
+class XAttention(Pattern):
+    """XAttention (Xu et al. 2025): score blocks of ``block`` tokens by the strided antidiagonal
+    sums of :func:`antidiagonal_block_scores`, then per query block keep the sink block (key block
+    0) and the diagonal block(s) (key blocks holding the query block's own positions) plus the
+    fewest highest-scoring blocks whose cumulative score with them reaches ``threshold`` (τ) of the
+    row's total. Tiles are computed whole; with ``causal`` blocks after the diagonal are never
+    kept and the diagonal tiles are causal inside.
+    """
+
+    name = "xattention"
+    content_based = True
+
+    def __init__(self, threshold: float = 0.9, stride: int = 8, block: int = 128):
+        check_float("xattention", "threshold", threshold, 0.0, 1.0, low_open=True)
+        check_int("xattention", "stride", stride, 1)
+        check_int("xattention", "block", block, 1)
+        if block % stride:
+            raise ValueError(f"xattention: stride must divide block, got stride={stride}, block={block}")
+        self.threshold, self.stride, self.block = threshold, stride, block
+
+    def block_scores(self, q: Tensor, k: Tensor, causal: bool = False) -> Tensor:
+        """``[B, Hq, NQB, NKB]`` antidiagonal block scores (see :func:`antidiagonal_block_scores`)."""
+        check_qk(q, k)
+        with torch.no_grad():
+            return antidiagonal_block_scores(q, k, self.stride, self.block, causal)
+
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
+        _, _, _, nq, nk = check_qk(q, k)
+        with torch.no_grad():
+            scores = antidiagonal_block_scores(q, k, self.stride, self.block, causal)
+            p0, p1, k0, k1 = query_block_bounds(nq, nk, self.block, q.device)
+            valid = (k0 <= p1) if causal else torch.ones_like(k0 <= p1)
+            forced = (k0 == 0) | ((k0 <= p1) & (k1 >= p0))
+            chosen = threshold_select(scores, self.threshold, forced, valid)
+            return block_layout(chosen, nq, nk, self.block, causal)
