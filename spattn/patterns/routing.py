@@ -287,7 +287,7 @@ class Routing(Pattern, nn.Module):
             weight = torch.ones_like(err) if m is None else m[:, None, :].to(err.dtype).expand_as(err)
             loss = loss + (err * weight).sum()
             total = total + weight.sum()
-            stats.append((xe.detach(), assign, weight))
+            stats.append((xe.detach(), weight))
         self.aux_loss = self.commitment * loss / total.clamp(min=1)
         if self.training:
             self._ema_update(stats)
@@ -297,7 +297,7 @@ class Routing(Pattern, nn.Module):
     def _ema_update(self, stats) -> None:
         h, c, d = self.centroids.shape
         if not bool(self.initialized):
-            x = torch.cat([_valid_rows(xe, w) for xe, _, w in stats], 1)
+            x = torch.cat([_valid_rows(xe, w) for xe, w in stats], 1)
             if x.shape[1] >= c:
                 mu = _farthest_point_kmeans(x.float(), c, _INIT_ITERS)
                 self.centroids.copy_(mu)
@@ -306,7 +306,8 @@ class Routing(Pattern, nn.Module):
                 self.initialized.fill_(True)
         count = torch.zeros(h, c, device=self.centroids.device)
         dw = torch.zeros(h, c, d, device=self.centroids.device)
-        for xe, assign, weight in stats:
+        for xe, weight in stats:
+            assign = torch.einsum("bhnd,hcd->bhnc", xe, self.centroids.to(xe.dtype)).argmax(-1)  # after a data init too
             onehot = F.one_hot(assign, c).float() * weight[..., None].float()  # [B, H, N, C]
             count += onehot.sum((0, 2))
             dw += torch.einsum("bhnc,bhnd->hcd", onehot, xe.float())

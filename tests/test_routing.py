@@ -1,0 +1,370 @@
+"""Routing Transformer: k-means routing pattern, cluster-window kernel, RoutingAttention."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import spattn
+from spattn.kernels.clustered import clustered_attention
+from spattn.patterns.routing import Routing, layer_norm
+from spattn.selection import ClusterSelection
+
+
+def _qkv(b, hq, hkv, nq, nk, d, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, nq, d, generator=gen, dtype=torch.float64).to(dtype)
+    k = torch.randn(b, hkv, nk, d, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(b, hkv, nk, d, generator=gen, dtype=torch.float64).to(dtype)
+    return q, k, v
+
+
+def _scores_loop(x, mu, hq):
+    """Brute-force ``LN(x) · mu`` per query head: ``[B, Hq, N, C]``."""
+    b, hx, n, d = x.shape
+    out = torch.zeros(b, hq, n, mu.shape[1], dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hq):
+            for t in range(n):
+                xt = x[bi, h // (hq // hx), t].double()
+                xt = (xt - xt.mean()) / torch.sqrt(xt.var(unbiased=False) + 1e-5)
+                out[bi, h, t] = mu[h].double() @ xt
+    return out
+
+
+def _topw_loop(scores, w):
+    """Per (batch, head, centroid): the ``w`` positions of largest score, as sorted lists."""
+    b, h, n, c = scores.shape
+    return [[[sorted(sorted(range(n), key=lambda t: -scores[bi, hi, t, ci].item())[:w]) for ci in range(c)]
+             for hi in range(h)] for bi in range(b)]
+
+
+# --------------------------------------------------------------------------------- selection
+
+
+@pytest.mark.parametrize("causal,share_qk", [(False, False), (False, True), (True, False)])
+def test_windows_equal_bruteforce_top_w(causal, share_qk):
+    b, hq, hkv, n, d, c = 2, 4, 2, 23, 8, 3
+    q, k, _ = _qkv(b, hq, hkv, n, n, d)
+    r = Routing(clusters=c, share_qk=share_qk, heads=hq, head_dim=d).eval()
+    sel = r.select(q, k, causal=causal)
+    w = -(-n // c)
+    want_q = _topw_loop(_scores_loop(q, r.centroids, hq), w)
+    assert sel.query_indices.tolist() == want_q
+    if causal or share_qk:
+        assert sel.key_indices.tolist() == want_q
+    else:
+        assert sel.key_indices.tolist() == _topw_loop(_scores_loop(k, r.centroids, hq), w)
+    assert sel.causal == causal
+
+
+def test_causal_safe_windows_equal_bruteforce():
+    b, h, n, d, c, w = 2, 2, 29, 8, 3, 4
+    q, k, _ = _qkv(b, h, h, n, n, d, seed=3)
+    r = Routing(clusters=c, window=w, causal_safe=True, heads=h, head_dim=d).eval()
+    dense = r.select(q, k, causal=True).to_dense()
+    scores = _scores_loop(q, r.centroids, h)
+    want = torch.zeros(b, h, n, n, dtype=torch.bool)
+    for bi in range(b):
+        for hi in range(h):
+            cl = scores[bi, hi].argmax(-1).tolist()
+            rank = [sum(cl[s] == cl[t] for s in range(t)) for t in range(n)]
+            for t in range(n):
+                for s in range(t + 1):
+                    want[bi, hi, t, s] = cl[s] == cl[t] and rank[s] // w == rank[t] // w
+    assert torch.equal(dense, want)
+
+
+def test_padded_keys_are_chosen_last():
+    q, k, _ = _qkv(1, 1, 1, 16, 16, 8)
+    kpm = torch.ones(1, 16, dtype=torch.bool)
+    kpm[0, 10:] = False
+    r = Routing(clusters=4, heads=1, head_dim=8).eval()
+    sel = r.select(q, k, key_padding_mask=kpm)  # w = 4 <= 10 real keys per centroid
+    assert int(sel.key_indices.max()) < 10
+
+
+# --------------------------------------------------------------------------------- kernel
+
+
+def _random_selection(b, h, c, wq, wk, nq, nk, causal, gen, repeats):
+    def windows(w, n):
+        idx = torch.rand(b, h, c, n, generator=gen).argsort(-1)[..., :w]
+        if repeats:  # causal-safe windows repeat members; the kernel must treat windows as sets
+            idx = torch.where(torch.rand(b, h, c, w, generator=gen) < 0.3, idx[..., :1], idx)
+        return idx.sort(-1).values
+
+    return ClusterSelection(windows(wq, nq), windows(wk, nk), nq, nk, causal=causal)
+
+
+def _grads(fn, q, k, v, sel, kpm, seed=0):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v, sel, key_padding_mask=kpm)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+    if out.requires_grad:  # False when no query sees any key
+        (out * g).sum().backward()
+    zero = [torch.zeros_like(x) if x.grad is None else x.grad for x in (q, k, v)]
+    return (out.detach(), *zero)
+
+
+def _reference(q, k, v, sel, key_padding_mask=None):
+    return clustered_attention(q, k, v, sel, key_padding_mask=key_padding_mask, reference=True)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    b=st.integers(1, 2), hkv=st.integers(1, 2), group=st.integers(1, 2), nq=st.integers(3, 21),
+    extra=st.integers(0, 6), c=st.integers(1, 3), causal=st.booleans(), pad=st.booleans(),
+    sel_heads=st.sampled_from(["all", "one"]), repeats=st.booleans(), seed=st.integers(0, 1000),
+)
+def test_kernel_matches_naive_reference(b, hkv, group, nq, extra, c, causal, pad, sel_heads, repeats, seed):
+    nk = nq + extra
+    hq = hkv * group
+    gen = torch.Generator().manual_seed(seed)
+    wq, wk = int(torch.randint(1, nq + 1, (1,), generator=gen)), int(torch.randint(1, nk + 1, (1,), generator=gen))
+    sel = _random_selection(b, hq if sel_heads == "all" else 1, c, wq, wk, nq, nk, causal, gen, repeats)
+    kpm = (torch.rand(b, nk, generator=gen) > 0.3) if pad else None
+    if pad:
+        kpm[0] = False  # a batch entry with no real key: zeros, never NaN
+    for dtype, atol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+        q, k, v = _qkv(b, hq, hkv, nq, nk, 8, dtype, seed)
+        got = _grads(clustered_attention, q, k, v, sel, kpm)
+        want = _grads(_reference, q.double(), k.double(), v.double(), sel, kpm)
+        for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
+            assert not torch.isnan(x).any(), name
+            err = (x.double() - y).abs().max().item()
+            assert err <= atol, f"{dtype} {name}: {err:.3g}"
+
+
+def test_reference_is_the_mean_of_window_softmaxes():
+    """Hand-built selection: query 1 in two windows gets the mean, query 3 in none gets zeros."""
+    q, k, v = _qkv(1, 1, 1, 4, 4, 4, torch.float64)
+    qi = torch.tensor([[[[0, 1], [1, 2]]]])
+    ki = torch.tensor([[[[0, 1], [2, 3]]]])
+    out = clustered_attention(q, k, v, ClusterSelection(qi, ki, 4, 4), reference=True)
+    fast = clustered_attention(q, k, v, ClusterSelection(qi, ki, 4, 4))
+
+    def soft(i, keys):
+        return torch.softmax(q[0, 0, i] @ k[0, 0, keys].T / 2.0, -1) @ v[0, 0, keys]
+
+    assert torch.allclose(out[0, 0, 0], soft(0, [0, 1]))
+    assert torch.allclose(out[0, 0, 1], (soft(1, [0, 1]) + soft(1, [2, 3])) / 2)
+    assert torch.allclose(out[0, 0, 2], soft(2, [2, 3]))
+    assert torch.equal(out[0, 0, 3], torch.zeros(4, dtype=torch.float64))
+    assert torch.allclose(fast, out, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal,safe", [(False, False), (True, False), (True, True)])
+def test_attention_on_routing_matches_reference(causal, safe):
+    q, k, v = _qkv(2, 4, 2, 37, 37, 8, torch.float64)
+    r = Routing(clusters=4, causal_safe=safe, heads=4, head_dim=8).eval()
+    kpm = torch.rand(2, 37, generator=torch.Generator().manual_seed(1)) > 0.2
+    got = spattn.attention(q, k, v, r, causal=causal, key_padding_mask=kpm)
+    want = spattn.attention(q, k, v, r, causal=causal, key_padding_mask=kpm, backend="reference")
+    assert (got - want).abs().max() <= 1e-10
+
+
+def test_kernel_errors():
+    q, k, v = _qkv(1, 2, 1, 8, 8, 4)
+    sel = ClusterSelection(torch.zeros(1, 2, 2, 3, dtype=torch.long), torch.zeros(1, 2, 2, 3, dtype=torch.long), 8, 8)
+    with pytest.raises(ValueError, match="return_lse"):
+        clustered_attention(q, k, v, sel, return_lse=True)
+    with pytest.raises(ValueError, match="return_lse"):
+        spattn.attention(q, k, v, Routing(clusters=2).eval(), return_lse=True)
+    with pytest.raises(ValueError, match="selection is for"):
+        clustered_attention(q[:, :, :6], k, v, sel)
+    with pytest.raises(ValueError, match="heads"):
+        clustered_attention(q.repeat(1, 2, 1, 1), k, v, sel)
+    with pytest.raises(TypeError, match="ClusterSelection"):
+        clustered_attention(q, k, v, "routing")
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        clustered_attention(q, k, v, sel, key_padding_mask=torch.ones(1, 8))
+    with pytest.raises(ValueError, match="routing windows"):
+        spattn.attention(q, k, v, Routing(clusters=2).eval(), backend="blocksparse")
+
+
+# --------------------------------------------------------------------------------- learning
+
+
+def _clustered_data(centers, b, n, gen):
+    labels = torch.randint(0, centers.shape[0], (b, n), generator=gen)
+    x = centers[labels] + 0.3 * torch.randn(b, n, centers.shape[1], generator=gen)
+    return x[:, None], labels
+
+
+def test_centroids_recover_well_separated_clusters():
+    c, d = 6, 16
+    gen = torch.Generator().manual_seed(0)
+    centers = layer_norm(torch.randn(c, d, generator=gen)) * 3
+    r = Routing(clusters=c, decay=0.9, heads=1, head_dim=d).train()
+    for _ in range(30):
+        x, _ = _clustered_data(centers, 4, 64, gen)
+        r.select(x, x)
+    x, labels = _clustered_data(centers, 8, 64, gen)
+    assign = (layer_norm(x) @ r.centroids[0].T).argmax(-1)[:, 0]
+    purity = sum(torch.bincount(labels[assign == j], minlength=c).max().item() for j in range(c) if (assign == j).any())
+    assert purity / labels.numel() >= 0.95
+
+
+def test_ema_update_follows_online_kmeans_formula():
+    h, c, d, lam = 2, 3, 4, 0.8
+    r = Routing(clusters=c, decay=lam, init="random", heads=h, head_dim=d)
+    q, k, _ = _qkv(1, h, h, 9, 9, d)
+    count0, sum0 = r.ema_count.clone(), r.ema_sum.clone()
+    mu0 = r.centroids.clone()
+    r.select(q, k)
+    cnt, dw = torch.zeros(h, c), torch.zeros(h, c, d)
+    for x in (layer_norm(q), layer_norm(k)):  # not shared: queries and keys both update the means
+        for hi in range(h):
+            for t in range(9):
+                j = int((x[0, hi, t] @ mu0[hi].T).argmax())
+                cnt[hi, j] += 1
+                dw[hi, j] += x[0, hi, t]
+    ema_count = lam * count0 + (1 - lam) * cnt
+    ema_sum = lam * sum0 + (1 - lam) * dw
+    n = ema_count.sum(-1, keepdim=True)
+    want = ema_sum / ((ema_count + 1e-5) / (n + c * 1e-5) * n)[..., None]
+    assert torch.allclose(r.centroids, want, atol=1e-6)
+    assert torch.allclose(r.ema_count, ema_count)
+
+
+def test_commitment_loss_has_grad_to_q_and_k_and_none_through_routing():
+    q, k, v = _qkv(1, 2, 2, 16, 16, 8)
+    q.requires_grad_()
+    k.requires_grad_()
+    r = Routing(clusters=4, heads=2, head_dim=8).eval()
+    r.select(q, k)
+    loss = r.aux_loss
+    assert loss.requires_grad and loss.item() > 0
+    gq, gk = torch.autograd.grad(loss, (q, k))
+    assert gq.abs().sum() > 0 and gk.abs().sum() > 0
+    mu = r.centroids
+    want = 1e-4 * torch.cat([((layer_norm(x) - mu[torch.arange(2)[:, None], (layer_norm(x) @ mu.transpose(1, 2)).argmax(-1)[0]]) ** 2)
+                             .mean(-1).flatten() for x in (q, k)]).mean()
+    assert torch.allclose(loss, want, atol=1e-9)
+    assert not r.centroids.requires_grad
+
+
+def test_state_dict_round_trip_into_lazy_module():
+    q, k, v = _qkv(2, 2, 2, 24, 24, 8)
+    r = Routing(clusters=3)
+    for _ in range(3):
+        r.select(q + torch.randn_like(q), k)
+    r2 = Routing(clusters=3)
+    r2.load_state_dict(copy.deepcopy(r.state_dict()))
+    for name in ("centroids", "ema_count", "ema_sum", "initialized"):
+        assert torch.equal(getattr(r, name), getattr(r2, name))
+    r.eval(), r2.eval()
+    assert torch.equal(spattn.attention(q, k, v, r), spattn.attention(q, k, v, r2))
+
+
+def test_nn_attention_creates_centroids_at_construction():
+    layer = spattn.nn.Attention(32, 4, attention="routing(clusters=4)", causal=True)
+    assert tuple(layer.mechanism.centroids.shape) == (4, 4, 8)
+    assert "mechanism.centroids" in layer.state_dict()
+    x = torch.randn(2, 16, 32)
+    layer(x).sum().backward()
+    assert layer.aux_loss.requires_grad
+
+
+def _train(model, opt, batches):
+    for x in batches:
+        opt.zero_grad()
+        y = model(x)
+        loss = y.pow(2).mean() + model.aux_loss
+        loss.backward()
+        opt.step()
+
+
+def test_training_resumes_bit_identically():
+    torch.manual_seed(0)
+    model = spattn.nn.Attention(16, 2, attention="routing(clusters=3, decay=0.9)", causal=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(2, 12, 16, generator=gen) for _ in range(6)]
+    _train(model, opt, batches[:3])
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    _train(model, opt, batches[3:])
+
+    torch.manual_seed(123)  # a different init, overwritten by the checkpoint
+    resumed = spattn.nn.Attention(16, 2, attention="routing(clusters=3, decay=0.9)", causal=True)
+    opt2 = torch.optim.Adam(resumed.parameters(), lr=1e-2)
+    buf.seek(0)
+    state = torch.load(buf)
+    resumed.load_state_dict(state["model"])
+    opt2.load_state_dict(state["opt"])
+    _train(resumed, opt2, batches[3:])
+    a, b = model.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# --------------------------------------------------------------------------------- causality
+
+
+def test_causal_safe_never_looks_at_future_tokens():
+    n, t = 40, 17
+    q, k, v = _qkv(2, 2, 1, n, n, 8, torch.float64)
+    r = Routing(clusters=4, causal_safe=True, heads=2, head_dim=8).eval()
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    gen = torch.Generator().manual_seed(5)
+    for x in (q2, k2, v2):
+        x[:, :, t + 1:] = torch.randn(x[:, :, t + 1:].shape, generator=gen, dtype=x.dtype) * 3
+    d1 = r.select(q, k, causal=True).to_dense()[..., : t + 1, :]
+    d2 = r.select(q2, k2, causal=True).to_dense()[..., : t + 1, :]
+    assert torch.equal(d1, d2)
+    o1 = spattn.attention(q, k, v, r, causal=True)[:, :, : t + 1]
+    o2 = spattn.attention(q2, k2, v2, r, causal=True)[:, :, : t + 1]
+    assert torch.equal(o1, o2)
+    assert not d1[..., t + 1:].any()
+
+
+def test_paper_causal_mode_selection_depends_on_future_tokens():
+    """The documented leak of the paper's balanced routing, shown so the safe variant's test means something."""
+    n, t = 40, 17
+    q, k, _ = _qkv(1, 1, 1, n, n, 8, torch.float64)
+    r = Routing(clusters=4, heads=1, head_dim=8).eval()
+    q2 = q.clone()
+    q2[:, :, t + 1:] = r.centroids[0, 0].double() * 10  # future tokens crowd centroid 0's window
+    d1 = r.select(q, q, causal=True).to_dense()[..., : t + 1, :]
+    d2 = r.select(q2, q2, causal=True).to_dense()[..., : t + 1, :]
+    assert not torch.equal(d1, d2)
+
+
+# --------------------------------------------------------------------------------- errors
+
+
+def test_bad_parameters_raise_clear_errors():
+    with pytest.raises(TypeError, match="clusters"):
+        Routing(clusters=2.5)
+    with pytest.raises(ValueError, match="clusters"):
+        Routing(clusters=0)
+    with pytest.raises(TypeError, match="window"):
+        Routing(window="big")
+    with pytest.raises(ValueError, match="decay"):
+        Routing(decay=1.0)
+    with pytest.raises(TypeError, match="causal_safe"):
+        Routing(causal_safe=1)
+    with pytest.raises(ValueError, match="init"):
+        Routing(init="kmeans++")
+    with pytest.raises(ValueError, match="head_dim"):
+        Routing(heads=2)
+    q, k, v = _qkv(1, 2, 2, 8, 8, 4)
+    with pytest.raises(ValueError, match="clusters=16 must be <="):
+        Routing(clusters=16).select(q, k)
+    with pytest.raises(ValueError, match="window=9 exceeds"):
+        Routing(clusters=2, window=9).select(q, k)
+    with pytest.raises(ValueError, match="Nq == Nk"):
+        Routing(clusters=2).select(q[:, :, :6], k, causal=True)
+    with pytest.raises(ValueError, match="centroids are for 3 heads"):
+        Routing(clusters=2, heads=3, head_dim=4).select(q, k)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        spattn.pattern("routing(cluster=3)")
+    assert spattn.pattern("routing").clusters == 8  # the bare name works
