@@ -368,3 +368,59 @@ def test_bad_parameters_raise_clear_errors():
     with pytest.raises(ValueError, match="unknown parameter"):
         spattn.pattern("routing(cluster=3)")
     assert spattn.pattern("routing").clusters == 8  # the bare name works
+
+
+# --------------------------------------------------------------------------------- RoutingAttention
+
+
+def test_routing_attention_equals_local_plus_routing_heads():
+    from spattn.nn.routing import RoutingAttention
+
+    torch.manual_seed(0)
+    layer = RoutingAttention(32, 4, clusters=3, local_heads=2, window=5, causal=True).double().eval()
+    x = torch.randn(2, 19, 32, dtype=torch.float64)
+    got = layer(x)
+    q = layer.q_proj(x).view(2, 19, 4, 8).transpose(1, 2)  # share_qk: k = q
+    v = layer.v_proj(x).view(2, 19, 4, 8).transpose(1, 2)
+    local = spattn.attention(q[:, :2], q[:, :2], v[:, :2], "window(size=5)", causal=True, backend="reference")
+    qr = layer_norm(q[:, 2:])
+    sel = layer.routing.select(qr, qr, causal=True)
+    routed = clustered_attention(qr, qr, v[:, 2:], sel, reference=True)
+    want = layer.out_proj(torch.cat([local, routed], 1).transpose(1, 2).reshape(2, 19, 32))
+    assert (got - want).abs().max() <= 1e-10
+
+
+def test_routing_transformer_spec_in_nn_attention():
+    layer = spattn.nn.Attention(32, 4, attention="routing_transformer(clusters=4, window=8)", causal=True)
+    assert "mechanism.routing.centroids" in layer.state_dict()
+    assert tuple(layer.mechanism.routing.centroids.shape) == (2, 4, 8)
+    x = torch.randn(2, 24, 32, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    (y.sum() + layer.aux_loss).backward()
+    assert layer.aux_loss.item() > 0 and x.grad is not None
+    assert spattn.nn.Attention(32, 4, attention="routing_transformer", causal=False)(x).shape == x.shape
+
+
+def test_causal_safe_routing_attention_is_causal_end_to_end():
+    from spattn.nn.routing import RoutingAttention
+
+    torch.manual_seed(0)
+    layer = RoutingAttention(16, 4, clusters=3, window=4, causal=True, causal_safe=True).eval()
+    x = torch.randn(1, 30, 16)
+    x2 = x.clone()
+    x2[:, 12:] = torch.randn(1, 18, 16) * 5
+    assert torch.equal(layer(x)[:, :12], layer(x2)[:, :12])
+
+
+def test_routing_attention_errors():
+    from spattn.nn.routing import RoutingAttention
+
+    with pytest.raises(ValueError, match="local_heads=5 exceeds"):
+        RoutingAttention(16, 4, local_heads=5)
+    with pytest.raises(ValueError, match="divisible"):
+        RoutingAttention(15, 4)
+    with pytest.raises(ValueError, match="x must have shape"):
+        RoutingAttention(16, 4, clusters=2)(torch.randn(2, 8, 15))
+    with pytest.raises(ValueError, match="clusters=8 must be <="):
+        RoutingAttention(16, 4)(torch.randn(1, 6, 16))
