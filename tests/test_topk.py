@@ -257,3 +257,77 @@ def test_errors():
         spattn.pattern("block_mass(threshold='high')")
     with pytest.raises(ValueError, match="must agree in batch and head dim"):
         spattn.pattern("topk(k=2)").select(q, k[..., :3])
+
+
+# -------------------------------------------------------------------------------- DRSformer multi-ratio top-k
+
+
+def dense_drsformer(q, k, v, ratios, weights, temperature, causal=False, kpm=None):
+    """Direct transcription of the official operator on token attention (dense masks, fp64)."""
+    q, k = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    nq, nk = q.shape[2], k.shape[2]
+    scores = (q @ k.transpose(-1, -2)) * temperature.view(-1, 1, 1)
+    allowed = torch.ones(nq, nk, dtype=torch.bool)
+    if causal:
+        allowed = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq)
+    allowed = allowed.expand(q.shape[0], 1, nq, nk)
+    if kpm is not None:
+        allowed = allowed & kpm[:, None, None, :]
+    masked = scores.masked_fill(~allowed, float("-inf"))
+    out = 0
+    for r, w in zip(ratios, weights):
+        kk = max(1, int(nk * r))
+        idx = torch.topk(masked, kk, dim=-1).indices
+        keep = torch.zeros_like(allowed.expand_as(masked)).scatter(-1, idx, True) & allowed
+        probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+        out = out + w * torch.nan_to_num(probs, nan=0.0) @ v
+    return out
+
+
+@pytest.mark.parametrize("causal,padded", [(False, False), (False, True), (True, False)])
+def test_drsformer_matches_dense_transcription(causal, padded):
+    from spattn.approx.drsformer import DRSformerTopK
+
+    q, k, v = _qkv(7, 2, 4, 2, 23, 23, 8)
+    kpm = (torch.rand(2, 23, generator=torch.Generator().manual_seed(1)) < 0.8) if padded else None
+    mod = DRSformerTopK(heads=4)
+    with torch.no_grad():
+        mod.weights.copy_(torch.tensor([0.3, -0.2, 0.5, 0.1]))
+        mod.temperature.copy_(torch.tensor([1.0, 2.0, 0.5, 3.0]))
+    inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+    got = mod(*inputs, causal=causal, key_padding_mask=kpm)
+    cot = torch.randn(got.shape, generator=torch.Generator().manual_seed(2))
+    (got * cot).sum().backward()
+    ref_inputs = [x.double().requires_grad_() for x in (q, k, v)]
+    w, t = mod.weights.detach().double().requires_grad_(), mod.temperature.detach().double().requires_grad_()
+    want = dense_drsformer(*ref_inputs, mod.ratios, w, t, causal, kpm)
+    (want * cot.double()).sum().backward()
+    assert (got.double() - want).abs().max() <= 1e-5
+    for a, b in zip([*inputs, mod.weights, mod.temperature], [*ref_inputs, w, t]):
+        assert (a.grad.double() - b.grad).abs().max() <= 1e-5
+
+
+def test_drsformer_in_nn_attention():
+    layer = spattn.nn.Attention(dim=16, heads=2, attention="drsformer_topk")
+    assert layer.mechanism.ratios == (1 / 2, 2 / 3, 3 / 4, 4 / 5) and layer.mechanism.temperature.shape == (2,)
+    assert layer.mechanism.keys_kept(48) == [24, 32, 36, 38]  # the paper's k for C = 48
+    x = torch.randn(2, 12, 16)
+    layer(x, key_padding_mask=torch.rand(2, 12) < 0.9).square().mean().backward()
+    assert layer.mechanism.weights.grad is not None and torch.isfinite(layer.mechanism.weights.grad).all()
+    assert spattn.nn.Attention(dim=8, heads=1, attention="drsformer_topk(ratios=(0.5, 1.0))").mechanism.weights.shape == (2,)
+
+
+def test_drsformer_errors():
+    from spattn.approx.drsformer import DRSformerTopK
+
+    with pytest.raises(ValueError, match=r"every ratio must lie in \(0, 1\]"):
+        DRSformerTopK(ratios=(0.5, 1.5))
+    with pytest.raises(TypeError, match="non-empty tuple"):
+        DRSformerTopK(ratios=())
+    with pytest.raises(ValueError, match="heads must be a positive int"):
+        DRSformerTopK(heads=0)
+    q, k, v = _qkv(0, 1, 2, 2, 8, 8, 4)
+    with pytest.raises(ValueError, match="built for heads=4"):
+        DRSformerTopK(heads=4)(q, k, v)
