@@ -1,0 +1,154 @@
+"""Shared kernels of the linear-attention family: chunked causal scan and its recurrent step.
+
+Everything here computes the (optionally decayed) *unnormalised* linear attention
+
+    o_t = sum_{s <= t} (q_t * exp(G_t - G_s)) . k_s  v_s          G_t = sum_{r <= t} log_decay_r
+
+with ``q, k [B, H, N, Dk]``, ``v [B, H, N, Dv]`` and ``log_decay`` ``<= 0`` either ``None`` (plain
+linear attention, Katharopoulos et al. 2020), ``[B|1, H, N|1, 1]`` (one decay per head, Lightning
+Attention / TransNormerLLM, Qin et al. 2024) or ``[B, H, N, Dk]`` (data-dependent gates on the key
+dimension, GLA, Yang et al. 2024). The equivalent recurrence is
+
+    S_t = diag(exp(log_decay_t)) S_{t-1} + k_t^T v_t,     o_t = q_t S_t,     S in R^{Dk x Dv}.
+
+The chunked form (Lightning Attention-2 / GLA's chunkwise form) splits the sequence into chunks of
+``chunk`` tokens: inside a chunk the pairs are computed explicitly ("intra", left product), across
+chunks through the state ("inter", right product). Only the O(N / chunk) state hand-off is a Python
+loop. All gate exponents are differences ``G_t - G_s`` with ``s <= t`` measured from the chunk start,
+so every ``exp`` is ``<= 1``: nothing overflows however strong the decay (log-space stability).
+
+Normalised linear attention (elu+1, Performer) appends a column of ones to ``v``: the last output
+column is then the denominator ``q_t . sum_s k_s``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["chunked_causal", "recurrent_step", "noncausal", "compute_dtype", "repeat_kv", "check_qkv"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """States and cumulative gates are kept in at least fp32 (fp16 prefix sums overflow)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_qkv(name: str, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]) -> None:
+    """Validate ``q [B, Hq, N, D]``, ``k, v [B, Hkv, N, D]``, ``Hq % Hkv == 0``, mask ``[B, N]`` bool."""
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: {arg} must have shape [B, H, N, D], got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: {arg} must be floating point, got {t.dtype}")
+    if k.shape != v.shape[:3] + k.shape[3:] or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"{name}: k {tuple(k.shape)} and v {tuple(v.shape)} must share [B, Hkv, N]")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{name}: q {tuple(q.shape)} and k {tuple(k.shape)} must share batch and head_dim")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{name}: query heads {q.shape[1]} must be a multiple of key/value heads {k.shape[1]}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"{name}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"{name}: key_padding_mask must be a bool tensor [B, N] (True = real token)")
+        if tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2]):
+            raise ValueError(
+                f"{name}: key_padding_mask must have shape [B, N] = {(k.shape[0], k.shape[2])}, "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+
+
+def repeat_kv(x: Tensor, heads: int) -> Tensor:
+    """``[B, Hkv, ...]`` -> ``[B, heads, ...]``: query head h reads key/value head ``h // (heads / Hkv)``."""
+    g = heads // x.shape[1]
+    return x if g == 1 else x.repeat_interleave(g, dim=1)
+
+
+def noncausal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """``o_i = q_i (sum_j k_j^T v_j)``: ``q, k [B, H, N, Dk]``, ``v [B, H, N, Dv]`` -> ``[B, H, N, Dv]``."""
+    return q @ (k.transpose(-1, -2) @ v)
+
+
+def recurrent_step(
+    q_t: Tensor, k_t: Tensor, v_t: Tensor, state: Tensor, log_decay_t: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
+    """One decoding step: ``S = diag(exp(log_decay_t)) S + k_t^T v_t``, ``o_t = q_t S``.
+
+    ``q_t, k_t [B, H, Dk]``, ``v_t [B, H, Dv]``, ``state [B, H, Dk, Dv]``, ``log_decay_t`` broadcastable
+    to ``[B, H, Dk]`` or None. Returns ``(o_t [B, H, Dv], new state)``.
+    """
+    if log_decay_t is not None:
+        state = state * torch.exp(log_decay_t.to(state.dtype)).unsqueeze(-1)
+    state = state + k_t.to(state.dtype).unsqueeze(-1) * v_t.to(state.dtype).unsqueeze(-2)
+    out = (q_t.to(state.dtype).unsqueeze(-2) @ state).squeeze(-2)
+    return out, state
+
+
+def chunked_causal(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Optional[Tensor] = None,
+    *,
+    chunk: int = 64,
+    state: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Causal (decayed) linear attention in chunked intra/inter form.
+
+    ``q, k [B, H, N, Dk]``, ``v [B, H, N, Dv]``, ``log_decay`` None, ``[B|1, H, N|1, 1]`` or
+    ``[B, H, N, Dk]`` (values ``<= 0``), ``state [B, H, Dk, Dv]`` the state before the first token.
+    Returns ``(o [B, H, N, Dv], state after the last token)``, computed in fp32 (fp64 for fp64 input).
+    """
+    B, H, N, Dk = q.shape
+    Dv = v.shape[-1]
+    ct = compute_dtype(q.dtype)
+    q, k, v = q.to(ct), k.to(ct), v.to(ct)
+    if state is None:
+        state = q.new_zeros(B, H, Dk, Dv)
+    state = state.to(ct)
+    L = max(1, min(int(chunk), N))
+    C = -(-N // L)
+    pad = C * L - N
+    if pad:  # zero tokens at the end: no contribution, no decay (log 0 = 0), earlier outputs unchanged
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    qc, kc, vc = (x.reshape(B, H, C, L, x.shape[-1]) for x in (q, k, v))
+    causal_mask = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+
+    if log_decay is None:
+        scores = (qc @ kc.transpose(-1, -2)).masked_fill(~causal_mask, 0.0)
+        intra = scores @ vc
+        local = kc.transpose(-1, -2) @ vc  # [B, H, C, Dk, Dv]: each chunk's own contribution
+        before = torch.cumsum(local, dim=2) - local + state.unsqueeze(2)  # state entering each chunk
+        out = intra + qc @ before
+        final = before[:, :, -1] + local[:, :, -1]
+    else:
+        g = log_decay.to(ct).expand(B, H, N, log_decay.shape[-1])
+        if pad:
+            g = F.pad(g, (0, 0, 0, pad))
+        G = torch.cumsum(g.reshape(B, H, C, L, -1), dim=3)  # cumulative log-decay from the chunk start
+        last = G[:, :, :, -1:]  # [B, H, C, 1, Dg]
+        if G.shape[-1] == 1:  # one decay per head: [L, L] decay matrix per chunk
+            diff = (G - G.transpose(-1, -2)).masked_fill(~causal_mask, float("-inf"))
+            scores = (qc @ kc.transpose(-1, -2)) * torch.exp(diff)
+        else:  # a decay per key dimension: sum_d q_td k_sd exp(G_td - G_sd), s <= t
+            diff = (G.unsqueeze(-2) - G.unsqueeze(-3)).masked_fill(~causal_mask.unsqueeze(-1), float("-inf"))
+            scores = torch.einsum("bhctd,bhcsd,bhctsd->bhcts", qc, kc, torch.exp(diff))
+        intra = scores @ vc
+        # contribution of the chunk to the state at its end, keys decayed to the chunk's last token
+        local = (kc * torch.exp(last - G)).transpose(-1, -2) @ vc  # [B, H, C, Dk, Dv]
+        chunk_decay = torch.exp(last.squeeze(3)).unsqueeze(-1)  # [B, H, C, Dg, 1]
+        befores = []
+        for c in range(C):  # O(N / chunk) hand-off of a [Dk, Dv] state
+            befores.append(state)
+            state = chunk_decay[:, :, c] * state + local[:, :, c]
+        before = torch.stack(befores, dim=2)
+        out = intra + (qc * torch.exp(G)) @ before
+        final = state
+    out = out.reshape(B, H, C * L, Dv)[:, :, :N]
+    return out, final
