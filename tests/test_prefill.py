@@ -1,0 +1,385 @@
+"""Prefill selectors (XAttention, MInference vertical-slash / block-sparse, FlexPrefill).
+
+Each selector is checked against a brute-force construction of its definition written with plain
+loops / dense NumPy from the full attention matrix (never from the selector's own helpers), the
+kernels against the dense reference on the produced layouts, recovery of planted keys, and errors.
+Query ``i`` of ``Nq`` sits at key position ``i' = i + Nk - Nq``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import spattn
+from spattn.kernels.blocksparse import blocksparse_attention
+from spattn.patterns.flexprefill import FlexPrefill
+from spattn.patterns.minference import MInferenceBlock, VerticalSlash
+from spattn.patterns.xattention import XAttention
+
+from .helpers import assert_matches_reference
+
+
+def qkv(batch, hq, hkv, nq, nk, dim, seed, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, hq, nq, dim, generator=gen) * scale
+    k = torch.randn(batch, hkv, nk, dim, generator=gen) * scale
+    v = torch.randn(batch, hkv, nk, dim, generator=gen)
+    return q, k, v
+
+
+def np_heads(q, k):
+    """float64 numpy q [B,Hq,Nq,D] and k expanded to the query heads."""
+    group = q.shape[1] // k.shape[1]
+    return q.double().numpy(), k.double().repeat_interleave(group, 1).numpy()
+
+
+def causal_dense(nq, nk):
+    i = np.arange(nq)[:, None] + nk - nq
+    return np.arange(nk)[None, :] <= i
+
+
+def expand_blocks(block_map, nq, nk, block, causal):
+    """[..., NQB, NKB] -> token mask [..., Nq, Nk] (causal inside tiles)."""
+    m = np.repeat(np.repeat(block_map, block, -2), block, -1)[..., :nq, :nk]
+    return m & causal_dense(nq, nk) if causal else m
+
+
+def block_geometry(nq, nk, block):
+    off = nk - nq
+    nqb, nkb = -(-nq // block), -(-nk // block)
+    p0 = [qb * block + off for qb in range(nqb)]
+    p1 = [min(qb * block + block - 1, nq - 1) + off for qb in range(nqb)]
+    k0 = [kb * block for kb in range(nkb)]
+    k1 = [min(kb * block + block - 1, nk - 1) for kb in range(nkb)]
+    return p0, p1, k0, k1
+
+
+# ------------------------------------------------------------------------------------ XAttention
+def xattn_brute_scores(q, k, stride, block, causal):
+    qn, kn = np_heads(q, k)
+    bsz, hq, nq, dim = qn.shape
+    nk = kn.shape[2]
+    s, off = stride, nk - nq
+    nqb, nkb = -(-nq // block), -(-nk // block)
+    rows, cols = nqb * block // s, nkb * block // s
+    out = np.zeros((bsz, hq, nqb, nkb))
+    for b in range(bsz):
+        for h in range(hq):
+            for i in range(rows):
+                if i * s >= nq:
+                    continue
+                logits = np.full(cols, -np.inf)
+                for j in range(cols):
+                    if j * s >= nk or (causal and j * s > min(i * s + s - 1, nq - 1) + off):
+                        continue
+                    acc = 0.0  # explicit antidiagonal of the s x s tile (i, j)
+                    for t in range(s):
+                        qi, kj = i * s + s - 1 - t, j * s + t
+                        if qi < nq and kj < nk:
+                            acc += qn[b, h, qi] @ kn[b, h, kj]
+                    logits[j] = acc / (math.sqrt(dim) * s)
+                p = np.exp(logits - logits.max())
+                p /= p.sum()
+                for j in range(cols):
+                    out[b, h, i * s // block, j * s // block] += p[j]
+    return out
+
+
+def xattn_brute_select(scores, nq, nk, block, tau, causal):
+    p0, p1, k0, k1 = block_geometry(nq, nk, block)
+    sel = np.zeros(scores.shape, dtype=bool)
+    for idx in np.ndindex(*scores.shape[:3]):
+        qb = idx[2]
+        row = scores[idx]
+        valid = [(not causal) or k0[kb] <= p1[qb] for kb in range(len(k0))]
+        forced = [valid[kb] and (kb == 0 or (k0[kb] <= p1[qb] and k1[kb] >= p0[qb])) for kb in range(len(k0))]
+        total = sum(row[kb] for kb in range(len(k0)) if valid[kb])
+        mass = sum(row[kb] for kb in range(len(k0)) if forced[kb])
+        others = sorted((kb for kb in range(len(k0)) if valid[kb] and not forced[kb]), key=lambda kb: (-row[kb], kb))
+        for kb in range(len(k0)):
+            sel[idx + (kb,)] = forced[kb]
+        for kb in others:
+            if mass < tau * total:
+                sel[idx + (kb,)] = True
+                mass += row[kb]
+    return sel
+
+
+@settings(max_examples=8, deadline=None)
+@given(nq=st.integers(17, 90), extra=st.sampled_from([0, 0, 13]), stride=st.sampled_from([2, 4]),
+       causal=st.booleans(), group=st.sampled_from([1, 2]), seed=st.integers(0, 99))
+def test_xattention_scores_and_selection_match_brute_force(nq, extra, stride, causal, group, seed):
+    block, tau = 16, 0.8
+    q, k, _ = qkv(2, 2 * group, 2, nq, nq + extra, 8, seed)
+    pat = XAttention(threshold=tau, stride=stride, block=block)
+    scores = pat.block_scores(q, k, causal=causal).double().numpy()
+    want = xattn_brute_scores(q, k, stride, block, causal)
+    np.testing.assert_allclose(scores, want, atol=1e-5)
+    layout = pat.layout(q, k, causal=causal)
+    sel = xattn_brute_select(want, nq, nq + extra, block, tau, causal)
+    mask = expand_blocks(sel, nq, nq + extra, block, causal)
+    assert np.array_equal(layout.to_dense().numpy(), mask)
+
+
+def test_xattention_tau_one_and_small_tau():
+    q, k, _ = qkv(1, 2, 2, 128, 128, 8, seed=1)
+    full = XAttention(threshold=1.0, stride=4, block=16).layout(q, k, causal=True)
+    assert full.density() == pytest.approx(spattn.pattern("dense(block=16)").layout(q, k, causal=True).density())
+    tiny = XAttention(threshold=1e-6, stride=4, block=16).layout(q, k, causal=True)
+    sinks_diag = expand_blocks((np.eye(8, dtype=bool) | (np.arange(8) == 0)[None, :]), 128, 128, 16, True)
+    assert np.array_equal(tiny.to_dense()[0, 0].numpy(), sinks_diag)
+
+
+# --------------------------------------------------------------------------- MInference patterns
+def full_probs(q, k, causal=True):
+    qn, kn = np_heads(q, k)
+    nq, nk = qn.shape[2], kn.shape[2]
+    logits = qn @ kn.transpose(0, 1, 3, 2) / math.sqrt(qn.shape[3])
+    if causal:
+        logits = np.where(causal_dense(nq, nk), logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
+def brute_vertical_slash_scores(q, k, last_q):
+    probs = full_probs(q, k)
+    nq, nk = probs.shape[-2:]
+    rows = min(last_q, nq)
+    vert = probs[:, :, nq - rows:].sum(2)
+    slash = np.zeros(vert.shape)
+    for r in range(nq - rows, nq):
+        pos = r + nk - nq
+        for j in range(pos + 1):
+            slash[:, :, pos - j] += probs[:, :, r, j]
+    return vert, slash
+
+
+def pick(scores, count, forced):
+    """indices of the top ``count`` with the ``forced`` ones first (nearest/first first), ties -> lower index."""
+    order = list(range(forced)) + sorted(range(forced, len(scores)), key=lambda x: (-scores[x], x))
+    return set(order[: min(count, len(scores))])
+
+
+@settings(max_examples=8, deadline=None)
+@given(nq=st.integers(20, 120), extra=st.sampled_from([0, 0, 21]), group=st.sampled_from([1, 2]),
+       nv=st.integers(1, 40), ns=st.integers(1, 70), seed=st.integers(0, 99))
+def test_vertical_slash_matches_brute_force(nq, extra, group, nv, ns, seed):
+    nk = nq + extra
+    q, k, _ = qkv(2, 2 * group, 2, nq, nk, 8, seed, scale=1.5)
+    pat = VerticalSlash(vertical=nv, slash=ns, last_q=16, sinks=3, local=5, block=16)
+    vert, slash = brute_vertical_slash_scores(q, k, last_q=16)
+    from spattn.patterns.minference import vertical_slash_scores
+
+    got_v, got_s = vertical_slash_scores(q, k, last_q=16)
+    np.testing.assert_allclose(got_v.numpy(), vert, atol=1e-5)
+    np.testing.assert_allclose(got_s.numpy(), slash, atol=1e-5)
+    want = np.zeros((2, 2 * group, nq, nk), dtype=bool)
+    i = np.arange(nq)[:, None] + nk - nq
+    j = np.arange(nk)[None, :]
+    for b in range(2):
+        for h in range(2 * group):
+            # official budgets: at least 30 verticals and 50 slashes, at most Nk
+            vs = pick(vert[b, h], max(nv, 30), 3)
+            ss = pick(slash[b, h], max(ns, 50), 5)
+            want[b, h] = (j <= i) & (np.isin(j, list(vs)) | np.isin(i - j, list(ss)))
+    layout = pat.layout(q, k, causal=True)
+    assert np.array_equal(layout.to_dense().numpy(), want)
+
+
+@settings(max_examples=8, deadline=None)
+@given(nq=st.integers(10, 120), extra=st.sampled_from([0, 0, 30]), causal=st.booleans(),
+       topk=st.integers(1, 6), group=st.sampled_from([1, 2]), seed=st.integers(0, 99))
+def test_minference_block_matches_brute_force(nq, extra, causal, topk, group, seed):
+    block, nk = 16, nq + extra
+    q, k, _ = qkv(2, 2 * group, 2, nq, nk, 8, seed)
+    qn, kn = np_heads(q, k)
+    p0, p1, k0, _ = block_geometry(nq, nk, block)
+    nqb, nkb = len(p0), len(k0)
+    sel = np.zeros((2, 2 * group, nqb, nkb), dtype=bool)
+    for b in range(2):
+        for h in range(2 * group):
+            for qb in range(nqb):
+                qbar = qn[b, h, qb * block: (qb + 1) * block].mean(0)
+                scores = [qbar @ kn[b, h, kb * block: (kb + 1) * block].mean(0) for kb in range(nkb)]
+                cand = [kb for kb in range(nkb) if not causal or k0[kb] <= p1[qb]]
+                for kb in sorted(cand, key=lambda x: (-scores[x], x))[:topk]:
+                    sel[b, h, qb, kb] = True
+    layout = MInferenceBlock(k=topk, block=block).layout(q, k, causal=causal)
+    assert np.array_equal(layout.to_dense().numpy(), expand_blocks(sel, nq, nk, block, causal))
+
+
+# ------------------------------------------------------------------------------------ FlexPrefill
+def brute_flexprefill_blocks(q, k, gamma, tau, block):
+    qn, kn = np_heads(q, k)
+    bsz, hq, nq, dim = qn.shape
+    nk = kn.shape[2]
+    probs = full_probs(q, k)
+    rows = min(block, nq)
+    p0, p1, k0, k1 = block_geometry(nq, nk, block)
+    nqb, nkb = len(p0), len(k0)
+    out = np.zeros((bsz, hq, nqb, nkb), dtype=bool)
+    aware = np.zeros((bsz, hq), dtype=bool)
+    for b in range(bsz):
+        for h in range(hq):
+            last = probs[b, h, nq - rows:]
+            a_v = last.mean(0)
+            a_s = np.zeros(nk)
+            for r in range(rows):
+                pos = nk - rows + r
+                for j in range(pos + 1):
+                    a_s[pos - j] += last[r, j] / rows
+
+            def cover(x):
+                return int((np.cumsum(np.sort(x)[::-1]) <= gamma).sum()) + 1
+
+            v_blk = np.array([a_v[kb * block: (kb + 1) * block].sum() for kb in range(nkb)])
+            s_blk = np.array([a_s[d * block: (d + 1) * block].sum() for d in range(nkb)])
+            kbar = np.stack([kn[b, h, kb * block: (kb + 1) * block].mean(0) for kb in range(nkb)])
+            logit = (qn[b, h, nq - rows:].mean(0) / math.sqrt(dim)) @ kbar.T
+            a_hat = np.exp(logit - logit.max())
+            a_hat /= a_hat.sum()
+            m = (a_hat + v_blk) / 2
+            kl = lambda x: sum(xi * math.log(xi / mi) for xi, mi in zip(x, m) if xi > 0)
+            aware[b, h] = math.sqrt(max(0.5 * kl(a_hat) + 0.5 * kl(v_blk), 0)) < tau
+            n_v = 1 if aware[b, h] else min(max(cover(a_v) // block + 1, 1), nkb)
+            n_s = 1 if aware[b, h] else min(max(cover(a_s) // block + 1, 1), nkb)
+            vs = pick(v_blk, n_v, 1)
+            ss = pick(s_blk, n_s, 1)
+            for qb in range(nqb):
+                for kb in range(nkb):
+                    delta = p1[qb] // block - kb
+                    diag = k0[kb] <= p1[qb] and k1[kb] >= p0[qb]
+                    out[b, h, qb, kb] = kb in vs or (delta >= 0 and delta in ss) or diag
+            if aware[b, h]:
+                qbar = np.stack([qn[b, h, qb * block: (qb + 1) * block].mean(0) for qb in range(nqb)]) / math.sqrt(dim)
+                sc = qbar @ kbar.T
+                sc = np.where(np.array(k0)[None, :] <= np.array(p1)[:, None], sc, -np.inf)
+                pm = np.exp(sc - sc.max(-1, keepdims=True))
+                pm /= pm.sum(-1, keepdims=True)
+                flat = pm.reshape(-1)
+                order = sorted(range(flat.size), key=lambda x: (-flat[x], x))
+                acc = 0.0
+                for x in order:
+                    acc += flat[x]
+                    if acc > gamma * nqb:
+                        break
+                    out[b, h, x // nkb, x % nkb] = True
+    return out, aware
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.3, 10.0])
+@pytest.mark.parametrize("nq,extra,group", [(150, 0, 1), (133, 0, 2), (100, 40, 1)])
+def test_flexprefill_matches_brute_force(tau, nq, extra, group):
+    block, gamma, nk = 16, 0.8, nq + extra
+    q, k, _ = qkv(2, 2 * group, 2, nq, nk, 8, seed=nq + extra, scale=1.3)
+    pat = FlexPrefill(gamma=gamma, tau=tau, block=block)
+    want, aware = brute_flexprefill_blocks(q, k, gamma, tau, block)
+    est = pat.estimate(q, k)
+    assert np.array_equal(est["query_aware"].numpy(), aware)
+    if tau == 0.0:
+        assert not aware.any()
+    if tau == 10.0:
+        assert aware.all()
+    layout = pat.layout(q, k, causal=True)
+    assert np.array_equal(layout.to_dense().numpy(), expand_blocks(want, nq, nk, block, True))
+
+
+def test_flexprefill_short_sequence_is_dense():
+    q, k, _ = qkv(1, 2, 2, 50, 50, 8, seed=0)
+    lay = FlexPrefill(block=32).layout(q, k, causal=True)
+    assert np.array_equal(lay.to_dense()[0, 0].numpy(), causal_dense(50, 50))
+
+
+def test_sqrt_js_divergence():
+    from spattn.patterns.flexprefill import sqrt_js_divergence
+
+    p = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    r = torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    got = sqrt_js_divergence(p, r)
+    assert got[0].item() == pytest.approx(0.0, abs=1e-12)
+    assert got[1].item() == pytest.approx(math.sqrt(math.log(2)), abs=1e-12)
+
+
+# ------------------------------------------------------------------------- kernels on the layouts
+SPECS = {
+    "xattention": "xattention(threshold=0.8, stride=4, block=16)",
+    "vertical_slash": "vertical_slash(vertical=8, slash=12, last_q=16, sinks=2, local=4, block=16)",
+    "minference_block": "minference_block(k=2, block=16)",
+    "flexprefill": "flexprefill(gamma=0.8, tau=0.2, block=16)",
+}
+
+
+@settings(max_examples=4, deadline=None)
+@given(batch=st.integers(1, 2), group=st.sampled_from([1, 2]), n=st.integers(20, 150),
+       extra=st.sampled_from([0, 0, 19]), seed=st.integers(0, 999))
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_prefill_selector_kernels_match_reference(name, batch, group, n, extra, seed):
+    q, k, v = qkv(batch, 2 * group, 2, n, n + extra, 8, seed)
+    layout = spattn.pattern(SPECS[name]).layout(q, k, causal=True)
+    assert layout.heads == 2 * group and layout.batch == batch
+    assert_matches_reference(blocksparse_attention, q, k, v, layout)
+    got = spattn.attention(q, k, v, SPECS[name], causal=True)
+    want = spattn.attention(q, k, v, layout, backend="reference")
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_every_prefill_selector_is_registered_and_content_based():
+    names = {m.name for m in spattn.mechanisms()}
+    for name in SPECS:
+        assert name in names
+        assert spattn.pattern(name).content_based  # the bare name works with paper defaults
+
+
+# ------------------------------------------------------------------------- planted strong keys
+def planted(n=512, dim=16, heads=2, seed=0):
+    """Queries share a direction u; 4 keys from each ``strong`` position carry it strongly, the rest are noise."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(dim, generator=gen)
+    u = u / u.norm()
+    q = torch.randn(1, heads, n, dim, generator=gen) * 0.3 + u * 3.0
+    k = torch.randn(1, heads, n, dim, generator=gen) * 0.3
+    strong = torch.tensor([40, 170, 300])
+    for j in strong.tolist():  # a short run of strong keys, so that block means see it too
+        k[:, :, j: j + 4] += u * 3.0
+    return q, k, strong
+
+
+def test_selectors_recover_planted_keys():
+    q, k, strong = planted()
+    n = q.shape[2]
+    for pat in (VerticalSlash(vertical=40, slash=50, block=32), XAttention(threshold=0.9, stride=8, block=32),
+                MInferenceBlock(k=4, block=32), FlexPrefill(gamma=0.9, tau=0.1, block=32)):
+        dense = pat.layout(q, k, causal=True).to_dense()
+        for j in strong.tolist():
+            late = torch.arange(n) >= j + 32  # queries after the key's block
+            frac = dense[0, :, late, j].float().mean().item()
+            assert frac >= 0.95, f"{pat.spec()} misses planted key {j}: {frac:.2f}"
+        assert pat.layout(q, k, causal=True).density() < 0.6
+
+
+# ---------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("spec,err", [
+    ("xattention(threshold=0.0)", ValueError), ("xattention(threshold=1.5)", ValueError),
+    ("xattention(stride=3, block=128)", ValueError), ("xattention(stride=0)", ValueError),
+    ("xattention(threshold='a')", TypeError), ("vertical_slash(vertical=0)", ValueError),
+    ("vertical_slash(last_q=0)", ValueError), ("vertical_slash(slash=2.5)", TypeError),
+    ("minference_block(k=0)", ValueError), ("minference_block(block=0)", ValueError),
+    ("flexprefill(gamma=0)", ValueError), ("flexprefill(gamma=1.1)", ValueError), ("flexprefill(tau=-1)", ValueError),
+    ("flexprefill(min_budget=512, max_budget=128)", ValueError), ("flexprefill(block=0)", ValueError),
+])
+def test_bad_parameters(spec, err):
+    with pytest.raises(err):
+        spattn.pattern(spec)
+
+
+@pytest.mark.parametrize("spec", ["vertical_slash", "flexprefill"])
+def test_causal_only_selectors_reject_non_causal(spec):
+    q, k, _ = qkv(1, 2, 2, 40, 40, 8, seed=0)
+    with pytest.raises(ValueError, match="causal"):
+        spattn.pattern(spec).layout(q, k, causal=False)
