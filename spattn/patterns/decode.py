@@ -1,1 +1,453 @@
-"""Placeholder: this module is being written (its imports register mechanisms)."""
+"""Decode-time KV selection: which cached tokens a new query attends to.
+
+* :class:`Quest` (Tang et al., ICML 2024, "Quest: Query-Aware Sparsity for Efficient Long-Context
+  LLM Inference"): pages of ``page`` tokens summarised by elementwise key max/min; the page score
+  ``U_p = sum_d max(q_d M_pd, q_d m_pd)`` upper-bounds ``q . k_t`` for every token of the page;
+  the top pages (the query's own page always included) are attended exactly.
+* :class:`DoubleSparsity` (Yang et al. 2024, arXiv 2408.07092): offline calibration ranks the
+  channels of each head by ``mean_t |q_t ⊙ k_t|``; at run time approximate scores use only the top
+  ``channels`` channels of q and of a "label cache" of the keys; the top ``budget`` tokens are attended.
+* :class:`TidalDecode` (Yang et al., ICLR 2025, arXiv 2410.05076): layers before the first
+  selection layer are dense; a selection layer computes full attention and records its top-``budget``
+  token positions per head; every following layer attends only to the latest recorded positions.
+
+All three return a :class:`~spattn.selection.TokenSelection` from :meth:`select` (executed by the
+token-sparse kernel). Queries ``q [B, Hq, Nq, D]``, keys ``k [B, Hkv, Nk, D]`` (GQA: query head
+``h`` reads kv head ``h // (Hq/Hkv)``); decoding has ``Nq = 1`` but any ``Nq`` works, with causal
+queries aligned to the end of the keys. Selection is per query head, masks are applied before
+top-k, scoring runs in float32 (float64 inputs stay float64).
+
+Stateful use (decoding loops, the Hugging Face integration) passes ``state=`` (a
+:class:`~spattn.kvcache.SelectorState`) and ``layer=``: Quest and Double Sparsity then keep their
+page summaries / label caches incrementally, and TidalDecode shares positions across layers.
+:meth:`plan` is the same as :meth:`select` but returns ``None`` where plain dense attention is
+exact (budget covering every key, TidalDecode's dense and selection layers), so a caller can use
+a dense kernel there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..kvcache import LabelCache, PageSummary, SelectorState
+from ..layout import Layout
+from ..registry import register
+from ..selection import TokenSelection
+from .base import Pattern, check_int, check_qk
+
+__all__ = ["Quest", "DoubleSparsity", "TidalDecode", "quest_page_bounds", "resolve_budget"]
+
+#: elements of one chunk of approximate scores ``[B, Hq, chunk, Nk]``
+_SCORE_BUDGET = 1 << 24
+
+
+def check_budget(owner: str, budget: Any) -> None:
+    """A token budget is an int >= 1 (tokens) or a float in (0, 1] (fraction of the keys)."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError(f"{owner}: budget must be an int >= 1 (tokens) or a float in (0, 1] (fraction), got {budget!r}")
+    if isinstance(budget, int):
+        if budget < 1:
+            raise ValueError(f"{owner}: budget must be >= 1 token, got {budget}")
+    elif not (0.0 < budget <= 1.0) or math.isnan(budget):
+        raise ValueError(f"{owner}: a fractional budget must lie in (0, 1], got {budget}")
+
+
+def resolve_budget(budget: Union[int, float], kv_len: int) -> int:
+    """Tokens allowed for ``kv_len`` keys: the int itself, or ``ceil(fraction * kv_len)``."""
+    if isinstance(budget, float):
+        return max(1, math.ceil(budget * kv_len))
+    return budget
+
+
+def _score_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _limits(nq: int, nk: int, causal: bool, device) -> Tensor:
+    """int64 ``[Nq]``: the last key each query may see."""
+    if causal:
+        return torch.arange(nq, device=device) + (nk - nq)
+    return torch.full((nq,), nk - 1, dtype=torch.long, device=device)
+
+
+def _grouped(q: Tensor, hkv: int) -> Tensor:
+    """``[B, Hq, Nq, D]`` -> ``[B, Hkv, G*Nq, D]`` (query heads of one kv head side by side)."""
+    b, hq, nq, d = q.shape
+    return q.reshape(b, hkv, (hq // hkv) * nq, d)
+
+
+def _all_keys(q: Tensor, k: Tensor, causal: bool) -> TokenSelection:
+    """Every key each query may see (the dense selection), shared over batch and heads."""
+    nq, nk = q.shape[2], k.shape[2]
+    pos = torch.arange(nk, device=q.device)
+    last = _limits(nq, nk, causal, q.device)
+    idx = torch.where(pos[None, :] <= last[:, None], pos[None, :], -1)
+    return TokenSelection(idx[None, None], q_len=nq, kv_len=nk)
+
+
+def _topk_tokens(scores: Tensor, count: int) -> Tensor:
+    """Top ``count`` keys of ``scores [..., Nk]`` (``-inf`` = not allowed) -> indices, ``-1`` for unused slots."""
+    count = min(count, scores.shape[-1])
+    val, idx = scores.topk(count, dim=-1, sorted=False)
+    idx = torch.where(torch.isneginf(val), -1, idx)
+    return idx.sort(dim=-1).values  # ascending positions (-1 first) for gather locality
+
+
+class _DecodeSelector(Pattern):
+    """Shared plumbing: :meth:`select` from :meth:`plan`, :meth:`layout` for inspection."""
+
+    content_based = True
+
+    def plan(self, q: Tensor, k: Tensor, causal: bool = False, *, state: Optional[SelectorState] = None,
+             layer: Any = None) -> Optional[TokenSelection]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def select(self, q: Tensor, k: Tensor, causal: bool = False, *, state: Optional[SelectorState] = None,
+               layer: Any = None) -> TokenSelection:
+        """The keys each query attends to, ``indices [B, Hq, Nq, K]`` (or broadcast ``[1, 1, Nq, Nk]``)."""
+        sel = self.plan(q, k, causal, state=state, layer=layer)
+        return _all_keys(q, k, causal) if sel is None else sel
+
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
+        """The selection as a block Layout (``O(Nq * Nk)``: for inspection and the reference backend)."""
+        return self.select(q, k, causal).to_layout()
+
+    @staticmethod
+    def _check(owner: str, q: Tensor, k: Tensor, causal: bool, state, layer) -> tuple[int, int, int, int, int]:
+        dims = check_qk(q, k)
+        if dims[1] % dims[2]:
+            raise ValueError(f"{owner}: query heads ({dims[1]}) must be a multiple of kv heads ({dims[2]})")
+        if not isinstance(causal, bool):
+            raise TypeError(f"{owner}: causal must be a bool, got {type(causal).__name__}")
+        if state is not None and not isinstance(state, SelectorState):
+            raise TypeError(f"{owner}: state must be a spattn.kvcache.SelectorState or None, got {type(state).__name__}")
+        if causal and dims[3] > dims[4]:
+            raise ValueError(f"{owner}: causal decoding needs Nq <= Nk, got Nq={dims[3]}, Nk={dims[4]}")
+        return dims
+
+
+def quest_page_bounds(q: Tensor, kmax: Tensor, kmin: Tensor) -> Tensor:
+    """Quest's per-page upper bound of ``q . k``: ``U[b, h, i, p] = sum_d max(q_d M_pd, q_d m_pd)``.
+
+    ``q [B, Hq, Nq, D]``, ``kmax/kmin [B, Hkv, P, D]`` -> ``[B, Hq, Nq, P]`` (float32/float64).
+    Since ``M >= m``, the max picks ``M`` where ``q_d >= 0`` and ``m`` elsewhere, i.e. two matmuls.
+    """
+    b, hq, nq, d = q.shape
+    hkv, pages = kmax.shape[1], kmax.shape[2]
+    dt = _score_dtype(q)
+    qg = _grouped(q.to(dt), hkv)
+    bound = qg.clamp(min=0) @ kmax.to(dt).transpose(-1, -2) + qg.clamp(max=0) @ kmin.to(dt).transpose(-1, -2)
+    return bound.reshape(b, hq, nq, pages)
+
+
+@register("quest", kind="dynamic",
+          description="Quest decode selection: pages of keys bounded by elementwise max/min, top pages by the q.k upper bound",
+          paper="Tang et al. 2024, Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference (ICML)")
+class Quest(_DecodeSelector):
+    """Quest page selection (Tang et al., ICML 2024).
+
+    Args:
+        page: tokens per page (paper: 16).
+        budget: token budget, int tokens or float fraction of the cache (Sparse Frontier default 1024);
+            ``max(min_pages, budget // page)`` pages are kept (the reference code keeps at least 3).
+        min_pages: lower bound on the number of pages kept.
+    The page holding the query's own position (the newest, partially filled page) is always kept, as in
+    the reference implementations; pages entirely in the query's future (causal) are never kept. Only
+    the keys the query may see are attended inside kept pages.
+    """
+
+    name = "quest"
+
+    def __init__(self, page: int = 16, budget: Union[int, float] = 1024, min_pages: int = 3):
+        check_int("quest", "page", page, minimum=1)
+        check_budget("quest", budget)
+        check_int("quest", "min_pages", min_pages, minimum=1)
+        self.page, self.budget, self.min_pages = page, budget, min_pages
+
+    def pages_kept(self, kv_len: int) -> int:
+        pages = -(-kv_len // self.page)
+        return min(pages, max(self.min_pages, resolve_budget(self.budget, kv_len) // self.page))
+
+    def summary(self, k: Tensor, state: Optional[SelectorState] = None, layer: Any = None) -> PageSummary:
+        """The page bounds of ``k`` (kept incrementally in ``state`` when given)."""
+        if state is None:
+            return PageSummary(self.page).update(k)
+        return state.layer(layer).setdefault(f"quest_pages_{self.page}", PageSummary(self.page)).update(k)
+
+    def page_scores(self, q: Tensor, k: Tensor, causal: bool = False, summary: Optional[PageSummary] = None) -> Tensor:
+        """Page bounds with the selection rule's masks: ``[B, Hq, Nq, P]``, ``+inf`` for each query's own
+        page, ``-inf`` for pages it may not see."""
+        nq, nk = q.shape[2], k.shape[2]
+        summary = summary or PageSummary(self.page).update(k)
+        bound = quest_page_bounds(q, summary.kmax, summary.kmin)
+        last = _limits(nq, nk, causal, q.device)  # [Nq]
+        own = last // self.page
+        first_tok = torch.arange(bound.shape[-1], device=q.device) * self.page
+        visible = first_tok[None, :] <= last[:, None]  # [Nq, P]
+        bound = bound.masked_fill(~visible, float("-inf"))
+        is_own = torch.arange(bound.shape[-1], device=q.device)[None, :] == own[:, None]
+        return bound.masked_fill(is_own, float("inf"))
+
+    def plan(self, q, k, causal=False, *, state=None, layer=None):
+        self._check("quest", q, k, causal, state, layer)
+        nq, nk = q.shape[2], k.shape[2]
+        count = self.pages_kept(nk)
+        if count * self.page >= nk:
+            return None  # every page fits in the budget: exactly dense
+        scores = self.page_scores(q, k, causal, self.summary(k, state, layer))
+        pages = _topk_tokens(scores, count)  # [B, Hq, Nq, n] page ids, -1 unused
+        tokens = pages[..., None] * self.page + torch.arange(self.page, device=q.device)
+        last = _limits(nq, nk, causal, q.device)[None, None, :, None, None]
+        ok = (pages[..., None] >= 0) & (tokens <= last)
+        idx = torch.where(ok, tokens, -1).flatten(-2)
+        return TokenSelection(idx, q_len=nq, kv_len=nk)
+
+
+def _q_at_channels(q: Tensor, channels: Tensor) -> Tensor:
+    """``q [B, Hq, Nq, D]``, ``channels [Hq, r]`` -> ``[B, Hq, Nq, r]``."""
+    b, hq, nq, _ = q.shape
+    return torch.gather(q, 3, channels.to(q.device)[None, :, None, :].expand(b, hq, nq, channels.shape[1]))
+
+
+@register("double_sparsity", kind="dynamic",
+          description="Double Sparsity decode selection: approximate scores on calibrated outlier channels, top tokens",
+          paper="Yang et al. 2024, Post-Training Sparse Attention with Double Sparsity (arXiv 2408.07092)")
+class DoubleSparsity(_DecodeSelector):
+    """Double Sparsity token selection (Yang et al. 2024).
+
+    Args:
+        channels: channels ``r`` kept per head for the approximate scores (reference: ``D / 8``).
+        budget: tokens attended per query, int or float fraction (reference examples: 256 or 1/16).
+        calibration: path of a saved calibration (:meth:`save`), or None to calibrate with :meth:`calibrate`.
+
+    Calibration (offline, on text like the deployment data): for every layer and query head,
+    ``importance[h, d] = mean_t |q[t, d] * k[t, d]|`` over positions ``t`` of the calibration
+    sequences (post-RoPE q and the key at the same position, "qk" mode of the reference code).
+    The ``channels`` largest form the head's channel set. Selection needs a calibration for the layer.
+    """
+
+    name = "double_sparsity"
+
+    def __init__(self, channels: int = 16, budget: Union[int, float] = 256, calibration: Optional[str] = None):
+        check_int("double_sparsity", "channels", channels, minimum=1)
+        check_budget("double_sparsity", budget)
+        if calibration is not None and not isinstance(calibration, (str, os.PathLike)):
+            raise TypeError(f"double_sparsity: calibration must be a file path or None, got {calibration!r}")
+        self.channels, self.budget, self.calibration = channels, budget, calibration
+        self._sums: dict[Any, Tensor] = {}
+        self._counts: dict[Any, int] = {}
+        if calibration is not None:
+            self.load_state_dict(_read_calibration(calibration))
+
+    # -- calibration ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, q: Tensor, k: Tensor, layer: Any = None) -> None:
+        """Accumulate ``|q ⊙ k|`` statistics of one batch for ``layer``.
+
+        ``q [B, Hq, Nq, D]``, ``k [B, Hkv, Nk, D]`` with ``Nq <= Nk``: query ``i`` is paired with the key
+        at its own position, ``Nk - Nq + i`` (queries aligned to the end of the keys).
+        """
+        b, hq, hkv, nq, nk = check_qk(q, k)
+        if hq % hkv:
+            raise ValueError(f"double_sparsity: query heads ({hq}) must be a multiple of kv heads ({hkv})")
+        if nq > nk:
+            raise ValueError(f"double_sparsity.calibrate: needs Nq <= Nk, got Nq={nq}, Nk={nk}")
+        k_same = k[:, :, nk - nq:].to(torch.float64).repeat_interleave(hq // hkv, dim=1)
+        stat = (q.to(torch.float64) * k_same).abs().sum(dim=(0, 2))  # [Hq, D]
+        if layer in self._sums:
+            if self._sums[layer].shape != stat.shape:
+                raise ValueError(
+                    f"double_sparsity.calibrate: layer {layer!r} was calibrated with [Hq, D] = "
+                    f"{tuple(self._sums[layer].shape)}, got {tuple(stat.shape)}"
+                )
+            self._sums[layer] += stat.cpu()
+            self._counts[layer] += b * nq
+        else:
+            self._sums[layer] = stat.cpu()
+            self._counts[layer] = b * nq
+
+    def calibrated_layers(self) -> list:
+        return list(self._sums)
+
+    def importance(self, layer: Any = None) -> Tensor:
+        """float64 ``[Hq, D]``: mean ``|q_d k_d|`` per head and channel for ``layer``."""
+        key = self._layer_key(layer)
+        return self._sums[key] / self._counts[key]
+
+    def channel_map(self, layer: Any = None, device=None) -> Tensor:
+        """int64 ``[Hq, channels]``: each head's top channels by importance, ascending channel order."""
+        imp = self.importance(layer)
+        if self.channels > imp.shape[1]:
+            raise ValueError(f"double_sparsity: channels={self.channels} exceeds the head dim {imp.shape[1]}")
+        top = imp.topk(self.channels, dim=1).indices.sort(dim=1).values
+        return top if device is None else top.to(device)
+
+    def _layer_key(self, layer: Any) -> Any:
+        if layer in self._sums:
+            return layer
+        if None in self._sums and len(self._sums) == 1:
+            return None
+        if not self._sums:
+            raise ValueError(
+                "double_sparsity: not calibrated; call .calibrate(q, k, layer=...) on calibration data "
+                "(spattn.integrations.hf.calibrate_double_sparsity for a transformers model) or pass calibration=path"
+            )
+        raise ValueError(f"double_sparsity: no calibration for layer {layer!r}; calibrated: {sorted(map(str, self._sums))}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "layers": [
+                {"layer": layer, "sum": self._sums[layer].tolist(), "count": self._counts[layer]} for layer in self._sums
+            ]
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or not isinstance(state.get("layers"), list):
+            raise ValueError("double_sparsity: a calibration state is {'layers': [{'layer', 'sum', 'count'}, ...]}")
+        sums, counts = {}, {}
+        for entry in state["layers"]:
+            layer = entry["layer"]
+            sums[layer] = torch.tensor(entry["sum"], dtype=torch.float64)
+            if sums[layer].dim() != 2 or int(entry["count"]) < 1:
+                raise ValueError(f"double_sparsity: bad calibration entry for layer {layer!r}")
+            counts[layer] = int(entry["count"])
+        self._sums, self._counts = sums, counts
+
+    def save(self, path: "str | os.PathLike") -> None:
+        """Write the calibration as JSON (layer keys must be JSON scalars: ints or None)."""
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.state_dict(), fh)
+
+    # -- selection -----------------------------------------------------------------------------
+    def approx_scores(self, q: Tensor, labels: Tensor, channels: Tensor) -> Tensor:
+        """``q_r . K_r^T / sqrt(r)`` for ``labels [B, Hq, Nk, r]`` -> ``[B, Hq, Nq, Nk]``."""
+        dt = _score_dtype(q)
+        qr = _q_at_channels(q, channels).to(dt)
+        return (qr @ labels.to(dt).transpose(-1, -2)) / math.sqrt(channels.shape[1])
+
+    def plan(self, q, k, causal=False, *, state=None, layer=None):
+        self._check("double_sparsity", q, k, causal, state, layer)
+        b, hq, nq, d = q.shape
+        nk = k.shape[2]
+        count = resolve_budget(self.budget, nk)
+        channels = self.channel_map(layer, device=q.device)
+        if channels.shape[0] != hq:
+            raise ValueError(f"double_sparsity: calibrated for {channels.shape[0]} query heads, q has {hq}")
+        if count >= nk:
+            return None
+        if state is None:
+            labels = LabelCache(channels).update(k).labels
+        else:
+            slot = state.layer(layer)
+            cache = slot.get("ds_labels")
+            if cache is None or not torch.equal(cache.channels, channels):
+                cache = slot["ds_labels"] = LabelCache(channels)
+            labels = cache.update(k).labels
+        last = _limits(nq, nk, causal, q.device)
+        pos = torch.arange(nk, device=q.device)
+        chunk = max(1, _SCORE_BUDGET // max(1, b * hq * nk))
+        parts = []
+        for c0 in range(0, nq, chunk):
+            c1 = min(nq, c0 + chunk)
+            scores = self.approx_scores(q[:, :, c0:c1], labels, channels)
+            scores = scores.masked_fill(pos[None, :] > last[c0:c1, None], float("-inf"))
+            parts.append(_topk_tokens(scores, count))
+        return TokenSelection(torch.cat(parts, dim=2), q_len=nq, kv_len=nk)
+
+
+def _read_calibration(path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise ValueError(f"double_sparsity: calibration file {os.fspath(path)!r} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"double_sparsity: calibration file {os.fspath(path)!r} is not valid JSON: {err}") from None
+
+
+@register("tidal", kind="dynamic",
+          description="TidalDecode: full attention at a few selection layers picks positions reused by following layers",
+          paper="Yang et al. 2025, TidalDecode: Fast and Accurate LLM Decoding with Position Persistent Sparse Attention (ICLR)")
+class TidalDecode(_DecodeSelector):
+    """TidalDecode position-persistent sparse attention (Yang et al., ICLR 2025).
+
+    Args:
+        budget: tokens kept per query head (reference default 256), int or float fraction.
+        select_layers: the token-selection layers, ascending (reference: 2 and a middle
+            re-selection layer, 13 for 32-layer Llama-3-8B).
+
+    With ``state`` and ``layer``: layers before ``select_layers[0]`` are dense; a selection layer is
+    dense and records the top-``budget`` positions of its raw scores ``q . k`` per (batch, query
+    head); any other layer attends to the positions recorded by the latest selection layer in this
+    forward step. Without ``state`` (plain :func:`spattn.attention`) a call is a selection step
+    and returns the top-``budget`` keys by exact scores, i.e. what the following layers would use.
+    """
+
+    name = "tidal"
+
+    def __init__(self, budget: Union[int, float] = 256, select_layers: tuple = (2, 13)):
+        check_budget("tidal", budget)
+        if isinstance(select_layers, int) and not isinstance(select_layers, bool):
+            select_layers = (select_layers,)
+        if not isinstance(select_layers, (tuple, list)) or not select_layers:
+            raise TypeError(f"tidal: select_layers must be a non-empty tuple of layer indices, got {select_layers!r}")
+        for i in select_layers:
+            check_int("tidal", "select_layers entry", i, minimum=0)
+        if list(select_layers) != sorted(set(select_layers)):
+            raise ValueError(f"tidal: select_layers must be strictly increasing, got {tuple(select_layers)}")
+        self.budget, self.select_layers = budget, tuple(select_layers)
+
+    def top_positions(self, q: Tensor, k: Tensor, causal: bool, count: int) -> Tensor:
+        """``[B, Hq, Nq, count]`` top keys by the exact scores ``q . k`` (masked before top-k)."""
+        b, hq, nq, _ = q.shape
+        hkv, nk = k.shape[1], k.shape[2]
+        dt = _score_dtype(q)
+        last = _limits(nq, nk, causal, q.device)
+        pos = torch.arange(nk, device=q.device)
+        chunk = max(1, _SCORE_BUDGET // max(1, b * hq * nk))
+        parts = []
+        for c0 in range(0, nq, chunk):
+            c1 = min(nq, c0 + chunk)
+            qg = _grouped(q[:, :, c0:c1].to(dt), hkv)
+            scores = (qg @ k.to(dt).transpose(-1, -2)).reshape(b, hq, c1 - c0, nk)
+            scores = scores.masked_fill(pos[None, :] > last[c0:c1, None], float("-inf"))
+            parts.append(_topk_tokens(scores, count))
+        return torch.cat(parts, dim=2)
+
+    def plan(self, q, k, causal=False, *, state=None, layer=None):
+        self._check("tidal", q, k, causal, state, layer)
+        nq, nk = q.shape[2], k.shape[2]
+        count = resolve_budget(self.budget, nk)
+        if state is None or layer is None:
+            if state is not None or layer is not None:
+                raise ValueError("tidal: pass both state= and layer= (or neither)")
+            return None if count >= nk else TokenSelection(self.top_positions(q, k, causal, count), nq, nk)
+        check_int("tidal", "layer", layer, minimum=0)
+        if layer < self.select_layers[0]:
+            return None
+        if layer in self.select_layers:
+            if count < nk:
+                state.shared["tidal"] = (layer, TokenSelection(self.top_positions(q, k, causal, count), nq, nk))
+            else:
+                state.shared.pop("tidal", None)
+            return None
+        if count >= nk:
+            return None
+        recorded = state.shared.get("tidal")
+        if recorded is None or recorded[0] > layer:
+            raise ValueError(
+                f"tidal: layer {layer} reuses positions but no selection layer {self.select_layers} ran before it in this step"
+            )
+        sel = recorded[1]
+        if (sel.q_len, sel.kv_len) != (nq, nk) or sel.heads != q.shape[1] or sel.batch != q.shape[0]:
+            raise ValueError(
+                f"tidal: positions recorded at layer {recorded[0]} are for [B, Hq, Nq, Nk] = "
+                f"{(sel.batch, sel.heads, sel.q_len, sel.kv_len)}; layer {layer} has {(q.shape[0], q.shape[1], nq, nk)}"
+            )
+        return sel

@@ -1,0 +1,193 @@
+"""A small KV cache with the side information decode-time selectors keep next to it.
+
+Decode-time selection (Quest, Double Sparsity, TidalDecode) scores a long key cache once per
+generated token. Recomputing per-page statistics or label caches from the whole cache each step
+would cost as much as dense attention, so selectors keep *incremental* summaries that only touch
+the keys appended since the previous step:
+
+* :class:`PageSummary` — Quest's per-page elementwise ``max``/``min`` of the keys (Tang et al. 2024).
+* :class:`LabelCache` — Double Sparsity's keys restricted to a few calibrated channels (Yang et al. 2024).
+* :class:`SelectorState` — one dict of such objects per layer plus a dict shared by all layers
+  (TidalDecode's token positions selected at one layer and reused by the following ones).
+* :class:`KVCache` — an append-only per-layer key/value store owning a :class:`SelectorState`,
+  for decoding loops outside Hugging Face; the HF integration keeps transformers' own cache and
+  attaches a :class:`SelectorState` next to it.
+
+Summaries assume the cache only grows by appending (the keys of positions ``< length`` never
+change). A call whose key tensor is shorter than what was summarised, or whose batch / head /
+channel shape differs, rebuilds the summary from scratch; so does :meth:`SelectorState.reset`,
+which the integration calls at every prefill.
+
+Same layer as :mod:`spattn.layout`: imports nothing from spattn.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["PageSummary", "LabelCache", "SelectorState", "KVCache"]
+
+
+def _check_keys(owner: str, keys: Tensor) -> None:
+    if not isinstance(keys, Tensor):
+        raise TypeError(f"{owner}: keys must be a torch.Tensor [B, Hkv, N, D], got {type(keys).__name__}")
+    if keys.dim() != 4:
+        raise ValueError(f"{owner}: keys must have shape [B, Hkv, N, D], got {tuple(keys.shape)}")
+
+
+class PageSummary:
+    """Per-page elementwise key bounds of a growing key cache (Quest, Tang et al. ICML 2024).
+
+    Pages are ``page`` consecutive positions; page ``p`` covers ``[p*page, (p+1)*page)``, the last
+    one possibly partial. After :meth:`update` with keys ``[B, Hkv, N, D]``:
+    ``kmax[b, h, p, d] = max_t keys[b, h, t, d]`` and ``kmin`` likewise over the tokens of page ``p``;
+    both ``[B, Hkv, ceil(N/page), D]`` in the keys' dtype. Only pages touched by new tokens are recomputed.
+    """
+
+    def __init__(self, page: int):
+        if isinstance(page, bool) or not isinstance(page, int) or page < 1:
+            raise ValueError(f"PageSummary: page must be an int >= 1, got {page!r}")
+        self.page = page
+        self.length = 0
+        self.kmax: Optional[Tensor] = None
+        self.kmin: Optional[Tensor] = None
+
+    def _bounds(self, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """Bounds of ``keys`` whose first token starts a page."""
+        b, h, n, d = keys.shape
+        pages = -(-n // self.page)
+        pad = pages * self.page - n
+        if pad:
+            # repeat the last key: it changes neither the max nor the min of its page
+            keys = torch.cat([keys, keys[:, :, -1:].expand(b, h, pad, d)], dim=2)
+        tiles = keys.view(b, h, pages, self.page, d)
+        return tiles.amax(dim=3), tiles.amin(dim=3)
+
+    def update(self, keys: Tensor) -> "PageSummary":
+        """Bring the bounds up to date with the whole key cache ``keys [B, Hkv, N, D]``."""
+        _check_keys("PageSummary", keys)
+        n = keys.shape[2]
+        stale = (
+            self.kmax is None
+            or n < self.length
+            or self.kmax.shape[:2] != keys.shape[:2]
+            or self.kmax.shape[3] != keys.shape[3]
+            or self.kmax.dtype != keys.dtype
+            or self.kmax.device != keys.device
+        )
+        if stale:
+            self.kmax, self.kmin = self._bounds(keys)
+        elif n > self.length:
+            first = self.length // self.page  # first page with new tokens
+            kmax, kmin = self._bounds(keys[:, :, first * self.page:])
+            self.kmax = torch.cat([self.kmax[:, :, :first], kmax], dim=2)
+            self.kmin = torch.cat([self.kmin[:, :, :first], kmin], dim=2)
+        self.length = n
+        return self
+
+
+class LabelCache:
+    """Keys restricted to per-query-head channels (Double Sparsity's "label cache", Yang et al. 2024).
+
+    ``channels [Hq, r]`` int64: the channels kept for each query head; query head ``h`` reads the
+    keys of kv head ``h // (Hq / Hkv)``. After :meth:`update` with keys ``[B, Hkv, N, D]``,
+    ``labels [B, Hq, N, r]`` holds ``keys[b, h // G, t, channels[h]]``; new positions are appended.
+    """
+
+    def __init__(self, channels: Tensor):
+        if not isinstance(channels, Tensor) or channels.dtype != torch.long or channels.dim() != 2:
+            raise TypeError("LabelCache: channels must be an int64 tensor [Hq, r]")
+        self.channels = channels
+        self.length = 0
+        self.labels: Optional[Tensor] = None
+
+    def _gather(self, keys: Tensor) -> Tensor:
+        b, hkv, n, d = keys.shape
+        hq, r = self.channels.shape
+        if hq % hkv:
+            raise ValueError(f"LabelCache: {hq} query heads of channels is not a multiple of the {hkv} kv heads of keys")
+        if int(self.channels.max()) >= d:
+            raise ValueError(f"LabelCache: channel index {int(self.channels.max())} out of range for head dim {d}")
+        group = hq // hkv
+        per_head = keys.repeat_interleave(group, dim=1) if group > 1 else keys  # [B, Hq, n, D]
+        idx = self.channels.to(keys.device)[None, :, None, :].expand(b, hq, n, r)
+        return torch.gather(per_head, 3, idx)
+
+    def update(self, keys: Tensor) -> "LabelCache":
+        """Bring the labels up to date with the whole key cache ``keys [B, Hkv, N, D]``."""
+        _check_keys("LabelCache", keys)
+        n = keys.shape[2]
+        stale = (
+            self.labels is None
+            or n < self.length
+            or self.labels.shape[0] != keys.shape[0]
+            or self.labels.dtype != keys.dtype
+            or self.labels.device != keys.device
+        )
+        if stale:
+            self.labels = self._gather(keys)
+        elif n > self.length:
+            self.labels = torch.cat([self.labels, self._gather(keys[:, :, self.length:])], dim=2)
+        self.length = n
+        return self
+
+
+class SelectorState:
+    """Side information of decode-time selectors: a dict per layer and one shared by all layers.
+
+    ``state.layer(i)`` is layer ``i``'s dict (e.g. ``{"quest": PageSummary}``); ``state.shared``
+    carries cross-layer information (TidalDecode's latest selected positions). ``reset()`` forgets
+    everything (a new sequence starts).
+    """
+
+    def __init__(self):
+        self.layers: dict[Any, dict[str, Any]] = {}
+        self.shared: dict[str, Any] = {}
+
+    def layer(self, index: Any) -> dict[str, Any]:
+        return self.layers.setdefault(index, {})
+
+    def reset(self) -> None:
+        self.layers.clear()
+        self.shared.clear()
+
+
+class KVCache:
+    """Append-only per-layer key/value cache for a decoding loop, with a :class:`SelectorState`.
+
+    ``k, v = cache.update(layer, k_new, v_new)`` appends ``[B, Hkv, n, D]`` and returns the layer's
+    whole cache ``[B, Hkv, N, D]`` (the interface of transformers' ``Cache.update``).
+    """
+
+    def __init__(self):
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
+        self.state = SelectorState()
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        _check_keys("KVCache", k)
+        _check_keys("KVCache", v)
+        if k.shape != v.shape:
+            raise ValueError(f"KVCache: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        if layer in self.keys:
+            old = self.keys[layer]
+            if old.shape[:2] != k.shape[:2] or old.shape[3] != k.shape[3]:
+                raise ValueError(
+                    f"KVCache: layer {layer} holds [B, Hkv, N, D] = {tuple(old.shape)}; cannot append {tuple(k.shape)}"
+                )
+            self.keys[layer] = torch.cat([old, k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        else:
+            self.keys[layer], self.values[layer] = k, v
+        return self.keys[layer], self.values[layer]
+
+    def length(self, layer: int = 0) -> int:
+        return self.keys[layer].shape[2] if layer in self.keys else 0
+
+    def reset(self) -> None:
+        self.keys.clear()
+        self.values.clear()
+        self.state.reset()
