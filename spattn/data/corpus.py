@@ -107,7 +107,7 @@ class ByteLMDataset(Dataset):
                 chunks.append(np.frombuffer(path.read_bytes(), dtype=np.uint8))
             except OSError as e:
                 raise OSError(f"cannot read corpus file {path}: {e}") from e
-        self.data = torch.from_numpy(np.concatenate(chunks).astype(np.int64))
+        self.data = torch.from_numpy(np.concatenate(chunks))  # uint8; windows are converted to long
         n = self.data.numel()
         if n < seq_len + 1:
             raise ValueError(f"split {split!r} has {n} bytes, fewer than seq_len + 1 = {seq_len + 1}")
@@ -133,7 +133,7 @@ class ByteLMDataset(Dataset):
     def __getitem__(self, i: int):
         i = range(len(self))[i]
         s = self.start(i)
-        w = self.data[s: s + self.seq_len + 1]
+        w = self.data[s: s + self.seq_len + 1].long()
         return w[:-1], w[1:]
 
     @staticmethod
