@@ -96,7 +96,7 @@ def test_block_without_mlp_and_aux_loss_sum():
 def test_aux_loss_is_summed_over_blocks():
     m = small("lm", depth=3)
     for i, blk in enumerate(m.backbone.blocks):
-        blk.attn.mechanism = None
+        blk.use_sdpa = False
         blk.attn.forward_orig = blk.attn.forward
     vals = [0.5, 1.0, 2.0]
     for blk, v in zip(m.backbone.blocks, vals):
@@ -144,3 +144,19 @@ def test_from_dict_roundtrip_and_unknown_field():
         ModelConfig.from_dict({"width": 3})
     assert isinstance(build_model(c.to_dict()), CausalLM)
     assert isinstance(small(), SequenceClassifier) and isinstance(small("retrieval"), TwoTowerClassifier)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_sdpa_path_matches_the_spattn_kernel(causal):
+    """The dense fast path (torch SDPA) equals the same block run through spattn.attention, with padding and GQA."""
+    torch.manual_seed(0)
+    blk = TransformerBlock(16, 4, "dense", kv_heads=2, causal=causal).eval()
+    assert blk.use_sdpa
+    x = torch.randn(2, 19, 16, dtype=torch.float64)
+    blk = blk.double()
+    mask = torch.ones(2, 19, dtype=torch.bool)
+    mask[1, 11:] = False
+    fast = blk(x, mask)
+    blk.use_sdpa = False
+    ref = blk(x, mask)
+    torch.testing.assert_close(fast[mask], ref[mask], atol=1e-10, rtol=1e-10)

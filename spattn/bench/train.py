@@ -145,6 +145,13 @@ def model_config_for(task: Task, data: TaskData, cfg: TrainConfig) -> ModelConfi
 def forward_batch(model: nn.Module, task: Task, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """Logits and targets of a normalised batch; token objectives are flattened to ``[M, C]``, ``[M]``."""
     mask = batch.get("mask")
+    if mask is not None and bool(mask.all()):
+        mask = None  # no padding: let the kernels skip the masking work
+    if task.objective == "tokens" and hasattr(model, "hidden"):
+        # logits only where there is a target: MQAR has 16 of 256, and [B, N, vocab] would not fit
+        target = batch["target"].long()
+        sel = target != -100
+        return model.head(model.hidden(batch["tokens"], mask)[sel]), target[sel]
     if task.model_kind == "retrieval":
         logits = model(batch["tokens"], mask, batch["tokens2"], batch.get("mask2"))
     else:

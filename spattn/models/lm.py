@@ -30,5 +30,9 @@ class CausalLM(nn.Module):
     def aux_loss(self) -> Tensor:
         return self.backbone.aux_loss
 
+    def hidden(self, tokens: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """Final hidden states ``[B, N, dim]`` (apply ``self.head`` to the positions you need logits for)."""
+        return self.backbone(tokens, mask)
+
     def forward(self, tokens: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         return self.head(self.backbone(tokens, mask))

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from ..approx.base import AttentionLayer
+from ..patterns.static import Dense
 from .attention import Attention
 from .positions import RotaryProjection
 
@@ -84,13 +88,41 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim) if hidden else None
         self.mlp = MLP(dim, hidden, dropout) if hidden else None
 
+        # the dense baseline runs on torch's fused SDPA (what a user would compare against), not on the
+        # block-sparse kernel over an all-ones layout
+        self.use_sdpa = isinstance(self.attn.mechanism, Dense) and self.attn.backend == "auto"
+
     @property
     def aux_loss(self) -> Tensor:
         return self.attn.aux_loss
 
+    def _dense_sdpa(self, x: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+        a = self.attn
+        q = rearrange(a.q_proj(x), "b n (h d) -> b h n d", h=a.heads)
+        k = rearrange(a.k_proj(x), "b n (h d) -> b h n d", h=a.kv_heads)
+        v = rearrange(a.v_proj(x), "b n (h d) -> b h n d", h=a.kv_heads)
+        if a.kv_heads != a.heads:
+            k = k.repeat_interleave(a.heads // a.kv_heads, dim=1)
+            v = v.repeat_interleave(a.heads // a.kv_heads, dim=1)
+        mask = None
+        if key_padding_mask is not None:
+            mask = key_padding_mask[:, None, None, :]
+            if a.causal:
+                n = x.shape[1]
+                mask = mask & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=a.causal and mask is None)
+        if mask is not None:  # rows without any visible key: zeros, as the spattn kernels return
+            out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+        a.aux_loss = x.new_zeros(())
+        return a.dropout(a.out_proj(rearrange(out, "b h n d -> b n (h d)")))
+
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """``x [B, N, dim]``, ``key_padding_mask [B, N]`` bool (True = real token) -> ``[B, N, dim]``."""
-        x = x + self.drop(self.attn(self.norm1(x), key_padding_mask=key_padding_mask))
+        h = self.norm1(x)
+        if self.use_sdpa:
+            x = x + self.drop(self._dense_sdpa(h, key_padding_mask))
+        else:
+            x = x + self.drop(self.attn(h, key_padding_mask=key_padding_mask))
         if self.mlp is not None:
             x = x + self.drop(self.mlp(self.norm2(x)))
         return x
