@@ -20,7 +20,7 @@ __all__ = ["XAttention", "antidiagonal_block_scores", "threshold_select"]
 
 
 def antidiagonal_block_scores(q: Tensor, k: Tensor, stride: int, block: int, causal: bool,
-                              chunk_elems: int = 1 << 24) -> Tensor:
+                              chunk_elems: int = 1 << 24, chunk_blocks: int = 8) -> Tensor:
     """XAttention block scores ``[B, Hq, NQB, NKB]`` (fp32).
 
     Both sequences are zero-padded to whole blocks and cut into ``stride x stride`` tiles. The
@@ -31,7 +31,8 @@ def antidiagonal_block_scores(q: Tensor, k: Tensor, stride: int, block: int, cau
     counts, as in the official code. Rows/columns whose first token is padding are dropped. The
     score of block (I, J) is the sum of ``A_r`` over its ``(block/S)²`` strided entries, so every
     real strided row contributes 1 to its block row. Query rows are processed in chunks of at most
-    ``chunk_elems`` scores; with ``causal`` a chunk only looks at the keys it can see.
+    ``chunk_blocks`` query blocks and ``chunk_elems`` scores; with ``causal`` a chunk only looks at
+    the keys it can see.
     """
     bsz, hq, nq, dim = q.shape
     nk = k.shape[2]
@@ -46,25 +47,34 @@ def antidiagonal_block_scores(q: Tensor, k: Tensor, stride: int, block: int, cau
     q_r = q_r * (1.0 / (math.sqrt(dim) * s))
     real_cols = torch.arange(nkb * per, device=q.device) * s < nk
     out = torch.empty(bsz, hq, nqb, nkb, dtype=torch.float32, device=q.device)
-    rows_per_chunk = max(1, chunk_elems // max(1, bsz * hq * nkb * per * per)) * per
-    for r0 in range(0, nqb * per, rows_per_chunk):
-        r1 = min(r0 + rows_per_chunk, nqb * per)
+    # chunks of whole query blocks; with causal, a chunk reads only the keys it can see, so small
+    # chunks skip most of the masked upper triangle
+    per_row = bsz * hq * nkb * per * per  # scores per query block
+    blocks_per_chunk = max(1, min(chunk_blocks, chunk_elems // max(1, per_row)))
+    for c0 in range(0, nqb, blocks_per_chunk):
+        c1 = min(c0 + blocks_per_chunk, nqb)
+        r0, r1 = c0 * per, c1 * per
         rows = torch.arange(r0, r1, device=q.device)
+        ncols = nkb * per
         if causal:
             last = (rows * s + s - 1).clamp(max=nq - 1) + off  # last aligned query of each strided row
             ncols = min(nkb, int(last.max()) // block + 1) * per
-            visible = (torch.arange(ncols, device=q.device)[None, :] * s <= last[:, None]) & real_cols[None, :ncols]
-        else:
-            ncols = nkb * per
-            visible = real_cols[None, :].expand(r1 - r0, ncols)
         logits = torch.matmul(q_r[:, :, r0:r1], k_r[:, :, :ncols].transpose(-1, -2))
-        logits.masked_fill_(~visible, float("-inf"))
+        # only the trailing columns can be hidden (causal or padding): mask that slice alone
+        first_hidden = int(last.min()) // s + 1 if causal else ncols
+        first_hidden = min(first_hidden, int(real_cols[:ncols].sum()))
+        if first_hidden < ncols:
+            cols = torch.arange(first_hidden, ncols, device=q.device)
+            hidden = ~real_cols[cols][None, :]
+            if causal:
+                hidden = hidden | (cols[None, :] * s > last[:, None])
+            logits[..., first_hidden:].masked_fill_(hidden, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
-        probs.masked_fill_((rows * s >= nq)[:, None], 0.0)  # padded strided rows
-        probs = torch.nan_to_num_(probs, nan=0.0)
-        sums = probs.view(bsz, hq, (r1 - r0) // per, per, ncols // per, per).sum(dim=(3, 5))
-        out[:, :, r0 // per: r1 // per] = 0.0
-        out[:, :, r0 // per: r1 // per, : ncols // per] = sums
+        pad_rows = rows * s >= nq
+        if bool(pad_rows.any()):
+            probs[..., pad_rows, :] = 0.0  # strided rows made of padding only
+        out[:, :, c0:c1] = 0.0
+        out[:, :, c0:c1, : ncols // per] = probs.view(bsz, hq, c1 - c0, per, ncols // per, per).sum(dim=(3, 5))
     return out
 
 
