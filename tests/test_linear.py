@@ -15,7 +15,7 @@ import spattn
 from spattn.approx.featuremaps import favor_logits, orthogonal_gaussian
 from spattn.approx.gla import GatedLinearAttention, LightningAttention, alibi_slopes
 from spattn.approx.linear import LinearAttention, Performer
-from spattn.approx.linear_core import chunked_causal
+from spattn.approx.linear_core import _gated_scores, chunked_causal
 from spattn.approx.soft import SOFT, newton_schulz_pinv
 
 from .approx_helpers import assert_close_rel, assert_matches, padding_mask, rand_qkv
@@ -126,6 +126,17 @@ def test_chunked_causal_matches_naive_and_state(gate, chunk):
     last = torch.exp(G[:, :, -1:] - G).expand(2, 3, 23, 4)
     want_state = torch.exp(G[:, :, -1]).expand(2, 3, 4).unsqueeze(-1) * s0 + (k * last).transpose(-1, -2) @ v
     assert_close_rel(state, want_state, 1e-12, "state")
+
+
+def test_gated_scores_slabs():
+    """Building the decay tensor slab by slab gives the same scores as all at once."""
+    qc, kc = torch.randn(2, 2, 7, 5, 3, dtype=torch.float64), torch.randn(2, 2, 7, 5, 3, dtype=torch.float64)
+    G = torch.cumsum(-torch.rand(2, 2, 7, 5, 3, dtype=torch.float64), 3)
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()
+    whole = _gated_scores(qc, kc, G, mask, slab_tokens=10_000)
+    assert torch.equal(whole, _gated_scores(qc, kc, G, mask, slab_tokens=10))
+    want = torch.einsum("bhctd,bhcsd,bhctsd->bhcts", qc, kc, torch.exp(G.unsqueeze(-2) - G.unsqueeze(-3))) * mask
+    assert_close_rel(whole, want, 1e-12, "scores")
 
 
 def test_chunked_gates_log_space_stable():
@@ -245,7 +256,7 @@ def test_performer_features_unbiased_orthogonal():
     q = torch.randn(3, 8, generator=gen, dtype=torch.float64) * 0.7
     k = torch.randn(3, 8, generator=gen, dtype=torch.float64) * 0.7
     est = []
-    for _ in range(400):
+    for _ in range(200):
         w = orthogonal_gaussian(16, 8, generator=gen, dtype=torch.float64)
         est.append((torch.exp(favor_logits(q, w)) * torch.exp(favor_logits(k, w))).sum(-1) / 16)
     est = torch.stack(est)
@@ -320,6 +331,29 @@ def test_gla_gate_gradients_match_naive():
         got, want = mech.get_parameter(name).grad, mech64.get_parameter(name).grad
         assert want.abs().max() > 0
         assert_close_rel(got, want, 1e-5, name)
+
+
+@settings(max_examples=8, deadline=None)
+@given(name=st.sampled_from(["lightning", "gla", "performer"]), b=st.integers(1, 2), hkv=st.integers(1, 2),
+       g=st.integers(1, 2), n=st.integers(1, 26), chunk=st.integers(1, 9), causal=st.booleans(),
+       pad=st.integers(0, 5))
+def test_family_property(name, b, hkv, g, n, chunk, causal, pad):
+    """fp64 against the naive references over shapes: GQA, lengths not a multiple of the chunk, padding."""
+    q, k, v = rand_qkv(b=b, hq=hkv * g, hkv=hkv, n=n, d=4, dtype=torch.float64, seed=n)
+    kpm = padding_mask(b, n, [n] + [max(0, n - pad)] * (b - 1))
+    if name == "lightning":
+        got = LightningAttention(chunk=chunk)(q, k, v, causal=causal, key_padding_mask=kpm)
+        want = naive_lightning(q, k, v, causal, kpm=kpm)
+    elif name == "gla":
+        mech = gla(d=4, chunk=chunk).double()
+        got = mech(q, k, v, causal=causal, key_padding_mask=kpm)
+        want = naive_gla(mech, q, k, v, causal, kpm=kpm)
+    else:
+        mech = Performer(features=8, chunk=chunk, head_dim=4).eval()
+        got = mech(q, k, v, causal=causal, key_padding_mask=kpm)
+        want = naive_performer(q, k, v, mech.projection.double(), causal, kpm)
+    assert not torch.isnan(got).any()
+    assert_close_rel(got, want, 1e-10, name)
 
 
 @pytest.mark.parametrize("name", ["lightning", "gla"])

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["elu_feature_map", "orthogonal_gaussian", "favor_logits", "favor_features"]
+__all__ = ["elu_feature_map", "orthogonal_gaussian", "favor_logits", "favor_features", "favor_features_"]
 
 
 def elu_feature_map(x: Tensor) -> Tensor:
@@ -51,8 +51,10 @@ def orthogonal_gaussian(
 def favor_logits(x: Tensor, projection: Tensor) -> Tensor:
     """``w_i . x~ - |x~|^2 / 2`` for ``x [..., N, d]``, ``projection [m, d]`` -> ``[..., N, m]``."""
     d = x.shape[-1]
-    xs = x * d ** -0.25
-    return xs @ projection.to(x.dtype).T - 0.5 * (xs * xs).sum(-1, keepdim=True)
+    xs = (x * d ** -0.25).reshape(-1, x.shape[-2], d)
+    half_sq = -0.5 * (xs * xs).sum(-1, keepdim=True)
+    w = projection.to(x.dtype).T.expand(xs.shape[0], d, projection.shape[0])
+    return torch.baddbmm(half_sq, xs, w).reshape(*x.shape[:-1], projection.shape[0])  # one [N, m] buffer
 
 
 def favor_features(logits: Tensor, stabilizer: Tensor, eps: float) -> Tensor:
@@ -63,3 +65,11 @@ def favor_features(logits: Tensor, stabilizer: Tensor, eps: float) -> Tensor:
     """
     m = logits.shape[-1]
     return (torch.exp(logits - stabilizer) + eps) * m ** -0.5
+
+
+def favor_features_(logits: Tensor, stabilizer: Tensor, eps: float) -> Tensor:
+    """:func:`favor_features` computed in place in ``logits`` when no gradient is recorded (inference
+    saves three ``[N, m]`` temporaries); otherwise out of place."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return favor_features(logits, stabilizer, eps)
+    return logits.sub_(stabilizer).exp_().add_(eps).mul_(logits.shape[-1] ** -0.5)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..registry import register
 from .base import ApproxAttention
-from .featuremaps import elu_feature_map, favor_features, favor_logits, orthogonal_gaussian
+from .featuremaps import elu_feature_map, favor_features_, favor_logits, orthogonal_gaussian
 from .linear_core import check_qkv, chunked_causal, compute_dtype, noncausal, recurrent_step, repeat_kv
 
 __all__ = ["LinearAttention", "Performer", "PerformerState"]
@@ -203,7 +203,7 @@ class Performer(_KernelAttention):
 
     def _query_features(self, q: Tensor) -> Tensor:
         lq = favor_logits(q.to(compute_dtype(q.dtype)), self.projection)
-        return favor_features(lq, lq.amax(-1, keepdim=True).detach(), self.feature_eps)
+        return favor_features_(lq, lq.amax(-1, keepdim=True).detach(), self.feature_eps)
 
     def _key_logits(self, k: Tensor, key_padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """Key logits and their maximum per (batch, head) over real keys (0 when there is none)."""
@@ -216,7 +216,7 @@ class Performer(_KernelAttention):
     def _features(self, q, k, key_padding_mask, causal):
         self._maybe_redraw(q.shape[-1])
         lk, stab = self._key_logits(k, key_padding_mask)
-        fk = favor_features(lk, stab, 0.0 if causal else self.feature_eps)
+        fk = favor_features_(lk, stab, 0.0 if causal else self.feature_eps)
         if key_padding_mask is not None:  # exp(-inf) = 0 already; the eps must not revive padded keys
             fk = fk * key_padding_mask[:, None, :, None].to(fk.dtype)
         return self._query_features(q), fk
@@ -238,7 +238,7 @@ class Performer(_KernelAttention):
         if state is not None:
             stab = torch.maximum(stab, state.stabilizer)
             kv = state.kv * repeat_kv(torch.exp(state.stabilizer - stab), hq)
-        fk = favor_features(lk, stab, 0.0)
+        fk = favor_features_(lk, stab, 0.0)
         va = repeat_kv(_with_ones(v, ct), hq)
         out, kv = chunked_causal(self._query_features(q), repeat_kv(fk, hq), va, chunk=self.chunk, state=kv)
         return _normalise(out, 0.0).to(q.dtype), PerformerState(kv, stab)
@@ -255,7 +255,7 @@ class Performer(_KernelAttention):
         lk, stab = self._key_logits(k_t.unsqueeze(2), None)
         stab = torch.maximum(stab, state.stabilizer)
         kv = state.kv * repeat_kv(torch.exp(state.stabilizer - stab), hq)
-        fk = favor_features(lk, stab, 0.0).squeeze(2)
+        fk = favor_features_(lk, stab, 0.0).squeeze(2)
         va = torch.cat([v_t.to(ct), v_t.new_ones(v_t.shape[:-1] + (1,), dtype=ct)], dim=-1)
         out, kv = recurrent_step(self._query_features(q_t), repeat_kv(fk, hq), repeat_kv(va, hq), kv)
         return _normalise(out, 0.0).to(q_t.dtype), PerformerState(kv, stab)

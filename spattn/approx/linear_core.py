@@ -90,6 +90,23 @@ def recurrent_step(
     return out, state
 
 
+def _gated_scores(qc: Tensor, kc: Tensor, G: Tensor, causal_mask: Tensor, slab_tokens: int = 4096) -> Tensor:
+    """``A_ts = sum_d q_td k_sd exp(G_td - G_sd)`` for ``s <= t`` inside each chunk, ``[B, H, C, L, L]``.
+
+    The ``[L, L, Dk]`` decay tensor is built for a slab of chunks at a time, bounding the temporary
+    memory to ``slab_tokens * L * Dk`` values per (batch, head).
+    """
+    L = qc.shape[3]
+    step = max(1, slab_tokens // L)
+    keep = causal_mask.unsqueeze(-1)
+    parts = []
+    for c0 in range(0, qc.shape[2], step):
+        g = G[:, :, c0:c0 + step]
+        decay = torch.exp((g.unsqueeze(-2) - g.unsqueeze(-3)).masked_fill(~keep, float("-inf")))
+        parts.append(((qc[:, :, c0:c0 + step].unsqueeze(-2) * decay) * kc[:, :, c0:c0 + step].unsqueeze(-3)).sum(-1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
 def chunked_causal(
     q: Tensor,
     k: Tensor,
@@ -137,8 +154,7 @@ def chunked_causal(
             diff = (G - G.transpose(-1, -2)).masked_fill(~causal_mask, float("-inf"))
             scores = (qc @ kc.transpose(-1, -2)) * torch.exp(diff)
         else:  # a decay per key dimension: sum_d q_td k_sd exp(G_td - G_sd), s <= t
-            diff = (G.unsqueeze(-2) - G.unsqueeze(-3)).masked_fill(~causal_mask.unsqueeze(-1), float("-inf"))
-            scores = torch.einsum("bhctd,bhcsd,bhctsd->bhcts", qc, kc, torch.exp(diff))
+            scores = _gated_scores(qc, kc, G, causal_mask)
         intra = scores @ vc
         # contribution of the chunk to the state at its end, keys decayed to the chunk's last token
         local = (kc * torch.exp(last - G)).transpose(-1, -2) @ vc  # [B, H, C, Dk, Dv]
