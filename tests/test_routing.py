@@ -116,18 +116,20 @@ def _reference(q, k, v, sel, key_padding_mask=None):
     return clustered_attention(q, k, v, sel, key_padding_mask=key_padding_mask, reference=True)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(
     b=st.integers(1, 2), hkv=st.integers(1, 2), group=st.integers(1, 2), nq=st.integers(3, 21),
     extra=st.integers(0, 6), c=st.integers(1, 3), causal=st.booleans(), pad=st.booleans(),
-    sel_heads=st.sampled_from(["all", "one"]), repeats=st.booleans(), seed=st.integers(0, 1000),
+    sel_heads=st.sampled_from(["all", "one"]), repeats=st.booleans(), shared=st.booleans(), seed=st.integers(0, 1000),
 )
-def test_kernel_matches_naive_reference(b, hkv, group, nq, extra, c, causal, pad, sel_heads, repeats, seed):
-    nk = nq + extra
+def test_kernel_matches_naive_reference(b, hkv, group, nq, extra, c, causal, pad, sel_heads, repeats, shared, seed):
+    nk = nq if shared else nq + extra
     hq = hkv * group
     gen = torch.Generator().manual_seed(seed)
     wq, wk = int(torch.randint(1, nq + 1, (1,), generator=gen)), int(torch.randint(1, nk + 1, (1,), generator=gen))
     sel = _random_selection(b, hq if sel_heads == "all" else 1, c, wq, wk, nq, nk, causal, gen, repeats)
+    if shared:  # shared-QK windows (the kernel's lower-triangular fast path when causal)
+        sel = ClusterSelection(sel.query_indices, sel.query_indices, nq, nk, causal=causal)
     kpm = (torch.rand(b, nk, generator=gen) > 0.3) if pad else None
     if pad:
         kpm[0] = False  # a batch entry with no real key: zeros, never NaN
@@ -159,11 +161,12 @@ def test_reference_is_the_mean_of_window_softmaxes():
     assert torch.allclose(fast, out, atol=1e-12)
 
 
+@pytest.mark.parametrize("pad", [False, True])  # without padding the kernel takes SDPA's unmasked/causal paths
 @pytest.mark.parametrize("causal,safe", [(False, False), (True, False), (True, True)])
-def test_attention_on_routing_matches_reference(causal, safe):
+def test_attention_on_routing_matches_reference(causal, safe, pad):
     q, k, v = _qkv(2, 4, 2, 37, 37, 8, torch.float64)
     r = Routing(clusters=4, causal_safe=safe, heads=4, head_dim=8).eval()
-    kpm = torch.rand(2, 37, generator=torch.Generator().manual_seed(1)) > 0.2
+    kpm = (torch.rand(2, 37, generator=torch.Generator().manual_seed(1)) > 0.2) if pad else None
     got = spattn.attention(q, k, v, r, causal=causal, key_padding_mask=kpm)
     want = spattn.attention(q, k, v, r, causal=causal, key_padding_mask=kpm, backend="reference")
     assert (got - want).abs().max() <= 1e-10

@@ -131,21 +131,30 @@ def _windows(q, k, v, sel, scale, key_padding_mask):
     kw = torch.gather(k, 2, kidx).view(b, hq, c, wk, d)
     vw = torch.gather(v, 2, kidx).view(b, hq, c, wk, d)
 
-    key_ok = _first_occurrence(ki)  # [B, Hq, C, wk]
-    if key_padding_mask is not None:
-        key_ok = key_ok & torch.gather(key_padding_mask[:, None, None, :].expand(b, hq, c, nk), 3, ki)
-    allowed = key_ok[..., None, :].expand(b, hq, c, wq, wk)
-    if sel.causal:
-        allowed = allowed & (ki[..., None, :] <= qi[..., :, None] + (nk - nq))
-    has_key = allowed.any(-1)  # [B, Hq, C, wq]
-    # rows with no visible key: give them every key (finite softmax), zero their output below
-    safe = allowed | ~has_key[..., None]
-    o = F.scaled_dot_product_attention(
-        qw.reshape(b, hq * c, wq, d), kw.reshape(b, hq * c, wk, d), vw.reshape(b, hq * c, wk, d),
-        attn_mask=safe.reshape(b, hq * c, wq, wk), scale=scale,
-    ).view(b, hq, c, wq, d)
-
-    weight = has_key & _first_occurrence(qi)  # a repeated query slot counts once
+    first_q, first_k = _first_occurrence(qi), _first_occurrence(ki)
+    args = (qw.reshape(b, hq * c, wq, d), kw.reshape(b, hq * c, wk, d), vw.reshape(b, hq * c, wk, d))
+    distinct = key_padding_mask is None and bool(first_q.all()) and bool(first_k.all())
+    if distinct and not sel.causal:
+        # plain windows: every query sees every key of its window, no mask (SDPA's fused kernels)
+        o = F.scaled_dot_product_attention(*args, scale=scale).view(b, hq, c, wq, d)
+        weight = first_q
+    elif distinct and nq == nk and wq == wk and torch.equal(qi, ki):
+        # shared-QK causal windows: sorted identical positions make the position mask lower-triangular
+        o = F.scaled_dot_product_attention(*args, is_causal=True, scale=scale).view(b, hq, c, wq, d)
+        weight = first_q
+    else:
+        key_ok = first_k  # [B, Hq, C, wk]
+        if key_padding_mask is not None:
+            key_ok = key_ok & torch.gather(key_padding_mask[:, None, None, :].expand(b, hq, c, nk), 3, ki)
+        allowed = key_ok[..., None, :].expand(b, hq, c, wq, wk)
+        if sel.causal:
+            allowed = allowed & (ki[..., None, :] <= qi[..., :, None] + (nk - nq))
+        has_key = allowed.any(-1)  # [B, Hq, C, wq]
+        # rows with no visible key: give them every key (finite softmax), zero their output below
+        safe = allowed | ~has_key[..., None]
+        o = F.scaled_dot_product_attention(*args, attn_mask=safe.reshape(b, hq * c, wq, wk), scale=scale)
+        o = o.view(b, hq, c, wq, d)
+        weight = has_key & first_q  # a repeated query slot counts once
     o = o * weight[..., None].to(o.dtype)
     flat = qi.reshape(b, hq, c * wq)
     total = o.new_zeros(b, hq, nq, d).scatter_add(2, flat[..., None].expand(-1, -1, -1, d), o.reshape(b, hq, c * wq, d))

@@ -54,7 +54,7 @@ def block_pool(x: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
     b, h, n, d = x.shape
     nb = -(-n // block)
     pad = nb * block - n
-    tiles = F.pad(x, (0, 0, 0, pad)).view(b, h, nb, block, d)
+    tiles = (F.pad(x, (0, 0, 0, pad)) if pad else x).view(b, h, nb, block, d)
     count = torch.full((nb,), block, dtype=x.dtype, device=x.device)
     count[-1] = block - pad
     mean = tiles.sum(3) / count[:, None]
