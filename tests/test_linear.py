@@ -417,6 +417,18 @@ def test_soft_all_landmarks_is_exact_kernel():
     assert_close_rel(SOFT(landmarks=6, iters=60)(q, q, v), exact, 1e-6, "exact")
 
 
+@pytest.mark.parametrize("name", ["linear", "performer", "lightning", "gla"])
+def test_low_precision_keeps_fp32_state(name):
+    """bf16 inputs: states and cumulative gates in fp32, output in bf16 within bf16 rounding of fp32."""
+    q, k, v = rand_qkv(n=300, d=8)
+    mech = {"linear": lambda: LinearAttention(), "performer": lambda: Performer(features=16, head_dim=8).eval(),
+            "lightning": lambda: LightningAttention(), "gla": lambda: gla()}[name]()
+    want = mech(q, k, v, causal=True)
+    got = mech(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert_close_rel(got, want, 0.05, "bf16")
+
+
 # ------------------------------------------------------------------------------- errors and nn
 def test_errors():
     q, k, v = rand_qkv()
