@@ -67,6 +67,35 @@ def _mask_to_indices(mask: Tensor) -> Tensor:
     return out[..., :width]
 
 
+def _row_topk(s: Tensor, kk: int, ties: str) -> Tensor:
+    """Scores ``s [..., Nk]`` (disallowed keys at -inf) -> kept key indices ``[..., W]`` (-1 padded).
+
+    ``torch.topk`` gives the answer for every row whose (k+1)-th score is below the k-th; only rows
+    with a tie at the k-th value are redone: all tied keys (``"keep"``) or a stable
+    sort (``"first"``: lower index wins).
+    """
+    probe = min(kk + 1, s.shape[-1])  # the (k+1)-th score reveals a tie at the k-th
+    vals, idx = torch.topk(s, probe, dim=-1)
+    kth = vals[..., kk - 1 : kk]
+    tied = torch.zeros_like(kth[..., 0], dtype=torch.bool)
+    if probe > kk:
+        tied = torch.isfinite(kth[..., 0]) & (vals[..., kk] == kth[..., 0])
+    vals, idx = vals[..., :kk], idx[..., :kk]
+    idx = torch.where(torch.isfinite(vals), idx, -1)  # rows with fewer than k allowed keys
+    if not bool(tied.any()):
+        return idx
+    rows = tied.nonzero(as_tuple=True)
+    sub = s[rows]
+    if ties == "keep":
+        redo = _mask_to_indices(sub >= kth[rows])
+    else:
+        redo = torch.sort(sub, dim=-1, descending=True, stable=True).indices[:, :kk]
+    width = max(kk, redo.shape[-1])
+    out = F.pad(idx, (0, width - kk), value=-1)
+    out[rows] = F.pad(redo, (0, width - redo.shape[-1]), value=-1)
+    return out
+
+
 def topk_selections(
     q: Tensor,
     k: Tensor,
@@ -95,31 +124,24 @@ def topk_selections(
     group = hq // hkv
     sdt = _score_dtype(q.dtype)
     qs = q.detach().to(sdt).view(batch, hkv, group, nq, -1)
-    kt = k.detach().to(sdt).transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, D, Nk]
+    kt = k.detach().to(sdt).transpose(-1, -2)  # [B, Hkv, D, Nk]
     chunk = max(1, min(nq, SCORE_BUDGET // max(1, batch * hq * nk)))
     keys = torch.arange(nk, device=q.device)
     offset = nk - nq
     parts: list[list[Tensor]] = [[] for _ in ks]
     for c0 in range(0, nq, chunk):
         c1 = min(nq, c0 + chunk)
-        s = torch.matmul(qs[:, :, :, c0:c1], kt).view(batch, hq, c1 - c0, nk)
-        allowed = torch.ones(1, 1, 1, nk, dtype=torch.bool, device=q.device)
-        if causal:
-            allowed = keys <= (torch.arange(c0, c1, device=q.device) + offset)[:, None]
-            allowed = allowed[None, None]
-        if key_padding_mask is not None:
-            allowed = allowed & key_padding_mask[:, None, None, :]
-        s = s.masked_fill(~allowed, float("-inf"))
-        order = None
+        qc = qs[:, :, :, c0:c1].reshape(batch, hkv, group * (c1 - c0), -1)
+        s = torch.matmul(qc, kt).view(batch, hq, c1 - c0, nk)
+        if causal or key_padding_mask is not None:
+            allowed = torch.ones(1, 1, 1, nk, dtype=torch.bool, device=q.device)
+            if causal:
+                allowed = (keys <= (torch.arange(c0, c1, device=q.device) + offset)[:, None])[None, None]
+            if key_padding_mask is not None:
+                allowed = allowed & key_padding_mask[:, None, None, :]
+            s.masked_fill_(~allowed, float("-inf"))
         for slot, kk in enumerate(ks):
-            if ties == "keep":
-                kth = torch.topk(s, kk, dim=-1).values[..., -1:]
-                parts[slot].append(_mask_to_indices((s >= kth) & allowed))
-            else:
-                if order is None:
-                    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
-                idx = order[..., :kk]
-                parts[slot].append(torch.where(torch.gather(allowed.expand_as(s), -1, idx), idx, -1))
+            parts[slot].append(_row_topk(s, kk, ties))
     out = []
     for chunks in parts:
         width = max(p.shape[-1] for p in chunks)
