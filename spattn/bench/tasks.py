@@ -150,8 +150,8 @@ def _listops(max_len: int = 1000, min_len: Optional[int] = None, num_train: int 
     train = listops.ListOpsDataset(split="train", num_examples=num_train, seed=seed, **kw)
     val = listops.ListOpsDataset(split="val", num_examples=num_val, seed=seed, **kw)
     test = listops.ListOpsDataset(split="test", num_examples=num_test, seed=seed, **kw)
-    labels = [test[i]["label"] if isinstance(test[i], dict) else test[i][1] for i in range(len(test))]
-    return TaskData(train, val, test, listops.collate, listops.VOCAB_SIZE, 10, max_len, _majority(labels))
+    return TaskData(train, val, test, listops.collate, listops.VOCAB_SIZE, listops.NUM_CLASSES, max_len,
+                    _majority(test.labels))
 
 
 def _bytelm(seq_len: int = 2048, num_train: Optional[int] = None, num_val: int = 64, seed: int = 0) -> TaskData:
