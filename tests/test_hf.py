@@ -216,3 +216,35 @@ def test_minilm_embeddings_dense_vs_sparse():
     cos = (sparse * ref).sum(-1)
     print(f"MiniLM cosine(dense, window(size=8)) = {cos.tolist()}, density {h.density():.3f}")
     assert (cos > 0.5).all() and h.density() < 1
+
+
+class _WordTokenizer:
+    """Stand-in tokenizer for the tiny model: one id per whitespace word."""
+
+    def __call__(self, text):
+        return {"input_ids": [3 + sum(map(ord, w)) % 94 for w in text.split()]}
+
+    def decode(self, ids):
+        return " ".join(str(i) for i in ids)
+
+
+def test_longctx_evaluate_on_tiny_model(tiny, tmp_path):
+    import argparse
+    import json
+
+    from spattn.bench.longctx import add_longctx_arguments, evaluate, format_summary
+
+    args = add_longctx_arguments(argparse.ArgumentParser()).parse_args(
+        ["--methods", "dense", "window(size=16)", "--decode", "quest(page=4, budget=16)", "--tasks", "passkey",
+         "--lengths", "300", "--depths", "0", "1", "--new-tokens", "3", "--ppl-lengths", "128",
+         "--no-progress"])
+    result = evaluate(tiny, _WordTokenizer(), args)
+    json.dumps(result)
+    rows = {r["method"]: r for r in result["summary"]}
+    assert set(rows) == {"dense", "window(size=16)", "decode:quest(page=4, budget=16)"}
+    assert rows["dense"]["cases"] == 2 and rows["dense"]["prefill_density"] == 1.0
+    assert rows["window(size=16)"]["prefill_density"] < 0.25
+    assert rows["decode:quest(page=4, budget=16)"]["decode_density"] < 0.2
+    assert "perplexity@128" in rows["dense"] and "prefill_speedup_median" in rows["window(size=16)"]
+    assert "window(size=16)" in format_summary(result)
+    assert tiny.config._attn_implementation == "sdpa"
