@@ -216,6 +216,17 @@ def test_sla_fp32_padding_and_zero_init():
     assert (fresh(q, k, v, key_padding_mask=kpm).double() - zero).abs().max() < 1e-5
 
 
+def test_sla_sequence_without_keys_gives_zeros():
+    layer = _sla_layer(4, 2, 4, dtype=torch.float32)
+    q, k, v = (t.requires_grad_() for t in _inputs(2, 2, 2, 10, 4, torch.float32))
+    kpm = torch.ones(2, 10, dtype=torch.bool)
+    kpm[1] = False
+    out = layer(q, k, v, key_padding_mask=kpm)
+    out.sum().backward()
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and out[0].abs().sum() > 0
+    assert not any(torch.isnan(t.grad).any() for t in (q, k, v))
+
+
 def test_sla_all_blocks_critical_is_softmax():
     q, k, v = _inputs(1, 2, 2, 10, 4)
     layer = _sla_layer(4, 1.0, 4)

@@ -245,7 +245,10 @@ def sla_attention(q, k, v, block_map: Tensor, block: int, proj_l: nn.Module,
     ok = den > 0
     o_l = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
     o_l = o_l.reshape(B, Hq, nqb * block, D)[:, :, :N]
-    return (o_s.to(ct) + proj_l(o_l.to(proj_l.weight.dtype)).to(ct)).to(q.dtype)
+    out = o_s.to(ct) + proj_l(o_l.to(proj_l.weight.dtype)).to(ct)
+    if key_padding_mask is not None:  # a sequence without real keys: zeros, not proj_l's bias
+        out = out * key_padding_mask.any(-1).view(B, 1, 1, 1).to(ct)
+    return out.to(q.dtype)
 
 
 @register(
