@@ -101,8 +101,10 @@ def test_early_stop_at_target_accuracy():
     assert res["history"][-1]["val_acc"] >= 0.5
 
 
-def test_interrupted_run_resumes_bit_identical(tmp_path):
-    base = dict(task="_first", attention="dense", steps=12, eval_every=4, checkpoint_every=2,
+@pytest.mark.parametrize("attention", ["dense", "routing(clusters=2)"])
+def test_interrupted_run_resumes_bit_identical(tmp_path, attention):
+    """Model, optimizer, scheduler, RNG (dropout), data position and routing's EMA centroids all resume exactly."""
+    base = dict(task="_first", attention=attention, steps=12, eval_every=4, checkpoint_every=2,
                 model=dict(dropout=0.2, embed_dropout=0.1), task_options=dict(num_train=64))
     full = train(cfg(out_dir=str(tmp_path / "a"), **base))  # 64 / 16 = 4 batches per epoch: crosses epochs
 
@@ -118,6 +120,8 @@ def test_interrupted_run_resumes_bit_identical(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    if attention.startswith("routing"):
+        assert any(k.endswith("centroids") for k in a)
     assert [h["val_loss"] for h in full["history"]] == [h["val_loss"] for h in resumed["history"]]
 
 
