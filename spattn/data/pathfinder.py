@@ -69,7 +69,6 @@ class PathfinderConfig:
     contrast: float = 2.0
     supersample: int = 4
     subpixel: int = 4
-    max_paddle_tries: int = 8
     max_target_tries: int = 40
     max_distractor_tries: int = 4
     backtrack_budget: int = 40
@@ -168,8 +167,8 @@ class _Batch:
     within the contour; both are padded by ``pad`` pixels so neighbourhood look-ups need no clipping
     (image pixel ``(r, c)`` is ``owner[:, r + pad, c + pad]``). Paddle ``k`` of contour ``c`` in image ``b``
     is stored as its lit pixels ``rows/cols/vals [B, C, n, K]`` (``vals == 0`` = unused slot), its
-    quantised start/end points and its angle. ``near_all``/``near_own`` count lit pixels within the
-    ``link`` neighbourhood, so checking a candidate costs one look-up per pixel.
+    quantised start/end points and its angle. ``row_all``/``row_own`` count lit pixels within ``link``
+    columns (a separable dilation), so painting and checking cost ``2*link+1`` look-ups per pixel.
     """
 
     def __init__(self, cfg: PathfinderConfig, B: int, rng: np.random.Generator):
@@ -183,10 +182,11 @@ class _Batch:
         H = self.R + 2 * self.pad
         self.owner = np.full((B, H, H), -1, dtype=np.int16)
         self.pidx = np.zeros((B, H, H), dtype=np.int16)
-        # near_all[b, y, x]: lit pixels (counted per paint) within Chebyshev `link` of (y, x);
-        # near_own[b, c, y, x]: the same for contour c only. "Another contour is near" = all - own > 0.
-        self.near_all = np.zeros((B, H, H), dtype=np.int16)
-        self.near_own = np.zeros((B, self.C, H, H), dtype=np.int16)
+        # row_all[b, y, x]: lit pixels (counted per paint) in row y within `link` columns of x;
+        # row_own[b, c, y, x]: the same for contour c only. Another contour has a pixel within Chebyshev
+        # distance `link` of (y, x) iff row_all > row_own[c] in one of the rows y-link .. y+link.
+        self.row_all = np.zeros((B, H, H), dtype=np.int16)
+        self.row_own = np.zeros((B, self.C, H, H), dtype=np.int16)
         self.rows = np.zeros((B, self.C, n, K), dtype=np.int64)
         self.cols = np.zeros((B, self.C, n, K), dtype=np.int64)
         self.vals = np.zeros((B, self.C, n, K), dtype=np.uint8)
@@ -197,12 +197,13 @@ class _Batch:
         self.margin = rng.choice(np.asarray(cfg.paddle_margins), size=B)
         oy, ox = np.meshgrid(np.arange(-k, k + 1), np.arange(-k, k + 1), indexing="ij")
         self.nb = (oy.reshape(-1), ox.reshape(-1))
+        self.span = np.arange(-k, k + 1)
         # turn candidates ~1 px apart on the circle of radius length + gap, weighted by continuity
         radius = cfg.paddle_length + 2 * max(cfg.paddle_margins)
         m = max(8, int(round(2 * math.pi * radius)))
         d = (np.arange(m) * 360.0 / m + 180.0) % 360.0 - 180.0
         w = np.cos(np.minimum(np.abs(np.deg2rad(d)) * cfg.continuity, math.pi / 2)) ** 2
-        self.turns, self.turn_w = np.round(d[w > 1e-12]).astype(np.int64), w[w > 1e-12]
+        self.turns, self.turn_w = np.round(d[w > 1e-12]).astype(np.int64), w[w > 1e-12] / w[w > 1e-12].sum()
 
     # -- geometry ------------------------------------------------------------------------------------------
 
@@ -230,7 +231,8 @@ class _Batch:
         rp = np.clip(rows, -P + self.cfg.link, R - 1 + P - self.cfg.link) + P
         cp = np.clip(cols, -P + self.cfg.link, R - 1 + P - self.cfg.link) + P
         b3, c3 = bs[:, None, None], cs[:, None, None]
-        bad = self.near_all[b3, rp, cp] > self.near_own[b3, c3, rp, cp]
+        ry = rp[..., None] + self.span  # [A, J, K, 2k+1]
+        bad = (self.row_all[b3[..., None], ry, cp[..., None]] > self.row_own[b3[..., None], c3[..., None], ry, cp[..., None]]).any(axis=3)
         bad |= (self.owner[b3, rp, cp] == c3) & (self.pidx[b3, rp, cp] < (ks - 1)[:, None, None])
         ok &= ~(bad & lit).any(axis=2)
         has_prev = ks > 0
@@ -250,8 +252,7 @@ class _Batch:
         w = np.where(ok, weights, 0.0)
         tot = w.sum(axis=1)
         u = self.rng.random(len(w)) * tot
-        j = (np.cumsum(w, axis=1) <= u[:, None]).sum(axis=1)
-        j = np.minimum(j, w.shape[1] - 1)
+        j = np.minimum((np.cumsum(w, axis=1) <= u[:, None]).sum(axis=1), w.shape[1] - 1)
         return np.where(tot > 0, j, -1)
 
     def _commit(self, bs, cs, j, cand) -> None:
@@ -278,10 +279,11 @@ class _Batch:
             self.pidx[bb, rr, cl] = np.broadcast_to(ks[:, None], r.shape)[lit]
         else:
             self.owner[bb, rr, cl] = -1
-        nr, nc = rr[:, None] + self.nb[0], cl[:, None] + self.nb[1]
-        b2 = np.broadcast_to(bb[:, None], nr.shape)
-        np.add.at(self.near_all, (b2, nr, nc), sign)
-        np.add.at(self.near_own, (b2, np.broadcast_to(cc[:, None], nr.shape), nr, nc), sign)
+        nc = cl[:, None] + self.span
+        nr = np.broadcast_to(rr[:, None], nc.shape)
+        b2 = np.broadcast_to(bb[:, None], nc.shape)
+        np.add.at(self.row_all, (b2, nr, nc), sign)
+        np.add.at(self.row_own, (b2, np.broadcast_to(cc[:, None], nc.shape), nr, nc), sign)
 
     def pop(self, bs, cs) -> None:
         """Undo the last paddle of contour ``cs[i]`` in image ``bs[i]`` (it only overlaps the one before)."""
@@ -315,28 +317,27 @@ class _Batch:
     # -- growth --------------------------------------------------------------------------------------------
 
     def seed(self, bs, cs, ys, xs) -> np.ndarray:
-        """First paddle at ``(ys, xs)`` with a uniform orientation among 24 that fit. Returns success ``[A]``."""
+        """First paddle at ``(ys, xs)``: a uniform orientation among 24 (15 degrees apart, random phase) that fit."""
         A = len(bs)
         angles = (self.rng.integers(15, size=(A, 1)) + 15 * np.arange(24)[None]) % 360
         ok, cand = self._evaluate(bs, cs, np.zeros(A, dtype=np.int64), np.repeat(ys[:, None], 24, 1),
                                   np.repeat(xs[:, None], 24, 1), angles)
-        j = self._choose(ok, np.ones(24))
-        good = j >= 0
-        if good.any():
-            self._commit(bs[good], cs[good], j[good], tuple(x[good] for x in cand))
-        return good
+        return self._take(bs, cs, self._choose(ok, np.ones(24)), cand)
 
     def extend(self, bs, cs) -> np.ndarray:
-        """Next paddle: start ``2*margin`` after the last one, turn drawn with the continuity weights."""
+        """Next paddle, ``2*margin`` after the last one, turning by a candidate angle drawn with the
+        continuity weights among the candidates that fit (the original masks its weights the same way)."""
         ks = self.length[bs, cs]
         last = ks - 1
-        angles = self.angle[bs, cs, last][:, None] + self.turns[None, :]
-        th = np.deg2rad(angles % 360)
+        angles = (self.angle[bs, cs, last][:, None] + self.turns[None, :]) % 360
+        th = np.deg2rad(angles)
         gap = 2 * self.margin[bs][:, None]
         ys = self.end[bs, cs, last, 0][:, None] + gap * np.sin(th)
         xs = self.end[bs, cs, last, 1][:, None] + gap * np.cos(th)
         ok, cand = self._evaluate(bs, cs, ks, ys, xs, angles)
-        j = self._choose(ok, self.turn_w)
+        return self._take(bs, cs, self._choose(ok, self.turn_w), cand)
+
+    def _take(self, bs, cs, j, cand) -> np.ndarray:
         good = j >= 0
         if good.any():
             self._commit(bs[good], cs[good], j[good], tuple(x[good] for x in cand))
