@@ -98,8 +98,8 @@ def _method_list(args) -> list[dict]:
     return methods
 
 
-def evaluate(model, tokenizer, args) -> dict:
-    """Run the grid; returns the JSON-able result dict."""
+def evaluate(model, tokenizer, args, partial_path: Optional[Path] = None) -> dict:
+    """Run the grid; returns the JSON-able result dict (also written to ``partial_path`` after every case)."""
     from ..data.needle import make_task
     from ..integrations.hf import sparsify
 
@@ -135,6 +135,8 @@ def evaluate(model, tokenizer, args) -> dict:
             })
             if bar is not None:
                 bar.update(1)
+        if partial_path is not None:
+            partial_path.write_text(json.dumps({"partial": True, "cases": records}, indent=2))
     ppl = []
     for length in args.ppl_lengths:
         ids = _prose_ids(tokenizer, length)
@@ -247,9 +249,9 @@ def run_longctx(args) -> int:
     except (ImportError, FileNotFoundError) as err:
         print(f"spattn longctx: {err}")
         return 2
-    result = evaluate(model, tokenizer, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    result = evaluate(model, tokenizer, args, partial_path=out)
     out.write_text(json.dumps(result, indent=2))
     print(format_summary(result))
     print(f"wrote {out}")
