@@ -182,7 +182,10 @@ def last_query_probs(q: Tensor, k: Tensor, last: int, scale: Optional[float] = N
     logits = torch.matmul(q_last * scale, expand_kv(k, hq).float().transpose(-1, -2))
     pos = torch.arange(nk - rows, nk, device=q.device)
     logits.masked_fill_(torch.arange(nk, device=q.device)[None, :] > pos[:, None], float("-inf"))
-    return torch.softmax(logits, dim=-1), pos
+    probs = torch.softmax(logits, dim=-1)
+    if nk - rows < 0:  # more queries than keys: the first rows see no key at all
+        probs = torch.nan_to_num_(probs, nan=0.0)
+    return probs, pos
 
 
 def diagonal_sums(probs: Tensor, pos: Tensor) -> Tensor:

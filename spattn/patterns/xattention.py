@@ -62,7 +62,7 @@ def antidiagonal_block_scores(q: Tensor, k: Tensor, stride: int, block: int, cau
         logits = torch.matmul(q_r[:, :, r0:r1], k_r[:, :, :ncols].transpose(-1, -2))
         # only the trailing columns can be hidden (causal or padding): mask that slice alone
         first_hidden = int(last.min()) // s + 1 if causal else ncols
-        first_hidden = min(first_hidden, int(real_cols[:ncols].sum()))
+        first_hidden = max(0, min(first_hidden, int(real_cols[:ncols].sum())))
         if first_hidden < ncols:
             cols = torch.arange(first_hidden, ncols, device=q.device)
             hidden = ~real_cols[cols][None, :]
@@ -70,6 +70,8 @@ def antidiagonal_block_scores(q: Tensor, k: Tensor, stride: int, block: int, cau
                 hidden = hidden | (cols[None, :] * s > last[:, None])
             logits[..., first_hidden:].masked_fill_(hidden, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
+        if causal and off < 0:  # more queries than keys: early rows see no key at all
+            probs = torch.nan_to_num_(probs, nan=0.0)
         pad_rows = rows * s >= nq
         if bool(pad_rows.any()):
             probs[..., pad_rows, :] = 0.0  # strided rows made of padding only
