@@ -133,10 +133,19 @@ def test_gated_scores_slabs():
     qc, kc = torch.randn(2, 2, 7, 5, 3, dtype=torch.float64), torch.randn(2, 2, 7, 5, 3, dtype=torch.float64)
     G = torch.cumsum(-torch.rand(2, 2, 7, 5, 3, dtype=torch.float64), 3)
     mask = torch.ones(5, 5, dtype=torch.bool).tril()
-    whole = _gated_scores(qc, kc, G, mask, slab_tokens=10_000)
-    assert torch.equal(whole, _gated_scores(qc, kc, G, mask, slab_tokens=10))
+    whole = _gated_scores(qc, kc, G, mask, budget=10**9)
+    assert torch.equal(whole, _gated_scores(qc, kc, G, mask, budget=2 * 2 * 5 * 5 * 3 * 2))  # 2 chunks a slab
     want = torch.einsum("bhctd,bhcsd,bhctsd->bhcts", qc, kc, torch.exp(G.unsqueeze(-2) - G.unsqueeze(-3))) * mask
     assert_close_rel(whole, want, 1e-12, "scores")
+
+
+def test_chunked_gates_mixed_safe_and_strong_chunks():
+    """Mild chunks take the factored matmul, strongly decaying ones the exact form: both match naive."""
+    q, k, v = rand_qkv(b=2, hq=2, hkv=2, n=48, d=4)
+    g = -torch.rand(2, 2, 48, 4, dtype=torch.float64) * 0.1
+    g[1, 0, 20:26, 2] = -25.0  # only the second chunk of 16 goes past the factored limit
+    assert_matches(lambda a, b, c: chunked_causal(a, b, c, g.to(a.dtype), chunk=16)[0],
+                   lambda a, b, c: naive_decayed(a, b, c, g, causal=True), q, k, v)
 
 
 def test_chunked_gates_log_space_stable():

@@ -163,14 +163,15 @@ class GatedLinearAttention(_DecayedAttention):
     """GLA with ``log alpha_t = logsigmoid(W2 W1 k_t + b) / normalizer`` (rank ``rank``), q scaled by
     ``d^-1/2``. Padded keys are dropped from the recurrence entirely (no contribution, no decay).
 
-    ``head_dim`` (given by :class:`spattn.nn.Attention`) sizes the gate projection. Default ``chunk=16``:
-    the intra-chunk decay tensor holds ``chunk`` values per token and key dimension.
+    ``head_dim`` (given by :class:`spattn.nn.Attention`) sizes the gate projection. Inside a chunk the
+    decayed scores are one matmul of ``q e^G`` and ``k e^-G`` unless the chunk decays by more than
+    ``e^-30``, where the exact elementwise form takes over (see :mod:`.linear_core`).
     """
 
     name = "gla"
 
     def __init__(
-        self, rank: int = 16, normalizer: float = 16.0, chunk: int = 16, norm: bool = True,
+        self, rank: int = 16, normalizer: float = 16.0, chunk: int = 64, norm: bool = True,
         head_dim: Optional[int] = None,
     ):
         super().__init__()

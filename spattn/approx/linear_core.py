@@ -14,8 +14,10 @@ dimension, GLA, Yang et al. 2024). The equivalent recurrence is
 The chunked form (Lightning Attention-2 / GLA's chunkwise form) splits the sequence into chunks of
 ``chunk`` tokens: inside a chunk the pairs are computed explicitly ("intra", left product), across
 chunks through the state ("inter", right product). Only the O(N / chunk) state hand-off is a Python
-loop. All gate exponents are differences ``G_t - G_s`` with ``s <= t`` measured from the chunk start,
-so every ``exp`` is ``<= 1``: nothing overflows however strong the decay (log-space stability).
+loop. Cumulative gates are kept in fp32 log space, measured from the chunk start; the inter-chunk
+terms only use ``exp(G_t - G_s) <= 1`` (``s <= t``). Inside a chunk, per-dimension gates use the
+factored matmul ``(q e^G)(k e^-G)^T`` while ``e^-G`` stays below ``e^30``, and the exact elementwise
+form (all exponents ``<= 0``) in chunks that decay more: nothing overflows however strong the decay.
 
 Normalised linear attention (elu+1, Performer) appends a column of ones to ``v``: the last output
 column is then the denominator ``q_t . sum_s k_s``.
@@ -90,14 +92,14 @@ def recurrent_step(
     return out, state
 
 
-def _gated_scores(qc: Tensor, kc: Tensor, G: Tensor, causal_mask: Tensor, slab_tokens: int = 4096) -> Tensor:
+def _gated_scores(qc: Tensor, kc: Tensor, G: Tensor, causal_mask: Tensor, budget: int = 1 << 23) -> Tensor:
     """``A_ts = sum_d q_td k_sd exp(G_td - G_sd)`` for ``s <= t`` inside each chunk, ``[B, H, C, L, L]``.
 
-    The ``[L, L, Dk]`` decay tensor is built for a slab of chunks at a time, bounding the temporary
-    memory to ``slab_tokens * L * Dk`` values per (batch, head).
+    The ``[L, L, Dk]`` decay tensor is built for a slab of chunks at a time, so that each temporary
+    holds about ``budget`` values whatever the sequence length.
     """
-    L = qc.shape[3]
-    step = max(1, slab_tokens // L)
+    B, H, _, L, Dk = qc.shape
+    step = max(1, budget // (B * H * L * L * Dk))
     keep = causal_mask.unsqueeze(-1)
     parts = []
     for c0 in range(0, qc.shape[2], step):
@@ -105,6 +107,28 @@ def _gated_scores(qc: Tensor, kc: Tensor, G: Tensor, causal_mask: Tensor, slab_t
         decay = torch.exp((g.unsqueeze(-2) - g.unsqueeze(-3)).masked_fill(~keep, float("-inf")))
         parts.append(((qc[:, :, c0:c0 + step].unsqueeze(-2) * decay) * kc[:, :, c0:c0 + step].unsqueeze(-3)).sum(-1))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+#: largest in-chunk cumulative log-decay for which the factored form is used (exp(30) ~ 1e13)
+FACTOR_LIMIT = 30.0
+
+
+def _factored_gated_scores(qc: Tensor, kc: Tensor, G: Tensor, causal_mask: Tensor) -> Tensor:
+    """:func:`_gated_scores` as one matmul, ``(q_t e^{G_t}) . (k_s e^{-G_s})``, where that is safe.
+
+    ``e^{-G_s}`` grows with the decay accumulated inside the chunk; chunks where it exceeds
+    ``e^FACTOR_LIMIT`` anywhere are recomputed with the exact elementwise form (never overflows).
+    The exponent is clamped so unused entries stay finite and their zero gradient stays zero.
+    """
+    neg = torch.clamp(-G, max=FACTOR_LIMIT)
+    scores = (qc * torch.exp(G)) @ (kc * torch.exp(neg)).transpose(-1, -2)
+    scores = scores.masked_fill(~causal_mask, 0.0)
+    span = (-G[:, :, :, -1]).amax(dim=(0, 1, 3))  # [C]: deepest decay reached in each chunk
+    unsafe = torch.nonzero(span > FACTOR_LIMIT).flatten()
+    if unsafe.numel():
+        exact = _gated_scores(qc[:, :, unsafe], kc[:, :, unsafe], G[:, :, unsafe], causal_mask)
+        scores = scores.index_copy(2, unsafe, exact)
+    return scores
 
 
 def chunked_causal(
@@ -154,7 +178,7 @@ def chunked_causal(
             diff = (G - G.transpose(-1, -2)).masked_fill(~causal_mask, float("-inf"))
             scores = (qc @ kc.transpose(-1, -2)) * torch.exp(diff)
         else:  # a decay per key dimension: sum_d q_td k_sd exp(G_td - G_sd), s <= t
-            scores = _gated_scores(qc, kc, G, causal_mask)
+            scores = _factored_gated_scores(qc, kc, G, causal_mask)
         intra = scores @ vc
         # contribution of the chunk to the state at its end, keys decayed to the chunk's last token
         local = (kc * torch.exp(last - G)).transpose(-1, -2) @ vc  # [B, H, C, Dk, Dv]
