@@ -536,7 +536,7 @@ class PathfinderDataset(Dataset):
 
     Row-major pixels, ``vocab_size = 256``, ``num_classes = 2``; every sequence has length ``R*R`` so
     nothing is padded (pixel value 0 is real data: masks come from lengths). Generated once and cached
-    as ``<cache_dir>/pathfinder-<hash>.npz``. ``images`` holds the uint8 array ``[N, R, R]``.
+    as ``<cache_dir>/pathfinder<R>-<hash>.npz``. ``images`` holds the uint8 array ``[N, R, R]``.
     """
 
     vocab_size = 256
