@@ -43,7 +43,7 @@ def _normalise(out: Tensor, eps: float) -> Tensor:
 
 
 def _with_ones(v: Tensor, ct: torch.dtype) -> Tensor:
-    """``[B, H, N, Dv]`` -> ``[B, H, N, Dv + 1]`` in the compute dtype: the last column accumulates the denominator."""
+    """``[..., Dv]`` -> ``[..., Dv + 1]`` in the compute dtype: the last column accumulates the denominator."""
     return torch.cat([v.to(ct), v.new_ones(v.shape[:-1] + (1,), dtype=ct)], dim=-1)
 
 
@@ -118,7 +118,7 @@ class LinearAttention(_KernelAttention):
         if state is None:
             state = q_t.new_zeros(q_t.shape[0], hq, q_t.shape[-1], v_t.shape[-1] + 1, dtype=ct)
         fk = repeat_kv(elu_feature_map(k_t), hq)
-        va = repeat_kv(torch.cat([v_t.to(ct), v_t.new_ones(v_t.shape[:-1] + (1,), dtype=ct)], dim=-1), hq)
+        va = repeat_kv(_with_ones(v_t, ct), hq)
         out, state = recurrent_step(elu_feature_map(q_t), fk, va, state)
         return _normalise(out, self.eps).to(q_t.dtype), state
 
@@ -256,8 +256,7 @@ class Performer(_KernelAttention):
         stab = torch.maximum(stab, state.stabilizer)
         kv = state.kv * repeat_kv(torch.exp(state.stabilizer - stab), hq)
         fk = favor_features_(lk, stab, 0.0).squeeze(2)
-        va = torch.cat([v_t.to(ct), v_t.new_ones(v_t.shape[:-1] + (1,), dtype=ct)], dim=-1)
-        out, kv = recurrent_step(self._query_features(q_t), repeat_kv(fk, hq), repeat_kv(va, hq), kv)
+        out, kv = recurrent_step(self._query_features(q_t), repeat_kv(fk, hq), repeat_kv(_with_ones(v_t, ct), hq), kv)
         return _normalise(out, 0.0).to(q_t.dtype), PerformerState(kv, stab)
 
 
