@@ -172,3 +172,86 @@ def test_listops_release_tsv(tmp_path):
     (d / "basic_val.tsv").write_text("Source\tLabel\n")
     with pytest.raises(ValueError, match="header"):
         lra_files.load_listops(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ pathfinder
+
+
+def _write_png(path, img, filters):
+    """A minimal greyscale PNG encoder using every row filter type (independent of the reader)."""
+    import struct
+    import zlib
+
+    h, w = img.shape
+    raw = bytearray()
+    prev = [0] * w
+    for y in range(h):
+        f = filters[y % len(filters)]
+        row = [int(v) for v in img[y]]
+        out = []
+        for x in range(w):
+            a = row[x - 1] if x else 0
+            b = prev[x]
+            c = prev[x - 1] if x else 0
+            if f == 0:
+                pred = 0
+            elif f == 1:
+                pred = a
+            elif f == 2:
+                pred = b
+            elif f == 3:
+                pred = (a + b) // 2
+            else:
+                p = a + b - c
+                pred = min((abs(p - a), 0, a), (abs(p - b), 1, b), (abs(p - c), 2, c))[2]
+            out.append((row[x] - pred) % 256)
+        raw += bytes([f] + out)
+        prev = row
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(bytes(raw))) + chunk(b"IEND", b"")
+    path.write_bytes(png)
+
+
+def test_png_reader_all_filters(tmp_path):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(9, 7), dtype=np.uint8)
+    _write_png(tmp_path / "a.png", img, filters=[0, 1, 2, 3, 4])
+    assert np.array_equal(lra_files.read_png_gray(tmp_path / "a.png"), img)
+    (tmp_path / "b.png").write_bytes(b"GIF89a")
+    with pytest.raises(ValueError, match="b.png: not a PNG"):
+        lra_files.read_png_gray(tmp_path / "b.png")
+
+
+def test_pathfinder_release_layout(tmp_path):
+    base = tmp_path / "lra_release" / "pathfinder32" / "curv_contour_length_14"
+    (base / "imgs" / "0").mkdir(parents=True)
+    (base / "metadata").mkdir()
+    rng = np.random.default_rng(1)
+    lines, expect = [], []
+    for i in range(11):
+        img = rng.integers(0, 256, size=(32, 32), dtype=np.uint8)
+        if i == 4:
+            img[:] = 0  # an empty image, dropped as in LRA
+        img[0, 0] = 0
+        _write_png(base / "imgs" / "0" / f"sample_{i}.png", img, filters=[i % 5])
+        lines.append(f"imgs/0 sample_{i}.png {i} {i % 2} 1.0 14 4 2 0.5 1 1")
+        if i != 4:
+            expect.append((img.reshape(-1), i % 2))
+    (base / "metadata" / "0.npy").write_text("\n".join(lines) + "\n")
+    s = lra_files.load_pathfinder(tmp_path, 32)
+    assert (len(s.train), len(s.val), len(s.test)) == (8, 1, 1)
+    got = [s.train[i] for i in range(8)] + [s.val[0], s.test[0]]
+    for (x, y), (img, lab) in zip(got, expect):
+        assert x.tolist() == img.tolist() and y == lab
+    assert s.collate(got[:2])["mask"].all()
+    with pytest.raises(FileNotFoundError, match="metadata"):
+        lra_files.load_pathfinder(tmp_path, 64)
+    with pytest.raises(ValueError, match="too short"):
+        lra_files.load_pathfinder(tmp_path, 32, max_len=1000)
+    (base / "metadata" / "0.npy").write_text("imgs/0 sample_0.png\n")
+    with pytest.raises(ValueError, match=r"0\.npy, line 1"):
+        lra_files.load_pathfinder(tmp_path, 32)

@@ -20,6 +20,9 @@ Accepted layouts (``data_dir`` may be the folder holding the files or any parent
   The pickles are read with a restricted unpickler that only accepts numpy arrays and builtins.
 * **ListOps** (optional; the generator in :mod:`spattn.data.listops` needs no files):
   ``listops-1000/basic_{train,val,test}.tsv`` with header ``Source<TAB>Target``.
+* **Pathfinder** (optional; :mod:`spattn.data.pathfinder` generates it): the release folders
+  ``pathfinder<R>/<difficulty>/{metadata/*.npy, imgs/<k>/sample_<i>.png}``, PNGs decoded by a small
+  built-in reader (8-bit greyscale, no PIL needed); split 80/10/10 in file order as LRA.
 
 Padding masks always come from lengths (pixel 0 and byte 0 are data). Missing or malformed files raise
 ``FileNotFoundError``/``ValueError`` naming the path and what was expected.
@@ -41,7 +44,7 @@ from torch.utils.data import Dataset
 from ._common import check_positive_int, collate_classification, pad_batch
 
 __all__ = ["LRASplits", "SequenceDataset", "PairDataset", "load_text", "load_retrieval", "load_image", "load_listops",
-           "collate_pairs", "read_cifar_batch", "to_grayscale"]
+           "load_pathfinder", "collate_pairs", "read_cifar_batch", "to_grayscale", "read_png_gray"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -342,3 +345,117 @@ def load_listops(data_dir: PathLike, max_len: int = 2000) -> LRASplits:
                 labels.append(_label(parts[1], path, k, allowed=tuple(range(10))))
         out.append(SequenceDataset(seqs, labels, vocab_size=listops.VOCAB_SIZE, num_classes=10))
     return LRASplits(out[0], out[1], out[2], listops.collate, listops.VOCAB_SIZE, 10)
+
+
+# ------------------------------------------------------------------------------------------- pathfinder
+
+
+def read_png_gray(path: PathLike) -> np.ndarray:
+    """Decode an 8-bit greyscale, non-interlaced PNG (what the Pathfinder release holds) -> uint8 [H, W]."""
+    import zlib
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise FileNotFoundError(f"Pathfinder image {path} cannot be read: {e}") from None
+    if raw[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError(f"{path}: not a PNG file")
+    pos, idat, header = 8, [], None
+    while pos + 8 <= len(raw):
+        n = int.from_bytes(raw[pos:pos + 4], "big")
+        kind, body = raw[pos + 4:pos + 8], raw[pos + 8:pos + 8 + n]
+        pos += 12 + n
+        if kind == b"IHDR":
+            header = body
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+    if header is None or len(header) < 13:
+        raise ValueError(f"{path}: PNG without a valid IHDR chunk")
+    w, h = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big")
+    depth, color, interlace = header[8], header[9], header[12]
+    if depth != 8 or color != 0 or interlace != 0:
+        raise ValueError(f"{path}: expected an 8-bit greyscale non-interlaced PNG, got bit depth {depth}, "
+                         f"colour type {color}, interlace {interlace}")
+    try:
+        data = np.frombuffer(zlib.decompress(b"".join(idat)), dtype=np.uint8)
+    except zlib.error as e:
+        raise ValueError(f"{path}: corrupt PNG image data ({e})") from None
+    if data.size != h * (w + 1):
+        raise ValueError(f"{path}: PNG data has {data.size} bytes, expected {h * (w + 1)} for {w}x{h}")
+    rows = data.reshape(h, w + 1)
+    out = np.zeros((h, w), dtype=np.uint8)
+    prev = np.zeros(w, dtype=np.int64)
+    for y in range(h):
+        f, line = rows[y, 0], rows[y, 1:].astype(np.int64)
+        if f == 0:
+            cur = line
+        elif f == 1:  # Sub: cumulative sum along the row, mod 256
+            cur = np.cumsum(line) % 256
+        elif f == 2:  # Up
+            cur = (line + prev) % 256
+        elif f in (3, 4):  # Average / Paeth: sequential in x
+            cur = np.zeros(w, dtype=np.int64)
+            for x in range(w):
+                a = cur[x - 1] if x else 0
+                b = prev[x]
+                if f == 3:
+                    pred = (a + b) // 2
+                else:
+                    c = prev[x - 1] if x else 0
+                    p = a + b - c
+                    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                    pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+                cur[x] = (line[x] + pred) % 256
+        else:
+            raise ValueError(f"{path}: unknown PNG filter type {f} in row {y}")
+        out[y] = cur
+        prev = cur
+    return out
+
+
+def load_pathfinder(data_dir: PathLike, resolution: int = 32, difficulty: str = "curv_contour_length_14",
+                    max_len: int = 0) -> LRASplits:
+    """The released Pathfinder images: ``pathfinder<R>/<difficulty>/metadata/*.npy`` + ``imgs/...png``.
+
+    The metadata files are text (despite the suffix): one image per line, whitespace-separated, field 0/1
+    the sub-directory and file name, field 3 the label. Files are read in numeric order of their names;
+    empty (all-black) images are dropped (LRA filters them; there is one in ``curv_baseline``), and the
+    list is split 80/10/10 in order, without shuffling, as LRA's TFDS slicing. Items ``(pixels [R*R], label)``.
+    ``max_len`` (0 = unchecked) must be at least ``R*R``: images are never cut.
+    """
+    if resolution not in (32, 64, 128, 256):
+        raise ValueError(f"resolution must be 32, 64, 128 or 256, got {resolution!r}")
+    if max_len and max_len < resolution * resolution:
+        raise ValueError(f"Pathfinder{resolution} sequences have {resolution * resolution} pixels; max_len={max_len} is too short")
+    base = _find(data_dir, ["metadata"], [f"pathfinder{resolution}/{difficulty}",
+                                          f"lra_release/pathfinder{resolution}/{difficulty}",
+                                          f"lra_release/lra_release/pathfinder{resolution}/{difficulty}"],
+                 f"pathfinder{resolution} {difficulty}")
+    metas = sorted((base / "metadata").glob("*.npy"), key=lambda p: (len(p.stem), p.stem))
+    if not metas:
+        raise FileNotFoundError(f"LRA pathfinder: no metadata/*.npy files in {base}")
+    seqs, labels = [], []
+    for meta in metas:
+        for n, line in enumerate(meta.read_text(encoding="utf-8", errors="strict").splitlines(), 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) < 4:
+                raise ValueError(f"{meta}, line {n}: expected at least 4 whitespace-separated fields "
+                                 f"(subpath, file name, index, label, ...)")
+            img = read_png_gray(base / fields[0] / fields[1])
+            if img.shape != (resolution, resolution):
+                raise ValueError(f"{base / fields[0] / fields[1]}: image is {img.shape}, expected {resolution}x{resolution}")
+            if not img.any():
+                continue
+            seqs.append(img.reshape(-1))
+            labels.append(_label(fields[3], meta, n))
+    if not seqs:
+        raise ValueError(f"LRA pathfinder: no non-empty images listed under {base / 'metadata'}")
+    a, b = int(0.8 * len(seqs)), int(0.9 * len(seqs))
+    parts = [SequenceDataset(seqs[i:j], labels[i:j], vocab_size=256, num_classes=2)
+             for i, j in ((0, a), (a, b), (b, len(seqs)))]
+    return LRASplits(parts[0], parts[1], parts[2], collate_bytes, 256, 2)
