@@ -6,15 +6,16 @@ of head ``h`` the softmax runs over the keys ``indices[b, h, i, :]`` (``-1`` = u
 is exactly dense attention restricted to ``selection.to_dense()``.
 
 Memory is ``O(chunk * K * D)``: queries are processed in chunks, the selected keys/values of a
-chunk are gathered into ``[B, Hkv, G, chunk, K, D]`` tensors (``G = Hq / Hkv``, grouped-query
+chunk are gathered into one ``[B, Hkv, G, chunk, K, 2D]`` tensor (``G = Hq / Hkv``, grouped-query
 attention gathers from the shared kv head), and the backward recomputes the probabilities from the
-saved log-sum-exp and scatters ``dK``/``dV`` with ``index_add_``. Nothing of size ``Nq x Nk`` exists.
+saved log-sum-exp and accumulates ``dK``/``dV`` with a sparse (CSR) product over the selected pairs. Nothing of size ``Nq x Nk`` exists.
 Half-precision inputs are computed in float32 and cast back.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -24,7 +25,7 @@ from ..selection import TokenSelection
 
 __all__ = ["tokensparse_attention"]
 
-#: elements of one gathered ``[B, Hq, chunk, K, D]`` block (about 32 MB in float32)
+#: elements of one gathered ``[B, Hq, chunk, K, 2D]`` block of keys and values (32 MB in float32)
 GATHER_BUDGET = 1 << 23
 
 
@@ -37,37 +38,57 @@ def _chunk_size(batch: int, heads: int, slots: int, dim: int, nq: int) -> int:
 
 
 class _Gathered:
-    """Indices of one query chunk, arranged for gathering from ``[B, Hkv, Nk, D]``."""
+    """Selected key rows of one query chunk, as row indices into the flat ``[B*Hkv*Nk, D]`` keys."""
 
     def __init__(self, indices: Tensor, c0: int, c1: int, batch: int, hkv: int, group: int, nk: int, kpm):
         idx = indices[:, :, c0:c1].expand(batch, hkv * group, c1 - c0, indices.shape[-1])
         valid = idx >= 0
-        idx = idx.clamp(min=0)
+        idx = idx.clamp(min=0)  # unused slots read row 0 of their head and are masked
         if kpm is not None:
             valid = valid & kpm[torch.arange(batch, device=idx.device)[:, None, None, None], idx]
-        shape = (batch, hkv, group, c1 - c0, idx.shape[-1])
-        self.valid = valid.reshape(shape)
-        self.flat = idx.reshape(batch, hkv, -1)  # [B, Hkv, G*c*K]
-        self.shape = shape
+        self.shape = (batch, hkv, group, c1 - c0, idx.shape[-1])
+        self.valid = valid.reshape(self.shape)
+        base = (torch.arange(batch * hkv, device=idx.device) * nk).view(batch, hkv, 1)
+        self.rows = (idx.reshape(batch, hkv, -1) + base).reshape(-1)  # [B*Hkv*G*c*K]
+        self.num_rows = batch * hkv * nk
+        self._transpose = None
 
-    def gather(self, t: Tensor) -> Tensor:
-        """``t [B, Hkv, Nk, D]`` -> ``[B, Hkv, G, c, K, D]``."""
-        d = t.shape[-1]
-        out = torch.gather(t, 2, self.flat[..., None].expand(*self.flat.shape, d))
-        return out.view(*self.shape, d)
+    def gather(self, flat: Tensor) -> Tensor:
+        """``flat [B*Hkv*Nk, D]`` -> ``[B, Hkv, G, c, K, D]`` (row copies, no per-element index)."""
+        return flat.index_select(0, self.rows).view(*self.shape, flat.shape[-1])
 
-    def scatter_add(self, target: Tensor, values: Tensor) -> None:
-        """Add ``values [B, Hkv, G, c, K, D]`` into ``target [B, Hkv, Nk, D]`` at the gathered rows."""
-        b, hkv, nk, d = target.shape
-        base = (torch.arange(b * hkv, device=target.device) * nk).view(b, hkv, 1)
-        rows = (self.flat + base).reshape(-1)
-        target.view(b * hkv * nk, d).index_add_(0, rows, values.reshape(-1, d))
+    def transposed_product(self, weights: Tensor, dense: Tensor) -> Tensor:
+        """``sum over (query, slot) of weights[query, slot] * dense[query]`` into each selected key row.
+
+        ``weights [B, Hkv, G, c, K]``, ``dense [B, Hkv, G, c, D]`` -> ``[B*Hkv*Nk, D]``: a CSR
+        sparse-dense product with the key rows as CSR rows (its structure is built once per chunk and
+        shared by dK and dV); about 2x faster on CPU than materialising ``[c, K, D]`` products for
+        ``index_add_``.
+        """
+        slots = self.shape[-1]
+        if self._transpose is None:
+            perm = torch.argsort(self.rows, stable=True)
+            counts = torch.bincount(self.rows, minlength=self.num_rows)
+            crow = torch.zeros(self.num_rows + 1, dtype=torch.long, device=self.rows.device)
+            torch.cumsum(counts, 0, out=crow[1:])
+            self._transpose = (perm, crow, torch.div(perm, slots, rounding_mode="floor"))
+        perm, crow, col = self._transpose
+        queries = dense.reshape(-1, dense.shape[-1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            mat = torch.sparse_csr_tensor(crow, col, weights.reshape(-1)[perm], (self.num_rows, queries.shape[0]))
+            return mat @ queries
 
 
 def _scores(qc: Tensor, kg: Tensor, valid: Tensor, scale: float) -> Tensor:
     """``qc [B, Hkv, G, c, D]``, ``kg [..., c, K, D]`` -> masked scores ``[..., c, K]``."""
     s = torch.matmul(kg, qc.unsqueeze(-1)).squeeze(-1) * scale
     return s.masked_fill(~valid, float("-inf"))
+
+
+def _stack_kv(k: Tensor, v: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[B*Hkv*Nk, 2D]`` rows ``[k | v]``: one row gather fetches both (they share the indices)."""
+    return torch.cat([k, v], dim=-1).to(dtype).reshape(-1, 2 * k.shape[-1])
 
 
 class _TokenSparse(torch.autograd.Function):
@@ -78,18 +99,19 @@ class _TokenSparse(torch.autograd.Function):
         group = hq // hkv
         cdt = _compute_dtype(q.dtype)
         qc_all = q.to(cdt).reshape(batch, hkv, group, nq, dim)
-        kc, vc = k.to(cdt), v.to(cdt)
+        kv = _stack_kv(k, v, cdt)
         out = torch.zeros(batch, hkv, group, nq, dim, dtype=cdt, device=q.device)
         lse = torch.full((batch, hkv, group, nq), float("-inf"), dtype=cdt, device=q.device)
-        chunk = _chunk_size(batch, hq, indices.shape[-1], dim, nq)
+        chunk = _chunk_size(batch, hq, indices.shape[-1], 2 * dim, nq)
         for c0 in range(0, nq, chunk):
             c1 = min(nq, c0 + chunk)
             g = _Gathered(indices, c0, c1, batch, hkv, group, nk, kpm)
-            s = _scores(qc_all[:, :, :, c0:c1], g.gather(kc), g.valid, scale)
+            kvg = g.gather(kv)
+            s = _scores(qc_all[:, :, :, c0:c1], kvg[..., :dim], g.valid, scale)
             row_lse = torch.logsumexp(s, dim=-1)
             safe = torch.where(torch.isinf(row_lse), torch.zeros_like(row_lse), row_lse)
             p = torch.exp(s - safe[..., None])  # exactly 0 on masked slots and empty rows
-            out[:, :, :, c0:c1] = torch.matmul(p.unsqueeze(-2), g.gather(vc)).squeeze(-2)
+            out[:, :, :, c0:c1] = torch.matmul(p.unsqueeze(-2), kvg[..., dim:]).squeeze(-2)
             lse[:, :, :, c0:c1] = row_lse
         ctx.save_for_backward(q, k, v, indices, kpm, out, lse)
         ctx.scale = scale
@@ -105,29 +127,30 @@ class _TokenSparse(torch.autograd.Function):
         group = hq // hkv
         cdt = out.dtype
         qc_all = q.to(cdt).reshape(batch, hkv, group, nq, dim)
-        kc, vc = k.to(cdt), v.to(cdt)
+        kv = _stack_kv(k, v, cdt)
         g_out = torch.zeros_like(out) if g_out is None else g_out.to(cdt).reshape(out.shape)
         g_lse = torch.zeros_like(lse) if g_lse is None else g_lse.to(cdt).reshape(lse.shape)
         # d softmax: ds = p * (dp - delta), delta = rowsum(dO * O) - dLSE (lse's own gradient is p)
         delta = (g_out * out).sum(-1) - g_lse
         safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
         dq = torch.zeros(qc_all.shape, dtype=cdt, device=q.device)
-        dk = torch.zeros(k.shape, dtype=cdt, device=q.device)  # contiguous: index_add_ on a flat view
-        dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
+        dk = torch.zeros(batch * hkv * nk, dim, dtype=cdt, device=q.device)
+        dv = torch.zeros_like(dk)
         for c0 in range(0, nq, chunk):
             c1 = min(nq, c0 + chunk)
             g = _Gathered(indices, c0, c1, batch, hkv, group, nk, kpm)
             qc = qc_all[:, :, :, c0:c1]
-            kg, vg = g.gather(kc), g.gather(vc)
+            kvg = g.gather(kv)
+            kg, vg = kvg[..., :dim], kvg[..., dim:]
             p = torch.exp(_scores(qc, kg, g.valid, scale) - safe_lse[:, :, :, c0:c1, None])
             go = g_out[:, :, :, c0:c1]
-            g.scatter_add(dv, p[..., None] * go[..., None, :])
+            dv += g.transposed_product(p, go)
             dp = torch.matmul(vg, go.unsqueeze(-1)).squeeze(-1)
             ds = p * (dp - delta[:, :, :, c0:c1, None]) * scale
             dq[:, :, :, c0:c1] = torch.matmul(ds.unsqueeze(-2), kg).squeeze(-2)
-            g.scatter_add(dk, ds[..., None] * qc[..., None, :])
+            dk += g.transposed_product(ds, qc)
         dq = dq.view(batch, hq, nq, dim).to(q.dtype)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq, dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype), None, None, None
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, selection, key_padding_mask) -> None:
