@@ -85,6 +85,14 @@ def test_topk_causal_rows_with_few_keys_keep_all():
     assert not dense[0, 0].triu(1).any()
 
 
+def test_topk_select_masks_padding_before_ranking():
+    q, k, v = _qkv(4, 2, 2, 2, 12, 15, 4)
+    kpm = torch.rand(2, 15, generator=torch.Generator().manual_seed(0)) < 0.6
+    sel = spattn.pattern("topk(k=3)").select(q, k, key_padding_mask=kpm)
+    assert torch.equal(sel.to_dense(), brute_topk(q, k, 3, False, "keep", kpm))
+    assert not (sel.to_dense() & ~kpm[:, None, None, :]).any()
+
+
 def test_topk_chunking_is_invisible(monkeypatch):
     q, k, _ = _qkv(1, 2, 4, 2, 40, 47, 8)
     want = topk_selections(q, k, [3, 7], causal=True)

@@ -190,8 +190,11 @@ class TopK(Pattern):
             raise ValueError(f"topk: ties must be one of {TIES}, got {ties!r}")
         self.k, self.ties, self.block = k, ties, block
 
-    def select(self, q: Tensor, k: Tensor, causal: bool = False) -> TokenSelection:
-        return topk_selections(q, k, [self.k], causal=causal, ties=self.ties)[0]
+    def select(self, q: Tensor, k: Tensor, causal: bool = False,
+               key_padding_mask: Optional[Tensor] = None) -> TokenSelection:
+        """Top-k keys per query; ``key_padding_mask [B, Nk]`` (True = real key) is applied before the
+        ranking, as in the official code, so padded keys never take a slot."""
+        return topk_selections(q, k, [self.k], causal=causal, key_padding_mask=key_padding_mask, ties=self.ties)[0]
 
     def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
         """The selection as a Layout with tiles of ``block`` (inspection; the kernel runs ``select``)."""
