@@ -59,6 +59,12 @@ def test_labels_match_flood_fill_64_easy():
     _check_labels(images, labels, info)
 
 
+def test_labels_match_flood_fill_path_x_128():
+    images, labels, info = pf.generate(4, seed=0, cfg=pf.config_for(128, "easy"), return_info=True)
+    assert images.shape == (4, 128, 128) and info["link"] == 6
+    _check_labels(images, labels, info)
+
+
 def test_dashes_need_the_link_radius():
     # the test above is not trivial: with plain 8-connectivity the dashed targets fall apart
     images, labels, info = pf.generate(12, seed=1, cfg=pf.config_for(32), return_info=True)

@@ -48,7 +48,7 @@ from ._common import cached_arrays, check_positive_int, collate_classification
 __all__ = ["PathfinderConfig", "PathfinderDataset", "config_for", "generate", "collate", "DIFFICULTIES"]
 
 DIFFICULTIES = {"easy": 6, "intermediate": 9, "hard": 14}
-_VERSION = 1
+_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class PathfinderConfig:
     supersample: int = 4
     subpixel: int = 4
     max_target_tries: int = 40
-    max_distractor_tries: int = 4
+    max_distractor_tries: int = 10
     backtrack_budget: int = 40
 
     @property
