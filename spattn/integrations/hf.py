@@ -327,9 +327,6 @@ def sparsify(model, prefill: Union[None, str, Pattern] = None, decode: Union[Non
             f"sparsify: {prefill_p.name!r} is a decode-time selector (one query against a KV cache); "
             "pass it as decode=..., and a prefill pattern such as 'xattention(threshold=0.9)' or 'a_shape(...)' as prefill="
         )
-    for p, what in ((prefill_p, "prefill"), (decode_p, "decode")):
-        if p is not None and getattr(p, "requires_grad", False):
-            raise ValueError(f"sparsify: {what} pattern {p.name!r} must not need training")
     sparse = _index_set(range(num_layers) if layers is None else layers, "layers", num_layers)
     if isinstance(dense_layers, int) and not isinstance(dense_layers, bool):
         if not 0 <= dense_layers <= num_layers:
