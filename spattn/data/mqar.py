@@ -20,8 +20,6 @@ memory up front and gives the same items in any order and in any DataLoader work
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 from torch.utils.data import Dataset

@@ -8,8 +8,9 @@ two different contours. An independent renderer with the semantics of ``drewlins
 * paddles are anti-aliased line segments (supersampled coverage, box-filtered, times a contrast);
 * a snake starts at a free pixel with a uniform orientation; each next paddle starts ``2*margin`` px
   after the previous one and turns by an angle ``d`` drawn from the candidates on a circle (about 1 px
-  apart) with weight ``cos(min(|d| * continuity, pi/2))^2``; a paddle that comes too close to another
-  contour (or overlaps an older paddle of its own snake) is rejected and another candidate is drawn;
+  apart) with weight ``cos(min(|d| * continuity, pi/2))^2``, among the candidates that fit (not too
+  close to another contour, not touching an older paddle of its own snake, inside the frame) — the
+  original masks its weights by the occupancy map the same way;
 * two target snakes of ``contour_length`` paddles are seeded ``seed_distance`` px apart and grown
   alternately; ``num_distractors`` distractor snakes of ``contour_length // 3`` paddles follow;
 * markers (discs of ``marker_radius``) sit at the origin tip of target ``i`` and at the far tip of
@@ -25,8 +26,10 @@ with their own flood fill). ``link = 2 * max(paddle_margin)``: 2 px at 32x32 and
 Parameters per resolution follow the LRA TFDS builder (the table in §2.3); ``difficulty`` picks the
 contour length: ``"easy"`` 6 (``curv_baseline``), ``"intermediate"`` 9, ``"hard"`` 14 (the LRA task,
 ``curv_contour_length_14``). Deviations: no PIL/OpenCV (our own supersampled renderer); the spacing
-rule is the pixel-exact ``link`` rule above instead of a disc-dilated mask; single-paddle distractors
-are not drawn (LRA's wrapper disabled them too).
+rule is the pixel-exact ``link`` rule above instead of a disc-dilated mask, which is stricter at 32x32
+(about 2-3 of the 5 distractors fit on average, see the README numbers); a contour that reaches a dead
+end first undoes its last paddles (a bounded budget) before the image is restarted, where the original
+retries whole contours; single-paddle distractors are not drawn (LRA's wrapper disabled them too).
 
 Images are rendered in vectorised lock-step batches (numpy over a chunk of images) and cached to
 disk as a uint8 array; see :func:`generate` for what determines an image.
@@ -343,8 +346,8 @@ class _Batch:
             self._commit(bs[good], cs[good], j[good], tuple(x[good] for x in cand))
         return good
 
-    def grow(self, bs, cs, length: int, budget: np.ndarray) -> np.ndarray:
-        """One growth step for contours ``cs`` of images ``bs`` (all already seeded and shorter than ``length``).
+    def grow(self, bs, cs, budget: np.ndarray) -> np.ndarray:
+        """One growth step for contours ``cs`` of images ``bs`` (already seeded, not yet full length).
 
         A dead end undoes the last paddle (spending one unit of ``budget[b]``). Returns "failed for good"
         ``[A]`` (dead end with no budget left or nothing to undo)."""
@@ -447,7 +450,7 @@ def _render_chunk(cfg: PathfinderConfig, B: int, rng: np.random.Generator):
         if len(act):
             la, lb = batch.length[act, 0], batch.length[act, 1]
             cs = np.where((la <= lb) & (la < n) | (lb >= n), 0, 1)
-            dead = batch.grow(act, cs, n, budget)
+            dead = batch.grow(act, cs, budget)
             for c in (0, 1):
                 batch.clear(act[dead], np.full(int(dead.sum()), c))
         if len(fin):
@@ -478,7 +481,7 @@ def _render_chunk(cfg: PathfinderConfig, B: int, rng: np.random.Generator):
             if len(act) == 0 and not ((batch.length[:, cid] == 0) & (left > 0)).any():
                 break
             if len(act):
-                dead = batch.grow(act, cs_all[act], cfg.distractor_length, dbudget)
+                dead = batch.grow(act, cs_all[act], dbudget)
                 batch.clear(act[dead], cs_all[act[dead]])
         placed += batch.length[:, cid] == cfg.distractor_length
     # compose: max over every lit pixel of every paddle and marker
