@@ -4,7 +4,8 @@ B=1, H=4, D=64, float32, non-causal. For each N and k: each query attends to k k
 selection, built outside the timed region), forward and forward+backward of
 ``tokensparse_attention`` against ``F.scaled_dot_product_attention`` on all N keys. Also times the
 Explicit-Sparse top-k *selection* itself (``topk_selections``: chunked dense scores + top-k),
-which is what ``spattn.attention(q, k, v, "topk(k=...)")`` adds in front of the kernel.
+which is what ``spattn.attention(q, k, v, "topk(k=...)")`` adds in front of the kernel, and the
+estimation cost of ``block_topk`` / ``block_mass`` (causal layouts) against causal dense SDPA.
 
 Medians of ``--repeat`` calls; peak memory is the extra RSS high-water mark of one more call.
 The machine is shared: read ratios measured in the same run, not absolute times.
@@ -23,6 +24,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+import spattn  # noqa: E402
 
 from spattn.bench.speed import time_call  # noqa: E402
 from spattn.kernels.tokensparse import tokensparse_attention  # noqa: E402
@@ -89,14 +92,34 @@ def format_row(r: dict) -> str:
             f"{r['tokensparse_fwd_peak_mb']:6.0f}/{r['tokensparse_fwdbwd_peak_mb']:<6.0f} {r['topk_select_peak_mb']:6.0f}")
 
 
+def measure_block_selection(n: int, repeat: int, heads: int, dim: int, block: int = 64) -> list[dict]:
+    """Estimation cost of block_topk / block_mass (pooled scores + sort + Layout) vs dense SDPA forward."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, heads, n, dim, generator=gen) for _ in range(3))
+    sdpa = time_call(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeat=repeat, memory=False)
+    rows = []
+    for spec in (f"block_topk(k=8, block={block})", f"block_mass(threshold=0.9, block={block})"):
+        pat = spattn.pattern(spec)
+        t = time_call(lambda: pat.layout(q, k, causal=True), repeat=repeat, memory=False)
+        # millisecond-scale calls on a shared machine: the minimum is the cost, the median shows the noise
+        rows.append({"n": n, "spec": spec, "select_s": t["median_s"], "select_min_s": min(t["times_s"]),
+                     "sdpa_causal_fwd_s": sdpa["median_s"], "select_over_sdpa": t["median_s"] / sdpa["median_s"]})
+        print(f"{n:6d} {spec:36s} select median {1e3 * t['median_s']:7.1f}ms (min {1e3 * min(t['times_s']):6.1f}ms)"
+              f"  causal SDPA fwd {1e3 * sdpa['median_s']:7.0f}ms  median ratio {rows[-1]['select_over_sdpa']:.3f}",
+              flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, nargs="+", default=[4096, 8192])
+    p.add_argument("--n", type=int, nargs="*", default=[4096, 8192])
     p.add_argument("--k", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--block-n", type=int, nargs="*", default=[8192, 16384],
+                   help="N for the block_topk / block_mass estimation-cost rows (empty: skip)")
     p.add_argument("--out", default="results/tokensparse_speed.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -105,9 +128,13 @@ def main(argv=None) -> int:
     rows = []
     for n in args.n:
         rows += measure(n, args.k, args.repeat, args.heads, args.dim)
+    block_rows = []
+    for n in args.block_n:
+        block_rows += measure_block_selection(n, args.repeat, args.heads, args.dim)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"config": vars(args), "load_avg_end": os.getloadavg(), "results": rows}, f, indent=1)
+        json.dump({"config": vars(args), "load_avg_end": os.getloadavg(), "results": rows,
+                   "block_selection": block_rows}, f, indent=1)
     print(f"wrote {args.out}")
     return 0
 
