@@ -336,7 +336,7 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
     if best["acc"] >= (cfg.target_acc or 2.0):
         stopped = "target"
     bar = _progress(cfg, step, model_cfg)
-    win_loss, win_correct, win_count, win_tokens, win_time = 0.0, 0, 0, 0, 0.0
+    win_loss, win_correct, win_count, win_tokens, win_time, win_steps = 0.0, 0, 0, 0, 0.0, 0
     model.train()
     order, order_epoch = None, -1
     while step < cfg.steps and stopped == "steps":
@@ -366,6 +366,7 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
         train_seconds += dt
         win_loss += float(loss.detach()) * count
         win_correct, win_count, win_tokens, win_time = win_correct + correct, win_count + count, win_tokens + _count_tokens(batch), win_time + dt
+        win_steps += 1
         record = {"step": step, "loss": float(loss.detach()), "acc": correct / max(count, 1), "lr": sched.get_last_lr()[0]}
         bar.update(1)
         bar.set_postfix(loss=f"{win_loss / max(win_count, 1):.3f}", acc=f"{win_correct / max(win_count, 1):.3f}",
@@ -374,12 +375,12 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
             ev = evaluate(model, task, data.val, data.collate, batch_size=eval_bs, max_batches=cfg.eval_batches, bf16=cfg.bf16)
             entry = {"step": step, "epoch": epoch, "train_loss": win_loss / max(win_count, 1),
                      "train_acc": win_correct / max(win_count, 1), "tokens_per_s": win_tokens / max(win_time, 1e-9),
-                     "s_per_step": win_time / max(1, cfg.eval_every if step % cfg.eval_every == 0 else step % cfg.eval_every),
+                     "s_per_step": win_time / max(1, win_steps),
                      "lr": record["lr"], "train_seconds": train_seconds,
                      "val_loss": ev["loss"], "val_acc": ev["acc"], "val_bpb": ev["bpb"]}
             history.append(entry)
             record.update(entry)
-            win_loss, win_correct, win_count, win_tokens, win_time = 0.0, 0, 0, 0, 0.0
+            win_loss, win_correct, win_count, win_tokens, win_time, win_steps = 0.0, 0, 0, 0, 0.0, 0
             if ev["acc"] > best["acc"]:
                 best = {"step": step, "acc": ev["acc"]}
             bar.write(_format_entry(entry, task))
