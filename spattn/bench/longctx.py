@@ -241,9 +241,9 @@ def run_longctx(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    for name in ("trials", "new_tokens"):
+    for name in ("trials", "new_tokens"):  # checked before the (slow) model load
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
         model, tokenizer = load_smollm2()
     except (ImportError, FileNotFoundError) as err:
