@@ -87,7 +87,7 @@ def plot_patterns(specs: Sequence[str], n: int = 64, *, causal: bool = False, he
 
 def add_plot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patterns", nargs="+", default=list(DEFAULT_PLOT_PATTERNS), metavar="SPEC")
-    p.add_argument("--n", type=int, default=64, help="sequence length of the plotted layout (default 64)")
+    p.add_argument("--n", type=int, default=128, help="sequence length of the plotted layout (default 128)")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--head", type=int, default=0, help="which head to draw (per-head patterns such as bigbird)")
     p.add_argument("--out", default="results/patterns.png", metavar="PNG")
