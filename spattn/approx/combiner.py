@@ -27,6 +27,8 @@ Modes (``combiner(mode=..., segment=L)``):
   ``(t, l)`` (the whole earlier row is in the past), key ``sum_j rowprob[t, l, j] k_{t, j}``
   (``row_summary="wsum"``, the parameter-free option of the released code) or the max-pooled row
   keys (``"max"``). Query ``(s, l)`` sees rows ``t < s`` (every ``t != s`` when not causal).
+  When ``N`` is not a multiple of ``L`` the last row is short; its summary seen from a column past
+  the end uses a zero query (uniform weights over that row's keys).
 
 Shapes: ``q [B, Hq, N, D]``, ``k, v [B, Hkv, N, D]`` (grouped-query: ``Hq % Hkv == 0``), ``key_padding_mask``
 bool ``[B, N]`` (True = real). Padded keys are excluded from direct scores, pooling and region
