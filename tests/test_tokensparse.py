@@ -31,7 +31,7 @@ def _kernel(selection):
     return lambda q, k, v, layout, **kw: tokensparse_attention(q, k, v, selection, **kw)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     batch=st.integers(1, 2),
     hkv=st.integers(1, 2),
@@ -57,7 +57,7 @@ def test_matches_reference_fp32_and_fp64(batch, hkv, group, nq, nk, dim, slots, 
     kpm = (torch.rand(batch, nk, generator=gen) < 0.7) if padded else None
     layout = Layout.from_dense(sel.to_dense(), 16)
     budget = tokensparse.GATHER_BUDGET
-    tokensparse.GATHER_BUDGET = 97 if small_chunks else budget  # 97 elements: many query chunks
+    tokensparse.GATHER_BUDGET = 1500 if small_chunks else budget  # several query chunks
     try:
         assert_matches_reference(_kernel(sel), q, k, v, layout, kpm, atol=1e-5)
         assert_matches_reference(_kernel(sel), q.double(), k.double(), v.double(), layout, kpm, atol=1e-10)

@@ -50,7 +50,7 @@ def brute_topk(q, k, kk, causal, ties, kpm=None):
     return out
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     batch=st.integers(1, 2), hkv=st.integers(1, 2), group=st.sampled_from([1, 2]),
     nq=st.integers(1, 24), extra=st.sampled_from([0, 0, 5]), kk=st.integers(1, 9),
@@ -186,7 +186,7 @@ _BLOCK_CASES = dict(
 )
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(kk=st.integers(1, 4), **_BLOCK_CASES)
 def test_block_topk_matches_brute_force(kk, batch, group, nq, extra, block, causal, seed):
     nk = max(1, nq + extra)
@@ -196,7 +196,7 @@ def test_block_topk_matches_brute_force(kk, batch, group, nq, extra, block, caus
     assert torch.equal(layout.to_dense().expand(batch, 2 * group, nq, nk), brute_block_topk(q, k, kk, block, causal))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(tau=st.sampled_from([0.05, 0.5, 0.9, 1.0]), **_BLOCK_CASES)
 def test_block_mass_matches_brute_force(tau, batch, group, nq, extra, block, causal, seed):
     nk = max(1, nq + extra)
