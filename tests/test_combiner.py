@@ -139,7 +139,7 @@ def test_axial_max_summary():
     _check("axial", 3, False, B=1, Hq=1, Hkv=1, n=8, D=4, row_summary="max")
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     mode=st.sampled_from(["fixed", "logsparse", "axial"]),
     causal=st.booleans(),
