@@ -111,9 +111,7 @@ def attention_mass(q: Tensor, k: Tensor, layout: Layout, chunk: int = 256) -> Te
 
 def _causal_density(layout: Layout, nq: int, nk: int) -> Tensor:
     """Per-head fraction of the causal pairs a layout computes, ``[H]`` (mean over batch)."""
-    off = nk - nq
-    causal_pairs = sum(min(nk, i + off + 1) for i in range(nq)) if nq <= 4096 else \
-        int((torch.arange(nq) + off + 1).clamp(max=nk).sum())
+    causal_pairs = int((torch.arange(nq) + (nk - nq) + 1).clamp(min=0, max=nk).sum())
     return layout.pair_counts().double().mean(0) / causal_pairs
 
 
