@@ -25,8 +25,8 @@ from ..selection import TokenSelection
 
 __all__ = ["tokensparse_attention"]
 
-#: elements of one gathered ``[B, Hq, chunk, K, 2D]`` block of keys and values (32 MB in float32)
-GATHER_BUDGET = 1 << 23
+#: elements of one gathered ``[B, Hq, chunk, K, 2D]`` block of keys and values (8 MB in float32)
+GATHER_BUDGET = 1 << 21
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
