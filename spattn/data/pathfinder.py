@@ -72,7 +72,7 @@ class PathfinderConfig:
     contrast: float = 2.0
     supersample: int = 4
     subpixel: int = 4
-    max_target_tries: int = 40
+    max_target_tries: int = 400
     max_distractor_tries: int = 10
     backtrack_budget: int = 40
 
