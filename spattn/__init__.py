@@ -4,7 +4,7 @@ A *pattern* picks the (query, key) pairs, a :class:`Layout` records them, a *ker
 softmax attention on them. See ``spattn.attention`` and ``spattn.pattern``.
 """
 
-from . import approx, nn, registry
+from . import approx, integrations, kvcache, nn, registry
 from .functional import attention
 from .layout import Layout
 from .selection import ClusterSelection, TokenSelection
@@ -12,7 +12,7 @@ from .patterns import Pattern, pattern
 
 __all__ = [
     "Layout", "Pattern", "TokenSelection", "ClusterSelection", "attention", "pattern", "mechanisms", "approx", "nn",
-    "registry",
+    "registry", "integrations", "kvcache",
 ]
 __version__ = "0.1.0"
 

@@ -33,7 +33,7 @@ SHORT_MEASUREMENTS = ("sdpa", "sdpa_bwd", "select", "blocksparse", "blocksparse_
 SHORT_FIDELITY_SPECS = ("window(size=128)", "bigbird(block=64, window=3, globals=1, random=2)", "topk(k=64)",
                         "block_topk(k=4, block=64)", "xattention(threshold=0.9, stride=8, block=64)",
                         "vertical_slash(vertical=128, slash=128)", "routing(clusters=8)", "performer(features=256)",
-                        "nystrom(landmarks=64)")
+                        "linear")
 SHORT_FIDELITY_N = 1024
 QUICK_NS = (1024, 2048)
 DEFAULT_JSON = "results/speed.json"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional, Union
 
@@ -86,11 +87,13 @@ def _check_selection(sel: "TokenSelection | ClusterSelection", q: Tensor, k: Ten
         raise ValueError(f"{name} is on {sel.device} but q is on {q.device}")
 
 
-def resolve_selection(q: Tensor, k: Tensor, pattern, causal: bool):
+def resolve_selection(q: Tensor, k: Tensor, pattern, causal: bool, key_padding_mask: Optional[Tensor] = None):
     """Turn ``pattern`` (None, spec string, Pattern or Layout) into what a kernel runs.
 
     Returns ``(selection, is_dense)``: a Layout (validated against q, k), or the TokenSelection /
     ClusterSelection of a per-token pattern; ``is_dense`` says the plain dense pattern was asked for.
+    ``key_padding_mask`` reaches ``pattern.select`` when its signature takes it (content-based
+    selectors then never rank padding keys); the kernels apply it in any case.
     """
     if isinstance(pattern, (Layout, TokenSelection, ClusterSelection)):
         what = type(pattern).__name__
@@ -102,7 +105,10 @@ def resolve_selection(q: Tensor, k: Tensor, pattern, causal: bool):
             _check_selection(pattern, q, k)
         return pattern, False
     pat = Dense() if pattern is None else make_pattern(pattern)
-    selection = pat.select(q, k, causal=causal)
+    if key_padding_mask is not None and _select_takes_padding(pat):
+        selection = pat.select(q, k, causal=causal, key_padding_mask=key_padding_mask)
+    else:
+        selection = pat.select(q, k, causal=causal)
     if isinstance(selection, Layout):
         _check_layout(selection, q, k)
     elif isinstance(selection, (TokenSelection, ClusterSelection)):
@@ -112,6 +118,14 @@ def resolve_selection(q: Tensor, k: Tensor, pattern, causal: bool):
             f"{pat.name}.select() returned {type(selection).__name__}; expected a Layout, TokenSelection or ClusterSelection"
         )
     return selection, isinstance(pat, Dense)
+
+
+def _select_takes_padding(pat) -> bool:
+    try:
+        params = inspect.signature(pat.select).parameters
+    except (TypeError, ValueError):  # builtins / C callables
+        return False
+    return "key_padding_mask" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _sdpa_dense(q, k, v, causal, scale):
@@ -181,7 +195,7 @@ def attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     _check_key_padding_mask(key_padding_mask, k)
-    layout, is_dense = resolve_selection(q, k, pattern, causal)
+    layout, is_dense = resolve_selection(q, k, pattern, causal, key_padding_mask)
     if not isinstance(layout, Layout):
         return _attend_selection(q, k, v, layout, backend, scale, key_padding_mask, return_lse)
     kwargs = dict(scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse)

@@ -80,3 +80,13 @@ def test_table_mentions_untrained_and_skipped():
     result = run_fidelity(FidelityConfig(n=64, heads=1, dim=8, topk=2, specs=("window(size=4, block=16)", "zzz_missing")))
     text = format_fidelity_table(result)
     assert "skipped (not registered): zzz_missing" in text
+
+
+def test_default_sweep_skips_what_cannot_run_causally_and_user_specs_fail():
+    specs = ("window(size=4, block=16)", "nystrom(landmarks=4)")
+    result = run_fidelity(FidelityConfig(n=64, heads=1, dim=8, topk=2, specs=specs, skip_unknown=True))
+    assert [r["spec"] for r in result["records"]] == ["window(size=4, block=16)"] * 2
+    assert "causal" in result["unsupported"]["nystrom(landmarks=4)"]
+    assert "skipped nystrom(landmarks=4)" in format_fidelity_table(result)
+    with pytest.raises(ValueError, match="causal"):
+        run_fidelity(FidelityConfig(n=64, heads=1, dim=8, topk=2, specs=specs, skip_unknown=False))

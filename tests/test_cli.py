@@ -68,3 +68,46 @@ def test_module_entry_point_exit_status():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "bogus" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_train_mqar_then_resume(tmp_path, capsys):
+    argv = ["train", "mqar", "--attention", "window(size=8)", "--dim", "16", "--seq-len", "64", "--kv-pairs", "4",
+            "--vocab", "64", "--num-train", "64", "--num-test", "32", "--batch-size", "8", "--eval-every", "2",
+            "--eval-batches", "1", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv + ["--steps", "2"]) == 0
+    assert main(argv + ["--steps", "4", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "mqar window(size=8" in out and ": 4 steps" in out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics  # the metrics log of the resumed run
+
+
+def test_bench_mqar_plot_and_short_default(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert main(["bench", "mqar", "--attentions", "dense", "--seq-lens", "64", "--dims", "16", "--steps", "2",
+                 "--num-train", "32", "--num-test", "16", "--vocab", "64", "--batch-size", "8",
+                 "--json", str(tmp_path / "mqar.json")]) == 0
+    assert "| dense |" in capsys.readouterr().out
+    png = tmp_path / "patterns.png"
+    assert main(["bench", "plot", "--patterns", "window(size=16)", "bigbird(block=16)", "--n", "64", "--out", str(png)]) == 0
+    assert png.stat().st_size > 0
+    speed = tmp_path / "speed.json"
+    assert main(["bench", "--quick", "--n", "128", "--patterns", "window(size=32)", "linear", "--heads", "1",
+                 "--dim", "8", "--json", str(speed), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "window(size=32)" in out and "linear" in out and "xattention" in out  # speed, then fidelity
+    assert json.loads(speed.read_text())["benchmark"] == "speed"
+    assert json.loads((tmp_path / "speed_fidelity.json").read_text())["records"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "nosuchtask"], "nosuchtask"),
+    (["train", "mqar", "--attention", "nosuch(k=1)"], "nosuch"),
+    (["train", "mqar", "--task-option", "novalue"], "KEY=VALUE"),
+    (["longctx", "--trials", "0"], "--trials"),
+    (["bench", "lra", "--tasks", "nosuchtask", "--steps", "1"], "nosuchtask"),
+])
+def test_bad_run_options_exit_2_with_one_line(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and err.startswith("spattn: error:") and len(err.splitlines()) == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import math
 
 import pytest
@@ -91,6 +93,16 @@ def test_topk_select_masks_padding_before_ranking():
     sel = spattn.pattern("topk(k=3)").select(q, k, key_padding_mask=kpm)
     assert torch.equal(sel.to_dense(), brute_topk(q, k, 3, False, "keep", kpm))
     assert not (sel.to_dense() & ~kpm[:, None, None, :]).any()
+
+
+def test_attention_passes_padding_to_the_selector():
+    """Through spattn.attention, padded keys never take one of a query's k slots."""
+    q, k, v = _qkv(5, 2, 2, 2, 12, 15, 4)
+    kpm = torch.rand(2, 15, generator=torch.Generator().manual_seed(1)) < 0.6
+    out = spattn.attention(q, k, v, "topk(k=3)", key_padding_mask=kpm)
+    chosen = Layout.from_dense(brute_topk(q, k, 3, False, "keep", kpm), 4)
+    want = spattn.attention(q, k, v, chosen, key_padding_mask=kpm, backend="reference")
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
 
 
 def test_topk_chunking_is_invisible(monkeypatch):
@@ -225,7 +237,10 @@ SPECS = ["topk(k=8)", "topk(k=3, ties='first')", "block_topk(k=2, block=16)", "b
 def test_attention_matches_reference_on_the_selection(spec, batch, group, n, extra, causal, padded, seed):
     q, k, v = _qkv(seed, batch, 2 * group, 2, n, n + extra, 8)
     kpm = (torch.rand(batch, n + extra, generator=torch.Generator().manual_seed(seed)) < 0.85) if padded else None
-    selection = spattn.pattern(spec).select(q, k, causal=causal)
+    pat = spattn.pattern(spec)
+    takes_padding = "key_padding_mask" in inspect.signature(pat.select).parameters
+    # spattn.attention hands the padding mask to selectors that take it
+    selection = pat.select(q, k, causal=causal, **({"key_padding_mask": kpm} if takes_padding and padded else {}))
     layout = selection if isinstance(selection, Layout) else Layout.from_dense(selection.to_dense(), 16)
 
     def run(q_, k_, v_, _layout, **kw):

@@ -164,7 +164,12 @@ def _evaluate(spec: str, q, k, v, planted, scores, dense_out, cfg: FidelityConfi
 
 
 def run_fidelity(config: Optional[FidelityConfig] = None, *, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Run every (input kind, spec) case; returns ``{"config", "environment", "records", "skipped"}``."""
+    """Run every (input kind, spec) case; returns ``{"config", "environment", "records", "skipped", "unsupported"}``.
+
+    With ``skip_unknown`` (the default sweep), unregistered names are listed in ``skipped`` and specs
+    that cannot run in this configuration (e.g. a non-causal-only method in a causal run) in
+    ``unsupported`` with the reason; otherwise both are errors.
+    """
     cfg = config or FidelityConfig()
     cfg.validate()
     known = {m.name for m in registry.mechanisms()}
@@ -172,6 +177,19 @@ def run_fidelity(config: Optional[FidelityConfig] = None, *, log: Callable[[str]
     skipped = [s for s in cfg.specs if s not in specs]
     if skipped:
         log(f"skipping unregistered: {', '.join(skipped)}")
+    unsupported = {}  # e.g. a non-causal-only mechanism in a causal run of the default sweep
+    for spec in list(specs):
+        try:
+            mech = build_mechanism(spec, dim=cfg.heads * cfg.dim, heads=cfg.heads, kv_heads=cfg.heads, head_dim=cfg.dim,
+                                   causal=cfg.causal, max_len=cfg.n)
+            if isinstance(mech, ApproxAttention) and cfg.causal and not mech.supports_causal:
+                raise ValueError(f"{spec} has no causal form; run the fidelity bench with --non-causal")
+        except ValueError as err:
+            if not cfg.skip_unknown:
+                raise
+            specs.remove(spec)
+            unsupported[spec] = str(err)
+            log(f"skipping {spec}: {err}")
     records = []
     for kind in cfg.inputs:
         q, k, v, planted = make_inputs(kind, cfg)
@@ -190,6 +208,7 @@ def run_fidelity(config: Optional[FidelityConfig] = None, *, log: Callable[[str]
         },
         "records": records,
         "skipped": skipped,
+        "unsupported": unsupported,
     }
 
 
@@ -215,6 +234,8 @@ def format_fidelity_table(result: dict[str, Any]) -> str:
     cfg = result["config"]
     if result.get("skipped"):
         lines.append(f"skipped (not registered): {', '.join(result['skipped'])}")
+    for spec, reason in result.get("unsupported", {}).items():
+        lines.append(f"skipped {spec}: {reason}")
     lines.append(f"N={cfg['n']} B={cfg['batch']} H={cfg['heads']} D={cfg['dim']} causal={cfg['causal']} "
                  f"top-k={cfg['topk']} seed={cfg['seed']}")
     return "\n".join(lines)

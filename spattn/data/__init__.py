@@ -13,6 +13,9 @@ module          dataset                                                   vocab 
 ``lra_files``   ``load_text / load_retrieval / load_image / load_listops`` 256 (16)   0       2/2/10/10
 ==============  ========================================================  =========  ======  =========
 
+``needle`` generates text prompts for LLM evaluation instead (passkey, RULER-style needles, variable
+tracking, common words; :func:`spattn.data.needle.make_task`), scored by ``string_match_all``.
+
 Every dataset is a ``torch.utils.data.Dataset`` with attributes ``vocab_size``, ``num_classes`` and
 ``pad_id``; its items are tuples:
 
@@ -33,4 +36,4 @@ Generated data is deterministic by seed; ListOps and Pathfinder are cached as ``
 warning).
 """
 
-__all__ = ["listops", "pathfinder", "mqar", "corpus", "lra_files"]
+__all__ = ["listops", "pathfinder", "mqar", "corpus", "lra_files", "needle"]

@@ -7,12 +7,19 @@ from typing import Any
 from .. import registry
 from . import biformer, decode, prefill, routing, seer, topk  # noqa: F401  (register the dynamic patterns)
 from .base import Pattern
+from .biformer import BiFormer
+from .decode import DoubleSparsity, Quest, TidalDecode
 from .neighborhood import Neighborhood
+from .prefill import FlexPrefill, MInference, MInferenceBlock, VerticalSlash, XAttention
+from .routing import Routing
+from .seer import SeerGate
 from .static import AShape, Axial, BigBird, Dense, DilatedWindow, Fixed, GlobalTokens, Strided, Window
+from .topk import BlockMass, BlockTopK, TopK
 
 __all__ = [
     "Pattern", "pattern", "Dense", "Window", "DilatedWindow", "GlobalTokens", "BigBird", "Strided", "Fixed",
-    "Axial", "AShape", "Neighborhood",
+    "Axial", "AShape", "Neighborhood", "Routing", "TopK", "BlockTopK", "BlockMass", "BiFormer", "VerticalSlash",
+    "MInferenceBlock", "MInference", "XAttention", "FlexPrefill", "SeerGate", "Quest", "DoubleSparsity", "TidalDecode",
 ]
 
 
