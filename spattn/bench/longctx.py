@@ -60,9 +60,13 @@ def _progress(total: int, disable: bool, desc: str):
 
 @torch.no_grad()
 def _greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[list[int], float, list[float]]:
-    """Prefill then greedy decode with the KV cache; returns tokens, prefill seconds, per-step seconds."""
+    """Prefill then greedy decode with the KV cache; returns tokens, prefill seconds, per-step seconds.
+
+    The prefill computes logits for the last position only (``logits_to_keep=1``), as ``generate()``
+    does: the LM head over all N positions would add a dense cost no attention method touches.
+    """
     t0 = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     prefill = time.perf_counter() - t0
     past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
     tokens, steps = [int(tok)], []

@@ -28,7 +28,7 @@ def run_mqar_sweep(
     attentions: Sequence[str] = DEFAULT_ATTENTIONS,
     seq_lens: Sequence[int] = DEFAULT_SEQ_LENS,
     dims: Sequence[int] = DEFAULT_DIMS,
-    lrs: Sequence[float] = (1e-3,),
+    lrs: Sequence[float] = (3e-3,),
     *,
     steps: int = 2000,
     batch_size: int = 64,
@@ -109,7 +109,7 @@ def add_mqar_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attentions", nargs="+", default=list(DEFAULT_ATTENTIONS), metavar="SPEC")
     p.add_argument("--seq-lens", nargs="+", type=int, default=list(DEFAULT_SEQ_LENS), metavar="L")
     p.add_argument("--dims", nargs="+", type=int, default=list(DEFAULT_DIMS), metavar="D")
-    p.add_argument("--lrs", nargs="+", type=float, default=[1e-3], metavar="LR",
+    p.add_argument("--lrs", nargs="+", type=float, default=[3e-3], metavar="LR",
                    help="learning rates; the cell is the best (Zoology: 1e-4 4.6e-4 2.2e-3 1e-2)")
     p.add_argument("--steps", type=int, default=2000, help="step budget per cell (stops early at --target-acc)")
     p.add_argument("--batch-size", type=int, default=64)

@@ -190,8 +190,10 @@ def _lra_file_task(reader: str, seq_name: str):
 register_task(Task(
     "mqar", _mqar, "lm", "tokens",
     "Zoology multi-query associative recall; accuracy at query positions (Arora et al. 2024)",
-    model_defaults=dict(dim=64, depth=2, heads=1, mlp_ratio=0.0, positions="learned", embed_dropout=0.1),
-    train_defaults=dict(batch_size=64, lr=1e-3, weight_decay=0.1, warmup=100, steps=3000, target_acc=0.99),
+    # RoPE and lr 3e-3: with these a dense 2-layer d=64 model passes 99% at seq 256 in ~1.5k steps on
+    # CPU (learned positions at lr 1e-3 were still at 3% after 1.3k steps)
+    model_defaults=dict(dim=64, depth=2, heads=1, mlp_ratio=0.0, positions="rope", embed_dropout=0.1),
+    train_defaults=dict(batch_size=64, lr=3e-3, weight_decay=0.1, warmup=100, steps=3000, target_acc=0.99),
 ))
 register_task(Task(
     "listops", _listops, "classifier", "classify",
