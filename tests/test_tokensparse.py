@@ -150,3 +150,23 @@ def test_non_contiguous_inputs():
     assert not k.is_contiguous()
     sel = _random_selection(gen, 2, 4, 11, 13, 5, 0.1)
     assert_matches_reference(_kernel(sel), q, k, v, Layout.from_dense(sel.to_dense(), 4))
+
+
+@pytest.mark.parametrize("causal_slice", [False, True])
+def test_decode_shape_reads_rows_without_stacking_the_cache(causal_slice):
+    """One query and a few keys out of a long cache (the decode case): k and v are gathered
+    separately (no [k | v] copy of the cache), also from a slice of a larger cache; fwd and grads exact."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = _qkv(gen, 2, 6, 2, 1, 300, 8)
+    if causal_slice:  # the cache as a view k[:, :, :n] of a bigger buffer: not contiguous
+        k, v = k[:, :, :290], v[:, :, :290]
+        assert not k.is_contiguous()
+    sel = _random_selection(gen, 2, 6, 1, k.shape[2], 7, 0.2)
+    assert _rows_read_smaller(q, k, sel)
+    assert_matches_reference(_kernel(sel), q, k, v, Layout.from_dense(sel.to_dense(), 4), atol=1e-5)
+    assert_matches_reference(_kernel(sel), q.double(), k.double(), v.double(), Layout.from_dense(sel.to_dense(), 4),
+                             atol=1e-10)
+
+
+def _rows_read_smaller(q, k, sel) -> bool:
+    return tokensparse._rows_read(q, sel.indices) < k.shape[0] * k.shape[1] * k.shape[2]

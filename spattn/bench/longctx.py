@@ -13,6 +13,7 @@ prefill speedup (matplotlib). The Sparse Frontier (Nawrot et al. 2025) motivates
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import platform
@@ -65,16 +66,18 @@ def _greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[list[int], float
     The prefill computes logits for the last position only (``logits_to_keep=1``), as ``generate()``
     does: the LM head over all N positions would add a dense cost no attention method touches.
     """
+    # transformers >= 5.24 calls the KV cache ``cache`` (``past_key_values`` before)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     t0 = time.perf_counter()
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     prefill = time.perf_counter() - t0
-    past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    past, tok = getattr(out, cache_arg), out.logits[:, -1].argmax(-1, keepdim=True)
     tokens, steps = [int(tok)], []
     for _ in range(new_tokens - 1):
         t0 = time.perf_counter()
-        out = model(input_ids=tok, past_key_values=past, use_cache=True)
+        out = model(input_ids=tok, use_cache=True, **{cache_arg: past})
         steps.append(time.perf_counter() - t0)
-        past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        past, tok = getattr(out, cache_arg), out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(tok))
     return tokens, prefill, steps
 

@@ -40,7 +40,7 @@ __all__ = [
 
 ATTN_NAME = "spattn"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_INSTALL_HF = 'pip install "transformers>=4.48" accelerate gguf'
+_INSTALL_HF = 'pip install "spattn[hf]" (transformers>=5, accelerate, gguf)'
 _PLANS: dict[int, "SparsifyHandle"] = {}  # id(model.config) -> active handle
 
 
@@ -52,8 +52,8 @@ def _transformers():
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError as err:
         raise ImportError(
-            f"spattn.integrations.hf needs transformers with AttentionInterface (>= 4.48): {_INSTALL_HF} "
-            f"(or pip install 'spattn[hf]'); import failed with: {err}"
+            f"spattn.integrations.hf needs transformers with AttentionInterface (>= 5.0): {_INSTALL_HF}; "
+            f"import failed with: {err}"
         ) from None
     return AttentionInterface, AttentionMaskInterface, sdpa_mask
 

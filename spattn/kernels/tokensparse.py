@@ -86,9 +86,34 @@ def _scores(qc: Tensor, kg: Tensor, valid: Tensor, scale: float) -> Tensor:
     return s.masked_fill(~valid, float("-inf"))
 
 
-def _stack_kv(k: Tensor, v: Tensor, dtype: torch.dtype) -> Tensor:
-    """``[B*Hkv*Nk, 2D]`` rows ``[k | v]``: one row gather fetches both (they share the indices)."""
-    return torch.cat([k, v], dim=-1).to(dtype).reshape(-1, 2 * k.shape[-1])
+class _KeyValueRows:
+    """Key and value rows, fetched together as ``[..., 2D]`` rows ``[k | v]`` for a :class:`_Gathered`.
+
+    When the selection reads at least as many rows as the cache holds (prefill, training), k and v
+    are stacked once into ``[B*Hkv*Nk, 2D]`` so one row gather fetches both. When it reads fewer
+    (decoding: one query, a budget of keys out of a long cache), stacking would copy the whole cache
+    every step; k and v are then gathered separately, without a copy of the cache.
+    """
+
+    def __init__(self, k: Tensor, v: Tensor, dtype: torch.dtype, rows_read: int):
+        self.stacked = None
+        if rows_read >= k.shape[0] * k.shape[1] * k.shape[2]:
+            self.stacked = torch.cat([k, v], dim=-1).to(dtype).reshape(-1, 2 * k.shape[-1])
+        else:  # [B*Hkv, Nk, D]: a view even of a cache slice k[:, :, :n] (no copy of the cache)
+            self.k, self.v = k.to(dtype).flatten(0, 1), v.to(dtype).flatten(0, 1)
+
+    def gather(self, g: "_Gathered") -> Tensor:
+        if self.stacked is not None:
+            return g.gather(self.stacked)
+        nk = self.k.shape[1]
+        head = torch.div(g.rows, nk, rounding_mode="floor")
+        pos = g.rows - head * nk
+        shape = (*g.shape, self.k.shape[-1])
+        return torch.cat([self.k[head, pos].view(shape), self.v[head, pos].view(shape)], dim=-1)
+
+
+def _rows_read(q: Tensor, indices: Tensor) -> int:
+    return q.shape[0] * q.shape[1] * q.shape[2] * indices.shape[-1]
 
 
 class _TokenSparse(torch.autograd.Function):
@@ -99,14 +124,14 @@ class _TokenSparse(torch.autograd.Function):
         group = hq // hkv
         cdt = _compute_dtype(q.dtype)
         qc_all = q.to(cdt).reshape(batch, hkv, group, nq, dim)
-        kv = _stack_kv(k, v, cdt)
+        kv = _KeyValueRows(k, v, cdt, _rows_read(q, indices))
         out = torch.zeros(batch, hkv, group, nq, dim, dtype=cdt, device=q.device)
         lse = torch.full((batch, hkv, group, nq), float("-inf"), dtype=cdt, device=q.device)
         chunk = _chunk_size(batch, hq, indices.shape[-1], 2 * dim, nq)
         for c0 in range(0, nq, chunk):
             c1 = min(nq, c0 + chunk)
             g = _Gathered(indices, c0, c1, batch, hkv, group, nk, kpm)
-            kvg = g.gather(kv)
+            kvg = kv.gather(g)
             s = _scores(qc_all[:, :, :, c0:c1], kvg[..., :dim], g.valid, scale)
             row_lse = torch.logsumexp(s, dim=-1)
             safe = torch.where(torch.isinf(row_lse), torch.zeros_like(row_lse), row_lse)
@@ -127,7 +152,7 @@ class _TokenSparse(torch.autograd.Function):
         group = hq // hkv
         cdt = out.dtype
         qc_all = q.to(cdt).reshape(batch, hkv, group, nq, dim)
-        kv = _stack_kv(k, v, cdt)
+        kv = _KeyValueRows(k, v, cdt, _rows_read(q, indices))
         g_out = torch.zeros_like(out) if g_out is None else g_out.to(cdt).reshape(out.shape)
         g_lse = torch.zeros_like(lse) if g_lse is None else g_lse.to(cdt).reshape(lse.shape)
         # d softmax: ds = p * (dp - delta), delta = rowsum(dO * O) - dLSE (lse's own gradient is p)
@@ -140,7 +165,7 @@ class _TokenSparse(torch.autograd.Function):
             c1 = min(nq, c0 + chunk)
             g = _Gathered(indices, c0, c1, batch, hkv, group, nk, kpm)
             qc = qc_all[:, :, :, c0:c1]
-            kvg = g.gather(kv)
+            kvg = kv.gather(g)
             kg, vg = kvg[..., :dim], kvg[..., dim:]
             p = torch.exp(_scores(qc, kg, g.valid, scale) - safe_lse[:, :, :, c0:c1, None])
             go = g_out[:, :, :, c0:c1]

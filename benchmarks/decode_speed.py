@@ -1,0 +1,111 @@
+"""Decode-time attention per generated token: dense SDPA vs Quest / Double Sparsity (issue 5).
+
+One new query per step attends to a KV cache of N tokens, with SmolLM2-135M's attention shape
+(9 query heads, 3 kv heads, D=64, fp32). Timed per step, as in a decoding loop with a
+:class:`spattn.kvcache.SelectorState` that already summarises the cache (the summaries are
+updated incrementally: one appended key per step, included in the timing):
+
+* ``dense``: ``F.scaled_dot_product_attention`` of the query over all N keys (GQA);
+* ``quest(budget)``: page bounds -> top pages -> token-sparse attention (``Quest.plan`` + kernel);
+* ``double_sparsity(budget)``: label-cache scores -> top tokens -> token-sparse attention
+  (calibrated on random q/k first; the timing does not depend on which channels were chosen).
+
+This is the attention time alone; a whole decoding step of the model adds the projections and the
+MLP (see ``spattn longctx`` for end-to-end decode time and accuracy). Medians of ``--repeat``
+steps after a warm-up. Run from the repository root: ``python benchmarks/decode_speed.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import spattn  # noqa: E402
+from spattn.kvcache import SelectorState  # noqa: E402
+from spattn.patterns.decode import DoubleSparsity, Quest  # noqa: E402
+
+
+def _step_times(step, repeat: int) -> float:
+    step(0)  # warm-up (builds the summaries of the whole cache once)
+    times = []
+    for i in range(1, repeat + 1):
+        t0 = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(ns, budgets, repeat: int, hq: int = 9, hkv: int = 3, d: int = 64) -> list[dict]:
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for n in ns:
+        k = torch.randn(1, hkv, n + repeat + 1, d, generator=gen)
+        v = torch.randn(1, hkv, n + repeat + 1, d, generator=gen)
+        q = torch.randn(1, hq, repeat + 1, d, generator=gen)
+
+        def cache(i):  # the cache grows by one token per step
+            return k[:, :, : n + i + 1], v[:, :, : n + i + 1], q[:, :, i: i + 1]
+
+        def dense(i):
+            kc, vc, qi = cache(i)
+            F.scaled_dot_product_attention(qi, kc, vc, enable_gqa=True)
+
+        row = {"n": n, "dense_ms": 1e3 * _step_times(dense, repeat)}
+        ds = DoubleSparsity(channels=16, budget=max(budgets))
+        ds.calibrate(torch.randn(1, hq, 512, d, generator=gen), torch.randn(1, hkv, 512, d, generator=gen), layer=0)
+        for budget in budgets:
+            for name, selector in ((f"quest(budget={budget})", Quest(page=16, budget=budget)),
+                                   (f"double_sparsity(budget={budget})", _with_budget(ds, budget))):
+                state = SelectorState()
+
+                def sparse(i, selector=selector, state=state):
+                    kc, vc, qi = cache(i)
+                    sel = selector.plan(qi, kc, True, state=state, layer=0)
+                    spattn.attention(qi, kc, vc, sel)
+
+                ms = 1e3 * _step_times(sparse, repeat)
+                row[name] = {"ms": ms, "speedup": row["dense_ms"] / ms}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _with_budget(ds: DoubleSparsity, budget: int) -> DoubleSparsity:
+    out = DoubleSparsity(channels=ds.channels, budget=budget)
+    out.load_state_dict(ds.state_dict())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, nargs="+", default=[4096, 8192, 16384])
+    ap.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 1024])
+    ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--json", default="results/decode_speed.json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with torch.no_grad():
+        rows = run(args.n, args.budgets, args.repeat)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as fh:
+        json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}, fh, indent=2)
+    print(f"{'N':>6} {'dense ms':>9} " + " ".join(f"{k:>28}" for k in rows[0] if k not in ("n", "dense_ms")))
+    for r in rows:
+        cells = [f"{r[k]['ms']:.3f} ms ({r[k]['speedup']:.2f}x)" for k in r if k not in ("n", "dense_ms")]
+        print(f"{r['n']:>6} {r['dense_ms']:>9.3f} " + " ".join(f"{c:>28}" for c in cells))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
