@@ -193,6 +193,39 @@ def test_vertical_slash_matches_brute_force(nq, extra, group, nv, ns, seed):
     assert np.array_equal(layout.to_dense().numpy(), want)
 
 
+@settings(max_examples=6, deadline=None)
+@given(nq=st.integers(70, 200), extra=st.sampled_from([0, 21]), group=st.sampled_from([1, 2]),
+       nv=st.integers(1, 40), ns=st.integers(1, 60), seed=st.integers(0, 99))
+def test_vertical_slash_whole_tiles_matches_brute_force(nq, extra, group, nv, ns, seed):
+    """``whole_tiles``: verticals as before; every 16x16 tile crossed by a selected slash (a causal
+    pair of the tile on that diagonal) is attended whole, causal inside; output equals the reference."""
+    nk, block = nq + extra, 16
+    q, k, v = qkv(2, 2 * group, 2, nq, nk, 8, seed, scale=1.5)
+    vert, slash = brute_vertical_slash_scores(q, k, last_q=16)
+    i = np.arange(nq)[:, None] + nk - nq
+    j = np.arange(nk)[None, :]
+    causal = j <= i
+    want = np.zeros((2, 2 * group, nq, nk), dtype=bool)
+    for b in range(2):
+        for h in range(2 * group):
+            vs = pick(vert[b, h], max(nv, 30), 3)
+            ss = pick(slash[b, h], max(ns, 50), 5)
+            on_slash = causal & np.isin(i - j, list(ss))
+            tiles = np.zeros_like(on_slash)
+            for qb in range(0, nq, block):
+                for kb in range(0, nk, block):
+                    tiles[qb:qb + block, kb:kb + block] = on_slash[qb:qb + block, kb:kb + block].any()
+            want[b, h] = causal & (np.isin(j, list(vs)) | tiles)
+    pat = VerticalSlash(vertical=nv, slash=ns, last_q=16, sinks=3, local=5, block=block, whole_tiles=True)
+    layout = pat.layout(q, k, causal=True)
+    assert np.array_equal(layout.to_dense().numpy(), want)
+    exact = VerticalSlash(vertical=nv, slash=ns, last_q=16, sinks=3, local=5, block=block).layout(q, k, causal=True)
+    assert not (exact.to_dense() & ~layout.to_dense()).any()  # a superset of the exact lines
+    got = spattn.attention(q, k, v, layout)
+    ref = spattn.attention(q, k, v, layout, backend="reference")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 @settings(max_examples=8, deadline=None)
 @given(nq=st.integers(10, 120), extra=st.sampled_from([0, 0, 30]), causal=st.booleans(),
        topk=st.integers(1, 6), group=st.sampled_from([1, 2]), seed=st.integers(0, 99))

@@ -105,13 +105,17 @@ def block_layout(block_map: Tensor, q_len: int, kv_len: int, block: int, causal:
 
 
 def prefill_layout(q_len: int, kv_len: int, block: int, *, vertical: Optional[Tensor] = None,
-                   slash: Optional[Tensor] = None, blocks: Optional[Tensor] = None) -> Layout:
+                   slash: Optional[Tensor] = None, blocks: Optional[Tensor] = None,
+                   whole_slash_tiles: bool = False) -> Layout:
     """Causal Layout of the union of vertical lines, slash lines and whole tiles.
 
     ``vertical [B, H, Nk]`` bool (key positions), ``slash [B, H, Nk]`` bool (offsets ``d = i' - j``),
     ``blocks [B, H, NQB, NKB]`` bool (tiles computed whole, causal inside). Query ``i`` attends key
     ``j`` iff ``j <= i'`` and (``vertical[j]`` or ``slash[i' - j]`` or the tile of (i, j) is in ``blocks``).
     Slashes become partial tiles with a table-lookup predicate, verticals become Layout columns.
+    With ``whole_slash_tiles`` every tile a selected slash crosses is computed whole instead (causal
+    inside), as MInference's kernel computes a block of keys around each slash: more pairs, but the
+    only token predicate left is causality, which is far cheaper to run.
     """
     ref = next(t for t in (vertical, slash, blocks) if t is not None)
     dev, (bsz, heads) = ref.device, ref.shape[:2]
@@ -133,7 +137,7 @@ def prefill_layout(q_len: int, kv_len: int, block: int, *, vertical: Optional[Te
         gather = lambda i: torch.gather(cs, -1, i.reshape(1, 1, -1).expand(bsz, heads, -1)).view(bsz, heads, nqb, nkb)
         hits = gather(hi + 1) - gather(lo)
         block_map |= hits > 0
-        full_map |= (dmin >= 0) & (hits == (dmax - dmin + 1))
+        full_map |= (dmin >= 0) & ((hits > 0) if whole_slash_tiles else (hits == (dmax - dmin + 1)))
     block_map &= touched
     full_map &= block_map
     num, idx, full = _pack_blocks(block_map, full_map)
@@ -160,7 +164,14 @@ def prefill_layout(q_len: int, kv_len: int, block: int, *, vertical: Optional[Te
             hit = hit | blocks_t[b, h, q_idx // block, kv_idx // block]
         return (d >= 0) & hit
 
-    return Layout(num, idx, q_len=q_len, kv_len=kv_len, block_q=block, mask_mod=prefill_mask,
+    def causal_only(b, h, q_idx, kv_idx):
+        return q_idx + off >= kv_idx
+
+    # Without exact slash lines, every selected tile is whole (causal inside) and every column a
+    # selected vertical: causality is the whole predicate.
+    exact_slashes = slash is not None and not whole_slash_tiles and bool(slash.any())
+    return Layout(num, idx, q_len=q_len, kv_len=kv_len, block_q=block,
+                  mask_mod=prefill_mask if exact_slashes else causal_only,
                   full=full, col_num=col_num, col_indices=col_idx)
 
 
@@ -265,20 +276,24 @@ class VerticalSlash(Pattern):
     columns and the ``local`` nearest diagonals are forced in; the budgets are raised to at least
     30 verticals / 50 slashes and capped at ``Nk`` as in the official code. Query ``i`` then attends
     key ``j`` iff ``j <= i'`` and (``j`` is a selected vertical or ``i' - j`` a selected slash):
-    the exact lines of the paper (the official GPU kernel widens slashes to 64-key ranges).
-    Causal only.
+    the exact lines of the paper. ``whole_tiles=True`` executes it as the official GPU kernel does,
+    which widens each slash to a block of keys (``convert_vertical_slash_indexes``): every tile a
+    selected slash crosses is computed whole, a superset of the pairs that is much cheaper on CPU
+    (no per-token lookup). Causal only.
     """
 
     name = "vertical_slash"
     content_based = True
 
     def __init__(self, vertical: int = 1000, slash: int = 6096, last_q: int = 64, sinks: int = 30,
-                 local: int = 100, block: int = 64):
+                 local: int = 100, block: int = 64, whole_tiles: bool = False):
         for pname, val, low in (("vertical", vertical, 1), ("slash", slash, 1), ("last_q", last_q, 1),
                                 ("sinks", sinks, 0), ("local", local, 0), ("block", block, 1)):
             check_int("vertical_slash", pname, val, low)
+        if not isinstance(whole_tiles, bool):
+            raise TypeError(f"vertical_slash: whole_tiles must be a bool, got {whole_tiles!r}")
         self.vertical, self.slash, self.last_q = vertical, slash, last_q
-        self.sinks, self.local, self.block = sinks, local, block
+        self.sinks, self.local, self.block, self.whole_tiles = sinks, local, block, whole_tiles
 
     def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
         _, _, _, nq, nk = check_qk(q, k)
@@ -288,7 +303,7 @@ class VerticalSlash(Pattern):
                 q, k, max(self.vertical, 30), max(self.slash, 50), last_q=self.last_q,
                 sinks=self.sinks, local=self.local,
             )
-            return prefill_layout(nq, nk, self.block, vertical=vert, slash=sl)
+            return prefill_layout(nq, nk, self.block, vertical=vert, slash=sl, whole_slash_tiles=self.whole_tiles)
 
 
 @register("minference_block", kind="dynamic",
