@@ -178,3 +178,6 @@ def test_speed_bench_times_approximations_and_fits_exponents(registered):
     assert fit_exponents(synthetic) == {"p": pytest.approx(2.0)}
     with pytest.raises(ValueError, match="whole layer"):
         SpeedConfig(patterns=("doubler_for_test",)).validate()
+    SpeedConfig(ns=(64, 128), patterns=("linformer(k=100)",)).validate()  # length-bound methods fit the longest N
+    with pytest.raises(ValueError, match="max_len"):
+        SpeedConfig(ns=(64,), patterns=("linformer(k=100)",)).validate()

@@ -214,7 +214,7 @@ class SpeedConfig:
         if not self.patterns:
             raise ValueError("give at least one pattern spec")
         for spec in self.patterns:  # unknown names / parameters fail here, before anything runs
-            _build(spec, self, 1)
+            _build(spec, self, max(self.ns))  # (at the longest N: a length-bound method such as linformer fits)
 
 
 def _build(spec: str, cfg: "SpeedConfig", n: int):
