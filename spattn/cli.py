@@ -5,6 +5,7 @@
     spattn list                         every registered mechanism: name, kind, signature, paper
     spattn bench                        the short default run: speed and fidelity of the main families
     spattn bench speed [--n 4096 8192] [--patterns "window(size=256)" "performer"] [--backends sdpa select ...]
+                       [--json out.json] [--plot out.png]
     spattn bench fidelity [--n 2048] [--specs "topk(k=64)" ...] [--inputs random planted] [--plot out.png]
     spattn bench lra [--attentions dense "bigbird(block=32)"] [--tasks listops pathfinder]
     spattn bench mqar [--attentions ...] [--seq-lens 64 128 256] [--dims 64 128 256]
@@ -136,6 +137,7 @@ def _add_speed_options(p: argparse.ArgumentParser, default_patterns: Optional[Se
     p.add_argument("--backends", nargs="+", metavar="NAME",
                    help=f"what to time (default all): {', '.join(sorted(BACKEND_GROUPS))}")
     p.add_argument("--json", default=DEFAULT_JSON, metavar="PATH", help="where to write results (default %(default)s)")
+    p.add_argument("--plot", metavar="PNG", help="also plot time vs N, log-log (needs matplotlib)")
     p.add_argument("--quick", action="store_true", help="fewer lengths and repeats (1 warmup, 2 timed)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
@@ -188,6 +190,10 @@ def _cmd_speed(args: argparse.Namespace, default_ns: Optional[Sequence[int]] = N
     if args.json:
         write_json(result, args.json)
         print(f"wrote {args.json}")
+    if args.plot:
+        from .bench.plot import plot_speed
+
+        print(f"wrote {plot_speed(result, args.plot)}")
     return 0
 
 

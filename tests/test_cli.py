@@ -92,8 +92,9 @@ def test_bench_mqar_plot_and_short_default(tmp_path, capsys):
     assert main(["bench", "plot", "--patterns", "window(size=16)", "bigbird(block=16)", "--n", "64", "--out", str(png)]) == 0
     assert png.stat().st_size > 0
     speed = tmp_path / "speed.json"
-    assert main(["bench", "--quick", "--n", "128", "--patterns", "window(size=32)", "linear", "--heads", "1",
-                 "--dim", "8", "--json", str(speed), "--quiet"]) == 0
+    assert main(["bench", "--quick", "--n", "128", "256", "--patterns", "window(size=32)", "linear", "--heads", "1",
+                 "--dim", "8", "--json", str(speed), "--plot", str(tmp_path / "speed.png"), "--quiet"]) == 0
+    assert (tmp_path / "speed.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "window(size=32)" in out and "linear" in out and "xattention" in out  # speed, then fidelity
     assert json.loads(speed.read_text())["benchmark"] == "speed"

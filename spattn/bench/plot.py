@@ -19,7 +19,7 @@ from torch import Tensor
 from .. import registry
 from ..patterns import Pattern
 
-__all__ = ["pattern_mask", "plot_patterns", "add_plot_arguments", "run_plot", "DEFAULT_PLOT_PATTERNS"]
+__all__ = ["pattern_mask", "plot_patterns", "plot_speed", "add_plot_arguments", "run_plot", "DEFAULT_PLOT_PATTERNS"]
 
 DEFAULT_PLOT_PATTERNS = ("window(size=8, block=8)", "bigbird(block=8)", "strided(stride=8, block=8)",
                          "fixed(block=16, summary=2)", "dilated_window(size=4, dilation=2, block=8)", "a_shape(sinks=4, local=8, block=8)")
@@ -78,6 +78,47 @@ def plot_patterns(specs: Sequence[str], n: int = 64, *, causal: bool = False, he
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"attention patterns, N={n}{', causal' if causal else ''}", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_speed(result: dict, out: str) -> str:
+    """Log-log time vs N from a ``spattn bench speed`` result: forward (left) and forward+backward
+    (right); dense SDPA once, then each pattern's spattn path and compiled FlexAttention. -> ``out``."""
+    plt = _require_matplotlib()
+    panels = (("forward", ("sdpa", "blocksparse", "flex")), ("forward + backward", ("sdpa_bwd", "blocksparse_bwd")))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, (title, names) in zip(axes, panels):
+        series: dict[str, list[tuple[int, float]]] = {}
+        for rec in result["results"]:
+            for name in names:
+                t = (rec.get(name) or {}).get("median_s")
+                if not t:
+                    continue
+                label = ("dense SDPA" + (" fwd+bwd" if name == "sdpa_bwd" else "")) if name.startswith("sdpa") else (
+                    f"{rec['pattern']}" + (" [flex]" if name == "flex" else ""))
+                if (rec["n"], t) not in series.setdefault(label, []):
+                    series[label].append((rec["n"], t))
+        for label, pts in sorted(series.items()):
+            pts = sorted(set(pts))
+            ns, ts = zip(*pts)
+            dense = label.startswith("dense")
+            ax.plot(ns, [1e3 * t for t in ts], "k--" if dense else "-o", label=label, linewidth=2 if dense else 1,
+                    markersize=3)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel("time (ms, median)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        if series:
+            ax.legend(fontsize=6)
+    cfg = result.get("config", {})
+    fig.suptitle(f"spattn bench speed: B={cfg.get('batch')} H={cfg.get('heads')} D={cfg.get('dim')} "
+                 f"{cfg.get('dtype')} causal={cfg.get('causal')}", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=120)
