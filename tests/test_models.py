@@ -43,9 +43,10 @@ def test_padding_does_not_change_the_prediction(pool):
     torch.testing.assert_close(m(padded, mask), m(t), atol=1e-5, rtol=1e-5)
 
 
-def test_causal_lm_is_causal():
+@pytest.mark.parametrize("short_conv", [0, 3])
+def test_causal_lm_is_causal(short_conv):
     torch.manual_seed(0)
-    m = small("lm", attention="window(size=4)").eval()
+    m = small("lm", attention="window(size=4)", short_conv=short_conv).eval()
     t = torch.randint(0, 11, (1, 24))
     t2 = t.clone()
     t2[0, 15:] = (t2[0, 15:] + 1) % 11
@@ -118,6 +119,7 @@ def test_aux_loss_is_summed_over_blocks():
     (dict(num_classes=1), "num_classes must be an int >= 2"),
     (dict(dim=0), "dim must be a positive int"),
     (dict(mlp_ratio=-1.0), "mlp_ratio must be >= 0"),
+    (dict(short_conv=-1), "short_conv must be an int >= 0"),
 ])
 def test_bad_model_configs(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -160,3 +162,16 @@ def test_dense_sdpa_path_matches_the_spattn_kernel(causal):
     blk.use_sdpa = False
     ref = blk(x, mask)
     torch.testing.assert_close(fast[mask], ref[mask], atol=1e-10, rtol=1e-10)
+
+
+def test_short_conv_mixes_the_previous_tokens_only():
+    """With attention limited to each token itself, position i depends on tokens i-K+1 .. i only."""
+    torch.manual_seed(0)
+    m = small("lm", attention="window(size=0)", short_conv=2, depth=1).eval()
+    t = torch.randint(0, 11, (1, 12))
+    base = m(t)
+    for pos, changed in ((5, (5, 6)), (0, (0, 1))):
+        t2 = t.clone()
+        t2[0, pos] = (t2[0, pos] + 1) % 11
+        diff = (m(t2) - base).abs().amax(-1)[0] > 0
+        assert diff.nonzero().flatten().tolist() == list(changed)

@@ -458,6 +458,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--positions", choices=("learned", "rope", "none"))
     m.add_argument("--pool", choices=("cls", "mean"))
     m.add_argument("--backend", help="attention backend: auto | reference | blocksparse | flex")
+    m.add_argument("--short-conv", type=int, metavar="K",
+                   help="causal depthwise convolution of width K over the embeddings (H3 / Based; 0 = none)")
     d = p.add_argument_group("data (what the task accepts; see its builder)")
     d.add_argument("--seq-len", type=int, help="sequence length (mqar, bytelm)")
     d.add_argument("--kv-pairs", type=int, help="key-value pairs (mqar)")
@@ -473,7 +475,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     import ast
 
-    model = {k: getattr(args, k) for k in ("dim", "depth", "heads", "kv_heads", "mlp_ratio", "dropout", "positions", "pool", "backend")
+    model = {k: getattr(args, k) for k in ("dim", "depth", "heads", "kv_heads", "mlp_ratio", "dropout", "positions", "pool", "backend",
+                                           "short_conv")
              if getattr(args, k, None) is not None}
     opts = {k: getattr(args, k) for k in ("seq_len", "kv_pairs", "vocab", "max_len", "num_train", "num_test", "data_dir")
             if getattr(args, k, None) is not None}

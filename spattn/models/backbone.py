@@ -46,11 +46,14 @@ class Backbone(nn.Module):
         attn_dropout: float = 0.0,
         embed_dropout: float = 0.0,
         backend: str = "auto",
+        short_conv: int = 0,
     ):
         super().__init__()
         owner = type(self).__name__
         for name, val in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth), ("heads", heads), ("max_len", max_len)):
             _positive_int(owner, name, val)
+        if isinstance(short_conv, bool) or not isinstance(short_conv, int) or short_conv < 0:
+            raise ValueError(f"{owner}: short_conv must be an int >= 0 (0 = none), got {short_conv!r}")
         if positions not in POSITIONS:
             raise ValueError(f"{owner}: positions must be one of {', '.join(POSITIONS)}; got {positions!r}")
         self.vocab_size, self.dim, self.max_len, self.positions = vocab_size, dim, max_len, positions
@@ -58,6 +61,9 @@ class Backbone(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
         self.pos = LearnedPositions(max_len, dim) if positions == "learned" else None
         self.embed_drop = nn.Dropout(embed_dropout)
+        # x + causal depthwise conv of width short_conv over the embeddings: each position also sees the
+        # previous tokens' embeddings (the short convolution of H3 / Based, Zoology's MQAR models)
+        self.short_conv = nn.Conv1d(dim, dim, short_conv, padding=short_conv - 1, groups=dim) if short_conv else None
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 dim, heads, attention, causal=causal, max_len=max_len, kv_heads=kv_heads, mlp_ratio=mlp_ratio,
@@ -88,6 +94,8 @@ class Backbone(nn.Module):
 
     def encode(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Embedded ``x [B, N, dim]`` -> hidden ``[B, N, dim]``; ``mask [B, N]`` bool, True = real."""
+        if self.short_conv is not None:
+            x = x + self.short_conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
         if self.pos is not None:
             x = self.pos(x)
         x = self.embed_drop(x)

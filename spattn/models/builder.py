@@ -44,6 +44,8 @@ class ModelConfig:
     embed_dropout: float = 0.0
     head_hidden: int = 0
     backend: str = "auto"
+    #: width of a causal depthwise convolution over the embeddings (0 = none); see Backbone
+    short_conv: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,6 +86,7 @@ def build_model(config: ModelConfig) -> nn.Module:
         dim=config.dim, depth=config.depth, heads=config.heads, kv_heads=config.kv_heads, max_len=config.max_len,
         attention=config.attention, positions=config.positions, mlp_ratio=config.mlp_ratio, dropout=config.dropout,
         attn_dropout=config.attn_dropout, embed_dropout=config.embed_dropout, backend=config.backend,
+        short_conv=config.short_conv,
     )
     if config.kind == "lm":
         return CausalLM(config.vocab_size, **common)
