@@ -193,3 +193,21 @@ def test_cli_functions(tmp_path, capsys):
                          "--dim", "16", "--task-option", "num_train=64", "--attention", "window(size=3)"])
     assert run_train(args) == 0
     assert load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 8
+
+
+def test_init_from_a_dense_run_then_sparse(tmp_path):
+    """A sparse model started from a trained dense run's weights: same accuracy before any step when the
+    sparse pattern covers what the dense model uses; its own state (routing centroids) may be missing."""
+    torch.manual_seed(0)
+    dense = train(cfg(task="_shift", steps=200, out_dir=str(tmp_path / "dense"), model=dict(positions="rope")))
+    ckpt = str(tmp_path / "dense" / "checkpoint.pt")
+    res = train(cfg(task="_shift", attention="window(size=1)", steps=2, init_from=ckpt, model=dict(positions="rope")))
+    ini = res["initial"]
+    assert ini["attention"] == "dense" and ini["missing"] == [] and ini["unexpected"] == []
+    assert ini["val"]["acc"] > 0.9 and abs(ini["val"]["acc"] - dense["val"]["acc"]) < 0.05
+    routed = train(cfg(task="_shift", attention="routing(clusters=2)", steps=2, init_from=ckpt, model=dict(positions="rope")))
+    assert routed["initial"]["missing"] and all(".attn.mechanism." in k for k in routed["initial"]["missing"])
+    with pytest.raises(ValueError, match="differs in"):
+        train(cfg(task="_shift", steps=2, init_from=ckpt, model=dict(positions="rope", dim=16)))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(cfg(task="_shift", steps=2, init_from=str(tmp_path / "nope.pt")))

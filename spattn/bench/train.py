@@ -66,6 +66,9 @@ class TrainConfig:
     test: bool = True  # evaluate the test split at the end
     model: dict = field(default_factory=dict)
     task_options: dict = field(default_factory=dict)
+    #: start from the weights in another run's checkpoint.pt; its model config must match except for
+    #: the attention spec (sparsify a trained model, then fine-tune); ignored when resuming
+    init_from: Optional[str] = None
 
     def resolved(self, task: Task) -> "TrainConfig":
         """A copy with the task's training defaults filled in (and built-in fallbacks)."""
@@ -268,6 +271,21 @@ def _epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=g)
 
 
+def _init_from(model: nn.Module, model_cfg, path: str) -> dict[str, Any]:
+    """Load the weights of ``path`` (a training checkpoint) into ``model``; the attention may differ."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"init_from: no checkpoint at {path!r}")
+    ckpt = load_checkpoint(path)
+    saved, mine = ckpt["model_config"], model_cfg.to_dict()
+    differ = sorted(k for k in set(saved) | set(mine) if k != "attention" and saved.get(k) != mine.get(k))
+    if differ:
+        raise ValueError(f"init_from {path!r}: the model config differs in {differ} (only the attention may differ); "
+                         f"saved: {[saved.get(k) for k in differ]}, here: {[mine.get(k) for k in differ]}")
+    # the mechanisms' own state (routing centroids, gates) is what may be missing or left over
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    return {"from": path, "attention": saved.get("attention"), "missing": list(missing), "unexpected": list(unexpected)}
+
+
 def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
           callback: Optional[Callable[[int, dict], None]] = None) -> dict[str, Any]:
     """Run (or resume) training; returns ``{"model", "model_config", "history", "val", "test", ...}``.
@@ -310,6 +328,12 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
         _set_rng_state(ckpt["rng"])
         step, epoch, pos = ckpt["step"], ckpt["epoch"], ckpt["pos"]
         history, best, train_seconds = ckpt["history"], ckpt["best"], ckpt["train_seconds"]
+
+    initial = None
+    if cfg.init_from and step == 0:
+        initial = _init_from(model, model_cfg, cfg.init_from)
+        initial["val"] = evaluate(model, task, data.val, data.collate, batch_size=cfg.eval_batch_size or cfg.batch_size,
+                                  max_batches=cfg.eval_batches, bf16=cfg.bf16)
 
     def checkpoint() -> None:
         if ckpt_path:
@@ -398,6 +422,8 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
                               "steps": step, "stopped": stopped, "train_seconds": train_seconds, "parameters": n_params,
                               "best_val": best, "majority_acc": data.majority_acc,
                               "s_per_step": train_seconds / max(step, 1)}
+    if initial is not None:
+        result["initial"] = initial
     result["val"] = evaluate(model, task, data.val, data.collate, batch_size=eval_bs, max_batches=cfg.eval_batches, bf16=cfg.bf16)
     if cfg.test and data.test is not None:
         result["test"] = evaluate(model, task, data.test, data.collate, batch_size=eval_bs, bf16=cfg.bf16)
@@ -446,6 +472,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--out", metavar="DIR", help="directory for checkpoint.pt and metrics.json")
     e.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: every eval)")
     e.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt if it exists")
+    e.add_argument("--init-from", metavar="CKPT",
+                   help="start from the weights of another run's checkpoint.pt (e.g. a dense model; the attention may differ)")
     e.add_argument("--no-test", dest="test", action="store_false", help="skip the final test-set evaluation")
     e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     m = p.add_argument_group("model (defaults: the task's)")
@@ -494,11 +522,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         bf16=args.bf16, eval_every=args.eval_every, eval_batches=args.eval_batches, target_acc=args.target_acc,
         seed=args.seed, out_dir=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
         max_minutes=args.max_minutes, progress=args.progress, test=args.test, model=model, task_options=opts,
+        init_from=getattr(args, "init_from", None),
     )
 
 
 def summary_line(res: dict[str, Any]) -> str:
-    parts = [f"{res['task']} {res['attention']}: {res['steps']} steps ({res['stopped']}), "
+    parts = []
+    if res.get("initial"):
+        ini = res["initial"]
+        parts.append(f"from {ini['attention']} weights ({ini['from']}): val acc {ini['val']['acc']:.4f} before training")
+    parts += [f"{res['task']} {res['attention']}: {res['steps']} steps ({res['stopped']}), "
              f"{res['train_seconds']:.0f} s training, {res['s_per_step'] * 1000:.0f} ms/step, {res['parameters']} params"]
     for split in ("val", "test"):
         if split in res:
