@@ -271,12 +271,18 @@ def _epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=g)
 
 
+def _saved_model_config(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's model config, with fields added to ModelConfig since it was written at their defaults."""
+    defaults = {f.name: f.default for f in fields(ModelConfig)}
+    return {**defaults, **ckpt["model_config"]}
+
+
 def _init_from(model: nn.Module, model_cfg, path: str) -> dict[str, Any]:
     """Load the weights of ``path`` (a training checkpoint) into ``model``; the attention may differ."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"init_from: no checkpoint at {path!r}")
     ckpt = load_checkpoint(path)
-    saved, mine = ckpt["model_config"], model_cfg.to_dict()
+    saved, mine = _saved_model_config(ckpt), model_cfg.to_dict()
     differ = sorted(k for k in set(saved) | set(mine) if k != "attention" and saved.get(k) != mine.get(k))
     if differ:
         raise ValueError(f"init_from {path!r}: the model config differs in {differ} (only the attention may differ); "
@@ -315,7 +321,7 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
     best = {"step": 0, "acc": 0.0}
     if cfg.resume and ckpt_path and os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path)
-        saved = ckpt["model_config"]
+        saved = _saved_model_config(ckpt)
         if saved != model_cfg.to_dict():
             diff = sorted(k for k in set(saved) | set(model_cfg.to_dict()) if saved.get(k) != model_cfg.to_dict().get(k))
             raise ValueError(f"cannot resume from {ckpt_path!r}: the model config differs in {diff}")
