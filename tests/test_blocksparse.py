@@ -31,12 +31,17 @@ def problems(draw, max_len=600):
     return batch, heads_q, heads_kv, nq, nk, dim, block_q, block_k, per_batch, per_head, seed
 
 
-def _tensors(batch, heads_q, heads_kv, nq, nk, dim, seed, dtype=torch.float32):
+def _tensors(batch, heads_q, heads_kv, nq, nk, dim, seed, dtype=torch.float32, transposed=False):
+    """Random q, k, v; ``transposed``: views ``[B, N, H, D] -> [B, H, N, D]`` as a transformers model
+    passes them (not row-major per head)."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads_q, nq, dim, generator=gen, dtype=torch.float64)
     k = torch.randn(batch, heads_kv, nk, dim, generator=gen, dtype=torch.float64)
     v = torch.randn(batch, heads_kv, nk, dim, generator=gen, dtype=torch.float64)
-    return q.to(dtype), k.to(dtype), v.to(dtype), gen
+    out = [x.to(dtype) for x in (q, k, v)]
+    if transposed:
+        out = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in out]
+    return (*out, gen)
 
 
 def _random_layout(kind, batch, heads, nq, nk, block_q, block_k, gen):
@@ -76,11 +81,24 @@ def test_random_layouts_match_reference(problem, kind, padded):
 
 
 @settings(max_examples=25)
-@given(problems(), st.booleans())
-def test_dense_and_causal_match_reference(problem, causal):
+@given(problems(), st.booleans(), st.booleans())
+def test_dense_and_causal_match_reference(problem, causal, transposed):
     batch, hq, hkv, nq, nk, dim, bq, bk, *_ , seed = problem
-    q, k, v, _ = _tensors(batch, hq, hkv, nq, nk, dim, seed)
+    q, k, v, _ = _tensors(batch, hq, hkv, nq, nk, dim, seed, transposed=transposed)
     layout = spattn.pattern("dense", block=bq).layout(q, k, causal=causal)
+    assert_matches_reference(blocksparse_attention, q, k, v, layout)
+
+
+@pytest.mark.parametrize("spec", ["dense(block=16)", "window(size=20, block=16)", "window(size=0, block=16)",
+                                  "xattention(threshold=0.5, stride=4, block=16)", "block_topk(k=1, block=16)"])
+@pytest.mark.parametrize("heads", [(2, 2), (1, 3)])  # (batch, kv heads)
+def test_transposed_inputs_with_band_keys(spec, heads):
+    """Keys/values that are transposed views (as transformers passes them) and a key band needing no
+    padding: the band's strided view must read row-major keys (regression: it read the view's storage)."""
+    batch, hkv = heads
+    q, k, v, _ = _tensors(batch, 2 * hkv, hkv, 64, 64, 8, 3, transposed=True)
+    assert not k.is_contiguous()
+    layout = spattn.pattern(spec).select(q, k, causal=True)  # band of only the diagonal tile: no padding
     assert_matches_reference(blocksparse_attention, q, k, v, layout)
 
 

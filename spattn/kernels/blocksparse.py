@@ -109,8 +109,10 @@ class _KeySets:
             self.left = max(0, -p.band_lo)
             right = max(0, last - p.nk)
             self.padded_len = p.nk + self.left + right
-            self.k_band = F.pad(k, (0, 0, self.left, right)).reshape(bh, self.padded_len, k.shape[-1])
-            self.v_band = F.pad(v, (0, 0, self.left, right)).reshape(bh, self.padded_len, v.shape[-1])
+            # band() reads rows with stride D: K/V must be row-major (zero padding returns the input,
+            # which may be a transposed view, e.g. a Hugging Face model's [B, N, H, D] keys)
+            self.k_band = F.pad(k, (0, 0, self.left, right)).contiguous().reshape(bh, self.padded_len, k.shape[-1])
+            self.v_band = F.pad(v, (0, 0, self.left, right)).contiguous().reshape(bh, self.padded_len, v.shape[-1])
         self.k_blocks = self.v_blocks = self.k_cols = self.v_cols = None
         if bool((p.blocks_per_tile > 0).any()):
             # key blocks 0..nkb-1 and one all-zero padding block (index nkb)
