@@ -203,7 +203,7 @@ def test_missing_package_message(monkeypatch):
 def test_smollm2_dense_equivalence_and_generation():
     model, _ = hf.load_smollm2(tokenizer=False)
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
-    ids = _ids(256, vocab=model.config.vocab_size, seed=3)
+    ids = _ids(2048, vocab=model.config.vocab_size, seed=3)  # the 2k tokens
     ref = model(ids).logits
     with hf.sparsify(model):
         got = model(ids).logits
