@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Optional, Union
@@ -105,7 +106,7 @@ def resolve_selection(q: Tensor, k: Tensor, pattern, causal: bool, key_padding_m
             _check_selection(pattern, q, k)
         return pattern, False
     pat = Dense() if pattern is None else make_pattern(pattern)
-    if key_padding_mask is not None and _select_takes_padding(pat):
+    if key_padding_mask is not None and _select_takes_padding(type(pat)):
         selection = pat.select(q, k, causal=causal, key_padding_mask=key_padding_mask)
     else:
         selection = pat.select(q, k, causal=causal)
@@ -120,9 +121,11 @@ def resolve_selection(q: Tensor, k: Tensor, pattern, causal: bool, key_padding_m
     return selection, isinstance(pat, Dense)
 
 
-def _select_takes_padding(pat) -> bool:
+@functools.lru_cache(maxsize=None)
+def _select_takes_padding(pattern_class: type) -> bool:
+    """Whether ``pattern_class.select`` accepts ``key_padding_mask`` (once per class: this runs per call)."""
     try:
-        params = inspect.signature(pat.select).parameters
+        params = inspect.signature(pattern_class.select).parameters
     except (TypeError, ValueError):  # builtins / C callables
         return False
     return "key_padding_mask" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())

@@ -129,9 +129,17 @@ def _dense(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal), scores
 
 
-def _evaluate(spec: str, q, k, v, planted, scores, dense_out, cfg: FidelityConfig) -> dict[str, Any]:
+def _build(spec: str, cfg: FidelityConfig):
+    """The mechanism of ``spec`` for this configuration; ``ValueError`` if it cannot run in it."""
     mech = build_mechanism(spec, dim=cfg.heads * cfg.dim, heads=cfg.heads, kv_heads=cfg.heads, head_dim=cfg.dim,
                            causal=cfg.causal, max_len=cfg.n)
+    if isinstance(mech, ApproxAttention) and cfg.causal and not mech.supports_causal:
+        raise ValueError(f"{spec} has no causal form; run the fidelity bench with --non-causal")
+    return mech
+
+
+def _evaluate(spec: str, q, k, v, planted, scores, dense_out, cfg: FidelityConfig) -> dict[str, Any]:
+    mech = _build(spec, cfg)  # fresh per input kind: routing's centroids start from these inputs
     if isinstance(mech, torch.nn.Module):
         mech.eval()
     rec: dict[str, Any] = {"spec": spec, "learned": isinstance(mech, torch.nn.Module) and any(True for _ in mech.parameters())}
@@ -180,10 +188,7 @@ def run_fidelity(config: Optional[FidelityConfig] = None, *, log: Callable[[str]
     unsupported = {}  # e.g. a non-causal-only mechanism in a causal run of the default sweep
     for spec in list(specs):
         try:
-            mech = build_mechanism(spec, dim=cfg.heads * cfg.dim, heads=cfg.heads, kv_heads=cfg.heads, head_dim=cfg.dim,
-                                   causal=cfg.causal, max_len=cfg.n)
-            if isinstance(mech, ApproxAttention) and cfg.causal and not mech.supports_causal:
-                raise ValueError(f"{spec} has no causal form; run the fidelity bench with --non-causal")
+            _build(spec, cfg)
         except ValueError as err:
             if not cfg.skip_unknown:
                 raise

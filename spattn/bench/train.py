@@ -335,12 +335,6 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
         step, epoch, pos = ckpt["step"], ckpt["epoch"], ckpt["pos"]
         history, best, train_seconds = ckpt["history"], ckpt["best"], ckpt["train_seconds"]
 
-    initial = None
-    if cfg.init_from and step == 0:
-        initial = _init_from(model, model_cfg, cfg.init_from)
-        initial["val"] = evaluate(model, task, data.val, data.collate, batch_size=cfg.eval_batch_size or cfg.batch_size,
-                                  max_batches=cfg.eval_batches, bf16=cfg.bf16)
-
     def checkpoint() -> None:
         if ckpt_path:
             save_checkpoint(ckpt_path, {
@@ -361,6 +355,11 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
     if per_epoch < 1:
         raise ValueError(f"the training set ({n_train} examples) is smaller than one batch ({cfg.batch_size})")
     eval_bs = cfg.eval_batch_size or cfg.batch_size
+    initial = None
+    if cfg.init_from and step == 0:
+        initial = _init_from(model, model_cfg, cfg.init_from)
+        initial["val"] = evaluate(model, task, data.val, data.collate, batch_size=eval_bs, max_batches=cfg.eval_batches,
+                                  bf16=cfg.bf16)
     every_ckpt = cfg.checkpoint_every or cfg.eval_every
     stopped = "steps"
     if best["acc"] >= (cfg.target_acc or 2.0):

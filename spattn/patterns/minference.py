@@ -153,25 +153,22 @@ def prefill_layout(q_len: int, kv_len: int, block: int, *, vertical: Optional[Te
         col_num = torch.searchsorted(keyed.contiguous(), p1.view(1, 1, -1).expand(bsz, heads, -1).contiguous(), right=True)
         col_idx = torch.where(valid, cols, 0)[:, :, None, :].expand(bsz, heads, nqb, width)
 
+    # Without exact slash lines, every selected tile is whole (causal inside) and every column a
+    # selected vertical: causality is the whole predicate.
+    if slash is None or whole_slash_tiles or not bool(slash.any()):
+        return Layout(num, idx, q_len=q_len, kv_len=kv_len, block_q=block, mask_mod=causal_mask_mod(q_len, kv_len),
+                      full=full, col_num=col_num, col_indices=col_idx)
+
     vert_t = vertical if vertical is not None else torch.zeros(bsz, heads, kv_len, dtype=torch.bool, device=dev)
-    slash_t = slash if slash is not None else torch.zeros(bsz, heads, kv_len, dtype=torch.bool, device=dev)
-    blocks_t = blocks
 
     def prefill_mask(b, h, q_idx, kv_idx):
         d = q_idx + off - kv_idx
-        hit = slash_t[b, h, d.clamp(0, kv_len - 1)] | vert_t[b, h, kv_idx]
-        if blocks_t is not None:
-            hit = hit | blocks_t[b, h, q_idx // block, kv_idx // block]
+        hit = slash[b, h, d.clamp(0, kv_len - 1)] | vert_t[b, h, kv_idx]
+        if blocks is not None:
+            hit = hit | blocks[b, h, q_idx // block, kv_idx // block]
         return (d >= 0) & hit
 
-    def causal_only(b, h, q_idx, kv_idx):
-        return q_idx + off >= kv_idx
-
-    # Without exact slash lines, every selected tile is whole (causal inside) and every column a
-    # selected vertical: causality is the whole predicate.
-    exact_slashes = slash is not None and not whole_slash_tiles and bool(slash.any())
-    return Layout(num, idx, q_len=q_len, kv_len=kv_len, block_q=block,
-                  mask_mod=prefill_mask if exact_slashes else causal_only,
+    return Layout(num, idx, q_len=q_len, kv_len=kv_len, block_q=block, mask_mod=prefill_mask,
                   full=full, col_num=col_num, col_indices=col_idx)
 
 
