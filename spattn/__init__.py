@@ -7,11 +7,11 @@ softmax attention on them. See ``spattn.attention`` and ``spattn.pattern``.
 from . import approx, integrations, kvcache, nn, registry
 from .functional import attention
 from .layout import Layout
-from .selection import ClusterSelection, TokenSelection
+from .selection import ClusterSelection, PageSelection, TokenSelection
 from .patterns import Pattern, pattern
 
 __all__ = [
-    "Layout", "Pattern", "TokenSelection", "ClusterSelection", "attention", "pattern", "mechanisms", "approx", "nn",
+    "Layout", "Pattern", "TokenSelection", "PageSelection", "ClusterSelection", "attention", "pattern", "mechanisms", "approx", "nn",
     "registry", "integrations", "kvcache",
 ]
 __version__ = "0.1.0"

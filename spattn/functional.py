@@ -14,7 +14,7 @@ from torch import Tensor
 from .kernels.blocksparse import blocksparse_attention
 from .kernels.reference import reference_attention
 from .layout import Layout
-from .selection import ClusterSelection, TokenSelection
+from .selection import ClusterSelection, PageSelection, TokenSelection
 from .patterns import Dense, Pattern, pattern as make_pattern
 
 __all__ = ["attention", "BACKENDS", "resolve_selection"]
@@ -76,7 +76,7 @@ def _check_layout(layout: Layout, q: Tensor, k: Tensor) -> None:
         raise ValueError(f"layout is on {layout.device} but q is on {q.device}")
 
 
-def _check_selection(sel: "TokenSelection | ClusterSelection", q: Tensor, k: Tensor) -> None:
+def _check_selection(sel: "TokenSelection | PageSelection | ClusterSelection", q: Tensor, k: Tensor) -> None:
     name = type(sel).__name__
     if (sel.q_len, sel.kv_len) != (q.shape[2], k.shape[2]):
         raise ValueError(f"{name} is for (Nq, Nk) = {(sel.q_len, sel.kv_len)} but q, k have {(q.shape[2], k.shape[2])}")
@@ -96,7 +96,7 @@ def resolve_selection(q: Tensor, k: Tensor, pattern, causal: bool, key_padding_m
     ``key_padding_mask`` reaches ``pattern.select`` when its signature takes it (content-based
     selectors then never rank padding keys); the kernels apply it in any case.
     """
-    if isinstance(pattern, (Layout, TokenSelection, ClusterSelection)):
+    if isinstance(pattern, (Layout, TokenSelection, PageSelection, ClusterSelection)):
         what = type(pattern).__name__
         if causal:
             raise ValueError(f"causal=True cannot be combined with a precomputed {what}: causality is part of the {what}")
@@ -112,11 +112,11 @@ def resolve_selection(q: Tensor, k: Tensor, pattern, causal: bool, key_padding_m
         selection = pat.select(q, k, causal=causal)
     if isinstance(selection, Layout):
         _check_layout(selection, q, k)
-    elif isinstance(selection, (TokenSelection, ClusterSelection)):
+    elif isinstance(selection, (TokenSelection, PageSelection, ClusterSelection)):
         _check_selection(selection, q, k)
     else:
         raise TypeError(
-            f"{pat.name}.select() returned {type(selection).__name__}; expected a Layout, TokenSelection or ClusterSelection"
+            f"{pat.name}.select() returned {type(selection).__name__}; expected a Layout, TokenSelection, PageSelection or ClusterSelection"
         )
     return selection, isinstance(pat, Dense)
 
@@ -147,6 +147,14 @@ def _attend_selection(q, k, v, selection, backend, scale, key_padding_mask, retu
         from .kernels.tokensparse import tokensparse_attention
 
         return tokensparse_attention(q, k, v, selection, **kwargs)
+    if isinstance(selection, PageSelection):
+        if backend == "reference":
+            return reference_attention(q, k, v, selection.to_layout(), **kwargs)
+        if backend == "flex":
+            raise ValueError("backend='flex' runs block Layouts; page selections use 'auto' or 'reference'")
+        from .kernels.pagesparse import pagesparse_attention
+
+        return pagesparse_attention(q, k, v, selection, **kwargs)
     if isinstance(selection, ClusterSelection):
         if backend not in ("auto", "reference"):
             raise ValueError(f"backend={backend!r} runs block Layouts; routing windows use 'auto' or 'reference'")
@@ -160,7 +168,7 @@ def attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    pattern: Union[None, str, Pattern, Layout, TokenSelection, ClusterSelection] = None,
+    pattern: Union[None, str, Pattern, Layout, TokenSelection, PageSelection, ClusterSelection] = None,
     *,
     causal: bool = False,
     scale: Optional[float] = None,
@@ -173,8 +181,8 @@ def attention(
     Args:
         q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` with ``Hq % Hkv == 0`` (grouped-query attention).
         pattern: None (dense), a spec string such as ``"window(size=256)"``, a :class:`Pattern`,
-            or what a pattern selected: a :class:`Layout`, :class:`TokenSelection` or
-            :class:`ClusterSelection` (``pattern.select(q, k, causal)``).
+            or what a pattern selected: a :class:`Layout`, :class:`TokenSelection`,
+            :class:`PageSelection` or :class:`ClusterSelection` (``pattern.select(q, k, causal)``).
         causal: query ``i`` sees key ``j`` only if ``j <= i + Nk - Nq`` (queries aligned to the end
             of the keys, as in decoding with a KV cache).
         scale: score scale, default ``1/sqrt(D)``.

@@ -38,13 +38,42 @@ def _check_keys(owner: str, keys: Tensor) -> None:
         raise ValueError(f"{owner}: keys must have shape [B, Hkv, N, D], got {tuple(keys.shape)}")
 
 
+class _Growing:
+    """A tensor that grows along dim 2 in amortised O(appended): storage doubles when full, and
+    :attr:`data` is a view of the filled part (appending never copies what is already stored)."""
+
+    def __init__(self, first: Tensor):
+        self._buf = first.contiguous()
+        self.length = first.shape[2]
+
+    @property
+    def data(self) -> Tensor:
+        return self._buf[:, :, : self.length]
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def append(self, x: Tensor) -> Tensor:
+        need = self.length + x.shape[2]
+        if need > self._buf.shape[2]:
+            cap = max(need, 2 * self._buf.shape[2])
+            buf = self._buf.new_empty(*self._buf.shape[:2], cap, *self._buf.shape[3:])
+            buf[:, :, : self.length] = self.data
+            self._buf = buf
+        self._buf[:, :, self.length: need] = x
+        self.length = need
+        return self.data
+
+
 class PageSummary:
     """Per-page elementwise key bounds of a growing key cache (Quest, Tang et al. ICML 2024).
 
     Pages are ``page`` consecutive positions; page ``p`` covers ``[p*page, (p+1)*page)``, the last
     one possibly partial. After :meth:`update` with keys ``[B, Hkv, N, D]``:
     ``kmax[b, h, p, d] = max_t keys[b, h, t, d]`` and ``kmin`` likewise over the tokens of page ``p``;
-    both ``[B, Hkv, ceil(N/page), D]`` in the keys' dtype. Only pages touched by new tokens are recomputed.
+    both ``[B, Hkv, ceil(N/page), D]`` in the keys' dtype, stored side by side as
+    ``bounds = [kmax | kmin]`` (``[..., 2D]``: one matmul scores both). Only pages touched by new
+    tokens are recomputed.
     """
 
     def __init__(self, page: int):
@@ -52,39 +81,53 @@ class PageSummary:
             raise ValueError(f"PageSummary: page must be an int >= 1, got {page!r}")
         self.page = page
         self.length = 0
-        self.kmax: Optional[Tensor] = None
-        self.kmin: Optional[Tensor] = None
+        self._bounds: Optional[_Growing] = None
 
-    def _bounds(self, keys: Tensor) -> tuple[Tensor, Tensor]:
-        """Bounds of ``keys`` whose first token starts a page."""
+    @property
+    def bounds(self) -> Optional[Tensor]:
+        """``[B, Hkv, P, 2D]``: ``kmax`` then ``kmin`` along the last dim."""
+        return None if self._bounds is None else self._bounds.data
+
+    @property
+    def kmax(self) -> Optional[Tensor]:
+        return None if self._bounds is None else self.bounds[..., : self.bounds.shape[-1] // 2]
+
+    @property
+    def kmin(self) -> Optional[Tensor]:
+        return None if self._bounds is None else self.bounds[..., self.bounds.shape[-1] // 2:]
+
+    def _page_bounds(self, keys: Tensor) -> Tensor:
+        """``[kmax | kmin]`` of ``keys`` whose first token starts a page."""
         b, h, n, d = keys.shape
+        if n <= self.page:  # one (partial) page: the common decoding step
+            return torch.cat([keys.amax(dim=2, keepdim=True), keys.amin(dim=2, keepdim=True)], dim=-1)
         pages = -(-n // self.page)
         pad = pages * self.page - n
         if pad:
             # repeat the last key: it changes neither the max nor the min of its page
             keys = torch.cat([keys, keys[:, :, -1:].expand(b, h, pad, d)], dim=2)
         tiles = keys.view(b, h, pages, self.page, d)
-        return tiles.amax(dim=3), tiles.amin(dim=3)
+        return torch.cat([tiles.amax(dim=3), tiles.amin(dim=3)], dim=-1)
 
     def update(self, keys: Tensor) -> "PageSummary":
         """Bring the bounds up to date with the whole key cache ``keys [B, Hkv, N, D]``."""
         _check_keys("PageSummary", keys)
         n = keys.shape[2]
+        bounds = self.bounds
         stale = (
-            self.kmax is None
+            bounds is None
             or n < self.length
-            or self.kmax.shape[:2] != keys.shape[:2]
-            or self.kmax.shape[3] != keys.shape[3]
-            or self.kmax.dtype != keys.dtype
-            or self.kmax.device != keys.device
+            or bounds.shape[:2] != keys.shape[:2]
+            or bounds.shape[3] != 2 * keys.shape[3]
+            or bounds.dtype != keys.dtype
+            or bounds.device != keys.device
         )
         if stale:
-            self.kmax, self.kmin = self._bounds(keys)
+            self._bounds = _Growing(self._page_bounds(keys))
         elif n > self.length:
-            first = self.length // self.page  # first page with new tokens
-            kmax, kmin = self._bounds(keys[:, :, first * self.page:])
-            self.kmax = torch.cat([self.kmax[:, :, :first], kmax], dim=2)
-            self.kmin = torch.cat([self.kmin[:, :, :first], kmin], dim=2)
+            first = self.length // self.page  # first page with new tokens: recomputed, then appended
+            self._bounds.truncate(first)
+            self._bounds.append(self._page_bounds(keys[:, :, first * self.page:]))
         self.length = n
         return self
 
@@ -102,7 +145,11 @@ class LabelCache:
             raise TypeError("LabelCache: channels must be an int64 tensor [Hq, r]")
         self.channels = channels
         self.length = 0
-        self.labels: Optional[Tensor] = None
+        self._labels: Optional[_Growing] = None
+
+    @property
+    def labels(self) -> Optional[Tensor]:
+        return None if self._labels is None else self._labels.data
 
     def _gather(self, keys: Tensor) -> Tensor:
         b, hkv, n, d = keys.shape
@@ -128,9 +175,9 @@ class LabelCache:
             or self.labels.device != keys.device
         )
         if stale:
-            self.labels = self._gather(keys)
+            self._labels = _Growing(self._gather(keys))
         elif n > self.length:
-            self.labels = torch.cat([self.labels, self._gather(keys[:, :, self.length:])], dim=2)
+            self._labels.append(self._gather(keys[:, :, self.length:]))
         self.length = n
         return self
 
@@ -163,31 +210,38 @@ class KVCache:
     """
 
     def __init__(self):
-        self.keys: dict[int, Tensor] = {}
-        self.values: dict[int, Tensor] = {}
+        self._keys: dict[int, _Growing] = {}
+        self._values: dict[int, _Growing] = {}
         self.state = SelectorState()
+
+    @property
+    def keys(self) -> dict[int, Tensor]:
+        return {layer: buf.data for layer, buf in self._keys.items()}
+
+    @property
+    def values(self) -> dict[int, Tensor]:
+        return {layer: buf.data for layer, buf in self._values.items()}
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         _check_keys("KVCache", k)
         _check_keys("KVCache", v)
         if k.shape != v.shape:
             raise ValueError(f"KVCache: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-        if layer in self.keys:
-            old = self.keys[layer]
-            if old.shape[:2] != k.shape[:2] or old.shape[3] != k.shape[3]:
+        if layer in self._keys:
+            old = self._keys[layer].data
+            if old.shape[:2] != k.shape[:2] or old.shape[3] != k.shape[3] or old.dtype != k.dtype:
                 raise ValueError(
-                    f"KVCache: layer {layer} holds [B, Hkv, N, D] = {tuple(old.shape)}; cannot append {tuple(k.shape)}"
+                    f"KVCache: layer {layer} holds [B, Hkv, N, D] = {tuple(old.shape)} {old.dtype}; "
+                    f"cannot append {tuple(k.shape)} {k.dtype}"
                 )
-            self.keys[layer] = torch.cat([old, k], dim=2)
-            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
-        else:
-            self.keys[layer], self.values[layer] = k, v
-        return self.keys[layer], self.values[layer]
+            return self._keys[layer].append(k), self._values[layer].append(v)
+        self._keys[layer], self._values[layer] = _Growing(k), _Growing(v)
+        return self._keys[layer].data, self._values[layer].data
 
     def length(self, layer: int = 0) -> int:
-        return self.keys[layer].shape[2] if layer in self.keys else 0
+        return self._keys[layer].length if layer in self._keys else 0
 
     def reset(self) -> None:
-        self.keys.clear()
-        self.values.clear()
+        self._keys.clear()
+        self._values.clear()
         self.state.reset()

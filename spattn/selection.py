@@ -6,6 +6,9 @@ kernel instead of a :class:`~spattn.layout.Layout` (same layer: patterns build t
 * :class:`TokenSelection` — each query attends to its own set of at most K keys (top-k attention,
   decode-time selection: Quest, Double Sparsity, TidalDecode). Softmax runs over the union of the
   selected keys, so it is exactly attention restricted to ``to_dense()``.
+* :class:`PageSelection` — each query attends to the visible tokens of its own set of key *pages*
+  (fixed runs of ``page`` positions: Quest's unit of selection). Same meaning as the TokenSelection
+  of those tokens (:meth:`PageSelection.to_tokens`), but a kernel can fetch whole pages as rows.
 * :class:`ClusterSelection` — Routing Transformer windows: C windows of w sorted positions per
   (batch, head); each window runs dense attention on its own members and a query that belongs to
   several windows receives the *average* of their outputs (Roy et al. 2021), which is not a softmax
@@ -22,7 +25,7 @@ from torch import Tensor
 
 from .layout import Layout
 
-__all__ = ["TokenSelection", "ClusterSelection"]
+__all__ = ["TokenSelection", "PageSelection", "ClusterSelection"]
 
 
 def _check_index_tensor(owner: str, name: str, t: Tensor, dims: int) -> None:
@@ -91,6 +94,83 @@ class TokenSelection:
     def pair_counts(self) -> Tensor:
         """int64 ``[B', H', Nq]``: keys computed per query."""
         return self.valid.sum(-1)
+
+    def density(self) -> float:
+        """Fraction of (query, key) pairs computed, averaged over batch and heads."""
+        return float(self.pair_counts().sum()) / (self.batch * self.heads * self.q_len * self.kv_len)
+
+
+@dataclass(frozen=True)
+class PageSelection:
+    """Per-query sets of key pages (Quest, Tang et al. 2024: pages are the unit of KV selection).
+
+    Attributes:
+        pages: ``[B', H', Nq, P]`` int64 page ids; page ``p`` covers key positions
+            ``[p*page, (p+1)*page)`` (the last page may be partial); ``-1`` marks an unused slot.
+            Duplicates are not allowed among the valid slots of one query.
+        page: tokens per page.
+        q_len, kv_len: sequence lengths the selection was made for.
+        causal: query ``i`` sees only positions ``<= i + kv_len - q_len`` inside its pages.
+    Exactly the :class:`TokenSelection` returned by :meth:`to_tokens`.
+    """
+
+    pages: Tensor
+    page: int
+    q_len: int
+    kv_len: int
+    causal: bool = False
+
+    def __post_init__(self):
+        _check_index_tensor("PageSelection", "pages", self.pages, 4)
+        if isinstance(self.page, bool) or not isinstance(self.page, int) or self.page < 1:
+            raise ValueError(f"PageSelection: page must be an int >= 1, got {self.page!r}")
+        if self.pages.shape[2] != self.q_len:
+            raise ValueError(f"PageSelection: pages has {self.pages.shape[2]} query rows but q_len={self.q_len}")
+        if self.pages.numel() and (int(self.pages.min()) < -1 or int(self.pages.max()) >= self.num_pages):
+            raise ValueError(f"PageSelection: pages must lie in [-1, {self.num_pages}), -1 = unused slot")
+
+    @property
+    def num_pages(self) -> int:
+        """Pages of the key sequence, ``ceil(kv_len / page)``."""
+        return -(-self.kv_len // self.page)
+
+    @property
+    def batch(self) -> int:
+        return self.pages.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.pages.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.pages.device
+
+    def last_visible(self) -> Tensor:
+        """int64 ``[Nq]``: the last key position each query may see."""
+        if self.causal:
+            return torch.arange(self.q_len, device=self.device) + (self.kv_len - self.q_len)
+        return torch.full((self.q_len,), self.kv_len - 1, dtype=torch.long, device=self.device)
+
+    def to_tokens(self) -> TokenSelection:
+        """The same pairs as a :class:`TokenSelection` (``P * page`` slots per query)."""
+        tokens = self.pages[..., None] * self.page + torch.arange(self.page, device=self.device)
+        last = self.last_visible()[None, None, :, None, None]
+        ok = (self.pages[..., None] >= 0) & (tokens <= last) & (tokens < self.kv_len)
+        return TokenSelection(torch.where(ok, tokens, -1).flatten(-2), q_len=self.q_len, kv_len=self.kv_len)
+
+    def to_dense(self) -> Tensor:
+        """bool ``[B', H', Nq, Nk]`` (materialises Nq×Nk: tests only)."""
+        return self.to_tokens().to_dense()
+
+    def to_layout(self, block: int = 64) -> Layout:
+        return self.to_tokens().to_layout(block)
+
+    def pair_counts(self) -> Tensor:
+        """int64 ``[B', H', Nq]``: keys computed per query."""
+        first = self.pages * self.page
+        end = torch.minimum(first + self.page, self.last_visible()[None, None, :, None] + 1)
+        return torch.where(self.pages >= 0, (end - first).clamp(min=0), 0).sum(-1)
 
     def density(self) -> float:
         """Fraction of (query, key) pairs computed, averaged over batch and heads."""

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 import spattn
 from spattn.kvcache import KVCache, LabelCache, PageSummary, SelectorState
 from spattn.patterns.decode import DoubleSparsity, Quest, TidalDecode, quest_page_bounds
-from spattn.selection import TokenSelection
+from spattn.selection import PageSelection, TokenSelection
 
 
 def _qk(b, hq, hkv, nq, nk, d, seed, dtype=torch.float64):
@@ -20,8 +20,12 @@ def _qk(b, hq, hkv, nq, nk, d, seed, dtype=torch.float64):
     return q, k, v
 
 
-def _sets(sel: TokenSelection):
-    idx = sel.indices
+def _tokens(sel) -> TokenSelection:
+    return sel.to_tokens() if isinstance(sel, PageSelection) else sel
+
+
+def _sets(sel):
+    idx = _tokens(sel).indices
     return [[[set(x for x in row.tolist() if x >= 0) for row in idx[b, h]] for h in range(idx.shape[1])]
             for b in range(idx.shape[0])]
 
@@ -203,8 +207,8 @@ def test_stateful_decoding_loop_matches_stateless():
         k, v = cache.update(0, k_all[:, :, t:t + 1], v_all[:, :, t:t + 1])
         q = q_all[:, :, t:t + 1]
         for pat in (quest, ds):
-            a = pat.select(q, k, causal=True, state=cache.state, layer=0)
-            b = pat.select(q, k, causal=True, layer=0)
+            a = _tokens(pat.select(q, k, causal=True, state=cache.state, layer=0))
+            b = _tokens(pat.select(q, k, causal=True, layer=0))
             assert torch.equal(a.indices.expand_as(b.indices), b.indices.expand_as(a.indices))
     assert cache.length(0) == 40
 

@@ -11,8 +11,9 @@
   selection layer are dense; a selection layer computes full attention and records its top-``budget``
   token positions per head; every following layer attends only to the latest recorded positions.
 
-All three return a :class:`~spattn.selection.TokenSelection` from :meth:`select` (executed by the
-token-sparse kernel). Queries ``q [B, Hq, Nq, D]``, keys ``k [B, Hkv, Nk, D]`` (GQA: query head
+Quest returns a :class:`~spattn.selection.PageSelection` from :meth:`select` (whole pages, executed
+by the page-sparse kernel), Double Sparsity and TidalDecode a :class:`~spattn.selection.TokenSelection`
+(executed by the token-sparse kernel). Queries ``q [B, Hq, Nq, D]``, keys ``k [B, Hkv, Nk, D]`` (GQA: query head
 ``h`` reads kv head ``h // (Hq/Hkv)``); decoding has ``Nq = 1`` but any ``Nq`` works, with causal
 queries aligned to the end of the keys. Selection is per query head, masks are applied before
 top-k, scoring runs in float32 (float64 inputs stay float64).
@@ -38,7 +39,7 @@ from torch import Tensor
 from ..kvcache import LabelCache, PageSummary, SelectorState
 from ..layout import Layout
 from ..registry import register
-from ..selection import TokenSelection
+from ..selection import PageSelection, TokenSelection
 from .base import Pattern, check_int, check_qk
 
 __all__ = ["Quest", "DoubleSparsity", "TidalDecode", "quest_page_bounds", "resolve_budget"]
@@ -105,11 +106,11 @@ class _DecodeSelector(Pattern):
     content_based = True
 
     def plan(self, q: Tensor, k: Tensor, causal: bool = False, *, state: Optional[SelectorState] = None,
-             layer: Any = None) -> Optional[TokenSelection]:  # pragma: no cover - abstract
+             layer: Any = None) -> Optional[Union[TokenSelection, PageSelection]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def select(self, q: Tensor, k: Tensor, causal: bool = False, *, state: Optional[SelectorState] = None,
-               layer: Any = None) -> TokenSelection:
+               layer: Any = None) -> Union[TokenSelection, PageSelection]:
         """The keys each query attends to, ``indices [B, Hq, Nq, K]`` (or broadcast ``[1, 1, Nq, Nk]``)."""
         sel = self.plan(q, k, causal, state=state, layer=layer)
         return _all_keys(q, k, causal) if sel is None else sel
@@ -132,18 +133,21 @@ class _DecodeSelector(Pattern):
         return dims
 
 
-def quest_page_bounds(q: Tensor, kmax: Tensor, kmin: Tensor) -> Tensor:
+def quest_page_bounds(q: Tensor, kmax: Tensor, kmin: Optional[Tensor] = None) -> Tensor:
     """Quest's per-page upper bound of ``q . k``: ``U[b, h, i, p] = sum_d max(q_d M_pd, q_d m_pd)``.
 
-    ``q [B, Hq, Nq, D]``, ``kmax/kmin [B, Hkv, P, D]`` -> ``[B, Hq, Nq, P]`` (float32/float64).
-    Since ``M >= m``, the max picks ``M`` where ``q_d >= 0`` and ``m`` elsewhere, i.e. two matmuls.
+    ``q [B, Hq, Nq, D]``, ``kmax/kmin [B, Hkv, P, D]`` -> ``[B, Hq, Nq, P]`` (float32/float64); or
+    ``kmin=None`` and ``kmax`` the packed ``[kmax | kmin]`` of :attr:`PageSummary.bounds` (``[..., 2D]``).
+    Since ``M >= m``, the max picks ``M`` where ``q_d >= 0`` and ``m`` elsewhere: one matmul of
+    ``[q+ | q-]`` with ``[M | m]``.
     """
     b, hq, nq, d = q.shape
-    hkv, pages = kmax.shape[1], kmax.shape[2]
+    packed = kmax if kmin is None else torch.cat([kmax, kmin], dim=-1)
+    hkv, pages = packed.shape[1], packed.shape[2]
     dt = _score_dtype(q)
     qg = _grouped(q.to(dt), hkv)
-    bound = qg.clamp(min=0) @ kmax.to(dt).transpose(-1, -2) + qg.clamp(max=0) @ kmin.to(dt).transpose(-1, -2)
-    return bound.reshape(b, hq, nq, pages)
+    split = torch.cat([qg.clamp(min=0), qg.clamp(max=0)], dim=-1)
+    return torch.matmul(split, packed.to(dt).transpose(-1, -2)).reshape(b, hq, nq, pages)
 
 
 @register("quest", kind="dynamic",
@@ -185,7 +189,10 @@ class Quest(_DecodeSelector):
         page, ``-inf`` for pages it may not see."""
         nq, nk = q.shape[2], k.shape[2]
         summary = summary or PageSummary(self.page).update(k)
-        bound = quest_page_bounds(q, summary.kmax, summary.kmin)
+        bound = quest_page_bounds(q, summary.bounds)
+        if not causal or nq == 1:  # every query sees every page; its own page is the last one
+            bound[..., -1] = float("inf")
+            return bound
         last = _limits(nq, nk, causal, q.device)  # [Nq]
         own = last // self.page
         first_tok = torch.arange(bound.shape[-1], device=q.device) * self.page
@@ -201,12 +208,10 @@ class Quest(_DecodeSelector):
         if count * self.page >= nk:
             return None  # every page fits in the budget: exactly dense
         scores = self.page_scores(q, k, causal, self.summary(k, state, layer))
-        pages = _topk_tokens(scores, count)  # [B, Hq, Nq, n] page ids, -1 unused
-        tokens = pages[..., None] * self.page + torch.arange(self.page, device=q.device)
-        last = _limits(nq, nk, causal, q.device)[None, None, :, None, None]
-        ok = (pages[..., None] >= 0) & (tokens <= last)
-        idx = torch.where(ok, tokens, -1).flatten(-2)
-        return TokenSelection(idx, q_len=nq, kv_len=nk)
+        val, pages = scores.topk(min(count, scores.shape[-1]), dim=-1, sorted=False)  # [B, Hq, Nq, n] page ids
+        if causal and nq > 1:  # early queries see fewer pages than the budget: unused slots are -1
+            pages = torch.where(torch.isneginf(val), -1, pages)
+        return PageSelection(pages, self.page, q_len=nq, kv_len=nk, causal=causal)
 
 
 def _q_at_channels(q: Tensor, channels: Tensor) -> Tensor:

@@ -1,0 +1,117 @@
+"""Page-sparse attention: each query attends to the visible tokens of its own set of key pages.
+
+Executes a :class:`~spattn.selection.PageSelection` (Quest, Tang et al. 2024). The result is exactly
+the token-sparse attention of :meth:`PageSelection.to_tokens`; what differs is how keys are fetched.
+For inference with few queries (decoding: one query against a long KV cache) the tokens of the
+selected pages are copied out of K and V with one row gather each, from a zero-copy view of the
+cache's storage (slots past the end of the partial last page are masked); scores, softmax and the
+weighted sum are two batched products. The cache itself is never copied.
+
+Everything else (gradients, a key padding mask, many queries, K/V without a row-major layout) runs
+on the token-sparse kernel over :meth:`PageSelection.to_tokens`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..selection import PageSelection
+from .tokensparse import tokensparse_attention
+
+__all__ = ["pagesparse_attention"]
+
+#: largest gathered ``[B, Hq, Nq, P*page, D]`` block (elements) the page path builds at once
+PAGE_GATHER_BUDGET = 1 << 22
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _token_rows(x: Tensor) -> Optional[Tensor]:
+    """``x [B, Hkv, N, D]`` -> zero-copy ``[B*Hkv*alloc, D]`` view of its storage (``alloc`` = tokens
+    allocated per head, e.g. a cache's capacity), or None if x's strides forbid it."""
+    b, h, _, d = x.shape
+    if x.stride(3) != 1 or x.stride(2) != d or x.stride(1) % d or (b > 1 and x.stride(0) != h * x.stride(1)):
+        return None
+    alloc = x.stride(1) // d
+    return x.as_strided(((b * h - 1) * alloc + x.shape[2], d), (d, 1), x.storage_offset())
+
+
+def _fast_path_applies(q: Tensor, k: Tensor, v: Tensor, sel: PageSelection, key_padding_mask) -> bool:
+    if key_padding_mask is not None:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    b, hq, nq, d = q.shape
+    return b * hq * nq * sel.pages.shape[-1] * sel.page * d <= PAGE_GATHER_BUDGET
+
+
+def _page_attention(q: Tensor, k: Tensor, v: Tensor, sel: PageSelection, scale: float):
+    """The page path; returns ``(out, lse)`` or None when K/V cannot be viewed as rows."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g, page = hq // hkv, sel.page
+    k_rows, v_rows = _token_rows(k), _token_rows(v)
+    if k_rows is None or v_rows is None or k.stride(1) != v.stride(1):
+        return None
+    cdt = _compute_dtype(q.dtype)
+    slots = sel.pages.shape[-1]
+    pages = sel.pages.expand(b, hq, nq, slots).reshape(b, hkv, g, nq, slots, 1)
+    tokens = pages * page + torch.arange(page, device=q.device)  # [b, hkv, g, nq, slots, page]
+    keep = (pages >= 0) & (tokens < nk)  # unused slots, and the part of the last page not yet written
+    if sel.causal and nq > 1:  # several causal queries see different prefixes
+        keep = keep & (tokens <= sel.last_visible().view(1, 1, 1, nq, 1, 1))
+    # every selected token is one row of K / V; masked slots read a valid row and are ignored
+    head_offset = torch.arange(b * hkv, device=q.device).view(b, hkv, 1, 1, 1, 1) * (k.stride(1) // d)
+    rows = (tokens.clamp(0, nk - 1) + head_offset).flatten()
+    kg = k_rows.index_select(0, rows).view(b, hkv, g, nq, slots * page, d).to(cdt)
+    vg = v_rows.index_select(0, rows).view(b, hkv, g, nq, slots * page, d).to(cdt)
+    qs = (q.to(cdt) * scale).view(b, hkv, g, nq, 1, d)
+    scores = torch.matmul(qs, kg.transpose(-1, -2)).squeeze(-2)  # [b, hkv, g, nq, slots*page]
+    keep = keep.flatten(-2)
+    if not bool(keep.all()):
+        scores = scores.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    p = torch.exp(scores - safe[..., None])  # exactly 0 where masked and on rows without keys
+    out = torch.matmul(p.unsqueeze(-2), vg).squeeze(-2)
+    return out.view(b, hq, nq, d).to(q.dtype), lse.view(b, hq, nq)
+
+
+def pagesparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    selection: PageSelection,
+    *,
+    scale: Optional[float] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    return_lse: bool = False,
+):
+    """Softmax attention of each query over the visible tokens of its selected pages.
+
+    q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]`` (query head ``h`` reads kv head ``h // (Hq/Hkv)``);
+    ``selection`` a :class:`PageSelection` for ``(Nq, Nk)``. Returns ``out [B, Hq, Nq, D]`` and, if
+    asked, ``lse [B, Hq, Nq]`` (float32, float64 for float64 inputs; ``-inf`` and zeros for queries
+    without keys). Differentiable (through the token-sparse kernel when gradients are needed).
+    """
+    if not isinstance(selection, PageSelection):
+        raise TypeError(f"pagesparse_attention: selection must be a PageSelection, got {type(selection).__name__}")
+    if (selection.q_len, selection.kv_len) != (q.shape[2], k.shape[2]):
+        raise ValueError(
+            f"pagesparse_attention: selection is for (Nq, Nk) = {(selection.q_len, selection.kv_len)} "
+            f"but q, k have {(q.shape[2], k.shape[2])}"
+        )
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if _fast_path_applies(q, k, v, selection, key_padding_mask):
+        result = _page_attention(q, k, v, selection, scale)
+        if result is not None:
+            out, lse = result
+            return (out, lse) if return_lse else out
+    return tokensparse_attention(q, k, v, selection.to_tokens(), scale=scale, key_padding_mask=key_padding_mask,
+                                 return_lse=return_lse)
