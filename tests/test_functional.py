@@ -154,3 +154,13 @@ LAYOUT_BAD = [
 def test_bad_layouts_fail_with_clear_messages(make, error, message):
     with pytest.raises(error, match=message):
         make()
+
+
+@pytest.mark.parametrize("nq", [1, 5])
+def test_dense_gqa_non_causal_fast_path_matches_reference(nq):
+    """Non-causal dense GQA folds each kv head's query heads into one head of SDPA."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 6, nq, 16, generator=g), torch.randn(2, 2, 33, 16, generator=g), torch.randn(2, 2, 33, 16, generator=g)
+    out = spattn.attention(q, k, v)
+    ref = spattn.attention(q.double(), k.double(), v.double(), backend="reference")
+    assert (out.double() - ref).abs().max() <= 1e-5

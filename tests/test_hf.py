@@ -264,3 +264,14 @@ def test_longctx_evaluate_on_tiny_model(tiny, tmp_path):
     assert "perplexity@128" in rows["dense"] and "prefill_speedup_median" in rows["window(size=16)"]
     assert "window(size=16)" in format_summary(result)
     assert tiny.config._attn_implementation == "sdpa"
+    # decode-only methods decode from a copy of the shared dense prefill: same tokens as their own prefill
+    from spattn.bench.longctx import _greedy
+    from spattn.data.needle import make_task
+
+    tok = _WordTokenizer()
+    sample = make_task("passkey", 300 - 3, 0.0, lambda text: len(tok(text)["input_ids"]), seed=0)
+    ids = torch.tensor([tok(sample.prompt)["input_ids"]])
+    with hf.sparsify(tiny, decode="quest(page=4, budget=16)"):
+        own_prefill = _greedy(tiny, ids, 3)[0]
+    shared = next(r for r in result["cases"] if r["method"].startswith("decode:") and r["case"] == 0)
+    assert tok.decode(own_prefill) == shared["prediction"]

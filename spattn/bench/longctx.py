@@ -6,6 +6,8 @@ For each method (a prefill pattern and/or a decode selector, applied with
 continuation), end-to-end prefill time, decode time per token, and the attention density of both
 phases (pairs computed / dense causal pairs, all layers). Perplexity is measured on stdlib prose at
 the ``--ppl-lengths``. Dense (SDPA) runs first on every case, so speedups are ratios within one run.
+Decode-only methods decode from a copy of one shared dense prefill per case (the same computation;
+their prefill time is that prefill's).
 Results: JSON (one row per method, plus per-case records) and optionally a PNG of accuracy vs
 prefill speedup (matplotlib). The Sparse Frontier (Nawrot et al. 2025) motivates the grid.
 """
@@ -13,6 +15,7 @@ prefill speedup (matplotlib). The Sparse Frontier (Nawrot et al. 2025) motivates
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 import math
@@ -59,27 +62,59 @@ def _progress(total: int, disable: bool, desc: str):
     return tqdm(total=total, desc=desc, disable=disable)
 
 
-@torch.no_grad()
-def _greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[list[int], float, list[float]]:
-    """Prefill then greedy decode with the KV cache; returns tokens, prefill seconds, per-step seconds.
-
-    The prefill computes logits for the last position only (``logits_to_keep=1``), as ``generate()``
-    does: the LM head over all N positions would add a dense cost no attention method touches.
-    """
+def _cache_arg(model) -> str:
     # transformers >= 5.24 calls the KV cache ``cache`` (``past_key_values`` before)
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def _prefill(model, ids: torch.Tensor):
+    """One prefill; returns (output with the KV cache, seconds).
+
+    Logits for the last position only (``logits_to_keep=1``), as ``generate()`` does: the LM head
+    over all N positions would add a dense cost no attention method touches.
+    """
     t0 = time.perf_counter()
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    prefill = time.perf_counter() - t0
-    past, tok = getattr(out, cache_arg), out.logits[:, -1].argmax(-1, keepdim=True)
+    return out, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def _decode(model, prefill_out, new_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy decoding from a prefill's output; returns tokens and per-step seconds."""
+    arg = _cache_arg(model)
+    past, tok = getattr(prefill_out, arg), prefill_out.logits[:, -1].argmax(-1, keepdim=True)
     tokens, steps = [int(tok)], []
     for _ in range(new_tokens - 1):
         t0 = time.perf_counter()
-        out = model(input_ids=tok, use_cache=True, **{cache_arg: past})
+        out = model(input_ids=tok, use_cache=True, **{arg: past})
         steps.append(time.perf_counter() - t0)
-        past, tok = getattr(out, cache_arg), out.logits[:, -1].argmax(-1, keepdim=True)
+        past, tok = getattr(out, arg), out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(tok))
+    return tokens, steps
+
+
+def _greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[list[int], float, list[float]]:
+    """Prefill then greedy decode with the KV cache; returns tokens, prefill seconds, per-step seconds."""
+    out, prefill = _prefill(model, ids)
+    tokens, steps = _decode(model, out, new_tokens)
     return tokens, prefill, steps
+
+
+def _shares_dense_prefill(method: dict) -> bool:
+    """Dense and decode-only methods decode from a copy of one shared dense prefill (the prefill
+    computation is identical), unless the selector learns from the prefill (an uncalibrated Double
+    Sparsity calibrates on it)."""
+    if method["prefill"] is not None:
+        return False
+    if method["decode"] is None:
+        return True
+    from ..patterns.decode import DoubleSparsity
+
+    from ..patterns import pattern
+
+    selector = pattern(method["decode"]) if isinstance(method["decode"], str) else method["decode"]
+    return not (isinstance(selector, DoubleSparsity) and not selector.calibrated_layers())
 
 
 @torch.no_grad()
@@ -123,12 +158,21 @@ def evaluate(model, tokenizer, args, partial_path: Optional[Path] = None) -> dic
     bar = _progress(len(cases) * len(methods) + len(args.ppl_lengths) * len(methods), args.no_progress, "longctx")
     for case_i, sample in enumerate(cases):
         ids = torch.tensor([tokenizer(sample.prompt)["input_ids"]])
+        shared = None  # (prefill output, seconds) of the dense prefill, reused by decode-only methods
         for m in methods:
+            if _shares_dense_prefill(m) and shared is None:
+                shared = _prefill(model, ids)
             handle = None
             if m["prefill"] or m["decode"]:
                 handle = sparsify(model, prefill=m["prefill"], decode=m["decode"], dense_layers=args.dense_layers)
             try:
-                tokens, prefill_s, steps = _greedy(model, ids, args.new_tokens)
+                if _shares_dense_prefill(m):
+                    arg = _cache_arg(model)
+                    out, prefill_s = copy.copy(shared[0]), shared[1]
+                    setattr(out, arg, copy.deepcopy(getattr(shared[0], arg)))
+                    tokens, steps = _decode(model, out, args.new_tokens)
+                else:
+                    tokens, prefill_s, steps = _greedy(model, ids, args.new_tokens)
             finally:
                 if handle is not None:
                     handle.undo()
@@ -137,7 +181,7 @@ def evaluate(model, tokenizer, args, partial_path: Optional[Path] = None) -> dic
                 "method": m["name"], "case": case_i, "task": sample.task, "length": ids.shape[1], "depth": sample.depth,
                 "score": sample.score(text), "prediction": text, "prefill_s": prefill_s,
                 "decode_s_per_token": statistics.median(steps) if steps else None,
-                "prefill_density": handle.density("prefill") if handle else 1.0,
+                "prefill_density": handle.density("prefill") if handle and m["prefill"] else 1.0,
                 "decode_density": handle.density("decode") if handle else 1.0,
             })
             if bar is not None:
