@@ -10,6 +10,7 @@ updated incrementally: one appended key per step, included in the timing):
 * ``dense_grouped``: ``spattn.attention`` dense, which folds the query heads of a kv head into one
   head (K/V read once per kv head; the fastest eager dense decode we know on CPU);
 * ``quest(budget)``: page bounds -> top pages -> page-sparse attention (``Quest.plan`` + kernel);
+  ``group_pages=True`` keeps one page set per kv head (read once for its query heads);
 * ``double_sparsity(budget)``: label-cache scores -> top tokens -> token-sparse attention
   (calibrated on random q/k first; the timing does not depend on which channels were chosen).
 
@@ -72,6 +73,8 @@ def run(ns, budgets, repeat: int, hq: int = 9, hkv: int = 3, d: int = 64) -> lis
         ds.calibrate(torch.randn(1, hq, 512, d, generator=gen), torch.randn(1, hkv, 512, d, generator=gen), layer=0)
         for budget in budgets:
             for name, selector in ((f"quest(budget={budget})", Quest(page=16, budget=budget)),
+                                   (f"quest(budget={budget}, group_pages=True)",
+                                    Quest(page=16, budget=budget, group_pages=True)),
                                    (f"double_sparsity(budget={budget})", _with_budget(ds, budget))):
                 state = SelectorState()
 

@@ -111,6 +111,9 @@ class PageSelection:
         page: tokens per page.
         q_len, kv_len: sequence lengths the selection was made for.
         causal: query ``i`` sees only positions ``<= i + kv_len - q_len`` inside its pages.
+        shared_by: the rows of each run of ``shared_by`` consecutive heads are identical (one page set
+            per grouped-query-attention group): a kernel may then fetch each page once per group.
+            Checked at construction; it changes nothing in the meaning.
     Exactly the :class:`TokenSelection` returned by :meth:`to_tokens`.
     """
 
@@ -119,6 +122,7 @@ class PageSelection:
     q_len: int
     kv_len: int
     causal: bool = False
+    shared_by: int = 1
 
     def __post_init__(self):
         _check_index_tensor("PageSelection", "pages", self.pages, 4)
@@ -128,6 +132,13 @@ class PageSelection:
             raise ValueError(f"PageSelection: pages has {self.pages.shape[2]} query rows but q_len={self.q_len}")
         if self.pages.numel() and (int(self.pages.min()) < -1 or int(self.pages.max()) >= self.num_pages):
             raise ValueError(f"PageSelection: pages must lie in [-1, {self.num_pages}), -1 = unused slot")
+        s, h = self.shared_by, self.pages.shape[1]
+        if isinstance(s, bool) or not isinstance(s, int) or s < 1 or h % s:
+            raise ValueError(f"PageSelection: shared_by must be a positive int dividing the {h} head rows, got {s!r}")
+        if s > 1:
+            grouped = self.pages.view(self.pages.shape[0], h // s, s, *self.pages.shape[2:])
+            if not torch.equal(grouped, grouped[:, :, :1].expand_as(grouped)):
+                raise ValueError(f"PageSelection: shared_by={s} but the rows of a group of {s} heads differ")
 
     @property
     def num_pages(self) -> int:

@@ -83,6 +83,34 @@ def test_quest_bound_and_selection_brute_force(shape, page, budget):
                 assert _row(got, sel, bi, h, i) == want
 
 
+@settings(max_examples=25, deadline=None)
+@given(shapes, st.integers(1, 9), st.integers(1, 40))
+def test_quest_group_pages_brute_force(shape, page, budget):
+    """group_pages: one page set per kv head, ranked by the max of its query heads' bounds."""
+    b, (hq, hkv), nq, nk, d, causal, seed = shape
+    nq = min(nq, nk)
+    q, k, _ = _qk(b, hq, hkv, nq, nk, d, seed)
+    g, pages = hq // hkv, math.ceil(nk / page)
+    bound = quest_page_bounds(q, PageSummary(page).update(k).bounds)
+    sel = Quest(page=page, budget=budget, min_pages=1, group_pages=True).select(q, k, causal=causal)
+    got = _sets(sel)
+    n_keep = min(pages, max(1, -(-budget // page)))
+    for bi in range(b):
+        for h in range(hq):
+            for i in range(nq):
+                last = _visible(i, nq, nk, causal)
+                if n_keep * page >= nk:
+                    want_pages = set(range(pages))
+                else:
+                    own = last // page
+                    group_bound = bound[bi, (h // g) * g:(h // g + 1) * g, i].amax(0)
+                    ranked = sorted((p for p in range(pages) if p * page <= last and p != own),
+                                    key=lambda p: -group_bound[p].item())
+                    want_pages = {own, *ranked[: n_keep - 1]}
+                want = {t for p in want_pages for t in range(p * page, min(nk, (p + 1) * page)) if t <= last}
+                assert _row(got, sel, bi, h, i) == want
+
+
 @settings(max_examples=20, deadline=None)
 @given(shapes, st.integers(1, 8), st.integers(1, 30))
 def test_double_sparsity_selects_topk_of_approx_scores(shape, channels, budget):
@@ -153,7 +181,7 @@ def test_tidal_layers_share_positions():
         pat.plan(q[:, :, :, :], k[:, :, :32], True, state=state, layer=7)
 
 
-@pytest.mark.parametrize("spec", ["quest(page=4, budget=12)", "double_sparsity(channels=4, budget=9)",
+@pytest.mark.parametrize("spec", ["quest(page=4, budget=12)", "quest(page=4, budget=12, group_pages=True)", "double_sparsity(channels=4, budget=9)",
                                   "tidal(budget=11)"])
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
 def test_outputs_match_reference_on_selection(spec, dtype, atol):

@@ -168,6 +168,9 @@ def test_short_conv_mixes_the_previous_tokens_only():
     """With attention limited to each token itself, position i depends on tokens i-K+1 .. i only."""
     torch.manual_seed(0)
     m = small("lm", attention="window(size=0)", short_conv=2, depth=1).eval()
+    conv = next(mod for mod in m.modules() if isinstance(mod, torch.nn.Conv1d))
+    assert conv.bias is None and not conv.weight.any()  # starts as the identity (x + 0)
+    torch.nn.init.normal_(conv.weight)
     t = torch.randint(0, 11, (1, 12))
     base = m(t)
     for pos, changed in ((5, (5, 6)), (0, (0, 1))):

@@ -128,3 +128,28 @@ def test_bad_page_selections():
         spattn.attention(*_qkv(1, 1, 1, 1, 10, 4, torch.float32), sel, backend="flex")
     with pytest.raises(ValueError, match=r"\(Nq, Nk\)"):
         spattn.attention(*_qkv(1, 1, 1, 1, 12, 4, torch.float32), sel)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shapes)
+def test_pages_shared_by_a_query_group_match_reference(shape):
+    b, (hq, hkv), nq, nk, page, slots, causal, _, seed = shape
+    nq, g = min(nq, nk), hq // hkv
+    per_kv = _random_pages(b, hkv, nq, nk, page, slots, seed)
+    sel = PageSelection(per_kv.repeat_interleave(g, dim=1), page, nq, nk, causal, shared_by=g)
+    q, k, v = _qkv(b, hq, hkv, nq, nk, 8, torch.float64, seed)
+    with torch.no_grad():
+        out, lse = pagesparse_attention(q, k, v, sel, return_lse=True)
+    ref, ref_lse = spattn.attention(q, k, v, sel, backend="reference", return_lse=True)
+    assert (out - ref).abs().max() <= 1e-10
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and torch.allclose(lse[finite], ref_lse[finite], atol=1e-10)
+
+
+def test_shared_by_is_checked():
+    pages = torch.tensor([[[[0]], [[1]]]])  # two heads, different pages
+    with pytest.raises(ValueError, match="rows of a group of 2 heads differ"):
+        PageSelection(pages, 4, 1, 10, shared_by=2)
+    with pytest.raises(ValueError, match="shared_by must be a positive int dividing"):
+        PageSelection(pages, 4, 1, 10, shared_by=3)
+    assert PageSelection(pages, 4, 1, 10, shared_by=1).shared_by == 1

@@ -61,26 +61,41 @@ def _page_attention(q: Tensor, k: Tensor, v: Tensor, sel: PageSelection, scale: 
         return None
     cdt = _compute_dtype(q.dtype)
     slots = sel.pages.shape[-1]
-    pages = sel.pages.expand(b, hq, nq, slots).reshape(b, hkv, g, nq, slots, 1)
-    tokens = pages * page + torch.arange(page, device=q.device)  # [b, hkv, g, nq, slots, page]
+    # one page set per kv head when the query heads of a group share it (fetched once), else per query head
+    shared = g > 1 and (sel.heads == 1 or sel.shared_by % g == 0)
+    if shared:
+        rows_per_kv = sel.pages if sel.heads == 1 else sel.pages[:, ::g]
+        pages = rows_per_kv.expand(b, hkv, nq, slots).reshape(b, hkv, 1, nq, slots, 1)
+    else:
+        pages = sel.pages.expand(b, hq, nq, slots).reshape(b, hkv, g, nq, slots, 1)
+    sets = pages.shape[2]
+    tokens = pages * page + torch.arange(page, device=q.device)  # [b, hkv, sets, nq, slots, page]
     keep = (pages >= 0) & (tokens < nk)  # unused slots, and the part of the last page not yet written
     if sel.causal and nq > 1:  # several causal queries see different prefixes
         keep = keep & (tokens <= sel.last_visible().view(1, 1, 1, nq, 1, 1))
     # every selected token is one row of K / V; masked slots read a valid row and are ignored
     head_offset = torch.arange(b * hkv, device=q.device).view(b, hkv, 1, 1, 1, 1) * (k.stride(1) // d)
     rows = (tokens.clamp(0, nk - 1) + head_offset).flatten()
-    kg = k_rows.index_select(0, rows).view(b, hkv, g, nq, slots * page, d).to(cdt)
-    vg = v_rows.index_select(0, rows).view(b, hkv, g, nq, slots * page, d).to(cdt)
-    qs = (q.to(cdt) * scale).view(b, hkv, g, nq, 1, d)
-    scores = torch.matmul(qs, kg.transpose(-1, -2)).squeeze(-2)  # [b, hkv, g, nq, slots*page]
+    width = slots * page
+    kg = k_rows.index_select(0, rows).view(b, hkv, sets, nq, width, d).to(cdt)
+    vg = v_rows.index_select(0, rows).view(b, hkv, sets, nq, width, d).to(cdt)
+    qs = (q.to(cdt) * scale).view(b, hkv, g, nq, d)
+    if shared:  # the group's queries are the rows of one product per (kv head, query position)
+        scores = torch.matmul(qs.transpose(2, 3), kg[:, :, 0].transpose(-1, -2)).transpose(2, 3)
+    else:
+        scores = torch.matmul(qs.unsqueeze(-2), kg.transpose(-1, -2)).squeeze(-2)
+    # scores: [b, hkv, g, nq, width]
     keep = keep.flatten(-2)
     if not bool(keep.all()):
         scores = scores.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     p = torch.exp(scores - safe[..., None])  # exactly 0 where masked and on rows without keys
-    out = torch.matmul(p.unsqueeze(-2), vg).squeeze(-2)
-    return out.view(b, hq, nq, d).to(q.dtype), lse.view(b, hq, nq)
+    if shared:
+        out = torch.matmul(p.transpose(2, 3), vg[:, :, 0]).transpose(2, 3)
+    else:
+        out = torch.matmul(p.unsqueeze(-2), vg).squeeze(-2)
+    return out.reshape(b, hq, nq, d).to(q.dtype), lse.view(b, hq, nq)
 
 
 def pagesparse_attention(

@@ -63,7 +63,13 @@ class Backbone(nn.Module):
         self.embed_drop = nn.Dropout(embed_dropout)
         # x + causal depthwise conv of width short_conv over the embeddings: each position also sees the
         # previous tokens' embeddings (the short convolution of H3 / Based, Zoology's MQAR models)
-        self.short_conv = nn.Conv1d(dim, dim, short_conv, padding=short_conv - 1, groups=dim) if short_conv else None
+        self.short_conv = None
+        if short_conv:
+            # no bias and zero weights: the block starts as the identity. PyTorch's default init draws
+            # a bias of up to 1/sqrt(K) per channel, which drowns embeddings of std 0.02 (every
+            # position then looks alike after the first LayerNorm and MQAR never leaves chance)
+            self.short_conv = nn.Conv1d(dim, dim, short_conv, padding=short_conv - 1, groups=dim, bias=False)
+            nn.init.zeros_(self.short_conv.weight)
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 dim, heads, attention, causal=causal, max_len=max_len, kv_heads=kv_heads, mlp_ratio=mlp_ratio,

@@ -161,6 +161,10 @@ class Quest(_DecodeSelector):
         budget: token budget, int tokens or float fraction of the cache (Sparse Frontier default 1024);
             ``max(min_pages, ceil(budget / page))`` pages are kept (the reference code keeps at least 3).
         min_pages: lower bound on the number of pages kept.
+        group_pages: with grouped-query attention, keep one page set per kv head (scored by the max of
+            its query heads' bounds) instead of one per query head (the paper, written for multi-head
+            attention). Each kept page is then read once per group: the memory read per step, which
+            bounds decoding speed, is that of Quest on an MHA model with the same budget.
     The page holding the query's own position (the newest, partially filled page) is always kept, as in
     the reference implementations; pages entirely in the query's future (causal) are never kept. Only
     the keys the query may see are attended inside kept pages.
@@ -168,11 +172,13 @@ class Quest(_DecodeSelector):
 
     name = "quest"
 
-    def __init__(self, page: int = 16, budget: Union[int, float] = 1024, min_pages: int = 3):
+    def __init__(self, page: int = 16, budget: Union[int, float] = 1024, min_pages: int = 3, group_pages: bool = False):
         check_int("quest", "page", page, minimum=1)
         check_budget("quest", budget)
         check_int("quest", "min_pages", min_pages, minimum=1)
-        self.page, self.budget, self.min_pages = page, budget, min_pages
+        if not isinstance(group_pages, bool):
+            raise TypeError(f"quest: group_pages must be a bool, got {group_pages!r}")
+        self.page, self.budget, self.min_pages, self.group_pages = page, budget, min_pages, group_pages
 
     def pages_kept(self, kv_len: int) -> int:
         pages = -(-kv_len // self.page)
@@ -208,10 +214,16 @@ class Quest(_DecodeSelector):
         if count * self.page >= nk:
             return None  # every page fits in the budget: exactly dense
         scores = self.page_scores(q, k, causal, self.summary(k, state, layer))
-        val, pages = scores.topk(min(count, scores.shape[-1]), dim=-1, sorted=False)  # [B, Hq, Nq, n] page ids
+        b, hq, hkv = q.shape[0], q.shape[1], k.shape[1]
+        group = hq // hkv if self.group_pages else 1
+        if group > 1:
+            scores = scores.view(b, hkv, group, nq, -1).amax(dim=2)  # [B, Hkv, Nq, P]
+        val, pages = scores.topk(min(count, scores.shape[-1]), dim=-1, sorted=False)  # page ids
         if causal and nq > 1:  # early queries see fewer pages than the budget: unused slots are -1
             pages = torch.where(torch.isneginf(val), -1, pages)
-        return PageSelection(pages, self.page, q_len=nq, kv_len=nk, causal=causal)
+        if group > 1:
+            pages = pages.repeat_interleave(group, dim=1)  # [B, Hq, Nq, n]
+        return PageSelection(pages, self.page, q_len=nq, kv_len=nk, causal=causal, shared_by=group)
 
 
 def _q_at_channels(q: Tensor, channels: Tensor) -> Tensor:
