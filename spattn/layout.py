@@ -296,6 +296,29 @@ class Layout:
         idx = torch.where(self.valid_columns(), self.col_indices, self.kv_len)
         return out.scatter_(-1, idx, True)[..., :-1]
 
+    def head(self, index: int) -> "Layout":
+        """The layout of one head as a single-head layout (``H' = 1``; a shared layout returns itself).
+
+        The predicate keeps seeing the original head number, so head-dependent predicates stay right.
+        """
+        if self.heads == 1:
+            return self
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.heads:
+            raise ValueError(f"Layout.head: index must be an int in [0, {self.heads}), got {index!r}")
+        sl = slice(index, index + 1)
+        mask_mod = self.mask_mod
+        if mask_mod is not None:
+            inner = mask_mod
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return inner(b, h + index, q_idx, kv_idx)
+
+            if getattr(inner, "translation_invariant", False):
+                translation_invariant(mask_mod)
+        columns = {} if self.col_num is None else dict(col_num=self.col_num[:, sl], col_indices=self.col_indices[:, sl])
+        return Layout(self.kv_num_blocks[:, sl], self.kv_indices[:, sl], q_len=self.q_len, kv_len=self.kv_len,
+                      block_q=self.block_q, block_k=self.block_k, mask_mod=mask_mod, full=self.full[:, sl], **columns)
+
     def __repr__(self) -> str:
         cols = f", columns<= {self.col_indices.shape[3]}" if self.has_columns else ""
         return (

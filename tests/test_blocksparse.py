@@ -159,3 +159,36 @@ def test_small_chunks_give_the_same_result():
     a = blocksparse_attention(q, k, v, layout)
     b = blocksparse_attention(q, k, v, layout, chunk_elems=1)  # one query tile per chunk
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@settings(max_examples=25)
+@given(problems(max_len=300), st.sampled_from(["dense_mask", "blocks", "columns"]), st.booleans())
+def test_per_head_split_matches_reference(problem, kind, padded):
+    """Per-head layouts run one call per head (forced here): same values and gradients."""
+    from unittest import mock
+
+    import spattn.kernels.blocksparse as bs
+
+    batch, hq, hkv, nq, nk, dim, bq, bk, per_batch, _, seed = problem
+    q, k, v, gen = _tensors(batch, hq, hkv, nq, nk, dim, seed)
+    layout = _random_layout(kind, batch if per_batch else 1, hq, nq, nk, bq, bk, gen)
+    kpm = torch.rand(batch, nk, generator=gen) < 0.8 if padded else None
+    with mock.patch.object(bs, "_split_heads_pays", lambda lay, heads_q, pairs: lay.heads == heads_q > 1):
+        assert_matches_reference(blocksparse_attention, q, k, v, layout, kpm)
+    for h in range(hq):
+        assert torch.equal(layout.head(h).to_dense(), layout.to_dense()[:, h: h + 1])
+
+
+def test_split_heads_only_when_heads_differ_in_width():
+    from spattn.kernels.blocksparse import _split_heads_pays
+
+    nqb = 64
+    uneven = torch.ones(1, 4, nqb, nqb, dtype=torch.bool).tril()
+    uneven[:, 1:] &= ~torch.ones(nqb, nqb, dtype=torch.bool).tril(-2)  # heads 1-3: a narrow band
+    lay = Layout.from_block_map(uneven, q_len=nqb * 64, kv_len=nqb * 64, block_q=64)
+    assert _split_heads_pays(lay, 4, lay.q_len * lay.kv_len)
+    even = Layout.from_block_map(uneven[:, 1:2].expand(1, 4, nqb, nqb), q_len=nqb * 64, kv_len=nqb * 64, block_q=64)
+    assert not _split_heads_pays(even, 4, even.q_len * even.kv_len)
+    assert not _split_heads_pays(lay, 4, 1000)  # short: one call
+    with pytest.raises(ValueError, match="index must be an int"):
+        lay.head(4)

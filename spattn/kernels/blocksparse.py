@@ -290,6 +290,27 @@ def _backward(plan, dout, dlse, q, k, v, out, lse, scale):
     return dq, dk, dv
 
 
+#: per-head layouts are split into one call per head above this many (query, key) positions
+SPLIT_HEADS_MIN_PAIRS = 1 << 22
+
+
+def _split_heads_pays(layout: Layout, heads_q: int, pairs: int) -> bool:
+    """Whether a per-head layout runs faster one head at a time.
+
+    One call gives every head of a chunk the key set of the widest head (and grouped-query heads the
+    union of their group's blocks), so heads with very different sparsity (XAttention, FlexPrefill,
+    MInference) compute many masked keys. A call per head pays a tile plan per head instead: worth
+    it for long sequences when the widest head's tiles exceed the mean by a margin.
+    """
+    if layout.heads == 1 or layout.heads != heads_q or pairs < SPLIT_HEADS_MIN_PAIRS:
+        return False
+    keys = layout.kv_num_blocks * layout.block_k  # [B', H, NQB] keys per tile and head
+    if layout.col_num is not None:
+        keys = keys + layout.col_num
+    widest = keys.amax(dim=(0, 1)).sum() * keys.shape[0] * keys.shape[1]
+    return bool(widest > 1.25 * keys.sum())
+
+
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, scale):
@@ -328,6 +349,16 @@ def blocksparse_attention(
     buffers (scores of one chunk of query tiles), which bounds peak memory at any length.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if _split_heads_pays(layout, q.shape[1], q.shape[2] * k.shape[2]):
+        group = q.shape[1] // k.shape[1]
+        parts = [
+            blocksparse_attention(q[:, h: h + 1], k[:, h // group: h // group + 1], v[:, h // group: h // group + 1],
+                                  layout.head(h), scale=scale, key_padding_mask=key_padding_mask, return_lse=True,
+                                  chunk_elems=chunk_elems)
+            for h in range(q.shape[1])
+        ]
+        out, lse = torch.cat([o for o, _ in parts], 1), torch.cat([l for _, l in parts], 1)
+        return (out, lse) if return_lse else out
     plan = TilePlan(layout, q.shape[0], q.shape[1], k.shape[1], key_padding_mask, chunk_elems)
     out, lse = _BlockSparseAttention.apply(q, k, v, plan, scale)
     return (out, lse) if return_lse else out
