@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..selection import PageSelection
-from .tokensparse import tokensparse_attention
+from .tokensparse import _row_view, tokensparse_attention
 
 __all__ = ["pagesparse_attention"]
 
@@ -30,16 +30,6 @@ PAGE_GATHER_BUDGET = 1 << 22
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _token_rows(x: Tensor) -> Optional[Tensor]:
-    """``x [B, Hkv, N, D]`` -> zero-copy ``[B*Hkv*alloc, D]`` view of its storage (``alloc`` = tokens
-    allocated per head, e.g. a cache's capacity), or None if x's strides forbid it."""
-    b, h, _, d = x.shape
-    if x.stride(3) != 1 or x.stride(2) != d or x.stride(1) % d or (b > 1 and x.stride(0) != h * x.stride(1)):
-        return None
-    alloc = x.stride(1) // d
-    return x.as_strided(((b * h - 1) * alloc + x.shape[2], d), (d, 1), x.storage_offset())
 
 
 def _fast_path_applies(q: Tensor, k: Tensor, v: Tensor, sel: PageSelection, key_padding_mask) -> bool:
@@ -56,7 +46,7 @@ def _page_attention(q: Tensor, k: Tensor, v: Tensor, sel: PageSelection, scale: 
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     g, page = hq // hkv, sel.page
-    k_rows, v_rows = _token_rows(k), _token_rows(v)
+    k_rows, v_rows = _row_view(k), _row_view(v)
     if k_rows is None or v_rows is None or k.stride(1) != v.stride(1):
         return None
     cdt = _compute_dtype(q.dtype)

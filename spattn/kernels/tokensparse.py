@@ -92,24 +92,45 @@ class _KeyValueRows:
     When the selection reads at least as many rows as the cache holds (prefill, training), k and v
     are stacked once into ``[B*Hkv*Nk, 2D]`` so one row gather fetches both. When it reads fewer
     (decoding: one query, a budget of keys out of a long cache), stacking would copy the whole cache
-    every step; k and v are then gathered separately, without a copy of the cache.
+    every step; k and v rows are then gathered separately from zero-copy row views of their storage.
     """
 
     def __init__(self, k: Tensor, v: Tensor, dtype: torch.dtype, rows_read: int):
         self.stacked = None
         if rows_read >= k.shape[0] * k.shape[1] * k.shape[2]:
             self.stacked = torch.cat([k, v], dim=-1).to(dtype).reshape(-1, 2 * k.shape[-1])
-        else:  # [B*Hkv, Nk, D]: a view even of a cache slice k[:, :, :n] (no copy of the cache)
-            self.k, self.v = k.to(dtype).flatten(0, 1), v.to(dtype).flatten(0, 1)
+            return
+        self.nk = k.shape[2]
+        self.k_rows, self.v_rows = _row_view(k), _row_view(v)
+        if self.k_rows is None or self.v_rows is None or k.stride(1) != v.stride(1):
+            # unusual strides: [B*Hkv, Nk, D] views (a copy only if k/v cannot be viewed so)
+            self.k, self.v, self.k_rows = k.flatten(0, 1), v.flatten(0, 1), None
+        else:
+            self.alloc = k.stride(1) // k.shape[-1]  # rows per head in the storage (a cache's capacity)
+        self.dtype = dtype
 
     def gather(self, g: "_Gathered") -> Tensor:
         if self.stacked is not None:
             return g.gather(self.stacked)
-        nk = self.k.shape[1]
-        head = torch.div(g.rows, nk, rounding_mode="floor")
-        pos = g.rows - head * nk
-        shape = (*g.shape, self.k.shape[-1])
-        return torch.cat([self.k[head, pos].view(shape), self.v[head, pos].view(shape)], dim=-1)
+        head = torch.div(g.rows, self.nk, rounding_mode="floor")
+        pos = g.rows - head * self.nk
+        if self.k_rows is not None:
+            rows = head * self.alloc + pos
+            k, v = self.k_rows.index_select(0, rows), self.v_rows.index_select(0, rows)
+        else:
+            k, v = self.k[head, pos], self.v[head, pos]
+        shape = (*g.shape, k.shape[-1])
+        return torch.cat([k.view(shape), v.view(shape)], dim=-1).to(self.dtype)
+
+
+def _row_view(x: Tensor) -> Optional[Tensor]:
+    """``x [B, H, N, D]`` -> zero-copy ``[rows, D]`` view of its storage (row ``h*alloc + t`` is token t of
+    flattened head h, ``alloc`` = tokens allocated per head), or None if x's strides forbid it."""
+    b, h, n, d = x.shape
+    if x.stride(3) != 1 or x.stride(2) != d or x.stride(1) % d or (b > 1 and x.stride(0) != h * x.stride(1)):
+        return None
+    alloc = x.stride(1) // d
+    return x.as_strided(((b * h - 1) * alloc + n, d), (d, 1), x.storage_offset())
 
 
 def _rows_read(q: Tensor, indices: Tensor) -> int:

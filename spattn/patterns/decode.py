@@ -259,6 +259,7 @@ class DoubleSparsity(_DecodeSelector):
         self.channels, self.budget, self.calibration = channels, budget, calibration
         self._sums: dict[Any, Tensor] = {}
         self._counts: dict[Any, int] = {}
+        self._channel_maps: dict[Any, Tensor] = {}  # per (layer, device): cleared when statistics change
         if calibration is not None:
             self.load_state_dict(_read_calibration(calibration))
 
@@ -288,6 +289,7 @@ class DoubleSparsity(_DecodeSelector):
         else:
             self._sums[layer] = stat.cpu()
             self._counts[layer] = b * nq
+        self._channel_maps.clear()
 
     def calibrated_layers(self) -> list:
         return list(self._sums)
@@ -299,11 +301,14 @@ class DoubleSparsity(_DecodeSelector):
 
     def channel_map(self, layer: Any = None, device=None) -> Tensor:
         """int64 ``[Hq, channels]``: each head's top channels by importance, ascending channel order."""
-        imp = self.importance(layer)
-        if self.channels > imp.shape[1]:
-            raise ValueError(f"double_sparsity: channels={self.channels} exceeds the head dim {imp.shape[1]}")
-        top = imp.topk(self.channels, dim=1).indices.sort(dim=1).values
-        return top if device is None else top.to(device)
+        key = (self._layer_key(layer), str(device))
+        if key not in self._channel_maps:  # decoding asks once per layer and step
+            imp = self.importance(layer)
+            if self.channels > imp.shape[1]:
+                raise ValueError(f"double_sparsity: channels={self.channels} exceeds the head dim {imp.shape[1]}")
+            top = imp.topk(self.channels, dim=1).indices.sort(dim=1).values
+            self._channel_maps[key] = top if device is None else top.to(device)
+        return self._channel_maps[key]
 
     def _layer_key(self, layer: Any) -> Any:
         if layer in self._sums:
@@ -335,6 +340,7 @@ class DoubleSparsity(_DecodeSelector):
                 raise ValueError(f"double_sparsity: bad calibration entry for layer {layer!r}")
             counts[layer] = int(entry["count"])
         self._sums, self._counts = sums, counts
+        self._channel_maps.clear()
 
     def save(self, path: "str | os.PathLike") -> None:
         """Write the calibration as JSON (layer keys must be JSON scalars: ints or None)."""
@@ -363,7 +369,7 @@ class DoubleSparsity(_DecodeSelector):
         else:
             slot = state.layer(layer)
             cache = slot.get("ds_labels")
-            if cache is None or not torch.equal(cache.channels, channels):
+            if cache is None or (cache.channels is not channels and not torch.equal(cache.channels, channels)):
                 cache = slot["ds_labels"] = LabelCache(channels)
             labels = cache.update(k).labels
         last = _limits(nq, nk, causal, q.device)
@@ -373,7 +379,8 @@ class DoubleSparsity(_DecodeSelector):
         for c0 in range(0, nq, chunk):
             c1 = min(nq, c0 + chunk)
             scores = self.approx_scores(q[:, :, c0:c1], labels, channels)
-            scores = scores.masked_fill(pos[None, :] > last[c0:c1, None], float("-inf"))
+            if causal and nq > 1:  # a single (or non-causal) query sees every key
+                scores = scores.masked_fill(pos[None, :] > last[c0:c1, None], float("-inf"))
             parts.append(_topk_tokens(scores, count))
         return TokenSelection(torch.cat(parts, dim=2), q_len=nq, kv_len=nk)
 
