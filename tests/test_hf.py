@@ -251,13 +251,16 @@ def test_longctx_evaluate_on_tiny_model(tiny, tmp_path):
     from spattn.bench.longctx import add_longctx_arguments, evaluate, format_summary
 
     args = add_longctx_arguments(argparse.ArgumentParser()).parse_args(
-        ["--methods", "dense", "window(size=16)", "--decode", "quest(page=4, budget=16)", "--tasks", "passkey",
+        ["--methods", "dense", "window(size=16)", "--decode", "quest(page=4, budget=16)",
+         "double_sparsity(channels=2, budget=16)", "--tasks", "passkey",
          "--lengths", "300", "--depths", "0", "1", "--new-tokens", "3", "--ppl-lengths", "128",
          "--no-progress"])
     result = evaluate(tiny, _WordTokenizer(), args)
     json.dumps(result)
     rows = {r["method"]: r for r in result["summary"]}
-    assert set(rows) == {"dense", "window(size=16)", "decode:quest(page=4, budget=16)"}
+    assert set(rows) == {"dense", "window(size=16)", "decode:quest(page=4, budget=16)",
+                         "decode:double_sparsity(channels=2, budget=16)"}  # calibrated offline on prose first
+    assert rows["decode:double_sparsity(channels=2, budget=16)"]["decode_density"] < 0.2
     assert rows["dense"]["cases"] == 2 and rows["dense"]["prefill_density"] == 1.0
     assert rows["window(size=16)"]["prefill_density"] < 0.25
     assert rows["decode:quest(page=4, budget=16)"]["decode_density"] < 0.2

@@ -124,19 +124,34 @@ def perplexity(model, ids: torch.Tensor) -> float:
     return math.exp(torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item())
 
 
-def _prose_ids(tokenizer, length: int) -> torch.Tensor:
+def _prose_ids(tokenizer, length: int, start: int = 1000) -> torch.Tensor:
     from ..data.needle import prose_text
 
     text, n = "", 64
     while len(tokenizer(text)["input_ids"]) < length:
         n *= 2
-        text = prose_text(n, start=1000)
+        text = prose_text(n, start=start)
     return torch.tensor([tokenizer(text)["input_ids"][:length]])
 
 
-def _method_list(args) -> list[dict]:
+#: Double Sparsity's offline calibration in longctx: this many tokens of prose (away from the text the
+#: perplexity uses), as the paper calibrates on a small held-out sample
+CALIBRATION_TOKENS = 2048
+
+
+def _method_list(args, model=None, tokenizer=None) -> list[dict]:
+    """The grid's methods; an uncalibrated Double Sparsity decode selector is calibrated offline first."""
+    from ..patterns import pattern
+    from ..patterns.decode import DoubleSparsity
+
     methods = [{"name": m, "prefill": None if m == "dense" else m, "decode": None} for m in args.methods]
-    methods += [{"name": f"decode:{d}", "prefill": None, "decode": d} for d in args.decode]
+    for spec in args.decode:
+        selector = pattern(spec)
+        if isinstance(selector, DoubleSparsity) and not selector.calibrated_layers() and model is not None:
+            from ..integrations.hf import calibrate_double_sparsity
+
+            calibrate_double_sparsity(model, [_prose_ids(tokenizer, CALIBRATION_TOKENS, start=20_000)], selector)
+        methods.append({"name": f"decode:{spec}", "prefill": None, "decode": selector})
     return methods
 
 
@@ -153,7 +168,7 @@ def evaluate(model, tokenizer, args, partial_path: Optional[Path] = None) -> dic
             for depth in depths:
                 for trial in range(args.trials):
                     cases.append(make_task(task, length - args.new_tokens, depth, count, seed=trial))
-    methods = _method_list(args)
+    methods = _method_list(args, model, tokenizer)
     records = []
     bar = _progress(len(cases) * len(methods) + len(args.ppl_lengths) * len(methods), args.no_progress, "longctx")
     for case_i, sample in enumerate(cases):
