@@ -213,6 +213,9 @@ def attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     _check_key_padding_mask(key_padding_mask, k)
+    if pattern is None and backend == "auto" and not return_lse and key_padding_mask is None:
+        if not causal or q.shape[2] == k.shape[2]:  # plain dense: no layout to build (decoding calls this per step)
+            return _sdpa_dense(q, k, v, causal, scale)
     layout, is_dense = resolve_selection(q, k, pattern, causal, key_padding_mask)
     if not isinstance(layout, Layout):
         return _attend_selection(q, k, v, layout, backend, scale, key_padding_mask, return_lse)
