@@ -178,3 +178,17 @@ def test_short_conv_mixes_the_previous_tokens_only():
         t2[0, pos] = (t2[0, pos] + 1) % 11
         diff = (m(t2) - base).abs().amax(-1)[0] > 0
         assert diff.nonzero().flatten().tolist() == list(changed)
+
+
+def test_per_layer_attention_specs():
+    """'spec; spec' gives each layer its own mechanism (e.g. a dense layer, then a content-based one)."""
+    torch.manual_seed(0)
+    m = small("lm", attention="window(size=4); topk(k=3)", depth=2)
+    assert [b.attn.spec.split("(")[0] for b in m.backbone.blocks] == ["window", "topk"]
+    assert m.backbone.attention_spec.startswith("window(size=4") and "; topk(k=3" in m.backbone.attention_spec
+    t = torch.randint(0, 11, (2, 24))
+    m(t).sum().backward()
+    with pytest.raises(ValueError, match="needs 2 non-empty specs"):
+        small("lm", attention="dense; dense; dense", depth=2)
+    with pytest.raises(ValueError, match="bad attention"):
+        small("lm", attention="dense; nosuch(k=1)", depth=2)

@@ -10,9 +10,22 @@ from torch import Tensor, nn
 from ..nn.block import TransformerBlock
 from ..nn.positions import LearnedPositions
 
-__all__ = ["Backbone", "POSITIONS"]
+__all__ = ["Backbone", "POSITIONS", "layer_specs"]
 
 POSITIONS = ("learned", "rope", "none")
+
+
+def layer_specs(attention: Optional[str], depth: int) -> list[Optional[str]]:
+    """One attention spec per layer: ``"window(size=32)"`` for every layer, or ``depth`` specs joined by
+    ``;`` (``"dense; routing(clusters=4)"``: layer 0 dense, layer 1 routing), e.g. local and
+    content-based layers interleaved as in the Routing Transformer."""
+    if attention is None or ";" not in attention:
+        return [attention] * depth
+    specs = [part.strip() for part in attention.split(";")]
+    if len(specs) != depth or not all(specs):
+        raise ValueError(f"attention {attention!r}: a per-layer list needs {depth} non-empty specs joined by ';' "
+                         f"(one per layer), got {len(specs)}")
+    return specs
 
 
 def _positive_int(owner: str, name: str, val) -> None:
@@ -72,17 +85,18 @@ class Backbone(nn.Module):
             nn.init.zeros_(self.short_conv.weight)
         self.blocks = nn.ModuleList(
             TransformerBlock(
-                dim, heads, attention, causal=causal, max_len=max_len, kv_heads=kv_heads, mlp_ratio=mlp_ratio,
+                dim, heads, spec, causal=causal, max_len=max_len, kv_heads=kv_heads, mlp_ratio=mlp_ratio,
                 dropout=dropout, attn_dropout=attn_dropout, rope=positions == "rope", backend=backend,
             )
-            for _ in range(depth)
+            for spec in layer_specs(attention, depth)
         )
         self.norm = nn.LayerNorm(dim)
         self.aux_loss: Tensor = torch.zeros(())
 
     @property
     def attention_spec(self) -> str:
-        return self.blocks[0].attn.spec
+        specs = [block.attn.spec for block in self.blocks]
+        return specs[0] if len(set(specs)) == 1 else "; ".join(specs)
 
     def check_tokens(self, tokens: Tensor, mask: Optional[Tensor], extra: int = 0) -> None:
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from torch import nn
 
 from .. import registry
-from .backbone import POSITIONS
+from .backbone import POSITIONS, layer_specs
 from .classifier import POOLS, SequenceClassifier
 from .lm import CausalLM
 from .retrieval import TwoTowerClassifier
@@ -68,8 +68,9 @@ class ModelConfig:
         if not isinstance(self.attention, str) or not self.attention.strip():
             raise ValueError(f"ModelConfig: attention must be a spec string such as 'window(size=32)', got {self.attention!r}")
         try:
-            name, _ = registry.parse_spec(self.attention)
-            registry.lookup(name)
+            for spec in layer_specs(self.attention, self.depth):
+                name, _ = registry.parse_spec(spec)
+                registry.lookup(name)
         except (KeyError, ValueError) as e:
             msg = e.args[0] if e.args else str(e)
             raise ValueError(f"ModelConfig: bad attention {self.attention!r}: {msg}") from None
