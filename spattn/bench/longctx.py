@@ -109,9 +109,8 @@ def _shares_dense_prefill(method: dict) -> bool:
         return False
     if method["decode"] is None:
         return True
-    from ..patterns.decode import DoubleSparsity
-
     from ..patterns import pattern
+    from ..patterns.decode import DoubleSparsity
 
     selector = pattern(method["decode"]) if isinstance(method["decode"], str) else method["decode"]
     return not (isinstance(selector, DoubleSparsity) and not selector.calibrated_layers())
