@@ -15,8 +15,8 @@ Quest returns a :class:`~spattn.selection.PageSelection` from :meth:`select` (wh
 by the page-sparse kernel), Double Sparsity and TidalDecode a :class:`~spattn.selection.TokenSelection`
 (executed by the token-sparse kernel). Queries ``q [B, Hq, Nq, D]``, keys ``k [B, Hkv, Nk, D]`` (GQA: query head
 ``h`` reads kv head ``h // (Hq/Hkv)``); decoding has ``Nq = 1`` but any ``Nq`` works, with causal
-queries aligned to the end of the keys. Selection is per query head, masks are applied before
-top-k, scoring runs in float32 (float64 inputs stay float64).
+queries aligned to the end of the keys. Selection is per query head (Quest's ``group_pages``: per kv
+head), masks are applied before top-k, scoring runs in float32 (float64 inputs stay float64).
 
 Stateful use (decoding loops, the Hugging Face integration) passes ``state=`` (a
 :class:`~spattn.kvcache.SelectorState`) and ``layer=``: Quest and Double Sparsity then keep their
@@ -111,7 +111,8 @@ class _DecodeSelector(Pattern):
 
     def select(self, q: Tensor, k: Tensor, causal: bool = False, *, state: Optional[SelectorState] = None,
                layer: Any = None) -> Union[TokenSelection, PageSelection]:
-        """The keys each query attends to, ``indices [B, Hq, Nq, K]`` (or broadcast ``[1, 1, Nq, Nk]``)."""
+        """The keys each query attends to: Quest's pages or the others' token indices ``[B, Hq, Nq, K]``
+        (all keys, broadcast ``[1, 1, Nq, Nk]``, when the budget covers the cache)."""
         sel = self.plan(q, k, causal, state=state, layer=layer)
         return _all_keys(q, k, causal) if sel is None else sel
 
