@@ -38,6 +38,28 @@ def _visible(i, nq, nk, causal):
     return i + nk - nq if causal else nk - 1
 
 
+def _assert_quest_rows(sel, page_bound, b, hq, nq, nk, page, budget, causal):
+    """Every row of ``sel`` holds the own page plus the best pages by ``page_bound(b, h, i) -> [P]``
+    (all pages when the budget covers them), restricted to the keys the query may see."""
+    got = _sets(sel)
+    pages = math.ceil(nk / page)
+    n_keep = min(pages, max(1, -(-budget // page)))
+    for bi in range(b):
+        for h in range(hq):
+            for i in range(nq):
+                last = _visible(i, nq, nk, causal)
+                if n_keep * page >= nk:
+                    want_pages = set(range(pages))
+                else:
+                    own = last // page
+                    bound = page_bound(bi, h, i)
+                    ranked = sorted((p for p in range(pages) if p * page <= last and p != own),
+                                    key=lambda p: -bound[p].item())
+                    want_pages = {own, *ranked[: n_keep - 1]}
+                want = {t for p in want_pages for t in range(p * page, min(nk, (p + 1) * page)) if t <= last}
+                assert _row(got, sel, bi, h, i) == want
+
+
 shapes = st.tuples(
     st.integers(1, 2), st.sampled_from([(2, 1), (4, 2), (3, 3)]), st.integers(1, 3), st.integers(5, 70),
     st.sampled_from([4, 8]), st.booleans(), st.integers(0, 10_000),
@@ -66,21 +88,7 @@ def test_quest_bound_and_selection_brute_force(shape, page, budget):
             want = torch.maximum(q[:, h] * m_hi[:, None], q[:, h] * m_lo[:, None]).sum(-1)
             torch.testing.assert_close(bound[:, h, :, p], want)
     sel = pat.select(q, k, causal=causal)
-    got = _sets(sel)
-    n_keep = min(pages, max(1, -(-budget // page)))
-    for bi in range(b):
-        for h in range(hq):
-            for i in range(nq):
-                last = _visible(i, nq, nk, causal)
-                if n_keep * page >= nk:
-                    want_pages = set(range(pages))
-                else:
-                    own = last // page
-                    ranked = sorted((p for p in range(pages) if p * page <= last and p != own),
-                                    key=lambda p: -bound[bi, h, i, p].item())
-                    want_pages = {own, *ranked[: n_keep - 1]}
-                want = {t for p in want_pages for t in range(p * page, min(nk, (p + 1) * page)) if t <= last}
-                assert _row(got, sel, bi, h, i) == want
+    _assert_quest_rows(sel, lambda bi, h, i: bound[bi, h, i], b, hq, nq, nk, page, budget, causal)
 
 
 @settings(max_examples=25, deadline=None)
@@ -90,25 +98,11 @@ def test_quest_group_pages_brute_force(shape, page, budget):
     b, (hq, hkv), nq, nk, d, causal, seed = shape
     nq = min(nq, nk)
     q, k, _ = _qk(b, hq, hkv, nq, nk, d, seed)
-    g, pages = hq // hkv, math.ceil(nk / page)
+    g = hq // hkv
     bound = quest_page_bounds(q, PageSummary(page).update(k).bounds)
     sel = Quest(page=page, budget=budget, min_pages=1, group_pages=True).select(q, k, causal=causal)
-    got = _sets(sel)
-    n_keep = min(pages, max(1, -(-budget // page)))
-    for bi in range(b):
-        for h in range(hq):
-            for i in range(nq):
-                last = _visible(i, nq, nk, causal)
-                if n_keep * page >= nk:
-                    want_pages = set(range(pages))
-                else:
-                    own = last // page
-                    group_bound = bound[bi, (h // g) * g:(h // g + 1) * g, i].amax(0)
-                    ranked = sorted((p for p in range(pages) if p * page <= last and p != own),
-                                    key=lambda p: -group_bound[p].item())
-                    want_pages = {own, *ranked[: n_keep - 1]}
-                want = {t for p in want_pages for t in range(p * page, min(nk, (p + 1) * page)) if t <= last}
-                assert _row(got, sel, bi, h, i) == want
+    group_bound = lambda bi, h, i: bound[bi, (h // g) * g:(h // g + 1) * g, i].amax(0)  # noqa: E731
+    _assert_quest_rows(sel, group_bound, b, hq, nq, nk, page, budget, causal)
 
 
 @settings(max_examples=20, deadline=None)

@@ -101,21 +101,6 @@ def _greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[list[int], float
     return tokens, prefill, steps
 
 
-def _shares_dense_prefill(method: dict) -> bool:
-    """Dense and decode-only methods decode from a copy of one shared dense prefill (the prefill
-    computation is identical), unless the selector learns from the prefill (an uncalibrated Double
-    Sparsity calibrates on it)."""
-    if method["prefill"] is not None:
-        return False
-    if method["decode"] is None:
-        return True
-    from ..patterns import pattern
-    from ..patterns.decode import DoubleSparsity
-
-    selector = pattern(method["decode"]) if isinstance(method["decode"], str) else method["decode"]
-    return not (isinstance(selector, DoubleSparsity) and not selector.calibrated_layers())
-
-
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor) -> float:
     """exp(mean next-token NLL) of ``ids [1, N]`` in one forward pass."""
@@ -139,18 +124,25 @@ CALIBRATION_TOKENS = 2048
 
 
 def _method_list(args, model=None, tokenizer=None) -> list[dict]:
-    """The grid's methods; an uncalibrated Double Sparsity decode selector is calibrated offline first."""
+    """The grid's methods; an uncalibrated Double Sparsity decode selector is calibrated offline first.
+
+    ``shares_prefill``: dense and decode-only methods decode from a copy of one shared dense prefill
+    per case (the prefill computation is identical), unless the selector would still learn from the
+    prefill (an uncalibrated Double Sparsity calibrates on it).
+    """
     from ..patterns import pattern
     from ..patterns.decode import DoubleSparsity
 
-    methods = [{"name": m, "prefill": None if m == "dense" else m, "decode": None} for m in args.methods]
+    methods = [{"name": m, "prefill": None if m == "dense" else m, "decode": None, "shares_prefill": m == "dense"}
+               for m in args.methods]
     for spec in args.decode:
         selector = pattern(spec)
         if isinstance(selector, DoubleSparsity) and not selector.calibrated_layers() and model is not None:
             from ..integrations.hf import calibrate_double_sparsity
 
             calibrate_double_sparsity(model, [_prose_ids(tokenizer, CALIBRATION_TOKENS, start=20_000)], selector)
-        methods.append({"name": f"decode:{spec}", "prefill": None, "decode": selector})
+        uncalibrated = isinstance(selector, DoubleSparsity) and not selector.calibrated_layers()
+        methods.append({"name": f"decode:{spec}", "prefill": None, "decode": selector, "shares_prefill": not uncalibrated})
     return methods
 
 
@@ -174,13 +166,13 @@ def evaluate(model, tokenizer, args, partial_path: Optional[Path] = None) -> dic
         ids = torch.tensor([tokenizer(sample.prompt)["input_ids"]])
         shared = None  # (prefill output, seconds) of the dense prefill, reused by decode-only methods
         for m in methods:
-            if _shares_dense_prefill(m) and shared is None:
+            if m["shares_prefill"] and shared is None:
                 shared = _prefill(model, ids)
             handle = None
             if m["prefill"] or m["decode"]:
                 handle = sparsify(model, prefill=m["prefill"], decode=m["decode"], dense_layers=args.dense_layers)
             try:
-                if _shares_dense_prefill(m):
+                if m["shares_prefill"]:
                     arg = _cache_arg(model)
                     out, prefill_s = copy.copy(shared[0]), shared[1]
                     setattr(out, arg, copy.deepcopy(getattr(shared[0], arg)))

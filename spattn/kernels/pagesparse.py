@@ -20,16 +20,12 @@ import torch
 from torch import Tensor
 
 from ..selection import PageSelection
-from .tokensparse import _row_view, tokensparse_attention
+from .tokensparse import _compute_dtype, _row_view, tokensparse_attention
 
 __all__ = ["pagesparse_attention"]
 
 #: largest gathered ``[B, Hq, Nq, P*page, D]`` block (elements) the page path builds at once
 PAGE_GATHER_BUDGET = 1 << 22
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _fast_path_applies(q: Tensor, k: Tensor, v: Tensor, sel: PageSelection, key_padding_mask) -> bool:
