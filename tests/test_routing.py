@@ -47,7 +47,8 @@ def _topw_loop(scores, w):
 # --------------------------------------------------------------------------------- selection
 
 
-@pytest.mark.parametrize("causal,share_qk", [(False, False), (False, True), (True, False)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("share_qk", [None, False, True])
 def test_windows_equal_bruteforce_top_w(causal, share_qk):
     b, hq, hkv, n, d, c = 2, 4, 2, 23, 8, 3
     q, k, _ = _qkv(b, hq, hkv, n, n, d)
@@ -56,7 +57,7 @@ def test_windows_equal_bruteforce_top_w(causal, share_qk):
     w = -(-n // c)
     want_q = _topw_loop(_scores_loop(q, r.centroids, hq), w)
     assert sel.query_indices.tolist() == want_q
-    if causal or share_qk:
+    if share_qk or (share_qk is None and causal):  # None: shared windows when causal (the paper's decoder)
         assert sel.key_indices.tolist() == want_q
     else:
         assert sel.key_indices.tolist() == _topw_loop(_scores_loop(k, r.centroids, hq), w)
@@ -355,6 +356,10 @@ def test_bad_parameters_raise_clear_errors():
         Routing(decay=1.0)
     with pytest.raises(TypeError, match="causal_safe"):
         Routing(causal_safe=1)
+    with pytest.raises(TypeError, match="share_qk"):
+        Routing(share_qk="yes")
+    with pytest.raises(ValueError, match="share_qk=False is not supported"):
+        Routing(causal_safe=True, share_qk=False)
     with pytest.raises(ValueError, match="init"):
         Routing(init="kmeans++")
     with pytest.raises(ValueError, match="head_dim"):

@@ -36,8 +36,14 @@ Causal attention, two modes:
   windows, short ones are padded by repeating a member, unused window slots see no key), so at most
   ``min(N, (N + C (w - 1)) // w)`` windows of ``w`` are computed — about ``2 N w`` pairs.
 
-Both causal modes need self-attention (``Nq == Nk``). Not causal: queries and keys are routed
-separately (``share_qk=False``) or keys reuse the query windows (``share_qk=True``).
+* ``causal_safe=False, share_qk=False`` — keys are routed by their own scores (balanced top-w, as
+  in the encoder) and the causal mask inside a window is by position. For layers whose keys and
+  queries come from different projections: with shared windows a key's membership follows *its
+  query's* vector, which the attention gradient never pulls towards the queries that need that key.
+  Same selection leak as the paper's mode.
+
+Causal modes need self-attention (``Nq == Nk``). ``share_qk`` defaults to ``None``: shared windows
+when causal (the paper's decoder), separate routing of queries and keys when not.
 
 Used through a spec string (``spattn.attention(q, k, v, "routing(clusters=4)")``) a new pattern,
 with new random centroids, is built per call; keep a :class:`Routing` instance (or use
@@ -140,7 +146,8 @@ class Routing(Pattern, nn.Module):
         window: tokens per window ``w``; default ``ceil(N / C)``.
         causal_safe: with ``causal=True``, the variant whose selection never looks at future tokens
             (False = the paper's shared-QK balanced routing).
-        share_qk: not causal: keys use the query windows (needs ``Nq == Nk``).
+        share_qk: keys use the query windows (needs ``Nq == Nk``); ``False`` routes keys by their own
+            scores; ``None`` (default) = shared when causal, separate when not.
         decay: EMA decay lambda of the k-means statistics (paper 0.999).
         commitment: weight beta of the commitment loss (paper 1e-4).
         init: ``"data"`` (k-means on the first training batch) or ``"random"`` (the paper's ``LN(randn)``).
@@ -158,7 +165,7 @@ class Routing(Pattern, nn.Module):
         clusters: int = 8,
         window: Optional[int] = None,
         causal_safe: bool = False,
-        share_qk: bool = False,
+        share_qk: Optional[bool] = None,
         decay: float = 0.999,
         commitment: float = 1e-4,
         init: str = "data",
@@ -168,9 +175,13 @@ class Routing(Pattern, nn.Module):
         nn.Module.__init__(self)
         check_int("routing", "clusters", clusters, 1)
         check_int("routing", "window", window, 1, allow_none=True)
-        for name, val in (("causal_safe", causal_safe), ("share_qk", share_qk)):
-            if not isinstance(val, bool):
-                raise TypeError(f"routing: {name} must be a bool, got {val!r}")
+        if not isinstance(causal_safe, bool):
+            raise TypeError(f"routing: causal_safe must be a bool, got {causal_safe!r}")
+        if share_qk is not None and not isinstance(share_qk, bool):
+            raise TypeError(f"routing: share_qk must be a bool or None, got {share_qk!r}")
+        if causal_safe and share_qk is False:
+            raise ValueError("routing: causal_safe=True routes each token's query and key together; "
+                             "share_qk=False is not supported with it")
         check_float("routing", "decay", decay, 0.0, 1.0, low_open=True, high_open=True)
         check_float("routing", "commitment", commitment, 0.0, math.inf)
         if init not in ("data", "random"):
@@ -223,9 +234,13 @@ class Routing(Pattern, nn.Module):
     def _check_lengths(self, nq: int, nk: int, causal: bool) -> None:
         if self.clusters > min(nq, nk):
             raise ValueError(f"routing: clusters={self.clusters} must be <= the sequence length (Nq={nq}, Nk={nk})")
-        if (causal or self.share_qk) and nq != nk:
+        if (causal or self._shares(causal)) and nq != nk:
             why = "causal=True" if causal else "share_qk=True"
             raise ValueError(f"routing: {why} shares windows between queries and keys and needs Nq == Nk, got {nq}, {nk}")
+
+    def _shares(self, causal: bool) -> bool:
+        """Do keys use the query windows? (``share_qk``; ``None`` = shared when causal.)"""
+        return causal if self.share_qk is None else self.share_qk
 
     def _scores(self, x: Tensor, hq: int) -> Tensor:
         """``x [B, Hx, N, D]`` (Hx divides Hq) -> scores ``[B, Hq, N, C]`` against each query head's centroids."""
@@ -245,7 +260,7 @@ class Routing(Pattern, nn.Module):
         dtype = torch.promote_types(q.dtype, torch.float32)  # score in at least fp32
         xq = layer_norm(q.to(dtype))
         sq = self._scores(xq.detach(), hq)
-        shared = causal or self.share_qk
+        shared = self._shares(causal)
         if causal and self.causal_safe:
             qi, ki = causal_safe_windows(sq, self._window_size(nq))
         elif shared:
