@@ -276,6 +276,30 @@ def test_nn_attention_creates_centroids_at_construction():
     assert layer.aux_loss.requires_grad
 
 
+@pytest.mark.parametrize("route_rotated", [False, True])
+def test_rope_layer_routes_on_vectors_before_rotation(route_rotated):
+    """With RoPE, routing clusters the unrotated q / k (a rotation by position would scramble the
+    clusters) unless ``route_rotated``; attention always runs on the rotated ones."""
+    from spattn.nn.block import TransformerBlock
+
+    torch.manual_seed(0)
+    spec = f"routing(clusters=3, share_qk=False, route_rotated={route_rotated})"
+    block = TransformerBlock(32, 2, spec, causal=True, max_len=40, kv_heads=1, mlp_ratio=0, rope=True).eval()
+    attn = block.attn
+    x = torch.randn(2, 37, 32)
+    got = attn(x)
+    heads = lambda y, h: y.unflatten(-1, (h, -1)).transpose(1, 2)  # noqa: E731
+    q_raw, k_raw = heads(attn.q_proj.proj(x), 2), heads(attn.k_proj.proj(x), 1)
+    q, k = heads(attn.q_proj(x), 2), heads(attn.k_proj(x), 1)
+    assert not torch.allclose(q, q_raw)  # the rotation is really there
+    sel_raw, sel_rot = attn.mechanism.select(q_raw, k_raw, causal=True), attn.mechanism.select(q, k, causal=True)
+    assert not torch.equal(sel_raw.query_indices, sel_rot.query_indices)
+    sel = sel_rot if route_rotated else sel_raw
+    v = heads(attn.v_proj(x), 1)
+    want = attn.out_proj(spattn.attention(q, k, v, sel, backend="reference").transpose(1, 2).flatten(-2))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def _train(model, opt, batches):
     for x in batches:
         opt.zero_grad()
@@ -362,6 +386,8 @@ def test_bad_parameters_raise_clear_errors():
         Routing(causal_safe=True, share_qk=False)
     with pytest.raises(ValueError, match="init"):
         Routing(init="kmeans++")
+    with pytest.raises(TypeError, match="route_rotated"):
+        Routing(route_rotated="no")
     with pytest.raises(ValueError, match="head_dim"):
         Routing(heads=2)
     q, k, v = _qkv(1, 2, 2, 8, 8, 4)

@@ -13,6 +13,7 @@ from ..approx.base import CONTEXT_PARAMETERS, ApproxAttention, AttentionLayer
 from ..functional import BACKENDS, attention
 from ..layout import Layout
 from ..patterns import Pattern
+from .positions import RotaryProjection
 
 Mechanism = Union[Pattern, ApproxAttention, AttentionLayer]
 
@@ -58,7 +59,9 @@ class Attention(nn.Module):
 
     ``kv_heads`` < ``heads`` gives grouped-query attention (Ainslie et al. 2023); ``max_len`` is
     passed to mechanisms that need the maximum length up front (e.g. Linformer's projections).
-    Layouts of static patterns are cached per (length, causal, device). Mechanisms with auxiliary
+    Layouts of static patterns are cached per (length, causal, device). When q_proj / k_proj apply
+    RoPE (:class:`~spattn.nn.positions.RotaryProjection`), patterns that route against fixed
+    references (``selects_before_rope``: routing's centroids) select on the unrotated vectors. Mechanisms with auxiliary
     losses (routing's commitment loss) report them on ``self.aux_loss`` after each forward.
     """
 
@@ -131,6 +134,15 @@ class Attention(nn.Module):
             layout = self._layouts[key] = mech.layout(q, k, causal=self.causal)
         return layout, False
 
+    @staticmethod
+    def _heads(y: Tensor, heads: int) -> Tensor:
+        return rearrange(y, "b n (h d) -> b h n d", h=heads)
+
+    def _selects_before_rope(self) -> bool:
+        """A pattern that routes against fixed references, in a layer whose q / k carry RoPE."""
+        return (getattr(self.mechanism, "selects_before_rope", False)
+                and isinstance(self.q_proj, RotaryProjection) and isinstance(self.k_proj, RotaryProjection))
+
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """``x [B, N, dim]`` -> ``[B, N, dim]``; ``key_padding_mask [B, N]`` bool, True = real token."""
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
@@ -142,14 +154,22 @@ class Attention(nn.Module):
             if self.aux_loss is None:
                 self.aux_loss = x.new_zeros(())
             return self.dropout(out)
-        q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.heads)
-        k = rearrange(self.k_proj(x), "b n (h d) -> b h n d", h=self.kv_heads)
         v = rearrange(self.v_proj(x), "b n (h d) -> b h n d", h=self.kv_heads)
-        if isinstance(self.mechanism, ApproxAttention):
-            out = self.mechanism(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask)
+        if self._selects_before_rope():
+            # routing compares q / k with centroids: RoPE's per-position rotation would scramble
+            # the clusters, so select on the vectors before rotation and attend with the rotated ones
+            q_raw, k_raw = self.q_proj.proj(x), self.k_proj.proj(x)
+            q, k = self._heads(self.q_proj.rotate(q_raw), self.heads), self._heads(self.k_proj.rotate(k_raw), self.kv_heads)
+            sel = self.mechanism.select(self._heads(q_raw, self.heads), self._heads(k_raw, self.kv_heads),
+                                        causal=self.causal, key_padding_mask=key_padding_mask)
+            out = attention(q, k, v, sel, backend=self.backend, key_padding_mask=key_padding_mask)  # causal is in sel
         else:
-            pat, causal = self._pattern_arg(q, k)
-            out = attention(q, k, v, pat, causal=causal, backend=self.backend, key_padding_mask=key_padding_mask)
+            q, k = self._heads(self.q_proj(x), self.heads), self._heads(self.k_proj(x), self.kv_heads)
+            if isinstance(self.mechanism, ApproxAttention):
+                out = self.mechanism(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask)
+            else:
+                pat, causal = self._pattern_arg(q, k)
+                out = attention(q, k, v, pat, causal=causal, backend=self.backend, key_padding_mask=key_padding_mask)
         aux = getattr(self.mechanism, "aux_loss", None)
         self.aux_loss = x.new_zeros(()) if aux is None else aux
         return self.dropout(self.out_proj(rearrange(out, "b h n d -> b n (h d)")))

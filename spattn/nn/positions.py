@@ -67,8 +67,12 @@ class RotaryProjection(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        n = x.shape[1]
+        return self.rotate(self.proj(x))
+
+    def rotate(self, y: Tensor) -> Tensor:
+        """RoPE on an already projected ``y [B, N, heads*head_dim]`` (``forward = rotate ∘ proj``)."""
+        n = y.shape[1]
         if n > self.max_len:
             raise ValueError(f"sequence length {n} exceeds the model's max_len={self.max_len} (rotary positions)")
-        y = self.proj(x).unflatten(-1, (self.heads, self.head_dim))
+        y = y.unflatten(-1, (self.heads, self.head_dim))
         return apply_rotary(y, self.cos[:n], self.sin[:n]).flatten(-2)

@@ -25,6 +25,11 @@ class Pattern(ABC):
     name: str = "pattern"
     #: True when the selection looks at the values of q/k (dynamic patterns)
     content_based: bool = False
+    #: True when the selection compares each q / k with fixed references (routing's centroids) rather
+    #: than q with k: rotating by position (RoPE) would change the choice, so layers with RoPE select
+    #: on the vectors before rotation and attend with the rotated ones
+    selects_before_rope: bool = False
+
     @abstractmethod
     def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
         """Layout for queries ``q [B, H, Nq, D]`` and keys ``k [B, Hkv, Nk, D]``.
