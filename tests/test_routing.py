@@ -237,6 +237,35 @@ def test_ema_update_follows_online_kmeans_formula():
     assert torch.allclose(r.ema_count, ema_count)
 
 
+def test_dead_centroid_is_moved_onto_the_farthest_vector():
+    h, c, d, n, lam = 1, 2, 6, 11, 0.8
+    g = torch.Generator().manual_seed(5)
+    u = layer_norm(torch.randn(d, generator=g))
+    q, k = (torch.randn(1, h, n, d, generator=g) + 4 * u for _ in range(2))  # every vector leans towards u
+    r = Routing(clusters=c, decay=lam, init="random", revive=0.5, heads=h, head_dim=d)
+    with torch.no_grad():
+        r.centroids.copy_(torch.stack([u, -u])[None])  # centroid 1 is nearest to nothing: dead
+        r.ema_sum.copy_(r.centroids)
+    count0, sum0 = r.ema_count.clone(), r.ema_sum.clone()
+    r.select(q, k)
+    xs = torch.cat([layer_norm(q), layer_norm(k)], 2)[0, 0]  # [2n, D], all nearest to centroid 0
+    ema_count = lam * count0 + (1 - lam) * torch.tensor([[2.0 * n, 0.0]])
+    ema_sum0 = lam * sum0[0, 0] + (1 - lam) * xs.sum(0)
+    total = ema_count.sum()
+    mu0 = ema_sum0 / ((ema_count[0, 0] + 1e-5) / (total + c * 1e-5) * total)
+    farthest = xs[int(((xs - mu0) ** 2).sum(-1).argmax())]
+    torch.testing.assert_close(r.centroids[0, 0], mu0)
+    torch.testing.assert_close(r.centroids[0, 1], farthest)
+    torch.testing.assert_close(r.ema_count[0, 1], total / c)
+    torch.testing.assert_close(r.ema_sum[0, 1], farthest * total / c)
+    r2 = Routing(clusters=c, decay=lam, init="random", heads=h, head_dim=d)  # revive=0: stays dead
+    with torch.no_grad():
+        r2.centroids.copy_(torch.stack([u, -u])[None])
+        r2.ema_sum.copy_(r2.centroids)
+    r2.select(q, k)
+    assert r2.ema_count[0, 1] < count0[0, 1]
+
+
 def test_commitment_loss_has_grad_to_q_and_k_and_none_through_routing():
     q, k, v = _qkv(1, 2, 2, 16, 16, 8)
     q.requires_grad_()
@@ -386,6 +415,8 @@ def test_bad_parameters_raise_clear_errors():
         Routing(causal_safe=True, share_qk=False)
     with pytest.raises(ValueError, match="init"):
         Routing(init="kmeans++")
+    with pytest.raises(ValueError, match="revive"):
+        Routing(revive=1.5)
     with pytest.raises(TypeError, match="route_rotated"):
         Routing(route_rotated="no")
     with pytest.raises(ValueError, match="head_dim"):

@@ -158,6 +158,11 @@ class Routing(Pattern, nn.Module):
         decay: EMA decay lambda of the k-means statistics (paper 0.999).
         commitment: weight beta of the commitment loss (paper 1e-4).
         init: ``"data"`` (k-means on the first training batch) or ``"random"`` (the paper's ``LN(randn)``).
+        revive: a centroid nearest to fewer than ``revive`` × its even share (``1 / C``) of a training
+            batch's routed vectors is dead: it is moved onto the batch vector farthest from its own
+            nearest centroid, with an even share of the EMA count (k-means' usual restart of empty
+            clusters; 0 = never, the paper). A dead centroid still takes its top-w tokens, which
+            then have no content in common, and balanced windows leave other tokens in no window.
         route_rotated: in a layer with RoPE, cluster the rotated q / k (positions then shape the
             windows as much as content does) instead of the vectors before rotation (default).
         heads, head_dim: create the centroids now (``[heads, C, head_dim]``); otherwise on the first call.
@@ -178,6 +183,7 @@ class Routing(Pattern, nn.Module):
         decay: float = 0.999,
         commitment: float = 1e-4,
         init: str = "data",
+        revive: float = 0.0,
         route_rotated: bool = False,
         heads: Optional[int] = None,
         head_dim: Optional[int] = None,
@@ -202,6 +208,8 @@ class Routing(Pattern, nn.Module):
             raise ValueError("routing: give both heads and head_dim (to create the centroids now) or neither")
         self.clusters, self.window, self.causal_safe, self.share_qk = clusters, window, causal_safe, share_qk
         self.decay, self.commitment, self.init = float(decay), float(commitment), init
+        check_float("routing", "revive", revive, 0.0, 1.0)
+        self.revive = float(revive)
         if not isinstance(route_rotated, bool):
             raise TypeError(f"routing: route_rotated must be a bool, got {route_rotated!r}")
         self.heads, self.head_dim, self.route_rotated = heads, head_dim, route_rotated
@@ -348,6 +356,28 @@ class Routing(Pattern, nn.Module):
         n = self.ema_count.sum(-1, keepdim=True)
         smoothed = (self.ema_count + _SMOOTH_EPS) / (n + c * _SMOOTH_EPS) * n
         self.centroids.copy_(self.ema_sum / smoothed[..., None])
+        if self.revive > 0:
+            self._revive_dead(count < self.revive * count.sum(-1, keepdim=True) / c, stats)
+
+    @torch.no_grad()
+    def _revive_dead(self, dead: Tensor, stats) -> None:
+        """Move each dead centroid (``dead [H, C]``) onto a batch vector far from every centroid."""
+        if not bool(dead.any()):
+            return
+        h, c, d = self.centroids.shape
+        x = torch.cat([_valid_rows(xe, w) for xe, w in stats], 1).float()  # [H, M, D]
+        mu = self.centroids.float()
+        nearest = mu.gather(1, (x @ mu.transpose(1, 2)).argmax(-1)[..., None].expand(-1, -1, d))
+        farthest_first = ((x - nearest) ** 2).sum(-1).argsort(dim=1, descending=True, stable=True)  # [H, M]
+        for head in range(h):
+            slots = dead[head].nonzero().flatten()[: x.shape[1]]
+            if slots.numel() == 0:
+                continue
+            picked = x[head, farthest_first[head, : slots.numel()]].to(self.centroids.dtype)
+            share = self.ema_count[head].sum() / c
+            self.centroids[head, slots] = picked
+            self.ema_count[head, slots] = share
+            self.ema_sum[head, slots] = picked * share
 
     def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
         """For inspection only: the pairs of :meth:`select` as a Layout (builds ``Nq × Nk``: O(N²)).
