@@ -61,8 +61,9 @@ class Attention(nn.Module):
     passed to mechanisms that need the maximum length up front (e.g. Linformer's projections).
     Layouts of static patterns are cached per (length, causal, device). When q_proj / k_proj apply
     RoPE (:class:`~spattn.nn.positions.RotaryProjection`), patterns that route against fixed
-    references (``selects_before_rope``: routing's centroids) select on the unrotated vectors. Mechanisms with auxiliary
-    losses (routing's commitment loss) report them on ``self.aux_loss`` after each forward.
+    references (``selects_before_rope``: routing's centroids) select on the unrotated vectors.
+    Mechanisms with auxiliary losses (routing's commitment loss) report them on ``self.aux_loss``
+    after each forward.
     """
 
     def __init__(
@@ -154,7 +155,7 @@ class Attention(nn.Module):
             if self.aux_loss is None:
                 self.aux_loss = x.new_zeros(())
             return self.dropout(out)
-        v = rearrange(self.v_proj(x), "b n (h d) -> b h n d", h=self.kv_heads)
+        v = self._heads(self.v_proj(x), self.kv_heads)
         if self._selects_before_rope():
             # routing compares q / k with centroids: RoPE's per-position rotation would scramble
             # the clusters, so select on the vectors before rotation and attend with the rotated ones

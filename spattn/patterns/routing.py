@@ -37,20 +37,21 @@ Causal attention, two modes:
   ``min(N, (N + C (w - 1)) // w)`` windows of ``w`` are computed — about ``2 N w`` pairs.
 
 * ``causal_safe=False, share_qk=False`` — keys are routed by their own scores (balanced top-w, as
-  in the encoder) and the causal mask inside a window is by position. For layers whose keys and
-  queries come from different projections: with shared windows a key's membership follows *its
-  query's* vector, which the attention gradient never pulls towards the queries that need that key.
-  Same selection leak as the paper's mode.
+  in the encoder) and the causal mask inside a window is by position, for layers whose keys and
+  queries come from different projections (with shared windows a key's window follows the vector
+  of the query at its position). Same selection leak as the paper's mode. On MQAR it stayed on the
+  loss plateau where shared windows learned the task (README, MQAR).
 
 Causal modes need self-attention (``Nq == Nk``). ``share_qk`` defaults to ``None``: shared windows
 when causal (the paper's decoder), separate routing of queries and keys when not.
 
 With RoPE: :class:`spattn.nn.Attention` routes on q and k *before* the rotation and attends with the
-rotated ones (``selects_before_rope``; ``route_rotated=True`` clusters the rotated vectors). RoPE turns each vector by an angle that grows with its
-position, so clustering rotated vectors groups tokens by position as much as by content; dot
-products between queries and keys are unaffected, which is why top-k needs no such care. On MQAR
-(``window(size=8); routing(clusters=2)``, RoPE) routing on rotated vectors did not leave the loss
-plateau in 2,500 steps.
+rotated ones (``selects_before_rope``; ``route_rotated=True`` clusters the rotated vectors). RoPE
+turns each vector by an angle that grows with its position, so clustering rotated vectors groups
+tokens by position as much as by content; dot products between queries and keys are unaffected,
+which is why top-k needs no such care. On MQAR (``window(size=8); routing(clusters=2)``, RoPE)
+routing on rotated vectors did not leave the loss plateau in 2,500 steps; on the vectors before
+rotation it reached 99.16 % and 99.90 % in two of three seeds.
 
 Used through a spec string (``spattn.attention(q, k, v, "routing(clusters=4)")``) a new pattern,
 with new random centroids, is built per call; keep a :class:`Routing` instance (or use
