@@ -163,10 +163,11 @@ def test_reference_is_the_mean_of_window_softmaxes():
 
 
 @pytest.mark.parametrize("pad", [False, True])  # without padding the kernel takes SDPA's unmasked/causal paths
-@pytest.mark.parametrize("causal,safe", [(False, False), (True, False), (True, True)])
-def test_attention_on_routing_matches_reference(causal, safe, pad):
+@pytest.mark.parametrize("causal,safe,share_qk", [(False, False, None), (True, False, None), (True, True, None),
+                                                 (True, False, False)])
+def test_attention_on_routing_matches_reference(causal, safe, share_qk, pad):
     q, k, v = _qkv(2, 4, 2, 37, 37, 8, torch.float64)
-    r = Routing(clusters=4, causal_safe=safe, heads=4, head_dim=8).eval()
+    r = Routing(clusters=4, causal_safe=safe, share_qk=share_qk, heads=4, head_dim=8).eval()
     kpm = (torch.rand(2, 37, generator=torch.Generator().manual_seed(1)) > 0.2) if pad else None
     got = spattn.attention(q, k, v, r, causal=causal, key_padding_mask=kpm)
     want = spattn.attention(q, k, v, r, causal=causal, key_padding_mask=kpm, backend="reference")

@@ -337,7 +337,7 @@ class Routing(Pattern, nn.Module):
     def _ema_update(self, stats) -> None:
         h, c, d = self.centroids.shape
         if not bool(self.initialized):
-            x = torch.cat([_valid_rows(xe, w) for xe, w in stats], 1)
+            x = _routed_rows(stats)
             if x.shape[1] >= c:
                 mu = _farthest_point_kmeans(x.float(), c, _INIT_ITERS)
                 self.centroids.copy_(mu)
@@ -366,7 +366,7 @@ class Routing(Pattern, nn.Module):
         if not bool(dead.any()):
             return
         h, c, d = self.centroids.shape
-        x = torch.cat([_valid_rows(xe, w) for xe, w in stats], 1).float()  # [H, M, D]
+        x = _routed_rows(stats).float()  # [H, M, D]
         mu = self.centroids.float()
         nearest = mu.gather(1, (x @ mu.transpose(1, 2)).argmax(-1)[..., None].expand(-1, -1, d))
         farthest_first = ((x - nearest) ** 2).sum(-1).argsort(dim=1, descending=True, stable=True)  # [H, M]
@@ -389,6 +389,11 @@ class Routing(Pattern, nn.Module):
         with torch.no_grad():
             sel = self._route(q, k, causal, None)[0]
         return Layout.from_dense(sel.to_dense(), _INSPECT_BLOCK)
+
+
+def _routed_rows(stats) -> Tensor:
+    """The batch's routed vectors with nonzero weight, queries then keys: ``[H, M, D]``."""
+    return torch.cat([_valid_rows(xe, w) for xe, w in stats], 1)
 
 
 def _valid_rows(x: Tensor, weight: Tensor) -> Tensor:
