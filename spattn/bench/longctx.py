@@ -39,6 +39,8 @@ def add_longctx_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--decode", nargs="*", default=[],
                         help="decode selectors evaluated with dense prefill, e.g. 'quest(budget=512)'")
     parser.add_argument("--dense-layers", type=int, default=0, help="first layers kept dense for sparse methods")
+    parser.add_argument("--dense-tail", type=int, default=0,
+                        help="last prompt tokens whose queries attend densely in sparse prefills (sparsify's dense_tail)")
     parser.add_argument("--tasks", nargs="+", default=["passkey"],
                         help="passkey niah_single niah_multikey variable_tracking common_words")
     parser.add_argument("--lengths", nargs="+", type=int, default=[4096])
@@ -170,7 +172,8 @@ def evaluate(model, tokenizer, args, partial_path: Optional[Path] = None) -> dic
                 shared = _prefill(model, ids)
             handle = None
             if m["prefill"] or m["decode"]:
-                handle = sparsify(model, prefill=m["prefill"], decode=m["decode"], dense_layers=args.dense_layers)
+                handle = sparsify(model, prefill=m["prefill"], decode=m["decode"], dense_layers=args.dense_layers,
+                                  dense_tail=args.dense_tail if m["prefill"] else 0)
             try:
                 if m["shares_prefill"]:
                     arg = _cache_arg(model)
@@ -200,7 +203,8 @@ def evaluate(model, tokenizer, args, partial_path: Optional[Path] = None) -> dic
         for m in methods:
             if m["decode"]:
                 continue
-            handle = sparsify(model, prefill=m["prefill"], dense_layers=args.dense_layers) if m["prefill"] else None
+            handle = (sparsify(model, prefill=m["prefill"], dense_layers=args.dense_layers, dense_tail=args.dense_tail)
+                      if m["prefill"] else None)
             try:
                 value = perplexity(model, ids)
             finally:

@@ -129,9 +129,11 @@ class SparsifyHandle:
     """
 
     def __init__(self, model, prefill: Optional[Pattern], decode: Optional[Pattern], sparse_layers: frozenset,
-                 heads: Optional[list[int]], backend: str, calibrate: Optional[DoubleSparsity] = None):
+                 heads: Optional[list[int]], backend: str, calibrate: Optional[DoubleSparsity] = None,
+                 dense_tail: int = 0):
         self.model = model
         self.prefill, self.decode = prefill, decode
+        self.dense_tail = dense_tail
         self.sparse_layers = sparse_layers
         self.heads = heads
         self.backend = backend
@@ -202,15 +204,35 @@ class SparsifyHandle:
             if self.calibrator is not None:
                 self.calibrator.calibrate(query, key, layer=layer)
         spec = (self.prefill if phase == "prefill" else self.decode) if layer in self.sparse_layers else None
-        if spec is not None and self.heads is not None:
-            out, pairs = self._attend_heads(query, key, value, spec, causal and nq > 1, scaling, kpm, layer)
+        tail = min(self.dense_tail, nq) if spec is not None and phase == "prefill" else 0
+        if tail:
+            out, pairs = self._attend_dense_tail(query, key, value, spec, causal, scaling, kpm, layer, tail)
         else:
-            out, pairs = self._run(query, key, value, spec, causal and nq > 1, scaling, kpm, layer)
+            out, pairs = self._attend_sparse(query, key, value, spec, causal and nq > 1, scaling, kpm, layer)
         stats = self.stats[phase]
         stats["pairs"] += pairs
         stats["dense_pairs"] += b * hq * _causal_pairs(nq, nk, causal)
         stats["calls"] += 1
         return out.transpose(1, 2).contiguous(), None
+
+    def _attend_sparse(self, q, k, v, spec, causal, scale, kpm, layer) -> tuple[Tensor, float]:
+        if spec is not None and self.heads is not None:
+            return self._attend_heads(q, k, v, spec, causal, scale, kpm, layer)
+        return self._run(q, k, v, spec, causal, scale, kpm, layer)
+
+    def _attend_dense_tail(self, q, k, v, spec, causal, scale, kpm, layer, tail: int) -> tuple[Tensor, float]:
+        """The last ``tail`` queries attend densely, the others with ``spec``. Causal: the earlier
+        queries see none of the tail's keys, so the sparse call gets only the keys before them."""
+        nq, nk = q.shape[2], k.shape[2]
+        out = torch.empty_like(q)
+        pairs = 0.0
+        if tail < nq:
+            kept = nk - tail if causal else nk
+            head_kpm = None if kpm is None else kpm[:, :kept]
+            out[:, :, :nq - tail], pairs = self._attend_sparse(
+                q[:, :, :nq - tail], k[:, :, :kept], v[:, :, :kept], spec, causal, scale, head_kpm, layer)
+        out[:, :, nq - tail:], more = self._run(q[:, :, nq - tail:], k, v, None, causal, scale, kpm, layer)
+        return out, pairs + more
 
     def _run(self, q, k, v, spec, causal, scale, kpm, layer) -> tuple[Tensor, float]:
         b, h, nq, _ = q.shape
@@ -276,7 +298,7 @@ def _index_set(values, what: str, upper: int) -> frozenset:
 
 def sparsify(model, prefill: Union[None, str, Pattern] = None, decode: Union[None, str, Pattern] = None, *,
              layers: Optional[Iterable[int]] = None, heads: Optional[Iterable[int]] = None,
-             dense_layers: Union[int, Iterable[int]] = 0, backend: str = "auto",
+             dense_layers: Union[int, Iterable[int]] = 0, dense_tail: int = 0, backend: str = "auto",
              _calibrate: Optional[DoubleSparsity] = None) -> SparsifyHandle:
     """Make ``model``'s attention use spattn; returns a handle (also a context manager) with ``.undo()``.
 
@@ -290,6 +312,10 @@ def sparsify(model, prefill: Union[None, str, Pattern] = None, decode: Union[Non
         dense_layers: layers kept dense anyway: an int ``n`` (the first ``n``, as Quest and TidalDecode
             keep the first 2) or an iterable of indices.
         heads: query heads that are sparsified (default: all); the others stay dense.
+        dense_tail: the last ``dense_tail`` queries of every sparse prefill call attend every (past) key
+            densely -- in a prompt that ends with its question, the question sees the whole context, as
+            Longformer's global attention on question tokens (Beltagy et al. 2020); the cost is
+            ``dense_tail`` rows of N keys. 0 (default) = the pattern alone.
         backend: spattn backend for block layouts (``"auto"``, ``"blocksparse"``, ``"reference"``, ``"flex"``).
 
     Errors (``TypeError``/``ValueError``) are raised before anything changes; if switching the model fails,
@@ -338,6 +364,10 @@ def sparsify(model, prefill: Union[None, str, Pattern] = None, decode: Union[Non
     head_list = None if heads is None else sorted(_index_set(heads, "heads", num_heads))
     if head_list is not None and not head_list:
         raise ValueError("sparsify: heads must not be empty (use heads=None for all heads)")
+    if isinstance(dense_tail, bool) or not isinstance(dense_tail, int) or dense_tail < 0:
+        raise ValueError(f"sparsify: dense_tail must be an int >= 0 (query rows kept dense), got {dense_tail!r}")
+    if dense_tail and prefill_p is None:
+        raise ValueError("sparsify: dense_tail only applies to a sparse prefill; pass prefill=... as well")
     if backend not in ("auto", "reference", "blocksparse", "flex"):
         raise ValueError(f"sparsify: backend must be 'auto', 'reference', 'blocksparse' or 'flex', got {backend!r}")
     if isinstance(decode_p, DoubleSparsity) and decode_p.calibrated_layers():
@@ -345,7 +375,7 @@ def sparsify(model, prefill: Union[None, str, Pattern] = None, decode: Union[Non
         if missing and None not in decode_p.calibrated_layers():
             raise ValueError(f"sparsify: double_sparsity has no calibration for layers {missing}")
 
-    handle = SparsifyHandle(model, prefill_p, decode_p, sparse - dense, head_list, backend, _calibrate)
+    handle = SparsifyHandle(model, prefill_p, decode_p, sparse - dense, head_list, backend, _calibrate, dense_tail)
     handle._activate()
     return handle
 
