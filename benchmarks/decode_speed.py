@@ -12,7 +12,9 @@ updated incrementally: one appended key per step, included in the timing):
 * ``quest(budget)``: page bounds -> top pages -> page-sparse attention (``Quest.plan`` + kernel);
   ``group_pages=True`` keeps one page set per kv head (read once for its query heads);
 * ``double_sparsity(budget)``: label-cache scores -> top tokens -> token-sparse attention
-  (calibrated on random q/k first; the timing does not depend on which channels were chosen).
+  (calibrated on random q/k first; the timing does not depend on which channels were chosen);
+  ``group_tokens=True`` keeps one token set per kv head (one label row per kv head, the selected
+  rows fetched once per group by the page-sparse kernel's shared path).
 
 This is the attention time alone; a whole decoding step of the model adds the projections and the
 MLP (see ``spattn longctx`` for end-to-end decode time and accuracy). Medians of ``--repeat``
@@ -48,7 +50,7 @@ def _step_times(step, repeat: int) -> float:
     return statistics.median(times)
 
 
-def run(ns, budgets, repeat: int, hq: int = 9, hkv: int = 3, d: int = 64) -> list[dict]:
+def run(ns, budgets, repeat: int, hq: int = 9, hkv: int = 3, d: int = 64, channels: int = 16) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(0)
     for n in ns:
@@ -69,13 +71,15 @@ def run(ns, budgets, repeat: int, hq: int = 9, hkv: int = 3, d: int = 64) -> lis
 
         row = {"n": n, "dense_ms": 1e3 * _step_times(dense, repeat),
                "dense_grouped_ms": 1e3 * _step_times(dense_grouped, repeat)}
-        ds = DoubleSparsity(channels=16, budget=max(budgets))
+        ds = DoubleSparsity(channels=channels, budget=max(budgets))
         ds.calibrate(torch.randn(1, hq, 512, d, generator=gen), torch.randn(1, hkv, 512, d, generator=gen), layer=0)
         for budget in budgets:
             for name, selector in ((f"quest(budget={budget})", Quest(page=16, budget=budget)),
                                    (f"quest(budget={budget}, group_pages=True)",
                                     Quest(page=16, budget=budget, group_pages=True)),
-                                   (f"double_sparsity(budget={budget})", _with_budget(ds, budget))):
+                                   (f"double_sparsity(budget={budget})", _with_budget(ds, budget)),
+                                   (f"double_sparsity(budget={budget}, group_tokens=True)",
+                                    _with_budget(ds, budget, group_tokens=True))):
                 state = SelectorState()
 
                 def sparse(i, selector=selector, state=state):
@@ -91,8 +95,8 @@ def run(ns, budgets, repeat: int, hq: int = 9, hkv: int = 3, d: int = 64) -> lis
     return rows
 
 
-def _with_budget(ds: DoubleSparsity, budget: int) -> DoubleSparsity:
-    out = DoubleSparsity(channels=ds.channels, budget=budget)
+def _with_budget(ds: DoubleSparsity, budget: int, group_tokens: bool = False) -> DoubleSparsity:
+    out = DoubleSparsity(channels=ds.channels, budget=budget, group_tokens=group_tokens)
     out.load_state_dict(ds.state_dict())
     return out
 
@@ -102,13 +106,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[4096, 8192, 16384])
     ap.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 1024])
     ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--channels", type=int, default=16, help="Double Sparsity label channels r")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--json", default="results/decode_speed.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     with torch.no_grad():
-        rows = run(args.n, args.budgets, args.repeat)
+        rows = run(args.n, args.budgets, args.repeat, channels=args.channels)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}, fh, indent=2)

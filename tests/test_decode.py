@@ -176,7 +176,7 @@ def test_tidal_layers_share_positions():
 
 
 @pytest.mark.parametrize("spec", ["quest(page=4, budget=12)", "quest(page=4, budget=12, group_pages=True)", "double_sparsity(channels=4, budget=9)",
-                                  "tidal(budget=11)"])
+                                  "double_sparsity(channels=4, budget=9, group_tokens=True)", "tidal(budget=11)"])
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
 def test_outputs_match_reference_on_selection(spec, dtype, atol):
     q, k, v = _qk(2, 6, 2, 3, 77, 16, 5, dtype)
@@ -233,6 +233,36 @@ def test_stateful_decoding_loop_matches_stateless():
             b = _tokens(pat.select(q, k, causal=True, layer=0))
             assert torch.equal(a.indices.expand_as(b.indices), b.indices.expand_as(a.indices))
     assert cache.length(0) == 40
+
+
+@settings(max_examples=20, deadline=None)
+@given(shapes, st.integers(1, 8), st.integers(1, 30))
+def test_double_sparsity_group_tokens_brute_force(shape, channels, budget):
+    """group_tokens: one token set per kv head, from the group's summed channel importance and the max
+    of its heads' approximate scores (the attention on it: test_outputs_match_reference_on_selection)."""
+    b, (hq, hkv), nq, nk, d, causal, seed = shape
+    nq = min(nq, nk)
+    channels = min(channels, d)
+    q, k, v = _qk(b, hq, hkv, nq, nk, d, seed)
+    qc, kc, _ = _qk(2, hq, hkv, 16, 16, d, seed + 1)
+    ds = DoubleSparsity(channels=channels, budget=budget, group_tokens=True)
+    ds.calibrate(qc, kc, layer=0)
+    g = hq // hkv
+    imp = ds.importance(0)
+    group_channels = [imp[j * g:(j + 1) * g].sum(0).topk(channels).indices for j in range(hkv)]
+    sel = ds.select(q, k, causal=causal, layer=0)
+    if budget < nk and g > 1:
+        assert isinstance(sel, PageSelection) and sel.page == 1 and sel.shared_by == g
+    got = _sets(sel)
+    for bi in range(b):
+        for h in range(hq):
+            ch = group_channels[h // g]
+            approx = torch.stack([q[bi, j][:, ch] @ k[bi, h // g][:, ch].T for j in range((h // g) * g, (h // g + 1) * g)])
+            group_score = approx.amax(0)  # [Nq, Nk]
+            for i in range(nq):
+                last = _visible(i, nq, nk, causal)
+                want = set(range(last + 1)) if budget >= nk else set(group_score[i, : last + 1].argsort(descending=True)[:budget].tolist())
+                assert _row(got, sel, bi, h, i) == want
 
 
 def test_double_sparsity_state_round_trip(tmp_path):

@@ -243,6 +243,12 @@ class DoubleSparsity(_DecodeSelector):
         channels: channels ``r`` kept per head for the approximate scores (reference: ``D / 8``).
         budget: tokens attended per query, int or float fraction (reference examples: 256 or 1/16).
         calibration: path of a saved calibration (:meth:`save`), or None to calibrate with :meth:`calibrate`.
+        group_tokens: with grouped-query attention, keep one token set per kv head instead of one per
+            query head (the paper, written for multi-head attention): the group shares one channel set
+            (the top channels of its heads' summed importance), one label cache row per kv head, and
+            a token's group score is the max of its heads' approximate scores. Each kept token is then
+            read once per group (a :class:`~spattn.selection.PageSelection` of one-token pages, run by
+            the page-sparse kernel's shared fetch), as Quest's ``group_pages``.
 
     Calibration (offline, on text like the deployment data): for every layer and query head,
     ``importance[h, d] = mean_t |q[t, d] * k[t, d]|`` over positions ``t`` of the calibration
@@ -252,12 +258,16 @@ class DoubleSparsity(_DecodeSelector):
 
     name = "double_sparsity"
 
-    def __init__(self, channels: int = 16, budget: Union[int, float] = 256, calibration: Optional[str] = None):
+    def __init__(self, channels: int = 16, budget: Union[int, float] = 256, calibration: Optional[str] = None,
+                 group_tokens: bool = False):
         check_int("double_sparsity", "channels", channels, minimum=1)
         check_budget("double_sparsity", budget)
         if calibration is not None and not isinstance(calibration, (str, os.PathLike)):
             raise TypeError(f"double_sparsity: calibration must be a file path or None, got {calibration!r}")
+        if not isinstance(group_tokens, bool):
+            raise TypeError(f"double_sparsity: group_tokens must be a bool, got {group_tokens!r}")
         self.channels, self.budget, self.calibration = channels, budget, calibration
+        self.group_tokens = group_tokens
         self._sums: dict[Any, Tensor] = {}
         self._counts: dict[Any, int] = {}
         self._channel_maps: dict[Any, Tensor] = {}  # per (layer, device): cleared when statistics change
@@ -300,11 +310,15 @@ class DoubleSparsity(_DecodeSelector):
         key = self._layer_key(layer)
         return self._sums[key] / self._counts[key]
 
-    def channel_map(self, layer: Any = None, device=None) -> Tensor:
-        """int64 ``[Hq, channels]``: each head's top channels by importance, ascending channel order."""
-        key = (self._layer_key(layer), str(device))
+    def channel_map(self, layer: Any = None, device=None, group: int = 1) -> Tensor:
+        """int64 ``[Hq / group, channels]``: the top channels by importance of each head (``group > 1``:
+        of each run of ``group`` consecutive heads, by their summed importance), ascending channel order."""
+        key = (self._layer_key(layer), str(device), group)
         if key not in self._channel_maps:  # decoding asks once per layer and step
             imp = self.importance(layer)
+            if imp.shape[0] % group:
+                raise ValueError(f"double_sparsity: {imp.shape[0]} calibrated query heads do not form groups of {group}")
+            imp = imp.view(imp.shape[0] // group, group, imp.shape[1]).sum(1)
             if self.channels > imp.shape[1]:
                 raise ValueError(f"double_sparsity: channels={self.channels} exceeds the head dim {imp.shape[1]}")
             top = imp.topk(self.channels, dim=1).indices.sort(dim=1).values
@@ -358,11 +372,13 @@ class DoubleSparsity(_DecodeSelector):
     def plan(self, q, k, causal=False, *, state=None, layer=None):
         self._check("double_sparsity", q, k, causal, state, layer)
         b, hq, nq, d = q.shape
-        nk = k.shape[2]
+        hkv, nk = k.shape[1], k.shape[2]
         count = resolve_budget(self.budget, nk)
-        channels = self.channel_map(layer, device=q.device)
-        if channels.shape[0] != hq:
-            raise ValueError(f"double_sparsity: calibrated for {channels.shape[0]} query heads, q has {hq}")
+        group = hq // hkv if self.group_tokens else 1
+        calibrated_heads = self.importance(layer).shape[0]
+        if calibrated_heads != hq:
+            raise ValueError(f"double_sparsity: calibrated for {calibrated_heads} query heads, q has {hq}")
+        channels = self.channel_map(layer, device=q.device, group=group)  # [Hq / group, r]
         if count >= nk:
             return None
         if state is None:
@@ -372,18 +388,27 @@ class DoubleSparsity(_DecodeSelector):
             cache = slot.get("ds_labels")
             if cache is None or (cache.channels is not channels and not torch.equal(cache.channels, channels)):
                 cache = slot["ds_labels"] = LabelCache(channels)
-            labels = cache.update(k).labels
+            labels = cache.update(k).labels  # [B, Hq / group, Nk, r]
+        head_channels = channels.repeat_interleave(group, dim=0) if group > 1 else channels
         last = _limits(nq, nk, causal, q.device)
         pos = torch.arange(nk, device=q.device)
         chunk = max(1, _SCORE_BUDGET // max(1, b * hq * nk))
         parts = []
         for c0 in range(0, nq, chunk):
             c1 = min(nq, c0 + chunk)
-            scores = self.approx_scores(q[:, :, c0:c1], labels, channels)
+            if group > 1:  # per-head scores on the group's labels, max over the group: [B, Hkv, c, Nk]
+                qg = q[:, :, c0:c1].reshape(b, hkv, group * (c1 - c0), d)
+                scores = self.approx_scores(qg, labels, channels).view(b, hkv, group, c1 - c0, nk).amax(dim=2)
+            else:
+                scores = self.approx_scores(q[:, :, c0:c1], labels, head_channels)
             if causal and nq > 1:  # a single (or non-causal) query sees every key
                 scores = scores.masked_fill(pos[None, :] > last[c0:c1, None], float("-inf"))
             parts.append(_topk_tokens(scores, count))
-        return TokenSelection(torch.cat(parts, dim=2), q_len=nq, kv_len=nk)
+        indices = torch.cat(parts, dim=2)
+        if group > 1:  # one-token pages shared by the group's query heads
+            return PageSelection(indices.repeat_interleave(group, dim=1), 1, q_len=nq, kv_len=nk, causal=causal,
+                                 shared_by=group)
+        return TokenSelection(indices, q_len=nq, kv_len=nk)
 
 
 def _read_calibration(path) -> dict:
