@@ -5,7 +5,9 @@ the token-sparse attention of :meth:`PageSelection.to_tokens`; what differs is h
 For inference with few queries (decoding: one query against a long KV cache) the tokens of the
 selected pages are copied out of K and V with one row gather each, from a zero-copy view of the
 cache's storage (slots past the end of the partial last page are masked); scores, softmax and the
-weighted sum are two batched products. The cache itself is never copied.
+weighted sum are two batched products. The cache itself is never copied. A single query per head
+whose page set is shared by its GQA group runs, on CPU in float32/float64, as one compiled loop
+(:mod:`spattn._compiled`) when it can be built.
 
 Everything else (gradients, a key padding mask, many queries, K/V without a row-major layout) runs
 on the token-sparse kernel over :meth:`PageSelection.to_tokens`.
@@ -19,6 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _compiled
 from ..selection import PageSelection
 from .tokensparse import _compute_dtype, _row_view, tokensparse_attention
 
@@ -37,18 +40,44 @@ def _fast_path_applies(q: Tensor, k: Tensor, v: Tensor, sel: PageSelection, key_
     return b * hq * nq * sel.pages.shape[-1] * sel.page * d <= PAGE_GATHER_BUDGET
 
 
+def _shared_decode(q: Tensor, k: Tensor, v: Tensor, sel: PageSelection, scale: float):
+    """One query per head, one page set per kv head: the compiled loop (:mod:`spattn._compiled`) reads each
+    selected row once per group. Returns ``(out, lse)``, or None where it does not apply."""
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64) or not (q.dtype == k.dtype == v.dtype):
+        return None
+    if k.stride(3) != 1 or v.stride(3) != 1:
+        return None
+    ext = _compiled.ops()
+    if ext is None:
+        return None
+    b, hq, _, d = q.shape
+    hkv, nk, g = k.shape[1], k.shape[2], q.shape[1] // k.shape[1]
+    pages = (sel.pages if sel.heads == 1 else sel.pages[:, ::g]).expand(b, hkv, 1, sel.pages.shape[-1])[:, :, 0]
+    if sel.page == 1:
+        rows = pages
+    else:
+        tokens = pages[..., None] * sel.page + torch.arange(sel.page, device=q.device)
+        rows = torch.where((pages[..., None] >= 0) & (tokens < nk), tokens, -1).flatten(-2)
+    out, lse = ext.shared_rows_attention(q[:, :, 0], k, v, rows.contiguous(), scale)
+    return out.view(b, hq, 1, d), lse.view(b, hq, 1).to(_compute_dtype(q.dtype))
+
+
 def _page_attention(q: Tensor, k: Tensor, v: Tensor, sel: PageSelection, scale: float):
     """The page path; returns ``(out, lse)`` or None when K/V cannot be viewed as rows."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     g, page = hq // hkv, sel.page
+    # one page set per kv head when the query heads of a group share it (fetched once), else per query head
+    shared = g > 1 and (sel.heads == 1 or sel.shared_by % g == 0)
+    if shared and nq == 1:
+        result = _shared_decode(q, k, v, sel, scale)
+        if result is not None:
+            return result
     k_rows, v_rows = _row_view(k), _row_view(v)
     if k_rows is None or v_rows is None or k.stride(1) != v.stride(1):
         return None
     cdt = _compute_dtype(q.dtype)
     slots = sel.pages.shape[-1]
-    # one page set per kv head when the query heads of a group share it (fetched once), else per query head
-    shared = g > 1 and (sel.heads == 1 or sel.shared_by % g == 0)
     if shared:
         rows_per_kv = sel.pages if sel.heads == 1 else sel.pages[:, ::g]
         pages = rows_per_kv.expand(b, hkv, nq, slots).reshape(b, hkv, 1, nq, slots, 1)

@@ -36,6 +36,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from .. import _compiled
 from ..kvcache import LabelCache, PageSummary, SelectorState
 from ..layout import Layout
 from ..registry import register
@@ -382,13 +383,20 @@ class DoubleSparsity(_DecodeSelector):
         if count >= nk:
             return None
         if state is None:
-            labels = LabelCache(channels).update(k).labels
+            cache_labels = LabelCache(channels).update(k)
         else:
             slot = state.layer(layer)
-            cache = slot.get("ds_labels")
-            if cache is None or (cache.channels is not channels and not torch.equal(cache.channels, channels)):
-                cache = slot["ds_labels"] = LabelCache(channels)
-            labels = cache.update(k).labels  # [B, Hq / group, Nk, r]
+            cache_labels = slot.get("ds_labels")
+            if cache_labels is None or (cache_labels.channels is not channels
+                                        and not torch.equal(cache_labels.channels, channels)):
+                cache_labels = slot["ds_labels"] = LabelCache(channels)
+            cache_labels.update(k)
+        labels = cache_labels.labels  # [B, Hq / group, Nk, r]
+        if group > 1 and nq == 1:
+            fused = _group_topk_compiled(q, cache_labels, channels, count)
+            if fused is not None:  # [B, Hkv, count], ascending positions
+                return PageSelection(fused[:, :, None].repeat_interleave(group, dim=1), 1, q_len=1, kv_len=nk,
+                                     causal=causal, shared_by=group)
         head_channels = channels.repeat_interleave(group, dim=0) if group > 1 else channels
         last = _limits(nq, nk, causal, q.device)
         pos = torch.arange(nk, device=q.device)
@@ -409,6 +417,18 @@ class DoubleSparsity(_DecodeSelector):
             return PageSelection(indices.repeat_interleave(group, dim=1), 1, q_len=nq, kv_len=nk, causal=causal,
                                  shared_by=group)
         return TokenSelection(indices, q_len=nq, kv_len=nk)
+
+
+def _group_topk_compiled(q: Tensor, cache: LabelCache, channels: Tensor, count: int) -> Optional[Tensor]:
+    """Grouped Double Sparsity selection of single queries by the compiled CPU loop, or None where it
+    does not apply (no compiler, GPU, half precision): the eager path computes the same positions."""
+    labels = cache.labels_by_channel
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64) or labels.dtype != q.dtype:
+        return None
+    ext = _compiled.ops()
+    if ext is None:
+        return None
+    return ext.group_topk(q[:, :, 0].contiguous(), labels, channels.contiguous(), count)
 
 
 def _read_calibration(path) -> dict:

@@ -1,0 +1,159 @@
+"""The optional compiled CPU decode loops (spattn/csrc/decode_cpu.cpp) against brute force, and the
+selectors / kernel that use them against their eager paths."""
+
+import importlib.util
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import spattn
+from spattn import _compiled
+from spattn.kvcache import SelectorState
+from spattn.patterns.decode import DoubleSparsity, Quest
+from spattn.selection import PageSelection
+
+HAS_TOOLCHAIN = shutil.which("c++") is not None and (
+    shutil.which("ninja") is not None or importlib.util.find_spec("ninja") is not None
+)
+
+
+def test_builds_where_a_toolchain_exists():
+    """CI has g++ and ninja: the loops must build there, or the tests below would all be skipped."""
+    if not HAS_TOOLCHAIN:
+        pytest.skip("no C++ compiler or ninja: spattn runs its eager paths")
+    assert _compiled.ops() is not None, _compiled.build_error()
+
+
+def _ops():
+    ops = _compiled.ops()
+    if ops is None:
+        pytest.skip(f"compiled loops unavailable: {_compiled.build_error()}")
+    return ops
+
+
+def _brute_group_scores(q, labels, channels):
+    """max over a group's heads of q_h[channels_g] . labels_g -> [B, Hkv, N]."""
+    b, hq, _ = q.shape
+    hkv, r, n = labels.shape[1:]
+    g = hq // hkv
+    per_head = torch.stack([q[:, h][:, channels[h // g]] for h in range(hq)], 1)  # [B, Hq, r]
+    s = torch.einsum("bhr,bhrn->bhn", per_head, labels.repeat_interleave(g, 1))
+    return s.view(b, hkv, g, n).amax(2)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 2), st.sampled_from([(2, 1), (6, 2), (3, 3)]), st.integers(1, 9), st.integers(1, 300),
+       st.integers(1, 300), st.sampled_from([torch.float32, torch.float64]), st.integers(0, 10_000))
+def test_group_topk_brute_force(b, heads, r, n, count, dtype, seed):
+    ops = _ops()
+    hq, hkv = heads
+    count = min(count, n)
+    g = torch.Generator().manual_seed(seed)
+    d = 12
+    q = torch.randn(b, hq, d, generator=g, dtype=dtype)
+    labels = torch.randn(b, hkv, r, n + 7, generator=g, dtype=dtype)[..., :n]  # a cache's capacity view
+    channels = torch.stack([torch.randperm(d, generator=g)[:r].sort().values for _ in range(hkv)])
+    got = ops.group_topk(q, labels, channels, count)
+    assert got.shape == (b, hkv, count)
+    assert torch.equal(got, got.sort(-1).values)  # ascending positions
+    want = _brute_group_scores(q, labels, channels).topk(count, dim=-1).indices.sort(-1).values
+    assert torch.equal(got, want)
+
+
+def test_group_topk_ties_and_nan_take_the_earliest():
+    ops = _ops()
+    q = torch.ones(1, 2, 4)
+    labels = torch.zeros(1, 1, 2, 10)
+    labels[..., 7] = 1.0  # one clear winner, the rest tie at 0
+    got = ops.group_topk(q, labels, torch.tensor([[0, 1]]), 4)
+    assert got.tolist() == [[[0, 1, 2, 7]]]
+    labels[..., 3] = float("nan")  # NaN ranks last
+    assert ops.group_topk(q, labels, torch.tensor([[0, 1]]), 10)[0, 0].tolist() == list(range(10))
+    assert 3 not in ops.group_topk(q, labels, torch.tensor([[0, 1]]), 9)[0, 0].tolist()
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("heads", [(6, 2), (4, 4), (8, 1)])
+def test_shared_rows_attention_matches_reference(dtype, atol, heads):
+    ops = _ops()
+    hq, hkv = heads
+    g = torch.Generator().manual_seed(1)
+    b, n, d, width = 2, 90, 16, 23
+    q = torch.randn(b, hq, d, generator=g, dtype=dtype)
+    k = torch.randn(b, hkv, n + 10, d, generator=g, dtype=dtype)[:, :, :n]  # strided like a cache
+    v = torch.randn(b, hkv, n + 10, d, generator=g, dtype=dtype)[:, :, :n]
+    rows = torch.stack([torch.stack([torch.randperm(n, generator=g)[:width] for _ in range(hkv)]) for _ in range(b)])
+    rows[0, 0, :5] = -1  # unused slots
+    rows[1, -1] = -1  # a kv head with nothing selected: zeros and lse = -inf
+    out, lse = ops.shared_rows_attention(q, k, v, rows, 0.3)
+    group = hq // hkv
+    for bi in range(b):
+        for h in range(hq):
+            sel = rows[bi, h // group]
+            sel = sel[sel >= 0]
+            if sel.numel() == 0:
+                assert torch.equal(out[bi, h], torch.zeros(d, dtype=dtype)) and lse[bi, h] == float("-inf")
+                continue
+            s = (k[bi, h // group, sel] @ q[bi, h]) * 0.3
+            torch.testing.assert_close(out[bi, h], torch.softmax(s, 0) @ v[bi, h // group, sel], atol=atol, rtol=0)
+            torch.testing.assert_close(lse[bi, h], torch.logsumexp(s, 0), atol=atol, rtol=0)
+
+
+class _Counting:
+    """Wraps the compiled ops and counts the calls of each (to check a path really ran compiled)."""
+
+    def __init__(self, ops):
+        self.ops, self.calls = ops, {}
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return getattr(self.ops, name)(*args)
+        return call
+
+
+def _counting(monkeypatch) -> _Counting:
+    spy = _Counting(_ops())
+    monkeypatch.setitem(_compiled._state, "ops", spy)
+    return spy
+
+
+def _decode_inputs(dtype=torch.float32, n=300, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 6, 1, 16, generator=g, dtype=dtype)
+    k = torch.randn(2, 2, n, 16, generator=g, dtype=dtype)
+    v = torch.randn(2, 2, n, 16, generator=g, dtype=dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grouped_double_sparsity_compiled_equals_eager(dtype, monkeypatch):
+    spy = _counting(monkeypatch)
+    q, k, v = _decode_inputs(dtype)
+    ds = DoubleSparsity(channels=4, budget=40, group_tokens=True)
+    g = torch.Generator().manual_seed(4)
+    ds.calibrate(torch.randn(2, 6, 64, 16, generator=g, dtype=dtype), torch.randn(2, 2, 64, 16, generator=g, dtype=dtype),
+                 layer=0)
+    sel = ds.plan(q, k, True, state=SelectorState(), layer=0)
+    out = spattn.attention(q, k, v, sel)
+    assert spy.calls == {"group_topk": 1, "shared_rows_attention": 1}
+    monkeypatch.setitem(_compiled._state, "ops", None)
+    eager_sel = ds.plan(q, k, True, state=SelectorState(), layer=0)
+    assert isinstance(sel, PageSelection) and torch.equal(sel.pages, eager_sel.pages.sort(-1).values)
+    eager_out = spattn.attention(q, k, v, eager_sel)
+    torch.testing.assert_close(out, eager_out, atol=1e-5 if dtype == torch.float32 else 1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("page", [1, 4, 16])
+def test_quest_group_pages_compiled_equals_eager(page, monkeypatch):
+    spy = _counting(monkeypatch)
+    q, k, v = _decode_inputs(n=301)  # the last page is partial
+    sel = Quest(page=page, budget=48, group_pages=True).select(q, k, causal=True)
+    out = spattn.attention(q, k, v, sel)
+    assert spy.calls == {"shared_rows_attention": 1}
+    monkeypatch.setitem(_compiled._state, "ops", None)
+    torch.testing.assert_close(out, spattn.attention(q, k, v, sel), atol=1e-5, rtol=0)
+    ref = spattn.attention(q.double(), k.double(), v.double(), sel, backend="reference")
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
