@@ -63,46 +63,51 @@ inline uint64_t sort_key(double x) {
   return (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
 }
 
-// Marks the `count` largest of scores[0..n) (ties at the boundary: the earliest positions) by a
-// most-significant-digit radix select over the keys, 11 bits per pass, then writes the marked
-// positions in ascending order to out.
+// The `count` largest of scores[0..n) (ties at the boundary: the earliest positions), written to out
+// in ascending order. Most-significant-digit radix select on order-preserving keys, 11 bits per pass:
+// the first pass histograms every score, later ones only the boundary bin's candidates.
 template <typename T>
 void top_positions(const T* scores, int64_t n, int64_t count, int64_t* out) {
   using Key = decltype(sort_key(T(0)));
   constexpr int kBits = 11, kBins = 1 << kBits, kKeyBits = 8 * sizeof(Key);
-  std::vector<Key> keys(n);
-  for (int64_t t = 0; t < n; ++t) keys[t] = sort_key(scores[t]);
-  std::vector<uint8_t> keep(n, 0);
-  std::vector<int64_t> cand(n), next;
-  for (int64_t t = 0; t < n; ++t) cand[t] = t;
-  int64_t need = count;
   int shift = kKeyBits - kBits;
-  std::vector<int64_t> hist(kBins);
-  while (need > 0) {
-    if (static_cast<int64_t>(cand.size()) <= need) {  // the whole boundary set fits
-      for (int64_t t : cand) keep[t] = 1;
-      break;
-    }
-    if (shift < 0) {  // identical keys: the earliest positions (cand stays ascending)
-      for (int64_t j = 0; j < need; ++j) keep[cand[j]] = 1;
-      break;
-    }
-    std::fill(hist.begin(), hist.end(), 0);
-    for (int64_t t : cand) ++hist[(keys[t] >> shift) & (kBins - 1)];
+  std::vector<Key> keys(n);
+  std::vector<int64_t> hist(kBins, 0);
+  for (int64_t t = 0; t < n; ++t) {
+    keys[t] = sort_key(scores[t]);
+    ++hist[keys[t] >> shift];
+  }
+  std::vector<uint8_t> keep(n, 0);
+  std::vector<int64_t> cand, next;
+  int64_t need = count;
+  bool first = true;
+  while (true) {
     int64_t above = 0, bin = kBins - 1;
     for (; bin > 0 && above + hist[bin] < need; --bin) above += hist[bin];
     next.clear();
-    for (int64_t t : cand) {
+    auto split = [&](int64_t t) {
       const int64_t d = static_cast<int64_t>((keys[t] >> shift) & (kBins - 1));
       if (d > bin) keep[t] = 1;
       else if (d == bin) next.push_back(t);
+    };
+    if (first) {
+      for (int64_t t = 0; t < n; ++t) split(t);
+    } else {
+      for (int64_t t : cand) split(t);
     }
+    first = false;
     need -= above;
-    cand.swap(next);
-    shift = shift >= kBits ? shift - kBits : (shift > 0 ? 0 : -1);
+    cand.swap(next);  // ascending positions
+    if (static_cast<int64_t>(cand.size()) <= need || shift == 0) {  // all fit, or identical keys
+      for (int64_t j = 0; j < need && j < static_cast<int64_t>(cand.size()); ++j) keep[cand[j]] = 1;
+      break;
+    }
+    shift = shift >= kBits ? shift - kBits : 0;
+    std::fill(hist.begin(), hist.end(), 0);
+    for (int64_t t : cand) ++hist[(keys[t] >> shift) & (kBins - 1)];
   }
   int64_t m = 0;
-  for (int64_t t = 0; t < n; ++t)
+  for (int64_t t = 0; t < n && m < count; ++t)
     if (keep[t]) out[m++] = t;
 }
 
