@@ -14,7 +14,8 @@ updated incrementally: one appended key per step, included in the timing):
 * ``double_sparsity(budget)``: label-cache scores -> top tokens -> token-sparse attention
   (calibrated on random q/k first; the timing does not depend on which channels were chosen);
   ``group_tokens=True`` keeps one token set per kv head (one label row per kv head, the selected
-  rows fetched once per group by the page-sparse kernel's shared path).
+  rows fetched once per group by the page-sparse kernel's shared path; ``--label-dtype bfloat16``
+  stores its labels in 16 bits).
 
 This is the attention time alone; a whole decoding step of the model adds the projections and the
 MLP (see ``spattn longctx`` for end-to-end decode time and accuracy). Medians of ``--repeat``
@@ -50,7 +51,8 @@ def _step_times(step, repeat: int) -> float:
     return statistics.median(times)
 
 
-def run(ns, budgets, repeat: int, hq: int = 9, hkv: int = 3, d: int = 64, channels: int = 16) -> list[dict]:
+def run(ns, budgets, repeat: int, hq: int = 9, hkv: int = 3, d: int = 64, channels: int = 16,
+        label_dtype=None) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(0)
     for n in ns:
@@ -79,7 +81,7 @@ def run(ns, budgets, repeat: int, hq: int = 9, hkv: int = 3, d: int = 64, channe
                                     Quest(page=16, budget=budget, group_pages=True)),
                                    (f"double_sparsity(budget={budget})", _with_budget(ds, budget)),
                                    (f"double_sparsity(budget={budget}, group_tokens=True)",
-                                    _with_budget(ds, budget, group_tokens=True))):
+                                    _with_budget(ds, budget, group_tokens=True, label_dtype=label_dtype))):
                 state = SelectorState()
 
                 def sparse(i, selector=selector, state=state):
@@ -95,8 +97,8 @@ def run(ns, budgets, repeat: int, hq: int = 9, hkv: int = 3, d: int = 64, channe
     return rows
 
 
-def _with_budget(ds: DoubleSparsity, budget: int, group_tokens: bool = False) -> DoubleSparsity:
-    out = DoubleSparsity(channels=ds.channels, budget=budget, group_tokens=group_tokens)
+def _with_budget(ds: DoubleSparsity, budget: int, group_tokens: bool = False, label_dtype=None) -> DoubleSparsity:
+    out = DoubleSparsity(channels=ds.channels, budget=budget, group_tokens=group_tokens, label_dtype=label_dtype)
     out.load_state_dict(ds.state_dict())
     return out
 
@@ -107,13 +109,15 @@ def main() -> None:
     ap.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 1024])
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--channels", type=int, default=16, help="Double Sparsity label channels r")
+    ap.add_argument("--label-dtype", default=None, choices=["bfloat16", "float16"],
+                    help="label cache precision of the grouped Double Sparsity rows")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--json", default="results/decode_speed.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     with torch.no_grad():
-        rows = run(args.n, args.budgets, args.repeat, channels=args.channels)
+        rows = run(args.n, args.budgets, args.repeat, channels=args.channels, label_dtype=args.label_dtype)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}, fh, indent=2)

@@ -141,15 +141,20 @@ class LabelCache:
     keys of kv head ``h // (Hq / Hkv)``. After :meth:`update` with keys ``[B, Hkv, N, D]``,
     ``labels [B, Hq, N, r]`` holds ``keys[b, h // G, t, channels[h]]``; new positions are appended.
     (``channels`` may also hold one row per kv head, shared by its query heads: then ``Hq = Hkv``.)
+    ``dtype`` stores the labels in another precision than the keys (Double Sparsity keeps 16-bit or
+    4-bit labels: they only rank tokens), None = the keys' dtype.
     Storage is channel-major (:attr:`labels_by_channel`, ``[B, Hq, r, N]`` with unit stride along
     tokens; ``labels`` is its transposed view): scoring one query against N labels is then a product
     with contiguous rows of N, which a CPU GEMM runs about twice as fast as N rows of r.
     """
 
-    def __init__(self, channels: Tensor):
+    def __init__(self, channels: Tensor, dtype: Optional[torch.dtype] = None):
         if not isinstance(channels, Tensor) or channels.dtype != torch.long or channels.dim() != 2:
             raise TypeError("LabelCache: channels must be an int64 tensor [Hq, r]")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"LabelCache: dtype must be a floating torch.dtype or None (the keys' dtype), got {dtype!r}")
         self.channels = channels
+        self.dtype = dtype
         self.length = 0
         self._labels: Optional[_Growing] = None
 
@@ -173,7 +178,7 @@ class LabelCache:
         group = hq // hkv
         per_head = keys.repeat_interleave(group, dim=1) if group > 1 else keys  # [B, Hq, n, D]
         idx = self.channels.to(keys.device)[None, :, None, :].expand(b, hq, n, r)
-        return torch.gather(per_head, 3, idx)
+        return torch.gather(per_head, 3, idx).to(self.dtype or keys.dtype)
 
     def update(self, keys: Tensor) -> "LabelCache":
         """Bring the labels up to date with the whole key cache ``keys [B, Hkv, N, D]``."""
@@ -183,7 +188,7 @@ class LabelCache:
             self.labels is None
             or n < self.length
             or self.labels.shape[0] != keys.shape[0]
-            or self.labels.dtype != keys.dtype
+            or self.labels.dtype != (self.dtype or keys.dtype)
             or self.labels.device != keys.device
         )
         if stale:

@@ -62,6 +62,28 @@ def test_group_topk_brute_force(b, heads, r, n, count, dtype, seed):
     assert torch.equal(got, want)
 
 
+@settings(max_examples=15, deadline=None)
+@given(st.integers(2000, 9000), st.integers(1, 700), st.booleans(), st.integers(0, 10_000))
+def test_group_topk_long_caches(n, count, bf16, seed):
+    """Long caches take the sampled-threshold path (and its fallback when the sample misjudges);
+    bfloat16 labels (float32 queries) rank by the widened labels."""
+    ops = _ops()
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 9, 64, generator=g)
+    labels = torch.randn(1, 3, 8, n, generator=g)
+    if seed % 3 == 0:
+        labels[..., ::5] += 3.0  # a skewed distribution the strided sample sees differently
+    if bf16:
+        labels = labels.bfloat16()
+    channels = torch.stack([torch.randperm(64, generator=g)[:8].sort().values for _ in range(3)])
+    got = ops.group_topk(q, labels, channels, count)
+    scores = _brute_group_scores(q.double(), labels.double(), channels)
+    want_scores = scores.topk(count, dim=-1).values.sort(-1).values
+    # bfloat16 labels tie often: compare the selected scores (ties may pick other positions of equal score)
+    torch.testing.assert_close(scores.gather(-1, got).sort(-1).values, want_scores, atol=1e-9, rtol=0)
+    assert torch.equal(got, got.sort(-1).values) and all(len(set(row.tolist())) == count for row in got[0])
+
+
 def test_group_topk_ties_and_nan_take_the_earliest():
     ops = _ops()
     q = torch.ones(1, 2, 4)
@@ -128,11 +150,11 @@ def _decode_inputs(dtype=torch.float32, n=300, seed=3):
     return q, k, v
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_grouped_double_sparsity_compiled_equals_eager(dtype, monkeypatch):
+@pytest.mark.parametrize("dtype,label_dtype", [(torch.float32, None), (torch.float64, None), (torch.float32, "bfloat16")])
+def test_grouped_double_sparsity_compiled_equals_eager(dtype, label_dtype, monkeypatch):
     spy = _counting(monkeypatch)
     q, k, v = _decode_inputs(dtype)
-    ds = DoubleSparsity(channels=4, budget=40, group_tokens=True)
+    ds = DoubleSparsity(channels=4, budget=40, group_tokens=True, label_dtype=label_dtype)
     g = torch.Generator().manual_seed(4)
     ds.calibrate(torch.randn(2, 6, 64, 16, generator=g, dtype=dtype), torch.randn(2, 2, 64, 16, generator=g, dtype=dtype),
                  layer=0)

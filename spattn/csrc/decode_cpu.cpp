@@ -19,32 +19,45 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kTokenBlock = 256;
 
+// A label as a score operand: floating types as they are, bfloat16 (raw bits) widened to float.
 template <typename T>
+inline T widen(T x) { return x; }
+inline float widen(uint16_t bf16_bits) {
+  const uint32_t u = static_cast<uint32_t>(bf16_bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+template <typename T, typename L>
 void group_scores(const T* q, int64_t q_head_stride, int64_t group, const int64_t* channels, int64_t r,
-                  const T* labels, int64_t channel_stride, int64_t n, T* scores) {
+                  const L* labels, int64_t channel_stride, int64_t n, T* scores) {
   std::vector<T> acc(group * kTokenBlock);
   for (int64_t t0 = 0; t0 < n; t0 += kTokenBlock) {
     const int64_t len = std::min(kTokenBlock, n - t0);
     std::fill(acc.begin(), acc.end(), T(0));
     for (int64_t c = 0; c < r; ++c) {
-      const T* row = labels + c * channel_stride + t0;
+      const L* row = labels + c * channel_stride + t0;
       for (int64_t h = 0; h < group; ++h) {
         const T w = q[h * q_head_stride + channels[c]];
         T* a = acc.data() + h * kTokenBlock;
 #pragma omp simd
-        for (int64_t i = 0; i < len; ++i) a[i] += w * row[i];
+        for (int64_t i = 0; i < len; ++i) a[i] += w * widen(row[i]);
       }
     }
-    for (int64_t i = 0; i < len; ++i) {
-      T best = acc[i];
-      for (int64_t h = 1; h < group; ++h) best = std::max(best, acc[h * kTokenBlock + i]);
-      scores[t0 + i] = best;
+    T* out = scores + t0;
+    std::copy(acc.begin(), acc.begin() + len, out);
+    for (int64_t h = 1; h < group; ++h) {
+      const T* a = acc.data() + h * kTokenBlock;
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) out[i] = out[i] > a[i] ? out[i] : a[i];
     }
   }
 }
@@ -67,7 +80,7 @@ inline uint64_t sort_key(double x) {
 // in ascending order. Most-significant-digit radix select on order-preserving keys, 11 bits per pass:
 // the first pass histograms every score, later ones only the boundary bin's candidates.
 template <typename T>
-void top_positions(const T* scores, int64_t n, int64_t count, int64_t* out) {
+void top_positions_radix(const T* scores, int64_t n, int64_t count, int64_t* out) {
   using Key = decltype(sort_key(T(0)));
   constexpr int kBits = 11, kBins = 1 << kBits, kKeyBits = 8 * sizeof(Key);
   int shift = kKeyBits - kBits;
@@ -111,34 +124,136 @@ void top_positions(const T* scores, int64_t n, int64_t count, int64_t* out) {
     if (keep[t]) out[m++] = t;
 }
 
+// The same positions as top_positions_radix, faster when count is a small fraction of n: a
+// threshold from a strided sample keeps a candidate set a little larger than count (every score
+// >= it; when fewer than count pass, the radix select runs instead), and an nth_element over the
+// candidates by (score descending, position ascending) picks exactly count.
+template <typename T>
+void top_positions(const T* scores, int64_t n, int64_t count, int64_t* out, std::vector<int32_t>& passing) {
+  constexpr int64_t kStride = 16;
+  const int64_t samples = n / kStride;
+  const int64_t rank = 2 * (count / kStride) + 8;  // about twice the expected share, so rarely too few
+  if (samples < 64 || rank >= samples) return top_positions_radix(scores, n, count, out);
+  std::vector<T> sample(samples);
+  for (int64_t i = 0; i < samples; ++i) sample[i] = scores[i * kStride];
+  std::nth_element(sample.begin(), sample.begin() + (rank - 1), sample.end(), std::greater<T>());
+  const T thr = sample[rank - 1];
+  passing.resize(n);  // scratch reused across rows
+  int32_t* pass = passing.data();
+  int64_t found = 0;
+  for (int64_t t = 0; t < n; ++t) {  // branch-free: most scores fail
+    pass[found] = static_cast<int32_t>(t);
+    found += scores[t] >= thr;
+  }
+  if (found < count || std::isnan(thr)) return top_positions_radix(scores, n, count, out);
+  std::vector<std::pair<T, int64_t>> cand(found);
+  for (int64_t j = 0; j < found; ++j) cand[j] = {scores[pass[j]], pass[j]};
+  auto better = [](const std::pair<T, int64_t>& a, const std::pair<T, int64_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  std::nth_element(cand.begin(), cand.begin() + (count - 1), cand.end(), better);
+  for (int64_t j = 0; j < count; ++j) out[j] = cand[j].second;
+  std::sort(out, out + count);
+}
+
+template <typename T, typename L>
+void run_group_topk(const T* qp, const at::Tensor& q, const L* lp, const at::Tensor& labels, const at::Tensor& channels,
+                    int64_t count, at::Tensor& out) {
+  const int64_t b = q.size(0), hq = q.size(1), hkv = labels.size(1), r = labels.size(2), n = labels.size(3);
+  const int64_t group = hq / hkv;
+  const int64_t q_batch = q.stride(0), q_head = q.stride(1);
+  const int64_t l_batch = labels.stride(0), l_head = labels.stride(1), l_channel = labels.stride(2);
+  const int64_t* cp = channels.data_ptr<int64_t>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, b * hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scores(n);
+    std::vector<int32_t> passing;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bi = i / hkv, g = i % hkv;
+      group_scores(qp + bi * q_batch + g * group * q_head, q_head, group, cp + g * r, r,
+                   lp + bi * l_batch + g * l_head, l_channel, n, scores.data());
+      top_positions(scores.data(), n, count, op + i * count, passing);
+    }
+  });
+}
+
 at::Tensor group_topk(const at::Tensor& q, const at::Tensor& labels, const at::Tensor& channels, int64_t count) {
   // q [B, Hq, D]; labels [B, Hkv, r, N] (channel-major, unit stride along N); channels [Hkv, r] int64
   TORCH_CHECK(q.dim() == 3 && labels.dim() == 4 && channels.dim() == 2, "group_topk: bad ranks");
   TORCH_CHECK(labels.stride(3) == 1, "group_topk: labels must have unit stride along tokens");
   TORCH_CHECK(q.stride(2) == 1, "group_topk: q must have unit stride along channels");
   TORCH_CHECK(channels.scalar_type() == at::kLong && channels.is_contiguous(), "group_topk: channels int64");
-  TORCH_CHECK(q.scalar_type() == labels.scalar_type(), "group_topk: dtype mismatch");
   const int64_t b = q.size(0), hq = q.size(1), hkv = labels.size(1), r = labels.size(2), n = labels.size(3);
   TORCH_CHECK(hq % hkv == 0 && channels.size(0) == hkv && channels.size(1) == r, "group_topk: shape mismatch");
   TORCH_CHECK(count >= 1 && count <= n, "group_topk: count out of range");
-  const int64_t group = hq / hkv;
+  TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "group_topk: at most 2^31 - 1 tokens");
   auto out = at::empty({b, hkv, count}, q.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "group_topk", [&] {
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* lp = labels.data_ptr<scalar_t>();
-    const int64_t* cp = channels.data_ptr<int64_t>();
-    int64_t* op = out.data_ptr<int64_t>();
-    at::parallel_for(0, b * hkv, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> scores(n);
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t bi = i / hkv, g = i % hkv;
-        group_scores(qp + bi * q.stride(0) + g * group * q.stride(1), q.stride(1), group, cp + g * r, r,
-                     lp + bi * labels.stride(0) + g * labels.stride(1), labels.stride(2), n, scores.data());
-        top_positions(scores.data(), n, count, op + i * count);
-      }
+  if (labels.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(q.scalar_type() == at::kFloat, "group_topk: bfloat16 labels need float32 queries");
+    run_group_topk(q.data_ptr<float>(), q, reinterpret_cast<const uint16_t*>(labels.data_ptr<at::BFloat16>()), labels,
+                   channels, count, out);
+  } else {
+    TORCH_CHECK(q.scalar_type() == labels.scalar_type(), "group_topk: labels must have q's dtype (or bfloat16)");
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "group_topk", [&] {
+      run_group_topk(q.data_ptr<scalar_t>(), q, labels.data_ptr<scalar_t>(), labels, channels, count, out);
     });
-  });
+  }
   return out;
+}
+
+// Softmax attention of `group` queries (q + h * q_stride) over m shared rows; each key / value row is
+// read once for the whole group. out [group, d] must be zero; lse [group].
+template <typename T>
+void attend_group(const T* q, int64_t q_stride, int64_t group, const T* const* keys, const T* const* values,
+                  int64_t m, int64_t d, T scale, T* logits /* [group, m] */, T* out, T* lse) {
+  if (m == 0) {
+    for (int64_t h = 0; h < group; ++h) lse[h] = -std::numeric_limits<T>::infinity();
+    return;
+  }
+  constexpr int64_t kAhead = 32;  // rows are scattered over the cache: fetch ahead (values too, for the second pass)
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
+  for (int64_t j = 0; j < m; ++j) {
+    const T* kr = keys[j];
+    if (j + kAhead < m)
+      for (int64_t off = 0; off < row_bytes; off += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(keys[j + kAhead]) + off);
+        __builtin_prefetch(reinterpret_cast<const char*>(values[j + kAhead]) + off);
+      }
+    for (int64_t h = 0; h < group; ++h) {
+      const T* qh = q + h * q_stride;
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t x = 0; x < d; ++x) acc += qh[x] * kr[x];
+      logits[h * m + j] = acc * scale;
+    }
+  }
+  std::vector<T> inv(group);
+  for (int64_t h = 0; h < group; ++h) {
+    T* lh = logits + h * m;
+    T mx = lh[0];
+    for (int64_t j = 1; j < m; ++j) mx = std::max(mx, lh[j]);
+    T total = 0;
+    for (int64_t j = 0; j < m; ++j) {
+      lh[j] = std::exp(lh[j] - mx);
+      total += lh[j];
+    }
+    inv[h] = T(1) / total;
+    lse[h] = mx + std::log(total);
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    const T* vr = values[j];
+    for (int64_t h = 0; h < group; ++h) {
+      const T p = logits[h * m + j];
+      T* oh = out + h * d;
+#pragma omp simd
+      for (int64_t x = 0; x < d; ++x) oh[x] += p * vr[x];
+    }
+  }
+  for (int64_t h = 0; h < group; ++h) {
+    T* oh = out + h * d;
+#pragma omp simd
+    for (int64_t x = 0; x < d; ++x) oh[x] *= inv[h];
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> shared_rows_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -175,37 +290,10 @@ std::tuple<at::Tensor, at::Tensor> shared_rows_attention(const at::Tensor& q, co
           values[m] = vp + bi * v.stride(0) + g * v.stride(1) + t * v.stride(2);
           ++m;
         }
-        for (int64_t h = 0; h < group; ++h) {
-          const int64_t head = g * group + h;
-          const scalar_t* qh = qp + bi * q.stride(0) + head * q.stride(1);
-          scalar_t* oh = op + (bi * hq + head) * d;
-          scalar_t* lh = logits.data() + h * width;
-          if (m == 0) {
-            lp[bi * hq + head] = -std::numeric_limits<scalar_t>::infinity();
-            continue;
-          }
-          scalar_t mx = -std::numeric_limits<scalar_t>::infinity();
-          for (int64_t j = 0; j < m; ++j) {
-            const scalar_t* kr = keys[j];
-            scalar_t acc = 0;
-_Pragma("omp simd reduction(+ : acc)")
-            for (int64_t x = 0; x < d; ++x) acc += qh[x] * kr[x];
-            lh[j] = acc * sc;
-            mx = std::max(mx, lh[j]);
-          }
-          scalar_t total = 0;
-          for (int64_t j = 0; j < m; ++j) {
-            const scalar_t p = std::exp(lh[j] - mx);
-            total += p;
-            const scalar_t* vr = values[j];
-_Pragma("omp simd")
-            for (int64_t x = 0; x < d; ++x) oh[x] += p * vr[x];
-          }
-          const scalar_t inv = scalar_t(1) / total;
-_Pragma("omp simd")
-          for (int64_t x = 0; x < d; ++x) oh[x] *= inv;
-          lp[bi * hq + head] = mx + std::log(total);
-        }
+        const scalar_t* qg = qp + bi * q.stride(0) + g * group * q.stride(1);
+        scalar_t* og = op + (bi * hq + g * group) * d;
+        scalar_t* lg = lp + bi * hq + g * group;
+        attend_group(qg, q.stride(1), group, keys.data(), values.data(), m, d, sc, logits.data(), og, lg);
       }
     });
   });

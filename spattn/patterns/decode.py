@@ -45,6 +45,9 @@ from .base import Pattern, check_int, check_qk
 
 __all__ = ["Quest", "DoubleSparsity", "TidalDecode", "quest_page_bounds", "resolve_budget"]
 
+#: Double Sparsity label cache precisions (None: the keys' dtype)
+_LABEL_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 #: elements of one chunk of approximate scores ``[B, Hq, chunk, Nk]``
 _SCORE_BUDGET = 1 << 24
 
@@ -250,6 +253,9 @@ class DoubleSparsity(_DecodeSelector):
             a token's group score is the max of its heads' approximate scores. Each kept token is then
             read once per group (a :class:`~spattn.selection.PageSelection` of one-token pages, run by
             the page-sparse kernel's shared fetch), as Quest's ``group_pages``.
+        label_dtype: precision of the label cache: None (the keys' dtype) or ``"bfloat16"`` /
+            ``"float16"`` (half the bytes read per step; the paper keeps 16-bit labels, optionally 4-bit).
+            Labels only rank tokens: attention runs on the full-precision keys.
 
     Calibration (offline, on text like the deployment data): for every layer and query head,
     ``importance[h, d] = mean_t |q[t, d] * k[t, d]|`` over positions ``t`` of the calibration
@@ -260,15 +266,17 @@ class DoubleSparsity(_DecodeSelector):
     name = "double_sparsity"
 
     def __init__(self, channels: int = 16, budget: Union[int, float] = 256, calibration: Optional[str] = None,
-                 group_tokens: bool = False):
+                 group_tokens: bool = False, label_dtype: Optional[str] = None):
         check_int("double_sparsity", "channels", channels, minimum=1)
         check_budget("double_sparsity", budget)
         if calibration is not None and not isinstance(calibration, (str, os.PathLike)):
             raise TypeError(f"double_sparsity: calibration must be a file path or None, got {calibration!r}")
         if not isinstance(group_tokens, bool):
             raise TypeError(f"double_sparsity: group_tokens must be a bool, got {group_tokens!r}")
+        if label_dtype not in _LABEL_DTYPES:
+            raise ValueError(f"double_sparsity: label_dtype must be one of {sorted(_LABEL_DTYPES, key=str)}, got {label_dtype!r}")
         self.channels, self.budget, self.calibration = channels, budget, calibration
-        self.group_tokens = group_tokens
+        self.group_tokens, self.label_dtype = group_tokens, label_dtype
         self._sums: dict[Any, Tensor] = {}
         self._counts: dict[Any, int] = {}
         self._channel_maps: dict[Any, Tensor] = {}  # per (layer, device): cleared when statistics change
@@ -383,13 +391,13 @@ class DoubleSparsity(_DecodeSelector):
         if count >= nk:
             return None
         if state is None:
-            cache_labels = LabelCache(channels).update(k)
+            cache_labels = LabelCache(channels, _LABEL_DTYPES[self.label_dtype]).update(k)
         else:
             slot = state.layer(layer)
             cache_labels = slot.get("ds_labels")
-            if cache_labels is None or (cache_labels.channels is not channels
-                                        and not torch.equal(cache_labels.channels, channels)):
-                cache_labels = slot["ds_labels"] = LabelCache(channels)
+            if cache_labels is None or cache_labels.dtype != _LABEL_DTYPES[self.label_dtype] or (
+                    cache_labels.channels is not channels and not torch.equal(cache_labels.channels, channels)):
+                cache_labels = slot["ds_labels"] = LabelCache(channels, _LABEL_DTYPES[self.label_dtype])
             cache_labels.update(k)
         labels = cache_labels.labels  # [B, Hq / group, Nk, r]
         if group > 1 and nq == 1:
@@ -423,7 +431,9 @@ def _group_topk_compiled(q: Tensor, cache: LabelCache, channels: Tensor, count: 
     """Grouped Double Sparsity selection of single queries by the compiled CPU loop, or None where it
     does not apply (no compiler, GPU, half precision): the eager path computes the same positions."""
     labels = cache.labels_by_channel
-    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64) or labels.dtype != q.dtype:
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
+        return None
+    if labels.dtype != q.dtype and not (q.dtype == torch.float32 and labels.dtype == torch.bfloat16):
         return None
     ext = _compiled.ops()
     if ext is None:
