@@ -156,6 +156,8 @@ class LabelCache:
         self.channels = channels
         self.dtype = dtype
         self.length = 0
+        self._max_channel = int(channels.max()) if channels.numel() else -1  # checked against D once per call
+        self._index: Optional[Tensor] = None  # channels on the keys' device, [1, Hq, 1, r]
         self._labels: Optional[_Growing] = None
 
     @property
@@ -169,32 +171,36 @@ class LabelCache:
         return None if self._labels is None else self._labels.data
 
     def _gather(self, keys: Tensor) -> Tensor:
+        """``keys [B, Hkv, n, D]`` -> channel-major labels ``[B, Hq, r, n]``."""
         b, hkv, n, d = keys.shape
         hq, r = self.channels.shape
         if hq % hkv:
             raise ValueError(f"LabelCache: {hq} query heads of channels is not a multiple of the {hkv} kv heads of keys")
-        if int(self.channels.max()) >= d:
-            raise ValueError(f"LabelCache: channel index {int(self.channels.max())} out of range for head dim {d}")
+        if self._max_channel >= d:
+            raise ValueError(f"LabelCache: channel index {self._max_channel} out of range for head dim {d}")
         group = hq // hkv
         per_head = keys.repeat_interleave(group, dim=1) if group > 1 else keys  # [B, Hq, n, D]
-        idx = self.channels.to(keys.device)[None, :, None, :].expand(b, hq, n, r)
-        return torch.gather(per_head, 3, idx).to(self.dtype or keys.dtype)
+        if self._index is None or self._index.device != keys.device:
+            self._index = self.channels.to(keys.device)[None, :, None, :]
+        labels = torch.gather(per_head, 3, self._index.expand(b, hq, n, r))
+        return labels.to(self.dtype or keys.dtype).transpose(2, 3)
 
     def update(self, keys: Tensor) -> "LabelCache":
         """Bring the labels up to date with the whole key cache ``keys [B, Hkv, N, D]``."""
         _check_keys("LabelCache", keys)
         n = keys.shape[2]
+        stored = None if self._labels is None else self._labels.data
         stale = (
-            self.labels is None
+            stored is None
             or n < self.length
-            or self.labels.shape[0] != keys.shape[0]
-            or self.labels.dtype != (self.dtype or keys.dtype)
-            or self.labels.device != keys.device
+            or stored.shape[0] != keys.shape[0]
+            or stored.dtype != (self.dtype or keys.dtype)
+            or stored.device != keys.device
         )
         if stale:
-            self._labels = _Growing(self._gather(keys).transpose(2, 3), dim=3)
+            self._labels = _Growing(self._gather(keys), dim=3)
         elif n > self.length:
-            self._labels.append(self._gather(keys[:, :, self.length:]).transpose(2, 3))
+            self._labels.append(self._gather(keys[:, :, self.length:]))
         self.length = n
         return self
 

@@ -37,6 +37,12 @@ def _check_index_tensor(owner: str, name: str, t: Tensor, dims: int) -> None:
         raise ValueError(f"{owner}: {name} must be {dims}-D, got shape {tuple(t.shape)}")
 
 
+def _within(t: Tensor, end: int) -> bool:
+    """Every entry of the int64 tensor ``t`` lies in ``[-1, end)`` (one reduction pass)."""
+    low, high = torch.aminmax(t)
+    return int(low) >= -1 and int(high) < end
+
+
 @dataclass(frozen=True)
 class TokenSelection:
     """Per-query key indices.
@@ -56,7 +62,7 @@ class TokenSelection:
         _check_index_tensor("TokenSelection", "indices", self.indices, 4)
         if self.indices.shape[2] != self.q_len:
             raise ValueError(f"TokenSelection: indices has {self.indices.shape[2]} query rows but q_len={self.q_len}")
-        if self.indices.numel() and (int(self.indices.min()) < -1 or int(self.indices.max()) >= self.kv_len):
+        if self.indices.numel() and not _within(self.indices, self.kv_len):
             raise ValueError(f"TokenSelection: indices must lie in [-1, {self.kv_len}), -1 = unused slot")
 
     @property
@@ -130,7 +136,7 @@ class PageSelection:
             raise ValueError(f"PageSelection: page must be an int >= 1, got {self.page!r}")
         if self.pages.shape[2] != self.q_len:
             raise ValueError(f"PageSelection: pages has {self.pages.shape[2]} query rows but q_len={self.q_len}")
-        if self.pages.numel() and (int(self.pages.min()) < -1 or int(self.pages.max()) >= self.num_pages):
+        if self.pages.numel() and not _within(self.pages, self.num_pages):
             raise ValueError(f"PageSelection: pages must lie in [-1, {self.num_pages}), -1 = unused slot")
         s, h = self.shared_by, self.pages.shape[1]
         if isinstance(s, bool) or not isinstance(s, int) or s < 1 or h % s:

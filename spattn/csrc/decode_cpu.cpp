@@ -127,7 +127,8 @@ void top_positions_radix(const T* scores, int64_t n, int64_t count, int64_t* out
 // The same positions as top_positions_radix, faster when count is a small fraction of n: a
 // threshold from a strided sample keeps a candidate set a little larger than count (every score
 // >= it; when fewer than count pass, the radix select runs instead), and an nth_element over the
-// candidates by (score descending, position ascending) picks exactly count.
+// candidate values gives the count-th largest score, and one pass over the candidates (ascending
+// positions) keeps those above it and the earliest ties.
 template <typename T>
 void top_positions(const T* scores, int64_t n, int64_t count, int64_t* out, std::vector<int32_t>& passing) {
   constexpr int64_t kStride = 16;
@@ -146,14 +147,17 @@ void top_positions(const T* scores, int64_t n, int64_t count, int64_t* out, std:
     found += scores[t] >= thr;
   }
   if (found < count || std::isnan(thr)) return top_positions_radix(scores, n, count, out);
-  std::vector<std::pair<T, int64_t>> cand(found);
-  for (int64_t j = 0; j < found; ++j) cand[j] = {scores[pass[j]], pass[j]};
-  auto better = [](const std::pair<T, int64_t>& a, const std::pair<T, int64_t>& b) {
-    return a.first > b.first || (a.first == b.first && a.second < b.second);
-  };
-  std::nth_element(cand.begin(), cand.begin() + (count - 1), cand.end(), better);
-  for (int64_t j = 0; j < count; ++j) out[j] = cand[j].second;
-  std::sort(out, out + count);
+  std::vector<T> values(found);
+  for (int64_t j = 0; j < found; ++j) values[j] = scores[pass[j]];
+  std::nth_element(values.begin(), values.begin() + (count - 1), values.end(), std::greater<T>());
+  const T kth = values[count - 1];
+  int64_t above = 0;
+  for (int64_t j = 0; j < found; ++j) above += scores[pass[j]] > kth;
+  int64_t ties = count - above, m = 0;  // candidates are in ascending position order
+  for (int64_t j = 0; j < found && m < count; ++j) {
+    const T v = scores[pass[j]];
+    if (v > kth || (v == kth && ties-- > 0)) out[m++] = pass[j];
+  }
 }
 
 template <typename T, typename L>
