@@ -297,6 +297,12 @@ def test_errors():
         DoubleSparsity(budget=-1)
     with pytest.raises(ValueError, match="does not exist"):
         DoubleSparsity(calibration="/nonexistent/ds.json")
+    with pytest.raises(ValueError, match="label_dtype"):
+        DoubleSparsity(label_dtype="int8")
+    with pytest.raises(TypeError, match="group_tokens"):
+        DoubleSparsity(group_tokens=1)
+    with pytest.raises(TypeError, match="dtype"):
+        LabelCache(torch.zeros(2, 3, dtype=torch.long), dtype=torch.int32)
     with pytest.raises(ValueError):
         TidalDecode(budget=0)
     with pytest.raises(ValueError, match="increasing"):
