@@ -17,6 +17,11 @@ updated incrementally: one appended key per step, included in the timing):
   rows fetched once per group by the page-sparse kernel's shared path; ``--label-dtype bfloat16``
   stores its labels in 16 bits).
 
+``--layers L`` keeps L independent caches and visits each once per step, as a model's decoding
+step does (SmolLM2 has 30 layers): then no layer's cache is still in the CPU's caches when it is
+read again, which is the situation inside a model; with the default ``--layers 1`` one 8k cache
+(12.6 MB) stays in a 32 MB L3 and dense attention runs from cache. Times are per layer.
+
 This is the attention time alone; a whole decoding step of the model adds the projections and the
 MLP (see ``spattn longctx`` for end-to-end decode time and accuracy). Medians of ``--repeat``
 steps after a warm-up. Run from the repository root: ``python benchmarks/decode_speed.py``.
@@ -52,29 +57,32 @@ def _step_times(step, repeat: int) -> float:
 
 
 def run(ns, budgets, repeat: int, hq: int = 9, hkv: int = 3, d: int = 64, channels: int = 16,
-        label_dtype=None) -> list[dict]:
+        label_dtype=None, layers: int = 1) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(0)
     for n in ns:
-        k = torch.randn(1, hkv, n + repeat + 1, d, generator=gen)
-        v = torch.randn(1, hkv, n + repeat + 1, d, generator=gen)
-        q = torch.randn(1, hq, repeat + 1, d, generator=gen)
+        # one cache per layer: a model's step reads every layer's cache once, so none stays in the CPU's cache
+        ks = [torch.randn(1, hkv, n + repeat + 1, d, generator=gen) for _ in range(layers)]
+        vs = [torch.randn(1, hkv, n + repeat + 1, d, generator=gen) for _ in range(layers)]
+        qs = [torch.randn(1, hq, repeat + 1, d, generator=gen) for _ in range(layers)]
 
-        def cache(i):  # the cache grows by one token per step
-            return k[:, :, : n + i + 1], v[:, :, : n + i + 1], q[:, :, i: i + 1]
+        def cache(i, layer):  # the cache grows by one token per step
+            return ks[layer][:, :, : n + i + 1], vs[layer][:, :, : n + i + 1], qs[layer][:, :, i: i + 1]
 
         def dense(i):
-            kc, vc, qi = cache(i)
-            F.scaled_dot_product_attention(qi, kc, vc, enable_gqa=True)
+            for layer in range(layers):
+                kc, vc, qi = cache(i, layer)
+                F.scaled_dot_product_attention(qi, kc, vc, enable_gqa=True)
 
         def dense_grouped(i):
-            kc, vc, qi = cache(i)
-            spattn.attention(qi, kc, vc)
+            for layer in range(layers):
+                kc, vc, qi = cache(i, layer)
+                spattn.attention(qi, kc, vc)
 
-        row = {"n": n, "dense_ms": 1e3 * _step_times(dense, repeat),
-               "dense_grouped_ms": 1e3 * _step_times(dense_grouped, repeat)}
+        row = {"n": n, "layers": layers, "dense_ms": 1e3 * _step_times(dense, repeat) / layers,
+               "dense_grouped_ms": 1e3 * _step_times(dense_grouped, repeat) / layers}
         ds = DoubleSparsity(channels=channels, budget=max(budgets))
-        ds.calibrate(torch.randn(1, hq, 512, d, generator=gen), torch.randn(1, hkv, 512, d, generator=gen), layer=0)
+        ds.calibrate(torch.randn(1, hq, 512, d, generator=gen), torch.randn(1, hkv, 512, d, generator=gen))  # every layer
         for budget in budgets:
             for name, selector in ((f"quest(budget={budget})", Quest(page=16, budget=budget)),
                                    (f"quest(budget={budget}, group_pages=True)",
@@ -85,11 +93,12 @@ def run(ns, budgets, repeat: int, hq: int = 9, hkv: int = 3, d: int = 64, channe
                 state = SelectorState()
 
                 def sparse(i, selector=selector, state=state):
-                    kc, vc, qi = cache(i)
-                    sel = selector.plan(qi, kc, True, state=state, layer=0)
-                    spattn.attention(qi, kc, vc, sel)
+                    for layer in range(layers):
+                        kc, vc, qi = cache(i, layer)
+                        sel = selector.plan(qi, kc, True, state=state, layer=layer)
+                        spattn.attention(qi, kc, vc, sel)
 
-                ms = 1e3 * _step_times(sparse, repeat)
+                ms = 1e3 * _step_times(sparse, repeat) / layers
                 row[name] = {"ms": ms, "speedup": row["dense_ms"] / ms,
                              "speedup_vs_grouped": row["dense_grouped_ms"] / ms}
         rows.append(row)
@@ -109,6 +118,8 @@ def main() -> None:
     ap.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 1024])
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--channels", type=int, default=16, help="Double Sparsity label channels r")
+    ap.add_argument("--layers", type=int, default=1,
+                    help="independent per-layer caches visited in turn each step (SmolLM2: 30); times are per layer")
     ap.add_argument("--label-dtype", default=None, choices=["bfloat16", "float16"],
                     help="label cache precision of the grouped Double Sparsity rows")
     ap.add_argument("--threads", type=int)
@@ -117,11 +128,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     with torch.no_grad():
-        rows = run(args.n, args.budgets, args.repeat, channels=args.channels, label_dtype=args.label_dtype)
+        rows = run(args.n, args.budgets, args.repeat, channels=args.channels, label_dtype=args.label_dtype,
+                   layers=args.layers)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}, fh, indent=2)
-    dense_keys = ("n", "dense_ms", "dense_grouped_ms")
+    dense_keys = ("n", "layers", "dense_ms", "dense_grouped_ms")
     print("ms per step (speedup vs dense SDPA / vs grouped dense)")
     print(f"{'N':>6} {'dense':>7} {'grouped':>8} " + " ".join(f"{k:>30}" for k in rows[0] if k not in dense_keys))
     for r in rows:

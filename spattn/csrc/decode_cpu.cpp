@@ -78,50 +78,52 @@ inline uint64_t sort_key(double x) {
 
 // The `count` largest of scores[0..n) (ties at the boundary: the earliest positions), written to out
 // in ascending order. Most-significant-digit radix select on order-preserving keys, 11 bits per pass:
-// the first pass histograms every score, later ones only the boundary bin's candidates.
+// the first pass histograms every score, later ones only the boundary bin's candidates. The passes
+// are branch-free (scores are data: their comparisons would mispredict).
 template <typename T>
 void top_positions_radix(const T* scores, int64_t n, int64_t count, int64_t* out) {
   using Key = decltype(sort_key(T(0)));
   constexpr int kBits = 11, kBins = 1 << kBits, kKeyBits = 8 * sizeof(Key);
   int shift = kKeyBits - kBits;
   std::vector<Key> keys(n);
-  std::vector<int64_t> hist(kBins, 0);
+  std::vector<int32_t> hist(2 * kBins, 0);  // two interleaved copies: consecutive equal bins do not stall
   for (int64_t t = 0; t < n; ++t) {
     keys[t] = sort_key(scores[t]);
-    ++hist[keys[t] >> shift];
+    ++hist[((t & 1) << kBits) + (keys[t] >> shift)];
   }
+  for (int b = 0; b < kBins; ++b) hist[b] += hist[kBins + b];
   std::vector<uint8_t> keep(n, 0);
-  std::vector<int64_t> cand, next;
-  int64_t need = count;
+  std::vector<int64_t> cand(n), next(n);
+  int64_t cands = n, need = count;
   bool first = true;
   while (true) {
     int64_t above = 0, bin = kBins - 1;
     for (; bin > 0 && above + hist[bin] < need; --bin) above += hist[bin];
-    next.clear();
-    auto split = [&](int64_t t) {
+    int64_t m = 0;
+    for (int64_t j = 0; j < cands; ++j) {
+      const int64_t t = first ? j : cand[j];
       const int64_t d = static_cast<int64_t>((keys[t] >> shift) & (kBins - 1));
-      if (d > bin) keep[t] = 1;
-      else if (d == bin) next.push_back(t);
-    };
-    if (first) {
-      for (int64_t t = 0; t < n; ++t) split(t);
-    } else {
-      for (int64_t t : cand) split(t);
+      keep[t] = d > bin;
+      next[m] = t;
+      m += d == bin;
     }
     first = false;
     need -= above;
-    cand.swap(next);  // ascending positions
-    if (static_cast<int64_t>(cand.size()) <= need || shift == 0) {  // all fit, or identical keys
-      for (int64_t j = 0; j < need && j < static_cast<int64_t>(cand.size()); ++j) keep[cand[j]] = 1;
+    cand.swap(next);
+    cands = m;  // ascending positions
+    if (cands <= need || shift == 0) {  // the whole bin fits, or identical keys: the earliest
+      for (int64_t j = 0; j < need && j < cands; ++j) keep[cand[j]] = 1;
       break;
     }
     shift = shift >= kBits ? shift - kBits : 0;
-    std::fill(hist.begin(), hist.end(), 0);
-    for (int64_t t : cand) ++hist[(keys[t] >> shift) & (kBins - 1)];
+    std::fill(hist.begin(), hist.begin() + kBins, 0);
+    for (int64_t j = 0; j < cands; ++j) ++hist[(keys[cand[j]] >> shift) & (kBins - 1)];
   }
   int64_t m = 0;
-  for (int64_t t = 0; t < n && m < count; ++t)
-    if (keep[t]) out[m++] = t;
+  for (int64_t t = 0; t < n && m < count; ++t) {  // branch-free compaction, ascending
+    out[m] = t;
+    m += keep[t];
+  }
 }
 
 // The same positions as top_positions_radix, faster when count is a small fraction of n: a
