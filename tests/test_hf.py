@@ -171,6 +171,17 @@ def test_double_sparsity_calibration_through_model(tiny, tmp_path):
     with torch.no_grad(), hf.sparsify(tiny, decode=loaded) as h:
         tiny.generate(_ids(40), max_new_tokens=4, do_sample=False)
         assert h.density("decode") < 1
+    # one token set per GQA group with 16-bit labels; a budget covering the cache is exactly dense
+    grouped = hf.calibrate_double_sparsity(tiny, [_ids(32, seed=1)], channels=4, budget=8, group_tokens=True,
+                                           label_dtype="bfloat16")
+    with torch.no_grad(), hf.sparsify(tiny, decode=grouped) as h:
+        tiny.generate(_ids(40), max_new_tokens=4, do_sample=False)
+        assert h.density("decode") < 1
+    whole = DoubleSparsity(channels=4, budget=1.0, group_tokens=True)
+    whole.load_state_dict(grouped.state_dict())
+    want = tiny.generate(_ids(40), max_new_tokens=4, do_sample=False)
+    with torch.no_grad(), hf.sparsify(tiny, decode=whole):
+        assert torch.equal(tiny.generate(_ids(40), max_new_tokens=4, do_sample=False), want)
 
 
 def test_invalid_configs_leave_model_untouched(tiny):
