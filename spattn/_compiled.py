@@ -14,7 +14,7 @@ query rows against 8k label columns). Two fused loops remove that:
 They are built on first use with ``torch.utils.cpp_extension.load`` (needs a C++ compiler and
 ninja; a few tens of seconds, cached under ``TORCH_EXTENSIONS_DIR``). :func:`ops` returns None when
 the build is impossible or disabled (``SPATTN_NO_EXT=1``); callers then run their eager path, which
-computes the same result.
+computes the same result (a top-k may keep another of several equal scores).
 
 Lowest layer (beside :mod:`spattn.layout`): imports nothing from spattn, so the decode selectors
 (patterns) and the page-sparse kernel can both use it.

@@ -429,7 +429,8 @@ class DoubleSparsity(_DecodeSelector):
 
 def _group_topk_compiled(q: Tensor, cache: LabelCache, channels: Tensor, count: int) -> Optional[Tensor]:
     """Grouped Double Sparsity selection of single queries by the compiled CPU loop, or None where it
-    does not apply (no compiler, GPU, half precision): the eager path computes the same positions."""
+    does not apply (no compiler, GPU, half precision): the eager path computes the same positions
+    (up to which of several equal scores is kept: the compiled loop keeps the earliest)."""
     labels = cache.labels_by_channel
     if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
         return None
