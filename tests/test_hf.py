@@ -196,8 +196,8 @@ def test_invalid_configs_leave_model_untouched(tiny):
         (dict(prefill="nonexistent"), ValueError, "unknown attention mechanism"),
         (dict(prefill=3), TypeError, "spec string"),
         (dict(backend="gpu"), ValueError, "backend"),
-        (dict(prefill="window(size=4)", dense_tail=-1), ValueError, "dense_tail must be an int >= 0"),
-        (dict(prefill="window(size=4)", dense_tail=2.0), ValueError, "dense_tail must be an int"),
+        (dict(prefill="window(size=4)", dense_tail=-1), ValueError, "dense_tail must be >= 0"),
+        (dict(prefill="window(size=4)", dense_tail=2.0), TypeError, "dense_tail must be an int"),
         (dict(dense_tail=8), ValueError, "dense_tail only applies to a sparse prefill"),
         (dict(layers="0"), TypeError, "iterable of ints"),
     ]

@@ -364,8 +364,10 @@ def sparsify(model, prefill: Union[None, str, Pattern] = None, decode: Union[Non
     head_list = None if heads is None else sorted(_index_set(heads, "heads", num_heads))
     if head_list is not None and not head_list:
         raise ValueError("sparsify: heads must not be empty (use heads=None for all heads)")
-    if isinstance(dense_tail, bool) or not isinstance(dense_tail, int) or dense_tail < 0:
-        raise ValueError(f"sparsify: dense_tail must be an int >= 0 (query rows kept dense), got {dense_tail!r}")
+    if isinstance(dense_tail, bool) or not isinstance(dense_tail, int):
+        raise TypeError(f"sparsify: dense_tail must be an int (query rows kept dense), got {dense_tail!r}")
+    if dense_tail < 0:
+        raise ValueError(f"sparsify: dense_tail must be >= 0 (query rows kept dense), got {dense_tail}")
     if dense_tail and prefill_p is None:
         raise ValueError("sparsify: dense_tail only applies to a sparse prefill; pass prefill=... as well")
     if backend not in ("auto", "reference", "blocksparse", "flex"):
