@@ -40,6 +40,18 @@ def _fast_path_applies(q: Tensor, k: Tensor, v: Tensor, sel: PageSelection, key_
     return b * hq * nq * sel.pages.shape[-1] * sel.page * d <= PAGE_GATHER_BUDGET
 
 
+def _pages_per_kv_head(sel: PageSelection, group: int) -> Tensor:
+    """The page sets of a selection shared by each GQA group: ``[B', Hkv or 1, Nq, P]``."""
+    return sel.pages if sel.heads == 1 else sel.pages[:, ::group]
+
+
+def _page_tokens(pages: Tensor, page: int, nk: int) -> tuple[Tensor, Tensor]:
+    """``pages [..., 1]`` -> token positions ``[..., page]`` and which of them exist: used slots, and
+    not the part of the last page not yet written."""
+    tokens = pages * page + torch.arange(page, device=pages.device)
+    return tokens, (pages >= 0) & (tokens < nk)
+
+
 def _shared_decode(q: Tensor, k: Tensor, v: Tensor, sel: PageSelection, scale: float):
     """One query per head, one page set per kv head: the compiled loop (:mod:`spattn._compiled`) reads each
     selected row once per group. Returns ``(out, lse)``, or None where it does not apply."""
@@ -52,12 +64,12 @@ def _shared_decode(q: Tensor, k: Tensor, v: Tensor, sel: PageSelection, scale: f
         return None
     b, hq, _, d = q.shape
     hkv, nk, g = k.shape[1], k.shape[2], q.shape[1] // k.shape[1]
-    pages = (sel.pages if sel.heads == 1 else sel.pages[:, ::g]).expand(b, hkv, 1, sel.pages.shape[-1])[:, :, 0]
-    if sel.page == 1:
+    pages = _pages_per_kv_head(sel, g).expand(b, hkv, 1, sel.pages.shape[-1])[:, :, 0]
+    if sel.page == 1:  # one-token pages (grouped Double Sparsity): the pages are the rows
         rows = pages
     else:
-        tokens = pages[..., None] * sel.page + torch.arange(sel.page, device=q.device)
-        rows = torch.where((pages[..., None] >= 0) & (tokens < nk), tokens, -1).flatten(-2)
+        tokens, exists = _page_tokens(pages[..., None], sel.page, nk)
+        rows = torch.where(exists, tokens, -1).flatten(-2)
     out, lse = ext.shared_rows_attention(q[:, :, 0], k, v, rows.contiguous(), scale)
     return out.view(b, hq, 1, d), lse.view(b, hq, 1).to(_compute_dtype(q.dtype))
 
@@ -79,13 +91,11 @@ def _page_attention(q: Tensor, k: Tensor, v: Tensor, sel: PageSelection, scale: 
     cdt = _compute_dtype(q.dtype)
     slots = sel.pages.shape[-1]
     if shared:
-        rows_per_kv = sel.pages if sel.heads == 1 else sel.pages[:, ::g]
-        pages = rows_per_kv.expand(b, hkv, nq, slots).reshape(b, hkv, 1, nq, slots, 1)
+        pages = _pages_per_kv_head(sel, g).expand(b, hkv, nq, slots).reshape(b, hkv, 1, nq, slots, 1)
     else:
         pages = sel.pages.expand(b, hq, nq, slots).reshape(b, hkv, g, nq, slots, 1)
     sets = pages.shape[2]
-    tokens = pages * page + torch.arange(page, device=q.device)  # [b, hkv, sets, nq, slots, page]
-    keep = (pages >= 0) & (tokens < nk)  # unused slots, and the part of the last page not yet written
+    tokens, keep = _page_tokens(pages, page, nk)  # [b, hkv, sets, nq, slots, page]
     if sel.causal and nq > 1:  # several causal queries see different prefixes
         keep = keep & (tokens <= sel.last_visible().view(1, 1, 1, nq, 1, 1))
     # every selected token is one row of K / V; masked slots read a valid row and are ignored

@@ -384,7 +384,7 @@ class DoubleSparsity(_DecodeSelector):
         hkv, nk = k.shape[1], k.shape[2]
         count = resolve_budget(self.budget, nk)
         group = hq // hkv if self.group_tokens else 1
-        calibrated_heads = self.importance(layer).shape[0]
+        calibrated_heads = self._sums[self._layer_key(layer)].shape[0]
         if calibrated_heads != hq:
             raise ValueError(f"double_sparsity: calibrated for {calibrated_heads} query heads, q has {hq}")
         channels = self.channel_map(layer, device=q.device, group=group)  # [Hq / group, r]
@@ -399,13 +399,11 @@ class DoubleSparsity(_DecodeSelector):
                     cache_labels.channels is not channels and not torch.equal(cache_labels.channels, channels)):
                 cache_labels = slot["ds_labels"] = LabelCache(channels, _LABEL_DTYPES[self.label_dtype])
             cache_labels.update(k)
-        labels = cache_labels.labels  # [B, Hq / group, Nk, r]
         if group > 1 and nq == 1:
             fused = _group_topk_compiled(q, cache_labels, channels, count)
             if fused is not None:  # [B, Hkv, count], ascending positions
-                return PageSelection(fused[:, :, None].repeat_interleave(group, dim=1), 1, q_len=1, kv_len=nk,
-                                     causal=causal, shared_by=group)
-        head_channels = channels.repeat_interleave(group, dim=0) if group > 1 else channels
+                return _group_token_pages(fused[:, :, None], group, nk, causal)
+        labels = cache_labels.labels  # [B, Hq / group, Nk, r]
         last = _limits(nq, nk, causal, q.device)
         pos = torch.arange(nk, device=q.device)
         chunk = max(1, _SCORE_BUDGET // max(1, b * hq * nk))
@@ -416,15 +414,20 @@ class DoubleSparsity(_DecodeSelector):
                 qg = q[:, :, c0:c1].reshape(b, hkv, group * (c1 - c0), d)
                 scores = self.approx_scores(qg, labels, channels).view(b, hkv, group, c1 - c0, nk).amax(dim=2)
             else:
-                scores = self.approx_scores(q[:, :, c0:c1], labels, head_channels)
+                scores = self.approx_scores(q[:, :, c0:c1], labels, channels)
             if causal and nq > 1:  # a single (or non-causal) query sees every key
                 scores = scores.masked_fill(pos[None, :] > last[c0:c1, None], float("-inf"))
             parts.append(_topk_tokens(scores, count))
         indices = torch.cat(parts, dim=2)
-        if group > 1:  # one-token pages shared by the group's query heads
-            return PageSelection(indices.repeat_interleave(group, dim=1), 1, q_len=nq, kv_len=nk, causal=causal,
-                                 shared_by=group)
+        if group > 1:
+            return _group_token_pages(indices, group, nk, causal)
         return TokenSelection(indices, q_len=nq, kv_len=nk)
+
+
+def _group_token_pages(indices: Tensor, group: int, kv_len: int, causal: bool) -> PageSelection:
+    """Token positions per kv head ``[B, Hkv, Nq, K]`` as one-token pages shared by each group's query heads."""
+    return PageSelection(indices.repeat_interleave(group, dim=1), 1, q_len=indices.shape[2], kv_len=kv_len,
+                         causal=causal, shared_by=group)
 
 
 def _group_topk_compiled(q: Tensor, cache: LabelCache, channels: Tensor, count: int) -> Optional[Tensor]:
