@@ -1,4 +1,4 @@
-"""Optional compiled CPU loops for decoding with GQA-shared key sets (``csrc/decode_cpu.cpp``).
+"""Optional compiled CPU loops (``csrc/*.cpp``): decoding with GQA-shared key sets, block-sparse prefill.
 
 One decoding step attends one query per head to a few hundred cached keys: on CPU, eager PyTorch
 spends most of such a step in per-operator overhead and in shapes its GEMMs handle poorly (three
@@ -9,7 +9,11 @@ query rows against 8k label columns). Two fused loops remove that:
   ``count`` best positions ascending;
 * ``shared_rows_attention(q [B, Hq, D], k, v [B, Hkv, N, D], rows [B, Hkv, R], scale) -> (out, lse)``:
   softmax attention of every query head over the rows of its kv head (``-1`` = unused), each row
-  read once per group.
+  read once per group;
+* ``block_sparse_forward(q, k, v, kv_num, kv_idx, mask_id, masks, block_q, block_k, scale) -> (out, lse)``:
+  inference forward of a block Layout (``csrc/blocksparse_cpu.cpp``): online softmax over the selected
+  key blocks read in place, consecutive whole blocks merged into one GEMM, partial tiles masked by
+  ``masks[mask_id]`` (see :mod:`spattn.kernels.blocksparse_cpu`).
 
 They are built on first use with ``torch.utils.cpp_extension.load`` (needs a C++ compiler and
 ninja; a few tens of seconds, cached under ``TORCH_EXTENSIONS_DIR``). :func:`ops` returns None when
@@ -31,7 +35,7 @@ import torch
 
 __all__ = ["ops", "build_error"]
 
-_SOURCE = Path(__file__).with_name("csrc") / "decode_cpu.cpp"
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("decode_cpu.cpp", "blocksparse_cpu.cpp")]
 _state: dict[str, Any] = {"tried": False, "ops": None, "error": None}
 
 
@@ -46,12 +50,12 @@ def ops() -> Optional[Any]:
     try:
         from torch.utils.cpp_extension import load
 
-        load(name="spattn_decode_cpu", sources=[str(_SOURCE)], is_python_module=False, verbose=False,
+        load(name="spattn_cpu_kernels", sources=[str(path) for path in _SOURCES], is_python_module=False, verbose=False,
              extra_cflags=["-O3", "-march=native", "-fopenmp-simd"])
         _state["ops"] = torch.ops.spattn_cpu
     except Exception as err:  # no compiler, no ninja, unsupported platform: the eager path stays
         _state["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
-        warnings.warn(f"spattn: compiled CPU decode kernels unavailable ({_state['error']}); using the eager path "
+        warnings.warn(f"spattn: compiled CPU kernels unavailable ({_state['error']}); using the eager path "
                       "(install a C++ compiler and ninja, e.g. pip install ninja)", RuntimeWarning, stacklevel=2)
     return _state["ops"]
 

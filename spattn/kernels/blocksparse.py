@@ -7,7 +7,9 @@ kernel (or plain matmul + softmax on other devices) does the math, and partial r
 by log-sum-exp. Because the backward of softmax attention over a union of key sets only needs the
 *global* ``out`` and ``lse``, every key set's gradient comes from one fused backward call.
 
-No torch.compile, no N x N tensor; memory grows with the computed tiles.
+No torch.compile, no N x N tensor; memory grows with the computed tiles. Inference calls on CPU
+(no gradient needed, float32/64, no key padding or columns) go to the compiled loop of
+:mod:`~spattn.kernels.blocksparse_cpu` when it is built.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..layout import Layout
+from . import blocksparse_cpu
 from ._tiling import Chunk, GatherSet, TilePlan, mask_value
 
 __all__ = ["blocksparse_attention"]
@@ -349,6 +352,10 @@ def blocksparse_attention(
     buffers (scores of one chunk of query tiles), which bounds peak memory at any length.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if blocksparse_cpu.applies(q, k, v, layout, key_padding_mask):
+        result = blocksparse_cpu.compiled_forward(q, k, v, layout, scale)
+        if result is not None:
+            return result if return_lse else result[0]
     if _split_heads_pays(layout, q.shape[1], q.shape[2] * k.shape[2]):
         group = q.shape[1] // k.shape[1]
         parts = [

@@ -1,0 +1,299 @@
+// Block-sparse attention forward on CPU, for inference (no autograd state is kept).
+//
+// block_sparse_forward: every query block of every head attends to the key blocks a Layout lists,
+//   FlashAttention-style (Dao et al. 2022): scores of one run of keys, running row max and sum, output
+//   rescaled as the max grows. Keys and values are read in place from the caller's tensors (no gathered
+//   copies); a run is up to kMaxRun keys of consecutive whole ("full") blocks, so contiguous selections
+//   become few large GEMMs. Partial blocks are masked with the precomputed per-tile masks, in slices
+//   of rows that skip the columns none of their rows may see.
+//
+// GEMMs go to the BLAS that libtorch_cpu exports (sgemm_ / dgemm_, MKL on x86 builds). They are weak
+// symbols: without them the library still loads, block_sparse_blas() says false and spattn keeps
+// its eager kernel.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+namespace {
+
+constexpr int64_t kMaxRun = 512;  // keys per score tile: consecutive full blocks are merged up to this
+
+// Column-major BLAS gemm: C (m x n) = alpha op(A) op(B) + beta C.
+void blas_gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
+               float beta, float* c, int ldc) {
+  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+void blas_gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda, const double* b,
+               int ldb, double beta, double* c, int ldc) {
+  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+bool have_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+
+// Row-major s[i, j] = alpha * q[i, :] . k[j, :] for i < m, j < n (s has leading dimension n).
+template <typename T>
+void scores(int64_t m, int64_t n, int64_t d, T alpha, const T* q, int64_t ldq, const T* k, int64_t ldk, T* s) {
+  // column-major view: s^T (n x m) = k (as d x n)^T . q (as d x m)
+  blas_gemm('T', 'N', n, m, d, alpha, k, ldk, q, ldq, T(0), s, n);
+}
+
+// Row-major o[i, :] += p[i, :n] . v[:n, :] for i < m (o has leading dimension dv, p has n).
+template <typename T>
+void accumulate(int64_t m, int64_t n, int64_t dv, const T* p, const T* v, int64_t ldv, T* o) {
+  // column-major view: o^T (dv x m) += v (as dv x n) . p (as n x m)
+  blas_gemm('N', 'N', dv, m, n, T(1), v, ldv, p, n, T(1), o, dv);
+}
+
+// exp(x) for x <= 0 (a score minus its row max), vectorisable: x = n ln2 + r with |r| <= ln2 / 2,
+// exp(r) by its degree-7 Taylor polynomial (relative error < 6e-9), 2^n through the exponent bits.
+// x < -87 (including -inf) gives 0; exp(-87) ~ 1.6e-38 is below anything the row sum can notice.
+inline float exp_nonpositive(float x) {
+  const float xc = x < -87.f ? -87.f : x;
+  const float magic = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const float n = (xc * 1.4426950408889634f + magic) - magic;
+  const float r = (xc - n * 0.693145751953125f) - n * 1.4286068203094172e-06f;
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return x < -87.f ? 0.f : p * two_n;
+}
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+// One row of scores -> probabilities relative to the updated running max; returns the factor the
+// row's earlier output and sum must be multiplied by. A row with no key yet stays all zero.
+template <typename T>
+T softmax_step(T* s, int64_t n, T& row_max, T& row_sum) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  T mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+  const T new_max = mx > row_max ? mx : row_max;
+  if (new_max == kNegInf) {
+    std::fill(s, s + n, T(0));
+    return T(1);
+  }
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const T e = exp_nonpositive(s[j] - new_max);
+    s[j] = e;
+    sum += e;
+  }
+  const T factor = exp_nonpositive(row_max - new_max);  // row_max = -inf: 0
+  row_sum = row_sum * factor + sum;
+  row_max = new_max;
+  return factor;
+}
+
+struct Problem {
+  int64_t batch, heads_q, heads_kv, nq, nk, d, dv;
+  int64_t block_q, block_k, layout_batch, layout_heads, nqb, slots;
+  int64_t q_strides[3], k_strides[3], v_strides[3];
+};
+
+// Rows of a partial tile are attended in slices of this many, each against the key columns its
+// rows' masks reach (a causal diagonal tile then computes ~5/8 of its pairs instead of all).
+constexpr int64_t kMaskRows = 32;
+
+// For each mask row: [first, last + 1) of its allowed columns (first = last + 1 = 0 when none).
+struct MaskExtents {
+  std::vector<int32_t> begin, end;
+  MaskExtents(const uint8_t* masks, int64_t count, int64_t rows, int64_t cols) : begin(count * rows), end(count * rows) {
+    for (int64_t r = 0; r < count * rows; ++r) {
+      const uint8_t* row = masks + r * cols;
+      int64_t lo = 0, hi = cols;
+      while (lo < cols && !row[lo]) ++lo;
+      while (hi > lo && !row[hi - 1]) --hi;
+      begin[r] = static_cast<int32_t>(lo < hi ? lo : 0);
+      end[r] = static_cast<int32_t>(lo < hi ? hi : 0);
+    }
+  }
+};
+
+// Running state of one query block's online softmax.
+template <typename T>
+struct BlockState {
+  std::vector<T> scores, out, row_max, row_sum;
+  BlockState(int64_t rows, int64_t keys, int64_t dv) : scores(rows * keys), out(rows * dv), row_max(rows), row_sum(rows) {}
+};
+
+// Rows [i0, i0 + rows) of the block against keys [key0, key0 + n): scores, optional mask (row-major,
+// leading dimension mask_ld, already offset to (i0, key0)), softmax update, output update.
+template <typename T>
+void attend_keys(const Problem& p, BlockState<T>& st, int64_t i0, int64_t rows, const T* q_rows, const T* keys,
+                 const T* values, int64_t n, const uint8_t* mask, int64_t mask_ld, T scale) {
+  T* sc = st.scores.data();
+  scores<T>(rows, n, p.d, scale, q_rows, p.q_strides[2], keys, p.k_strides[2], sc);
+  if (mask != nullptr)
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < n; ++j)
+        if (!mask[i * mask_ld + j]) sc[i * n + j] = -std::numeric_limits<T>::infinity();
+  T* o = st.out.data() + i0 * p.dv;
+  for (int64_t i = 0; i < rows; ++i) {
+    const T factor = softmax_step<T>(sc + i * n, n, st.row_max[i0 + i], st.row_sum[i0 + i]);
+    if (factor != T(1)) {
+      T* oi = o + i * p.dv;
+#pragma omp simd
+      for (int64_t c = 0; c < p.dv; ++c) oi[c] *= factor;
+    }
+  }
+  accumulate<T>(rows, n, p.dv, sc, values, p.v_strides[2], o);
+}
+
+// One (batch, query head, query block): online softmax over the block's runs of keys.
+template <typename T>
+void attend_query_block(const Problem& p, int64_t bi, int64_t h, int64_t qb, const T* q, const T* k, const T* v,
+                        const int64_t* num, const int64_t* idx, const int32_t* mask_id, const uint8_t* masks,
+                        const MaskExtents& extents, T scale, T* out, T* lse, BlockState<T>& st) {
+  const int64_t g = h / (p.heads_q / p.heads_kv);
+  const int64_t row0 = qb * p.block_q, m = std::min(p.block_q, p.nq - row0);
+  const T* qt = q + bi * p.q_strides[0] + h * p.q_strides[1] + row0 * p.q_strides[2];
+  const T* kh = k + bi * p.k_strides[0] + g * p.k_strides[1];
+  const T* vh = v + bi * p.v_strides[0] + g * p.v_strides[1];
+  const int64_t lb = p.layout_batch == 1 ? 0 : bi, lh = p.layout_heads == 1 ? 0 : h;
+  const int64_t tile = (lb * p.layout_heads + lh) * p.nqb + qb;
+  const int64_t count = num[tile];
+  const int64_t* blocks = idx + tile * p.slots;
+  const int32_t* ids = mask_id + tile * p.slots;
+
+  std::fill(st.out.begin(), st.out.begin() + m * p.dv, T(0));
+  std::fill(st.row_max.begin(), st.row_max.begin() + m, -std::numeric_limits<T>::infinity());
+  std::fill(st.row_sum.begin(), st.row_sum.begin() + m, T(0));
+
+  for (int64_t s = 0; s < count;) {
+    const int64_t first = blocks[s], key0 = first * p.block_k;
+    if (ids[s] >= 0) {  // a partial tile: slices of rows, each over the columns its masks allow
+      const int64_t n = std::min(p.block_k, p.nk - key0);
+      const int64_t u = ids[s++];
+      const uint8_t* mask = masks + u * p.block_q * p.block_k;
+      const int32_t* lo = extents.begin.data() + u * p.block_q;
+      const int32_t* hi = extents.end.data() + u * p.block_q;
+      for (int64_t i0 = 0; i0 < m; i0 += kMaskRows) {
+        const int64_t rows = std::min(kMaskRows, m - i0);
+        int64_t c0 = n, c1 = 0;
+        for (int64_t i = i0; i < i0 + rows; ++i)
+          if (hi[i] > lo[i]) c0 = std::min<int64_t>(c0, lo[i]), c1 = std::max<int64_t>(c1, hi[i]);
+        c1 = std::min(c1, n);
+        if (c1 <= c0) continue;
+        attend_keys<T>(p, st, i0, rows, qt + i0 * p.q_strides[2], kh + (key0 + c0) * p.k_strides[2],
+                       vh + (key0 + c0) * p.v_strides[2], c1 - c0, mask + i0 * p.block_k + c0, p.block_k, scale);
+      }
+      continue;
+    }
+    // whole tiles: consecutive blocks merged up to kMaxRun keys
+    int64_t last = first, e = s + 1;
+    while (e < count && ids[e] < 0 && blocks[e] == last + 1 && (blocks[e] + 1 - first) * p.block_k <= kMaxRun)
+      last = blocks[e++];
+    s = e;
+    const int64_t n = std::min((last + 1) * p.block_k, p.nk) - key0;
+    if (n > 0)
+      attend_keys<T>(p, st, 0, m, qt, kh + key0 * p.k_strides[2], vh + key0 * p.v_strides[2], n, nullptr, 0, scale);
+  }
+
+  T* ot = out + ((bi * p.heads_q + h) * p.nq + row0) * p.dv;
+  T* lt = lse + (bi * p.heads_q + h) * p.nq + row0;
+  for (int64_t i = 0; i < m; ++i) {
+    const bool empty = st.row_sum[i] == T(0);
+    const T inv = empty ? T(0) : T(1) / st.row_sum[i];
+    const T* oi = st.out.data() + i * p.dv;
+#pragma omp simd
+    for (int64_t c = 0; c < p.dv; ++c) ot[i * p.dv + c] = oi[c] * inv;
+    lt[i] = empty ? -std::numeric_limits<T>::infinity() : st.row_max[i] + std::log(st.row_sum[i]);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                        const at::Tensor& kv_num, const at::Tensor& kv_idx,
+                                                        const at::Tensor& mask_id, const at::Tensor& masks,
+                                                        int64_t block_q, int64_t block_k, double scale) {
+  TORCH_CHECK(have_blas(), "block_sparse_forward: this torch build exports no sgemm_ / dgemm_");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "block_sparse_forward: q, k, v must be [B, H, N, D]");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "block_sparse_forward: q, k, v must share a dtype");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+              "block_sparse_forward: float32 or float64 only, got ", q.scalar_type());
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "block_sparse_forward: q, k, v need a unit stride in the last dim");
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) == v.size(1) && k.size(2) == v.size(2) &&
+                  k.size(3) == q.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "block_sparse_forward: shapes q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv], Hq % Hkv == 0");
+  TORCH_CHECK(kv_num.scalar_type() == at::kLong && kv_idx.scalar_type() == at::kLong &&
+                  mask_id.scalar_type() == at::kInt && masks.scalar_type() == at::kBool,
+              "block_sparse_forward: kv_num / kv_idx int64, mask_id int32, masks bool");
+  TORCH_CHECK(kv_num.is_contiguous() && kv_idx.is_contiguous() && mask_id.is_contiguous() && masks.is_contiguous(),
+              "block_sparse_forward: layout tensors must be contiguous");
+  TORCH_CHECK(kv_idx.dim() == 4 && kv_num.dim() == 3 && mask_id.sizes() == kv_idx.sizes() &&
+                  kv_idx.sizes().slice(0, 3) == kv_num.sizes(),
+              "block_sparse_forward: kv_num [B', H', NQB], kv_idx and mask_id [B', H', NQB, S]");
+  TORCH_CHECK(masks.dim() == 3 && masks.size(1) == block_q && masks.size(2) == block_k,
+              "block_sparse_forward: masks must be [U, block_q, block_k]");
+
+  Problem p{};
+  p.batch = q.size(0), p.heads_q = q.size(1), p.heads_kv = k.size(1), p.nq = q.size(2), p.nk = k.size(2);
+  p.d = q.size(3), p.dv = v.size(3), p.block_q = block_q, p.block_k = block_k;
+  p.layout_batch = kv_num.size(0), p.layout_heads = kv_num.size(1), p.nqb = kv_num.size(2), p.slots = kv_idx.size(3);
+  TORCH_CHECK(p.nqb == (p.nq + block_q - 1) / block_q, "block_sparse_forward: kv_num has ", p.nqb,
+              " query blocks, expected ", (p.nq + block_q - 1) / block_q);
+  TORCH_CHECK((p.layout_batch == 1 || p.layout_batch == p.batch) && (p.layout_heads == 1 || p.layout_heads == p.heads_q),
+              "block_sparse_forward: layout batch / heads must be 1 or those of q");
+  for (int i = 0; i < 3; ++i) p.q_strides[i] = q.stride(i), p.k_strides[i] = k.stride(i), p.v_strides[i] = v.stride(i);
+
+  auto out = at::empty({p.batch, p.heads_q, p.nq, p.dv}, q.options());
+  auto lse = at::empty({p.batch, p.heads_q, p.nq}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "block_sparse_forward", [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    const int64_t* np = kv_num.data_ptr<int64_t>();
+    const int64_t* ip = kv_idx.data_ptr<int64_t>();
+    const int32_t* mp = mask_id.data_ptr<int32_t>();
+    const uint8_t* mk = reinterpret_cast<const uint8_t*>(masks.data_ptr<bool>());
+    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* lp = lse.data_ptr<scalar_t>();
+    const scalar_t sc = static_cast<scalar_t>(scale);
+    const MaskExtents extents(mk, masks.size(0), block_q, block_k);
+    at::parallel_for(0, p.batch * p.heads_q * p.nqb, 1, [&](int64_t begin, int64_t end) {
+      BlockState<scalar_t> state(block_q, std::max(kMaxRun, block_k), p.dv);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t qb = t % p.nqb, h = (t / p.nqb) % p.heads_q, bi = t / (p.nqb * p.heads_q);
+        attend_query_block<scalar_t>(p, bi, h, qb, qp, kp, vp, np, ip, mp, mk, extents, sc, op, lp, state);
+      }
+    });
+  });
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(spattn_cpu, m) {
+  m.def("block_sparse_forward(Tensor q, Tensor k, Tensor v, Tensor kv_num, Tensor kv_idx, Tensor mask_id, "
+        "Tensor masks, int block_q, int block_k, float scale) -> (Tensor, Tensor)");
+  m.def("block_sparse_blas() -> bool", &have_blas);
+}
+
+TORCH_LIBRARY_IMPL(spattn_cpu, CPU, m) { m.impl("block_sparse_forward", &block_sparse_forward); }

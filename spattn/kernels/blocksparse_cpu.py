@@ -1,0 +1,96 @@
+"""Compiled CPU inference forward for block Layouts (``csrc/blocksparse_cpu.cpp``).
+
+The eager block-sparse kernel copies every gathered key block into a per-tile buffer and pays an
+SDPA call and a log-sum-exp merge per key set; with per-head content-based layouts (XAttention,
+FlexPrefill) that costs several times the selected pairs' share of dense attention. The compiled
+loop reads the selected K/V blocks in place and runs FlashAttention's online softmax (Dao et al.
+2022) over them, one (batch, head, query block) at a time.
+
+This module turns a Layout into the loop's inputs: the slot tables as they are, plus one mask per
+distinct *partial* tile (``mask_id[b, h, qb, s]`` into ``masks [U, block_q, block_k]``, -1 = whole
+tile). With a translation-invariant predicate (causal, windows) tiles at the same block offset share
+a mask, so U stays tiny.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _compiled
+from ..layout import Layout
+
+__all__ = ["compiled_forward", "partial_tile_masks"]
+
+#: above this many mask elements (distinct partial tiles x block_q x block_k) the eager kernel runs
+MAX_MASK_ELEMS = 1 << 25
+
+
+def partial_tile_masks(layout: Layout, max_elems: Optional[int] = None) -> Optional[tuple[Tensor, Tensor]]:
+    """``(mask_id int32 [B', H', NQB, S], masks bool [U, block_q, block_k])`` for ``layout``, or None
+    when the distinct partial tiles need more than ``max_elems`` (default :data:`MAX_MASK_ELEMS`)
+    mask elements.
+
+    ``masks[u][i, j]`` says whether query ``qb·block_q + i`` computes key ``kb·block_k + j`` of a tile
+    using mask ``u``; rows / columns beyond the sequence ends are never read.
+    """
+    bq, bk = layout.block_q, layout.block_k
+    partial = layout.valid_slots() & ~layout.full
+    mask_id = torch.full(partial.shape, -1, dtype=torch.int32, device=layout.device)
+    if not bool(partial.any()):
+        return mask_id, torch.zeros(0, bq, bk, dtype=torch.bool, device=layout.device)
+    b, h, qb, s = partial.nonzero(as_tuple=True)
+    kb = layout.kv_indices[b, h, qb, s]
+    if getattr(layout.mask_mod, "translation_invariant", False):
+        # tiles at one block offset share a mask, unless a sequence end cuts them differently
+        rows = (layout.q_len - qb * bq).clamp(max=bq)
+        cols = (layout.kv_len - kb * bk).clamp(max=bk)
+        key = torch.stack([b, h, kb * bk - qb * bq, rows, cols], dim=1)
+        unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+        count = unique.shape[0]
+    else:
+        count, inverse = b.numel(), torch.arange(b.numel(), device=layout.device)
+    if count * bq * bk > (MAX_MASK_ELEMS if max_elems is None else max_elems):
+        return None
+    rep = torch.empty(count, dtype=torch.long, device=layout.device).scatter_(0, inverse, torch.arange(b.numel(), device=layout.device))
+    q_idx = (qb[rep] * bq).view(-1, 1, 1) + torch.arange(bq, device=layout.device).view(1, -1, 1)
+    kv_idx = (kb[rep] * bk).view(-1, 1, 1) + torch.arange(bk, device=layout.device).view(1, 1, -1)
+    masks = layout.mask_mod(b[rep].view(-1, 1, 1), h[rep].view(-1, 1, 1),
+                            q_idx.clamp(max=layout.q_len - 1), kv_idx.clamp(max=layout.kv_len - 1))
+    mask_id[b, h, qb, s] = inverse.to(torch.int32)
+    return mask_id, masks.expand(count, bq, bk).to(torch.bool).contiguous()
+
+
+def applies(q: Tensor, k: Tensor, v: Tensor, layout: Layout, key_padding_mask: Optional[Tensor]) -> bool:
+    """Whether :func:`compiled_forward` can run this call (else the eager kernel does)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64) or not (q.dtype == k.dtype == v.dtype):
+        return False
+    if key_padding_mask is not None or layout.has_columns or layout.device.type != "cpu":
+        return False
+    ops = _compiled.ops()
+    return ops is not None and _has_blas(ops)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_blas(ops) -> bool:
+    """Whether the torch build exports the BLAS the loop calls (see the .cpp)."""
+    return bool(ops.block_sparse_blas())
+
+
+def compiled_forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, scale: float) -> Optional[tuple[Tensor, Tensor]]:
+    """``(out [B, Hq, Nq, Dv], lse [B, Hq, Nq])`` of ``layout`` (lse ``-inf`` and out 0 on rows
+    without keys), or None if the layout's partial tiles are too varied (see :func:`partial_tile_masks`).
+    Call only where :func:`applies` holds."""
+    tables = partial_tile_masks(layout)
+    if tables is None:
+        return None
+    mask_id, masks = tables
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _compiled.ops().block_sparse_forward(
+        q, k, v, layout.kv_num_blocks.contiguous(), layout.kv_indices.contiguous(), mask_id, masks,
+        layout.block_q, layout.block_k, float(scale))
