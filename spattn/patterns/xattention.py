@@ -14,7 +14,7 @@ from torch import Tensor
 from ..layout import Layout
 from ..registry import register
 from .base import Pattern, check_float, check_int, check_qk
-from .minference import block_layout, expand_kv, query_block_bounds
+from .minference import block_layout, query_block_bounds
 
 __all__ = ["XAttention", "antidiagonal_block_scores", "threshold_select"]
 
@@ -24,9 +24,10 @@ def antidiagonal_block_scores(q: Tensor, k: Tensor, stride: int, block: int, cau
     """XAttention block scores ``[B, Hq, NQB, NKB]`` (fp32).
 
     Both sequences are zero-padded to whole blocks and cut into ``stride x stride`` tiles. The
-    "inverse" reshaping ``Q_r[i] = concat_t q[iS + S-1-t]``, ``K_r[j] = concat_t k[jS + t]`` makes
-    ``Q_r[i]·K_r[j]`` the sum of tile (i, j)'s antidiagonal. ``A_r = softmax(Q_r K_rᵀ / (√D·S))``
-    per strided row over the strided keys; with ``causal`` a strided key is visible when its first
+    reshaping ``Q_r[i] = concat_t q[iS + t]``, ``K_r[j] = concat_t k[jS + S-1-t]`` makes
+    ``Q_r[i]·K_r[j]`` the sum of tile (i, j)'s antidiagonal (the official "inverse" mode reverses
+    the queries instead: the same sums; reversing the keys copies fewer heads under GQA).
+    ``A_r = softmax(Q_r K_rᵀ / (√D·S))`` per strided row over the strided keys; with ``causal`` a strided key is visible when its first
     key is not after the row's last (aligned) query, i.e. the diagonal tile's whole antidiagonal
     counts, as in the official code. Rows/columns whose first token is padding are dropped. The
     score of block (I, J) is the sum of ``A_r`` over its ``(block/S)²`` strided entries, so every
@@ -35,18 +36,28 @@ def antidiagonal_block_scores(q: Tensor, k: Tensor, stride: int, block: int, cau
     the keys it can see.
     """
     bsz, hq, nq, dim = q.shape
-    nk = k.shape[2]
-    s, off = stride, nk - nq
+    hkv, nk = k.shape[1], k.shape[2]
+    g, s, off = hq // hkv, stride, nk - nq
     p0, p1, k0, _ = query_block_bounds(nq, nk, block, q.device)
     nqb, nkb = p0.shape[0], k0.shape[1]
     per = block // s  # strided rows/cols per block
-    qp = torch.nn.functional.pad(q.float(), (0, 0, 0, nqb * block - nq))
-    kp = torch.nn.functional.pad(expand_kv(k, hq).float(), (0, 0, 0, nkb * block - nk))
-    q_r = qp.view(bsz, hq, nqb * per, s, dim).flip(3).reshape(bsz, hq, nqb * per, s * dim)
-    k_r = kp.view(bsz, hq, nkb * per, s * dim)
-    q_r = q_r * (1.0 / (math.sqrt(dim) * s))
-    real_cols = torch.arange(nkb * per, device=q.device) * s < nk
-    out = torch.empty(bsz, hq, nqb, nkb, dtype=torch.float32, device=q.device)
+    nrows, ncols_all = nqb * per, nkb * per
+    # The antidiagonal of tile (i, j) pairs q[iS + t] with k[jS + S-1-t]: the reversal (and the
+    # softmax scale) is put on the keys, which have fewer heads than the queries under GQA.
+    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, ncols_all * s - nk))
+    k_r = kp.reshape(bsz, hkv, ncols_all, s, dim).flip(3).contiguous().mul_(1.0 / (math.sqrt(dim) * s))
+    k_r = k_r.view(bsz, hkv, ncols_all, s * dim)
+    # strided query rows grouped by kv head: [B, Hkv, rows, G, S·D], so a chunk of rows is one
+    # contiguous [G·rows, S·D] matrix per kv head
+    q_r = q.new_zeros(bsz, hkv, nrows, g, s, dim, dtype=torch.float32)
+    q_g = q.unflatten(1, (hkv, g))
+    whole = nq // s
+    q_r[:, :, :whole].copy_(q_g[:, :, :, : whole * s].unflatten(3, (whole, s)).transpose(2, 3))
+    if nq > whole * s:
+        q_r[:, :, whole, :, : nq - whole * s].copy_(q_g[:, :, :, whole * s :])
+    q_r = q_r.view(bsz, hkv, nrows, g * s * dim)
+    real_cols = torch.arange(ncols_all, device=q.device) * s < nk
+    out = torch.zeros(bsz, hkv, g, nqb, nkb, dtype=torch.float32, device=q.device)
     # chunks of whole query blocks; with causal, a chunk reads only the keys it can see, so small
     # chunks skip most of the masked upper triangle
     per_row = bsz * hq * nkb * per * per  # scores per query block
@@ -55,11 +66,12 @@ def antidiagonal_block_scores(q: Tensor, k: Tensor, stride: int, block: int, cau
         c1 = min(c0 + blocks_per_chunk, nqb)
         r0, r1 = c0 * per, c1 * per
         rows = torch.arange(r0, r1, device=q.device)
-        ncols = nkb * per
+        ncols = ncols_all
         if causal:
             last = (rows * s + s - 1).clamp(max=nq - 1) + off  # last aligned query of each strided row
             ncols = min(nkb, int(last.max()) // block + 1) * per
-        logits = torch.matmul(q_r[:, :, r0:r1], k_r[:, :, :ncols].transpose(-1, -2))
+        lhs = q_r[:, :, r0:r1].view(bsz, hkv, (r1 - r0) * g, s * dim)
+        logits = torch.matmul(lhs, k_r[:, :, :ncols].transpose(-1, -2)).view(bsz, hkv, r1 - r0, g, ncols)
         # only the trailing columns can be hidden (causal or padding): mask that slice alone
         first_hidden = int(last.min()) // s + 1 if causal else ncols
         first_hidden = max(0, min(first_hidden, int(real_cols[:ncols].sum())))
@@ -68,16 +80,16 @@ def antidiagonal_block_scores(q: Tensor, k: Tensor, stride: int, block: int, cau
             hidden = ~real_cols[cols][None, :]
             if causal:
                 hidden = hidden | (cols[None, :] * s > last[:, None])
-            logits[..., first_hidden:].masked_fill_(hidden, float("-inf"))
+            logits[..., first_hidden:].masked_fill_(hidden[:, None, :], float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         if causal and off < 0:  # more queries than keys: early rows see no key at all
             probs = torch.nan_to_num_(probs, nan=0.0)
         pad_rows = rows * s >= nq
         if bool(pad_rows.any()):
-            probs[..., pad_rows, :] = 0.0  # strided rows made of padding only
-        out[:, :, c0:c1] = 0.0
-        out[:, :, c0:c1, : ncols // per] = probs.view(bsz, hq, c1 - c0, per, ncols // per, per).sum(dim=(3, 5))
-    return out
+            probs[:, :, pad_rows] = 0.0  # strided rows made of padding only
+        sums = probs.view(bsz, hkv, c1 - c0, per, g, ncols // per, per).sum(dim=(3, 6))  # [B, Hkv, c, G, cb]
+        out[:, :, :, c0:c1, : ncols // per] = sums.permute(0, 1, 3, 2, 4)
+    return out.view(bsz, hq, nqb, nkb)
 
 
 def threshold_select(scores: Tensor, threshold: float, forced: Tensor, valid: Tensor) -> Tensor:
