@@ -124,6 +124,66 @@ def test_topk_layout_equals_selection(causal):
     assert torch.equal(selection_layout(sel, 7).to_dense(), sel.to_dense())
 
 
+def brute_topp(q, k, p, causal, kpm=None, scale=None):
+    """Per query: softmax (fp64) over the allowed keys, keys ranked by descending weight (lower index
+    first), each kept while the weight ranked ahead of it is below p."""
+    batch, hq, nq, dim = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    scale = 1 / math.sqrt(dim) if scale is None else scale
+    out = torch.zeros(batch, hq, nq, nk, dtype=torch.bool)
+    for b in range(batch):
+        for h in range(hq):
+            s = (q[b, h].double() @ k[b, h // (hq // hkv)].double().T * scale).tolist()
+            for i in range(nq):
+                allowed = [j for j in range(nk) if _visible(i, j, nq, nk, causal) and (kpm is None or kpm[b, j])]
+                if not allowed:
+                    continue
+                top = max(s[i][j] for j in allowed)
+                w = {j: math.exp(s[i][j] - top) for j in allowed}
+                total = sum(w.values())
+                ahead = 0.0
+                for j in sorted(allowed, key=lambda j: (-w[j], j)):
+                    if ahead >= p and p < 1:
+                        break
+                    out[b, h, i, j] = True
+                    ahead += w[j] / total
+    return out
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    batch=st.integers(1, 2), hkv=st.integers(1, 2), group=st.sampled_from([1, 3]),
+    nq=st.integers(1, 30), extra=st.sampled_from([0, 0, 6]), p=st.sampled_from([0.3, 0.8, 0.95, 1.0]),
+    causal=st.booleans(), padded=st.booleans(), seed=st.integers(0, 10_000),
+)
+def test_topp_matches_brute_force(batch, hkv, group, nq, extra, p, causal, padded, seed):
+    nk = nq + extra
+    q, k, _ = _qkv(seed, batch, hkv * group, hkv, nq, nk, 4, dtype=torch.float64)
+    q = q * 2  # sharper rows: nuclei of very different sizes
+    kpm = (torch.rand(batch, nk, generator=torch.Generator().manual_seed(seed)) < 0.8) if padded else None
+    sel = spattn.pattern(f"topp(p={p})").select(q, k, causal=causal, key_padding_mask=kpm)
+    assert torch.equal(sel.to_dense(), brute_topp(q, k, p, causal, kpm))
+    assert sel.indices[sel.valid].numel() == sel.to_dense().sum()  # no duplicate keys in a row
+
+
+def test_topp_budget_adapts_to_the_row():
+    """A peaked row keeps one key, a flat row keeps the share p of its keys; p = 1 keeps every allowed key."""
+    k = torch.eye(8).view(1, 1, 8, 8)
+    q = torch.stack([torch.eye(8)[2] * 50, torch.zeros(8)]).view(1, 1, 2, 8)
+    counts = spattn.pattern("topp(p=0.5)").select(q, k).to_dense().sum(-1)[0, 0]
+    assert counts.tolist() == [1, 4]
+    full = spattn.pattern("topp(p=1.0)").select(q, k, causal=True).to_dense()
+    assert torch.equal(full[0, 0], torch.ones(2, 8, dtype=torch.bool).tril(6))
+
+
+def test_topp_chunking_and_scale(monkeypatch):
+    q, k, _ = _qkv(3, 1, 4, 2, 40, 47, 8)
+    want = spattn.pattern("topp(p=0.9, scale=0.2)").select(q, k, causal=True).to_dense()
+    monkeypatch.setattr(topk_module, "SCORE_BUDGET", 100)
+    assert torch.equal(spattn.pattern("topp(p=0.9, scale=0.2)").select(q, k, causal=True).to_dense(), want)
+    assert torch.equal(want, brute_topp(q, k, 0.9, True, scale=0.2))
+
+
 # -------------------------------------------------------------------------------- block patterns
 
 
@@ -225,7 +285,8 @@ def test_block_mass_threshold_one_keeps_every_allowed_block():
 
 # -------------------------------------------------------------------------------- through spattn.attention
 
-SPECS = ["topk(k=8)", "topk(k=3, ties='first')", "block_topk(k=2, block=16)", "block_mass(threshold=0.6, block=16)"]
+SPECS = ["topk(k=8)", "topk(k=3, ties='first')", "topp(p=0.9)", "block_topk(k=2, block=16)",
+         "block_mass(threshold=0.6, block=16)"]
 
 
 @settings(max_examples=6, deadline=None)
@@ -278,6 +339,11 @@ def test_errors():
             spattn.pattern(f"block_mass(threshold={tau})")
     with pytest.raises(TypeError, match="threshold must be a number"):
         spattn.pattern("block_mass(threshold='high')")
+    for p in (0.0, 1.2):
+        with pytest.raises(ValueError, match=r"topp: p must lie in \(0.0, 1.0\]"):
+            spattn.pattern(f"topp(p={p})")
+    with pytest.raises(ValueError, match="topp: scale must lie in"):
+        spattn.pattern("topp(scale=-1.0)")
     with pytest.raises(ValueError, match="must agree in batch and head dim"):
         spattn.pattern("topk(k=2)").select(q, k[..., :3])
 

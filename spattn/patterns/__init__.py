@@ -14,11 +14,11 @@ from .prefill import FlexPrefill, MInference, MInferenceBlock, VerticalSlash, XA
 from .routing import Routing
 from .seer import SeerGate
 from .static import AShape, Axial, BigBird, Dense, DilatedWindow, Fixed, GlobalTokens, Strided, Window
-from .topk import BlockMass, BlockTopK, TopK
+from .topk import BlockMass, BlockTopK, TopK, TopP
 
 __all__ = [
     "Pattern", "pattern", "Dense", "Window", "DilatedWindow", "GlobalTokens", "BigBird", "Strided", "Fixed",
-    "Axial", "AShape", "Neighborhood", "Routing", "TopK", "BlockTopK", "BlockMass", "BiFormer", "VerticalSlash",
+    "Axial", "AShape", "Neighborhood", "Routing", "TopK", "TopP", "BlockTopK", "BlockMass", "BiFormer", "VerticalSlash",
     "MInferenceBlock", "MInference", "XAttention", "FlexPrefill", "SeerGate", "Quest", "DoubleSparsity", "TidalDecode",
 ]
 

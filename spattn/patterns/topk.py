@@ -7,6 +7,12 @@
   k-th value is kept, so a row may keep more than k keys; a row with fewer than k allowed keys keeps
   them all. ``ties="first"`` keeps exactly k (lower key index wins a tie), as ``torch.topk`` +
   scatter does in DRSformer. Returns a :class:`~spattn.selection.TokenSelection`.
+* :class:`TopP` — ``topp(p=0.95)``: per-query nucleus selection of attention (Twilight, Lin et al.
+  2025, arXiv 2502.02770, after top-p sampling, Holtzman et al. 2020): the fewest allowed keys,
+  taken in descending softmax weight (lower index first on ties), whose weights sum to at least
+  ``p``; the budget adapts to each head and query instead of a fixed k. Exact weights, so it reads
+  every score like ``topk``. Returns a :class:`~spattn.selection.TokenSelection` whose width is the
+  largest count of any query.
 * :class:`BlockTopK` — ``block_topk(k=8, block=64)``: mean-pooled query/key blocks (SLA,
   MInference block-sparse, FlexPrefill's query-aware branch), score ``q̄·k̄``, keep the k best key
   blocks per query block.
@@ -43,7 +49,7 @@ from .base import Pattern, causal_mask_mod, check_float, check_int, check_qk
 from .static import tile_bounds
 
 __all__ = [
-    "TopK", "BlockTopK", "BlockMass", "topk_selections", "selection_layout", "pooled_block_scores",
+    "TopK", "TopP", "topp_selection", "BlockTopK", "BlockMass", "topk_selections", "selection_layout", "pooled_block_scores",
     "causal_block_maps",
 ]
 
@@ -150,6 +156,51 @@ def topk_selections(
     return out
 
 
+def _row_nucleus(s: Tensor, p: float, scale: float) -> Tensor:
+    """Scores ``s [..., Nk]`` (disallowed keys at -inf) -> bool ``[..., Nk]``: the keys whose
+    softmax weight, ranked descending (stable: lower index first), has less than ``p`` of the mass
+    ahead of it (``p = 1``: every allowed key). Rows with no allowed key keep nothing."""
+    if p >= 1.0:  # the whole mass: every allowed key, also those whose weight rounds to 0
+        return torch.isfinite(s)
+    probs = torch.softmax(s * scale, dim=-1).nan_to_num_(nan=0.0)
+    ranked, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    ahead = ranked.cumsum(-1) - ranked
+    take = (ahead < p) & (ranked > 0)
+    return torch.zeros_like(take).scatter_(-1, order, take)
+
+
+def topp_selection(q: Tensor, k: Tensor, p: float, *, scale: Optional[float] = None, causal: bool = False,
+                   key_padding_mask: Optional[Tensor] = None) -> TokenSelection:
+    """Each query's nucleus: the fewest allowed keys holding ``>= p`` of its softmax weight.
+
+    ``q [B, Hq, Nq, D]``, ``k [B, Hkv, Nk, D]`` (GQA as in :func:`topk_selections`); weights are
+    ``softmax(scale · q·k)`` over the allowed keys (causal mask and ``key_padding_mask [B, Nk]``
+    applied first), ``scale`` defaults to ``1/sqrt(D)``. Computed in query chunks of
+    ``SCORE_BUDGET`` scores; the selection is ``[B, Hq, Nq, W]`` with W the largest kept count.
+    """
+    batch, hq, hkv, nq, nk = check_qk(q, k)
+    check_float("topp", "p", p, 0.0, 1.0, low_open=True)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    group = hq // hkv
+    sdt = _score_dtype(q.dtype)
+    qs = q.detach().to(sdt).view(batch, hkv, group, nq, -1)
+    kt = k.detach().to(sdt).transpose(-1, -2)
+    chunk = max(1, min(nq, SCORE_BUDGET // max(1, batch * hq * nk)))
+    keys = torch.arange(nk, device=q.device)
+    parts = []
+    for c0 in range(0, nq, chunk):
+        c1 = min(nq, c0 + chunk)
+        s = torch.matmul(qs[:, :, :, c0:c1].reshape(batch, hkv, group * (c1 - c0), -1), kt).view(batch, hq, c1 - c0, nk)
+        allowed = torch.ones(1, 1, 1, nk, dtype=torch.bool, device=q.device)
+        if causal:
+            allowed = (keys <= (torch.arange(c0, c1, device=q.device) + nk - nq)[:, None])[None, None]
+        if key_padding_mask is not None:
+            allowed = allowed & key_padding_mask[:, None, None, :]
+        parts.append(_mask_to_indices(_row_nucleus(s.masked_fill_(~allowed, float("-inf")), p, scale)))
+    width = max(1, max(t.shape[-1] for t in parts))
+    return TokenSelection(torch.cat([F.pad(t, (0, width - t.shape[-1]), value=-1) for t in parts], dim=2), nq, nk)
+
+
 def selection_layout(selection: TokenSelection, block: int) -> Layout:
     """An exact :class:`Layout` of a TokenSelection (for inspection, plots, block kernels).
 
@@ -195,6 +246,36 @@ class TopK(Pattern):
         """Top-k keys per query; ``key_padding_mask [B, Nk]`` (True = real key) is applied before the
         ranking, as in the official code, so padded keys never take a slot."""
         return topk_selections(q, k, [self.k], causal=causal, key_padding_mask=key_padding_mask, ties=self.ties)[0]
+
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
+        """The selection as a Layout with tiles of ``block`` (inspection; the kernel runs ``select``)."""
+        return selection_layout(self.select(q, k, causal=causal), self.block)
+
+
+@register("topp", kind="dynamic", description="Twilight top-p: each query keeps the fewest keys holding p of its attention weight",
+          paper="Lin et al. 2025, Twilight: Adaptive Attention Sparsity with Hierarchical Top-p Pruning (arXiv 2502.02770)")
+class TopP(Pattern):
+    """Per-query nucleus of the attention weights (see :func:`topp_selection`); ``select`` ->
+    TokenSelection ``[B, Hq, Nq, W]``. ``scale``: the softmax scale of the attention (None = 1/sqrt(D)).
+
+    Twilight prunes the candidates of another selector this way; here the candidates are all
+    allowed keys (the paper's oracle top-p), so the pattern measures how far adaptive budgets go,
+    not a fast selection.
+    """
+
+    name = "topp"
+    content_based = True
+
+    def __init__(self, p: float = 0.95, scale: Optional[float] = None, block: int = 64):
+        check_float("topp", "p", p, 0.0, 1.0, low_open=True)
+        if scale is not None:
+            check_float("topp", "scale", scale, 0.0, math.inf, low_open=True)
+        check_int("topp", "block", block, 1)
+        self.p, self.scale, self.block = p, scale, block
+
+    def select(self, q: Tensor, k: Tensor, causal: bool = False,
+               key_padding_mask: Optional[Tensor] = None) -> TokenSelection:
+        return topp_selection(q, k, self.p, scale=self.scale, causal=causal, key_padding_mask=key_padding_mask)
 
     def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
         """The selection as a Layout with tiles of ``block`` (inspection; the kernel runs ``select``)."""
