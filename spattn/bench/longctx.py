@@ -269,14 +269,16 @@ def _plot(result: dict, path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in result["summary"]:
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    markers = "osD^vP*Xh<>p"
+    for i, row in enumerate(result["summary"]):
         x = row.get("prefill_speedup_median") or 1.0
-        ax.scatter(x, row["accuracy"])
-        ax.annotate(row["method"], (x, row["accuracy"]), fontsize=7)
+        # a legend instead of labels at the points: methods of equal accuracy and speed would overlap
+        ax.scatter(x, row["accuracy"], marker=markers[i % len(markers)], s=40, label=row["method"])
     ax.set_xlabel("end-to-end prefill speedup vs dense (median)")
     ax.set_ylabel("accuracy (string_match_all)")
     ax.set_title("spattn longctx: accuracy vs speedup")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
