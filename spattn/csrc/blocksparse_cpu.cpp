@@ -117,7 +117,7 @@ struct Problem {
 };
 
 // Rows of a partial tile are attended in slices of this many, each against the key columns its
-// rows' masks reach (a causal diagonal tile then computes ~5/8 of its pairs instead of all).
+// rows' masks reach (a causal diagonal tile of 128 x 128 then computes 5/8 of its pairs, not all).
 constexpr int64_t kMaskRows = 32;
 
 // For each mask row: [first, last + 1) of its allowed columns (first = last + 1 = 0 when none).
@@ -262,6 +262,9 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_forward(const at::Tensor& q, con
   TORCH_CHECK((p.layout_batch == 1 || p.layout_batch == p.batch) && (p.layout_heads == 1 || p.layout_heads == p.heads_q),
               "block_sparse_forward: layout batch / heads must be 1 or those of q");
   for (int i = 0; i < 3; ++i) p.q_strides[i] = q.stride(i), p.k_strides[i] = k.stride(i), p.v_strides[i] = v.stride(i);
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();  // BLAS takes int leading dimensions
+  TORCH_CHECK(p.q_strides[2] <= kIntMax && p.k_strides[2] <= kIntMax && p.v_strides[2] <= kIntMax,
+              "block_sparse_forward: row strides of q, k, v must fit a BLAS int");
 
   auto out = at::empty({p.batch, p.heads_q, p.nq, p.dv}, q.options());
   auto lse = at::empty({p.batch, p.heads_q, p.nq}, q.options());
