@@ -27,9 +27,9 @@ def antidiagonal_block_scores(q: Tensor, k: Tensor, stride: int, block: int, cau
     reshaping ``Q_r[i] = concat_t q[iS + t]``, ``K_r[j] = concat_t k[jS + S-1-t]`` makes
     ``Q_r[i]·K_r[j]`` the sum of tile (i, j)'s antidiagonal (the official "inverse" mode reverses
     the queries instead: the same sums; reversing the keys copies fewer heads under GQA).
-    ``A_r = softmax(Q_r K_rᵀ / (√D·S))`` per strided row over the strided keys; with ``causal`` a strided key is visible when its first
-    key is not after the row's last (aligned) query, i.e. the diagonal tile's whole antidiagonal
-    counts, as in the official code. Rows/columns whose first token is padding are dropped. The
+    ``A_r = softmax(Q_r K_rᵀ / (√D·S))`` per strided row over the strided keys; with ``causal`` a
+    strided key is visible when its first key is not after the row's last (aligned) query, i.e. the
+    diagonal tile's whole antidiagonal counts, as in the official code. Rows/columns whose first token is padding are dropped. The
     score of block (I, J) is the sum of ``A_r`` over its ``(block/S)²`` strided entries, so every
     real strided row contributes 1 to its block row. Query rows are processed in chunks of at most
     ``chunk_blocks`` query blocks and ``chunk_elems`` scores; with ``causal`` a chunk only looks at
