@@ -36,7 +36,7 @@ scale does not change a ranking). Query-level scores are computed in query chunk
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +49,8 @@ from .base import Pattern, causal_mask_mod, check_float, check_int, check_qk
 from .static import tile_bounds
 
 __all__ = [
-    "TopK", "TopP", "topp_selection", "BlockTopK", "BlockMass", "topk_selections", "selection_layout", "pooled_block_scores",
-    "causal_block_maps",
+    "TopK", "TopP", "topp_selection", "BlockTopK", "BlockMass", "topk_selections", "selection_layout",
+    "pooled_block_scores", "causal_block_maps",
 ]
 
 #: elements of one ``[B, Hq, chunk, Nk]`` score block
@@ -119,7 +119,7 @@ def topk_selections(
     ranking. ``ties``: ``"keep"`` keeps every key tied with the k-th score (Explicit Sparse
     Transformer), ``"first"`` keeps exactly k, lower key index first.
     """
-    batch, hq, hkv, nq, nk = check_qk(q, k)
+    _, _, _, nq, nk = check_qk(q, k)
     ks = list(ks)
     if ties not in TIES:
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
@@ -127,14 +127,23 @@ def topk_selections(
         check_int("topk", "k", kk, 1)
         if kk > nk:
             raise ValueError(f"topk: k={kk} exceeds the number of keys Nk={nk}")
+    parts: list[list[Tensor]] = [[] for _ in ks]
+    for s in _score_chunks(q, k, causal, key_padding_mask):
+        for slot, kk in enumerate(ks):
+            parts[slot].append(_row_topk(s, kk, ties))
+    return [_concat_rows(chunks, nq, nk) for chunks in parts]
+
+
+def _score_chunks(q: Tensor, k: Tensor, causal: bool, key_padding_mask: Optional[Tensor]) -> Iterator[Tensor]:
+    """Scores ``q·k`` (no softmax scale) of consecutive query chunks, ``[B, Hq, chunk, Nk]`` of at most
+    ``SCORE_BUDGET`` elements, with keys a query may not see (causal, padding) at -inf."""
+    batch, hq, hkv, nq, nk = check_qk(q, k)
     group = hq // hkv
     sdt = _score_dtype(q.dtype)
     qs = q.detach().to(sdt).view(batch, hkv, group, nq, -1)
     kt = k.detach().to(sdt).transpose(-1, -2)  # [B, Hkv, D, Nk]
     chunk = max(1, min(nq, SCORE_BUDGET // max(1, batch * hq * nk)))
     keys = torch.arange(nk, device=q.device)
-    offset = nk - nq
-    parts: list[list[Tensor]] = [[] for _ in ks]
     for c0 in range(0, nq, chunk):
         c1 = min(nq, c0 + chunk)
         qc = qs[:, :, :, c0:c1].reshape(batch, hkv, group * (c1 - c0), -1)
@@ -142,18 +151,17 @@ def topk_selections(
         if causal or key_padding_mask is not None:
             allowed = torch.ones(1, 1, 1, nk, dtype=torch.bool, device=q.device)
             if causal:
-                allowed = (keys <= (torch.arange(c0, c1, device=q.device) + offset)[:, None])[None, None]
+                allowed = (keys <= (torch.arange(c0, c1, device=q.device) + nk - nq)[:, None])[None, None]
             if key_padding_mask is not None:
                 allowed = allowed & key_padding_mask[:, None, None, :]
             s.masked_fill_(~allowed, float("-inf"))
-        for slot, kk in enumerate(ks):
-            parts[slot].append(_row_topk(s, kk, ties))
-    out = []
-    for chunks in parts:
-        width = max(p.shape[-1] for p in chunks)
-        idx = torch.cat([F.pad(p, (0, width - p.shape[-1]), value=-1) for p in chunks], dim=2)
-        out.append(TokenSelection(idx, nq, nk))
-    return out
+        yield s
+
+
+def _concat_rows(chunks: list[Tensor], nq: int, nk: int) -> TokenSelection:
+    """Per-chunk index lists ``[B, Hq, chunk, W_c]`` (-1 padded) -> one TokenSelection (width >= 1)."""
+    width = max(1, max(t.shape[-1] for t in chunks))
+    return TokenSelection(torch.cat([F.pad(t, (0, width - t.shape[-1]), value=-1) for t in chunks], dim=2), nq, nk)
 
 
 def _row_nucleus(s: Tensor, p: float, scale: float) -> Tensor:
@@ -178,27 +186,11 @@ def topp_selection(q: Tensor, k: Tensor, p: float, *, scale: Optional[float] = N
     applied first), ``scale`` defaults to ``1/sqrt(D)``. Computed in query chunks of
     ``SCORE_BUDGET`` scores; the selection is ``[B, Hq, Nq, W]`` with W the largest kept count.
     """
-    batch, hq, hkv, nq, nk = check_qk(q, k)
+    _, _, _, nq, nk = check_qk(q, k)
     check_float("topp", "p", p, 0.0, 1.0, low_open=True)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    group = hq // hkv
-    sdt = _score_dtype(q.dtype)
-    qs = q.detach().to(sdt).view(batch, hkv, group, nq, -1)
-    kt = k.detach().to(sdt).transpose(-1, -2)
-    chunk = max(1, min(nq, SCORE_BUDGET // max(1, batch * hq * nk)))
-    keys = torch.arange(nk, device=q.device)
-    parts = []
-    for c0 in range(0, nq, chunk):
-        c1 = min(nq, c0 + chunk)
-        s = torch.matmul(qs[:, :, :, c0:c1].reshape(batch, hkv, group * (c1 - c0), -1), kt).view(batch, hq, c1 - c0, nk)
-        allowed = torch.ones(1, 1, 1, nk, dtype=torch.bool, device=q.device)
-        if causal:
-            allowed = (keys <= (torch.arange(c0, c1, device=q.device) + nk - nq)[:, None])[None, None]
-        if key_padding_mask is not None:
-            allowed = allowed & key_padding_mask[:, None, None, :]
-        parts.append(_mask_to_indices(_row_nucleus(s.masked_fill_(~allowed, float("-inf")), p, scale)))
-    width = max(1, max(t.shape[-1] for t in parts))
-    return TokenSelection(torch.cat([F.pad(t, (0, width - t.shape[-1]), value=-1) for t in parts], dim=2), nq, nk)
+    chunks = [_mask_to_indices(_row_nucleus(s, p, scale)) for s in _score_chunks(q, k, causal, key_padding_mask)]
+    return _concat_rows(chunks, nq, nk)
 
 
 def selection_layout(selection: TokenSelection, block: int) -> Layout:
@@ -259,7 +251,7 @@ class TopP(Pattern):
     TokenSelection ``[B, Hq, Nq, W]``. ``scale``: the softmax scale of the attention (None = 1/sqrt(D)).
 
     Twilight prunes the candidates of another selector this way; here the candidates are all
-    allowed keys (the paper's oracle top-p), so the pattern measures how far adaptive budgets go,
+    allowed keys with their exact weights, so the pattern measures how far adaptive budgets go,
     not a fast selection.
     """
 
