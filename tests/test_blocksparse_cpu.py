@@ -26,6 +26,9 @@ class _Spy:
         self.ops, self.calls = ops, {}
 
     def __getattr__(self, name):
+        if name.startswith("_"):  # printing helpers (hypothesis reports), not ops
+            raise AttributeError(name)
+
         def call(*args):
             self.calls[name] = self.calls.get(name, 0) + 1
             return getattr(self.ops, name)(*args)

@@ -85,6 +85,8 @@ def xattn_brute_scores(q, k, stride, block, causal):
                         if qi < nq and kj < nk:
                             acc += qn[b, h, qi] @ kn[b, h, kj]
                     logits[j] = acc / (math.sqrt(dim) * s)
+                if not np.isfinite(logits).any():  # more queries than keys: this row sees none yet
+                    continue
                 p = np.exp(logits - logits.max())
                 p /= p.sum()
                 for j in range(cols):
@@ -126,6 +128,17 @@ def test_xattention_scores_and_selection_match_brute_force(nq, extra, stride, ca
     sel = xattn_brute_select(want, nq, nq + extra, block, tau, causal)
     mask = expand_blocks(sel, nq, nq + extra, block, causal)
     assert np.array_equal(layout.to_dense().numpy(), mask)
+
+
+@pytest.mark.parametrize("nq,nk", [(145, 1), (90, 37), (64, 50)])
+def test_xattention_more_queries_than_keys(nq, nk):
+    """Causal with Nq > Nk: early query rows see no key (regression: a negative key count)."""
+    q, k, v = qkv(1, 4, 2, nq, nk, 8, seed=3)
+    pat = XAttention(threshold=0.8, stride=4, block=16)
+    scores = pat.block_scores(q, k, causal=True).double().numpy()
+    np.testing.assert_allclose(scores, xattn_brute_scores(q, k, 4, 16, True), atol=1e-5)
+    layout = pat.layout(q, k, causal=True)
+    assert_matches_reference(blocksparse_attention, q, k, v, layout)
 
 
 def test_xattention_tau_one_and_small_tau():

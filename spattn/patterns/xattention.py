@@ -69,7 +69,7 @@ def antidiagonal_block_scores(q: Tensor, k: Tensor, stride: int, block: int, cau
         ncols = ncols_all
         if causal:
             last = (rows * s + s - 1).clamp(max=nq - 1) + off  # last aligned query of each strided row
-            ncols = min(nkb, int(last.max()) // block + 1) * per
+            ncols = max(0, min(nkb, int(last.max()) // block + 1)) * per  # 0: more queries than keys, none visible yet
         lhs = q_r[:, :, r0:r1].view(bsz, hkv, (r1 - r0) * g, s * dim)
         logits = torch.matmul(lhs, k_r[:, :, :ncols].transpose(-1, -2)).view(bsz, hkv, r1 - r0, g, ncols)
         # only the trailing columns can be hidden (causal or padding): mask that slice alone
