@@ -40,3 +40,21 @@ def assert_matches_reference(fn, q, k, v, layout, kpm=None, atol=1e-5, lse_grad=
         err = (a.double() - b.double()).abs().max().item()
         assert err <= atol, f"{name}: max abs error {err:.3g} > {atol:.1g}"
     return got
+
+
+class CountingOps:
+    """Wraps the compiled ops (``spattn._compiled.ops()``) and counts the calls of each, so a test
+    can check that a path really ran compiled. Install with
+    ``monkeypatch.setitem(spattn._compiled._state, "ops", CountingOps(ops))``."""
+
+    def __init__(self, ops):
+        self.ops, self.calls = ops, {}
+
+    def __getattr__(self, name):
+        if name.startswith("_"):  # printing helpers (hypothesis reports), not ops
+            raise AttributeError(name)
+
+        def call(*args):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return getattr(self.ops, name)(*args)
+        return call

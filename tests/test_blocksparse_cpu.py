@@ -15,24 +15,8 @@ from spattn.kernels.blocksparse import blocksparse_attention
 from spattn.kernels.reference import reference_attention
 from spattn.layout import Layout, translation_invariant
 
-from .helpers import finite
+from .helpers import CountingOps, finite
 from .test_blocksparse import _random_layout, _tensors, problems
-
-
-class _Spy:
-    """Counts calls into the compiled ops (so a test knows the compiled loop really ran)."""
-
-    def __init__(self, ops):
-        self.ops, self.calls = ops, {}
-
-    def __getattr__(self, name):
-        if name.startswith("_"):  # printing helpers (hypothesis reports), not ops
-            raise AttributeError(name)
-
-        def call(*args):
-            self.calls[name] = self.calls.get(name, 0) + 1
-            return getattr(self.ops, name)(*args)
-        return call
 
 
 @pytest.fixture
@@ -42,7 +26,7 @@ def spy(monkeypatch):
         pytest.skip(f"compiled loops unavailable: {_compiled.build_error()}")
     if not ops.block_sparse_blas():
         pytest.skip("this torch build exports no BLAS: spattn runs its eager block-sparse kernel")
-    counting = _Spy(ops)
+    counting = CountingOps(ops)
     monkeypatch.setitem(_compiled._state, "ops", counting)
     return counting
 

@@ -14,6 +14,8 @@ from spattn.kvcache import SelectorState
 from spattn.patterns.decode import DoubleSparsity, Quest
 from spattn.selection import PageSelection
 
+from .helpers import CountingOps
+
 HAS_TOOLCHAIN = shutil.which("c++") is not None and (
     shutil.which("ninja") is not None or importlib.util.find_spec("ninja") is not None
 )
@@ -123,21 +125,8 @@ def test_shared_rows_attention_matches_reference(dtype, atol, heads):
             torch.testing.assert_close(lse[bi, h], torch.logsumexp(s, 0), atol=atol, rtol=0)
 
 
-class _Counting:
-    """Wraps the compiled ops and counts the calls of each (to check a path really ran compiled)."""
-
-    def __init__(self, ops):
-        self.ops, self.calls = ops, {}
-
-    def __getattr__(self, name):
-        def call(*args):
-            self.calls[name] = self.calls.get(name, 0) + 1
-            return getattr(self.ops, name)(*args)
-        return call
-
-
-def _counting(monkeypatch) -> _Counting:
-    spy = _Counting(_ops())
+def _counting(monkeypatch) -> CountingOps:
+    spy = CountingOps(_ops())
     monkeypatch.setitem(_compiled._state, "ops", spy)
     return spy
 
