@@ -23,15 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
 
 import spattn  # noqa: E402
+from spattn.bench.speed import time_call  # noqa: E402
 from spattn.kernels import blocksparse_cpu  # noqa: E402
 from spattn.patterns.base import Pattern  # noqa: E402
 
@@ -65,13 +64,7 @@ def capture(length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _median_time(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time_call(fn, warmup=1, repeat=repeat, memory=False)["median_s"]
 
 
 def run(layers_qk, methods, repeat: int, tail: int, eager: bool) -> list[dict]:
