@@ -10,13 +10,9 @@ import torch
 
 import spattn
 from spattn.approx.lowrank import Linformer, Nystromformer, nystrom_pinv
-from spattn.approx.reference import naive_linformer, naive_nystrom, naive_pinv
+from spattn.approx.reference import naive_linformer, naive_nystrom, naive_pinv, rep
 
 from .approx_helpers import assert_close_rel, assert_matches, padding_mask, rand_qkv
-
-
-def rep(x, hq):
-    return x.repeat_interleave(hq // x.shape[1], dim=1)
 
 
 # ------------------------------------------------------------------------------- linformer
