@@ -112,7 +112,7 @@ def attention_mass(q: Tensor, k: Tensor, layout: Layout, chunk: int = 256) -> Te
 def _causal_density(layout: Layout, nq: int, nk: int) -> Tensor:
     """Per-head fraction of the causal pairs a layout computes, ``[H]`` (mean over batch)."""
     causal_pairs = int((torch.arange(nq) + (nk - nq) + 1).clamp(min=0, max=nk).sum())
-    return layout.pair_counts().double().mean(0) / causal_pairs
+    return layout.pair_counts().sum(-1).double().mean(0) / causal_pairs
 
 
 def default_candidates(nk: int, budget: float, block: int = 64) -> list[dict]:
