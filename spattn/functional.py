@@ -143,9 +143,9 @@ def _sdpa_dense(q, k, v, causal, scale):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=group > 1)
 
 
-def _attend_selection(q, k, v, selection, backend, scale, key_padding_mask, return_lse):
+def _attend_selection(q, k, v, selection, backend, scale, key_padding_mask, return_lse, softcap=None):
     """Token-level selections run on their own kernels; ``reference`` uses the dense mask."""
-    kwargs = dict(scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse)
+    kwargs = dict(scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse, softcap=softcap)
     if isinstance(selection, TokenSelection):
         if backend == "reference":
             return reference_attention(q, k, v, selection.to_layout(), **kwargs)
@@ -165,8 +165,12 @@ def _attend_selection(q, k, v, selection, backend, scale, key_padding_mask, retu
     if isinstance(selection, ClusterSelection):
         if backend not in ("auto", "reference"):
             raise ValueError(f"backend={backend!r} runs block Layouts; routing windows use 'auto' or 'reference'")
+        if softcap is not None:
+            raise ValueError("softcap is not supported for routing windows (a ClusterSelection): their kernel averages "
+                             "window softmaxes; use a Layout or token-selecting pattern, or softcap=None")
         from .kernels.clustered import clustered_attention
 
+        del kwargs["softcap"]
         return clustered_attention(q, k, v, selection, reference=backend == "reference", **kwargs)
     raise AssertionError(f"unhandled selection {type(selection).__name__}")
 
@@ -182,6 +186,7 @@ def attention(
     backend: str = "auto",
     key_padding_mask: Optional[Tensor] = None,
     return_lse: bool = False,
+    softcap: Optional[float] = None,
 ):
     """Softmax attention restricted to the (query, key) pairs a pattern selects.
 
@@ -198,6 +203,8 @@ def attention(
         key_padding_mask: bool ``[B, Nk]``, True for real keys.
         return_lse: also return the log-sum-exp ``[B, Hq, Nq]`` (fp32; ``-inf`` for rows with no key),
             e.g. to merge partial attentions.
+        softcap: score soft-capping (Gemma 2): scaled scores ``s`` become ``softcap * tanh(s / softcap)``
+            before the softmax; None (default) = off. Supported by every backend except routing windows.
 
     Returns ``out [B, Hq, Nq, D]`` (zeros for queries with nothing to attend to), or ``(out, lse)``.
     """
@@ -213,13 +220,18 @@ def attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     _check_key_padding_mask(key_padding_mask, k)
-    if pattern is None and backend == "auto" and not return_lse and key_padding_mask is None:
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0:
+            raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
+        softcap = float(softcap)
+    plain = not return_lse and key_padding_mask is None and softcap is None  # SDPA's dense kernel can run it
+    if pattern is None and backend == "auto" and plain:
         if not causal or q.shape[2] == k.shape[2]:  # plain dense: no layout to build (decoding calls this per step)
             return _sdpa_dense(q, k, v, causal, scale)
     layout, is_dense = resolve_selection(q, k, pattern, causal, key_padding_mask)
     if not isinstance(layout, Layout):
-        return _attend_selection(q, k, v, layout, backend, scale, key_padding_mask, return_lse)
-    kwargs = dict(scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse)
+        return _attend_selection(q, k, v, layout, backend, scale, key_padding_mask, return_lse, softcap)
+    kwargs = dict(scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse, softcap=softcap)
     if backend == "reference":
         return reference_attention(q, k, v, layout, **kwargs)
     if backend == "flex":
@@ -228,7 +240,7 @@ def attention(
         return flex_attention(q, k, v, layout, **kwargs)
     if backend == "auto":
         square_causal = not causal or q.shape[2] == k.shape[2]
-        if is_dense and not return_lse and key_padding_mask is None and square_causal:
+        if is_dense and plain and square_causal:
             return _sdpa_dense(q, k, v, causal, scale)
         if q.device.type == "cuda":
             from .kernels.flex import flex_available, flex_attention
