@@ -73,11 +73,12 @@ def _register() -> None:
 
 #: keywords of transformers' attention call that change the attention's math, all honoured exactly
 _UNDERSTOOD = ("dropout", "scaling", "is_causal", "sliding_window", "softcap", "s_aux")
-#: keywords models pass along that do not change the result given the mask (the cache is already updated,
-#: packing shows in the mask, which is checked)
+#: keywords models pass along that do not change the result given q, k, v and the mask (the cache is already
+#: updated, cross-attention keys already projected, packing shows in the mask, which is checked); any
+#: keyword passed as None is inert as well
 _INERT = frozenset({
     "position_ids", "cache_position", "use_cache", "output_attentions", "output_hidden_states", "return_dict",
-    "output_router_logits", "past_key_values", "past_key_value",
+    "output_router_logits", "past_key_values", "past_key_value", "encoder_hidden_states", "encoder_attention_mask",
 })
 
 
@@ -96,7 +97,7 @@ def _spattn_attention_forward(module, query, key, value, attention_mask, dropout
             f"config._attn_implementation is {ATTN_NAME!r} but this model has no active "
             "spattn.integrations.hf.sparsify() handle (was the config copied?); call sparsify(model, ...) again"
         )
-    unknown = sorted(k for k in kwargs if k not in _INERT)
+    unknown = sorted(k for k, v in kwargs.items() if k not in _INERT and v is not None)
     if unknown:
         raise ValueError(
             f"spattn sparsify: layer {getattr(module, 'layer_idx', '?')} ({type(module).__name__}) passed the "
