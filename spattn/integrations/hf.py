@@ -190,11 +190,17 @@ def _key_padding(mask: Optional[Tensor], q_len: int, kv_len: int, causal: bool, 
     return None if bool(kpm.all()) else kpm
 
 
-def _causal_pairs(q_len: int, kv_len: int, causal: bool) -> int:
+def _causal_pairs(q_len: int, kv_len: int, causal: bool, window: Optional[int] = None) -> int:
+    """(query, key) pairs of dense attention; causal with ``window``: aligned query ``p`` sees ``min(p + 1, window)``."""
     if not causal:
         return q_len * kv_len
     offset = kv_len - q_len  # query i sees keys 0 .. i + offset
-    return q_len * (offset + 1) + q_len * (q_len - 1) // 2
+    pairs = q_len * (offset + 1) + q_len * (q_len - 1) // 2
+    if window is not None and kv_len > window:
+        first = max(offset, window)  # queries p >= window lose p + 1 - window keys
+        lost_lo, lost_hi = first + 1 - window, kv_len - window
+        pairs -= (lost_lo + lost_hi) * (kv_len - first) // 2
+    return pairs
 
 
 # --------------------------------------------------------------------------- the handle
@@ -202,7 +208,8 @@ class SparsifyHandle:
     """An active :func:`sparsify`: use as a context manager or call :meth:`undo`.
 
     ``stats`` counts, per phase (``"prefill"``/``"decode"``), the (query, key) pairs computed by all
-    layers and heads and the pairs dense causal attention would compute; :meth:`density` is their ratio.
+    layers and heads and the pairs the model's own (causal, sliding-window where the layer has one) dense
+    attention would compute; :meth:`density` is their ratio.
     """
 
     def __init__(self, model, prefill: Optional[Pattern], decode: Optional[Pattern], sparse_layers: frozenset,
@@ -308,7 +315,7 @@ class SparsifyHandle:
             out = out * torch.sigmoid(lse - sinks[None, :, None]).to(out.dtype)[..., None]
         stats = self.stats[phase]
         stats["pairs"] += pairs
-        stats["dense_pairs"] += b * hq * _causal_pairs(nq, nk, causal)
+        stats["dense_pairs"] += b * hq * _causal_pairs(nq, nk, causal, extras.window)  # the layer's own attention
         stats["calls"] += 1
         return out.transpose(1, 2).contiguous(), None
 
