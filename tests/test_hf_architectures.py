@@ -320,3 +320,16 @@ def test_layers_outside_the_sparse_set_skip_sparse_only_checks(models):
             got_all_dense = model(ids).logits
     assert (got_all_dense - want).abs().max() <= 1e-5
     assert (got_sparse_full_layer - want).abs().max() > 1e-4  # the full layer did change
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("options", [dict(heads=[0, 2]), dict(dense_tail=5), dict(heads=[1], dense_tail=3)])
+def test_heads_and_dense_tail_keep_sinks_and_window(models, options):
+    """Split calls (some heads sparse, the last rows dense) reassemble the log-sum-exp the sinks need:
+    a pattern containing the window on GPT-OSS's sliding layer is still the model's own attention."""
+    model = models["gpt_oss"]
+    ids = _ids(40)
+    want = model(ids).logits
+    with hf.sparsify(model, prefill=f"window(size={W - 1}, block=8)", layers=[0], **options):
+        got = model(ids).logits
+    assert (got - want).abs().max() <= 1e-5

@@ -3,7 +3,6 @@ dense fp64 reference with the same cap: forward, log-sum-exp and gradients of q,
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
@@ -19,21 +18,12 @@ from spattn.kernels.tokensparse import tokensparse_attention
 from spattn.layout import Layout
 from spattn.selection import PageSelection, TokenSelection
 
-from .helpers import finite, run_with_grads
+from .helpers import assert_matches_reference
 
 
 def _compare(fn, q, k, v, layout, kpm, softcap, atol):
     """``fn(..., softcap=)`` in the inputs' dtype against the fp64 reference with the same cap."""
-    got = run_with_grads(functools.partial(fn, softcap=softcap), q, k, v, layout, kpm)
-    want = run_with_grads(functools.partial(reference_attention, softcap=softcap),
-                          q.double(), k.double(), v.double(), layout, kpm)
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
-        assert not torch.isnan(a).any(), f"{name} has NaN"
-        if name == "lse":
-            assert torch.equal(torch.isinf(a), torch.isinf(b)), "lse -inf rows differ"
-            a, b = finite(a), finite(b)
-        err = (a.double() - b.double()).abs().max().item()
-        assert err <= atol, f"{name}: max abs error {err:.3g} > {atol:.1g}"
+    assert_matches_reference(fn, q, k, v, layout, kpm, atol=atol, softcap=softcap)
 
 
 def _qkv(gen, batch, hq, hkv, nq, nk, dim, spread=3.0):
