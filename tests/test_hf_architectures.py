@@ -333,3 +333,20 @@ def test_heads_and_dense_tail_keep_sinks_and_window(models, options):
     with hf.sparsify(model, prefill=f"window(size={W - 1}, block=8)", layers=[0], **options):
         got = model(ids).logits
     assert (got - want).abs().max() <= 1e-5
+
+
+class _ByName(torch.nn.Module):
+    """Passes the mask by name and flash-only packing keywords (None unless packed): allowed up front."""
+
+    def forward(self, q, k, v, mask, **kwargs):
+        attention_interface = None
+        return attention_interface(self, q, k, v, attention_mask=mask, dropout=0.0, cu_seq_lens_q=None, **kwargs)
+
+
+def test_keywords_passed_by_name_are_understood():
+    names, extra_positional = hf._interface_keywords(_ByName)
+    assert names == {"attention_mask", "dropout", "cu_seq_lens_q"} and not extra_positional
+    model = _model("llama")
+    model.model.layers[0].self_attn.__class__ = type("ByNameAttention", (type(model.model.layers[0].self_attn),),
+                                                     {"forward": _ByName.forward})
+    hf.sparsify(model).undo()  # nothing in it that spattn does not implement

@@ -83,7 +83,12 @@ _UNDERSTOOD = ("dropout", "scaling", "is_causal", "sliding_window", "softcap", "
 _INERT = frozenset({
     "position_ids", "cache_position", "use_cache", "output_attentions", "output_hidden_states", "return_dict",
     "output_router_logits", "past_key_values", "past_key_value", "encoder_hidden_states", "encoder_attention_mask",
+    "deterministic",  # flash-attention's determinism switch
 })
+#: packed-sequence keywords some models pass explicitly: allowed at sparsify(), a call with a value raises
+_NONE_AT_CALL = frozenset({"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
+#: the attention function's positional parameters, which some models pass by name
+_POSITIONAL = frozenset({"module", "query", "key", "value", "attention_mask"})
 
 
 def _spattn_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -488,7 +493,7 @@ def _check_layers(model, arch: str, modules: dict, active: frozenset, prefill, d
         found = _interface_keywords(type(module))
         if found is not None:
             names, extra_positional = found
-            unknown = sorted(names - set(_UNDERSTOOD) - _INERT)
+            unknown = sorted(names - set(_UNDERSTOOD) - _INERT - _NONE_AT_CALL - _POSITIONAL)
             if unknown or extra_positional:
                 what = unknown if unknown else "extra positional arguments"
                 raise ValueError(
