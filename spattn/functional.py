@@ -201,7 +201,10 @@ def _pagesparse(q, k, v, selection, **kwargs):
 
 
 def _clustered(reference: bool):
-    def run(q, k, v, selection, **kwargs):
+    def run(q, k, v, selection, softcap=None, **kwargs):
+        if softcap is not None:
+            raise ValueError("softcap is not supported for routing windows (a ClusterSelection): their kernel averages "
+                             "window softmaxes; use a Layout or token-selecting pattern, or softcap=None")
         from .kernels.clustered import clustered_attention
 
         return clustered_attention(q, k, v, selection, reference=reference, **kwargs)
@@ -234,6 +237,7 @@ def attention(
     backend: str = "auto",
     key_padding_mask: Optional[Tensor] = None,
     return_lse: bool = False,
+    softcap: Optional[float] = None,
 ):
     """Softmax attention restricted to the (query, key) pairs a pattern selects.
 
@@ -250,6 +254,8 @@ def attention(
         key_padding_mask: bool ``[B, Nk]``, True for real keys.
         return_lse: also return the log-sum-exp ``[B, Hq, Nq]`` (fp32; ``-inf`` for rows with no key),
             e.g. to merge partial attentions.
+        softcap: score soft-capping (Gemma 2): scaled scores ``s`` become ``softcap * tanh(s / softcap)``
+            before the softmax; None (default) = off. Supported by every backend except routing windows.
 
     Returns ``out [B, Hq, Nq, D]`` (zeros for queries with nothing to attend to), or ``(out, lse)``.
     """
@@ -265,12 +271,17 @@ def attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     _check_key_padding_mask(key_padding_mask, k)
-    if pattern is None and backend == "auto" and not return_lse and key_padding_mask is None:
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0:
+            raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
+        softcap = float(softcap)
+    plain = not return_lse and key_padding_mask is None and softcap is None  # SDPA's dense kernel can run it
+    if pattern is None and backend == "auto" and plain:
         if not causal or q.shape[2] == k.shape[2]:  # plain dense: no layout to build (decoding calls this per step)
             return _sdpa_dense(q, k, v, causal, scale)
     selection, is_dense = resolve_selection(q, k, pattern, causal, key_padding_mask)
-    if backend == "auto" and is_dense and not return_lse and key_padding_mask is None:
+    if backend == "auto" and is_dense and plain:
         if not causal or q.shape[2] == k.shape[2]:
             return _sdpa_dense(q, k, v, causal, scale)
-    kwargs = dict(scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse)
+    kwargs = dict(scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse, softcap=softcap)
     return kernel_for(selection, backend).run(q, k, v, selection, **kwargs)
