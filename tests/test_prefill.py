@@ -262,7 +262,24 @@ def test_minference_block_matches_brute_force(nq, extra, causal, topk, group, se
 
 
 # ------------------------------------------------------------------------------------ FlexPrefill
-def brute_flexprefill_blocks(q, k, gamma, tau, block):
+def official_slash_blocks(last, block):
+    """Block-diagonal slash scores as the official FlexPrefill code builds them (``get_active_blocks``):
+    ``sum_all_diagonal_matrix`` indexes a diagonal by the key where it meets the last query row
+    (``i = Nk - 1 - d``), ``torch_bhn_sumpool`` pools those indices from 0 in groups of ``block``
+    (zero-padded at the end), and group ``c`` selects the block diagonal ``δ = NKB - 1 - c``."""
+    rows, nk = last.shape
+    nkb = -(-nk // block)
+    by_key = np.zeros(nkb * block)
+    for i in range(nk):  # mat_padded columns: pad (rows - 1) zeros on the left
+        for r in range(rows):
+            j = i + r - (rows - 1)
+            if j >= 0:
+                by_key[i] += last[r, j] / rows
+    pooled = by_key.reshape(nkb, block).sum(-1)
+    return np.array([pooled[nkb - 1 - delta] for delta in range(nkb)])
+
+
+def brute_flexprefill_blocks(q, k, gamma, tau, block, align="end"):
     qn, kn = np_heads(q, k)
     bsz, hq, nq, dim = qn.shape
     nk = kn.shape[2]
@@ -286,7 +303,10 @@ def brute_flexprefill_blocks(q, k, gamma, tau, block):
                 return int((np.cumsum(np.sort(x)[::-1]) <= gamma).sum()) + 1
 
             v_blk = np.array([a_v[kb * block: (kb + 1) * block].sum() for kb in range(nkb)])
-            s_blk = np.array([a_s[d * block: (d + 1) * block].sum() for d in range(nkb)])
+            if align == "start":
+                s_blk = np.array([a_s[d * block: (d + 1) * block].sum() for d in range(nkb)])
+            else:
+                s_blk = official_slash_blocks(last, block)
             kbar = np.stack([kn[b, h, kb * block: (kb + 1) * block].mean(0) for kb in range(nkb)])
             logit = (qn[b, h, nq - rows:].mean(0) / math.sqrt(dim)) @ kbar.T
             a_hat = np.exp(logit - logit.max())
@@ -320,13 +340,14 @@ def brute_flexprefill_blocks(q, k, gamma, tau, block):
     return out, aware
 
 
+@pytest.mark.parametrize("align", ["end", "start"])
 @pytest.mark.parametrize("tau", [0.0, 0.3, 10.0])
 @pytest.mark.parametrize("nq,extra,group", [(150, 0, 1), (133, 0, 2), (100, 40, 1)])
-def test_flexprefill_matches_brute_force(tau, nq, extra, group):
+def test_flexprefill_matches_brute_force(tau, nq, extra, group, align):
     block, gamma, nk = 16, 0.8, nq + extra
     q, k, _ = qkv(2, 2 * group, 2, nq, nk, 8, seed=nq + extra, scale=1.3)
-    pat = FlexPrefill(gamma=gamma, tau=tau, block=block)
-    want, aware = brute_flexprefill_blocks(q, k, gamma, tau, block)
+    pat = FlexPrefill(gamma=gamma, tau=tau, block=block, slash_align=align)
+    want, aware = brute_flexprefill_blocks(q, k, gamma, tau, block, align)
     est = pat.estimate(q, k)
     assert np.array_equal(est["query_aware"].numpy(), aware)
     if tau == 0.0:
@@ -335,6 +356,33 @@ def test_flexprefill_matches_brute_force(tau, nq, extra, group):
         assert aware.all()
     layout = pat.layout(q, k, causal=True)
     assert np.array_equal(layout.to_dense().numpy(), expand_blocks(want, nq, nk, block, True))
+
+
+@settings(max_examples=10, deadline=None)
+@given(nq=st.integers(40, 120), block=st.sampled_from([8, 16]), group=st.sampled_from([1, 2]), seed=st.integers(0, 999))
+def test_flexprefill_slash_groups_follow_the_official_code_for_any_n(nq, block, group, seed):
+    """Off the block grid the official grouping (from the end) differs from grouping from offset 0;
+    the default follows the official code exactly (issue 15)."""
+    q, k, _ = qkv(1, 2 * group, 2, nq, nq, 8, seed=seed, scale=1.5)
+    pat = FlexPrefill(gamma=0.95, tau=0.0, block=block)
+    est = pat.estimate(q, k)
+    probs = full_probs(q, k)
+    rows = min(block, nq)
+    for h in range(2 * group):
+        want = official_slash_blocks(probs[0, h, nq - rows:], block)
+        np.testing.assert_allclose(est["slash_blocks"][0, h].double().numpy(), want, atol=1e-6)
+    want_blocks, _ = brute_flexprefill_blocks(q, k, 0.95, 0.0, block)
+    assert np.array_equal(pat.layout(q, k, causal=True).to_dense().numpy(), expand_blocks(want_blocks, nq, nq, block, True))
+
+
+def test_flexprefill_slash_align_differs_off_grid_only():
+    q, k, _ = qkv(1, 2, 2, 128, 128, 8, seed=5, scale=1.5)
+    end, start = FlexPrefill(tau=0.0, block=16), FlexPrefill(tau=0.0, block=16, slash_align="start")
+    torch.testing.assert_close(end.estimate(q, k)["slash_blocks"], start.estimate(q, k)["slash_blocks"])
+    q, k, _ = qkv(1, 2, 2, 133, 133, 8, seed=5, scale=1.5)
+    assert not torch.allclose(end.estimate(q, k)["slash_blocks"], start.estimate(q, k)["slash_blocks"], atol=1e-3)
+    with pytest.raises(ValueError, match="slash_align"):
+        FlexPrefill(slash_align="middle")
 
 
 def test_flexprefill_short_sequence_is_dense():
