@@ -130,6 +130,83 @@ def test_xattention_scores_and_selection_match_brute_force(nq, extra, stride, ca
     assert np.array_equal(layout.to_dense().numpy(), mask)
 
 
+def official_find_blocks(scores, tau, causal, chunk_blocks):
+    """The official ``find_blocks_chunked`` (threshold mode, prefill) written out with loops, applied
+    chunk by chunk as ``xattn_estimate`` does for ``Nq == Nk`` (``current_index`` = first query block
+    of the chunk), followed by its block-causal clip. ``scores [..., NQB, NKB]``."""
+    nqb, nkb = scores.shape[-2:]
+    out = np.zeros(scores.shape, dtype=bool)
+    for idx in np.ndindex(*scores.shape[:-2]):
+        for c0 in range(0, nqb, chunk_blocks):
+            current = c0  # k_block_num - q_block_num + chunk_idx * num_blocks_per_chunk, with Nq == Nk
+            for r in range(min(chunk_blocks, nqb - c0)):
+                row = np.array(scores[idx + (c0 + r,)], dtype=np.float64)
+                if causal:
+                    row[c0 + r + 1:] = 0.0  # the estimate's causal softmax gives future blocks nothing
+                required = row.sum() * tau
+                mask = np.zeros(nkb, dtype=bool)
+                if causal:
+                    mask[0] = True
+                    for col in range(current, min(current + chunk_blocks, nkb)):  # eye(chunk) overwrites
+                        mask[col] = (col - current) == r
+                    other = np.where(mask, 0.0, row)
+                    other_sorted = sorted(other, reverse=True)
+                    forced_sum = row[mask].sum()
+                    sorted_values = [0.0, forced_sum] + other_sorted[:-2]
+                    key = np.where(mask, 100000 * (1 + row), row)
+                    index = sorted(range(nkb), key=lambda j: (-key[j], j))
+                    cum = np.cumsum([0.0] + sorted_values[:-1])
+                else:
+                    index = sorted(range(nkb), key=lambda j: (-row[j], j))
+                    cum = np.cumsum([0.0] + [row[j] for j in index][:-1])
+                for t in range(nkb):
+                    mask[index[t] if cum[t] < required else 0] = True
+                if causal:
+                    mask[c0 + r + 1:] = False  # the tril on the last q_block_num square
+                out[idx + (c0 + r,)] = mask
+    return out
+
+
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(20, 140), stride=st.sampled_from([2, 4]), causal=st.booleans(), tau=st.sampled_from([0.5, 0.8, 0.95]),
+       group=st.sampled_from([1, 2]), seed=st.integers(0, 999))
+def test_xattention_official_rule_matches_the_official_code(n, stride, causal, tau, group, seed):
+    """``rule="official"`` reproduces find_blocks_chunked (issue 15), off the block grid too."""
+    block = 16
+    q, k, _ = qkv(2, 2 * group, 2, n, n, 8, seed, scale=1.5)
+    pat = XAttention(threshold=tau, stride=stride, block=block, rule="official")
+    scores = xattn_brute_scores(q, k, stride, block, causal)
+    sel = official_find_blocks(pat.block_scores(q, k, causal=causal).double().numpy(), tau, causal, chunk_blocks=2048 // block)
+    assert np.array_equal(pat.layout(q, k, causal=causal).to_dense().numpy(), expand_blocks(sel, n, n, block, causal))
+    # the oracle on the brute-force scores agrees wherever no score ties within rounding
+    sel_brute = official_find_blocks(scores, tau, causal, chunk_blocks=2048 // block)
+    assert (sel_brute != sel).mean() < 0.02
+
+
+def test_xattention_official_rule_keeps_one_more_block_and_the_sink():
+    """First chunk, Nq == Nk: the official rule keeps one block more per row than the fewest-blocks
+    rule (two when the uncounted sink is added on top of the extra one), and block 0 always."""
+    q, k, _ = qkv(1, 2, 2, 256, 256, 8, seed=3, scale=2.0)
+    fewest = XAttention(threshold=0.5, stride=4, block=16)
+    official = XAttention(threshold=0.5, stride=4, block=16, rule="official")
+    a = fewest.layout(q, k, causal=True).to_dense()
+    b = official.layout(q, k, causal=True).to_dense()
+    blocks = lambda d: d[..., ::16, ::16].reshape(2, 16, 16)
+    ba, bb = blocks(a), blocks(b)
+    assert bb[..., 0].all()
+    extra = (bb.sum(-1) - ba.sum(-1))[:, 2:]
+    assert (extra >= 0).all() and (extra <= 2).all() and extra.float().mean() >= 0.5
+    with pytest.raises(ValueError, match="rule"):
+        XAttention(rule="paper")
+
+
+def test_official_chunk_size():
+    from spattn.patterns.xattention import official_chunk_size
+
+    assert [official_chunk_size(n) for n in (100, 2048, 5000, 16384, 16385, 32768, 65536, 131072)] == [
+        2048, 2048, 8192, 16384, 8192, 8192, 4096, 2048]
+
+
 @pytest.mark.parametrize("nq,nk", [(145, 1), (90, 37), (64, 50)])
 def test_xattention_more_queries_than_keys(nq, nk):
     """Causal with Nq > Nk: early query rows see no key (regression: a negative key count)."""
