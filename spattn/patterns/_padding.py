@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["real_tokens", "query_tokens", "zero_padded", "masked_block_mean", "last_real_rows", "last_real_query_probs"]
+__all__ = ["real_tokens", "query_tokens", "zero_padded", "masked_block_mean", "last_real_rows", "last_real_query_probs",
+           "masked_block_extrema"]
 
 def real_tokens(owner: str, key_padding_mask: Optional[Tensor], batch: int, n: int, device) -> Optional[Tensor]:
     """Validated ``key_padding_mask`` ``[B, N]`` bool, or None when absent or when every token is real
@@ -103,3 +104,18 @@ def last_real_query_probs(q: Tensor, k: Tensor, last: int, real: Tensor,
     probs = torch.softmax(logits, dim=-1).nan_to_num_(nan=0.0)  # a row with no visible real key
     probs.masked_fill_(~valid[:, None, :, None], 0.0)
     return probs, pos.masked_fill(~valid, 0), valid, idx
+
+
+def masked_block_extrema(x: Tensor, block: int, real: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Elementwise max and min of ``x [B, H, N, D]`` over the real tokens (``real [B, N]``) of each
+    block of ``block`` positions: ``(hi, lo)`` ``[B, H, NB, D]`` (zero for a block without a real
+    token) and ``has_real [B, 1, NB]``."""
+    b, h, n, d = x.shape
+    nb = -(-n // block)
+    keep = torch.nn.functional.pad(real, (0, nb * block - n)).view(b, 1, nb, block, 1)
+    tiles = torch.nn.functional.pad(x, (0, 0, 0, nb * block - n)).view(b, h, nb, block, d)
+    has_real = keep.any(3)  # [B, 1, NB, 1]
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    hi = torch.where(has_real, tiles.masked_fill(~keep, -math.inf).amax(3), zero)
+    lo = torch.where(has_real, tiles.masked_fill(~keep, math.inf).amin(3), zero)
+    return hi, lo, has_real[..., 0]
