@@ -52,7 +52,7 @@ MODULES = {
     "drsformer_topk": (False,),
     "scatterbrain(pattern='block_topk(k=2, block=4)')": (False, True),
     "scatterbrain": (False, True),
-    "sla(topk=2, block=4)": (False,),
+    "sla(k=2, block=4)": (False,),
     "sea": (False, True),
     "routing_transformer(clusters=3, window=4)": (False, True),
     "routing_transformer(clusters=3, window=4, causal_safe=True)": (True,),
