@@ -163,7 +163,7 @@ def test_decode_selectors_ignore_padded_values(which, n, kind, seed, group):
             pat.group_tokens = which.endswith("grouped")
             sel = pat.select(q, kk, causal=True, key_padding_mask=real)
         elif which == "tidal":
-            pat, state = TidalDecode(budget=4, selection_layers=(1,)), SelectorState()
+            pat, state = TidalDecode(budget=4, select_layers=(1,)), SelectorState()
             for layer in range(3):
                 sel = pat.select(q, kk, causal=True, state=state, layer=layer, key_padding_mask=real)
         else:
