@@ -238,3 +238,32 @@ def test_every_content_based_mechanism_is_covered():
     covered |= {"minference"}  # test_minference_config_ignores_padded_values
     wanted = {m.name for m in spattn.mechanisms() if m.kind in ("dynamic", "hybrid")}
     assert wanted <= covered, sorted(wanted - covered)
+
+
+@pytest.mark.parametrize("spec", ["block_topk(k=3, block=4)", "block_mass(threshold=0.99, block=4)",
+                                  "minference_block(k=3, block=4)", "xattention(threshold=0.99, stride=2, block=4)",
+                                  "xattention(threshold=0.99, stride=2, block=4, rule='official')", "seer(block=4, topk=3)"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_selectors_never_choose_a_block_of_padding(spec, causal):
+    """Beyond bitwise independence: a key block holding only padding takes no slot of the budget."""
+    n, batch = 40, 2
+    real = torch.ones(batch, n, dtype=torch.bool)
+    real[0, :12] = False  # left padding: key blocks 0-2
+    real[1, 8:16] = False  # key blocks 2-3
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(batch, 2, n, 8, generator=gen), torch.randn(batch, 2, n, 8, generator=gen)
+    pat = _build(spec, 2, 2, 8)
+    tiles = pat.layout(q, k, causal=causal, key_padding_mask=real).to_dense()[..., ::4, ::4]  # [B, H, NQB, NKB]
+    empty = ~real.view(batch, n // 4, 4).any(-1)  # [B, NKB]
+    assert not (tiles & empty[:, None, None, :]).any()
+
+
+def test_bad_padding_masks_are_rejected():
+    q = k = torch.randn(2, 2, 12, 8)
+    pat = spattn.pattern("block_topk(k=1, block=4)")
+    with pytest.raises(TypeError, match="key_padding_mask must be a bool tensor"):
+        pat.layout(q, k, key_padding_mask=torch.ones(2, 12))
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \[B, Nk\]"):
+        spattn.pattern("xattention(stride=2, block=4)").layout(q, k, key_padding_mask=torch.ones(2, 11, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \[B, Nk\]"):
+        Quest(page=4, budget=4, min_pages=1).select(q[:, :, :1], k, key_padding_mask=torch.ones(1, 12, dtype=torch.bool))

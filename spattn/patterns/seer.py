@@ -210,7 +210,8 @@ class SeerGate(PaddedPattern, nn.Module):
             keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, True)
         else:
             keep = torch.softmax(logits, dim=-1) > self.effective_threshold
-        return (keep & valid & ~torch.isneginf(logits)) | diagonal  # never a key block without a real key
+        has_key = ~torch.isneginf(logits)  # False on key blocks without a real key (key_padding_mask)
+        return (keep | diagonal) & valid & has_key
 
     def layout(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Layout:
         nq, nk = q.shape[2], k.shape[2]
