@@ -171,7 +171,7 @@ def check_spec(spec: str, what: str = "spec", provided=()) -> tuple[Mechanism, d
     try:
         name, kwargs = parse_spec(spec)
         mech = lookup(name)
-        _check_parameters(mech, set(kwargs) | set(provided))
+        _check_parameters(mech, set(kwargs), filled=set(provided))
     except (ValueError, TypeError) as err:
         if what == "spec":
             raise
@@ -179,12 +179,12 @@ def check_spec(spec: str, what: str = "spec", provided=()) -> tuple[Mechanism, d
     return mech, kwargs
 
 
-def _check_parameters(mech: Mechanism, given: set) -> None:
+def _check_parameters(mech: Mechanism, given: set, filled: frozenset = frozenset()) -> None:
     unknown = sorted(given - set(mech.parameters()))
     if unknown:
         hints = "".join(suggest(u, mech.parameters(), n=1) for u in unknown[:1])
         raise ValueError(f"{mech.name}: unknown parameter(s) {', '.join(unknown)}{hints}; valid: {mech.signature()}")
-    missing = [p for p in mech.required() if p not in given]
+    missing = [p for p in mech.required() if p not in given and p not in filled]
     if missing:
         verb = "is" if len(missing) == 1 else "are"
         example = ", ".join(f"{p}=..." for p in missing)

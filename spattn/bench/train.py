@@ -126,6 +126,17 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: unknown model field(s) {bad}; valid: {', '.join(sorted(MODEL_FIELDS))}")
 
 
+def check_attention(attention: str) -> None:
+    """Check a model's attention spec (or ``;``-joined per-layer specs) without building anything:
+    syntax, names (with suggestions) and required parameters, except those the model fills in."""
+    from ..approx.base import CONTEXT_PARAMETERS
+    from ..registry import check_spec
+
+    for part in attention.split(";") if attention else ():
+        if part.strip():
+            check_spec(part.strip(), "attention", provided=CONTEXT_PARAMETERS)
+
+
 def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
     """Linear warmup from 0 over ``warmup`` steps, then cosine to ``min_ratio`` at ``total``."""
 
@@ -435,9 +446,7 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
         raise TypeError(f"train: expected a TrainConfig, got {type(cfg).__name__}")
     task = get_task(cfg.task)
     cfg = cfg.resolved(task)
-    from ..registry import check_spec
-
-    check_spec(cfg.attention, "attention")
+    check_attention(cfg.attention)
     ckpt_path = metrics_path = None
     if cfg.out_dir:
         ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
