@@ -154,14 +154,19 @@ def _add_speed_options(p: argparse.ArgumentParser, default_patterns: Optional[Se
 
 
 def _cmd_list() -> int:
-    """One entry per mechanism, wrapped to the terminal's width: name, kind, signature; then the paper."""
+    """One entry per mechanism: name, kind, signature; then the paper. Wrapped to the terminal's width
+    (or ``COLUMNS``); written whole into a pipe or file, as ``ls`` does."""
+    import os
     import shutil
     import textwrap
 
     import spattn
 
     mechs = spattn.mechanisms()
-    width = max(60, shutil.get_terminal_size((100, 24)).columns - 1)
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        width = max(60, shutil.get_terminal_size((100, 24)).columns - 1)
+    else:
+        width = 10**6
     name_w = max((len(m.name) for m in mechs), default=4) + 2
     kind_w = max((len(m.kind) for m in mechs), default=4) + 2
     indent = " " * (name_w + kind_w)
