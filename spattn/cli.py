@@ -145,8 +145,12 @@ def _add_speed_options(p: argparse.ArgumentParser, default_patterns: Optional[Se
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | float64")
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--repeat", type=int, help="timed repeats per case (default 3; --quick 2)")
-    p.add_argument("--warmup", type=int, help="untimed calls per case (default 1)")
+    p.add_argument("--repeat", type=int, help="timed runs per case at least (default 3; --quick 2)")
+    p.add_argument("--max-repeat", type=int,
+                   help="timed runs per case at most: more are taken until the median is stable (interquartile "
+                        "range within 5%% of it) or 20 s are spent (default 10; --quick: no extra runs)")
+    p.add_argument("--warmup", type=int, help="untimed calls per case (default 1), after a warm-up that builds the "
+                                              "compiled kernels")
     p.add_argument("--cold-compile", action="store_true",
                    help="disable Inductor's on-disk caches so FlexAttention's compile time is a cold compile")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory measurement")
@@ -187,11 +191,12 @@ def _cmd_speed(args: argparse.Namespace, default_ns: Optional[Sequence[int]] = N
 
     ns = args.n or (QUICK_NS if args.quick else (default_ns or DEFAULT_NS))
     measurements = expand_backends(args.backends) if args.backends else tuple(default_measurements or MEASUREMENTS)
+    repeat = args.repeat if args.repeat is not None else (2 if args.quick else 3)
     cfg = SpeedConfig(
         ns=tuple(ns), patterns=tuple(args.patterns), measurements=measurements, batch=args.batch,
         heads=args.heads, dim=args.dim, dtype=args.dtype, causal=args.causal,
         warmup=1 if args.warmup is None else args.warmup,
-        repeat=args.repeat if args.repeat is not None else (2 if args.quick else 3),
+        repeat=repeat, max_repeat=args.max_repeat if args.max_repeat is not None else (repeat if args.quick else max(10, repeat)),
         memory=args.memory, cold_compile=args.cold_compile,
     )
     cfg.validate()  # bad specs / values fail before anything runs
