@@ -199,7 +199,14 @@ def build(spec: str | None = None, /, **overrides: Any) -> Any:
     (``window: size is required``); unknown ones are refused with the closest valid name suggested.
     """
     name, kwargs = parse_spec(spec)
-    kwargs.update(overrides)
+    kwargs.update({k: _plain(v) for k, v in overrides.items()})
     mech = lookup(name)
     _check_parameters(mech, set(kwargs))
     return mech.factory(**kwargs)
+
+
+def _plain(value: Any) -> Any:
+    """NumPy scalars (``np.float32(0.25)``, ``np.int64(3)``) as the Python numbers factories check for."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value

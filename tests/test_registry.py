@@ -62,3 +62,18 @@ def test_check_spec_does_not_build_and_knows_filled_parameters():
         check_spec("routing_transformer", "attention")
     with pytest.raises(ValueError, match="unknown parameter"):
         check_spec("window(size=3, dim=4)", provided=("dim",))  # filled by the caller, not given by the user
+
+
+def test_numpy_scalars_are_accepted_where_numbers_are():
+    import numpy as np
+    import torch
+
+    from spattn.bench.train import TrainConfig
+
+    q = torch.randn(1, 1, 64, 8)
+    torch.testing.assert_close(spattn.attention(q, q, q, scale=np.float32(0.25)), spattn.attention(q, q, q, scale=0.25))
+    p = spattn.pattern("window", size=np.int64(8))
+    assert p.size == 8 and type(p.size) is int
+    cfg = TrainConfig(steps=np.int64(5), lr=np.float32(1e-3), batch_size=4, weight_decay=0.0, warmup=0)
+    cfg.validate()
+    assert type(cfg.steps) is int and type(cfg.lr) is float

@@ -93,6 +93,11 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
+        for f in fields(self):  # NumPy scalars (np.int64(100), np.float32(1e-3)) as Python numbers
+            v = getattr(self, f.name)
+            if type(v).__module__ == "numpy" and getattr(v, "ndim", None) == 0:
+                setattr(self, f.name, v.item())
+
         def pos_int(name, allow_none=False):
             v = getattr(self, name)
             if v is None and allow_none:
