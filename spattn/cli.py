@@ -95,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draw each pattern's layout at sequence length --n as a heatmap (needs matplotlib)."))
     add_train_arguments(sub.add_parser(
         "train", help="train a model with any attention on a task (mqar, listops, pathfinder, bytelm, ...)",
-        description="Train with AdamW, warmup + cosine, gradient clipping; evaluate every --eval-every steps, "
-                    "checkpoint to --out and resume exactly with --resume; print a one-line summary and write "
-                    "metrics.json."))
+        description="Train with AdamW, warmup + cosine, gradient clipping; evaluate every --eval-every steps "
+                    "(with progress bars), checkpoint to --out (default runs/<task>-<date>-<time>) and resume exactly "
+                    "with --resume; Ctrl-C / SIGTERM stop with a checkpoint; print a summary and write metrics.json."))
 
     from .bench.longctx import add_longctx_arguments
 

@@ -411,3 +411,17 @@ def test_interrupt_in_process_raises_training_interrupted(tmp_path):
         train(cfg(out_dir=str(tmp_path), **{**SMALL, "steps": 10, "eval_every": 100}), callback=send)
     assert load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_schema_1_checkpoints_still_load(tmp_path, small_checkpoint):
+    """Checkpoints written before checksums (a bare torch.save, format spattn-train-v1) are read and validated."""
+    payload = load_checkpoint(small_checkpoint)
+    payload = {k: v for k, v in payload.items() if k != "schema"}
+    payload["format"] = "spattn-train-v1"
+    torch.save(payload, tmp_path / "old.pt")
+    old = load_checkpoint(str(tmp_path / "old.pt"))
+    assert old["schema"] == 1 and old["step"] == 4
+    payload["step"] = -5
+    torch.save(payload, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="field 'step'"):
+        load_checkpoint(str(tmp_path / "old.pt"))
