@@ -15,7 +15,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["Mechanism", "register", "parse_spec", "lookup", "mechanisms", "build", "check_spec", "suggest"]
+__all__ = ["Mechanism", "register", "parse_spec", "lookup", "mechanisms", "build", "check_spec", "suggest", "as_python_scalar"]
 
 #: longest spec string accepted, and deepest nesting of its values (a tuple of tuples is depth 2)
 MAX_SPEC_LENGTH = 2000
@@ -199,13 +199,13 @@ def build(spec: str | None = None, /, **overrides: Any) -> Any:
     (``window: size is required``); unknown ones are refused with the closest valid name suggested.
     """
     name, kwargs = parse_spec(spec)
-    kwargs.update({k: _plain(v) for k, v in overrides.items()})
+    kwargs.update({k: as_python_scalar(v) for k, v in overrides.items()})
     mech = lookup(name)
     _check_parameters(mech, set(kwargs))
     return mech.factory(**kwargs)
 
 
-def _plain(value: Any) -> Any:
+def as_python_scalar(value: Any) -> Any:
     """NumPy scalars (``np.float32(0.25)``, ``np.int64(3)``) as the Python numbers factories check for."""
     if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
         return value.item()

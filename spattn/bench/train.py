@@ -93,10 +93,10 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
+        from ..registry import as_python_scalar
+
         for f in fields(self):  # NumPy scalars (np.int64(100), np.float32(1e-3)) as Python numbers
-            v = getattr(self, f.name)
-            if type(v).__module__ == "numpy" and getattr(v, "ndim", None) == 0:
-                setattr(self, f.name, v.item())
+            setattr(self, f.name, as_python_scalar(getattr(self, f.name)))
 
         def pos_int(name, allow_none=False):
             v = getattr(self, name)
