@@ -22,8 +22,12 @@ def reference_attention(
     scale: Optional[float] = None,
     key_padding_mask: Optional[Tensor] = None,
     return_lse: bool = False,
+    softcap: Optional[float] = None,
 ):
     """softmax(q kᵀ · scale restricted to ``layout``) v, computed densely (float32 for half inputs).
+
+    ``softcap``: scores ``s`` (already scaled) become ``softcap * tanh(s / softcap)`` before masking
+    and softmax (Gemma 2's attention logit soft-capping).
 
     q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]`` (GQA: query head h uses kv head h // (Hq/Hkv)),
     ``key_padding_mask [B, Nk]`` bool (True = real key). Rows with no allowed key give zeros
@@ -45,6 +49,8 @@ def reference_attention(
     out_dtype = q.dtype
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~allowed, float("-inf"))
     empty = ~allowed.any(dim=-1, keepdim=True)
     scores = scores.masked_fill(empty, 0.0)  # keeps logsumexp and its gradient finite
