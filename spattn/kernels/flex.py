@@ -41,6 +41,7 @@ import torch._dynamo
 from torch import Tensor
 
 from ..layout import Layout
+from ._finite import nan_exact
 
 __all__ = ["flex_attention", "flex_available", "compiled_flex_attention", "RECOMPILE_LIMIT", "CPU_DTYPES"]
 
@@ -317,12 +318,26 @@ def flex_attention(
             "so calls with return_lse=True on CPU use the eager 'blocksparse' kernel.",
         )
         return _fallback(q, k, v, layout, scale, key_padding_mask, return_lse, softcap)
+    layout.check()
     block_mask = _layout_block_mask(layout, q.device)
     if key_padding_mask is not None:
         block_mask = _with_key_padding(block_mask, key_padding_mask, k.shape[-2])
     if on_cpu:
         # grad mode is off here; FlexAttention rejects CPU inputs that merely *carry* requires_grad
         q, k, v = q.detach(), k.detach(), v.detach()
+
+    def run(q, k, v):
+        return _run_flex(q, k, v, block_mask, scale, return_lse, softcap)
+
+    def probe(q, k, v):  # which rows see which NaN: same layout and padding, no new compilation
+        return _fallback(q, k, v, layout, scale, key_padding_mask, False)
+
+    return nan_exact(run, q, k, v, probe=probe)
+
+
+def _run_flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: Optional[float], return_lse: bool,
+              softcap: Optional[float]):
+    """The compiled FlexAttention call on NaN-free inputs (empty rows: zeros, lse ``-inf``)."""
     gqa = q.shape[1] != k.shape[1]
     extra = {} if softcap is None else {"score_mod": _softcap_score_mod(float(softcap))}
     fn = compiled_flex_attention()

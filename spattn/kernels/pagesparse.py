@@ -113,6 +113,8 @@ def _page_attention(q: Tensor, k: Tensor, v: Tensor, sel: PageSelection, scale: 
     keep = keep.flatten(-2)
     if not bool(keep.all()):
         scores = scores.masked_fill(~keep, float("-inf"))
+        # 0 · NaN is NaN: a masked slot's value row must not be read at all
+        vg = vg.masked_fill(~keep[..., None], 0.0)
     lse = torch.logsumexp(scores, dim=-1)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     p = torch.exp(scores - safe[..., None])  # exactly 0 where masked and on rows without keys
@@ -151,6 +153,8 @@ def pagesparse_attention(
         )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if softcap is None and _fast_path_applies(q, k, v, selection, key_padding_mask):
+        # reads only the selected rows and zeroes the values of masked slots, so NaN reaches exactly the
+        # rows that select it (no isnan pass over the whole cache per decoding step)
         result = _page_attention(q, k, v, selection, scale)
         if result is not None:
             out, lse = result

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..selection import TokenSelection
+from ._finite import nan_exact
 
 __all__ = ["tokensparse_attention"]
 
@@ -268,7 +269,8 @@ def tokensparse_attention(
         return_lse: also return the log-sum-exp ``[B, Hq, Nq]`` (float32, float64 for float64 inputs).
         softcap: scaled scores ``s`` become ``softcap * tanh(s / softcap)`` (Gemma 2); None = off.
 
-    Queries left with no key get zeros and log-sum-exp ``-inf`` (finite, NaN-free gradients).
+    Queries left with no key get zeros and log-sum-exp ``-inf`` (finite, NaN-free gradients). NaN in
+    q, k or v reaches exactly the rows that select it (see :mod:`~spattn.kernels._finite`).
     """
     _check(q, k, v, selection, key_padding_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -277,7 +279,8 @@ def tokensparse_attention(
         out = q * 0.0 + (k.sum() + v.sum()) * 0.0
         lse = torch.full(q.shape[:3], float("-inf"), dtype=_compute_dtype(q.dtype), device=q.device)
         return (out, lse) if return_lse else out
-    out, lse = _TokenSparse.apply(q, k, v, indices, key_padding_mask, scale, None if softcap is None else float(softcap))
+    cap = None if softcap is None else float(softcap)
+    out, lse = nan_exact(lambda q, k, v: _TokenSparse.apply(q, k, v, indices, key_padding_mask, scale, cap), q, k, v)
     if not return_lse:
         return out
     return out, lse.to(_compute_dtype(q.dtype))
