@@ -52,19 +52,34 @@ def _group_info(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _check_shards(q: Tensor, k: Tensor, causal: bool, group, world: int, rank: int) -> list[int]:
-    """All-gather every rank's shard shape once; every rank fails with the same clear error."""
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"q and k must hold the same tokens of the sequence (self-attention): "
-                         f"got N_local {q.shape[2]} and {k.shape[2]}")
-    b, hq, n, d = q.shape
-    meta = _comm.all_gather_ints([n, b, hq, k.shape[1], d, int(causal)], group, world, q.device)
+def _check_shards(q: Tensor, k: Tensor, v: Tensor, causal, group, world: int) -> list[int]:
+    """Validate locally, then all-gather every rank's verdict and shard shape once, so that every rank
+    raises the same clear error (a rank failing alone would leave its peers waiting in a collective)."""
+    problem = ""
+    try:
+        _check_inputs(q, k, v)
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(f"q and k must hold the same tokens of the sequence (self-attention): "
+                             f"got N_local {q.shape[2]} and {k.shape[2]}")
+    except (TypeError, ValueError) as exc:
+        problem = str(exc)
+    shapes = [q.shape[2], q.shape[0], q.shape[1], k.shape[1], q.shape[3]] if not problem else [0] * 5
+    device = q.device if isinstance(q, Tensor) else "cpu"
+    meta = _comm.all_gather_ints([int(bool(problem))] + shapes + [int(bool(causal))], group, world, device)
+    if problem:
+        raise ValueError(f"sequence_parallel_attention: {problem}")
+    bad = [r for r in range(world) if meta[r, 0]]
+    if bad:
+        raise ValueError(f"sequence_parallel_attention: rank(s) {bad} passed invalid shards (see their error)")
     names = ("batch", "query heads", "kv heads", "head dim", "causal")
-    for col, name in enumerate(names, start=1):
+    for col, name in enumerate(names, start=2):
         values = meta[:, col].tolist()
         if len(set(values)) > 1:
-            raise ValueError(f"sequence_parallel_attention: ranks disagree on {name}: {values} (rank order)")
-    return meta[:, 0].tolist()
+            raise ValueError(f"sequence_parallel_attention: shards of inconsistent shapes: ranks disagree on "
+                             f"{name}: {values} (rank order)")
+    return meta[:, 1].tolist()
 
 
 def _fake(shape, like: Tensor) -> Tensor:
@@ -104,9 +119,6 @@ def sequence_parallel_attention(
     gather(v), pattern, causal=causal)``. Communication is recorded by
     :func:`spattn.distributed.record_comm`.
     """
-    _check_inputs(q, k, v)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     rank, world = _group_info(group)
     pat = _resolve(pattern)
     if isinstance(pat, Pattern) and pat.content_based and not isinstance(pat, SUPPORTED_SELECTORS):
@@ -116,7 +128,7 @@ def sequence_parallel_attention(
             f"its selection needs every rank's keys. Supported content-based selectors: {names}; "
             "static patterns and dense are supported"
         )
-    sizes = _check_shards(q, k, causal, group, world, rank)
+    sizes = _check_shards(q, k, v, causal, group, world)
     if isinstance(pat, Layout) and causal:
         raise ValueError("causal=True cannot be combined with a precomputed Layout: causality is part of the Layout")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
