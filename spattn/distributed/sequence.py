@@ -31,7 +31,8 @@ from torch import Tensor
 
 from ..functional import _check_inputs, attention
 from ..layout import Layout
-from ..patterns import Dense, Pattern, pattern as make_pattern
+from ..patterns import Dense, Pattern
+from ..patterns import pattern as make_pattern
 from ..patterns.base import causal_mask_mod
 from ..patterns.topk import BlockMass, BlockTopK, _descending_order, causal_block_maps
 from . import _comm
