@@ -138,8 +138,10 @@ def _error_of(call):
 def _bad_calls(rank, world):
     uneven_heads = torch.randn(1, 2 + rank, 16, 8)  # ranks disagree on the head count
     q = torch.randn(1, 2, 16, 8)
+    wrong_length = spattn.pattern(WINDOW).layout(torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8))  # N is 32
     return (_error_of(lambda: sequence_parallel_attention(uneven_heads, uneven_heads, uneven_heads, WINDOW)),
-            _error_of(lambda: sequence_parallel_attention(q, q, q, "topk(k=4)")))
+            _error_of(lambda: sequence_parallel_attention(q, q, q, "topk(k=4)")),
+            _error_of(lambda: sequence_parallel_attention(q, q, q, wrong_length)))
 
 
 @pytest.mark.slow
@@ -151,7 +153,8 @@ def test_dead_rank_is_an_error_not_a_hang():
 
 
 @pytest.mark.slow
-def test_inconsistent_shards_and_unsupported_selectors_raise_on_every_rank():
-    for shapes, selector in run_local(_bad_calls, 2, timeout=120, pg_timeout=10):
+def test_inconsistent_shards_wrong_layouts_and_unsupported_selectors_raise_on_every_rank():
+    for shapes, selector, layout in run_local(_bad_calls, 2, timeout=120, pg_timeout=10):
         assert "inconsistent shapes" in shapes and "query heads" in shapes, shapes
         assert "not support" in selector and "'topk'" in selector, selector
+        assert "whole sequence (N=32)" in layout, layout

@@ -29,7 +29,10 @@ __all__ = ["CommStats", "record_comm"]
 @dataclass
 class CommStats:
     """Bytes this rank sent and received (to/from other ranks; a rank's own rows are not counted)
-    and wall time, summed over the calls recorded. ``calls`` lists one dict per call."""
+    and wall time, summed over the calls recorded. Bytes include the backward's exchanges (dK/dV
+    returned to their owners) and the small collectives (shard shapes, block summaries); ``seconds``
+    is the forward wall time (the backward's is part of the caller's ``backward()``). ``calls``
+    lists one dict per call: mode ("ring" or "sparse"), bytes_sent, bytes_received, seconds."""
 
     bytes_sent: int = 0
     bytes_received: int = 0

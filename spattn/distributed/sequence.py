@@ -36,7 +36,7 @@ from ..patterns import pattern as make_pattern
 from ..patterns.base import causal_mask_mod
 from ..patterns.topk import BlockMass, BlockTopK, _descending_order, causal_block_maps
 from . import _comm
-from .plan import plan_shards
+from .plan import ShardPlan, plan_shards
 
 __all__ = ["sequence_parallel_attention", "SUPPORTED_SELECTORS"]
 
@@ -137,8 +137,28 @@ def sequence_parallel_attention(
         with _comm.timed_call("ring"):
             return _ring_attention(q, k, v, sizes, rank, world, group, causal, scale)
     with _comm.timed_call("sparse"):
-        layout = _global_layout(pat, q, k, sizes, rank, world, group, causal)
-        return _sparse_attention(q, k, v, layout, sizes, rank, group, scale, backend)
+        plan = _static_plan(pat, q, k, sizes, rank, causal)
+        if plan is None:
+            plan = plan_shards(_global_layout(pat, q, k, sizes, rank, world, group, causal), sizes, rank)
+        return _sparse_attention(q, k, v, plan, rank, group, scale, backend)
+
+
+#: plans of static patterns, which depend only on shapes (a model calls every layer with the same ones)
+_PLANS: dict[tuple, ShardPlan] = {}
+
+
+def _static_plan(pat, q, k, sizes, rank, causal) -> Optional[ShardPlan]:
+    """The cached plan of a static pattern for these shapes (built on first use), or None."""
+    if not isinstance(pat, Pattern) or pat.content_based:
+        return None
+    key = (pat.spec(), tuple(sizes), rank, causal, q.shape[0], q.shape[1], k.shape[1], q.shape[3], q.dtype, q.device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= 32:
+            _PLANS.clear()
+        layout = _global_layout(pat, q, k, sizes, rank, len(sizes), None, causal)
+        plan = _PLANS[key] = plan_shards(layout, sizes, rank)
+    return plan
 
 
 # ---------------------------------------------------------------------------------------- layouts
@@ -207,8 +227,7 @@ def _selector_layout(pat, q, k, sizes, rank, group, causal) -> Layout:
 
 
 # ---------------------------------------------------------------------------------------- sparse
-def _sparse_attention(q, k, v, layout, sizes, rank, group, scale, backend) -> Tensor:
-    plan = plan_shards(layout, sizes, rank)
+def _sparse_attention(q, k, v, plan: ShardPlan, rank, group, scale, backend) -> Tensor:
     b, hkv, n_local, d = k.shape
     rows = torch.stack([k, v]).permute(3, 0, 1, 2, 4).reshape(n_local, 2, b, hkv, d)
     fetched = _comm.exchange_rows(rows, plan.send_index, plan.send_splits, plan.recv_splits, rank, group)
