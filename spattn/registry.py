@@ -15,7 +15,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["Mechanism", "register", "parse_spec", "lookup", "mechanisms", "build", "check_spec", "suggest"]
+__all__ = ["Mechanism", "register", "parse_spec", "lookup", "mechanisms", "build", "check_spec", "suggest", "as_python_scalar"]
 
 #: longest spec string accepted, and deepest nesting of its values (a tuple of tuples is depth 2)
 MAX_SPEC_LENGTH = 2000
@@ -171,7 +171,7 @@ def check_spec(spec: str, what: str = "spec", provided=()) -> tuple[Mechanism, d
     try:
         name, kwargs = parse_spec(spec)
         mech = lookup(name)
-        _check_parameters(mech, set(kwargs) | set(provided))
+        _check_parameters(mech, set(kwargs), filled=set(provided))
     except (ValueError, TypeError) as err:
         if what == "spec":
             raise
@@ -179,12 +179,12 @@ def check_spec(spec: str, what: str = "spec", provided=()) -> tuple[Mechanism, d
     return mech, kwargs
 
 
-def _check_parameters(mech: Mechanism, given: set) -> None:
+def _check_parameters(mech: Mechanism, given: set, filled: frozenset = frozenset()) -> None:
     unknown = sorted(given - set(mech.parameters()))
     if unknown:
         hints = "".join(suggest(u, mech.parameters(), n=1) for u in unknown[:1])
         raise ValueError(f"{mech.name}: unknown parameter(s) {', '.join(unknown)}{hints}; valid: {mech.signature()}")
-    missing = [p for p in mech.required() if p not in given]
+    missing = [p for p in mech.required() if p not in given and p not in filled]
     if missing:
         verb = "is" if len(missing) == 1 else "are"
         example = ", ".join(f"{p}=..." for p in missing)
@@ -199,7 +199,14 @@ def build(spec: str | None = None, /, **overrides: Any) -> Any:
     (``window: size is required``); unknown ones are refused with the closest valid name suggested.
     """
     name, kwargs = parse_spec(spec)
-    kwargs.update(overrides)
+    kwargs.update({k: as_python_scalar(v) for k, v in overrides.items()})
     mech = lookup(name)
     _check_parameters(mech, set(kwargs))
     return mech.factory(**kwargs)
+
+
+def as_python_scalar(value: Any) -> Any:
+    """NumPy scalars (``np.float32(0.25)``, ``np.int64(3)``) as the Python numbers factories check for."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value

@@ -97,6 +97,11 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
+        from ..registry import as_python_scalar
+
+        for f in fields(self):  # NumPy scalars (np.int64(100), np.float32(1e-3)) as Python numbers
+            setattr(self, f.name, as_python_scalar(getattr(self, f.name)))
+
         def pos_int(name, allow_none=False):
             v = getattr(self, name)
             if v is None and allow_none:
@@ -125,9 +130,24 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: max_minutes must be > 0, got {self.max_minutes}")
         if not isinstance(self.attention, str):
             raise TypeError(f"TrainConfig: attention must be a spec string, got {type(self.attention).__name__}")
+        if not isinstance(self.sequence_parallel, bool):
+            raise TypeError(f"TrainConfig: sequence_parallel must be a bool, got {self.sequence_parallel!r}")
+        if isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, (int, float)) or not self.dist_timeout > 0:
+            raise ValueError(f"TrainConfig: dist_timeout must be a number of seconds > 0, got {self.dist_timeout!r}")
         bad = sorted(set(self.model) - MODEL_FIELDS)
         if bad:
             raise ValueError(f"TrainConfig: unknown model field(s) {bad}; valid: {', '.join(sorted(MODEL_FIELDS))}")
+
+
+def check_attention(attention: str) -> None:
+    """Check a model's attention spec (or ``;``-joined per-layer specs) without building anything:
+    syntax, names (with suggestions) and required parameters, except those the model fills in."""
+    from ..approx.base import CONTEXT_PARAMETERS
+    from ..registry import check_spec
+
+    for part in attention.split(";") if attention else ():
+        if part.strip():
+            check_spec(part.strip(), "attention", provided=CONTEXT_PARAMETERS)
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -439,9 +459,7 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
         raise TypeError(f"train: expected a TrainConfig, got {type(cfg).__name__}")
     task = get_task(cfg.task)
     cfg = cfg.resolved(task)
-    from ..registry import check_spec
-
-    check_spec(cfg.attention, "attention")
+    check_attention(cfg.attention)
     from ..distributed.training import TrainingGroup
 
     group = TrainingGroup.from_environment(sequence_parallel=cfg.sequence_parallel, timeout=cfg.dist_timeout)
