@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 import numbers
 from dataclasses import dataclass
@@ -19,7 +17,8 @@ from .layout import Layout
 from .selection import ClusterSelection, PageSelection, TokenSelection
 from .patterns import Dense, Pattern, pattern as make_pattern
 
-__all__ = ["attention", "BACKENDS", "resolve_selection", "Kernel", "register_kernel", "kernel_for", "is_selection"]
+__all__ = ["attention", "BACKENDS", "resolve_selection", "Kernel", "register_kernel", "kernel_for", "backend_for",
+           "is_selection"]
 
 BACKENDS = ("auto", "reference", "blocksparse", "flex")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -82,8 +81,8 @@ def resolve_selection(q: Tensor, k: Tensor, pattern, causal: bool, key_padding_m
 
     Returns ``(selection, is_dense)``: a Layout (validated against q, k), or the TokenSelection /
     ClusterSelection of a per-token pattern; ``is_dense`` says the plain dense pattern was asked for.
-    ``key_padding_mask`` reaches ``pattern.select`` when its signature takes it (content-based
-    selectors then never rank padding keys); the kernels apply it in any case.
+    ``key_padding_mask`` reaches ``pattern.select`` (every pattern takes it; content-based selectors
+    then never rank padding keys); the kernels apply it in any case.
     """
     if is_selection(pattern):
         what = type(pattern).__name__
@@ -92,25 +91,12 @@ def resolve_selection(q: Tensor, k: Tensor, pattern, causal: bool, key_padding_m
         _check_selection(pattern, q, k)
         return pattern, False
     pat = Dense() if pattern is None else make_pattern(pattern)
-    if key_padding_mask is not None and _select_takes_padding(type(pat)):
-        selection = pat.select(q, k, causal=causal, key_padding_mask=key_padding_mask)
-    else:
-        selection = pat.select(q, k, causal=causal)
+    selection = pat.select(q, k, causal=causal, key_padding_mask=key_padding_mask)
     if not is_selection(selection):
         kinds = ", ".join(sorted({cls.__name__ for cls, _ in _KERNELS}))
         raise TypeError(f"{pat.name}.select() returned {type(selection).__name__}; expected one of: {kinds}")
     _check_selection(selection, q, k)
     return selection, isinstance(pat, Dense)
-
-
-@functools.lru_cache(maxsize=None)
-def _select_takes_padding(pattern_class: type) -> bool:
-    """Whether ``pattern_class.select`` accepts ``key_padding_mask`` (once per class: this runs per call)."""
-    try:
-        params = inspect.signature(pattern_class.select).parameters
-    except (TypeError, ValueError):  # builtins / C callables
-        return False
-    return "key_padding_mask" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _sdpa_dense(q, k, v, causal, scale):
@@ -166,6 +152,20 @@ def kernel_for(selection, backend: str) -> Kernel:
     able = sorted({b for (cls, b) in _KERNELS if isinstance(selection, cls)})
     raise ValueError(f"backend={backend!r} cannot run {selection.kind} ({type(selection).__name__}); "
                      f"backends for it: {', '.join(able) or 'none registered'}")
+
+
+def backend_for(selection, backend: str) -> str:
+    """``backend`` where it picks among the kernels of block Layouts for ``selection``, else ``"auto"``.
+
+    For callers whose backend option chooses a block kernel (``integrations.hf``'s ``backend=``):
+    selections with their own kernel (tokens, pages, clusters) keep it whatever block kernel was asked for.
+    """
+    layout_kernel = _KERNELS.get((Layout, backend))
+    try:
+        runs = kernel_for(selection, backend)
+    except ValueError:
+        return "auto"
+    return backend if runs is layout_kernel else "auto"
 
 
 def _on_dense_mask(q, k, v, selection, **kwargs):

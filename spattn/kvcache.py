@@ -9,6 +9,8 @@ the keys appended since the previous step:
 * :class:`LabelCache` — Double Sparsity's keys restricted to a few calibrated channels (Yang et al. 2024).
 * :class:`SelectorState` — one dict of such objects per layer plus a dict shared by all layers
   (TidalDecode's token positions selected at one layer and reused by the following ones).
+* :class:`LayerState` — one layer's handle on a :class:`SelectorState` (``state.at(layer)``): what a
+  decode-time selector's ``select(q, k, causal=..., state=...)`` takes.
 * :class:`KVCache` — an append-only per-layer key/value store owning a :class:`SelectorState`,
   for decoding loops outside Hugging Face; the HF integration keeps transformers' own cache and
   attaches a :class:`SelectorState` next to it.
@@ -23,12 +25,13 @@ Same layer as :mod:`spattn.layout`: imports nothing from spattn.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["PageSummary", "LabelCache", "SelectorState", "KVCache"]
+__all__ = ["PageSummary", "LabelCache", "SelectorState", "LayerState", "KVCache"]
 
 
 def _check_keys(owner: str, keys: Tensor) -> None:
@@ -220,9 +223,28 @@ class SelectorState:
     def layer(self, index: Any) -> dict[str, Any]:
         return self.layers.setdefault(index, {})
 
+    def at(self, layer: Any) -> "LayerState":
+        """Layer ``layer``'s handle, for ``selector.select(q, k, causal=..., state=state.at(layer))``."""
+        return LayerState(self, layer)
+
     def reset(self) -> None:
         self.layers.clear()
         self.shared.clear()
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """The ``state=`` of a decode-time selector's ``select``: which layer is selecting (``layer``) and
+    the :class:`SelectorState` holding the incremental summaries (``store``; None keeps none, and
+    every call summarises the keys from scratch -- e.g. Double Sparsity's per-layer calibration
+    without a cache: ``LayerState(None, 3)``)."""
+
+    store: Optional[SelectorState]
+    layer: Any
+
+    def __post_init__(self):
+        if self.store is not None and not isinstance(self.store, SelectorState):
+            raise TypeError(f"LayerState: store must be a SelectorState or None, got {type(self.store).__name__}")
 
 
 class KVCache:

@@ -147,11 +147,11 @@ def test_grouped_double_sparsity_compiled_equals_eager(dtype, label_dtype, monke
     g = torch.Generator().manual_seed(4)
     ds.calibrate(torch.randn(2, 6, 64, 16, generator=g, dtype=dtype), torch.randn(2, 2, 64, 16, generator=g, dtype=dtype),
                  layer=0)
-    sel = ds.plan(q, k, True, state=SelectorState(), layer=0)
+    sel = ds.select(q, k, True, state=SelectorState().at(0))
     out = spattn.attention(q, k, v, sel)
     assert spy.calls == {"group_topk": 1, "shared_rows_attention": 1}
     monkeypatch.setitem(_compiled._state, "ops", None)
-    eager_sel = ds.plan(q, k, True, state=SelectorState(), layer=0)
+    eager_sel = ds.select(q, k, True, state=SelectorState().at(0))
     assert isinstance(sel, PageSelection) and torch.equal(sel.pages, eager_sel.pages.sort(-1).values)
     eager_out = spattn.attention(q, k, v, eager_sel)
     torch.testing.assert_close(out, eager_out, atol=1e-5 if dtype == torch.float32 else 1e-10, rtol=0)

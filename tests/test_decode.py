@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import spattn
-from spattn.kvcache import KVCache, LabelCache, PageSummary, SelectorState
+from spattn.kvcache import KVCache, LabelCache, LayerState, PageSummary, SelectorState
 from spattn.patterns.decode import DoubleSparsity, Quest, TidalDecode, quest_page_bounds
 from spattn.selection import PageSelection, TokenSelection
 
@@ -123,7 +123,7 @@ def test_double_sparsity_selects_topk_of_approx_scores(shape, channels, budget):
     assert ch.shape == (hq, channels)
     for h in range(hq):
         assert set(ch[h].tolist()) == set(imp[h].topk(channels).indices.tolist())
-    sel = ds.select(q, k, causal=causal, layer=3)
+    sel = ds.select(q, k, causal=causal, state=LayerState(None, 3))
     got = _sets(sel)
     for bi in range(b):
         for h in range(hq):
@@ -196,6 +196,21 @@ def test_outputs_match_reference_on_selection(spec, dtype, atol):
     assert (out.double() - want).abs().max() <= atol
 
 
+def test_plan_is_a_deprecated_alias_of_select():
+    q, k, _ = _qk(1, 4, 2, 1, 64, 8, 0)
+    pat, state = TidalDecode(budget=10, select_layers=(2,)), SelectorState()
+    for layer in (0, 2, 3):
+        sel = pat.select(q, k, causal=True, state=state.at(layer))
+        with pytest.warns(DeprecationWarning, match="select"):
+            old = pat.plan(q, k, True, state=state, layer=layer)
+        if layer < 3:  # dense layers: select answers every visible key, plan None
+            assert sel.every_visible_key and sel.density() == 1.0 and old is None
+        else:
+            assert torch.equal(old.indices, sel.indices)
+    with pytest.raises(TypeError, match="LayerState"):
+        pat.select(q, k, causal=True, state=3)
+
+
 def test_budget_covering_all_keys_is_dense():
     q, k, v = _qk(1, 2, 1, 1, 30, 8, 0)
     for pat in (Quest(page=4, budget=64), TidalDecode(budget=1.0)):
@@ -229,8 +244,8 @@ def test_stateful_decoding_loop_matches_stateless():
         k, v = cache.update(0, k_all[:, :, t:t + 1], v_all[:, :, t:t + 1])
         q = q_all[:, :, t:t + 1]
         for pat in (quest, ds):
-            a = _tokens(pat.select(q, k, causal=True, state=cache.state, layer=0))
-            b = _tokens(pat.select(q, k, causal=True, layer=0))
+            a = _tokens(pat.select(q, k, causal=True, state=cache.state.at(0)))
+            b = _tokens(pat.select(q, k, causal=True, state=LayerState(None, 0)))
             assert torch.equal(a.indices.expand_as(b.indices), b.indices.expand_as(a.indices))
     assert cache.length(0) == 40
 
@@ -250,7 +265,7 @@ def test_double_sparsity_group_tokens_brute_force(shape, channels, budget):
     g = hq // hkv
     imp = ds.importance(0)
     group_channels = [imp[j * g:(j + 1) * g].sum(0).topk(channels).indices for j in range(hkv)]
-    sel = ds.select(q, k, causal=causal, layer=0)
+    sel = ds.select(q, k, causal=causal, state=LayerState(None, 0))
     if budget < nk and g > 1:
         assert isinstance(sel, PageSelection) and sel.page == 1 and sel.shared_by == g
     got = _sets(sel)
@@ -277,7 +292,7 @@ def test_double_sparsity_state_round_trip(tmp_path):
         torch.testing.assert_close(again.importance(layer), ds.importance(layer))
         assert torch.equal(again.channel_map(layer), ds.channel_map(layer))
     qd = q[:, :, -1:]
-    assert torch.equal(again.select(qd, k, True, layer=1).indices, ds.select(qd, k, True, layer=1).indices)
+    assert torch.equal(again.select(qd, k, True, state=LayerState(None, 1)).indices, ds.select(qd, k, True, state=LayerState(None, 1)).indices)
     # layer keys survive as ints; accumulating continues
     again.calibrate(q, k, layer=0)
     assert again._counts[0] == 24
@@ -315,13 +330,13 @@ def test_errors():
     ds = DoubleSparsity(channels=9, budget=3)
     ds.calibrate(q, k, layer=0)
     with pytest.raises(ValueError, match="head dim"):
-        ds.select(q, k, True, layer=0)
+        ds.select(q, k, True, state=LayerState(None, 0))
     with pytest.raises(ValueError, match="no calibration for layer"):
         DoubleSparsity(channels=2, budget=3).calibrate(q, k, layer=0) or None
         d2 = DoubleSparsity(channels=2, budget=3)
         d2.calibrate(q, k, layer=0)
         d2.calibrate(q, k, layer=1)
-        d2.select(q, k, True, layer=5)
+        d2.select(q, k, True, state=LayerState(None, 5))
     with pytest.raises(ValueError, match="multiple"):
         Quest().select(torch.randn(1, 3, 1, 8), torch.randn(1, 2, 20, 8))
     with pytest.raises(ValueError, match="Nq <= Nk"):

@@ -168,10 +168,10 @@ def test_decode_selectors_ignore_padded_values(which, n, kind, seed, group):
         elif which == "tidal":
             pat, state = TidalDecode(budget=4, select_layers=(1,)), SelectorState()
             for layer in range(3):
-                sel = pat.select(q, kk, causal=True, state=state, layer=layer, key_padding_mask=real)
+                sel = pat.select(q, kk, causal=True, state=state.at(layer), key_padding_mask=real)
         else:
             pat, state = Quest(page=4, budget=8, min_pages=1), SelectorState()
-            sel = pat.select(q, kk, causal=True, state=state, layer=0, key_padding_mask=real)
+            sel = pat.select(q, kk, causal=True, state=state.at(0), key_padding_mask=real)
         outs.append(spattn.attention(q, kk, vv, sel, key_padding_mask=real))
     assert torch.equal(outs[0], outs[1]), f"{which}: outputs depend on padded values"
 

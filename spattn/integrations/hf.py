@@ -35,11 +35,11 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
-from ..functional import attention as spattn_attention
-from ..kvcache import SelectorState
+from ..functional import attention as spattn_attention, backend_for
+from ..kvcache import LayerState, SelectorState
 from ..layout import Layout, translation_invariant
 from ..patterns import Pattern, pattern as make_pattern
-from ..patterns.decode import DoubleSparsity, TidalDecode, _DecodeSelector
+from ..patterns.decode import DoubleSparsity, TidalDecode
 from ..patterns.routing import Routing
 from ..selection import PageSelection, TokenSelection
 
@@ -354,13 +354,15 @@ class SparsifyHandle:
         extras = call.extras
         sel = None
         if spec is not None:
-            if isinstance(spec, _DecodeSelector):
+            if spec.decode_time:
                 if extras.window is not None and isinstance(spec, TidalDecode):
                     raise ValueError(f"spattn sparsify: layer {call.layer} has a sliding window; tidal shares token "
                                      "positions across layers, which a sliding-window cache does not keep")
                 # a sliding-window cache drops its oldest keys: incremental summaries would go stale
-                state = self.state if extras.window is None else None
-                sel = spec.plan(q, k, causal, state=state, layer=call.layer)
+                state = LayerState(self.state if extras.window is None else None, call.layer)
+                sel = spec.select(q, k, causal=causal, state=state)
+                if getattr(sel, "every_visible_key", False):
+                    sel = None  # the budget covers the cache: plain dense attention is exact
             else:
                 sel = spec.select(q, k, causal=causal)
         if sel is None and extras.cuts(nq, nk):
@@ -372,7 +374,7 @@ class SparsifyHandle:
             result = spattn_attention(q, k, v, None, causal=causal, **kwargs)
             pairs = b * h * _causal_pairs(nq, nk, causal)
         else:
-            backend = self.backend if isinstance(sel, Layout) else "auto"
+            backend = backend_for(sel, self.backend)
             result = spattn_attention(q, k, v, sel, backend=backend, **kwargs)
             pairs = _pairs(sel, b, h)
         out, lse = result if call.want_lse else (result, None)
@@ -597,11 +599,11 @@ def sparsify(model, prefill: Union[None, str, Pattern] = None, decode: Union[Non
     if id(model.config) in _PLANS:
         raise ValueError("sparsify: this model is already sparsified; undo the active handle first")
     num_layers = max(modules) + 1
-    num_heads = int(getattr(model.config, "num_attention_heads"))
+    num_heads = int(model.config.num_attention_heads)
 
     prefill_p = _as_pattern(prefill, "prefill")
     decode_p = _as_pattern(decode, "decode")
-    if isinstance(prefill_p, _DecodeSelector):
+    if prefill_p is not None and prefill_p.decode_time:
         raise ValueError(
             f"sparsify: {prefill_p.name!r} is a decode-time selector (one query against a KV cache); "
             "pass it as decode=..., and a prefill pattern such as 'xattention(threshold=0.9)' or 'a_shape(...)' as prefill="

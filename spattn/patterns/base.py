@@ -29,6 +29,9 @@ class Pattern(ABC):
     #: than q with k: rotating by position (RoPE) would change the choice, so layers with RoPE select
     #: on the vectors before rotation and attend with the rotated ones
     selects_before_rope: bool = False
+    #: True for decode-time selectors (one query against a growing KV cache) that keep incremental
+    #: summaries in the ``state`` of :meth:`select`
+    decode_time: bool = False
 
     @abstractmethod
     def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
@@ -38,8 +41,14 @@ class Pattern(ABC):
         query ``i`` may see key ``j`` only if ``j <= i + Nk - Nq``.
         """
 
-    def select(self, q: Tensor, k: Tensor, causal: bool = False) -> "Layout | TokenSelection | ClusterSelection":
+    def select(self, q: Tensor, k: Tensor, causal: bool = False, *, key_padding_mask: Optional[Tensor] = None,
+               state: Any = None) -> "Layout | TokenSelection | ClusterSelection":
         """What a kernel executes: the Layout by default.
+
+        One signature for every pattern: ``key_padding_mask [B, Nk]`` (True = real key) and ``state``
+        (a decode-time selector's :class:`~spattn.kvcache.LayerState`) are passed by every caller;
+        patterns that do not look at them accept and ignore them (positions only: padding is the
+        kernel's business).
 
         Patterns whose choice is per token override this: per-query key sets return a
         :class:`~spattn.selection.TokenSelection` (token-sparse kernel), routing returns a
@@ -75,7 +84,7 @@ class Pattern(ABC):
 class PaddedPattern(Pattern):
     """A content-based pattern whose :meth:`layout` takes ``key_padding_mask [B, Nk]`` (True = real
     token) and ignores padded positions completely; :meth:`select` passes the mask on
-    (``spattn.attention`` gives it to every ``select`` that accepts it)."""
+    (``spattn.attention`` gives it to every ``select``)."""
 
     content_based = True
 
@@ -83,7 +92,8 @@ class PaddedPattern(Pattern):
     def layout(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Layout:
         """Layout of ``q [B, H, Nq, D]``, ``k [B, Hkv, Nk, D]``; padded positions never influence it."""
 
-    def select(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None):
+    def select(self, q: Tensor, k: Tensor, causal: bool = False, *, key_padding_mask: Optional[Tensor] = None,
+               state: Any = None) -> Layout:
         return self.layout(q, k, causal=causal, key_padding_mask=key_padding_mask)
 
 

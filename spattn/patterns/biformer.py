@@ -125,7 +125,8 @@ class BiFormer(Pattern):
         order = torch.sort(affinity, dim=-1, descending=True, stable=True).indices
         return order[..., : self.topk]
 
-    def select(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> TokenSelection:
+    def select(self, q: Tensor, k: Tensor, causal: bool = False, *, key_padding_mask: Optional[Tensor] = None,
+               state=None) -> TokenSelection:
         if causal:
             raise ValueError("biformer: bi-level routing is defined for non-causal attention over a 2-D grid")
         _, _, _, nq, nk = check_qk(q, k)

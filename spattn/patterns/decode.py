@@ -24,12 +24,13 @@ keys only, a page without one is never chosen), so their values never influence 
 With padding Quest computes the page bounds from ``k`` directly instead of the incremental
 summary in ``state``.
 
-Stateful use (decoding loops, the Hugging Face integration) passes ``state=`` (a
-:class:`~spattn.kvcache.SelectorState`) and ``layer=``: Quest and Double Sparsity then keep their
-page summaries / label caches incrementally, and TidalDecode shares positions across layers.
-:meth:`plan` is the same as :meth:`select` but returns ``None`` where plain dense attention is
-exact (budget covering every key, TidalDecode's dense and selection layers), so a caller can use
-a dense kernel there.
+Stateful use (decoding loops, the Hugging Face integration) passes ``state=state.at(layer)`` (a
+:class:`~spattn.kvcache.LayerState`: a :class:`~spattn.kvcache.SelectorState` and the layer
+index): Quest and Double Sparsity then keep their page summaries / label caches incrementally,
+and TidalDecode shares positions across layers. Where plain dense attention is exact (budget
+covering every key, TidalDecode's dense and selection layers) :meth:`select` returns an
+:class:`AllKeys` selection (``every_visible_key`` is True), so a caller can use a dense kernel there.
+``plan(q, k, causal, state=, layer=)`` is a deprecated alias (``None`` where ``select`` returns all keys).
 """
 
 from __future__ import annotations
@@ -37,20 +38,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
 from .. import _compiled
-from ..kvcache import LabelCache, PageSummary, SelectorState
+from ..kvcache import LabelCache, LayerState, PageSummary, SelectorState
 from ..layout import Layout
 from ..registry import register
 from ..selection import PageSelection, TokenSelection
 from ._padding import masked_block_extrema, real_tokens
 from .base import Pattern, check_int, check_qk
 
-__all__ = ["Quest", "DoubleSparsity", "TidalDecode", "quest_page_bounds", "resolve_budget", "QUEST_RULES"]
+__all__ = ["Quest", "DoubleSparsity", "TidalDecode", "AllKeys", "quest_page_bounds", "resolve_budget", "QUEST_RULES"]
 
 #: Double Sparsity label cache precisions (None: the keys' dtype)
 _LABEL_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -97,13 +99,33 @@ def _grouped(q: Tensor, hkv: int) -> Tensor:
     return q.reshape(b, hkv, (hq // hkv) * nq, d)
 
 
-def _all_keys(q: Tensor, k: Tensor, causal: bool) -> TokenSelection:
+class AllKeys(TokenSelection):
+    """A decode selector's answer where its budget covers the cache: every key each query may see
+    (shared over batch and heads). Exactly dense attention, so callers may run a dense kernel."""
+
+    #: marks the selection of every visible key (plain dense attention is exact)
+    every_visible_key = True
+
+
+def _all_keys(q: Tensor, k: Tensor, causal: bool) -> AllKeys:
     """Every key each query may see (the dense selection), shared over batch and heads."""
     nq, nk = q.shape[2], k.shape[2]
     pos = torch.arange(nk, device=q.device)
     last = _limits(nq, nk, causal, q.device)
     idx = torch.where(pos[None, :] <= last[:, None], pos[None, :], -1)
-    return TokenSelection(idx[None, None], q_len=nq, kv_len=nk)
+    return AllKeys(idx[None, None], q_len=nq, kv_len=nk)
+
+
+def _store_and_layer(owner: str, state: Any) -> tuple[Optional[SelectorState], Any]:
+    """``select``'s ``state``: None, a :class:`LayerState` or (layer None) a bare :class:`SelectorState`."""
+    if state is None:
+        return None, None
+    if isinstance(state, LayerState):
+        return state.store, state.layer
+    if isinstance(state, SelectorState):
+        return state, None
+    raise TypeError(f"{owner}: state must be a spattn.kvcache.LayerState (state.at(layer)), a SelectorState or None, "
+                    f"got {type(state).__name__}")
 
 
 def _topk_tokens(scores: Tensor, count: int) -> Tensor:
@@ -115,22 +137,40 @@ def _topk_tokens(scores: Tensor, count: int) -> Tensor:
 
 
 class _DecodeSelector(Pattern):
-    """Shared plumbing: :meth:`select` from :meth:`plan`, :meth:`layout` for inspection."""
+    """Shared plumbing: :meth:`select` from each selector's ``_plan``, :meth:`layout` for inspection."""
 
     content_based = True
+    decode_time = True
+
+    def _plan(self, q: Tensor, k: Tensor, causal: bool, store: Optional[SelectorState], layer: Any,
+              key_padding_mask: Optional[Tensor]) -> Optional[Union[TokenSelection, PageSelection]]:
+        """The selection, or None where plain dense attention is exact."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def select(self, q: Tensor, k: Tensor, causal: bool = False, *, key_padding_mask: Optional[Tensor] = None,
+               state: Union[None, LayerState, SelectorState] = None) -> Union[TokenSelection, PageSelection]:
+        """The keys each query attends to: Quest's pages or the others' token indices ``[B, Hq, Nq, K]``
+        (:class:`AllKeys`, broadcast ``[1, 1, Nq, Nk]``, when the budget covers the cache).
+        ``key_padding_mask [B, Nk]`` (True = real key): padded keys are never selected.
+        ``state``: ``selector_state.at(layer)`` in a decoding loop (incremental summaries, the layer's
+        calibration, TidalDecode's shared positions), or None."""
+        store, layer = _store_and_layer(self.name, state)
+        sel = self._plan(q, k, causal, store, layer, key_padding_mask)
+        return _all_keys(q, k, causal) if sel is None else sel
 
     def plan(self, q: Tensor, k: Tensor, causal: bool = False, *, state: Optional[SelectorState] = None,
              layer: Any = None, key_padding_mask: Optional[Tensor] = None
-             ) -> Optional[Union[TokenSelection, PageSelection]]:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def select(self, q: Tensor, k: Tensor, causal: bool = False, *, state: Optional[SelectorState] = None,
-               layer: Any = None, key_padding_mask: Optional[Tensor] = None) -> Union[TokenSelection, PageSelection]:
-        """The keys each query attends to: Quest's pages or the others' token indices ``[B, Hq, Nq, K]``
-        (all keys, broadcast ``[1, 1, Nq, Nk]``, when the budget covers the cache).
-        ``key_padding_mask [B, Nk]`` (True = real key): padded keys are never selected."""
-        sel = self.plan(q, k, causal, state=state, layer=layer, key_padding_mask=key_padding_mask)
-        return _all_keys(q, k, causal) if sel is None else sel
+             ) -> Optional[Union[TokenSelection, PageSelection]]:
+        """Deprecated: ``select(q, k, causal, key_padding_mask=..., state=state.at(layer))``, with None
+        where that returns every visible key (:class:`AllKeys`)."""
+        warnings.warn(f"{type(self).__name__}.plan(..., state=, layer=) is deprecated; use "
+                      "select(q, k, causal, state=state.at(layer)) (every_visible_key marks a dense answer)",
+                      DeprecationWarning, stacklevel=2)
+        if state is not None and not isinstance(state, SelectorState):
+            raise TypeError(f"{self.name}: state must be a spattn.kvcache.SelectorState or None, got {type(state).__name__}")
+        sel = self.select(q, k, causal, key_padding_mask=key_padding_mask,
+                          state=None if state is None and layer is None else LayerState(state, layer))
+        return None if isinstance(sel, AllKeys) else sel
 
     def layout(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Layout:
         """The selection as a block Layout (``O(Nq * Nk)``: for inspection and the reference backend)."""
@@ -253,7 +293,7 @@ class Quest(_DecodeSelector):
         is_own = torch.arange(bound.shape[-1], device=q.device)[None, :] == own[:, None]
         return bound.masked_fill(is_own, float("inf"))
 
-    def plan(self, q, k, causal=False, *, state=None, layer=None, key_padding_mask=None):
+    def _plan(self, q, k, causal, state, layer, key_padding_mask):
         self._check("quest", q, k, causal, state, layer)
         nq, nk = q.shape[2], k.shape[2]
         count = self.pages_kept(nk)
@@ -421,7 +461,7 @@ class DoubleSparsity(_DecodeSelector):
         qr = _q_at_channels(q, channels).to(dt)
         return (qr @ labels.to(dt).transpose(-1, -2)) / math.sqrt(channels.shape[1])
 
-    def plan(self, q, k, causal=False, *, state=None, layer=None, key_padding_mask=None):
+    def _plan(self, q, k, causal, state, layer, key_padding_mask):
         self._check("double_sparsity", q, k, causal, state, layer)
         b, hq, nq, d = q.shape
         hkv, nk = k.shape[1], k.shape[2]
@@ -553,7 +593,7 @@ class TidalDecode(_DecodeSelector):
             parts.append(_topk_tokens(scores, count))
         return torch.cat(parts, dim=2)
 
-    def plan(self, q, k, causal=False, *, state=None, layer=None, key_padding_mask=None):
+    def _plan(self, q, k, causal, state, layer, key_padding_mask):
         self._check("tidal", q, k, causal, state, layer)
         nq, nk = q.shape[2], k.shape[2]
         count = resolve_budget(self.budget, nk)

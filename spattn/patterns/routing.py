@@ -315,7 +315,8 @@ class Routing(Pattern, nn.Module):
         sel = ClusterSelection(qi, ki, nq, nk, causal=causal)
         return sel, routed, scores, masks
 
-    def select(self, q: Tensor, k: Tensor, causal: bool = False, *, key_padding_mask: Optional[Tensor] = None) -> ClusterSelection:
+    def select(self, q: Tensor, k: Tensor, causal: bool = False, *, key_padding_mask: Optional[Tensor] = None,
+               state=None) -> ClusterSelection:
         """Routing windows for ``q [B, Hq, Nq, D]``, ``k [B, Hkv, Nk, D]``.
 
         Sets :attr:`aux_loss` (commitment loss, grad to q and k) and, in training mode, updates the

@@ -234,8 +234,8 @@ class TopK(Pattern):
             raise ValueError(f"topk: ties must be one of {TIES}, got {ties!r}")
         self.k, self.ties, self.block = k, ties, block
 
-    def select(self, q: Tensor, k: Tensor, causal: bool = False,
-               key_padding_mask: Optional[Tensor] = None) -> TokenSelection:
+    def select(self, q: Tensor, k: Tensor, causal: bool = False, *, key_padding_mask: Optional[Tensor] = None,
+               state=None) -> TokenSelection:
         """Top-k keys per query; ``key_padding_mask [B, Nk]`` (True = real key) is applied before the
         ranking, as in the official code, so padded keys never take a slot."""
         return topk_selections(q, k, [self.k], causal=causal, key_padding_mask=key_padding_mask, ties=self.ties)[0]
@@ -266,8 +266,8 @@ class TopP(Pattern):
         check_int("topp", "block", block, 1)
         self.p, self.scale, self.block = p, scale, block
 
-    def select(self, q: Tensor, k: Tensor, causal: bool = False,
-               key_padding_mask: Optional[Tensor] = None) -> TokenSelection:
+    def select(self, q: Tensor, k: Tensor, causal: bool = False, *, key_padding_mask: Optional[Tensor] = None,
+               state=None) -> TokenSelection:
         return topp_selection(q, k, self.p, scale=self.scale, causal=causal, key_padding_mask=key_padding_mask)
 
     def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
