@@ -43,8 +43,12 @@ def translation_invariant(mask_mod: MaskMod) -> MaskMod:
     return mask_mod
 
 
-def _cdiv(a: int, b: int) -> int:
+def ceil_div(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ``b``: the number of blocks of ``b`` covering ``a`` positions."""
     return -(-a // b)
+
+
+_cdiv = ceil_div
 
 
 def _first_true_sorted(mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "spattn"
 
 #: lowest first; a module may import from its own layer or one to its left
 LAYERS = [
-    ("spattn.registry", "spattn.layout", "spattn.selection", "spattn.kvcache", "spattn._compiled", "spattn.data"),
+    ("spattn._checks", "spattn.registry", "spattn.layout", "spattn.selection", "spattn.kvcache", "spattn._compiled", "spattn.data"),
     ("spattn.patterns",),
     ("spattn.kernels",),
     ("spattn.functional",),
@@ -78,9 +78,10 @@ def test_imports_only_go_down_the_layers():
 
 
 def test_no_import_cycles():
+    """Module-level and function-level (lazy) imports alike: a lazy import only hides a cycle."""
     graph: dict[str, set[str]] = {m: set() for m in MODULES}
-    for a, b, top in EDGES:
-        if top and b in graph and a != "spattn":  # the package __init__ re-exports everything by design
+    for a, b, _ in EDGES:
+        if b in graph and a != "spattn":  # the package __init__ re-exports everything by design
             graph[a].add(b)
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
     stack: list[str] = []
@@ -106,3 +107,29 @@ def test_the_checks_see_imports():
     """Guard against a parser that finds nothing (the tests above would then pass vacuously)."""
     assert ("spattn.functional", "spattn.layout", True) in EDGES
     assert any(a.startswith("spattn.patterns.") and b == "spattn.patterns.base" for a, b, _ in EDGES)
+
+
+def _private_or_base(module: str) -> bool:
+    leaf = module.rpartition(".")[2]
+    return leaf.startswith("_") or leaf == "base"
+
+
+@pytest.mark.parametrize("folder", ["spattn.patterns"])
+def test_sibling_modules_do_not_import_each_other(folder):
+    """A module of ``folder`` imports only ``base``, the folder's private ``_*.py`` helpers and lower
+    layers -- never a sibling (shared helpers belong in one private module)."""
+    siblings = {m for m in MODULES if m.rpartition(".")[0] == folder}
+    assert len(siblings) > 3
+    bad = sorted({(a, b) for a, b, _ in EDGES
+                  if a in siblings and b in siblings and not _private_or_base(a) and not _private_or_base(b)})
+    assert not bad, f"sibling modules of {folder} import each other (move the shared code to a private module): {bad}"
+
+
+def test_the_sibling_check_sees_relative_imports(tmp_path):
+    """The check above resolves ``from .x import y`` and ``from . import x`` to the sibling module."""
+    assert ("spattn.patterns.static", "spattn.patterns._tiles", True) in EDGES
+    tree_src = "from .static import Window\nfrom . import topk\ndef f():\n    from .seer import SeerGate\n"
+    path = tmp_path / "probe.py"
+    path.write_text(tree_src)
+    found = {dst for dst, _ in _imports("spattn.patterns.probe", path)}
+    assert {"spattn.patterns.static", "spattn.patterns.topk", "spattn.patterns.seer"} <= found

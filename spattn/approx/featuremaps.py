@@ -13,9 +13,14 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["elu_feature_map", "orthogonal_gaussian", "favor_logits", "favor_features", "favor_features_"]
+from .._checks import int_at_least
+
+__all__ = [
+    "elu_feature_map", "orthogonal_gaussian", "favor_logits", "favor_features", "favor_features_", "FavorProjection",
+    "favor_pair",
+]
 
 
 def elu_feature_map(x: Tensor) -> Tensor:
@@ -73,3 +78,60 @@ def favor_features_(logits: Tensor, stabilizer: Tensor, eps: float) -> Tensor:
     if torch.is_grad_enabled() and logits.requires_grad:
         return favor_features(logits, stabilizer, eps)
     return logits.sub_(stabilizer).exp_().add_(eps).mul_(logits.shape[-1] ** -0.5)
+
+
+class FavorProjection(nn.Module):
+    """The FAVOR+ random projection ``W [features, D]`` (orthogonal blocks), drawn from ``seed``.
+
+    Drawn at the first forward for the head size seen (a buffer, not a parameter). With
+    ``redraw=n`` a new projection is drawn every ``n`` training-mode calls (Performer's feature
+    redrawing); ``redraw=None`` keeps it fixed.
+    """
+
+    def __init__(self, features: int, seed: int = 0, redraw: Optional[int] = None, owner: str = "favor"):
+        super().__init__()
+        int_at_least(f"{owner}: features", features)
+        if redraw is not None:
+            int_at_least(f"{owner}: redraw", redraw)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"{owner}: seed must be an int, got {seed!r}")
+        self.features, self.seed, self.redraw = features, seed, redraw
+        self.register_buffer("weight", torch.empty(0), persistent=True)
+        self.draws = 0
+        self._calls = 0
+
+    def _draw(self, dim: int, device) -> None:
+        gen = torch.Generator().manual_seed(self.seed + 7919 * self.draws)
+        self.weight = orthogonal_gaussian(self.features, dim, generator=gen).to(device)
+        self.draws += 1
+
+    def forward(self, dim: int, device) -> Tensor:
+        if self.weight.numel() == 0 or self.weight.shape[1] != dim:
+            self._draw(dim, device)
+        elif self.training and self.redraw is not None and self._calls and self._calls % self.redraw == 0:
+            self._draw(dim, device)
+        if self.training:
+            self._calls += 1
+        return self.weight
+
+
+def favor_pair(q: Tensor, k: Tensor, projection: Tensor, key_real: Optional[Tensor] = None):
+    """Stabilised positive random features of queries and keys (Choromanski et al. 2021).
+
+    ``q [B, H, Nq, D]``, ``k [B, H, Nk, D]``, ``projection [M, D]``, ``key_real`` bool ``[B, Nk]``.
+    Returns ``(phi_q [B,H,Nq,M], phi_k [B,H,Nk,M], log_scale [B,H,Nq])`` such that
+    ``exp(log_scale_i) * phi_q_i . phi_k_j`` is the unbiased estimate of ``exp(q_i . k_j / sqrt(D))``.
+    Padded keys get zero features. Stabilisers are detached: they cancel exactly through ``log_scale``.
+    """
+    m = projection.shape[0]
+    lq = favor_logits(q, projection)
+    lk = favor_logits(k, projection)
+    stab_q = lq.detach().amax(-1, keepdim=True)
+    lk_m = lk.detach() if key_real is None else lk.detach().masked_fill(~key_real[:, None, :, None], float("-inf"))
+    stab_k = lk_m.amax(dim=(-2, -1), keepdim=True)
+    stab_k = torch.where(torch.isfinite(stab_k), stab_k, torch.zeros_like(stab_k))
+    phi_q = torch.exp(lq - stab_q) * m ** -0.5
+    phi_k = torch.exp(lk - stab_k) * m ** -0.5
+    if key_real is not None:
+        phi_k = torch.where(key_real[:, None, :, None], phi_k, torch.zeros((), dtype=phi_k.dtype, device=phi_k.device))
+    return phi_q, phi_k, (stab_q + stab_k).squeeze(-1)

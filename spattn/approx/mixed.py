@@ -35,80 +35,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import registry
+from .._checks import int_at_least
 from ..functional import attention
 from ..layout import Layout
 from ..patterns import Pattern
 from ..patterns.base import PaddedPattern
 from ..registry import register
 from .base import ApproxAttention
-from .featuremaps import favor_logits, orthogonal_gaussian
+from .featuremaps import FavorProjection, favor_pair  # noqa: F401  (re-exported: spattn.approx.mixed.favor_pair)
 from .linear_core import check_qkv, chunked_causal, compute_dtype, noncausal, repeat_kv
 from .sparse_support import support_bilinear
-from . import sea  # noqa: F401  (registers "sea")
 
 __all__ = ["Scatterbrain", "SLA", "scatterbrain_attention", "sla_attention", "FavorProjection", "favor_pair"]
-
-
-def _check_positive_int(owner: str, name: str, val, minimum: int = 1) -> None:
-    if isinstance(val, bool) or not isinstance(val, int) or val < minimum:
-        raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {val!r}")
-
-
-class FavorProjection(nn.Module):
-    """The FAVOR+ random projection ``W [features, D]`` (orthogonal blocks), drawn from ``seed``.
-
-    Drawn at the first forward for the head size seen (a buffer, not a parameter). With
-    ``redraw=n`` a new projection is drawn every ``n`` training-mode calls (Performer's feature
-    redrawing); ``redraw=None`` keeps it fixed.
-    """
-
-    def __init__(self, features: int, seed: int = 0, redraw: Optional[int] = None, owner: str = "favor"):
-        super().__init__()
-        _check_positive_int(owner, "features", features)
-        if redraw is not None:
-            _check_positive_int(owner, "redraw", redraw)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"{owner}: seed must be an int, got {seed!r}")
-        self.features, self.seed, self.redraw = features, seed, redraw
-        self.register_buffer("weight", torch.empty(0), persistent=True)
-        self.draws = 0
-        self._calls = 0
-
-    def _draw(self, dim: int, device) -> None:
-        gen = torch.Generator().manual_seed(self.seed + 7919 * self.draws)
-        self.weight = orthogonal_gaussian(self.features, dim, generator=gen).to(device)
-        self.draws += 1
-
-    def forward(self, dim: int, device) -> Tensor:
-        if self.weight.numel() == 0 or self.weight.shape[1] != dim:
-            self._draw(dim, device)
-        elif self.training and self.redraw is not None and self._calls and self._calls % self.redraw == 0:
-            self._draw(dim, device)
-        if self.training:
-            self._calls += 1
-        return self.weight
-
-
-def favor_pair(q: Tensor, k: Tensor, projection: Tensor, key_real: Optional[Tensor] = None):
-    """Stabilised positive random features of queries and keys (Choromanski et al. 2021).
-
-    ``q [B, H, Nq, D]``, ``k [B, H, Nk, D]``, ``projection [M, D]``, ``key_real`` bool ``[B, Nk]``.
-    Returns ``(phi_q [B,H,Nq,M], phi_k [B,H,Nk,M], log_scale [B,H,Nq])`` such that
-    ``exp(log_scale_i) * phi_q_i . phi_k_j`` is the unbiased estimate of ``exp(q_i . k_j / sqrt(D))``.
-    Padded keys get zero features. Stabilisers are detached: they cancel exactly through ``log_scale``.
-    """
-    m = projection.shape[0]
-    lq = favor_logits(q, projection)
-    lk = favor_logits(k, projection)
-    stab_q = lq.detach().amax(-1, keepdim=True)
-    lk_m = lk.detach() if key_real is None else lk.detach().masked_fill(~key_real[:, None, :, None], float("-inf"))
-    stab_k = lk_m.amax(dim=(-2, -1), keepdim=True)
-    stab_k = torch.where(torch.isfinite(stab_k), stab_k, torch.zeros_like(stab_k))
-    phi_q = torch.exp(lq - stab_q) * m ** -0.5
-    phi_k = torch.exp(lk - stab_k) * m ** -0.5
-    if key_real is not None:
-        phi_k = torch.where(key_real[:, None, :, None], phi_k, torch.zeros((), dtype=phi_k.dtype, device=phi_k.device))
-    return phi_q, phi_k, (stab_q + stab_k).squeeze(-1)
 
 
 def _zero_padded(key_padding_mask: Optional[Tensor], *xs: Tensor) -> tuple[Tensor, ...]:
@@ -295,11 +233,11 @@ class SLA(ApproxAttention):
             raise ValueError(f"sla: k as a fraction must lie in (0, 1], got {k!r}")
         if isinstance(k, int) and k < 1:
             raise ValueError(f"sla: k as a count must be >= 1, got {k!r}")
-        _check_positive_int("sla", "block", block)
+        int_at_least("sla: block", block)
         if head_dim is None:
             raise ValueError("sla: head_dim is required (it sizes the zero-initialised proj_l; "
                              "spattn.nn.Attention passes it)")
-        _check_positive_int("sla", "head_dim", head_dim)
+        int_at_least("sla: head_dim", head_dim)
         self.k, self.block, self.head_dim = k, block, head_dim
         self.proj_l = nn.Linear(head_dim, head_dim)
         nn.init.zeros_(self.proj_l.weight)

@@ -26,10 +26,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._checks import int_at_least
 from ..functional import attention
 from ..registry import register
 from ..selection import TokenSelection
 from .base import ApproxAttention
+from .featuremaps import FavorProjection, favor_pair
 from .linear_core import check_qkv, chunked_causal, compute_dtype, noncausal, repeat_kv
 
 __all__ = ["SEA", "sea_estimate", "sea_selection"]
@@ -38,8 +40,6 @@ __all__ = ["SEA", "sea_estimate", "sea_selection"]
 def sea_estimate(q: Tensor, k: Tensor, projection: Tensor, chunk_size: int, causal: bool,
                  key_padding_mask: Optional[Tensor] = None) -> Tensor:
     """Performer estimate of each query's attention mass per key chunk: ``[B, Hq, N, C]`` (rows sum to 1)."""
-    from .mixed import favor_pair  # mixed imports this module; the helper lives there
-
     B, Hq, N, D = q.shape
     ct = compute_dtype(q.dtype)
     C = -(-N // chunk_size)
@@ -91,10 +91,8 @@ class SEA(ApproxAttention):
 
     def __init__(self, k: int = 7, chunks: int = 128, features: int = 64, seed: int = 0):
         super().__init__()
-        from .mixed import FavorProjection, _check_positive_int
-
-        _check_positive_int("sea", "k", k)
-        _check_positive_int("sea", "chunks", chunks)
+        int_at_least("sea: k", k)
+        int_at_least("sea: chunks", chunks)
         self.k, self.chunks, self.features, self.seed = k, chunks, features, seed
         self.projection = FavorProjection(features, seed, None, owner="sea")
         self.last_selection: Optional[TokenSelection] = None

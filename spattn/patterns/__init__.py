@@ -5,16 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from .. import registry
-from . import biformer, decode, prefill, routing, seer, topk  # noqa: F401  (register the dynamic patterns)
 from .base import Pattern
 from .biformer import BiFormer
 from .decode import DoubleSparsity, Quest, TidalDecode
+from .flexprefill import FlexPrefill
+from .minference import (  # noqa: F401  (the per-head config tools, re-exported by the deprecated .prefill)
+    CONFIG_FORMAT, MInference, MInferenceBlock, VerticalSlash, attention_mass, default_candidates,
+    load_minference_config, minference_heads_layout, save_minference_config, search_minference_config,
+    validate_minference_config,
+)
 from .neighborhood import Neighborhood
-from .prefill import FlexPrefill, MInference, MInferenceBlock, VerticalSlash, XAttention
 from .routing import Routing
 from .seer import SeerGate
 from .static import AShape, Axial, BigBird, Dense, DilatedWindow, Fixed, GlobalTokens, Strided, Window
 from .topk import BlockMass, BlockTopK, TopK, TopP
+from .xattention import XAttention
 
 __all__ = [
     "Pattern", "pattern", "Dense", "Window", "DilatedWindow", "GlobalTokens", "BigBird", "Strided", "Fixed",

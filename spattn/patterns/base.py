@@ -9,10 +9,11 @@ from typing import Any, Optional
 from torch import Tensor
 from torch.nn import Module
 
+from .._checks import check_float, check_int  # re-exported: a pattern's parameter checks
 from ..layout import Layout, MaskMod, translation_invariant
 from ..selection import ClusterSelection, TokenSelection
 
-__all__ = ["Pattern", "PaddedPattern", "causal_mask_mod", "check_qk", "check_int", "check_float"]
+__all__ = ["Pattern", "PaddedPattern", "causal_mask_mod", "check_qk", "check_int", "check_float", "require_causal"]
 
 
 class Pattern(ABC):
@@ -108,6 +109,12 @@ def causal_mask_mod(q_len: int, kv_len: int) -> MaskMod:
     return causal
 
 
+def require_causal(owner: str, causal: bool) -> None:
+    """Prefill selectors estimated from the last queries are defined for causal attention only."""
+    if not causal:
+        raise ValueError(f"{owner} is defined for causal prefill (estimated from the last queries); call it with causal=True")
+
+
 def check_qk(q: Tensor, k: Tensor) -> tuple[int, int, int, int, int]:
     """Validate shapes; returns (B, Hq, Hkv, Nq, Nk)."""
     for name, t in (("q", q), ("k", k)):
@@ -118,23 +125,3 @@ def check_qk(q: Tensor, k: Tensor) -> tuple[int, int, int, int, int]:
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head dim")
     return q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2]
-
-
-def check_int(owner: str, name: str, value: Any, minimum: int = 0, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}: {name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
-
-
-def check_float(owner: str, name: str, value: Any, low: float, high: float, *, low_open=False, high_open=False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
-    bad_low = value <= low if low_open else value < low
-    bad_high = value >= high if high_open else value > high
-    if bad_low or bad_high:
-        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-        raise ValueError(f"{owner}: {name} must lie in {lo}{low}, {high}{hi}, got {value}")
-

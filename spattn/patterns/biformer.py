@@ -32,8 +32,8 @@ from ..layout import Layout
 from ..registry import register
 from ..selection import TokenSelection
 from ._padding import real_tokens, zero_padded
+from ._tiles import selection_layout
 from .base import Pattern, check_int, check_qk
-from .topk import selection_layout
 
 __all__ = ["BiFormer", "region_tokens"]
 

@@ -20,11 +20,9 @@ from torch import Tensor
 from ..layout import Layout
 from ..registry import register
 from ._padding import last_real_query_probs, masked_block_mean, query_tokens, real_tokens, zero_padded
-from .base import PaddedPattern, check_float, check_int, check_qk
-from .minference import (
-    _validate_causal, block_layout, diagonal_sums, expand_kv, last_query_probs, pool_mean,
-    query_block_bounds, rank_select,
-)
+from ._scoring import diagonal_sums, expand_kv, last_query_probs, pool_mean, rank_select
+from ._tiles import block_layout, tile_bounds
+from .base import PaddedPattern, check_float, check_int, check_qk, require_causal
 
 __all__ = ["FlexPrefill", "sqrt_js_divergence", "flexprefill_estimate", "slash_block_sums", "SLASH_ALIGNS"]
 
@@ -127,7 +125,7 @@ def flexprefill_estimate(q: Tensor, k: Tensor, gamma: float, tau: float, block: 
     s_rank[..., 0] = inf
     v_sel = rank_select(v_rank, n_v)  # [B,H,NKB] key blocks
     s_sel = rank_select(s_rank, n_s)  # [B,H,NKB] block offsets δ
-    p0, p1, k0, k1 = query_block_bounds(nq, nk, block, q.device)
+    p0, p1, k0, k1 = tile_bounds(nq, nk, block, q.device)
     nqb = p0.shape[0]
     delta = torch.div(p1, block, rounding_mode="floor") - torch.div(k0, block, rounding_mode="floor")  # [NQB,NKB]
     in_range = delta >= 0
@@ -205,7 +203,7 @@ class FlexPrefill(PaddedPattern):
 
     def layout(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Layout:
         bsz, hq, _, nq, nk = check_qk(q, k)
-        _validate_causal("flexprefill", causal)
+        require_causal("flexprefill", causal)
         nqb, nkb = -(-nq // self.block), -(-nk // self.block)
         if nk <= 2 * self.block:
             every = torch.ones(bsz, hq, nqb, nkb, dtype=torch.bool, device=q.device)

@@ -1,7 +1,11 @@
-"""MInference 1.0 (Jiang et al., NeurIPS 2024, arXiv 2407.02490): vertical-slash and block-sparse
-prefill patterns, plus the shared tools the other prefill selectors (XAttention, FlexPrefill) use.
+"""MInference 1.0 (Jiang et al., NeurIPS 2024, arXiv 2407.02490): the vertical-slash and block-sparse
+prefill patterns, and ``minference(config=path, layer=0)``: per-head patterns chosen offline by
+:func:`search_minference_config` (MInference §3.2 "kernel-aware optimal sparse pattern search":
+per head, among A-shape / vertical-slash / block-sparse candidates within a budget, the one that
+keeps the most true attention mass on a sample), saved to / loaded from JSON.
 
-Conventions (shared with ``xattention.py`` and ``flexprefill.py``)
+Conventions (shared with ``xattention.py`` and ``flexprefill.py``, whose common helpers live in
+``_scoring.py`` and ``_tiles.py``)
 * q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``; query head ``h`` reads key head ``h // (Hq / Hkv)``.
   Every selection is per *query* head, so layouts have ``B`` batch and ``Hq`` head entries.
 * Causal alignment: query ``i`` sits at key position ``i' = i + Nk - Nq``; a *slash* (diagonal)
@@ -13,8 +17,10 @@ Conventions (shared with ``xattention.py`` and ``flexprefill.py``)
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Optional
+import os
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -22,87 +28,20 @@ from torch import Tensor
 from ..layout import Layout
 from ..registry import register
 from ._padding import last_real_query_probs, masked_block_mean, query_tokens, real_tokens
-from .base import PaddedPattern, causal_mask_mod, check_int, check_qk
+from ._scoring import diagonal_sums, expand_kv, last_query_probs, pool_mean, rank_select
+from ._tiles import block_layout, pack_blocks, tile_bounds
+from .base import PaddedPattern, causal_mask_mod, check_float, check_int, check_qk, require_causal
 
 __all__ = [
-    "VerticalSlash", "MInferenceBlock",
-    "vertical_slash_scores", "select_vertical_slash", "last_query_probs", "diagonal_sums", "select_pooled_topk", "prefill_layout",
-    "block_layout", "expand_kv", "pool_mean", "query_block_bounds", "rank_select",
+    "VerticalSlash", "MInferenceBlock", "MInference",
+    "vertical_slash_scores", "select_vertical_slash", "select_pooled_topk", "prefill_layout",
+    "minference_heads_layout", "attention_mass", "default_candidates", "search_minference_config",
+    "save_minference_config", "load_minference_config", "validate_minference_config", "CONFIG_FORMAT",
 ]
 
 
 # ---------------------------------------------------------------------------------------------
-# shared geometry and tensor helpers
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def expand_kv(k: Tensor, heads: int) -> Tensor:
-    """``[B, Hkv, N, D]`` -> ``[B, Hq, N, D]``: query head ``h`` gets key head ``h // (Hq/Hkv)``."""
-    group = heads // k.shape[1]
-    return k if group == 1 else k.repeat_interleave(group, dim=1)
-
-
-def pool_mean(x: Tensor, block: int) -> Tensor:
-    """Mean over consecutive blocks of ``block`` tokens (the last block averages its real tokens).
-
-    ``x [B, H, N, D]`` -> ``[B, H, ceil(N/block), D]``.
-    """
-    n = x.shape[2]
-    nb = _cdiv(n, block)
-    padded = torch.nn.functional.pad(x, (0, 0, 0, nb * block - n))
-    sums = padded.view(*x.shape[:2], nb, block, x.shape[3]).sum(3)
-    counts = (n - torch.arange(nb, device=x.device) * block).clamp(max=block).to(sums.dtype)
-    return sums / counts[:, None]
-
-
-def query_block_bounds(q_len: int, kv_len: int, block: int, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(p0, p1, k0, k1)``: first/last aligned position of each query block ``[NQB, 1]`` and
-    first/last key of each key block ``[1, NKB]``."""
-    off = kv_len - q_len
-    qs = torch.arange(0, q_len, block, device=device)
-    ks = torch.arange(0, kv_len, block, device=device)
-    p0 = (qs + off)[:, None]
-    p1 = ((qs + block - 1).clamp(max=q_len - 1) + off)[:, None]
-    return p0, p1, ks[None, :], (ks + block - 1).clamp(max=kv_len - 1)[None, :]
-
-
-def rank_select(scores: Tensor, count: Tensor) -> Tensor:
-    """bool mask of the ``count`` highest ``scores`` along the last dim (ties: lower index first).
-
-    ``scores [..., M]``; ``count`` broadcastable to ``scores.shape[:-1]`` (per-head budgets).
-    """
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    rank = torch.arange(scores.shape[-1], device=scores.device)
-    take = (rank < torch.as_tensor(count, device=scores.device)[..., None]).expand(scores.shape)
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, take)
-
-
-def _pack_blocks(block_map: Tensor, full_map: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Block map ``[B, H, NQB, NKB]`` -> (count, sorted indices, full flags) for :class:`Layout`."""
-    num = block_map.sum(-1)
-    width = max(int(num.max()) if num.numel() else 0, 1)
-    idx = torch.argsort((~block_map).to(torch.int8), dim=-1, stable=True)[..., :width]
-    full = None if full_map is None else torch.gather(full_map, -1, idx)
-    return num, idx, full
-
-
-def block_layout(block_map: Tensor, q_len: int, kv_len: int, block: int, causal: bool) -> Layout:
-    """Layout computing whole selected tiles ``block_map [B, H, NQB, NKB]`` (causal inside tiles).
-
-    With ``causal`` tiles entirely after the query block are dropped and tiles crossing the
-    diagonal keep only ``j <= i'``.
-    """
-    p0, p1, k0, k1 = query_block_bounds(q_len, kv_len, block, block_map.device)
-    if not causal:
-        num, idx, _ = _pack_blocks(block_map, None)
-        return Layout(num, idx, q_len=q_len, kv_len=kv_len, block_q=block)
-    block_map = block_map & (k0 <= p1)
-    num, idx, full = _pack_blocks(block_map, block_map & (k1 <= p0))
-    return Layout(num, idx, q_len=q_len, kv_len=kv_len, block_q=block,
-                  mask_mod=causal_mask_mod(q_len, kv_len), full=full)
+# estimation and layouts
 
 
 def prefill_layout(q_len: int, kv_len: int, block: int, *, vertical: Optional[Tensor] = None,
@@ -121,7 +60,7 @@ def prefill_layout(q_len: int, kv_len: int, block: int, *, vertical: Optional[Te
     ref = next(t for t in (vertical, slash, blocks) if t is not None)
     dev, (bsz, heads) = ref.device, ref.shape[:2]
     off = kv_len - q_len
-    p0, p1, k0, k1 = query_block_bounds(q_len, kv_len, block, dev)
+    p0, p1, k0, k1 = tile_bounds(q_len, kv_len, block, dev)
     nqb, nkb = p0.shape[0], k0.shape[1]
     touched = k0 <= p1  # [NQB, NKB] tiles holding at least one causal pair
     dmin, dmax = p0 - k1, p1 - k0  # range of offsets d inside each tile
@@ -141,7 +80,7 @@ def prefill_layout(q_len: int, kv_len: int, block: int, *, vertical: Optional[Te
         full_map |= (dmin >= 0) & ((hits > 0) if whole_slash_tiles else (hits == (dmax - dmin + 1)))
     block_map &= touched
     full_map &= block_map
-    num, idx, full = _pack_blocks(block_map, full_map)
+    num, idx, full = pack_blocks(block_map, full_map)
 
     col_num = col_idx = None
     if vertical is not None and bool(vertical.any()):
@@ -171,44 +110,6 @@ def prefill_layout(q_len: int, kv_len: int, block: int, *, vertical: Optional[Te
 
     return Layout(num, idx, q_len=q_len, kv_len=kv_len, block_q=block, mask_mod=prefill_mask,
                   full=full, col_num=col_num, col_indices=col_idx)
-
-
-# ---------------------------------------------------------------------------------------------
-# estimation
-
-
-def last_query_probs(q: Tensor, k: Tensor, last: int, scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
-    """Causal softmax attention of the last ``last`` queries over all keys, fp32.
-
-    Returns ``(P [B, Hq, L, Nk], pos [L])`` with ``L = min(last, Nq)`` and ``pos`` the rows'
-    aligned key positions.
-    """
-    _, hq, nq, dim = q.shape
-    nk = k.shape[2]
-    rows = min(last, nq)
-    scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    q_last = q[:, :, nq - rows:].float()
-    logits = torch.matmul(q_last * scale, expand_kv(k, hq).float().transpose(-1, -2))
-    pos = torch.arange(nk - rows, nk, device=q.device)
-    logits.masked_fill_(torch.arange(nk, device=q.device)[None, :] > pos[:, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if nk - rows < 0:  # more queries than keys: the first rows see no key at all
-        probs = torch.nan_to_num_(probs, nan=0.0)
-    return probs, pos
-
-
-def diagonal_sums(probs: Tensor, pos: Tensor) -> Tensor:
-    """``out[..., d] = sum_r probs[..., r, pos[r] - d]`` for ``d`` in ``[0, Nk)`` (``[B, H, Nk]``).
-
-    ``pos [L]`` shared by the batch, or ``[B, L]`` per sequence."""
-    rows, nk = probs.shape[-2:]
-    d = pos[..., :, None] - torch.arange(nk, device=probs.device)  # [(B,) L, Nk]
-    d = torch.where(d >= 0, d, nk)  # future keys go to a spill bin (their probability is 0)
-    out = torch.zeros(*probs.shape[:-2], nk + 1, dtype=probs.dtype, device=probs.device)
-    flat = probs.reshape(*probs.shape[:-2], rows * nk)
-    index = d.reshape(-1) if pos.dim() == 1 else d.reshape(d.shape[0], 1, -1)
-    out.scatter_add_(-1, index.expand_as(flat), flat)
-    return out[..., :nk]
 
 
 def vertical_slash_scores(q: Tensor, k: Tensor, last_q: int = 64,
@@ -263,17 +164,12 @@ def select_pooled_topk(q: Tensor, k: Tensor, topk, block: int, causal: bool,
     if real is not None:
         scores = scores.masked_fill(~has_key[:, :, None, :], float("-inf"))
     if causal:
-        p0, p1, k0, _ = query_block_bounds(nq, nk, block, q.device)
+        p0, p1, k0, _ = tile_bounds(nq, nk, block, q.device)
         scores = scores.masked_fill(k0 > p1, float("-inf"))
     count = torch.as_tensor(topk, device=q.device)
     count = count[None, :, None] if count.dim() == 1 else count
     chosen = rank_select(scores, count)
     return chosen & torch.isfinite(scores)
-
-
-def _validate_causal(owner: str, causal: bool) -> None:
-    if not causal:
-        raise ValueError(f"{owner} is defined for causal prefill (estimated from the last queries); call it with causal=True")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +209,7 @@ class VerticalSlash(PaddedPattern):
 
     def layout(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Layout:
         _, _, _, nq, nk = check_qk(q, k)
-        _validate_causal("vertical_slash", causal)
+        require_causal("vertical_slash", causal)
         with torch.no_grad():
             vert, sl = select_vertical_slash(
                 q, k, max(self.vertical, 30), max(self.slash, 50), last_q=self.last_q,
@@ -346,3 +242,244 @@ class MInferenceBlock(PaddedPattern):
         with torch.no_grad():
             chosen = select_pooled_topk(q, k, self.k, self.block, causal, key_padding_mask)
             return block_layout(chosen, nq, nk, self.block, causal)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-head patterns from an offline search (MInference §3.2)
+
+CONFIG_FORMAT = "spattn-minference-config"
+CONFIG_VERSION = 1
+#: each head pattern and its integer parameters with their minimum values
+HEAD_PATTERNS = {
+    "a_shape": {"sinks": 0, "local": 1},
+    "vertical_slash": {"vertical": 1, "slash": 1},
+    "block_sparse": {"k": 1},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# per-head layouts
+
+
+def minference_heads_layout(q: Tensor, k: Tensor, heads: Sequence[dict], *, block: int = 64,
+                            last_q: int = 64, key_padding_mask: Optional[Tensor] = None) -> Layout:
+    """Causal Layout where query head ``h`` follows ``heads[h]`` (one dict per query head).
+
+    * ``{"pattern": "a_shape", "sinks": s, "local": w}``: ``j < s`` or ``i' - j < w`` (StreamingLLM);
+    * ``{"pattern": "vertical_slash", "vertical": v, "slash": s}``: as ``vertical_slash`` (budgets
+      raised to 30/50, 30 sink columns and 100 local diagonals forced, estimated from the last
+      ``last_q`` queries);
+    * ``{"pattern": "block_sparse", "k": n}``: as ``minference_block(k=n, block=block)``.
+
+    ``key_padding_mask [B, Nk]`` (True = real token): padded positions never influence the choice.
+    """
+    bsz, hq, _, nq, nk = check_qk(q, k)
+    if len(heads) != hq:
+        raise ValueError(f"minference: the config has {len(heads)} heads but q has {hq} query heads")
+    dev = q.device
+    kind = [h["pattern"] for h in heads]
+    param = lambda name, pat: torch.tensor([int(h[name]) if h["pattern"] == pat else 0 for h in heads], device=dev)
+    positions = torch.arange(nk, device=dev)
+    # A-shape heads: the first `sinks` columns and the `local` nearest diagonals
+    vertical = (positions < param("sinks", "a_shape")[:, None]).expand(bsz, hq, nk).clone()
+    slash = (positions < param("local", "a_shape")[:, None]).expand(bsz, hq, nk).clone()
+    blocks = None
+    with torch.no_grad():
+        if "vertical_slash" in kind:
+            is_vs = torch.tensor([kd == "vertical_slash" for kd in kind], device=dev)
+            nv = param("vertical", "vertical_slash").clamp(min=30) * is_vs
+            ns = param("slash", "vertical_slash").clamp(min=50) * is_vs
+            v_sel, s_sel = select_vertical_slash(q, k, nv, ns, last_q=last_q, key_padding_mask=key_padding_mask)
+            vertical |= v_sel
+            slash |= s_sel
+        if "block_sparse" in kind:
+            blocks = select_pooled_topk(q, k, param("k", "block_sparse"), block, causal=True,
+                                        key_padding_mask=key_padding_mask)
+    return prefill_layout(nq, nk, block, vertical=vertical, slash=slash, blocks=blocks)
+
+
+def attention_mass(q: Tensor, k: Tensor, layout: Layout, chunk: int = 256) -> Tensor:
+    """Mean over batch and queries of the causal attention probability kept by ``layout``, ``[Hq]``.
+
+    Computed from the true (dense causal) attention in query chunks: memory ``O(chunk · Nk)``.
+    """
+    bsz, hq, nq, dim = q.shape
+    nk = k.shape[2]
+    kk = expand_kv(k, hq).double()
+    off = nk - nq
+    total = torch.zeros(bsz, hq, dtype=torch.float64, device=q.device)
+    b_idx = torch.arange(bsz, device=q.device).view(-1, 1, 1, 1)
+    h_idx = torch.arange(hq, device=q.device).view(1, -1, 1, 1)
+    kv_idx = torch.arange(nk, device=q.device).view(1, 1, 1, -1)
+    for r0 in range(0, nq, chunk):
+        rows = torch.arange(r0, min(r0 + chunk, nq), device=q.device).view(1, 1, -1, 1)
+        logits = torch.matmul(q[:, :, r0: r0 + chunk].double(), kk.transpose(-1, -2)) / math.sqrt(dim)
+        logits = logits.masked_fill(kv_idx > rows + off, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        kept = layout.contains(b_idx, h_idx, rows, kv_idx)
+        total += (probs * kept).sum(dim=(2, 3))
+    return (total / nq).mean(0)
+
+
+def _causal_density(layout: Layout, nq: int, nk: int) -> Tensor:
+    """Per-head fraction of the causal pairs a layout computes, ``[H]`` (mean over batch)."""
+    causal_pairs = int((torch.arange(nq) + (nk - nq) + 1).clamp(min=0, max=nk).sum())
+    return layout.pair_counts().sum(-1).double().mean(0) / causal_pairs
+
+
+def default_candidates(nk: int, budget: float, block: int = 64) -> list[dict]:
+    """A-shape, vertical-slash and block-sparse sizes around a causal density ``budget``.
+
+    An average causal row holds about ``nk/2`` keys, so a budget ``b`` is about ``t = b·nk/2`` keys
+    per query. Sizes span 0.4–1.6 t; the search keeps those whose measured density fits.
+    """
+    t = max(1.0, budget * nk / 2)
+    out: list[dict] = []
+    for f in (0.4, 0.6, 0.8, 1.0, 1.3, 1.6):
+        keys = max(1, int(t * f))
+        sinks = min(64, max(1, keys // 8))
+        out.append({"pattern": "a_shape", "sinks": sinks, "local": max(1, keys - sinks)})
+        for share in (0.25, 0.5):
+            out.append({"pattern": "vertical_slash", "vertical": max(1, int(2 * keys * share)),
+                        "slash": max(1, int(2 * keys * (1 - share)))})
+        out.append({"pattern": "block_sparse", "k": max(1, round(keys / block))})
+    unique = []
+    for c in out:
+        if c not in unique:
+            unique.append(c)
+    return unique
+
+
+def search_minference_config(q: Union[Tensor, Sequence[Tensor]], k: Union[Tensor, Sequence[Tensor]], budget: float, *,
+                             candidates: Optional[Sequence[dict]] = None, block: int = 64, last_q: int = 64,
+                             chunk: int = 256) -> dict:
+    """Offline per-head pattern search (MInference §3.2) on one sample per layer.
+
+    ``q [B, Hq, N, D]`` / ``k [B, Hkv, N, D]``, or sequences of them (one per layer). For every
+    candidate head pattern (default :func:`default_candidates`) and every head, measure the causal
+    density and the true attention mass kept (:func:`attention_mass`); each head gets the candidate
+    with the most mass among those with density ``<= budget`` (ties: the earlier candidate).
+    MInference sizes candidates by kernel FLOPs; here the budget is the fraction of causal pairs.
+    Returns a config dict (see :func:`validate_minference_config`) with per-head ``mass``/``density``.
+    """
+    check_float("search_minference_config", "budget", budget, 0.0, 1.0, low_open=True)
+    check_int("search_minference_config", "block", block, 1)
+    check_int("search_minference_config", "last_q", last_q, 1)
+    qs = [q] if isinstance(q, Tensor) else list(q)
+    ks = [k] if isinstance(k, Tensor) else list(k)
+    if len(qs) != len(ks) or not qs:
+        raise ValueError(f"search_minference_config: q and k must hold the same number (>= 1) of layers, got {len(qs)} and {len(ks)}")
+    layers = []
+    for lq, lk in zip(qs, ks):
+        _, hq, _, nq, nk = check_qk(lq, lk)
+        cands = default_candidates(nk, budget, block) if candidates is None else list(candidates)
+        for c in cands:
+            _validate_head(c, "candidate")
+        best: list[Optional[dict]] = [None] * hq
+        for cand in cands:
+            layout = minference_heads_layout(lq, lk, [cand] * hq, block=block, last_q=last_q)
+            density = _causal_density(layout, nq, nk)
+            mass = attention_mass(lq, lk, layout, chunk)
+            for h in range(hq):
+                if density[h] <= budget + 1e-12 and (best[h] is None or mass[h] > best[h]["mass"]):
+                    best[h] = dict(cand, mass=float(mass[h]), density=float(density[h]))
+        missing = [h for h in range(hq) if best[h] is None]
+        if missing:
+            raise ValueError(f"search_minference_config: no candidate fits budget={budget} for heads {missing}; "
+                             "raise the budget or pass smaller candidates")
+        layers.append(best)
+    return {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "block": block, "last_q": last_q,
+            "budget": budget, "layers": layers}
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON
+
+
+def _validate_head(head: Any, where: str) -> None:
+    if not isinstance(head, dict):
+        raise ValueError(f"minference config: {where} must be an object, got {type(head).__name__}")
+    kind = head.get("pattern")
+    if kind not in HEAD_PATTERNS:
+        raise ValueError(f"minference config: {where} has pattern {kind!r}; expected one of {sorted(HEAD_PATTERNS)}")
+    for name, low in HEAD_PATTERNS[kind].items():
+        val = head.get(name)
+        if isinstance(val, bool) or not isinstance(val, int) or val < low:
+            raise ValueError(f"minference config: {where} ({kind}) needs integer {name} >= {low}, got {val!r}")
+
+
+def validate_minference_config(config: Any) -> dict:
+    """Check a config dict; returns it. Raises ``ValueError`` naming the first problem.
+
+    Format: ``{"format": "spattn-minference-config", "version": 1, "block": 64, "last_q": 64,
+    "layers": [[head, ...], ...]}`` with one head dict per query head (see
+    :func:`minference_heads_layout`); extra keys (``budget``, ``mass``, ``density``) are kept.
+    """
+    if not isinstance(config, dict):
+        raise ValueError(f"minference config must be a JSON object, got {type(config).__name__}")
+    if config.get("format") != CONFIG_FORMAT:
+        raise ValueError(f"minference config: 'format' must be {CONFIG_FORMAT!r}, got {config.get('format')!r}")
+    if config.get("version") != CONFIG_VERSION:
+        raise ValueError(f"minference config: unsupported version {config.get('version')!r} (expected {CONFIG_VERSION})")
+    for name in ("block", "last_q"):
+        val = config.get(name)
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"minference config: {name!r} must be an integer >= 1, got {val!r}")
+    layers = config.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise ValueError("minference config: 'layers' must be a non-empty list (one list of heads per layer)")
+    for li, heads in enumerate(layers):
+        if not isinstance(heads, list) or not heads:
+            raise ValueError(f"minference config: layer {li} must be a non-empty list of head patterns")
+        for hi, head in enumerate(heads):
+            _validate_head(head, f"layer {li} head {hi}")
+    return config
+
+
+def save_minference_config(config: dict, path: Union[str, os.PathLike]) -> None:
+    """Validate and write a config as JSON."""
+    validate_minference_config(config)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=1)
+
+
+def load_minference_config(path: Union[str, os.PathLike]) -> dict:
+    """Read and validate a config written by :func:`save_minference_config`."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"minference: config must be a path to a JSON file, got {type(path).__name__}")
+    if not os.path.isfile(path):
+        raise ValueError(f"minference: config file {os.fspath(path)!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"minference: config file {os.fspath(path)!r} is not valid JSON: {err}") from None
+    return validate_minference_config(config)
+
+
+@register("minference", kind="dynamic",
+          description="MInference: per-head A-shape / vertical-slash / block-sparse from an offline search (JSON)",
+          paper="Jiang et al. 2024, MInference 1.0 (NeurIPS 2024)")
+class MInference(PaddedPattern):
+    """MInference with per-head patterns read from a JSON config (:func:`search_minference_config`).
+
+    ``layer`` picks which layer's heads of the file to use. Causal only.
+    """
+
+    name = "minference"
+    content_based = True
+
+    def __init__(self, config: str = "minference.json", layer: int = 0):
+        check_int("minference", "layer", layer, 0)
+        cfg = load_minference_config(config)
+        if layer >= len(cfg["layers"]):
+            raise ValueError(f"minference: layer={layer} but the config has {len(cfg['layers'])} layers")
+        self.config, self.layer = config, layer
+        self._heads = cfg["layers"][layer]
+        self._block, self._last_q = cfg["block"], cfg["last_q"]
+
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Layout:
+        check_qk(q, k)
+        require_causal("minference", causal)
+        return minference_heads_layout(q, k, self._heads, block=self._block, last_q=self._last_q,
+                                       key_padding_mask=key_padding_mask)

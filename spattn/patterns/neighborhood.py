@@ -10,7 +10,7 @@ from torch import Tensor
 from ..layout import Layout
 from ..registry import register
 from .base import Pattern, check_int, check_qk
-from .static import DEFAULT_BLOCK, make_layout, tile_stats_from_segments
+from ._tiles import DEFAULT_BLOCK, make_layout, tile_stats_from_segments
 
 __all__ = ["Neighborhood"]
 

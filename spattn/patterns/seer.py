@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layout import Layout
+from ..layout import Layout, ceil_div
 from ..registry import register
 from ._padding import masked_block_extrema, masked_block_mean, query_tokens, real_tokens
+from ._tiles import causal_block_maps
 from .base import PaddedPattern, causal_mask_mod, check_float, check_int, check_qk
-from .static import tile_bounds
 
 __all__ = ["SeerGate", "seer_block_target", "distill_seer_gate", "block_pool"]
 
@@ -71,12 +71,11 @@ def block_pool(x: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
 def _block_visibility(q_len: int, kv_len: int, block: int, causal: bool, device) -> tuple[Tensor, Tensor, Tensor]:
     """``(valid, full, diagonal)`` bool ``[NQB, NKB]``: tiles with >= 1 visible pair, tiles entirely
     visible, and tiles overlapping the query block's own aligned positions (causal alignment ``i' = i + Nk - Nq``)."""
-    p0, p1, k0, k1 = tile_bounds(q_len, kv_len, block, device)
     if not causal:
-        ones = torch.ones(p0.shape[0], k0.shape[1], dtype=torch.bool, device=device)
+        ones = torch.ones(ceil_div(q_len, block), ceil_div(kv_len, block), dtype=torch.bool, device=device)
         return ones, ones, torch.zeros_like(ones)
-    valid = k0 <= p1
-    return valid, k1 <= p0, valid & (k1 >= p0)
+    valid, diagonal, full = causal_block_maps(q_len, kv_len, block, device)
+    return valid, full, diagonal
 
 
 @register(

@@ -19,14 +19,12 @@ from torch import Tensor
 
 from ..layout import Layout, translation_invariant
 from ..registry import register
+from ._tiles import DEFAULT_BLOCK, floor_div, has_multiple, make_layout, tile_bounds
 from .base import Pattern, causal_mask_mod, check_int, check_qk
 
 __all__ = [
     "Dense", "Window", "DilatedWindow", "GlobalTokens", "BigBird", "Strided", "Fixed", "Axial", "AShape",
 ]
-
-DEFAULT_BLOCK = 64
-
 
 def _dense_layout(q_len: int, kv_len: int, block: int, causal: bool, device) -> Layout:
     p0, p1, k0, k1 = tile_bounds(q_len, kv_len, block, device)
@@ -52,92 +50,6 @@ class Dense(Pattern):
     def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
         _, _, _, nq, nk = check_qk(q, k)
         return _dense_layout(nq, nk, self.block, causal, q.device)
-
-
-# ---------------------------------------------------------------------------------------------
-# tile geometry helpers (shared with neighborhood.py)
-
-
-def _floordiv(x: Tensor, m: int) -> Tensor:
-    return torch.div(x, m, rounding_mode="floor")
-
-
-def tile_bounds(q_len: int, kv_len: int, block: int, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(p0, p1, k0, k1)``: first/last aligned query position of each query tile (``[NQB, 1]``) and
-    first/last key of each key tile (``[1, NKB]``). Aligned position: ``i' = i + Nk - Nq``."""
-    off = kv_len - q_len
-    qs = torch.arange(0, q_len, block, device=device)
-    ks = torch.arange(0, kv_len, block, device=device)
-    p0 = (qs + off)[:, None]
-    p1 = ((qs + block - 1).clamp(max=q_len - 1) + off)[:, None]
-    k0 = ks[None, :]
-    k1 = (ks + block - 1).clamp(max=kv_len - 1)[None, :]
-    return p0, p1, k0, k1
-
-
-def _has_multiple(lo: Tensor, hi: Tensor, m: int) -> Tensor:
-    """Whether the integer interval ``[lo, hi]`` contains a multiple of ``m``."""
-    return (lo <= hi) & (_floordiv(hi, m) * m >= lo)
-
-
-def count_progression(a: Tensor, b: Tensor, rho: Tensor, m: int) -> Tensor:
-    """How many ``x`` in ``[a, b]`` have ``x = rho (mod m)`` (0 for an empty interval)."""
-    if m == 1:
-        return (b - a + 1).clamp(min=0)
-    return (_floordiv(b - rho, m) - _floordiv(a - 1 - rho, m)).clamp(min=0)
-
-
-def tile_stats_from_segments(segments_fn, q_len: int, kv_len: int, block: int, device,
-                             budget: int = 1 << 22) -> tuple[Tensor, Tensor]:
-    """Block/full maps ``[NQB, NKB]`` of a pattern whose keys for aligned query position ``p`` are a
-    few *disjoint* arithmetic progressions: ``segments_fn(p [C]) -> (a, b, rho, m)`` with ``a, b,
-    rho`` of shape ``[C, S]`` (keys ``x`` in ``[a, b]`` with ``x = rho (mod m)``; ``a > b`` = unused).
-
-    Each segment is visited only in the key tiles it overlaps, so the cost is
-    ``O(Nq * S * tiles per segment)`` plus an ``[C, NKB]`` count per chunk of query tiles (never an
-    ``Nq x Nk`` tensor): a tile is selected iff some query attends some key of it, full iff every
-    query attends all its keys.
-    """
-    off = kv_len - q_len
-    nqb, nkb = -(-q_len // block), -(-kv_len // block)
-    _, _, k0_all, k1_all = tile_bounds(q_len, kv_len, block, device)
-    size = k1_all - k0_all + 1
-    tiles_per_chunk = max(1, budget // max(1, block * (nkb + 1)))
-    sel, full = [], []
-    for t0 in range(0, nqb, tiles_per_chunk):
-        t1 = min(nqb, t0 + tiles_per_chunk)
-        # padding queries beyond q_len repeat the last query: any/all are unaffected
-        i = torch.arange(t0 * block, t1 * block, device=device).clamp(max=q_len - 1)
-        a, b, rho, m = segments_fn(i + off)
-        a, b = a.clamp(min=0), b.clamp(max=kv_len - 1)
-        first = _floordiv(a, block)
-        span = (_floordiv(b, block) - first + 1).clamp(min=0)
-        cnt = torch.zeros(i.shape[0], nkb + 1, dtype=torch.long, device=device)
-        for step in range(int(span.max()) if span.numel() else 0):
-            kb = first + step
-            k0 = kb * block
-            k1 = torch.clamp(k0 + block - 1, max=kv_len - 1)
-            n = count_progression(torch.maximum(a, k0), torch.minimum(b, k1), rho, m)
-            cnt.scatter_add_(1, torch.where(step < span, kb, nkb), n)
-        cnt = cnt[:, :nkb].view(t1 - t0, block, nkb)
-        sel.append((cnt > 0).any(1))
-        full.append((cnt == size).all(1))
-    return torch.cat(sel), torch.cat(full)
-
-
-def make_layout(block_map: Tensor, full_map: Tensor | None, mask_mod, q_len: int, kv_len: int, block: int,
-                column_map: Tensor | None = None) -> Layout:
-    while block_map.dim() < 4:
-        block_map = block_map[None]
-    if full_map is not None:
-        full_map = torch.broadcast_to(full_map, block_map.shape) & block_map
-    if column_map is not None:
-        while column_map.dim() < 4:
-            column_map = column_map[None]
-    return Layout.from_block_map(
-        block_map, full_map=full_map, mask_mod=mask_mod, column_map=column_map,
-        q_len=q_len, kv_len=kv_len, block_q=block,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +118,7 @@ class DilatedWindow(Pattern):
         lo, hi = (0, span) if causal else (-span, span)
         p0, p1, k0, k1 = tile_bounds(nq, nk, self.block, q.device)
         dmin, dmax = p0 - k1, p1 - k0
-        block_map = _has_multiple(torch.clamp(dmin, min=lo), torch.clamp(dmax, max=hi), dil)
+        block_map = has_multiple(torch.clamp(dmin, min=lo), torch.clamp(dmax, max=hi), dil)
         full_map = (dmin >= lo) & (dmax <= hi) & ((dmin == dmax) | (dil == 1)) & (dmin % dil == 0)
 
         @translation_invariant
@@ -308,7 +220,7 @@ class BigBird(Pattern):
     def anchors(self, q_len: int, kv_len: int, device=None) -> Tensor:
         """long ``[NQB]``: the key block each query tile sits at (``a(qb)``)."""
         last = (torch.arange(0, q_len, self.block, device=device) + self.block - 1).clamp(max=q_len - 1)
-        return _floordiv(last + (kv_len - q_len), self.block)
+        return floor_div(last + (kv_len - q_len), self.block)
 
     def _base_map(self, q_len: int, kv_len: int, causal: bool, device) -> Tensor:
         a = self.anchors(q_len, kv_len, device)[:, None]
@@ -414,10 +326,10 @@ class Strided(Pattern):
         single = (dmin == dmax) & (dmin % s == 0)
         if causal:
             lo = dmin.clamp(min=0)
-            block_map = (lo <= dmax) & ((lo <= s - 1) | _has_multiple(lo, dmax, s))
+            block_map = (lo <= dmax) & ((lo <= s - 1) | has_multiple(lo, dmax, s))
             full_map = (dmin >= 0) & ((dmax <= s) | single | (s == 1))
         else:
-            block_map = ((dmin <= s - 1) & (dmax >= 1 - s)) | _has_multiple(dmin, dmax, s)
+            block_map = ((dmin <= s - 1) & (dmax >= 1 - s)) | has_multiple(dmin, dmax, s)
             full_map = ((dmin >= -s) & (dmax <= s)) | single | (s == 1)
 
         @translation_invariant
@@ -457,9 +369,9 @@ class Fixed(Pattern):
         _, _, _, nq, nk = check_qk(q, k)
         off, l, c = nk - nq, self.block, self.summary
         p0, p1, k0, k1 = tile_bounds(nq, nk, l, q.device)
-        kb = _floordiv(k0, l)  # key tiles are exactly the blocks of l
-        same = (_floordiv(p0, l) <= kb) & (kb <= _floordiv(p1, l))  # j >= kb*l <= i' holds there
-        one_block = (_floordiv(p0, l) == kb) & (_floordiv(p1, l) == kb)
+        kb = floor_div(k0, l)  # key tiles are exactly the blocks of l
+        same = (floor_div(p0, l) <= kb) & (kb <= floor_div(p1, l))  # j >= kb*l <= i' holds there
+        one_block = (floor_div(p0, l) == kb) & (floor_div(p1, l) == kb)
         past = (k1 <= p0) if causal else torch.ones_like(same)
 
         def fixed_mask(b, h, q_idx, kv_idx):
@@ -515,10 +427,10 @@ class Axial(Pattern):
         p0, p1, k0, k1 = tile_bounds(nq, nk, self.block, q.device)
         dmin, dmax = p0 - k1, p1 - k0
         # same column: i' - j is a multiple of cols
-        col_sel = _has_multiple(dmin.clamp(min=0) if causal else dmin, dmax, cols)
+        col_sel = has_multiple(dmin.clamp(min=0) if causal else dmin, dmax, cols)
         # same row: the rows both tiles touch; causal also needs a key <= query within one row
-        rlo = torch.maximum(_floordiv(p0, cols), _floordiv(k0, cols))
-        rhi = torch.minimum(_floordiv(p1, cols), _floordiv(k1, cols))
+        rlo = torch.maximum(floor_div(p0, cols), floor_div(k0, cols))
+        rhi = torch.minimum(floor_div(p1, cols), floor_div(k1, cols))
         row_sel = rlo <= rhi
         if causal:
             def row_ok(r):  # earliest key of the tile in row r <= latest query of the tile in row r
@@ -527,7 +439,7 @@ class Axial(Pattern):
             row_sel = row_sel & ((rhi - rlo >= 2) | row_ok(rlo) | row_ok(rhi))
         block_map = row_sel | col_sel
         # full (conservative but exact for tiles of > 1 query and key): one shared row, or one column
-        one_row = (_floordiv(p0, cols) == _floordiv(k1, cols)) & (_floordiv(p1, cols) == _floordiv(k0, cols))
+        one_row = (floor_div(p0, cols) == floor_div(k1, cols)) & (floor_div(p1, cols) == floor_div(k0, cols))
         full_map = one_row | (cols == 1)
         if causal:
             full_map = full_map & (dmin >= 0)

@@ -46,8 +46,9 @@ from ..layout import Layout
 from ..registry import register
 from ..selection import TokenSelection
 from ._padding import masked_block_mean, query_tokens, real_tokens
+from ._scoring import pool_mean
+from ._tiles import causal_block_maps, selection_layout
 from .base import PaddedPattern, Pattern, causal_mask_mod, check_float, check_int, check_qk
-from .static import tile_bounds
 
 __all__ = [
     "TopK", "TopP", "topp_selection", "BlockTopK", "BlockMass", "topk_selections", "selection_layout",
@@ -194,28 +195,6 @@ def topp_selection(q: Tensor, k: Tensor, p: float, *, scale: Optional[float] = N
     return _concat_rows(chunks, nq, nk)
 
 
-def selection_layout(selection: TokenSelection, block: int) -> Layout:
-    """An exact :class:`Layout` of a TokenSelection (for inspection, plots, block kernels).
-
-    Tiles holding a selected pair are computed; inside them the predicate looks the key up in the
-    query's index list (``O(tile * K)``), so nothing ``Nq x Nk`` is built.
-    """
-    check_int("selection_layout", "block", block, 1)
-    idx = selection.indices
-    bsel, hsel, nq, slots = idx.shape
-    nk = selection.kv_len
-    nqb, nkb = -(-nq // block), -(-nk // block)
-    padded = F.pad(idx, (0, 0, 0, nqb * block - nq), value=-1).view(bsel, hsel, nqb, block * slots)
-    block_map = torch.zeros(bsel, hsel, nqb, nkb + 1, dtype=torch.bool, device=idx.device)
-    block_map.scatter_(-1, torch.where(padded >= 0, padded // block, nkb), True)
-    multi_b, multi_h = bsel > 1, hsel > 1
-
-    def member(b, h, q_idx, kv_idx):
-        return (idx[b * multi_b, h * multi_h, q_idx] == kv_idx[..., None]).any(-1)
-
-    return Layout.from_block_map(block_map[..., :nkb], q_len=nq, kv_len=nk, block_q=block, mask_mod=member)
-
-
 @register("topk", kind="dynamic", description="Explicit Sparse Transformer: each query keeps its k highest-scoring keys",
           paper="Zhao et al. 2019, Explicit Sparse Transformer (arXiv 1912.11637)")
 class TopK(Pattern):
@@ -278,15 +257,6 @@ class TopP(Pattern):
 # ------------------------------------------------------------------------------------------ blocks
 
 
-def _pool(x: Tensor, block: int) -> Tensor:
-    """Mean over each block of ``block`` tokens (the last, partial block over its real tokens)."""
-    b, h, n, d = x.shape
-    nb = -(-n // block)
-    sums = F.pad(x, (0, 0, 0, nb * block - n)).view(b, h, nb, block, d).sum(3)
-    counts = (n - torch.arange(nb, device=x.device) * block).clamp(max=block)
-    return sums / counts[:, None].to(x.dtype)
-
-
 def pooled_block_scores(q: Tensor, k: Tensor, block: int, key_padding_mask: Optional[Tensor] = None) -> Tensor:
     """``mean_pool(q) · mean_pool(k)ᵀ`` per query head: ``[B, Hq, NQB, NKB]`` (fp32, fp64 for fp64).
 
@@ -297,23 +267,14 @@ def pooled_block_scores(q: Tensor, k: Tensor, block: int, key_padding_mask: Opti
     sdt = _score_dtype(q.dtype)
     real = real_tokens("pooled_block_scores", key_padding_mask, batch, nk, k.device)
     if real is None:
-        qp = _pool(q.detach().to(sdt), block)
-        kp = _pool(k.detach().to(sdt), block)
+        qp = pool_mean(q.detach().to(sdt), block)
+        kp = pool_mean(k.detach().to(sdt), block)
     else:
         qp = masked_block_mean(q.detach().to(sdt), block, query_tokens(real, nq, nk))[0]
         kp, k_real = masked_block_mean(k.detach().to(sdt), block, real)
     s = torch.matmul(qp.view(batch, hkv, hq // hkv, qp.shape[2], -1), kp.transpose(-1, -2).unsqueeze(2))
     s = s.view(batch, hq, qp.shape[2], kp.shape[2])
     return s if real is None else s.masked_fill(~k_real[:, :, None, :], float("-inf"))
-
-
-def causal_block_maps(q_len: int, kv_len: int, block: int, device) -> tuple[Tensor, Tensor, Tensor]:
-    """``(allowed, diagonal, full)`` ``[NQB, NKB]``: tiles with a visible key, tiles overlapping the
-    query block's own aligned positions, tiles visible in full (causal, queries aligned to the end)."""
-    p0, p1, k0, k1 = tile_bounds(q_len, kv_len, block, device)
-    allowed = k0 <= p1
-    diagonal = allowed & (k1 >= p0)
-    return allowed, diagonal, k1 <= p0
 
 
 def _block_candidates(q: Tensor, k: Tensor, block: int, causal: bool, key_padding_mask: Optional[Tensor] = None):

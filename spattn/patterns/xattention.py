@@ -32,7 +32,7 @@ from ..layout import Layout
 from ..registry import register
 from ._padding import query_tokens, real_tokens, zero_padded
 from .base import PaddedPattern, check_float, check_int, check_qk
-from .minference import block_layout, query_block_bounds
+from ._tiles import block_layout, tile_bounds
 
 __all__ = ["XAttention", "antidiagonal_block_scores", "threshold_select", "official_threshold_select",
            "official_chunk_size", "RULES"]
@@ -69,7 +69,7 @@ def antidiagonal_block_scores(q: Tensor, k: Tensor, stride: int, block: int, cau
     if real is not None:
         q, k = zero_padded(q, real_q), zero_padded(k, real)
     g, s, off = hq // hkv, stride, nk - nq
-    p0, p1, k0, _ = query_block_bounds(nq, nk, block, q.device)
+    p0, p1, k0, _ = tile_bounds(nq, nk, block, q.device)
     nqb, nkb = p0.shape[0], k0.shape[1]
     per = block // s  # strided rows/cols per block
     nrows, ncols_all = nqb * per, nkb * per
@@ -233,7 +233,7 @@ class XAttention(PaddedPattern):
         with torch.no_grad():
             real = real_tokens("xattention", key_padding_mask, bsz, nk, k.device)
             scores = antidiagonal_block_scores(q, k, self.stride, self.block, causal, key_padding_mask=real)
-            p0, p1, k0, k1 = query_block_bounds(nq, nk, self.block, q.device)
+            p0, p1, k0, k1 = tile_bounds(nq, nk, self.block, q.device)
             valid = (k0 <= p1) if causal else torch.ones_like(k0 <= p1)
             if real is not None:  # key blocks without a real key are never chosen
                 nkb = k0.shape[1]

@@ -1,0 +1,52 @@
+"""Parameter validators shared by every layer (a leaf module: imports nothing from spattn).
+
+Two contracts exist and both are kept, because callers and tests rely on them:
+
+* :func:`check_int` / :func:`check_float` -- patterns, data, decode selectors: a wrong type is a
+  ``TypeError``, a value out of range a ``ValueError``, each naming ``owner: name``.
+* :func:`int_at_least` -- layers, models, approximations: any bad value (wrong type included) is a
+  ``ValueError`` ``"<label> must be a positive int"`` (``"... an int >= m"`` for other minimums).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+__all__ = ["check_int", "check_float", "int_at_least"]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(owner: Optional[str], name: str, value: Any, minimum: int = 0, allow_none: bool = False) -> Any:
+    """``value`` if it is an int ``>= minimum`` (or None with ``allow_none``); else TypeError / ValueError
+    naming ``owner: name`` (just ``name`` when ``owner`` is None)."""
+    if value is None and allow_none:
+        return value
+    label = name if owner is None else f"{owner}: {name}"
+    if not _is_int(value):
+        raise TypeError(f"{label} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{label} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_float(owner: str, name: str, value: Any, low: float, high: float, *, low_open=False, high_open=False) -> Any:
+    """``value`` if it is a number in the interval (``low_open`` / ``high_open`` exclude the ends)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
+    bad_low = value <= low if low_open else value < low
+    bad_high = value >= high if high_open else value > high
+    if bad_low or bad_high:
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise ValueError(f"{owner}: {name} must lie in {lo}{low}, {high}{hi}, got {value}")
+    return value
+
+
+def int_at_least(label: str, value: Any, minimum: int = 1) -> int:
+    """``value`` if it is an int ``>= minimum``; else ``ValueError`` naming ``label`` (e.g. ``"seqboat: chunk"``)."""
+    if not _is_int(value) or value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{label} must be {what}, got {value!r}")
+    return value
