@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Layout", "MaskMod", "translation_invariant"]
+__all__ = ["Layout", "MaskMod", "translation_invariant", "ceil_div", "true_positions"]
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -51,15 +51,17 @@ def ceil_div(a: int, b: int) -> int:
 _cdiv = ceil_div
 
 
-def _first_true_sorted(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """For a bool tensor [..., M]: (count of True, indices of the True entries ascending, padded).
+def true_positions(mask: Tensor, fill: int = 0, min_width: int = 1) -> tuple[Tensor, Tensor]:
+    """For a bool tensor ``[..., M]``: ``(count [...], positions [..., W])`` -- the True entries' indices
+    ascending, padded with ``fill`` to ``W = max(max count, min_width)``. The one block-map -> index
+    conversion of the package (Layouts from block maps, per-query key lists, Layout columns).
 
     Linear time: each True entry is scattered to its rank (a running count), no sort.
     """
     num = mask.sum(-1)
-    width = max(int(num.max()) if num.numel() else 0, 1)
+    width = max(int(num.max()) if num.numel() else 0, min_width)
     rank = torch.where(mask, mask.cumsum(-1) - 1, width)  # False entries go to a spill slot
-    out = torch.zeros(*mask.shape[:-1], width + 1, dtype=torch.long, device=mask.device)
+    out = torch.full((*mask.shape[:-1], width + 1), fill, dtype=torch.long, device=mask.device)
     positions = torch.arange(mask.shape[-1], device=mask.device).expand(mask.shape)
     out.scatter_(-1, rank, positions)
     return num, out[..., :width]
@@ -250,7 +252,7 @@ class Layout:
         """
         if not isinstance(block_map, Tensor) or block_map.dtype != torch.bool or block_map.dim() != 4:
             raise ValueError("block_map must be a 4-D bool tensor [B', H', NQB, NKB]")
-        num, idx = _first_true_sorted(block_map)
+        num, idx = true_positions(block_map)
         full = None
         if full_map is not None:
             if full_map.shape != block_map.shape or full_map.dtype != torch.bool:
@@ -258,7 +260,7 @@ class Layout:
             full = torch.gather(full_map, -1, idx)
         col_num = col_idx = None
         if column_map is not None:
-            col_num, col_idx = _first_true_sorted(column_map.expand(*block_map.shape[:3], column_map.shape[-1]))
+            col_num, col_idx = true_positions(column_map.expand(*block_map.shape[:3], column_map.shape[-1]))
         return cls(
             num, idx, q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k,
             mask_mod=mask_mod, full=full, col_num=col_num, col_indices=col_idx,
@@ -565,8 +567,8 @@ class Layout:
         def mask_mod(b, h, q_idx, kv_idx):
             return self.contains(b * multi_b, h * multi_h, q_idx, kv_idx)
 
-        p_num, p_idx = _first_true_sorted(part_map)
-        f_num, f_idx = _first_true_sorted(full_map)
+        p_num, p_idx = true_positions(part_map)
+        f_num, f_idx = true_positions(full_map)
         pad = lambda t: torch.nn.functional.pad(t, (0, nkb - t.shape[-1]))
         return BlockMask.from_kv_blocks(
             p_num.to(torch.int32), pad(p_idx).to(torch.int32),

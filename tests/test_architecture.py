@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "spattn"
 
 #: lowest first; a module may import from its own layer or one to its left
 LAYERS = [
-    ("spattn._checks", "spattn.registry", "spattn.layout", "spattn.selection", "spattn.kvcache", "spattn._compiled", "spattn.data"),
+    ("spattn._checks", "spattn._heads", "spattn.registry", "spattn.layout", "spattn.selection", "spattn.kvcache", "spattn._compiled", "spattn.data"),
     ("spattn.patterns",),
     ("spattn.kernels",),
     ("spattn.functional",),

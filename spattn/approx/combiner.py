@@ -45,9 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._heads import expand_kv
 from ..registry import register
 from .base import ApproxAttention
-from .linear_core import check_qkv, compute_dtype, repeat_kv
+from .linear_core import check_qkv, compute_dtype
 
 __all__ = ["Combiner", "combiner_attention", "MODES"]
 
@@ -215,7 +216,7 @@ def combiner_attention(
         segment = max(1, math.isqrt(N - 1) + 1) if N > 1 else 1
     scale = D ** -0.5 if scale is None else float(scale)
     ct = compute_dtype(q.dtype)
-    qf, kf, vf = q.to(ct), repeat_kv(k, Hq).to(ct), repeat_kv(v, Hq).to(ct)
+    qf, kf, vf = q.to(ct), expand_kv(k, Hq).to(ct), expand_kv(v, Hq).to(ct)
     real = (
         torch.ones(1, 1, N, dtype=torch.bool, device=q.device)
         if key_padding_mask is None

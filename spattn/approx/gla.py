@@ -28,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import int_at_least
+from .._heads import expand_kv
 from ..registry import register
 from .base import ApproxAttention
-from .linear_core import check_qkv, chunked_causal, compute_dtype, recurrent_step, repeat_kv
+from .linear_core import check_qkv, chunked_causal, compute_dtype, recurrent_step
 
 __all__ = ["LightningAttention", "GatedLinearAttention", "alibi_slopes", "rms_normalise"]
 
@@ -51,12 +53,6 @@ def alibi_slopes(heads: int) -> Tensor:
 def rms_normalise(x: Tensor, eps: float = 1e-6) -> Tensor:
     """``x / sqrt(mean(x^2) + eps)`` over the last dimension (no learned gain)."""
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _bidirectional(q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor], chunk: int) -> Tensor:
@@ -127,13 +123,13 @@ class LightningAttention(_DecayedAttention):
 
     def __init__(self, chunk: int = 64, activation: str = "silu", norm: bool = True, heads: Optional[int] = None):
         super().__init__()
-        self.chunk = _check_int("lightning: chunk", chunk)
+        self.chunk = int_at_least("lightning: chunk", chunk)
         if activation not in ("silu", "none"):
             raise ValueError(f"lightning: activation must be 'silu' or 'none', got {activation!r}")
         if not isinstance(norm, bool):
             raise TypeError(f"lightning: norm must be a bool, got {norm!r}")
         self.activation, self.norm = activation, norm
-        self.heads = None if heads is None else _check_int("lightning: heads", heads)
+        self.heads = None if heads is None else int_at_least("lightning: heads", heads)
         slopes = alibi_slopes(heads) if heads else torch.empty(0, dtype=torch.float64)
         self.register_buffer("log_decay", (-slopes).to(torch.float32))
 
@@ -150,7 +146,7 @@ class LightningAttention(_DecayedAttention):
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         if key_padding_mask is not None:
             k = k * key_padding_mask[:, None, :, None].to(k.dtype)
-        return q, repeat_kv(k, hq), repeat_kv(v, hq), self.log_decay.view(1, hq, 1, 1)
+        return q, expand_kv(k, hq), expand_kv(v, hq), self.log_decay.view(1, hq, 1, 1)
 
 
 @register(
@@ -175,18 +171,18 @@ class GatedLinearAttention(_DecayedAttention):
         head_dim: Optional[int] = None,
     ):
         super().__init__()
-        self.rank = _check_int("gla: rank", rank)
+        self.rank = int_at_least("gla: rank", rank)
         if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or normalizer <= 0:
             raise ValueError(f"gla: normalizer must be a positive number, got {normalizer!r}")
         self.normalizer = float(normalizer)
-        self.chunk = _check_int("gla: chunk", chunk)
+        self.chunk = int_at_least("gla: chunk", chunk)
         if not isinstance(norm, bool):
             raise TypeError(f"gla: norm must be a bool, got {norm!r}")
         self.norm = norm
         if head_dim is None:
             raise ValueError("gla: head_dim is required to size the gate projection "
                              "(spattn.nn.Attention passes it; or give gla(head_dim=64))")
-        self.head_dim = _check_int("gla: head_dim", head_dim)
+        self.head_dim = int_at_least("gla: head_dim", head_dim)
         self.gate_down = nn.Linear(head_dim, rank, bias=False)
         self.gate_up = nn.Linear(rank, head_dim, bias=True)
 
@@ -207,4 +203,4 @@ class GatedLinearAttention(_DecayedAttention):
             real = key_padding_mask[:, None, :, None]
             k = k * real.to(k.dtype)
             g = g * real.to(g.dtype)
-        return q * q.shape[-1] ** -0.5, repeat_kv(k, hq), repeat_kv(v, hq), repeat_kv(g, hq)
+        return q * q.shape[-1] ** -0.5, expand_kv(k, hq), expand_kv(v, hq), expand_kv(g, hq)

@@ -20,18 +20,14 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .._checks import int_at_least
+from .._heads import expand_kv
 from ..registry import register
 from .base import ApproxAttention
 from .featuremaps import elu_feature_map, favor_features_, favor_logits, orthogonal_gaussian
-from .linear_core import check_qkv, chunked_causal, compute_dtype, noncausal, recurrent_step, repeat_kv
+from .linear_core import check_qkv, chunked_causal, compute_dtype, noncausal, recurrent_step
 
 __all__ = ["LinearAttention", "Performer", "PerformerState"]
-
-
-def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _normalise(out: Tensor, eps: float) -> Tensor:
@@ -65,7 +61,7 @@ class _KernelAttention(ApproxAttention):
             raise ValueError(f"{self.name}: causal attention needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
         fq, fk = self._features(q, k, key_padding_mask, causal)
         ct = compute_dtype(q.dtype)
-        fk, va = repeat_kv(fk, q.shape[1]), repeat_kv(_with_ones(v, ct), q.shape[1])
+        fk, va = expand_kv(fk, q.shape[1]), expand_kv(_with_ones(v, ct), q.shape[1])
         if causal:
             out, _ = chunked_causal(fq, fk, va, chunk=self.chunk)
         else:
@@ -89,7 +85,7 @@ class LinearAttention(_KernelAttention):
 
     def __init__(self, chunk: int = 64, eps: float = 1e-6):
         super().__init__()
-        self.chunk = _positive_int("linear: chunk", chunk)
+        self.chunk = int_at_least("linear: chunk", chunk)
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
             raise ValueError(f"linear: eps must be a float >= 0, got {eps!r}")
         self.eps = float(eps)
@@ -107,8 +103,8 @@ class LinearAttention(_KernelAttention):
         check_qkv(self.name, q, k, v, None)
         fq, fk = self._features(q, k, None, True)
         ct = compute_dtype(q.dtype)
-        va = repeat_kv(_with_ones(v, ct), q.shape[1])
-        out, state = chunked_causal(fq, repeat_kv(fk, q.shape[1]), va, chunk=self.chunk, state=state)
+        va = expand_kv(_with_ones(v, ct), q.shape[1])
+        out, state = chunked_causal(fq, expand_kv(fk, q.shape[1]), va, chunk=self.chunk, state=state)
         return _normalise(out, self.eps).to(q.dtype), state
 
     def step(self, q_t: Tensor, k_t: Tensor, v_t: Tensor, state: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -117,8 +113,8 @@ class LinearAttention(_KernelAttention):
         hq = q_t.shape[1]
         if state is None:
             state = q_t.new_zeros(q_t.shape[0], hq, q_t.shape[-1], v_t.shape[-1] + 1, dtype=ct)
-        fk = repeat_kv(elu_feature_map(k_t), hq)
-        va = repeat_kv(_with_ones(v_t, ct), hq)
+        fk = expand_kv(elu_feature_map(k_t), hq)
+        va = expand_kv(_with_ones(v_t, ct), hq)
         out, state = recurrent_step(elu_feature_map(q_t), fk, va, state)
         return _normalise(out, self.eps).to(q_t.dtype), state
 
@@ -162,15 +158,15 @@ class Performer(_KernelAttention):
         head_dim: Optional[int] = None,
     ):
         super().__init__()
-        self.features = _positive_int("performer: features", features)
-        self.redraw = _positive_int("performer: redraw", redraw, minimum=0)
-        self.seed = _positive_int("performer: seed", seed, minimum=0)
-        self.chunk = _positive_int("performer: chunk", chunk)
+        self.features = int_at_least("performer: features", features)
+        self.redraw = int_at_least("performer: redraw", redraw, minimum=0)
+        self.seed = int_at_least("performer: seed", seed, minimum=0)
+        self.chunk = int_at_least("performer: chunk", chunk)
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
             raise ValueError(f"performer: eps must be a float >= 0, got {eps!r}")
         self.feature_eps = float(eps)
         self.eps = 0.0  # the denominator needs no eps: features are positive, empty rows give 0/1
-        self.head_dim = None if head_dim is None else _positive_int("performer: head_dim", head_dim)
+        self.head_dim = None if head_dim is None else int_at_least("performer: head_dim", head_dim)
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
         self.register_buffer("calls_since_redraw", torch.zeros((), dtype=torch.long))
         self.register_buffer("projection", torch.empty(0, 0))
@@ -237,10 +233,10 @@ class Performer(_KernelAttention):
         kv = None
         if state is not None:
             stab = torch.maximum(stab, state.stabilizer)
-            kv = state.kv * repeat_kv(torch.exp(state.stabilizer - stab), hq)
+            kv = state.kv * expand_kv(torch.exp(state.stabilizer - stab), hq)
         fk = favor_features_(lk, stab, 0.0)
-        va = repeat_kv(_with_ones(v, ct), hq)
-        out, kv = chunked_causal(self._query_features(q), repeat_kv(fk, hq), va, chunk=self.chunk, state=kv)
+        va = expand_kv(_with_ones(v, ct), hq)
+        out, kv = chunked_causal(self._query_features(q), expand_kv(fk, hq), va, chunk=self.chunk, state=kv)
         return _normalise(out, 0.0).to(q.dtype), PerformerState(kv, stab)
 
     def step(
@@ -254,9 +250,9 @@ class Performer(_KernelAttention):
         hq = q_t.shape[1]
         lk, stab = self._key_logits(k_t.unsqueeze(2), None)
         stab = torch.maximum(stab, state.stabilizer)
-        kv = state.kv * repeat_kv(torch.exp(state.stabilizer - stab), hq)
+        kv = state.kv * expand_kv(torch.exp(state.stabilizer - stab), hq)
         fk = favor_features_(lk, stab, 0.0).squeeze(2)
-        out, kv = recurrent_step(self._query_features(q_t), repeat_kv(fk, hq), repeat_kv(_with_ones(v_t, ct), hq), kv)
+        out, kv = recurrent_step(self._query_features(q_t), expand_kv(fk, hq), expand_kv(_with_ones(v_t, ct), hq), kv)
         return _normalise(out, 0.0).to(q_t.dtype), PerformerState(kv, stab)
 
 

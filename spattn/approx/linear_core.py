@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["chunked_causal", "recurrent_step", "noncausal", "compute_dtype", "repeat_kv", "check_qkv"]
+__all__ = ["chunked_causal", "recurrent_step", "noncausal", "compute_dtype", "check_qkv"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -64,12 +64,6 @@ def check_qkv(name: str, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Opti
                 f"{name}: key_padding_mask must have shape [B, N] = {(k.shape[0], k.shape[2])}, "
                 f"got {tuple(key_padding_mask.shape)}"
             )
-
-
-def repeat_kv(x: Tensor, heads: int) -> Tensor:
-    """``[B, Hkv, ...]`` -> ``[B, heads, ...]``: query head h reads key/value head ``h // (heads / Hkv)``."""
-    g = heads // x.shape[1]
-    return x if g == 1 else x.repeat_interleave(g, dim=1)
 
 
 def noncausal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

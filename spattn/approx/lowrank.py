@@ -23,18 +23,14 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .._checks import int_at_least
+from .._heads import expand_kv
 from ..registry import register
 from .base import ApproxAttention
 from .landmarks import segment_means
-from .linear_core import check_qkv, repeat_kv
+from .linear_core import check_qkv
 
 __all__ = ["Linformer", "Nystromformer", "nystrom_pinv", "masked_softmax"]
-
-
-def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def masked_softmax(logits: Tensor, keep: Optional[Tensor]) -> Tensor:
@@ -78,11 +74,11 @@ class Linformer(ApproxAttention):
 
     def __init__(self, k: int = 256, max_len: Optional[int] = None, share_kv: bool = False):
         super().__init__()
-        self.k = _positive("linformer: k", k)
+        self.k = int_at_least("linformer: k", k)
         if max_len is None:
             raise ValueError("linformer: max_len is required (the projections E, F have max_len columns); "
                              "pass Attention(..., max_len=N) or linformer(k=..., max_len=N)")
-        self.max_len = _positive("linformer: max_len", max_len)
+        self.max_len = int_at_least("linformer: max_len", max_len)
         if self.k > self.max_len:
             raise ValueError(f"linformer: k={k} must be <= max_len={max_len}")
         if not isinstance(share_kv, bool):
@@ -110,8 +106,8 @@ class Linformer(ApproxAttention):
             k, v = k * real, v * real
         e = self.E[:, :n].to(k.dtype)
         f = e if self.F is None else self.F[:, :n].to(k.dtype)
-        kp = repeat_kv(torch.einsum("kn,bhnd->bhkd", e, k), q.shape[1])
-        vp = repeat_kv(torch.einsum("kn,bhnd->bhkd", f, v), q.shape[1])
+        kp = expand_kv(torch.einsum("kn,bhnd->bhkd", e, k), q.shape[1])
+        vp = expand_kv(torch.einsum("kn,bhnd->bhkd", f, v), q.shape[1])
         attn = torch.softmax(q @ kp.transpose(-1, -2) * q.shape[-1] ** -0.5, -1)
         return attn @ vp
 
@@ -136,8 +132,8 @@ class Nystromformer(ApproxAttention):
 
     def __init__(self, landmarks: int = 64, iters: int = 6, conv: int = 0, heads: Optional[int] = None):
         super().__init__()
-        self.landmarks = _positive("nystrom: landmarks", landmarks)
-        self.iters = _positive("nystrom: iters", iters)
+        self.landmarks = int_at_least("nystrom: landmarks", landmarks)
+        self.iters = int_at_least("nystrom: iters", iters)
         if isinstance(conv, bool) or not isinstance(conv, int) or conv < 0 or (conv and conv % 2 == 0):
             raise ValueError(f"nystrom: conv must be 0 (no conv residual) or an odd kernel size, got {conv!r}")
         self.conv = conv
@@ -161,7 +157,7 @@ class Nystromformer(ApproxAttention):
         hq, n = q.shape[1], k.shape[2]
         if q.shape[2] != n:
             raise ValueError(f"nystrom: needs as many queries as keys (self-attention), got {q.shape[2]} and {n}")
-        k, v = repeat_kv(k, hq), repeat_kv(v, hq)
+        k, v = expand_kv(k, hq), expand_kv(v, hq)
         scale = q.shape[-1] ** -0.25
         qs, ks = q * scale, k * scale
         keep = None if key_padding_mask is None else key_padding_mask[:, None, None, :]

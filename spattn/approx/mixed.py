@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._heads import expand_kv
 from .. import registry
 from .._checks import int_at_least
 from ..functional import attention
@@ -43,7 +44,7 @@ from ..patterns.base import PaddedPattern
 from ..registry import register
 from .base import ApproxAttention
 from .featuremaps import FavorProjection, favor_pair  # noqa: F401  (re-exported: spattn.approx.mixed.favor_pair)
-from .linear_core import check_qkv, chunked_causal, compute_dtype, noncausal, repeat_kv
+from .linear_core import check_qkv, chunked_causal, compute_dtype, noncausal
 from .sparse_support import support_bilinear
 
 __all__ = ["Scatterbrain", "SLA", "scatterbrain_attention", "sla_attention", "FavorProjection", "favor_pair"]
@@ -101,7 +102,7 @@ def scatterbrain_attention(
     B, Hq, N, D = q.shape
     ct = compute_dtype(q.dtype)
     out_s, lse_s = attention(q, k, v, layout, key_padding_mask=key_padding_mask, return_lse=True)
-    qf, kf, vf = q.to(ct), repeat_kv(k, Hq).to(ct), repeat_kv(v, Hq).to(ct)
+    qf, kf, vf = q.to(ct), expand_kv(k, Hq).to(ct), expand_kv(v, Hq).to(ct)
     phi_q, phi_k, log_scale = favor_pair(qf, kf, projection.to(ct), key_padding_mask)
     w = torch.cat([vf, torch.ones_like(vf[..., :1])], -1)  # last column: the normaliser
     if causal:
@@ -188,8 +189,8 @@ def sla_attention(q, k, v, block_map: Tensor, block: int, proj_l: nn.Module,
     o_s = attention(q, k, v, layout, key_padding_mask=key_padding_mask)
     nqb, nkb = block_map.shape[2], block_map.shape[3]
     phi_q = torch.softmax(q.to(ct), -1)
-    phi_k = torch.softmax(repeat_kv(k, Hq).to(ct), -1)
-    vf = repeat_kv(v, Hq).to(ct)
+    phi_k = torch.softmax(expand_kv(k, Hq).to(ct), -1)
+    vf = expand_kv(v, Hq).to(ct)
     if key_padding_mask is not None:
         phi_k = torch.where(key_padding_mask[:, None, :, None], phi_k, torch.zeros((), dtype=ct, device=phi_k.device))
     pad = nkb * block - N

@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .._heads import expand_kv as rep  # GQA: kv heads [B, Hkv, N, D] -> query heads
 from .gla import alibi_slopes
 from .soft import newton_schulz_pinv
 
@@ -28,11 +29,6 @@ __all__ = [
     "naive_kernel_attention", "naive_linear", "naive_performer", "naive_decayed", "naive_lightning", "naive_gla",
     "naive_soft", "naive_linformer", "naive_pinv", "naive_nystrom", "naive_combiner",
 ]
-
-
-def rep(x, hq):
-    """Expand kv heads ``[B, Hkv, N, D]`` to ``hq`` query heads (GQA)."""
-    return x.repeat_interleave(hq // x.shape[1], dim=1)
 
 
 def rms(x):
@@ -67,6 +63,8 @@ def naive_performer(q, k, v, w, causal=False, kpm=None, eps=1e-4, stabilise=True
     # the stabilisers are constants (detached): they only guard exp against overflow
     sq = lq.amax(-1, keepdim=True).detach() if stabilise else 0.0
     sk = lk.amax(dim=(-1, -2), keepdim=True).detach() if stabilise else 0.0
+    if stabilise:  # a sequence without a real key: no stabiliser needed (its features are zeroed below)
+        sk = torch.where(torch.isfinite(sk), sk, torch.zeros_like(sk))
     fq = (torch.exp(lq - sq) + eps) / math.sqrt(m)
     fk = (torch.exp(lk - sk) + (0.0 if causal else eps)) / math.sqrt(m)
     if kpm is not None:

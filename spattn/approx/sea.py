@@ -27,12 +27,13 @@ import torch
 from torch import Tensor
 
 from .._checks import int_at_least
+from .._heads import expand_kv
 from ..functional import attention
 from ..registry import register
 from ..selection import TokenSelection
 from .base import ApproxAttention
 from .featuremaps import FavorProjection, favor_pair
-from .linear_core import check_qkv, chunked_causal, compute_dtype, noncausal, repeat_kv
+from .linear_core import check_qkv, chunked_causal, compute_dtype, noncausal
 
 __all__ = ["SEA", "sea_estimate", "sea_selection"]
 
@@ -43,7 +44,7 @@ def sea_estimate(q: Tensor, k: Tensor, projection: Tensor, chunk_size: int, caus
     B, Hq, N, D = q.shape
     ct = compute_dtype(q.dtype)
     C = -(-N // chunk_size)
-    phi_q, phi_k, _ = favor_pair(q.detach().to(ct), repeat_kv(k, Hq).detach().to(ct), projection.to(ct), key_padding_mask)
+    phi_q, phi_k, _ = favor_pair(q.detach().to(ct), expand_kv(k, Hq).detach().to(ct), projection.to(ct), key_padding_mask)
     onehot = torch.nn.functional.one_hot(torch.arange(N, device=q.device) // chunk_size, C).to(ct)
     w = torch.cat([onehot, torch.ones(N, 1, dtype=ct, device=q.device)], -1).expand(B, Hq, N, C + 1)
     est = chunked_causal(phi_q, phi_k, w)[0] if causal else noncausal(phi_q, phi_k, w)

@@ -19,10 +19,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._checks import int_at_least
+from .._heads import expand_kv
 from ..registry import register
 from .base import ApproxAttention
 from .landmarks import segment_means
-from .linear_core import check_qkv, repeat_kv
+from .linear_core import check_qkv
 
 __all__ = ["SOFT", "gaussian_kernel", "newton_schulz_pinv"]
 
@@ -57,8 +59,7 @@ class SOFT(ApproxAttention):
     def __init__(self, landmarks: int = 64, iters: int = 20):
         super().__init__()
         for arg, val in (("landmarks", landmarks), ("iters", iters)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"soft: {arg} must be a positive int, got {val!r}")
+            int_at_least(f"soft: {arg}", val)
         self.landmarks, self.iters = landmarks, iters
 
     def forward(
@@ -72,7 +73,7 @@ class SOFT(ApproxAttention):
             raise ValueError(f"soft: ties queries and keys, so needs as many queries as keys, got {q.shape[2]}, {k.shape[2]}")
         ct = torch.float64 if q.dtype == torch.float64 else torch.float32
         x = q.to(ct) * q.shape[-1] ** -0.25
-        v = repeat_kv(v, q.shape[1]).to(ct)
+        v = expand_kv(v, q.shape[1]).to(ct)
         lm, valid = segment_means(x, self.landmarks, key_padding_mask)
         valid = valid.to(ct)  # [B, 1, m]: landmarks of segments without a real token are dropped
         left = gaussian_kernel(x, lm) * valid.unsqueeze(-2)  # S(Q, Q_l) [B, H, N, m]

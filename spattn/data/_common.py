@@ -19,18 +19,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._checks import check_int
+
 __all__ = ["pad_batch", "collate_classification", "collate_tokens", "cache_dir", "cached_arrays", "check_positive_int"]
 
 IGNORE_INDEX = -100
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
-    """Return ``value`` as int, or raise naming ``name`` if it is not an int ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+    """Return ``value`` as int (numpy integers accepted), or raise naming ``name`` if it is not an int ``>= minimum``."""
+    return check_int(None, name, int(value) if isinstance(value, np.integer) else value, minimum)
 
 
 def pad_batch(seqs: Sequence[Tensor], pad_value: int) -> tuple[Tensor, Tensor, Tensor]:

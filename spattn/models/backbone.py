@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .._checks import int_at_least
 from ..nn.block import TransformerBlock
 from ..nn.positions import LearnedPositions
 
@@ -26,11 +27,6 @@ def layer_specs(attention: Optional[str], depth: int) -> list[Optional[str]]:
         raise ValueError(f"attention {attention!r}: a per-layer list needs {depth} non-empty specs joined by ';' "
                          f"(one per layer), got {len(specs)}")
     return specs
-
-
-def _positive_int(owner: str, name: str, val) -> None:
-    if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-        raise ValueError(f"{owner}: {name} must be a positive int, got {val!r}")
 
 
 class Backbone(nn.Module):
@@ -64,7 +60,7 @@ class Backbone(nn.Module):
         super().__init__()
         owner = type(self).__name__
         for name, val in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth), ("heads", heads), ("max_len", max_len)):
-            _positive_int(owner, name, val)
+            int_at_least(f"{owner}: {name}", val)
         if isinstance(short_conv, bool) or not isinstance(short_conv, int) or short_conv < 0:
             raise ValueError(f"{owner}: short_conv must be an int >= 0 (0 = none), got {short_conv!r}")
         if positions not in POSITIONS:

@@ -9,6 +9,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .. import registry
+from .._checks import int_at_least
 from ..approx.base import CONTEXT_PARAMETERS, ApproxAttention, AttentionLayer
 from ..functional import BACKENDS, attention
 from ..layout import Layout
@@ -82,8 +83,7 @@ class Attention(nn.Module):
     ):
         super().__init__()
         for name, val in (("dim", dim), ("heads", heads)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"Attention: {name} must be a positive int, got {val!r}")
+            int_at_least(f"Attention: {name}", val)
         kv_heads = heads if kv_heads is None else kv_heads
         if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
             raise ValueError(f"Attention: kv_heads must be a positive divisor of heads={heads}, got {kv_heads!r}")

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .._checks import int_at_least
 __all__ = ["MultiHeadEMA"]
 
 
@@ -37,8 +38,7 @@ class MultiHeadEMA(nn.Module):
     def __init__(self, dim: int, ndim: int = 16, bidirectional: bool = False):
         super().__init__()
         for name, val in (("dim", dim), ("ndim", ndim)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"MultiHeadEMA: {name} must be a positive int, got {val!r}")
+            int_at_least(f"MultiHeadEMA: {name}", val)
         self.dim, self.ndim, self.bidirectional = dim, ndim, bool(bidirectional)
         kdim = 2 * dim if bidirectional else dim
         self.delta = nn.Parameter(torch.empty(kdim, ndim, 1))

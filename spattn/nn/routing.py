@@ -21,6 +21,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from .._checks import int_at_least
 from ..approx.base import AttentionLayer
 from ..functional import attention
 from ..kernels.clustered import clustered_attention
@@ -29,11 +30,6 @@ from ..patterns.static import Window
 from ..registry import register
 
 __all__ = ["RoutingAttention"]
-
-
-def _positive_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"RoutingAttention: {name} must be an int >= {minimum}, got {value!r}")
 
 
 @register(
@@ -79,18 +75,18 @@ class RoutingAttention(AttentionLayer):
         bias: bool = False,
     ):
         super().__init__()
-        _positive_int("dim", dim)
-        _positive_int("heads", heads)
+        int_at_least("RoutingAttention: dim", dim)
+        int_at_least("RoutingAttention: heads", heads)
         local_heads = heads // 2 if local_heads is None else local_heads
-        _positive_int("local_heads", local_heads, 0)
+        int_at_least("RoutingAttention: local_heads", local_heads, 0)
         if local_heads > heads:
             raise ValueError(f"RoutingAttention: local_heads={local_heads} exceeds heads={heads}")
-        _positive_int("window", window, 0)
+        int_at_least("RoutingAttention: window", window, 0)
         if head_dim is None:
             if dim % heads:
                 raise ValueError(f"RoutingAttention: dim={dim} must be divisible by heads={heads} (or pass head_dim)")
             head_dim = dim // heads
-        _positive_int("head_dim", head_dim)
+        int_at_least("RoutingAttention: head_dim", head_dim)
         if not isinstance(causal, bool):
             raise TypeError(f"RoutingAttention: causal must be a bool, got {causal!r}")
         share_qk = causal if share_qk is None else share_qk

@@ -29,17 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import int_at_least
 from ..approx.base import AttentionLayer
 from ..registry import register
 from .ema import MultiHeadEMA
 from .gau import ATTENTION_FUNCTIONS, RelativeBias, compress, extract, local_attention
 
 __all__ = ["SeqBoat"]
-
-
-def _check_int(name: str, val, minimum: int = 1) -> None:
-    if isinstance(val, bool) or not isinstance(val, int) or val < minimum:
-        raise ValueError(f"seqboat: {name} must be an int >= {minimum}, got {val!r}")
 
 
 @register(
@@ -74,14 +70,14 @@ class SeqBoat(AttentionLayer):
         super().__init__()
         if dim is None:
             raise ValueError("seqboat: dim is required (spattn.nn.Attention passes it)")
-        _check_int("dim", dim)
-        _check_int("window", window)
-        _check_int("zdim", zdim)
-        _check_int("ndim", ndim)
+        int_at_least("seqboat: dim", dim)
+        int_at_least("seqboat: window", window)
+        int_at_least("seqboat: zdim", zdim)
+        int_at_least("seqboat: ndim", ndim)
         hdim = 2 * dim if hdim is None else hdim
-        _check_int("hdim", hdim)
+        int_at_least("seqboat: hdim", hdim)
         max_positions = (max_len or 1024) if max_positions is None else max_positions
-        _check_int("max_positions", max_positions)
+        int_at_least("seqboat: max_positions", max_positions)
         if attn_fn not in ATTENTION_FUNCTIONS:
             raise ValueError(f"seqboat: attn_fn must be one of {ATTENTION_FUNCTIONS}, got {attn_fn!r}")
         if isinstance(init_temp_scale, bool) or not isinstance(init_temp_scale, (int, float)) or init_temp_scale <= 0:

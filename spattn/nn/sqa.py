@@ -19,6 +19,7 @@ from typing import Optional
 from einops import rearrange
 from torch import Tensor, nn
 
+from .._checks import int_at_least
 from ..approx.base import AttentionLayer
 from ..functional import attention
 from ..registry import register
@@ -27,12 +28,6 @@ __all__ = ["SparseQueryAttention", "VARIANTS"]
 
 #: variant -> (query-head fraction, key/value-head fraction) of the baseline heads
 VARIANTS = {"standard": (2, 4), "symmetric": (2, 2), "extreme": (4, 4)}
-
-
-def _count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"sqa: {name} must be a positive int, got {value!r}")
-    return value
 
 
 @register(
@@ -68,18 +63,18 @@ class SparseQueryAttention(AttentionLayer):
         bias: bool = False,
     ):
         super().__init__()
-        _count("dim", dim)
-        _count("heads", heads)
+        int_at_least("sqa: dim", dim)
+        int_at_least("sqa: heads", heads)
         if variant not in VARIANTS:
             raise ValueError(f"sqa: variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         if head_dim is None:
             if dim % heads:
                 raise ValueError(f"sqa: dim={dim} must be divisible by heads={heads} (or pass head_dim)")
             head_dim = dim // heads
-        _count("head_dim", head_dim)
+        int_at_least("sqa: head_dim", head_dim)
         fq, fkv = VARIANTS[variant]
-        hq = max(1, heads // fq) if query_heads is None else _count("query_heads", query_heads)
-        hkv = max(1, min(hq, heads // fkv)) if key_value_heads is None else _count("key_value_heads", key_value_heads)
+        hq = max(1, heads // fq) if query_heads is None else int_at_least("sqa: query_heads", query_heads)
+        hkv = max(1, min(hq, heads // fkv)) if key_value_heads is None else int_at_least("sqa: key_value_heads", key_value_heads)
         if hq > heads:
             raise ValueError(f"sqa: query_heads={hq} must be <= heads={heads} (SQA reduces query heads)")
         if hkv > hq or hq % hkv:

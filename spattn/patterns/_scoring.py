@@ -13,15 +13,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._heads import expand_kv  # noqa: F401  (re-exported for the prefill selectors)
 from ..layout import ceil_div
 
 __all__ = ["expand_kv", "pool_mean", "rank_select", "last_query_probs", "diagonal_sums"]
-
-
-def expand_kv(k: Tensor, heads: int) -> Tensor:
-    """``[B, Hkv, N, D]`` -> ``[B, Hq, N, D]``: query head ``h`` gets key head ``h // (Hq/Hkv)``."""
-    group = heads // k.shape[1]
-    return k if group == 1 else k.repeat_interleave(group, dim=1)
 
 
 def pool_mean(x: Tensor, block: int) -> Tensor:

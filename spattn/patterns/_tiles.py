@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..layout import Layout
+from ..layout import Layout, true_positions
 from ..selection import TokenSelection
 from .base import causal_mask_mod, check_int
 
@@ -120,9 +120,7 @@ def causal_block_maps(q_len: int, kv_len: int, block: int, device) -> tuple[Tens
 
 def pack_blocks(block_map: Tensor, full_map: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Block map ``[B, H, NQB, NKB]`` -> (count, sorted indices, full flags) for :class:`Layout`."""
-    num = block_map.sum(-1)
-    width = max(int(num.max()) if num.numel() else 0, 1)
-    idx = torch.argsort((~block_map).to(torch.int8), dim=-1, stable=True)[..., :width]
+    num, idx = true_positions(block_map)
     full = None if full_map is None else torch.gather(full_map, -1, idx)
     return num, idx, full
 

@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..layout import Layout
+from ..layout import Layout, true_positions
 from ..registry import register
 from ._padding import last_real_query_probs, masked_block_mean, query_tokens, real_tokens
 from ._scoring import diagonal_sums, expand_kv, last_query_probs, pool_mean, rank_select
@@ -84,14 +84,12 @@ def prefill_layout(q_len: int, kv_len: int, block: int, *, vertical: Optional[Te
 
     col_num = col_idx = None
     if vertical is not None and bool(vertical.any()):
-        count = vertical.sum(-1)  # [B, H]
-        width = int(count.max())
-        cols = torch.argsort((~vertical).to(torch.int8), dim=-1, stable=True)[..., :width]  # ascending
-        valid = torch.arange(width, device=dev) < count[..., None]
+        count, cols = true_positions(vertical)  # [B, H], [B, H, W] ascending, 0-padded
+        valid = torch.arange(cols.shape[-1], device=dev) < count[..., None]
         keyed = torch.where(valid, cols, kv_len)
         # a query block sees the verticals up to its last aligned position
         col_num = torch.searchsorted(keyed.contiguous(), p1.view(1, 1, -1).expand(bsz, heads, -1).contiguous(), right=True)
-        col_idx = torch.where(valid, cols, 0)[:, :, None, :].expand(bsz, heads, nqb, width)
+        col_idx = cols[:, :, None, :].expand(bsz, heads, nqb, cols.shape[-1])
 
     # Without exact slash lines, every selected tile is whole (causal inside) and every column a
     # selected vertical: causality is the whole predicate.

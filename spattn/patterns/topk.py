@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..layout import Layout
+from ..layout import Layout, true_positions
 from ..registry import register
 from ..selection import TokenSelection
 from ._padding import masked_block_mean, query_tokens, real_tokens
@@ -62,17 +62,6 @@ TIES = ("keep", "first")
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _mask_to_indices(mask: Tensor) -> Tensor:
-    """bool ``[..., N]`` -> int64 ``[..., W]`` of the True positions ascending, ``-1`` padded (W = max count)."""
-    count = mask.sum(-1)
-    width = int(count.max()) if count.numel() else 0
-    rank = torch.where(mask, mask.cumsum(-1) - 1, width)
-    out = torch.full((*mask.shape[:-1], width + 1), -1, dtype=torch.long, device=mask.device)
-    positions = torch.arange(mask.shape[-1], device=mask.device).expand(mask.shape)
-    out.scatter_(-1, rank, positions)
-    return out[..., :width]
 
 
 def _row_topk(s: Tensor, kk: int, ties: str) -> Tensor:
@@ -95,7 +84,7 @@ def _row_topk(s: Tensor, kk: int, ties: str) -> Tensor:
     rows = tied.nonzero(as_tuple=True)
     sub = s[rows]
     if ties == "keep":
-        redo = _mask_to_indices(sub >= kth[rows])
+        redo = true_positions(sub >= kth[rows], fill=-1, min_width=0)[1]
     else:
         redo = torch.sort(sub, dim=-1, descending=True, stable=True).indices[:, :kk]
     width = max(kk, redo.shape[-1])
@@ -191,7 +180,8 @@ def topp_selection(q: Tensor, k: Tensor, p: float, *, scale: Optional[float] = N
     _, _, _, nq, nk = check_qk(q, k)
     check_float("topp", "p", p, 0.0, 1.0, low_open=True)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    chunks = [_mask_to_indices(_row_nucleus(s, p, scale)) for s in _score_chunks(q, k, causal, key_padding_mask)]
+    chunks = [true_positions(_row_nucleus(s, p, scale), fill=-1, min_width=0)[1]
+              for s in _score_chunks(q, k, causal, key_padding_mask)]
     return _concat_rows(chunks, nq, nk)
 
 
