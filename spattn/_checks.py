@@ -10,6 +10,8 @@ Two contracts exist and both are kept, because callers and tests rely on them:
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Optional
 
 __all__ = ["check_int", "check_float", "int_at_least"]
@@ -19,23 +21,27 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_int(owner: Optional[str], name: str, value: Any, minimum: int = 0, allow_none: bool = False) -> Any:
+def check_int(owner: Optional[str], name: str, value: Any, minimum: int = 0, allow_none: bool = False, *,
+              numpy: bool = False) -> Any:
     """``value`` if it is an int ``>= minimum`` (or None with ``allow_none``); else TypeError / ValueError
-    naming ``owner: name`` (just ``name`` when ``owner`` is None)."""
+    naming ``owner: name`` (just ``name`` when ``owner`` is None). With ``numpy`` numpy integers are
+    accepted too and every accepted value comes back as a Python int."""
     if value is None and allow_none:
         return value
     label = name if owner is None else f"{owner}: {name}"
-    if not _is_int(value):
+    if not (_is_int(value) or (numpy and isinstance(value, numbers.Integral) and not isinstance(value, bool))):
         raise TypeError(f"{label} must be an int, got {value!r}")
     if value < minimum:
         raise ValueError(f"{label} must be >= {minimum}, got {value}")
-    return value
+    return int(value) if numpy else value
 
 
 def check_float(owner: str, name: str, value: Any, low: float, high: float, *, low_open=False, high_open=False) -> Any:
     """``value`` if it is a number in the interval (``low_open`` / ``high_open`` exclude the ends)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be a finite number, got {value}")
     bad_low = value <= low if low_open else value < low
     bad_high = value >= high if high_open else value > high
     if bad_low or bad_high:

@@ -28,7 +28,7 @@ IGNORE_INDEX = -100
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
     """Return ``value`` as int (numpy integers accepted), or raise naming ``name`` if it is not an int ``>= minimum``."""
-    return check_int(None, name, int(value) if isinstance(value, np.integer) else value, minimum)
+    return check_int(None, name, value, minimum, numpy=True)
 
 
 def pad_batch(seqs: Sequence[Tensor], pad_value: int) -> tuple[Tensor, Tensor, Tensor]:
