@@ -122,3 +122,29 @@ def test_cluster_selection_counts_each_pair_once():
     assert torch.equal(causal.pair_counts(), causal.to_dense().sum(-1))
     tokens = TokenSelection(torch.tensor([[[[0, -1], [1, 0]]]]), q_len=2, kv_len=3)
     assert tokens.pair_counts().tolist() == [[[1, 2]]]
+
+
+def test_every_pattern_select_takes_one_signature():
+    """``select(q, k, causal=False, *, key_padding_mask=None, state=None)`` everywhere: callers pass the
+    keywords without looking at the class (no ``inspect.signature`` in the dispatch path)."""
+    import inspect
+
+    from spattn import registry
+    from spattn.patterns import Pattern
+
+    classes = {m.factory for m in registry._REGISTRY.values() if isinstance(m.factory, type) and issubclass(m.factory, Pattern)}
+    assert len(classes) >= 20
+    for cls in classes:
+        params = inspect.signature(cls.select).parameters
+        assert list(params)[:4] == ["self", "q", "k", "causal"], cls.__name__
+        for name in ("key_padding_mask", "state"):
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY and params[name].default is None, (cls.__name__, name)
+    assert "inspect" not in vars(functional)
+
+
+def test_backend_for_keeps_selections_on_their_own_kernels():
+    layout = Layout.from_block_map(torch.ones(1, 1, 2, 2, dtype=torch.bool), q_len=8, kv_len=8, block_q=4)
+    tokens = TokenSelection(torch.zeros(1, 1, 8, 1, dtype=torch.long), q_len=8, kv_len=8)
+    for backend in ("auto", "reference", "blocksparse", "flex"):
+        assert functional.backend_for(layout, backend) == backend
+        assert functional.backend_for(tokens, backend) == "auto"  # the token kernel whatever block kernel was asked
