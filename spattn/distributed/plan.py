@@ -15,17 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..layout import Layout, translation_invariant
+from ..layout import Layout, ceil_div, translation_invariant
 
 __all__ = ["ShardPlan", "plan_shards"]
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _query_rows(layout: Layout, start: int, stop: int) -> slice:
-    return slice(start // layout.block_q, _cdiv(stop, layout.block_q))
+    return slice(start // layout.block_q, ceil_div(stop, layout.block_q))
 
 
 def needed_blocks(layout: Layout, rows: slice) -> Tensor:
