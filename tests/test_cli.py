@@ -24,6 +24,7 @@ def test_list_names_every_mechanism(capsys):
         assert m.name in out and m.signature() in out and m.paper in out
 
 
+@pytest.mark.slow
 def test_bench_speed_quick_writes_json(tmp_path, capsys):
     path = tmp_path / "sub" / "speed.json"
     code = main(["bench", "speed", "--quick", "--n", "96", "160", "--patterns", "window(size=16)",
@@ -82,6 +83,7 @@ def test_train_mqar_then_resume(tmp_path, capsys):
     assert metrics  # the metrics log of the resumed run
 
 
+@pytest.mark.slow
 def test_bench_mqar_plot_and_short_default(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert main(["bench", "mqar", "--attentions", "dense", "--seq-lens", "64", "--dims", "16", "--steps", "2",
