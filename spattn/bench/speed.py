@@ -228,9 +228,9 @@ class SpeedConfig:
     warmup: int = 1
     repeat: int = 3
     #: keep timing (up to this many calls, within ``budget_s`` per case) until the median is stable
-    max_repeat: int = 10
+    max_repeat: int = 8
     rel_tol: float = 0.05
-    budget_s: float = 20.0
+    budget_s: float = 10.0
     memory: bool = True
     seed: int = 0
     #: compile FlexAttention with Inductor's on-disk caches off, so ``compile_s`` is a cold compile
