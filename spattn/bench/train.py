@@ -324,7 +324,10 @@ def _check_out_dir(cfg: "TrainConfig", ckpt_path: Optional[str], metrics_path: O
             return None
         ckpt = load_checkpoint(ckpt_path)
         saved_tc = ckpt["train_config"]
-        if saved_tc["task"] != cfg.task or saved_tc.get("task_options", {}) != cfg.task_options:
+        def training_data(opts):  # the evaluation splits' sizes do not change the training data
+            return {k: v for k, v in opts.items() if k not in ("num_val", "num_test")}
+
+        if saved_tc["task"] != cfg.task or training_data(saved_tc.get("task_options", {})) != training_data(cfg.task_options):
             raise ValueError(f"cannot resume from {ckpt_path!r}: it was trained on task {saved_tc['task']!r} "
                              f"with options {saved_tc.get('task_options', {})}")
         breaking, notes = resume_changes(saved_tc, cfg)
