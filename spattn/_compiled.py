@@ -35,7 +35,8 @@ import torch
 
 __all__ = ["ops", "build_error"]
 
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("decode_cpu.cpp", "blocksparse_cpu.cpp")]
+_SOURCES = [Path(__file__).with_name("csrc") / name
+            for name in ("decode_cpu.cpp", "blocksparse_cpu.cpp", "blocksparse_backward_cpu.cpp")]
 _state: dict[str, Any] = {"tried": False, "ops": None, "error": None}
 
 
@@ -51,7 +52,7 @@ def ops() -> Optional[Any]:
         from torch.utils.cpp_extension import load
 
         load(name="spattn_cpu_kernels", sources=[str(path) for path in _SOURCES], is_python_module=False, verbose=False,
-             extra_cflags=["-O3", "-march=native", "-fopenmp-simd"])
+             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
         _state["ops"] = torch.ops.spattn_cpu
     except Exception as err:  # no compiler, no ninja, unsupported platform: the eager path stays
         _state["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"

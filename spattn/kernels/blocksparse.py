@@ -7,9 +7,11 @@ kernel (or plain matmul + softmax on other devices) does the math, and partial r
 by log-sum-exp. Because the backward of softmax attention over a union of key sets only needs the
 *global* ``out`` and ``lse``, every key set's gradient comes from one fused backward call.
 
-No torch.compile, no N x N tensor; memory grows with the computed tiles. Inference calls on CPU
-(no gradient needed, float32/64, no key padding or columns) go to the compiled loop of
-:mod:`~spattn.kernels.blocksparse_cpu` when it is built.
+No torch.compile, no N x N tensor; memory grows with the computed tiles. On CPU without key padding
+or extra columns, calls go to the compiled loops when they are built: inference (no gradient needed,
+float32/64) to :mod:`~spattn.kernels.blocksparse_cpu`, training to :mod:`~spattn.kernels.blocksparse_train`
+(its forward plus a FlashAttention-2-style backward). This kernel is the portable path and the
+second oracle.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..layout import Layout
-from . import blocksparse_cpu
+from . import blocksparse_cpu, blocksparse_train
 from ._tiling import Chunk, GatherSet, TilePlan, mask_value
 
 __all__ = ["blocksparse_attention"]
@@ -314,6 +316,10 @@ def _split_heads_pays(layout: Layout, heads_q: int, pairs: int) -> bool:
     return bool(widest > 1.25 * keys.sum())
 
 
+def _wants_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, scale):
@@ -356,6 +362,9 @@ def blocksparse_attention(
         result = blocksparse_cpu.compiled_forward(q, k, v, layout, scale)
         if result is not None:
             return result if return_lse else result[0]
+    elif _wants_grad(q, k, v) and blocksparse_train.applies(q, k, v, layout, key_padding_mask):
+        out, lse = blocksparse_train.training_attention(q, k, v, layout, scale)
+        return (out, lse) if return_lse else out
     if _split_heads_pays(layout, q.shape[1], q.shape[2] * k.shape[2]):
         group = q.shape[1] // k.shape[1]
         parts = [
