@@ -10,7 +10,8 @@
 //   block belong to one task, so no two threads write them; dQ rows are shared between key blocks and
 //   go to one accumulator per worker (zeroed once, summed at the end). Tasks are handed out by an atomic
 //   counter, so a key block selected by every query (global tokens) does not stall a static partition.
-//   Consecutive whole query blocks of one key block are merged into one GEMM of up to kMaxRows rows.
+//   Consecutive query blocks of one key block are merged into one GEMM of up to kMaxRows rows (partial
+//   tiles computed in full, their excluded pairs given probability 0).
 //   BLAS runs single-threaded inside the parallel region (one level of parallelism).
 
 #include <ATen/ATen.h>
@@ -41,26 +42,6 @@ struct Shape {
   int64_t q_strides[3], k_strides[3], v_strides[3];
 };
 
-// Smallest row range and column range of a partial tile's mask that hold every allowed pair.
-struct MaskBox {
-  int32_t row0, row1, col0, col1;
-};
-
-std::vector<MaskBox> mask_boxes(const uint8_t* masks, int64_t count, int64_t rows, int64_t cols) {
-  std::vector<MaskBox> boxes(count);
-  for (int64_t u = 0; u < count; ++u) {
-    MaskBox b{static_cast<int32_t>(rows), 0, static_cast<int32_t>(cols), 0};
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < cols; ++j)
-        if (masks[(u * rows + i) * cols + j]) {
-          b.row0 = std::min<int32_t>(b.row0, i), b.row1 = std::max<int32_t>(b.row1, i + 1);
-          b.col0 = std::min<int32_t>(b.col0, j), b.col1 = std::max<int32_t>(b.col1, j + 1);
-        }
-    boxes[u] = b;
-  }
-  return boxes;
-}
-
 template <typename T>
 struct Inputs {
   const T *q, *k, *v, *dout, *lse, *delta;
@@ -76,12 +57,15 @@ struct Scratch {
   Scratch(int64_t rows, int64_t cols) : p(rows * cols), ds(rows * cols) {}
 };
 
-// Rows [row0, row0 + m) of query head h against keys [key0, key0 + n) of kv head g (batch bi); mask
-// (or null) is row-major with leading dimension mask_ld, already offset to (row0, key0).
+// Query blocks [first, last] of head h (rows row0 = first * block_q onwards, m of them) against keys
+// [key0, key0 + n) of kv head g (batch bi). Their tiles' mask ids are tile_masks[0 .. last - first]
+// (-1 = whole tile): partial tiles are computed in full and their excluded pairs get probability 0, so a
+// run of a key block's query blocks is one GEMM each way even where masks cut it.
 template <typename T>
-void tile_grads(const Shape& s, const Inputs<T>& in, int64_t bi, int64_t h, int64_t g, int64_t row0, int64_t m,
-                int64_t key0, int64_t n, const uint8_t* mask, int64_t mask_ld, Scratch<T>& sc, T* dq, T* dk, T* dv) {
+void run_grads(const Shape& s, const Inputs<T>& in, int64_t bi, int64_t h, int64_t g, int64_t first, int64_t m,
+               int64_t key0, int64_t n, const int32_t* tile_masks, Scratch<T>& sc, T* dq, T* dk, T* dv) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  const int64_t row0 = first * s.block_q;
   const T* qr = in.q + bi * s.q_strides[0] + h * s.q_strides[1] + row0 * s.q_strides[2];
   const T* kr = in.k + bi * s.k_strides[0] + g * s.k_strides[1] + key0 * s.k_strides[2];
   const T* vr = in.v + bi * s.v_strides[0] + g * s.v_strides[1] + key0 * s.v_strides[2];
@@ -100,10 +84,11 @@ void tile_grads(const Shape& s, const Inputs<T>& in, int64_t bi, int64_t h, int6
       std::fill(pi, pi + n, T(0));
       continue;
     }
-    if (mask != nullptr) {
-      const uint8_t* mi = mask + i * mask_ld;
-      for (int64_t j = 0; j < n; ++j)
-        if (!mi[j]) pi[j] = kNegInf;
+    const int32_t u = tile_masks[i / s.block_q];
+    if (u >= 0) {
+      const uint8_t* mi = in.masks + (u * s.block_q + i % s.block_q) * s.block_k;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) pi[j] = mi[j] ? pi[j] : kNegInf;
     }
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) pi[j] = exp_nonpositive(pi[j] - l);
@@ -124,8 +109,8 @@ void tile_grads(const Shape& s, const Inputs<T>& in, int64_t bi, int64_t h, int6
 // One task: every query row that selects key block kb of kv head g (batch bi), over the group's heads.
 // dk / dv point at the (bi, g) head of the outputs; dq at the worker's accumulator.
 template <typename T>
-void key_block_grads(const Shape& s, const Inputs<T>& in, const std::vector<MaskBox>& boxes, int64_t bi, int64_t g,
-                     int64_t kb, Scratch<T>& sc, T* dq, T* dk, T* dv) {
+void key_block_grads(const Shape& s, const Inputs<T>& in, int64_t bi, int64_t g, int64_t kb, Scratch<T>& sc, T* dq,
+                     T* dk, T* dv) {
   const int64_t key0 = kb * s.block_k, n = std::min(s.block_k, s.nk - key0);
   const int64_t lb = s.layout_batch == 1 ? 0 : bi;
   for (int64_t h = g * s.group; h < (g + 1) * s.group; ++h) {
@@ -133,26 +118,14 @@ void key_block_grads(const Shape& s, const Inputs<T>& in, const std::vector<Mask
     const int64_t* row_ptr = in.ptr + (lb * s.layout_heads + lh) * (s.nkb + 1) + kb;
     const int64_t end = row_ptr[1];
     for (int64_t e = row_ptr[0]; e < end;) {
+      // consecutive query blocks merged up to kMaxRows rows
       const int64_t first = in.qblocks[e];
-      const int32_t u = in.mask_id[e];
-      if (u >= 0) {  // a partial tile: only the rows and columns its mask reaches
-        ++e;
-        const MaskBox& b = boxes[u];
-        const int64_t rows = std::min<int64_t>(b.row1, s.nq - first * s.block_q) - b.row0;
-        const int64_t cols = std::min<int64_t>(b.col1, n) - b.col0;
-        if (rows <= 0 || cols <= 0) continue;
-        const uint8_t* mask = in.masks + (u * s.block_q + b.row0) * s.block_k + b.col0;
-        tile_grads<T>(s, in, bi, h, g, first * s.block_q + b.row0, rows, key0 + b.col0, cols, mask, s.block_k, sc, dq,
-                      dk, dv);
-        continue;
-      }
-      int64_t last = first, f = e + 1;  // whole tiles: consecutive query blocks merged up to kMaxRows rows
-      while (f < end && in.mask_id[f] < 0 && in.qblocks[f] == last + 1 &&
-             (in.qblocks[f] + 1 - first) * s.block_q <= kMaxRows)
+      int64_t last = first, f = e + 1;
+      while (f < end && in.qblocks[f] == last + 1 && (in.qblocks[f] + 1 - first) * s.block_q <= kMaxRows)
         last = in.qblocks[f++];
+      const int64_t rows = std::min((last + 1) * s.block_q, s.nq) - first * s.block_q;
+      run_grads<T>(s, in, bi, h, g, first, rows, key0, n, in.mask_id + e, sc, dq, dk, dv);
       e = f;
-      const int64_t row0 = first * s.block_q, rows = std::min((last + 1) * s.block_q, s.nq) - row0;
-      tile_grads<T>(s, in, bi, h, g, row0, rows, key0, n, nullptr, 0, sc, dq, dk, dv);
     }
   }
 }
@@ -238,7 +211,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_backward(
                               dout.data_ptr<scalar_t>(),  lse.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
                               q_ptr.data_ptr<int64_t>(),  q_blocks.data_ptr<int64_t>(),
                               q_mask_id.data_ptr<int32_t>(), mk, static_cast<scalar_t>(scale)};
-    const std::vector<MaskBox> boxes = mask_boxes(mk, masks.size(0), block_q, block_k);
     scalar_t* dqp = dq_acc.data_ptr<scalar_t>();
     scalar_t* dkp = dk.data_ptr<scalar_t>();
     scalar_t* dvp = dv.data_ptr<scalar_t>();
@@ -251,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_backward(
       for (int64_t t = next++; t < tasks; t = next++) {
         const int64_t kb = t % s.nkb, g = (t / s.nkb) % s.heads_kv, bi = t / (s.nkb * s.heads_kv);
         const int64_t head = bi * s.heads_kv + g;
-        key_block_grads<scalar_t>(s, in, boxes, bi, g, kb, sc, dq, dkp + head * s.nk * s.d,
+        key_block_grads<scalar_t>(s, in, bi, g, kb, sc, dq, dkp + head * s.nk * s.d,
                                   dvp + head * s.nk * s.dv);
       }
     });
