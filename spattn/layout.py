@@ -139,6 +139,55 @@ class Layout:
         self.mask_mod = mask_mod
         self.col_num, self.col_indices = self._normalize_columns(col_num, col_indices, bh, nqb, device)
 
+    def check(self) -> "Layout":
+        """Re-validate the index tables (they are ordinary, mutable tensors) before a kernel reads them.
+
+        Raises ValueError naming the table and its valid range when a count, block index or column lies
+        outside it, a valid slot repeats or is out of order, or a table's shape or dtype changed.
+        Cost: a few reductions over ``B' x H' x NQB x S`` integers, and nothing when no table changed
+        since the last check (tensors count their in-place writes in ``_version``); a change also drops
+        the cached block maps. Returns ``self``.
+        """
+        tables = (self.kv_num_blocks, self.kv_indices, self.full, self.col_num, self.col_indices)
+        signature = tuple((id(t), getattr(t, "_version", None)) for t in tables)
+        if self.__dict__.get("_checked") == signature:
+            return self
+        for derived in ("_cache", "_checked", "_flex_block_masks"):  # maps (and flex's BlockMask) of old tables
+            self.__dict__.pop(derived, None)
+        nqb, nkb = _cdiv(self.q_len, self.block_q), _cdiv(self.kv_len, self.block_k)
+        num, idx, full = self.kv_num_blocks, self.kv_indices, self.full
+        for name, t, dims in (("kv_num_blocks", num, 3), ("kv_indices", idx, 4)):
+            if not isinstance(t, Tensor) or t.dtype != torch.long or t.dim() != dims:
+                raise ValueError(f"Layout.{name} must be an int64 tensor with {dims} dims (changed after construction?)")
+        slots = idx.shape[3]
+        if num.shape[2] != nqb or tuple(idx.shape[:3]) != tuple(num.shape) or not isinstance(full, Tensor) \
+                or full.shape != idx.shape:
+            raise ValueError(f"Layout tables have inconsistent shapes: kv_num_blocks {tuple(num.shape)}, "
+                             f"kv_indices {tuple(idx.shape)}, full {tuple(getattr(full, 'shape', ()))}; "
+                             f"expected [B', H', {nqb}] and [B', H', {nqb}, S]")
+        if num.numel() and (int(num.min()) < 0 or int(num.max()) > slots):
+            raise ValueError(f"Layout.kv_num_blocks must lie in [0, {slots}] (slots of kv_indices), "
+                             f"got values in [{int(num.min())}, {int(num.max())}]")
+        valid = torch.arange(slots, device=idx.device) < num[..., None]
+        bad = ((idx < 0) | (idx >= nkb)) & valid
+        if bool(bad.any()):
+            raise ValueError(f"Layout.kv_indices must lie in [0, {nkb}) (key blocks), got {int(idx[bad][0])}")
+        if slots > 1 and bool(((idx[..., 1:] <= idx[..., :-1]) & valid[..., 1:]).any()):
+            raise ValueError("Layout.kv_indices must be strictly increasing over the valid slots")
+        if self.col_num is not None:
+            cnum, cidx = self.col_num, self.col_indices
+            if not isinstance(cidx, Tensor) or cidx.dtype != torch.long or cidx.dim() != 4 or \
+                    tuple(cidx.shape[:3]) != tuple(num.shape) or tuple(cnum.shape) != tuple(num.shape):
+                raise ValueError("Layout.col_num / col_indices changed shape or dtype after construction")
+            width = cidx.shape[3]
+            if int(cnum.min()) < 0 or int(cnum.max()) > width:
+                raise ValueError(f"Layout.col_num must lie in [0, {width}]")
+            cvalid = torch.arange(width, device=cidx.device) < cnum[..., None]
+            if bool((((cidx < 0) | (cidx >= self.kv_len)) & cvalid).any()):
+                raise ValueError(f"Layout.col_indices must lie in [0, {self.kv_len})")
+        self.__dict__["_checked"] = signature
+        return self
+
     # ------------------------------------------------------------------ construction helpers
     def _normalize_columns(self, col_num, col_indices, bh, nqb, device):
         if (col_num is None) != (col_indices is None):

@@ -90,9 +90,15 @@ template <typename T>
 T softmax_step(T* s, int64_t n, T& row_max, T& row_sum) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   T mx = kNegInf;
-#pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
-  const T new_max = mx > row_max ? mx : row_max;
+  int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : nan)
+  for (int64_t j = 0; j < n; ++j) {
+    mx = s[j] > mx ? s[j] : mx;
+    nan |= s[j] != s[j];
+  }
+  // a NaN score (NaN query or key) makes the row NaN, as in the dense reference; a NaN row max stays
+  if (nan) mx = std::numeric_limits<T>::quiet_NaN();
+  const T new_max = (mx > row_max || mx != mx) ? mx : row_max;
   if (new_max == kNegInf) {
     std::fill(s, s + n, T(0));
     return T(1);
@@ -227,6 +233,30 @@ void attend_query_block(const Problem& p, int64_t bi, int64_t h, int64_t qb, con
   }
 }
 
+// Every count, block index and mask id the loop will read must point inside its tensors: a Layout's
+// tables are ordinary (mutable) tensors, so they are checked here, once per call, before any thread
+// starts (one pass over B' x H' x NQB x S integers, negligible next to the attention itself).
+void check_tables(const at::Tensor& kv_num, const at::Tensor& kv_idx, const at::Tensor& mask_id, int64_t nkb,
+                  int64_t num_masks) {
+  const int64_t tiles = kv_num.numel(), slots = kv_idx.size(3);
+  const int64_t* num = kv_num.data_ptr<int64_t>();
+  const int64_t* idx = kv_idx.data_ptr<int64_t>();
+  const int32_t* ids = mask_id.data_ptr<int32_t>();
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t count = num[t];
+    TORCH_CHECK(count >= 0 && count <= slots, "block_sparse_forward: kv_num_blocks must lie in [0, ", slots,
+                "] (slots of kv_indices), got ", count, " at flat query block ", t);
+    for (int64_t s = 0; s < count; ++s) {
+      const int64_t kb = idx[t * slots + s];
+      TORCH_CHECK(kb >= 0 && kb < nkb, "block_sparse_forward: kv_indices must lie in [0, ", nkb,
+                  ") (key blocks), got ", kb, " at flat query block ", t, ", slot ", s);
+      const int32_t u = ids[t * slots + s];
+      TORCH_CHECK(u >= -1 && u < num_masks, "block_sparse_forward: mask_id must lie in [-1, ", num_masks,
+                  ") (partial-tile masks), got ", u, " at flat query block ", t, ", slot ", s);
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> block_sparse_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                         const at::Tensor& kv_num, const at::Tensor& kv_idx,
                                                         const at::Tensor& mask_id, const at::Tensor& masks,
@@ -250,6 +280,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_forward(const at::Tensor& q, con
   TORCH_CHECK(kv_idx.dim() == 4 && kv_num.dim() == 3 && mask_id.sizes() == kv_idx.sizes() &&
                   kv_idx.sizes().slice(0, 3) == kv_num.sizes(),
               "block_sparse_forward: kv_num [B', H', NQB], kv_idx and mask_id [B', H', NQB, S]");
+  TORCH_CHECK(block_q >= 1 && block_k >= 1, "block_sparse_forward: block_q and block_k must be >= 1, got ", block_q,
+              ", ", block_k);
   TORCH_CHECK(masks.dim() == 3 && masks.size(1) == block_q && masks.size(2) == block_k,
               "block_sparse_forward: masks must be [U, block_q, block_k]");
 
@@ -262,6 +294,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_forward(const at::Tensor& q, con
   TORCH_CHECK((p.layout_batch == 1 || p.layout_batch == p.batch) && (p.layout_heads == 1 || p.layout_heads == p.heads_q),
               "block_sparse_forward: layout batch / heads must be 1 or those of q");
   for (int i = 0; i < 3; ++i) p.q_strides[i] = q.stride(i), p.k_strides[i] = k.stride(i), p.v_strides[i] = v.stride(i);
+  check_tables(kv_num, kv_idx, mask_id, (p.nk + block_k - 1) / block_k, masks.size(0));
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();  // BLAS takes int leading dimensions
   TORCH_CHECK(p.q_strides[2] <= kIntMax && p.k_strides[2] <= kIntMax && p.v_strides[2] <= kIntMax,
               "block_sparse_forward: row strides of q, k, v must fit a BLAS int");
