@@ -27,19 +27,44 @@ def _calls(spy, name="block_sparse_backward"):
     return spy.calls.get(name, 0)
 
 
-@settings(max_examples=40, **SETTINGS)
-@given(problems(), st.sampled_from(["dense_mask", "blocks"]), st.sampled_from([torch.float32, torch.float64]),
-       st.booleans())
-def test_random_layouts_match_reference(spy, problem, kind, dtype, transposed):
+@settings(max_examples=30, **SETTINGS)
+@given(problems(), st.sampled_from(["dense_mask", "blocks", "columns"]), st.sampled_from([torch.float32, torch.float64]),
+       st.booleans(), st.sampled_from([None, "tail", "random"]))
+def test_random_layouts_match_reference(spy, problem, kind, dtype, transposed, padding):
     """out, lse, dq, dk, dv with out and lse cotangents: per-batch / per-head / shared random layouts,
     GQA, lengths off the block grid, Nq != Nk, partial tiles with a predicate that is not translation
-    invariant, rows without any key (dense_mask)."""
+    invariant, rows without any key (dense_mask), extra key columns, key padding (a padded tail per
+    batch, or random keys)."""
     batch, hq, hkv, nq, nk, dim, bq, bk, per_batch, per_head, seed = problem
     q, k, v, gen = _tensors(batch, hq, hkv, nq, nk, dim, seed, dtype=dtype, transposed=transposed)
     layout = _random_layout(kind, batch if per_batch else 1, hq if per_head else 1, nq, nk, bq, bk, gen)
+    kpm = None
+    if padding == "random":
+        kpm = torch.rand(batch, nk, generator=gen) < 0.8
+    elif padding == "tail":
+        kpm = torch.arange(nk) < torch.randint(1, nk + 1, (batch, 1), generator=gen)
     before = _calls(spy)
-    assert_matches_reference(blocksparse_attention, q, k, v, layout, atol=1e-5 if dtype == torch.float32 else 1e-10)
+    assert_matches_reference(blocksparse_attention, q, k, v, layout, kpm,
+                             atol=1e-5 if dtype == torch.float32 else 1e-10)
     assert _calls(spy) == before + 1
+
+
+@settings(max_examples=20, **SETTINGS)
+@given(problems(), st.booleans())
+def test_inference_forward_with_padding_and_columns(spy, problem, padded):
+    """Without gradients, key padding and columns reach the compiled inference forward as partial tiles."""
+    batch, hq, hkv, nq, nk, dim, bq, bk, per_batch, per_head, seed = problem
+    q, k, v, gen = _tensors(batch, hq, hkv, nq, nk, dim, seed)
+    layout = _random_layout("columns", batch if per_batch else 1, hq if per_head else 1, nq, nk, bq, bk, gen)
+    kpm = torch.rand(batch, nk, generator=gen) < 0.8 if padded else None
+    before = _calls(spy, "block_sparse_forward")
+    with torch.no_grad():
+        out, lse = blocksparse_attention(q, k, v, layout, key_padding_mask=kpm, return_lse=True)
+    want, want_lse = reference_attention(q.double(), k.double(), v.double(), layout, key_padding_mask=kpm,
+                                         return_lse=True)
+    assert _calls(spy, "block_sparse_forward") == before + 1
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    assert (out.double() - want).abs().max().item() <= 1e-5
 
 
 @settings(max_examples=12, **SETTINGS)
@@ -132,19 +157,32 @@ def test_transposed_tables_brute_force():
                 assert list(zip(q_blocks[lo:hi].tolist(), q_mask[lo:hi].tolist())) == want
 
 
-@pytest.mark.parametrize("case", ["padding", "columns", "no_extension", "too_many_masks"])
+@pytest.mark.parametrize("case", ["no_extension", "too_many_masks", "padding_too_many_masks"])
 def test_fallbacks_to_the_eager_kernel(spy, monkeypatch, case):
     """What the compiled path does not take runs the eager kernel, still exact."""
     q, k, v, gen = _tensors(2, 4, 2, 100, 100, 16, seed=1)
-    layout = _random_layout("columns" if case == "columns" else "blocks", 1, 4, 100, 100, 16, 16, gen)
-    kpm = torch.rand(2, 100, generator=gen) < 0.8 if case == "padding" else None
+    layout = _random_layout("columns", 1, 4, 100, 100, 16, 16, gen)
+    kpm = torch.rand(2, 100, generator=gen) < 0.8 if case == "padding_too_many_masks" else None
     if case == "no_extension":
         monkeypatch.setitem(_compiled._state, "ops", None)
-    if case == "too_many_masks":
+    else:
         monkeypatch.setattr(blocksparse_train.blocksparse_cpu, "MAX_MASK_ELEMS", 0)
-    assert not blocksparse_train.applies(q, k, v, layout, kpm)
+    assert not blocksparse_train.applies(q, k, v, blocksparse_train.blocks_only(layout, kpm), None)
     assert_matches_reference(blocksparse_attention, q, k, v, layout, kpm)
     assert _calls(spy) == 0 and _calls(spy, "block_sparse_forward") == 0
+
+
+def test_blocks_only_computes_the_same_pairs():
+    """Columns become partial tiles, padded keys leave every tile (per batch); the pair sets are equal."""
+    gen = torch.Generator().manual_seed(2)
+    layout = _random_layout("columns", 1, 3, 150, 170, 32, 16, gen)
+    kpm = torch.rand(2, 170, generator=gen) < 0.7
+    kpm[1, 100:] = False
+    flat = blocksparse_train.blocks_only(layout, kpm)
+    assert not flat.has_columns and flat.batch == 2
+    assert torch.equal(flat.to_dense(), layout.to_dense() & kpm[:, None, None, :])
+    assert torch.equal(blocksparse_train.blocks_only(layout).to_dense(), layout.to_dense())
+    assert blocksparse_train.blocks_only(layout) is blocksparse_train.blocks_only(layout)  # cached
 
 
 def test_half_inputs_compute_in_float32(spy):

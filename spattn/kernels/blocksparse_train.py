@@ -7,8 +7,9 @@ so each task owns its dK / dV rows (summed over the query heads of a GQA group);
 accumulator per worker. The transposed tables are built once per Layout and cached with the forward's
 partial-tile mask tables (see :mod:`~spattn.kernels.blocksparse_cpu`).
 
-Applies to CPU float32 / float64 (bfloat16 / float16 inputs are computed in float32) without key
-padding or extra key columns; everything else runs the eager kernel.
+Applies to CPU float32 / float64 (bfloat16 / float16 inputs are computed in float32); key padding and
+extra key columns reach the compiled loops through :func:`blocks_only` (they become partial tiles).
+Everything else runs the eager kernel.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .. import _compiled
 from ..layout import Layout
 from . import blocksparse_cpu
 
-__all__ = ["applies", "training_attention", "transposed_tables"]
+__all__ = ["applies", "blocks_only", "training_attention", "transposed_tables"]
 
 
 class TrainTables(NamedTuple):
@@ -36,6 +37,41 @@ class TrainTables(NamedTuple):
 
 
 _tables: "weakref.WeakKeyDictionary[Layout, Optional[TrainTables]]" = weakref.WeakKeyDictionary()
+_without_columns: "weakref.WeakKeyDictionary[Layout, Layout]" = weakref.WeakKeyDictionary()
+
+
+def blocks_only(layout: Layout, key_padding_mask: Optional[Tensor] = None) -> Layout:
+    """A Layout without extra columns that computes exactly the pairs ``layout`` computes for keys that
+    ``key_padding_mask [B, Nk]`` (True = real key) keeps.
+
+    A key block holding a column of a query block is selected as a partial tile; a tile holding a padded
+    key is partial (per batch, so the result has ``B' = B``). Partial tiles keep the pairs of
+    ``layout.contains`` (and the padding mask), so the compiled loops, which read block tables and
+    per-tile masks only, run such calls exactly. Cached per layout when there is no padding.
+    """
+    if key_padding_mask is None and layout in _without_columns:
+        return _without_columns[layout]
+    bk, nk, nkb = layout.block_k, layout.kv_len, layout.num_kv_blocks
+    block_map, full_map = layout.block_map(), layout.full_map()
+    if layout.has_columns:
+        cols = torch.nn.functional.pad(layout.column_map(), (0, nkb * bk - nk))
+        block_map = block_map | cols.view(*cols.shape[:3], nkb, bk).any(-1)
+    kpm = key_padding_mask
+    if kpm is not None:
+        keys = torch.nn.functional.pad(kpm, (0, nkb * bk - nk), value=True).view(kpm.shape[0], 1, 1, nkb, bk)
+        shape = (kpm.shape[0], *block_map.shape[1:])
+        block_map = block_map.expand(shape) & keys.any(-1)  # tiles of padded keys only are dropped
+        full_map = full_map.expand(shape) & keys.all(-1)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = layout.contains(b, h, q_idx, kv_idx)
+        return allowed if kpm is None else allowed & kpm[b, kv_idx]
+
+    result = Layout.from_block_map(block_map, q_len=layout.q_len, kv_len=nk, block_q=layout.block_q, block_k=bk,
+                                   full_map=full_map, mask_mod=mask_mod)
+    if kpm is None:
+        _without_columns[layout] = result
+    return result
 
 
 def transposed_tables(layout: Layout, mask_id: Tensor) -> tuple[Tensor, Tensor, Tensor]:
