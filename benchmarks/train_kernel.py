@@ -141,6 +141,21 @@ def _line(r: dict) -> str:
     return text
 
 
+def markdown(rows: list[dict]) -> str:
+    """The rows as the table of docs/results/training.md."""
+    lines = ["| N | threads | layout | density | dense fwd ms | fwd ms | fwd / ideal | dense fwd+bwd ms | fwd+bwd ms "
+             "| fwd+bwd / ideal | fwd+bwd / fwd | peak MiB | masked SDPA peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mib = (lambda b: f"{b / 2**20:.0f}" if b is not None else "")  # noqa: E731
+        lines.append(f"| {r['n']} | {r['threads']} | {r['layout']} | {r['density']:.4f} | {r['dense_fwd_s'] * 1e3:.1f} "
+                     f"| {r['fwd_s'] * 1e3:.1f} | {r['fwd_over_ideal']:.2f} | {r['dense_fwd_bwd_s'] * 1e3:.1f} "
+                     f"| {r['fwd_bwd_s'] * 1e3:.1f} | {r['fwd_bwd_over_ideal']:.2f} | {r['fwd_bwd_over_fwd']:.2f} "
+                     f"| {mib(r['peak_bytes']) if 'dense_masked_peak_bytes' in r else ''} "
+                     f"| {mib(r.get('dense_masked_peak_bytes'))} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
@@ -158,6 +173,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"torch": torch.__version__, "rows": rows}, f, indent=2)
+    print(markdown(rows))
     print(f"wrote {args.out}")
     return 0
 
