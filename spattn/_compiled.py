@@ -169,29 +169,29 @@ def build_error() -> Optional[str]:
     return _state["error"]
 
 
-def status() -> dict[str, Any]:
-    """What ``spattn doctor`` reports, without building anything: the keyed build directory, whether
-    a verified library is there and loaded, the compiler, the BLAS the loops call, thread settings."""
+def status(build: bool = False) -> dict[str, Any]:
+    """What ``spattn doctor`` reports: the keyed build directory, whether a verified library is there
+    and loaded (a verified one is loaded; ``build=True`` also builds a missing one), the compiler,
+    whether torch exports the BLAS the block-sparse loop calls, thread settings."""
     directory = build_dir()
+    disabled = os.environ.get("SPATTN_NO_EXT", "") not in ("", "0")
+    if not disabled and (build or _verified_library(directory) is not None):
+        ops()
     loaded = _state["ops"] is not None
-    blas = None
-    if loaded:
-        try:
-            blas = bool(_state["ops"].block_sparse_blas())
-        except Exception:  # pragma: no cover - an old library without the op
-            blas = None
     return {
         "build_dir": str(directory),
         "built": _verified_library(directory) is not None,
         "loaded": loaded,
-        "disabled": os.environ.get("SPATTN_NO_EXT", "") not in ("", "0"),
+        "built_now": _state["built_now"],
+        "disabled": disabled,
         "error": _state["error"],
         "compiler": shutil.which(os.environ.get("CXX", "c++")),
         "ninja": shutil.which("ninja") or _ninja_module(),
-        "blas": blas,
+        "blas": bool(_state["ops"].block_sparse_blas()) if loaded else None,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "parallel_backend": _parallel_backend(),
+        "env": {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCH_EXTENSIONS_DIR")},
     }
 
 

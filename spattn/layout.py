@@ -75,7 +75,10 @@ class Layout:
 
     Shapes: ``kv_num_blocks [B', H', NQB]``, ``kv_indices [B', H', NQB, S]``, ``full [B', H', NQB, S]``,
     ``col_num [B', H', NQB]``, ``col_indices [B', H', NQB, C]`` with ``B'`` in {1, B}, ``H'`` in {1, H}.
+    Implements the :class:`~spattn.selection.Selection` protocol.
     """
+
+    kind = "layout"
 
     def __init__(
         self,
@@ -420,15 +423,14 @@ class Layout:
 
     # ------------------------------------------------------------------ statistics
     def pair_counts(self, chunk_elems: int = 1 << 22) -> Tensor:
-        """long ``[B', H']``: number of computed (query, key) pairs, without an Nq x Nk tensor."""
+        """long ``[B', H', Nq]``: keys computed per query, without an Nq x Nk tensor."""
         dev = self.device
         bq, bk = self.block_q, self.block_k
-        q_sizes = (self.q_len - torch.arange(self.num_q_blocks, device=dev) * bq).clamp(max=bq)
+        nqb = self.num_q_blocks
         k_sizes = (self.kv_len - torch.arange(self.num_kv_blocks, device=dev) * bk).clamp(max=bk)
         valid = self.valid_slots()
-        sizes = q_sizes.view(1, 1, -1, 1) * k_sizes[self.kv_indices]
-        counts = torch.zeros(self.batch, self.heads, dtype=torch.long, device=dev)
-        counts += (sizes * (valid & self.full)).sum(dim=(2, 3))
+        rows = torch.zeros(self.batch, self.heads, nqb, bq, dtype=torch.long, device=dev)  # per query row
+        rows += (k_sizes[self.kv_indices] * (valid & self.full)).sum(-1)[..., None]
         partial = valid & ~self.full
         tiles = partial.nonzero()  # [P, 4]: b, h, qb, slot
         step = max(1, chunk_elems // (bq * bk))
@@ -439,8 +441,8 @@ class Layout:
             q = qb[:, None, None] * bq + torch.arange(bq, device=dev).view(1, -1, 1)
             kv = kb[:, None, None] * bk + torch.arange(bk, device=dev).view(1, 1, -1)
             ok = self.mask_mod(b[:, None, None], h[:, None, None], q.clamp(max=self.q_len - 1), kv.clamp(max=self.kv_len - 1))
-            ok = ok & (q < self.q_len) & (kv < self.kv_len)
-            counts.index_put_((b, h), ok.reshape(ok.shape[0], -1).sum(-1), accumulate=True)
+            ok = ok & (kv < self.kv_len)
+            rows.index_put_((b, h, qb), ok.expand(t.shape[0], bq, bk).sum(-1), accumulate=True)
         if self.has_columns:
             cols = self.valid_columns().nonzero()
             step = max(1, chunk_elems // bq)
@@ -449,15 +451,19 @@ class Layout:
                 b, h, qb = t[:, 0], t[:, 1], t[:, 2]
                 kv = self.col_indices[b, h, qb, t[:, 3]][:, None]
                 q = qb[:, None] * bq + torch.arange(bq, device=dev)[None]
-                ok = q < self.q_len
+                ok = torch.ones(t.shape[0], bq, dtype=torch.bool, device=dev)
                 if self.mask_mod is not None:
                     ok = ok & self.mask_mod(b[:, None], h[:, None], q.clamp(max=self.q_len - 1), kv)
-                counts.index_put_((b, h), ok.sum(-1), accumulate=True)
-        return counts
+                rows.index_put_((b, h, qb), ok.long(), accumulate=True)
+        return rows.flatten(2)[..., : self.q_len]
 
     def density(self) -> float:
         """Fraction of (query, key) pairs computed, averaged over batch and heads."""
-        return float(self.pair_counts().double().mean()) / (self.q_len * self.kv_len)
+        return float(self.pair_counts().double().sum()) / (self.batch * self.heads * self.q_len * self.kv_len)
+
+    def to_layout(self, block: Optional[int] = None) -> "Layout":
+        """This layout (the :class:`~spattn.selection.Selection` protocol's conversion; ``block`` is ignored)."""
+        return self
 
     def block_density(self) -> float:
         """Fraction of tiles computed (what a block-sparse kernel pays for)."""

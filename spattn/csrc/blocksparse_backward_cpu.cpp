@@ -218,6 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_backward(
     std::atomic<int64_t> next{0};
     // one chunk per worker; each chunk owns the dq accumulator numbered by its first index
     at::parallel_for(0, workers, 1, [&](int64_t worker, int64_t) {
+      const spattn_blas::OneBlasThread one_blas_thread;
       Scratch<scalar_t> sc(std::max(kMaxRows, block_q), block_k);
       scalar_t* dq = dqp + worker * dq_size;
       for (int64_t t = next++; t < tasks; t = next++) {

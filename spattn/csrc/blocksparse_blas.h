@@ -16,6 +16,7 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));  // by value (the lower-case name takes a pointer)
 }
 
 namespace spattn_blas {
@@ -31,6 +32,21 @@ inline void gemm(char ta, char tb, int m, int n, int k, double alpha, const doub
 }
 
 inline bool available() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+
+// While alive, MKL runs single-threaded on this thread (the loops parallelise over tiles themselves:
+// one level of parallelism). A no-op with another BLAS.
+class OneBlasThread {
+ public:
+  OneBlasThread() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~OneBlasThread() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
+  }
+  OneBlasThread(const OneBlasThread&) = delete;
+  OneBlasThread& operator=(const OneBlasThread&) = delete;
+
+ private:
+  int previous_;
+};
 
 
 // Row-major s[i, j] = alpha * a[i, :d] . b[j, :d] for i < m, j < n (s has leading dimension n).

@@ -9,13 +9,15 @@
 //
 // GEMMs go to the BLAS that libtorch_cpu exports (sgemm_ / dgemm_, MKL on x86 builds). They are weak
 // symbols: without them the library still loads, block_sparse_blas() says false and spattn keeps
-// its eager kernel.
+// its eager kernel. MKL_Set_Num_Threads_Local (weak too; absent with other BLAS) keeps that BLAS on
+// one thread inside the parallel loop.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -273,12 +275,23 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_forward(const at::Tensor& q, con
     scalar_t* lp = lse.data_ptr<scalar_t>();
     const scalar_t sc = static_cast<scalar_t>(scale);
     const MaskExtents extents(mk, masks.size(0), block_q, block_k);
-    at::parallel_for(0, p.batch * p.heads_q * p.nqb, 1, [&](int64_t begin, int64_t end) {
+    // One level of parallelism: the (batch, head, query block) tiles run on torch's threads, and the
+    // BLAS inside each is forced to one thread. Called inside an OpenMP region, MKL's sgemm otherwise
+    // still takes its threaded path: profiled at 2 threads, over 60 % of the time went to libgomp
+    // barrier waits and sched_yield, 5-20x slower than 1 thread on a loaded machine. Tiles are handed
+    // out dynamically, the heaviest (last query blocks of causal layouts) first, so a thread that is
+    // descheduled or given denser heads does not hold the others back at the final barrier.
+    const int64_t total = p.batch * p.heads_q * p.nqb, rows_of_tiles = p.batch * p.heads_q;
+    const int64_t workers = std::min<int64_t>(at::get_num_threads(), total);
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      const int previous_blas_threads = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
       BlockState<scalar_t> state(block_q, std::max(kMaxRun, block_k), p.dv);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t qb = t % p.nqb, h = (t / p.nqb) % p.heads_q, bi = t / (p.nqb * p.heads_q);
+      for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < total;) {
+        const int64_t qb = p.nqb - 1 - t / rows_of_tiles, h = t % p.heads_q, bi = (t % rows_of_tiles) / p.heads_q;
         attend_query_block<scalar_t>(p, bi, h, qb, qp, kp, vp, np, ip, mp, mk, extents, sc, op, lp, state);
       }
+      if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_blas_threads);
     });
   });
   return {out, lse};
