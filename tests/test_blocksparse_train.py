@@ -172,6 +172,16 @@ def test_fallbacks_to_the_eager_kernel(spy, monkeypatch, case):
     assert _calls(spy) == 0 and _calls(spy, "block_sparse_forward") == 0
 
 
+def test_softcap_runs_the_eager_kernel(spy):
+    """softcap (Gemma 2) is computed on explicit score tiles: the compiled loops do not apply."""
+    q, k, v, gen = _tensors(1, 2, 1, 80, 80, 16, seed=6)
+    layout = _random_layout("blocks", 1, 2, 80, 80, 16, 16, gen)
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    blocksparse_attention(*leaves, layout, softcap=5.0).sum().backward()
+    assert _calls(spy) == 0 and _calls(spy, "block_sparse_forward") == 0
+    assert all(x.grad is not None for x in leaves)
+
+
 def test_blocks_only_computes_the_same_pairs():
     """Columns become partial tiles, padded keys leave every tile (per batch); the pair sets are equal."""
     gen = torch.Generator().manual_seed(2)
