@@ -176,8 +176,9 @@ class GatedLinearAttention(_DecayedAttention):
     ):
         super().__init__()
         self.rank = _check_int("gla: rank", rank)
-        if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or normalizer <= 0:
-            raise ValueError(f"gla: normalizer must be a positive number, got {normalizer!r}")
+        if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not math.isfinite(normalizer) \
+                or normalizer <= 0:
+            raise ValueError(f"gla: normalizer must be a positive finite number, got {normalizer!r}")
         self.normalizer = float(normalizer)
         self.chunk = _check_int("gla: chunk", chunk)
         if not isinstance(norm, bool):

@@ -86,6 +86,11 @@ class RoutingAttention(AttentionLayer):
         if local_heads > heads:
             raise ValueError(f"RoutingAttention: local_heads={local_heads} exceeds heads={heads}")
         _positive_int("window", window, 0)
+        if routing_window is not None:
+            _positive_int("routing_window", routing_window)
+        for name, flag in (("causal_safe", causal_safe), ("bias", bias)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"RoutingAttention: {name} must be a bool, got {flag!r}")
         if head_dim is None:
             if dim % heads:
                 raise ValueError(f"RoutingAttention: dim={dim} must be divisible by heads={heads} (or pass head_dim)")
