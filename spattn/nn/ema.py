@@ -39,7 +39,9 @@ class MultiHeadEMA(nn.Module):
         for name, val in (("dim", dim), ("ndim", ndim)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"MultiHeadEMA: {name} must be a positive int, got {val!r}")
-        self.dim, self.ndim, self.bidirectional = dim, ndim, bool(bidirectional)
+        if not isinstance(bidirectional, bool):
+            raise TypeError(f"MultiHeadEMA: bidirectional must be a bool, got {bidirectional!r}")
+        self.dim, self.ndim, self.bidirectional = dim, ndim, bidirectional
         kdim = 2 * dim if bidirectional else dim
         self.delta = nn.Parameter(torch.empty(kdim, ndim, 1))
         self.alpha = nn.Parameter(torch.empty(kdim, ndim, 1))
@@ -72,6 +74,14 @@ class MultiHeadEMA(nn.Module):
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """``x [B, N, dim]``, ``padding_mask`` bool ``[B, N]`` (True = real) -> ``[B, N, dim]``."""
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim or not x.is_floating_point():
+            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"MultiHeadEMA: x must be a floating tensor [B, N, {self.dim}], got {got}")
+        if padding_mask is not None:
+            m = padding_mask
+            if not isinstance(m, Tensor) or m.dtype != torch.bool or tuple(m.shape) != tuple(x.shape[:2]):
+                got = f"{m.dtype} {tuple(m.shape)}" if isinstance(m, Tensor) else type(m).__name__
+                raise ValueError(f"MultiHeadEMA: padding_mask must be a bool tensor [B, N] = {tuple(x.shape[:2])}, got {got}")
         B, N, D = x.shape
         residual = x * self.omega
         if padding_mask is not None:
