@@ -152,13 +152,13 @@ def evaluate(tokens) -> int:
             stack.append([t - _OP0])
         elif t == CLOSE:
             if len(stack) < 2:
-                raise ValueError("unbalanced expression: ']' without an operator")
+                raise ValueError("tokens: unbalanced expression, ']' without an operator")
             op, *args = stack.pop()
             stack[-1].append(_apply(op, args))
         else:
-            raise ValueError(f"token id {t} is not a ListOps symbol")
+            raise ValueError(f"tokens: token id {t} is not a ListOps symbol")
     if len(stack) != 1 or len(stack[0]) != 1:
-        raise ValueError("expression does not reduce to one value")
+        raise ValueError("tokens: the expression does not reduce to one value (empty or unbalanced)")
     return stack[0][0]
 
 
