@@ -61,7 +61,7 @@ class _KernelAttention(ApproxAttention):
         self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None
     ) -> Tensor:
         """``q [B, Hq, N, D]``, ``k, v [B, Hkv, N, D]`` -> ``[B, Hq, N, D]``."""
-        check_qkv(self.name, q, k, v, key_padding_mask)
+        check_qkv(self.name, q, k, v, key_padding_mask, causal)
         if q.shape[2] != k.shape[2] and causal:
             raise ValueError(f"{self.name}: causal attention needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
         fq, fk = self._features(q, k, key_padding_mask, causal)
