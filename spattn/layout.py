@@ -111,6 +111,8 @@ class Layout:
             raise TypeError(f"mask_mod must be callable (b, h, q_idx, kv_idx) -> bool tensor, got {type(mask_mod).__name__}")
         _check_int_tensor("kv_num_blocks", kv_num_blocks, 3)
         _check_int_tensor("kv_indices", kv_indices, 4)
+        if 0 in kv_num_blocks.shape[:2]:
+            raise ValueError(f"kv_num_blocks must have batch and head sizes >= 1, got shape {tuple(kv_num_blocks.shape)}")
         self.q_len, self.kv_len, self.block_q, self.block_k = q_len, kv_len, block_q, block_k
         nqb, nkb = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
         bh = tuple(kv_num_blocks.shape[:2])
