@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ._common import cached_arrays, check_positive_int, collate_classification
+from ._common import cached_arrays, check_positive_int, collate_classification, item_index
 
 __all__ = ["ListOpsDataset", "generate", "evaluate", "to_text", "from_text", "collate", "majority_accuracy",
            "TOKENS", "VOCAB_SIZE", "PAD_ID", "NUM_CLASSES", "OPERATORS"]
@@ -226,7 +226,7 @@ class ListOpsDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        i = range(len(self))[i]
+        i = item_index(i, len(self), "ListOpsDataset")
         a, b = int(self._offsets[i]), int(self._offsets[i + 1])
         return self._tokens[a:b], int(self.labels[i])
 

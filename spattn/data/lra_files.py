@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ._common import check_positive_int, collate_classification, pad_batch
+from ._common import check_positive_int, collate_classification, item_index, pad_batch
 
 __all__ = ["LRASplits", "SequenceDataset", "PairDataset", "load_text", "load_retrieval", "load_image", "load_listops",
            "load_pathfinder", "collate_pairs", "read_cifar_batch", "to_grayscale", "read_png_gray"]
@@ -75,6 +75,7 @@ class SequenceDataset(Dataset):
         return len(self.seqs)
 
     def __getitem__(self, i: int):
+        i = item_index(i, len(self), "SequenceDataset")
         return torch.from_numpy(self.seqs[i].astype(np.int64)), int(self.labels[i])
 
 
@@ -94,6 +95,7 @@ class PairDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
+        i = item_index(i, len(self), "PairDataset")
         return (torch.from_numpy(self.first[i].astype(np.int64)), torch.from_numpy(self.second[i].astype(np.int64)),
                 int(self.labels[i]))
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ._common import IGNORE_INDEX, check_positive_int, collate_tokens
+from ._common import IGNORE_INDEX, check_positive_int, collate_tokens, item_index
 
 __all__ = ["MQARDataset", "generate", "collate", "query_gap_probs", "accuracy"]
 
@@ -116,9 +116,7 @@ class MQARDataset(Dataset):
         return self.num_examples
 
     def __getitem__(self, i: int):
-        if not -self.num_examples <= i < self.num_examples:
-            raise IndexError(f"index {i} out of range for MQARDataset of {self.num_examples} examples")
-        i %= self.num_examples
+        i = item_index(i, self.num_examples, "MQARDataset")
         rng = np.random.default_rng([self.seed, i])
         x, y = generate(rng, 1, self.seq_len, self.kv_pairs, self.vocab_size, self.power_a, self.num_passes,
                         self.random_non_queries)

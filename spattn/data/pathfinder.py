@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ._common import cached_arrays, check_positive_int, collate_classification
+from ._common import cached_arrays, check_positive_int, collate_classification, item_index
 
 __all__ = ["PathfinderConfig", "PathfinderDataset", "config_for", "generate", "collate", "DIFFICULTIES"]
 
@@ -576,7 +576,7 @@ class PathfinderDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        i = range(len(self))[i]
+        i = item_index(i, len(self), "PathfinderDataset")
         return torch.from_numpy(self.images[i].reshape(-1).astype(np.int64)), int(self.labels[i])
 
     @staticmethod
