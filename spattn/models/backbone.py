@@ -104,6 +104,8 @@ class Backbone(nn.Module):
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             shape = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens).__name__
             raise ValueError(f"{name} must be an int64 tensor [B, N], got {shape}")
+        if 0 in tokens.shape:
+            raise ValueError(f"{name} must have B, N >= 1, got shape {tuple(tokens.shape)}")
         if tokens.numel():
             low, high = torch.aminmax(tokens)
             if int(low) < 0 or int(high) >= self.vocab_size:

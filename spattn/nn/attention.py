@@ -17,7 +17,16 @@ from .positions import RotaryProjection
 
 Mechanism = Union[Pattern, ApproxAttention, AttentionLayer]
 
-__all__ = ["Attention", "build_mechanism", "check_dropout"]
+__all__ = ["Attention", "build_mechanism", "check_dropout", "check_sequence"]
+
+
+def check_sequence(owner: str, x, dim: int) -> None:
+    """``x`` must be a floating tensor ``[B, N, dim]`` with ``B, N >= 1``."""
+    if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != dim or 0 in x.shape:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{owner}: x must have shape [B, N, {dim}] with B, N >= 1, got {shape}")
+    if not x.is_floating_point():
+        raise TypeError(f"{owner}: x must be a floating-point tensor, got {x.dtype}")
 
 
 def check_dropout(owner: str, name: str, p) -> None:
@@ -155,11 +164,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """``x [B, N, dim]`` -> ``[B, N, dim]``; ``key_padding_mask [B, N]`` bool, True = real token."""
-        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"Attention: x must have shape [B, N, {self.dim}], got {shape}")
-        if not x.is_floating_point():
-            raise TypeError(f"Attention: x must be a floating-point tensor, got {x.dtype}")
+        check_sequence("Attention", x, self.dim)
         if isinstance(self.mechanism, AttentionLayer):
             out = self.mechanism(x, key_padding_mask=key_padding_mask)
             self.aux_loss = getattr(self.mechanism, "aux_loss", None)

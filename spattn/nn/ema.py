@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .attention import check_sequence
+
 __all__ = ["MultiHeadEMA"]
 
 
@@ -74,9 +76,7 @@ class MultiHeadEMA(nn.Module):
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """``x [B, N, dim]``, ``padding_mask`` bool ``[B, N]`` (True = real) -> ``[B, N, dim]``."""
-        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim or not x.is_floating_point():
-            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"MultiHeadEMA: x must be a floating tensor [B, N, {self.dim}], got {got}")
+        check_sequence("MultiHeadEMA", x, self.dim)
         if padding_mask is not None:
             m = padding_mask
             if not isinstance(m, Tensor) or m.dtype != torch.bool or tuple(m.shape) != tuple(x.shape[:2]):
@@ -101,6 +101,10 @@ class MultiHeadEMA(nn.Module):
         """
         if self.bidirectional:
             raise ValueError("MultiHeadEMA: a bidirectional EMA has no recurrent (decoding) form")
+        check_sequence("MultiHeadEMA", x, self.dim)
+        if state is not None and (not isinstance(state, Tensor) or tuple(state.shape) != (x.shape[0], self.dim, self.ndim)):
+            got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
+            raise ValueError(f"MultiHeadEMA: state must have shape [B, dim, ndim] = {(x.shape[0], self.dim, self.ndim)}, got {got}")
         p, q = self.coefficients()
         pb, q = (p * self.beta).squeeze(-1), q.squeeze(-1)  # [D, n]
         h = x.new_zeros(x.shape[0], self.dim, self.ndim) if state is None else state

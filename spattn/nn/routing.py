@@ -27,6 +27,7 @@ from ..kernels.clustered import clustered_attention
 from ..patterns.routing import Routing, layer_norm
 from ..patterns.static import Window
 from ..registry import register
+from .attention import check_sequence
 
 __all__ = ["RoutingAttention"]
 
@@ -121,9 +122,7 @@ class RoutingAttention(AttentionLayer):
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """``x [B, N, dim]`` -> ``[B, N, dim]``; ``key_padding_mask [B, N]`` bool, True = real token."""
-        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"RoutingAttention: x must have shape [B, N, {self.dim}], got {shape}")
+        check_sequence("RoutingAttention", x, self.dim)
         q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.heads)
         k = q if self.k_proj is None else rearrange(self.k_proj(x), "b n (h d) -> b h n d", h=self.heads)
         v = rearrange(self.v_proj(x), "b n (h d) -> b h n d", h=self.heads)

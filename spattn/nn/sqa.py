@@ -24,6 +24,7 @@ from ..approx.base import AttentionLayer
 from ..functional import attention
 from ..patterns import Pattern
 from ..registry import register
+from .attention import check_sequence
 
 __all__ = ["SparseQueryAttention", "VARIANTS"]
 
@@ -114,9 +115,7 @@ class SparseQueryAttention(AttentionLayer):
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """``x [B, N, dim]``, ``key_padding_mask [B, N]`` bool (True = real) -> ``[B, N, dim]``."""
-        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"sqa: x must have shape [B, N, {self.dim}], got {shape}")
+        check_sequence("sqa", x, self.dim)
         q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.query_heads)
         k = rearrange(self.k_proj(x), "b n (h d) -> b h n d", h=self.key_value_heads)
         v = rearrange(self.v_proj(x), "b n (h d) -> b h n d", h=self.key_value_heads)

@@ -11,6 +11,7 @@ import spattn
 from spattn.models import ModelConfig, build_model
 from spattn.nn import Attention, RoutingAttention, SeqBoat, SparseQueryAttention, TransformerBlock, build_mechanism
 from spattn.nn.ema import MultiHeadEMA
+from spattn.nn.positions import LearnedPositions, rotary_tables
 
 from ._table import Bad, check, params
 
@@ -100,6 +101,22 @@ NN = [
     Bad("ema-bidirectional", lambda: MultiHeadEMA(16, bidirectional="yes"), TE, "bidirectional"),
     Bad("ema-x", fwd(EMA, X[..., :8]), VE, "x"),
     Bad("ema-mask", fwd(EMA, X, torch.ones(2, 7, dtype=torch.bool)), VE, "padding_mask"),
+    Bad("routing-x-int", fwd(RoutingAttention(16, 2, window=4), X.long()), TE, "x"),
+    Bad("routing-kpm-shape", fwd(RoutingAttention(16, 2, window=4), X, torch.ones(2, 7, dtype=torch.bool)), VE,
+        "key_padding_mask"),
+    Bad("seqboat-kpm-float", fwd(SeqBoat(dim=16, max_len=16), X, torch.ones(2, 8)), TE, "key_padding_mask"),
+    Bad("sqa-x-int", fwd(SQA, X.long()), TE, "x"),
+    Bad("sqa-kpm-float", fwd(SQA, X, torch.ones(2, 8)), TE, "key_padding_mask"),
+    Bad("positions-max-len-0", lambda: LearnedPositions(0, 16), VE, "max_len"),
+    Bad("positions-too-long", fwd(LearnedPositions(4, 16), X), VE, "max_len"),
+    Bad("rotary-odd-head-dim", lambda: rotary_tables(8, 5), VE, "head_dim"),
+    Bad("rotary-negative-n", lambda: rotary_tables(-1, 4), VE, "n must be"),
+    Bad("block-rope-too-long", fwd(TransformerBlock(16, 2, rope=True, max_len=4), X), VE, "max_len"),
+    Bad("attn-x-empty-n", fwd(WIN, X[:, :0]), VE, "x"),
+    Bad("attn-x-empty-batch", fwd(WIN, X[:0]), VE, "x"),
+    Bad("block-x-empty", fwd(BLOCK, X[:, :0]), VE, "x"),
+    Bad("ema-recurrent-state", lambda: EMA.recurrent(X, torch.zeros(3, 3)), VE, "state"),
+    Bad("ema-recurrent-bidirectional", lambda: MultiHeadEMA(16, 4, bidirectional=True).recurrent(X), VE, "bidirectional"),
     Bad("build-mech-context", lambda: build_mechanism("dense", width=3), VE, "context"),
     Bad("build-mech-int", lambda: build_mechanism(3), TE, "attention"),
     Bad("build-mech-unknown", lambda: build_mechanism("nope(x=1)"), VE, "nope"),
@@ -156,6 +173,8 @@ MODELS = [
     Bad("cls-mask-shape", fwd(CLS, TOKENS, torch.ones(2, 7, dtype=torch.bool)), VE, "mask"),
     Bad("cls-mask-float", fwd(CLS, TOKENS, torch.ones(2, 8)), VE, "mask"),
     Bad("cls-tokens-list", fwd(CLS, [[1, 2]]), VE, "tokens"),
+    Bad("cls-tokens-empty", fwd(CLS, TOKENS[:, :0]), VE, "tokens"),
+    Bad("lm-tokens-batch0", fwd(LM, TOKENS[:0]), VE, "tokens"),
     Bad("lm-tokens-vocab", fwd(LM, TOKENS + 20), VE, "tokens"),
     Bad("lm-tokens-3d", fwd(LM, TOKENS[None]), VE, "tokens"),
     Bad("ret-tokens2-missing", fwd(RET, TOKENS, None, None), VE, "tokens2"),
@@ -176,7 +195,7 @@ def test_models_reject(row):
 
 def test_spattn_nn_all_entry_points_covered():
     names = {r.id.split("-")[0] for r in NN}
-    assert {"attn", "block", "sqa", "routing", "seqboat", "ema", "build"} <= names
+    assert {"attn", "block", "sqa", "routing", "seqboat", "ema", "build", "positions", "rotary"} <= names
     assert set(spattn.nn.__all__) <= {"Attention", "build_mechanism", "TransformerBlock", "MLP", "RoutingAttention",
                                       "SeqBoat", "SparseQueryAttention"}
 
