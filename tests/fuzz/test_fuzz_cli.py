@@ -1,7 +1,8 @@
 """Fuzz: the ``spattn`` command with bad arguments, and ``spattn.integrations.hf.sparsify`` with bad arguments.
 
-Each bad command line must end with exit status 2 and exactly one line on stderr naming the argument
-(never a traceback, never a run that starts). Runs in-process (``spattn.cli.main``), bounded in time.
+Each bad command line must end with exit status 2 and exactly one error line on stderr naming the
+argument (the last line; never a traceback, never a run that starts). Runs in-process
+(``spattn.cli.main``), bounded in time.
 """
 
 from __future__ import annotations
@@ -138,9 +139,11 @@ def test_cli_rejects(row, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing a refused command writes may land in the checkout
     code, out, err = run_cli(row.argv)
     lines = err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("spattn: ")]
     assert code == 2, f"exit status {code}; stderr {err!r}"
-    assert len(lines) == 1, f"expected one line on stderr, got {lines}"
-    assert row.fragment in lines[0], f"{lines[0]!r} does not name {row.fragment!r}"
+    # the error is one line, the last one (a run may have said what it was building before it failed)
+    assert len(errors) == 1 and lines[-1] == errors[0], f"expected one error line, at the end; got {lines}"
+    assert row.fragment in errors[0], f"{errors[0]!r} does not name {row.fragment!r}"
     assert "Traceback" not in err
 
 
