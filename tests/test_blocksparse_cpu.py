@@ -47,6 +47,7 @@ def _check(q, k, v, layout, atol):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(problems(), st.sampled_from(["dense_mask", "blocks"]), st.sampled_from([torch.float32, torch.float64]),
        st.booleans())
+@pytest.mark.slow
 def test_random_layouts_match_reference(spy, problem, kind, dtype, transposed):
     """Per-batch / per-head / shared layouts, GQA, lengths off the block grid, partial tiles with a
     predicate that is not translation invariant, rows without any key."""
@@ -60,6 +61,7 @@ def test_random_layouts_match_reference(spy, problem, kind, dtype, transposed):
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(problems(max_len=700), st.booleans(), st.sampled_from([torch.float32, torch.float64]))
+@pytest.mark.slow
 def test_causal_and_content_layouts_match_reference(spy, problem, causal, dtype):
     """Causal diagonals (shared translation-invariant masks, row slices of a partial tile), runs of
     consecutive whole blocks longer than one GEMM, XAttention's per-head selections."""

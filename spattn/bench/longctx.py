@@ -62,7 +62,9 @@ def _progress(total: int, disable: bool, desc: str):
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return None
-    return tqdm(total=total, desc=desc, disable=disable)
+    import sys
+
+    return tqdm(total=total, desc=desc, disable=disable, file=sys.stderr)
 
 
 def _cache_arg(model) -> str:
@@ -165,58 +167,60 @@ def evaluate(model, tokenizer, args, partial_path: Optional[Path] = None) -> dic
     methods = _method_list(args, model, tokenizer)
     records = []
     bar = _progress(len(cases) * len(methods) + len(args.ppl_lengths) * len(methods), args.no_progress, "longctx")
-    for case_i, sample in enumerate(cases):
-        ids = torch.tensor([tokenizer(sample.prompt)["input_ids"]])
-        shared = None  # (prefill output, seconds) of the dense prefill, reused by decode-only methods
-        for m in methods:
-            if m["shares_prefill"] and shared is None:
-                shared = _prefill(model, ids)
-            handle = None
-            if m["prefill"] or m["decode"]:
-                handle = sparsify(model, prefill=m["prefill"], decode=m["decode"], dense_layers=args.dense_layers,
-                                  dense_tail=args.dense_tail if m["prefill"] else 0)
-            try:
-                if m["shares_prefill"]:
-                    arg = _cache_arg(model)
-                    out, prefill_s = copy.copy(shared[0]), shared[1]
-                    setattr(out, arg, copy.deepcopy(getattr(shared[0], arg)))
-                    tokens, steps = _decode(model, out, args.new_tokens)
-                else:
-                    tokens, prefill_s, steps = _greedy(model, ids, args.new_tokens)
-            finally:
-                if handle is not None:
-                    handle.undo()
-            text = tokenizer.decode(tokens)
-            records.append({
-                "method": m["name"], "case": case_i, "task": sample.task, "length": ids.shape[1], "depth": sample.depth,
-                "score": sample.score(text), "prediction": text, "prefill_s": prefill_s,
-                "decode_s_per_token": statistics.median(steps) if steps else None,
-                "prefill_density": handle.density("prefill") if handle and m["prefill"] else 1.0,
-                "decode_density": handle.density("decode") if handle else 1.0,
-            })
-            if bar is not None:
-                bar.update(1)
-        if partial_path is not None:
-            partial_path.write_text(json.dumps({"partial": True, "cases": records}, indent=2))
-    ppl = []
-    for length in args.ppl_lengths:
-        ids = _prose_ids(tokenizer, length)
-        for m in methods:
-            if m["decode"]:
-                continue
-            handle = (sparsify(model, prefill=m["prefill"], dense_layers=args.dense_layers, dense_tail=args.dense_tail)
-                      if m["prefill"] else None)
-            try:
-                value = perplexity(model, ids)
-            finally:
-                if handle is not None:
-                    handle.undo()
-            ppl.append({"method": m["name"], "length": length, "perplexity": value,
-                        "prefill_density": handle.density("prefill") if handle else 1.0})
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+    try:
+        for case_i, sample in enumerate(cases):
+            ids = torch.tensor([tokenizer(sample.prompt)["input_ids"]])
+            shared = None  # (prefill output, seconds) of the dense prefill, reused by decode-only methods
+            for m in methods:
+                if m["shares_prefill"] and shared is None:
+                    shared = _prefill(model, ids)
+                handle = None
+                if m["prefill"] or m["decode"]:
+                    handle = sparsify(model, prefill=m["prefill"], decode=m["decode"], dense_layers=args.dense_layers,
+                                      dense_tail=args.dense_tail if m["prefill"] else 0)
+                try:
+                    if m["shares_prefill"]:
+                        arg = _cache_arg(model)
+                        out, prefill_s = copy.copy(shared[0]), shared[1]
+                        setattr(out, arg, copy.deepcopy(getattr(shared[0], arg)))
+                        tokens, steps = _decode(model, out, args.new_tokens)
+                    else:
+                        tokens, prefill_s, steps = _greedy(model, ids, args.new_tokens)
+                finally:
+                    if handle is not None:
+                        handle.undo()
+                text = tokenizer.decode(tokens)
+                records.append({
+                    "method": m["name"], "case": case_i, "task": sample.task, "length": ids.shape[1], "depth": sample.depth,
+                    "score": sample.score(text), "prediction": text, "prefill_s": prefill_s,
+                    "decode_s_per_token": statistics.median(steps) if steps else None,
+                    "prefill_density": handle.density("prefill") if handle and m["prefill"] else 1.0,
+                    "decode_density": handle.density("decode") if handle else 1.0,
+                })
+                if bar is not None:
+                    bar.update(1)
+            if partial_path is not None:
+                partial_path.write_text(json.dumps({"partial": True, "cases": records}, indent=2))
+        ppl = []
+        for length in args.ppl_lengths:
+            ids = _prose_ids(tokenizer, length)
+            for m in methods:
+                if m["decode"]:
+                    continue
+                handle = (sparsify(model, prefill=m["prefill"], dense_layers=args.dense_layers, dense_tail=args.dense_tail)
+                          if m["prefill"] else None)
+                try:
+                    value = perplexity(model, ids)
+                finally:
+                    if handle is not None:
+                        handle.undo()
+                ppl.append({"method": m["name"], "length": length, "perplexity": value,
+                            "prefill_density": handle.density("prefill") if handle else 1.0})
+                if bar is not None:
+                    bar.update(1)
+    finally:  # an error must not be printed on the progress bar's line
+        if bar is not None:
+            bar.close()
     return {"config": {k: v for k, v in vars(args).items() if k != "func"}, "machine": _machine(),
             "summary": _summarise(records, ppl, methods), "cases": records, "perplexity": ppl}
 
@@ -299,20 +303,52 @@ def format_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def validate_args(args) -> None:
+    """Every option checked (specs built) before the slow model load; raises ``ValueError`` naming the option."""
+    from ..data.needle import TASKS
+    from ..patterns import pattern
+    from ..registry import suggest
+
+    for name in ("trials", "new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("dense_layers", "dense_tail"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    for task in args.tasks:
+        if task not in TASKS:
+            raise ValueError(f"--tasks: unknown task {task!r}{suggest(task, TASKS)}; valid: {', '.join(TASKS)}")
+    for length in args.lengths:
+        if length <= args.new_tokens:
+            raise ValueError(f"--lengths: each length must exceed --new-tokens ({args.new_tokens}), got {length}")
+    for depth in args.depths:
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"--depths: each depth must lie in [0, 1], got {depth}")
+    for length in args.ppl_lengths:
+        if length < 2:
+            raise ValueError(f"--ppl-lengths: each length must be >= 2, got {length}")
+    if not args.methods and not args.decode:
+        raise ValueError("give at least one --methods or --decode spec")
+    for option, specs in (("--methods", [m for m in args.methods if m != "dense"]), ("--decode", args.decode)):
+        for spec in specs:
+            try:
+                pattern(spec)
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"{option} {spec!r}: {err}") from None
+    if args.plot and not args.plot.lower().endswith((".png", ".pdf", ".svg")):
+        raise ValueError(f"--plot must name a .png, .pdf or .svg file, got {args.plot!r}")
+
+
 def run_longctx(args) -> int:
     """Entry point of ``spattn longctx``; returns a process exit code."""
     from ..integrations.hf import load_smollm2
 
+    validate_args(args)  # before the (slow) model load
     if args.threads:
         torch.set_num_threads(args.threads)
-    for name in ("trials", "new_tokens"):  # checked before the (slow) model load
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    try:
-        model, tokenizer = load_smollm2()
-    except (ImportError, FileNotFoundError) as err:
-        print(f"spattn longctx: {err}")
-        return 2
+    model, tokenizer = load_smollm2()  # a missing package raises ImportError with the install command
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = evaluate(model, tokenizer, args, partial_path=out)

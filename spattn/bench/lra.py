@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any, Optional, Sequence
 
-from .train import TrainConfig, train
+from .train import TrainConfig, check_attention, train
 
 __all__ = ["PUBLISHED", "LRA_TASKS", "CPU_CONFIGS", "run_lra_sweep", "format_lra_table", "add_lra_arguments", "run_lra"]
 
@@ -62,6 +62,8 @@ def run_lra_sweep(attentions: Sequence[str], tasks: Sequence[str] = ("listops", 
     """Train every (task, attention); returns ``{"rows": [...], "skipped": [...]}`` (accuracies in %)."""
     from .tasks import get_task
 
+    for attention in attentions:  # every spec checked before any data is generated
+        check_attention(attention)
     runnable, skipped = available_tasks(tasks, data_dir)
     rows = []
     for task_name in runnable:

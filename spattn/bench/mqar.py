@@ -15,7 +15,7 @@ import os
 import time
 from typing import Any, Optional, Sequence
 
-from .train import TrainConfig, train
+from .train import TrainConfig, check_attention, train
 
 __all__ = ["run_mqar_sweep", "format_mqar_table", "add_mqar_arguments", "run_mqar"]
 
@@ -45,6 +45,8 @@ def run_mqar_sweep(
     """Train every (attention, L, d_model, lr) cell; returns one row per (attention, L, d_model)."""
     from .tasks import get_task
 
+    for attention in attentions:  # every spec checked before any data is generated
+        check_attention(attention)
     task = get_task("mqar")
     rows = []
     data_cache: dict[int, Any] = {}

@@ -17,8 +17,18 @@ For each sequence length N and each pattern spec this times, on the same random 
                           it) as ``block_mask_s``
 ========================  ====================================================================
 
-**Timing**: ``warmup`` untimed calls, then the median of ``repeat`` wall-clock timings
-(``time.perf_counter``). ``torch.set_num_threads`` is left alone; the thread count is recorded.
+**Timing** (:func:`time_call`, the one timing function of the project): first a warm-up that builds
+or loads the compiled CPU kernels and starts torch's thread pool; per case ``warmup`` untimed calls,
+then at least ``repeat`` wall-clock timings (``time.perf_counter``), continued up to ``max_repeat``
+(within ``budget_s``) until the interquartile range is within ``rel_tol`` of the median; the median
+is reported with its spread and whether it settled. ``torch.set_num_threads`` is left alone; the
+thread count is recorded.
+
+**Plausibility**: :func:`flag_unreliable` marks results no one should read as spattn's speed, with
+the reason: unsettled timings, a sparse forward slower than dense SDPA at density <= 0.5 (or faster
+than half its ideal, a disturbed dense timing), forward+backward faster than the forward, negative
+time exponents over N, and the 1-minute load average before / after each case above the core count.
+The printed table explains every column in a legend and lists the reasons under it.
 Forward timings run under ``torch.no_grad()``; forward + backward ones call ``out.backward(g)``
 with a fixed random ``g``.
 
@@ -56,7 +66,7 @@ import torch
 __all__ = [
     "SpeedConfig", "run_speed", "format_speed_table", "time_call", "PeakMemory", "MEASUREMENTS",
     "DEFAULT_NS", "DEFAULT_PATTERNS", "print_speed_table", "write_json", "expand_backends", "summarize",
-    "fit_exponents",
+    "fit_exponents", "flag_unreliable", "unreliable_reasons", "dense_reasons", "legend", "TABLE_COLUMNS",
 ]
 
 DEFAULT_NS = (1024, 2048, 4096, 8192, 16384)
@@ -145,11 +155,18 @@ def _peak() -> PeakMemory:
     return _PEAK
 
 
-def time_call(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 5, memory: bool = True) -> dict[str, Any]:
+def time_call(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 5, memory: bool = True,
+              max_repeat: Optional[int] = None, rel_tol: float = 0.05, budget_s: Optional[float] = None) -> dict[str, Any]:
     """Median wall time of ``fn()`` after ``warmup`` calls; peak extra RSS of one more call when ``memory``.
 
-    Returns ``{"median_s", "times_s", "first_s", "peak_bytes"}`` (``first_s`` is the first
-    call's time, i.e. including any compilation; ``peak_bytes`` None when unmeasurable).
+    Times ``repeat`` calls; with ``max_repeat > repeat`` it goes on (up to ``max_repeat`` calls, and
+    while the timed calls took less than ``budget_s`` in total) until the median is stable: the
+    interquartile range of the timings is at most ``rel_tol`` of their median.
+
+    Returns ``{"median_s", "times_s", "first_s", "peak_bytes", "spread", "stable"}``: ``first_s`` is
+    the first call's time (including any compilation); ``peak_bytes`` None when unmeasurable;
+    ``spread`` the relative interquartile range; ``stable`` whether it met ``rel_tol`` (None when
+    fewer than 3 timed calls make no spread).
     """
     first = None
     for i in range(max(warmup, 0)):
@@ -157,23 +174,42 @@ def time_call(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 5, memory
         fn()
         if i == 0:
             first = time.perf_counter() - t0
-    times = []
-    for _ in range(max(repeat, 1)):
+    times: list[float] = []
+    limit = max(repeat, 1, max_repeat or 0)
+    while len(times) < limit:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+        if len(times) >= max(repeat, 1):
+            spread = _spread(times)
+            if spread is not None and spread <= rel_tol:
+                break
+            if budget_s is not None and sum(times) >= budget_s:
+                break
     peak_bytes = None
     if memory:  # one extra, untimed call: returning pages to the OS first would slow the timed ones
         peak = _peak()
         before = peak.start()
         fn()
         peak_bytes = peak.stop(before)
+    spread = _spread(times)
     return {
         "median_s": statistics.median(times),
         "times_s": times,
         "first_s": times[0] if first is None else first,
         "peak_bytes": peak_bytes,
+        "spread": spread,
+        "stable": None if spread is None else spread <= rel_tol,
     }
+
+
+def _spread(times: Sequence[float]) -> Optional[float]:
+    """Interquartile range / median of ``times`` (None for fewer than 3)."""
+    if len(times) < 3:
+        return None
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    med = statistics.median(times)
+    return (q3 - q1) / med if med > 0 else None
 
 
 # --------------------------------------------------------------------------------- the benchmark
@@ -191,6 +227,10 @@ class SpeedConfig:
     causal: bool = False
     warmup: int = 1
     repeat: int = 3
+    #: keep timing (up to this many calls, within ``budget_s`` per case) until the median is stable
+    max_repeat: int = 8
+    rel_tol: float = 0.05
+    budget_s: float = 10.0
     memory: bool = True
     seed: int = 0
     #: compile FlexAttention with Inductor's on-disk caches off, so ``compile_s`` is a cold compile
@@ -204,8 +244,12 @@ class SpeedConfig:
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be an int >= 0, got {self.warmup!r}")
+        if isinstance(self.max_repeat, bool) or not isinstance(self.max_repeat, int) or self.max_repeat < self.repeat:
+            raise ValueError(f"max_repeat must be an int >= repeat ({self.repeat}), got {self.max_repeat!r}")
+        if not 0 < self.rel_tol < 1 or not self.budget_s > 0:
+            raise ValueError(f"need 0 < rel_tol < 1 and budget_s > 0, got {self.rel_tol}, {self.budget_s}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         bad = [m for m in self.measurements if m not in MEASUREMENTS]
@@ -313,7 +357,8 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
     dtype = _DTYPES[cfg.dtype]
     want = set(cfg.measurements)
     peak = _peak() if cfg.memory else None
-    timing = dict(warmup=cfg.warmup, repeat=cfg.repeat, memory=cfg.memory)
+    timing = dict(warmup=cfg.warmup, repeat=cfg.repeat, memory=cfg.memory, max_repeat=cfg.max_repeat,
+                  rel_tol=cfg.rel_tol, budget_s=cfg.budget_s)
     out: dict[str, Any] = {
         "benchmark": "speed",
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
@@ -324,6 +369,7 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
         ),
         "results": [],
     }
+    _warm_up(log)
     for n in cfg.ns:
         gen = torch.Generator().manual_seed(cfg.seed + n)
         shape = (cfg.batch, cfg.heads, n, cfg.dim)
@@ -352,7 +398,7 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
             dense["sdpa_bwd"] = _safe(lambda: time_call(fwd_bwd(sdpa_call), **timing), log, "sdpa_bwd")
 
         for spec in cfg.patterns:
-            rec: dict[str, Any] = {"n": n, "pattern": spec, **dense}
+            rec: dict[str, Any] = {"n": n, "pattern": spec, **dense, "load_before": _load1()}
             mech = _build(spec, cfg, n)
             if isinstance(mech, Pattern):
                 t0 = time.perf_counter()
@@ -369,8 +415,8 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
                 log(f"N={n} {spec}: selection (estimation) time")
                 with torch.no_grad():
                     rec["select"] = _safe(
-                        lambda: time_call(lambda: mech.select(q, k, causal=cfg.causal), warmup=cfg.warmup,
-                                          repeat=cfg.repeat, memory=False), log, "select")
+                        lambda: time_call(lambda: mech.select(q, k, causal=cfg.causal), **{**timing, "memory": False}),
+                        log, "select")
 
             if "sdpa_mask" in want and layout is not None:
                 def masked():
@@ -410,13 +456,112 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
             if "flex" in want and isinstance(layout, Layout):
                 log(f"N={n} {spec}: compiled FlexAttention forward (first call compiles)")
                 rec["flex"] = _safe(lambda: _time_flex(q, k, v, layout, cfg), log, "flex")
+            rec["load_after"] = _load1()
             rec["summary"] = summarize(rec)
             out["results"].append(rec)
             layout = None  # free it before the next case
             gc.collect()
     if hasattr(os, "getloadavg"):
         out["environment"]["load_average_end"] = list(os.getloadavg())
+    flag_unreliable(out)
     return out
+
+
+def _load1() -> Optional[float]:
+    """The 1-minute load average (processes wanting a core), or None where unknown."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _warm_up(log: Callable[[str], None]) -> None:
+    """Before any timing: build (or load) the compiled CPU loops and start torch's thread pool, so no
+    timed call pays for a build or a first-call setup."""
+    import torch.nn.functional as F
+
+    from .. import _compiled
+
+    t0 = time.perf_counter()
+    log("warming up: loading the compiled CPU kernels (built once, about a minute, if not cached) ...")
+    ops = _compiled.ops()
+    x = torch.randn(1, 2, 256, 32)
+    F.scaled_dot_product_attention(x, x, x)
+    log(f"warm-up done in {time.perf_counter() - t0:.1f} s"
+        + ("" if ops is not None else f" (compiled kernels unavailable: {_compiled.build_error()}; eager paths timed)"))
+
+
+#: a sparse path slower than dense SDPA at this density or below is implausible (the kernels' whole point)
+LOW_DENSITY = 0.5
+
+
+def _unstable(rec: dict, keys) -> list[str]:
+    out = []
+    for key, label in keys:
+        r = rec.get(key)
+        if isinstance(r, dict) and r.get("stable") is False:
+            out.append(f"{label} timings unstable (interquartile range {r['spread']:.0%} of the median "
+                       f"after {len(r['times_s'])} runs)")
+    return out
+
+
+def dense_reasons(rec: dict) -> list[str]:
+    """Why the dense SDPA baseline of one N (shared by that N's records) is implausible."""
+    reasons = _unstable(rec, (("sdpa", "dense forward"), ("sdpa_bwd", "dense forward+backward")))
+    f, fb = _get(rec, "sdpa"), _get(rec, "sdpa_bwd")
+    if f and fb and fb < f:
+        reasons.append(f"dense SDPA forward+backward {_ms(fb)} ms faster than its forward alone {_ms(f)} ms")
+    return reasons
+
+
+def unreliable_reasons(rec: dict, cpus: Optional[int] = None) -> list[str]:
+    """Why one (N, pattern) record should not be read as the library's speed (empty: plausible).
+
+    Flags: unstable timings of the mechanism, a sparse forward slower than dense SDPA at low density
+    (or faster than half its ideal, which points at a disturbed dense timing), forward+backward
+    faster than the forward alone, and a machine load beyond the cores before or after the case.
+    The dense baseline's own flags are :func:`dense_reasons`.
+    """
+    reasons = _unstable(rec, (("blocksparse", "forward"), ("blocksparse_bwd", "forward+backward"),
+                              ("select", "selection"), ("flex", "flex")))
+    d, sdpa, bs = rec.get("density"), _get(rec, "sdpa"), _get(rec, "blocksparse")
+    if rec.get("kernel") != "approximation" and d is not None and sdpa and bs:
+        if d <= LOW_DENSITY and bs > sdpa:
+            reasons.append(f"sparse forward {_ms(bs)} ms slower than dense SDPA {_ms(sdpa)} ms at density {d:.2f}")
+        elif bs < 0.5 * d * sdpa:
+            reasons.append(f"sparse forward {_ms(bs)} ms under half its ideal {_ms(d * sdpa)} ms (density x dense): "
+                           "the dense timing is suspect")
+    f, fb = _get(rec, "blocksparse"), _get(rec, "blocksparse_bwd")
+    if f and fb and fb < f:
+        reasons.append(f"forward+backward {_ms(fb)} ms faster than the forward alone {_ms(f)} ms")
+    if dense_reasons(rec):
+        reasons.append("the dense baseline at this N is unreliable (below)")
+    cpus = cpus or os.cpu_count() or 1
+    loads = [x for x in (rec.get("load_before"), rec.get("load_after")) if x is not None]
+    if loads and max(loads) > cpus + 0.5:
+        reasons.append(f"machine busy: load {loads[0]:.1f} -> {loads[-1]:.1f} on {cpus} CPUs")
+    return reasons
+
+
+def flag_unreliable(result: dict[str, Any]) -> list[str]:
+    """Add ``unreliable`` (reasons) to every record of ``result`` and the run-level reasons (the dense
+    baseline per N, negative time exponents) to ``result["unreliable"]``; returns the run-level reasons."""
+    cpus = result.get("environment", {}).get("cpus")
+    run_level, seen_n = [], set()
+    for rec in result["results"]:
+        rec["unreliable"] = unreliable_reasons(rec, cpus)
+        if rec["n"] not in seen_n:
+            seen_n.add(rec["n"])
+            run_level += [f"N={rec['n']} dense SDPA: {r}" for r in dense_reasons(rec)]
+    for name, x in fit_exponents(result).items():
+        if x < 0:
+            run_level.append(f"{name}: forward time ∝ N^{x:.2f}, i.e. it falls as N grows")
+            for rec in result["results"]:
+                if rec["pattern"] == name:
+                    rec["unreliable"].append(f"negative time exponent {x:.2f} over N")
+    loads = [x for r in result["results"] for x in (r.get("load_before"), r.get("load_after")) if x is not None]
+    if loads and max(loads) > (cpus or os.cpu_count() or 1) + 0.5:
+        run_level.append(f"the machine was busy (1-minute load {min(loads):.1f}-{max(loads):.1f} on {cpus} CPUs): "
+                         "other processes competed for the cores, so times and ratios may be distorted")
+    result["unreliable"] = run_level
+    return run_level
 
 
 def _time_flex(q, k, v, layout, cfg: SpeedConfig) -> dict[str, Any]:
@@ -437,8 +582,8 @@ def _time_flex(q, k, v, layout, cfg: SpeedConfig) -> dict[str, Any]:
         else:
             flex_attention(q, k, v, layout)  # compiles, or loads Inductor's on-disk cache
         first = time.perf_counter() - t0
-        res = time_call(lambda: flex_attention(q, k, v, layout), warmup=max(cfg.warmup - 1, 0),
-                        repeat=cfg.repeat, memory=cfg.memory)
+        res = time_call(lambda: flex_attention(q, k, v, layout), warmup=max(cfg.warmup - 1, 0), repeat=cfg.repeat,
+                        memory=cfg.memory, max_repeat=cfg.max_repeat, rel_tol=cfg.rel_tol, budget_s=cfg.budget_s)
     res["first_s"] = first
     res["compile_s"] = max(0.0, first - res["median_s"])
     res["compile_cold"] = cfg.cold_compile
@@ -459,12 +604,32 @@ def _mb(x: Optional[float]) -> str:
     return "-" if x is None else f"{x / 2**20:.0f}"
 
 
+#: (header, key, legend): every printed column is explained under the table
 TABLE_COLUMNS = (
-    ("N", "n"), ("pattern", "pattern"), ("density", "density"), ("sdpa ms", "sdpa"), ("ideal ms", "ideal"),
-    ("select ms", "select"), ("sel/sdpa", "sel/sdpa"), ("bs ms", "blocksparse"), ("flex ms", "flex"), ("bs/flex", "bs/flex"), ("bs/ideal", "bs/ideal"),
-    ("sdpa f+b ms", "sdpa_bwd"), ("bs f+b ms", "blocksparse_bwd"), ("f+b/f", "f+b/f"), ("f+b/ideal", "f+b/ideal"),
-    ("compile s", "compile"), ("blockmask ms", "blockmask"), ("mask MB", "mask_mb"), ("bs MB", "bs_mb"),
-    ("bs/mask mem", "memratio"),
+    ("N", "n", "sequence length (queries = keys)"),
+    ("pattern", "pattern", "the mechanism's spec; [tokensparse] / [clustered]: computed by that kernel instead of "
+                           "blocksparse; [approximation]: no pairs, the mechanism's own forward"),
+    ("density", "density", "fraction of (query, key) pairs computed"),
+    ("dense ms", "sdpa", "dense F.scaled_dot_product_attention forward (the baseline), milliseconds"),
+    ("ideal ms", "ideal", "density x dense ms: the time if cost followed the computed pairs exactly"),
+    ("select ms", "select", "time of the content-based selection (estimation) alone"),
+    ("select/dense", "sel/sdpa", "select ms / dense ms"),
+    ("sparse ms", "sparse", "spattn forward on the selected pairs (blocksparse, tokensparse or clustered kernel)"),
+    ("approx ms", "approx", "the approximation's forward ([approximation] rows)"),
+    ("flex ms", "flex", "compiled FlexAttention forward on the same layout"),
+    ("sparse/flex", "bs/flex", "sparse ms / flex ms"),
+    ("sparse/ideal", "bs/ideal", "sparse ms / ideal ms (1.0 = cost follows the pairs exactly)"),
+    ("dense f+b ms", "sdpa_bwd", "dense SDPA forward + backward"),
+    ("sparse f+b ms", "sparse_bwd", "spattn forward + backward on the selected pairs"),
+    ("approx f+b ms", "approx_bwd", "the approximation's forward + backward"),
+    ("f+b/f", "f+b/f", "spattn forward+backward / its forward (dense SDPA: about 3-4)"),
+    ("f+b/ideal", "f+b/ideal", "sparse f+b ms / (density x dense f+b ms)"),
+    ("compile s", "compile", "FlexAttention's first-call compile time"),
+    ("blockmask ms", "blockmask", "building FlexAttention's BlockMask from the layout (once per layout)"),
+    ("mask MB", "mask_mb", "peak extra memory of dense SDPA with the layout as an N x N bool mask (mask included)"),
+    ("fwd MB", "bs_mb", "peak extra memory of the spattn forward (sparse or approximation)"),
+    ("fwd/mask mem", "memratio", "fwd MB / mask MB"),
+    ("flag", "flag", "! = unreliable result: the reasons are listed under the table"),
 )
 
 
@@ -478,20 +643,43 @@ def _row(rec: dict) -> list[str]:
         return _ms(_get(rec, key))
 
     flex = rec.get("flex") if isinstance(rec.get("flex"), dict) else {}
+    approx = rec.get("kernel") == "approximation"
     cells = {
         "n": str(rec["n"]), "density": "-" if rec.get("density") is None else f"{rec['density']:.3f}",
         "pattern": rec["pattern"] + ("" if rec.get("kernel", "blocksparse") == "blocksparse" else f" [{rec['kernel']}]"),
         "select": t("select"), "sel/sdpa": _x(s.get("select_over_sdpa")),
-        "sdpa": t("sdpa"), "ideal": _ms(s["ideal_s"]), "blocksparse": t("blocksparse"), "flex": t("flex"),
+        "sdpa": t("sdpa"), "ideal": _ms(s["ideal_s"]),
+        "sparse": "-" if approx else t("blocksparse"), "approx": t("blocksparse") if approx else "-", "flex": t("flex"),
         "bs/flex": _x(s["blocksparse_over_flex"]), "bs/ideal": _x(s["blocksparse_over_ideal"]),
-        "sdpa_bwd": t("sdpa_bwd"), "blocksparse_bwd": t("blocksparse_bwd"), "f+b/f": _x(s["bwd_over_fwd"]),
+        "sdpa_bwd": t("sdpa_bwd"), "sparse_bwd": "-" if approx else t("blocksparse_bwd"),
+        "approx_bwd": t("blocksparse_bwd") if approx else "-", "f+b/f": _x(s["bwd_over_fwd"]),
         "f+b/ideal": _x(s["bwd_over_ideal_bwd"]),
         "compile": "-" if flex.get("compile_s") is None else f"{flex['compile_s']:.1f}",
         "blockmask": _ms(flex.get("block_mask_s")),
         "mask_mb": _mb(_get(rec, "sdpa_mask", "peak_bytes")), "bs_mb": _mb(_get(rec, "blocksparse", "peak_bytes")),
         "memratio": _x(s["mem_blocksparse_over_sdpa_mask"]),
+        "flag": "!" if rec.get("unreliable") else "-",
     }
-    return [cells[key] for _, key in TABLE_COLUMNS]
+    return [cells[key] for _, key, _ in TABLE_COLUMNS]
+
+
+def _kept_columns(rows: list[list[str]]) -> list[int]:
+    """N, pattern, then every column with data."""
+    return [i for i in range(len(TABLE_COLUMNS)) if i < 2 or any(r[i] != "-" for r in rows)]
+
+
+def legend(result: dict[str, Any], columns: Optional[Sequence[int]] = None) -> list[str]:
+    """One line per printed column, then the reasons for every flagged result."""
+    if columns is None:
+        columns = _kept_columns([_row(r) for r in result["results"]])
+    lines = ["columns:"] + [f"  {TABLE_COLUMNS[i][0]:<14} {TABLE_COLUMNS[i][2]}" for i in columns]
+    flagged = [r for r in result["results"] if r.get("unreliable")]
+    if flagged or result.get("unreliable"):
+        lines.append("UNRELIABLE results (do not read them as spattn's speed; re-run on an idle machine):")
+        for r in flagged:
+            lines.append(f"  N={r['n']} {r['pattern']}: " + "; ".join(r["unreliable"]))
+        lines += [f"  {reason}" for reason in result.get("unreliable", [])]
+    return lines
 
 
 def fit_exponents(result: dict[str, Any], measurement: str = "blocksparse") -> dict[str, float]:
@@ -525,52 +713,70 @@ def _load(env: dict) -> str:
     return f" (load avg {start[0]:.1f}" + (f" -> {end[0]:.1f})" if end else ")")
 
 
+def _footer(result: dict[str, Any]) -> str:
+    env, cfg = result.get("environment", {}), result.get("config", {})
+    return (f"B={cfg.get('batch')} H={cfg.get('heads')} D={cfg.get('dim')} {cfg.get('dtype')} "
+            f"causal={cfg.get('causal')}; torch {env.get('torch')}, {env.get('threads')} threads{_load(env)}, "
+            f"median of {cfg.get('repeat')}-{cfg.get('max_repeat', cfg.get('repeat'))} runs (until the interquartile "
+            f"range is within {cfg.get('rel_tol', 0.05):.0%} of the median) after {cfg.get('warmup')} warmup; "
+            f"memory: {result.get('memory_method')}")
+
+
+def _exponent_line(result: dict[str, Any]) -> Optional[str]:
+    slopes = fit_exponents(result) if result["results"] else {}
+    if not slopes:
+        return None
+    return "forward time ∝ N^x: " + ", ".join(f"{name} x={x:.2f}" for name, x in slopes.items())
+
+
 def format_speed_table(result: dict[str, Any]) -> str:
-    """Plain-text table of :func:`run_speed`'s result (columns with no data are left out)."""
+    """Plain-text table of :func:`run_speed`'s result (columns with no data are left out), its legend and
+    the reasons for any result flagged as unreliable."""
+    if result["results"] and any("unreliable" not in r for r in result["results"]):
+        flag_unreliable(result)
     rows = [_row(r) for r in result["results"]]
-    keep = [i for i, (_, _) in enumerate(TABLE_COLUMNS) if i < 3 or any(r[i] != "-" for r in rows)]
+    keep = _kept_columns(rows)
     header = [TABLE_COLUMNS[i][0] for i in keep]
     body = [[r[i] for i in keep] for r in rows]
     widths = [max(len(h), *(len(r[j]) for r in body)) if body else len(h) for j, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) if j != 1 else h.ljust(w) for j, (h, w) in enumerate(zip(header, widths)))]
-    lines.append("  ".join("-" * w for w in widths))
-    for r in body:
-        lines.append("  ".join(c.rjust(w) if j != 1 else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))))
-    env = result.get("environment", {})
-    cfg = result.get("config", {})
-    lines.append(
-        f"B={cfg.get('batch')} H={cfg.get('heads')} D={cfg.get('dim')} {cfg.get('dtype')} "
-        f"causal={cfg.get('causal')}; torch {env.get('torch')}, {env.get('threads')} threads"
-        f"{_load(env)}, "
-        f"median of {cfg.get('repeat')} after {cfg.get('warmup')} warmup; ideal = density x dense SDPA; "
-        f"memory: {result.get('memory_method')}"
-    )
-    slopes = fit_exponents(result) if result["results"] else {}
-    if slopes:
-        lines.append("forward time ∝ N^x: " + ", ".join(f"{name} x={x:.2f}" for name, x in slopes.items()))
+    left = {1}  # pattern
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if j in left else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths)))
+
+    lines = [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in body), _footer(result)]
+    exponents = _exponent_line(result)
+    if exponents:
+        lines.append(exponents)
+    if result["results"]:
+        lines += legend(result, keep)
     return "\n".join(lines)
 
 
 def print_speed_table(result: dict[str, Any], file=None) -> None:
-    """Print with ``rich`` when installed, else plain text."""
+    """Print with ``rich`` when installed, else plain text; both with the legend and the flags."""
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
         print(format_speed_table(result), file=file or sys.stdout)
         return
+    if any("unreliable" not in r for r in result["results"]):
+        flag_unreliable(result)
     rows = [_row(r) for r in result["results"]]
-    keep = [i for i in range(len(TABLE_COLUMNS)) if i < 3 or any(r[i] != "-" for r in rows)]
-    table = Table(title="spattn bench speed", caption=format_speed_table({**result, "results": []}).splitlines()[-1])
+    keep = _kept_columns(rows)
+    table = Table(title="spattn bench speed", caption=_footer(result))
     for i in keep:
         table.add_column(TABLE_COLUMNS[i][0], justify="left" if i == 1 else "right")
     for r in rows:
         table.add_row(*[r[i] for i in keep])
     console = Console(file=file, width=max(160, 12 * len(keep)))
     console.print(table)
-    slopes = fit_exponents(result)
-    if slopes:
-        console.print("forward time ∝ N^x: " + ", ".join(f"{name} x={x:.2f}" for name, x in slopes.items()))
+    exponents = _exponent_line(result)
+    if exponents:
+        console.print(exponents)
+    for text in legend(result, keep):
+        console.print(text, markup=False, highlight=False)
 
 
 def write_json(result: dict[str, Any], path: str) -> None:

@@ -19,7 +19,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Optional
@@ -30,11 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import ModelConfig, build_model
+from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_SCHEMA, load_checkpoint, save_checkpoint
 from .tasks import Task, TaskData, as_batch, get_task
 
-__all__ = ["TrainConfig", "train", "evaluate", "add_train_arguments", "run_train", "load_checkpoint", "CHECKPOINT_FORMAT"]
+__all__ = ["TrainConfig", "train", "evaluate", "add_train_arguments", "run_train", "load_checkpoint", "save_checkpoint",
+           "CHECKPOINT_FORMAT", "CHECKPOINT_SCHEMA", "TrainingInterrupted", "default_out_dir"]
 
-CHECKPOINT_FORMAT = "spattn-train-v1"
 MODEL_FIELDS = {f.name for f in fields(ModelConfig)} - {"kind", "vocab_size", "num_classes"}
 
 
@@ -56,11 +59,17 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: Optional[int] = None  # None = the whole validation set
     eval_batch_size: Optional[int] = None
+    num_val: Optional[int] = None  # evaluate the first num_val validation examples (None = all)
+    num_test: Optional[int] = None  # the same for the final test evaluation
     target_acc: Optional[float] = None
     seed: int = 0
     out_dir: Optional[str] = None  # checkpoint.pt and metrics.json live here
     checkpoint_every: Optional[int] = None  # default: every eval
     resume: bool = False
+    #: resume even though settings that exactness depends on (seed, batch size, lr, ...) changed
+    resume_inexact: bool = False
+    #: start a new run in an out_dir that holds a checkpoint (its checkpoint.pt and metrics.json are removed)
+    overwrite: bool = False
     max_minutes: Optional[float] = None  # stop (with a checkpoint) after this much training time
     progress: bool = True
     test: bool = True  # evaluate the test split at the end
@@ -84,6 +93,11 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
+        from ..registry import as_python_scalar
+
+        for f in fields(self):  # NumPy scalars (np.int64(100), np.float32(1e-3)) as Python numbers
+            setattr(self, f.name, as_python_scalar(getattr(self, f.name)))
+
         def pos_int(name, allow_none=False):
             v = getattr(self, name)
             if v is None and allow_none:
@@ -93,7 +107,7 @@ class TrainConfig:
 
         for name in ("steps", "batch_size", "eval_every"):
             pos_int(name)
-        for name in ("eval_batches", "eval_batch_size", "checkpoint_every"):
+        for name in ("eval_batches", "eval_batch_size", "checkpoint_every", "num_val", "num_test"):
             pos_int(name, allow_none=True)
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"TrainConfig: warmup must be an int >= 0, got {self.warmup!r}")
@@ -106,9 +120,26 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: target_acc must lie in (0, 1], got {self.target_acc}")
         if self.resume and not self.out_dir:
             raise ValueError("TrainConfig: resume=True needs out_dir (where the checkpoint is)")
+        if self.resume and self.overwrite:
+            raise ValueError("TrainConfig: resume and overwrite exclude each other (continue the run, or replace it)")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"TrainConfig: max_minutes must be > 0, got {self.max_minutes}")
+        if not isinstance(self.attention, str):
+            raise TypeError(f"TrainConfig: attention must be a spec string, got {type(self.attention).__name__}")
         bad = sorted(set(self.model) - MODEL_FIELDS)
         if bad:
             raise ValueError(f"TrainConfig: unknown model field(s) {bad}; valid: {', '.join(sorted(MODEL_FIELDS))}")
+
+
+def check_attention(attention: str) -> None:
+    """Check a model's attention spec (or ``;``-joined per-layer specs) without building anything:
+    syntax, names (with suggestions) and required parameters, except those the model fills in."""
+    from ..approx.base import CONTEXT_PARAMETERS
+    from ..registry import check_spec
+
+    for part in attention.split(";") if attention else ():
+        if part.strip():
+            check_spec(part.strip(), "attention", provided=CONTEXT_PARAMETERS)
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -185,27 +216,45 @@ def _autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
+class _EvalStopped(Exception):
+    """An evaluation abandoned because the run was asked to stop (SIGINT / SIGTERM)."""
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, dataset, collate, *, batch_size: int, max_batches: Optional[int] = None,
-             bf16: bool = False) -> dict[str, float]:
-    """Mean loss, accuracy (over labels, or over positions with target != -100) and bits per byte/token."""
+             bf16: bool = False, max_examples: Optional[int] = None, progress: bool = False, desc: str = "evaluation",
+             stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
+    """Mean loss, accuracy (over labels, or over positions with target != -100) and bits per byte/token.
+
+    Evaluates the first ``max_examples`` examples (default all), at most ``max_batches`` batches, with a
+    progress bar when ``progress``; ``stop()`` returning True abandons the evaluation.
+    """
     was_training = model.training
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
-    n = len(dataset)
+    n = len(dataset) if max_examples is None else min(len(dataset), max_examples)
     batches = math.ceil(n / batch_size)
     if max_batches is not None:
         batches = min(batches, max_batches)
-    for b in range(batches):
-        items = [dataset[i] for i in range(b * batch_size, min(n, (b + 1) * batch_size))]
-        batch = as_batch(collate(items))
-        with _autocast(bf16):
-            logits, target = forward_batch(model, task, batch)
-        loss, c, k = _loss_and_counts(logits, target)
-        loss_sum += float(loss) * k
-        correct += c
-        count += k
-    model.train(was_training)
+    from tqdm.auto import tqdm
+
+    try:
+        with tqdm(total=min(n, batches * batch_size), desc=desc, unit="ex", leave=False, disable=not progress,
+                  dynamic_ncols=True, file=sys.stderr) as bar:
+            for b in range(batches):
+                if stop is not None and stop():
+                    raise _EvalStopped
+                items = [dataset[i] for i in range(b * batch_size, min(n, (b + 1) * batch_size))]
+                batch = as_batch(collate(items))
+                with _autocast(bf16):
+                    logits, target = forward_batch(model, task, batch)
+                loss, c, k = _loss_and_counts(logits, target)
+                loss_sum += float(loss) * k
+                correct += c
+                count += k
+                bar.update(len(items))
+    finally:
+        model.train(was_training)
     loss = loss_sum / max(count, 1)
     return {"loss": loss, "acc": correct / max(count, 1), "bpb": loss / math.log(2), "count": count}
 
@@ -222,32 +271,15 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-
-
-def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
-    """Atomic write: a crash while saving never leaves a half-written checkpoint behind."""
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str) -> dict[str, Any]:
-    """Read a training checkpoint; a missing, corrupt or foreign file raises ``ValueError``."""
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} does not exist")
+def _set_rng_state(state: dict[str, Any], path: str = "<checkpoint>") -> None:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for truncated/garbage files
-        raise ValueError(f"checkpoint {path!r} is corrupt or not a spattn training checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path!r} is not a spattn training checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    return ckpt
+        torch.set_rng_state(state["torch"])
+        py = state["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    except (TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise ValueError(f"checkpoint {path!r}: field 'rng' holds an invalid RNG state ({type(e).__name__}: {e})") from None
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -255,6 +287,105 @@ def _write_json(path: str, obj: Any) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
+
+
+#: settings that change which updates a run makes: a resume with any of them changed is not the
+#: continuation of the saved run, so it is refused (unless ``resume_inexact``)
+EXACT_FIELDS = ("seed", "batch_size", "lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip", "bf16")
+
+
+def resume_changes(saved: dict[str, Any], cfg: "TrainConfig") -> tuple[list[str], list[str]]:
+    """(changed settings that break exactness, changed ``steps`` note) between a checkpoint's train config and ``cfg``."""
+    mine = asdict(cfg)
+    breaking = [f"{k} {saved[k]!r} -> {mine[k]!r}" for k in EXACT_FIELDS if k in saved and saved[k] != mine[k]]
+    notes = []
+    if "steps" in saved and saved["steps"] != mine["steps"]:
+        notes.append(f"steps {saved['steps']} -> {mine['steps']}: the cosine schedule is recomputed for the new total, "
+                     "so the run continues exactly but is not identical to an uninterrupted run of the new length")
+    return breaking, notes
+
+
+def _check_out_dir(cfg: "TrainConfig", ckpt_path: Optional[str], metrics_path: Optional[str]) -> Optional[dict[str, Any]]:
+    """The checkpoint to resume from (validated), or None; refuses to overwrite a run without ``overwrite``."""
+    if not ckpt_path:
+        return None
+    exists = os.path.exists(ckpt_path)
+    if cfg.resume:
+        if not exists:
+            _say(cfg, f"no checkpoint in {cfg.out_dir}: starting a new run there")
+            return None
+        ckpt = load_checkpoint(ckpt_path)
+        saved_tc = ckpt["train_config"]
+        if saved_tc["task"] != cfg.task or saved_tc.get("task_options", {}) != cfg.task_options:
+            raise ValueError(f"cannot resume from {ckpt_path!r}: it was trained on task {saved_tc['task']!r} "
+                             f"with options {saved_tc.get('task_options', {})}")
+        breaking, notes = resume_changes(saved_tc, cfg)
+        if breaking and not cfg.resume_inexact:
+            raise ValueError(f"cannot resume from {ckpt_path!r} exactly: changed {'; '.join(breaking)}. Use the saved "
+                             "settings, or pass --resume-inexact (resume_inexact=True) to continue anyway, or "
+                             "--overwrite to start again")
+        if breaking:
+            _say(cfg, f"note: resuming NON-EXACTLY from step {ckpt['step']}: changed {'; '.join(breaking)}", always=True)
+        for note in notes:
+            _say(cfg, f"note: {note}", always=True)
+        return ckpt
+    if exists and not cfg.overwrite:
+        raise ValueError(f"{ckpt_path!r} already holds a training checkpoint; pass --resume (resume=True) to continue "
+                         "it or --overwrite (overwrite=True) to start a new run there, or choose another --out")
+    return None
+
+
+def _start_fresh(ckpt_path: Optional[str], metrics_path: Optional[str]) -> None:
+    """``overwrite``: the old run's files go before the new run writes, so the directory never mixes two runs."""
+    for path in (ckpt_path, metrics_path):
+        if path and os.path.exists(path):
+            os.remove(path)
+
+
+def _say(cfg: "TrainConfig", msg: str, always: bool = False) -> None:
+    if cfg.progress or always:
+        print(msg, file=sys.stderr, flush=True)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM stopped a run; a checkpoint of the last completed step was written (when ``out_dir``)."""
+
+    def __init__(self, step: int, checkpoint: Optional[str]):
+        self.step, self.checkpoint = step, checkpoint
+        where = (f"checkpoint of step {step} saved to {checkpoint}; continue with --resume" if checkpoint
+                 else "no --out directory: nothing was saved")
+        super().__init__(f"training interrupted after step {step}: {where}")
+
+
+class _StopSignals:
+    """Turns the first SIGINT / SIGTERM into a request to stop at the next step boundary (so the run can
+    checkpoint); a second one interrupts at once. Only in the main thread (signals cannot be caught elsewhere)."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.requested: Optional[str] = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: stopping after this step and saving a checkpoint (again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
 
 
 # ----------------------------------------------------------------------------------------- loop
@@ -277,6 +408,14 @@ def _saved_model_config(ckpt: dict[str, Any]) -> dict[str, Any]:
     return {**defaults, **ckpt["model_config"]}
 
 
+def _load_state(target, state, what: str, path: str) -> None:
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"checkpoint {path!r}: field {what!r} does not fit this run ({first})") from None
+
+
 def _init_from(model: nn.Module, model_cfg, path: str) -> dict[str, Any]:
     """Load the weights of ``path`` (a training checkpoint) into ``model``; the attention may differ."""
     if not os.path.exists(path):
@@ -288,7 +427,10 @@ def _init_from(model: nn.Module, model_cfg, path: str) -> dict[str, Any]:
         raise ValueError(f"init_from {path!r}: the model config differs in {differ} (only the attention may differ); "
                          f"saved: {[saved.get(k) for k in differ]}, here: {[mine.get(k) for k in differ]}")
     # the mechanisms' own state (routing centroids, gates) is what may be missing or left over
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"init_from {path!r}: field 'model' does not fit ({str(e).strip().splitlines()[0]})") from None
     return {"from": path, "attention": saved.get("attention"), "missing": list(missing), "unexpected": list(unexpected)}
 
 
@@ -299,55 +441,68 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
     ``callback(step, record)`` is called after every optimizer step (``record`` holds train loss/acc
     and, at eval steps, the eval metrics); raising from it interrupts the run like a crash would.
     ``data`` skips the task's data builder (used by the LRA/MQAR sweeps to share generated data).
+
+    Everything that can be checked is checked before data is built: the config, the attention spec,
+    the output directory (an existing checkpoint needs ``resume`` or ``overwrite``) and, when resuming,
+    the checkpoint (checksum, fields, settings that exactness depends on). SIGINT / SIGTERM stop the
+    run after the current step with a checkpoint and raise :class:`TrainingInterrupted`.
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train: expected a TrainConfig, got {type(cfg).__name__}")
     task = get_task(cfg.task)
     cfg = cfg.resolved(task)
+    check_attention(cfg.attention)
+    ckpt_path = metrics_path = None
+    if cfg.out_dir:
+        ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
+        metrics_path = os.path.join(cfg.out_dir, "metrics.json")
+    ckpt = _check_out_dir(cfg, ckpt_path, metrics_path)
     _seed_all(cfg.seed)
     if data is None:
+        _say(cfg, f"building the {cfg.task} data ...")
+        t0 = time.perf_counter()
         data = task.make_data(**cfg.task_options)
+        _say(cfg, f"data ready in {time.perf_counter() - t0:.1f} s: {len(data.train)} train, {len(data.val)} validation"
+                  + (f", {len(data.test)} test" if data.test is not None else "") + " examples")
     model_cfg = model_config_for(task, data, cfg)
     model = build_model(model_cfg)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
-    ckpt_path = metrics_path = None
-    if cfg.out_dir:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
-        metrics_path = os.path.join(cfg.out_dir, "metrics.json")
 
     step, epoch, pos, history, train_seconds = 0, 0, 0, [], 0.0
     best = {"step": 0, "acc": 0.0}
-    if cfg.resume and ckpt_path and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
+    if ckpt is not None:
         saved = _saved_model_config(ckpt)
         if saved != model_cfg.to_dict():
             diff = sorted(k for k in set(saved) | set(model_cfg.to_dict()) if saved.get(k) != model_cfg.to_dict().get(k))
             raise ValueError(f"cannot resume from {ckpt_path!r}: the model config differs in {diff}")
-        if ckpt["train_config"]["task"] != cfg.task or ckpt["train_config"]["task_options"] != cfg.task_options:
-            raise ValueError(f"cannot resume from {ckpt_path!r}: it was trained on task {ckpt['train_config']['task']!r} "
-                             f"with options {ckpt['train_config']['task_options']}")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
+        _load_state(model, ckpt["model"], "model", ckpt_path)
+        _load_state(opt, ckpt["optimizer"], "optimizer", ckpt_path)
+        _load_state(sched, ckpt["scheduler"], "scheduler", ckpt_path)
+        _set_rng_state(ckpt["rng"], ckpt_path)
         step, epoch, pos = ckpt["step"], ckpt["epoch"], ckpt["pos"]
         history, best, train_seconds = ckpt["history"], ckpt["best"], ckpt["train_seconds"]
+        _say(cfg, f"resuming from {ckpt_path} at step {step}")
+    if cfg.out_dir:
+        if ckpt is None and cfg.overwrite:
+            _start_fresh(ckpt_path, metrics_path)
+        os.makedirs(cfg.out_dir, exist_ok=True)
 
     def checkpoint() -> None:
         if ckpt_path:
             save_checkpoint(ckpt_path, {
-                "format": CHECKPOINT_FORMAT, "model_config": model_cfg.to_dict(), "train_config": asdict(cfg),
+                "model_config": model_cfg.to_dict(), "train_config": asdict(cfg),
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "rng": _rng_state(), "step": step, "epoch": epoch, "pos": pos, "history": history, "best": best,
                 "train_seconds": train_seconds,
             })
+            log()  # metrics.json is written with (never ahead of) the checkpoint
 
     def log(result=None) -> None:
         if metrics_path:
             _write_json(metrics_path, {"train_config": asdict(cfg), "model_config": model_cfg.to_dict(),
-                                       "parameters": n_params, "history": history, "result": result})
+                                       "parameters": n_params, "checkpoint_step": step, "history": history,
+                                       "result": result})
 
     n_params = sum(p.numel() for p in model.parameters())
     n_train = len(data.train)
@@ -355,73 +510,96 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
     if per_epoch < 1:
         raise ValueError(f"the training set ({n_train} examples) is smaller than one batch ({cfg.batch_size})")
     eval_bs = cfg.eval_batch_size or cfg.batch_size
+    signals = _StopSignals()
+
+    def run_eval(split: str, dataset, limit: Optional[int], max_batches: Optional[int] = None) -> dict[str, float]:
+        return evaluate(model, task, dataset, data.collate, batch_size=eval_bs, max_batches=max_batches, bf16=cfg.bf16,
+                        max_examples=limit, progress=cfg.progress, desc=f"{split} (step {step})",
+                        stop=lambda: signals.requested is not None)
+
     initial = None
     if cfg.init_from and step == 0:
         initial = _init_from(model, model_cfg, cfg.init_from)
-        initial["val"] = evaluate(model, task, data.val, data.collate, batch_size=eval_bs, max_batches=cfg.eval_batches,
-                                  bf16=cfg.bf16)
+        initial["val"] = run_eval("validation", data.val, cfg.num_val, cfg.eval_batches)
     every_ckpt = cfg.checkpoint_every or cfg.eval_every
     stopped = "steps"
     if best["acc"] >= (cfg.target_acc or 2.0):
         stopped = "target"
+    _say(cfg, f"training {cfg.task} with {model_cfg.attention}: {n_params} parameters, steps {step} -> {cfg.steps}, "
+              f"batch {cfg.batch_size}, validation every {cfg.eval_every} steps"
+              + (f"; checkpoints in {cfg.out_dir}" if cfg.out_dir else "; not saved (no out_dir)"))
     bar = _progress(cfg, step, model_cfg)
     win_loss, win_correct, win_count, win_tokens, win_time, win_steps = 0.0, 0, 0, 0, 0.0, 0
+    last_eval: Optional[tuple[int, dict]] = None
     model.train()
     order, order_epoch = None, -1
-    while step < cfg.steps and stopped == "steps":
-        t0 = time.perf_counter()
-        if order_epoch != epoch:
-            order, order_epoch = _epoch_order(n_train, cfg.seed, epoch), epoch
-        idx = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size].tolist()
-        batch = as_batch(data.collate([data.train[i] for i in idx]))
-        with _autocast(cfg.bf16):
-            logits, target = forward_batch(model, task, batch)
-            loss, correct, count = _loss_and_counts(logits, target)
-            aux = getattr(model, "aux_loss", None)
-            total = loss + aux.float() if isinstance(aux, Tensor) else loss
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"loss became {float(total.detach())} at step {step + 1}; lower --lr or check the data")
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        step += 1
-        pos += 1
-        if pos >= per_epoch:
-            epoch, pos = epoch + 1, 0
-        dt = time.perf_counter() - t0
-        train_seconds += dt
-        win_loss += float(loss.detach()) * count
-        win_correct, win_count, win_tokens, win_time = win_correct + correct, win_count + count, win_tokens + _count_tokens(batch), win_time + dt
-        win_steps += 1
-        record = {"step": step, "loss": float(loss.detach()), "acc": correct / max(count, 1), "lr": sched.get_last_lr()[0]}
-        bar.update(1)
-        bar.set_postfix(loss=f"{win_loss / max(win_count, 1):.3f}", acc=f"{win_correct / max(win_count, 1):.3f}",
-                        tok_s=f"{win_tokens / max(win_time, 1e-9):.0f}")
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            ev = evaluate(model, task, data.val, data.collate, batch_size=eval_bs, max_batches=cfg.eval_batches, bf16=cfg.bf16)
-            entry = {"step": step, "epoch": epoch, "train_loss": win_loss / max(win_count, 1),
-                     "train_acc": win_correct / max(win_count, 1), "tokens_per_s": win_tokens / max(win_time, 1e-9),
-                     "s_per_step": win_time / max(1, win_steps),
-                     "lr": record["lr"], "train_seconds": train_seconds,
-                     "val_loss": ev["loss"], "val_acc": ev["acc"], "val_bpb": ev["bpb"]}
-            history.append(entry)
-            record.update(entry)
-            win_loss, win_correct, win_count, win_tokens, win_time, win_steps = 0.0, 0, 0, 0, 0.0, 0
-            if ev["acc"] > best["acc"]:
-                best = {"step": step, "acc": ev["acc"]}
-            bar.write(_format_entry(entry, task))
-            if cfg.target_acc is not None and ev["acc"] >= cfg.target_acc:
-                stopped = "target"
-            log()
-        if cfg.max_minutes is not None and train_seconds >= 60 * cfg.max_minutes and stopped == "steps":
-            stopped = "time"
-        if step % every_ckpt == 0 or stopped != "steps" or step == cfg.steps:
-            checkpoint()
-        if callback is not None:
-            callback(step, record)
+    with signals:
+        while step < cfg.steps and stopped == "steps" and signals.requested is None:
+            t0 = time.perf_counter()
+            if order_epoch != epoch:
+                order, order_epoch = _epoch_order(n_train, cfg.seed, epoch), epoch
+            idx = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size].tolist()
+            batch = as_batch(data.collate([data.train[i] for i in idx]))
+            with _autocast(cfg.bf16):
+                logits, target = forward_batch(model, task, batch)
+                loss, correct, count = _loss_and_counts(logits, target)
+                aux = getattr(model, "aux_loss", None)
+                total = loss + aux.float() if isinstance(aux, Tensor) else loss
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"loss became {float(total.detach())} at step {step + 1}; lower --lr or check the data")
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            pos += 1
+            if pos >= per_epoch:
+                epoch, pos = epoch + 1, 0
+            dt = time.perf_counter() - t0
+            train_seconds += dt
+            win_loss += float(loss.detach()) * count
+            win_correct, win_count = win_correct + correct, win_count + count
+            win_tokens, win_time = win_tokens + _count_tokens(batch), win_time + dt
+            win_steps += 1
+            record = {"step": step, "loss": float(loss.detach()), "acc": correct / max(count, 1), "lr": sched.get_last_lr()[0]}
+            bar.update(1)
+            bar.set_postfix(loss=f"{win_loss / max(win_count, 1):.3f}", acc=f"{win_correct / max(win_count, 1):.3f}",
+                            tok_s=f"{win_tokens / max(win_time, 1e-9):.0f}")
+            if (step % cfg.eval_every == 0 or step == cfg.steps) and signals.requested is None:
+                try:
+                    ev = run_eval("validation", data.val, cfg.num_val, cfg.eval_batches)
+                except _EvalStopped:
+                    ev = None  # interrupted: the checkpoint below holds the step, without this evaluation
+                if ev is not None:
+                    last_eval = (step, ev)
+                    entry = {"step": step, "epoch": epoch, "train_loss": win_loss / max(win_count, 1),
+                             "train_acc": win_correct / max(win_count, 1), "tokens_per_s": win_tokens / max(win_time, 1e-9),
+                             "s_per_step": win_time / max(1, win_steps),
+                             "lr": record["lr"], "train_seconds": train_seconds,
+                             "val_loss": ev["loss"], "val_acc": ev["acc"], "val_bpb": ev["bpb"]}
+                    history.append(entry)
+                    record.update(entry)
+                    win_loss, win_correct, win_count, win_tokens, win_time, win_steps = 0.0, 0, 0, 0, 0.0, 0
+                    if ev["acc"] > best["acc"]:
+                        best = {"step": step, "acc": ev["acc"]}
+                    bar.write(_format_entry(entry, task), file=sys.stderr)
+                    if cfg.target_acc is not None and ev["acc"] >= cfg.target_acc:
+                        stopped = "target"
+            if cfg.max_minutes is not None and train_seconds >= 60 * cfg.max_minutes and stopped == "steps":
+                stopped = "time"
+            if signals.requested is not None:
+                stopped = "interrupted"
+            if step % every_ckpt == 0 or stopped != "steps" or step == cfg.steps:
+                checkpoint()
+            if callback is not None:
+                callback(step, record)
+        if signals.requested is not None:
+            if stopped != "interrupted":  # the signal came between steps (e.g. during the checkpoint)
+                checkpoint()
+            bar.close()
+            raise TrainingInterrupted(step, ckpt_path)
     bar.close()
     result: dict[str, Any] = {"task": cfg.task, "attention": model.backbone.attention_spec if hasattr(model, "backbone") else cfg.attention,
                               "steps": step, "stopped": stopped, "train_seconds": train_seconds, "parameters": n_params,
@@ -429,9 +607,15 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
                               "s_per_step": train_seconds / max(step, 1)}
     if initial is not None:
         result["initial"] = initial
-    result["val"] = evaluate(model, task, data.val, data.collate, batch_size=eval_bs, max_batches=cfg.eval_batches, bf16=cfg.bf16)
+    # the last step's validation already is the final one: evaluate again only when it did not run
+    if last_eval is not None and last_eval[0] == step:
+        result["val"] = last_eval[1]
+    else:
+        result["val"] = run_eval("validation", data.val, cfg.num_val, cfg.eval_batches)
     if cfg.test and data.test is not None:
-        result["test"] = evaluate(model, task, data.test, data.collate, batch_size=eval_bs, bf16=cfg.bf16)
+        result["test"] = run_eval("test", data.test, cfg.num_test)
+    if cfg.out_dir:
+        result["out_dir"] = cfg.out_dir
     log(result)
     return {"model": model, "model_config": model_cfg, "train_config": cfg, "history": history, **result}
 
@@ -472,11 +656,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("evaluation, checkpoints, logging")
     e.add_argument("--eval-every", type=int, default=100)
     e.add_argument("--eval-batches", type=int, help="validation batches per eval (default all)")
+    e.add_argument("--num-val", type=int, metavar="N", help="evaluate the first N validation examples (default all)")
+    e.add_argument("--num-test", type=int, metavar="N", help="evaluate the first N test examples at the end (default all)")
     e.add_argument("--target-acc", type=float, help="stop once validation accuracy reaches this (0-1)")
     e.add_argument("--max-minutes", type=float, help="stop after this much training time (checkpointed)")
-    e.add_argument("--out", metavar="DIR", help="directory for checkpoint.pt and metrics.json")
+    e.add_argument("--out", metavar="DIR", help="directory for checkpoint.pt and metrics.json "
+                                                "(default: a new runs/<task>-<date>-<time>)")
+    e.add_argument("--no-save", action="store_true", help="save nothing (no checkpoint, no metrics.json)")
     e.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: every eval)")
     e.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt if it exists")
+    e.add_argument("--resume-inexact", action="store_true",
+                   help="with --resume: continue even though seed / batch size / lr / ... differ from the saved run")
+    e.add_argument("--overwrite", action="store_true", help="start a new run in an --out DIR that holds a checkpoint")
     e.add_argument("--init-from", metavar="CKPT",
                    help="start from the weights of another run's checkpoint.pt (e.g. a dense model; the attention may differ)")
     e.add_argument("--no-test", dest="test", action="store_false", help="skip the final test-set evaluation")
@@ -499,7 +690,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--vocab", type=int, help="vocabulary size (mqar)")
     d.add_argument("--max-len", type=int, help="longest example in tokens (listops, LRA files)")
     d.add_argument("--num-train", type=int)
-    d.add_argument("--num-test", type=int)
     d.add_argument("--data-dir", help="directory of the official LRA release files (text, retrieval, image)")
     d.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other option of the task's data builder (Python literal values)")
@@ -511,8 +701,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     model = {k: getattr(args, k) for k in ("dim", "depth", "heads", "kv_heads", "mlp_ratio", "dropout", "positions", "pool", "backend",
                                            "short_conv")
              if getattr(args, k, None) is not None}
-    opts = {k: getattr(args, k) for k in ("seq_len", "kv_pairs", "vocab", "max_len", "num_train", "num_test", "data_dir")
+    opts = {k: getattr(args, k) for k in ("seq_len", "kv_pairs", "vocab", "max_len", "num_train", "data_dir")
             if getattr(args, k, None) is not None}
+    task = get_task(args.task)
+    for name in ("num_val", "num_test"):  # also generate no more than is evaluated, where the builder can
+        if getattr(args, name, None) is not None and name in task.options():
+            opts[name] = getattr(args, name)
     for item in args.task_option:
         key, sep, val = item.partition("=")
         if not sep or not key.strip():
@@ -527,8 +721,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         bf16=args.bf16, eval_every=args.eval_every, eval_batches=args.eval_batches, target_acc=args.target_acc,
         seed=args.seed, out_dir=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
         max_minutes=args.max_minutes, progress=args.progress, test=args.test, model=model, task_options=opts,
-        init_from=getattr(args, "init_from", None),
+        init_from=getattr(args, "init_from", None), num_val=getattr(args, "num_val", None),
+        num_test=getattr(args, "num_test", None), resume_inexact=getattr(args, "resume_inexact", False),
+        overwrite=getattr(args, "overwrite", False),
     )
+
+
+def default_out_dir(task: str, root: str = "runs") -> str:
+    """``runs/<task>-<YYYYmmdd-HHMMSS>`` (UTC), made unique with a suffix if it exists."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    base = os.path.join(root, f"{task}-{stamp}")
+    path, i = base, 1
+    while os.path.exists(path):
+        i += 1
+        path = f"{base}-{i}"
+    return path
 
 
 def summary_line(res: dict[str, Any]) -> str:
@@ -548,9 +755,30 @@ def summary_line(res: dict[str, Any]) -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """``spattn train``: train, print a one-line summary; returns the exit status."""
+    """``spattn train``: train, print a summary and where the run was saved; returns the exit status.
+
+    Without ``--out`` (and without ``--no-save``) the run is saved to :func:`default_out_dir`.
+    """
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if getattr(args, "no_save", False):
+        if args.out or args.resume:
+            raise ValueError("--no-save excludes --out and --resume")
+    elif not args.out:
+        if args.resume:
+            raise ValueError("--resume needs --out DIR (the run to continue)")
+        args.out = default_out_dir(args.task)
+    cfg = config_from_args(args)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    res = train(config_from_args(args))
+    try:
+        res = train(cfg)
+    except TrainingInterrupted as stop:
+        print(f"spattn train: {stop}", file=sys.stderr)
+        return 130
     print(summary_line(res))
+    if res.get("out_dir"):
+        print(f"saved {os.path.join(res['out_dir'], 'checkpoint.pt')} and metrics.json in {res['out_dir']} "
+              f"(continue with: --out {res['out_dir']} --resume --steps N)")
     return 0
