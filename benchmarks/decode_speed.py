@@ -32,28 +32,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import sys
-import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import spattn  # noqa: E402
-from spattn.kvcache import SelectorState  # noqa: E402
-from spattn.patterns.decode import DoubleSparsity, Quest  # noqa: E402
+import spattn
+from spattn.bench.speed import time_call
+from spattn.kvcache import SelectorState
+from spattn.patterns.decode import DoubleSparsity, Quest
 
 
 def _step_times(step, repeat: int) -> float:
-    step(0)  # warm-up (builds the summaries of the whole cache once)
-    times = []
-    for i in range(1, repeat + 1):
-        t0 = time.perf_counter()
-        step(i)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median time of steps 1..repeat after step 0 (which builds the summaries of the whole cache once)."""
+    steps = iter(range(repeat + 1))
+    return time_call(lambda: step(next(steps)), warmup=1, repeat=repeat, memory=False)["median_s"]
 
 
 def run(ns, budgets, repeat: int, hq: int = 9, hkv: int = 3, d: int = 64, channels: int = 16,

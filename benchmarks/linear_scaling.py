@@ -22,14 +22,12 @@ import platform
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from spattn.bench.speed import time_call  # noqa: E402
-from spattn.nn import Attention  # noqa: E402
-from spattn.nn.attention import build_mechanism  # noqa: E402
+from spattn.bench.speed import time_call
+from spattn.nn import Attention
+from spattn.nn.attention import build_mechanism
 
 NS = (1024, 2048, 4096, 8192, 16384)
 #: (label, spec, causal)

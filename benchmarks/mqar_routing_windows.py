@@ -15,18 +15,14 @@ run are loaded, else the model is freshly initialised. Example::
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from spattn.bench.train import load_checkpoint  # noqa: E402
-from spattn.data.mqar import generate  # noqa: E402
-from spattn.models.builder import ModelConfig, build_model  # noqa: E402
-from spattn.patterns.routing import Routing, layer_norm  # noqa: E402
+from spattn.bench.train import load_checkpoint
+from spattn.data.mqar import generate
+from spattn.models.builder import ModelConfig, build_model
+from spattn.patterns.routing import Routing, layer_norm
 
 
 def window_stats(model, inputs: torch.Tensor, targets: torch.Tensor, kv_pairs: int) -> dict:

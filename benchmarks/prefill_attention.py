@@ -22,17 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
 
-import torch  # noqa: E402
-
-import spattn  # noqa: E402
-from spattn.bench.speed import time_call  # noqa: E402
-from spattn.kernels import blocksparse_cpu  # noqa: E402
-from spattn.patterns.base import Pattern  # noqa: E402
+import spattn
+from spattn.bench.speed import time_call
+from spattn.kernels import blocksparse_cpu
+from spattn.patterns.base import Pattern
 
 
 class _Recorder(Pattern):

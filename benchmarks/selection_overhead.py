@@ -18,17 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import spattn  # noqa: E402
-from spattn import registry  # noqa: E402
+import spattn
+from spattn import registry
+from spattn.bench.speed import time_call
 
 SPECS = (
     "vertical_slash(vertical=1000, slash=6096)",
@@ -43,14 +40,8 @@ TARGET = 0.25
 
 def timings(fn, repeat: int, warmup: int = 1) -> tuple[float, float]:
     """(median, min) wall time of ``fn`` over ``repeat`` calls after ``warmup``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times)
+    t = time_call(fn, warmup=warmup, repeat=repeat, memory=False)
+    return t["median_s"], min(t["times_s"])
 
 
 def main(argv=None) -> int:

@@ -20,9 +20,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from spattn.bench.speed import SpeedConfig, print_speed_table, run_speed, write_json  # noqa: E402
+from spattn.bench.speed import SpeedConfig, print_speed_table, run_speed, write_json
 
 NS = (4096, 8192, 16384)
 PATTERNS = ("window(size=256)", "bigbird(block=64)")

@@ -18,19 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import spattn
 
-import spattn  # noqa: E402
-
-from spattn.bench.speed import time_call  # noqa: E402
-from spattn.kernels.tokensparse import tokensparse_attention  # noqa: E402
-from spattn.patterns.topk import topk_selections  # noqa: E402
-from spattn.selection import TokenSelection  # noqa: E402
+from spattn.bench.speed import time_call
+from spattn.kernels.tokensparse import tokensparse_attention
+from spattn.patterns.topk import topk_selections
+from spattn.selection import TokenSelection
 
 
 def random_selection(batch: int, heads: int, n: int, k: int, gen: torch.Generator) -> TokenSelection:

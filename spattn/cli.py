@@ -51,8 +51,13 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="spattn", description="Sparse and efficient attention for PyTorch.")
-    sub = parser.add_subparsers(dest="command", metavar="{list,bench,train,longctx}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{list,bench,train,longctx,doctor}", parser_class=_Parser)
     sub.add_parser("list", help="list every registered mechanism with its paper")
+    sub.add_parser(
+        "doctor", help="report whether the compiled CPU kernels are built and used, and why not",
+        description="Report the compiled CPU kernels' build directory, whether they are built, loaded and used "
+                    "(compiler, BLAS, thread settings) and which compiled paths would run.",
+    ).add_argument("--build", action="store_true", help="build the compiled kernels now if they are not built")
 
     bench = sub.add_parser(
         "bench", help="benchmarks (no sub-command: a short default run of speed and fidelity)",
@@ -250,7 +255,40 @@ def _cmd_short_bench(args: argparse.Namespace) -> int:
     return _cmd_fidelity(fidelity)
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    """``spattn doctor``: are the compiled CPU loops built, loaded, and would each compiled path run?"""
+    import platform
+
+    from . import _compiled
+
+    st = _compiled.status(build=args.build)
+    yes = lambda flag: "yes" if flag else "no"  # noqa: E731
+    built = "yes (stamp verified)" if st["built"] else "no (built on first use, ~1 min; spattn doctor --build)"
+    env = ", ".join(f"{k}={v}" for k, v in st["env"].items() if v is not None) or "no thread variables set"
+    lines = [
+        f"spattn doctor: torch {st['torch']}, Python {platform.python_version()} ({platform.machine()})",
+        f"  build dir   {st['build_dir']}  (keyed by sources, flags, torch version, Python ABI)",
+        f"  built       {built}",
+        f"  loaded      {yes(st['loaded'])}" + (f"  ({st['error']})" if st["error"] else ""),
+        f"  compiler    {st['compiler'] or 'missing (no C++ compiler: eager paths only)'}",
+        f"  ninja       {st['ninja'] or 'missing (pip install ninja)'}",
+        "  BLAS        " + ("unknown (library not loaded)" if st["blas"] is None
+                              else "sgemm_/dgemm_ exported by torch" if st["blas"] else "not exported by this torch"),
+        f"  threads     {st['threads']} torch threads ({st['parallel_backend']}); {env}",
+        "compiled paths (CPU, no gradient):",
+        f"  block-sparse prefill forward (float32/64, no key padding or extra columns): "
+        f"{yes(st['loaded'] and bool(st['blas']))}",
+        f"  decode: Double Sparsity group top-k, GQA-shared page/row attention: {yes(st['loaded'])}",
+    ]
+    if st["disabled"]:
+        lines.append("  SPATTN_NO_EXT is set: every call uses the eager kernels")
+    print("\n".join(lines))
+    return 0
+
+
 def _run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.command == "doctor":
+        return _cmd_doctor(args)
     if args.command == "list":
         return _cmd_list()
     if args.command == "train":

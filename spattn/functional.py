@@ -6,7 +6,8 @@ import functools
 import inspect
 import math
 import numbers
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from .layout import Layout
 from .selection import ClusterSelection, PageSelection, TokenSelection
 from .patterns import Dense, Pattern, pattern as make_pattern
 
-__all__ = ["attention", "BACKENDS", "resolve_selection"]
+__all__ = ["attention", "BACKENDS", "resolve_selection", "Kernel", "register_kernel", "kernel_for", "is_selection"]
 
 BACKENDS = ("auto", "reference", "blocksparse", "flex")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -64,21 +65,8 @@ def _check_key_padding_mask(mask: Optional[Tensor], k: Tensor) -> None:
         raise ValueError(f"key_padding_mask is on {mask.device} but k is on {k.device}")
 
 
-def _check_layout(layout: Layout, q: Tensor, k: Tensor) -> None:
-    if (layout.q_len, layout.kv_len) != (q.shape[2], k.shape[2]):
-        raise ValueError(
-            f"layout is for (Nq, Nk) = {(layout.q_len, layout.kv_len)} but q, k have {(q.shape[2], k.shape[2])}"
-        )
-    if layout.batch not in (1, q.shape[0]):
-        raise ValueError(f"layout batch size {layout.batch} must be 1 or B={q.shape[0]}")
-    if layout.heads not in (1, q.shape[1]):
-        raise ValueError(f"layout head count {layout.heads} must be 1 or the number of query heads {q.shape[1]}")
-    if layout.device != q.device:
-        raise ValueError(f"layout is on {layout.device} but q is on {q.device}")
-
-
-def _check_selection(sel: "TokenSelection | PageSelection | ClusterSelection", q: Tensor, k: Tensor) -> None:
-    name = type(sel).__name__
+def _check_selection(sel, q: Tensor, k: Tensor) -> None:
+    name = sel.kind
     if (sel.q_len, sel.kv_len) != (q.shape[2], k.shape[2]):
         raise ValueError(f"{name} is for (Nq, Nk) = {(sel.q_len, sel.kv_len)} but q, k have {(q.shape[2], k.shape[2])}")
     if sel.batch not in (1, q.shape[0]):
@@ -97,28 +85,21 @@ def resolve_selection(q: Tensor, k: Tensor, pattern, causal: bool, key_padding_m
     ``key_padding_mask`` reaches ``pattern.select`` when its signature takes it (content-based
     selectors then never rank padding keys); the kernels apply it in any case.
     """
-    if isinstance(pattern, (Layout, TokenSelection, PageSelection, ClusterSelection)):
+    if is_selection(pattern):
         what = type(pattern).__name__
         if causal:
             raise ValueError(f"causal=True cannot be combined with a precomputed {what}: causality is part of the {what}")
-        if isinstance(pattern, Layout):
-            _check_layout(pattern, q, k)
-        else:
-            _check_selection(pattern, q, k)
+        _check_selection(pattern, q, k)
         return pattern, False
     pat = Dense() if pattern is None else make_pattern(pattern)
     if key_padding_mask is not None and _select_takes_padding(type(pat)):
         selection = pat.select(q, k, causal=causal, key_padding_mask=key_padding_mask)
     else:
         selection = pat.select(q, k, causal=causal)
-    if isinstance(selection, Layout):
-        _check_layout(selection, q, k)
-    elif isinstance(selection, (TokenSelection, PageSelection, ClusterSelection)):
-        _check_selection(selection, q, k)
-    else:
-        raise TypeError(
-            f"{pat.name}.select() returned {type(selection).__name__}; expected a Layout, TokenSelection, PageSelection or ClusterSelection"
-        )
+    if not is_selection(selection):
+        kinds = ", ".join(sorted({cls.__name__ for cls, _ in _KERNELS}))
+        raise TypeError(f"{pat.name}.select() returned {type(selection).__name__}; expected one of: {kinds}")
+    _check_selection(selection, q, k)
     return selection, isinstance(pat, Dense)
 
 
@@ -144,32 +125,106 @@ def _sdpa_dense(q, k, v, causal, scale):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=group > 1)
 
 
-def _attend_selection(q, k, v, selection, backend, scale, key_padding_mask, return_lse):
-    """Token-level selections run on their own kernels; ``reference`` uses the dense mask."""
-    kwargs = dict(scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse)
-    if isinstance(selection, TokenSelection):
-        if backend == "reference":
-            return reference_attention(q, k, v, selection.to_layout(), **kwargs)
-        if backend == "flex":
-            raise ValueError("backend='flex' runs block Layouts; per-query token selections use 'auto' or 'reference'")
-        from .kernels.tokensparse import tokensparse_attention
+# ---------------------------------------------------------------------------------------- dispatch
+@dataclass(frozen=True)
+class Kernel:
+    """A kernel as the dispatch table sees it: its name and its entry point
+    ``run(q, k, v, selection, *, scale, key_padding_mask, return_lse) -> out | (out, lse)``."""
 
-        return tokensparse_attention(q, k, v, selection, **kwargs)
-    if isinstance(selection, PageSelection):
-        if backend == "reference":
-            return reference_attention(q, k, v, selection.to_layout(), **kwargs)
-        if backend == "flex":
-            raise ValueError("backend='flex' runs block Layouts; page selections use 'auto' or 'reference'")
-        from .kernels.pagesparse import pagesparse_attention
+    name: str
+    run: Callable[..., Any]
 
-        return pagesparse_attention(q, k, v, selection, **kwargs)
-    if isinstance(selection, ClusterSelection):
-        if backend not in ("auto", "reference"):
-            raise ValueError(f"backend={backend!r} runs block Layouts; routing windows use 'auto' or 'reference'")
+
+#: {(kind of selection, backend): kernel}; the one place that decides which kernel runs what
+_KERNELS: dict[tuple[type, str], Kernel] = {}
+
+
+def register_kernel(selection_type: type, backend: str, kernel: Kernel) -> None:
+    """Let ``backend`` run selections of ``selection_type`` (or a subclass) with ``kernel``.
+
+    A new kind of selection or a new kernel is one call here; ``attention`` and every caller
+    (``nn``, ``integrations.hf``, ``bench``) pick it up through :func:`kernel_for`.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"register_kernel: backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if not isinstance(kernel, Kernel):
+        raise TypeError(f"register_kernel: kernel must be a spattn.functional.Kernel, got {type(kernel).__name__}")
+    _KERNELS[(selection_type, backend)] = kernel
+
+
+def is_selection(obj) -> bool:
+    """Whether ``obj`` is a kind of selection that some kernel runs (a registered selection type)."""
+    return any(isinstance(obj, cls) for cls, _ in _KERNELS)
+
+
+def kernel_for(selection, backend: str) -> Kernel:
+    """The kernel ``backend`` runs ``selection`` with (the most specific registered type wins)."""
+    for cls in type(selection).__mro__:
+        kernel = _KERNELS.get((cls, backend))
+        if kernel is not None:
+            return kernel
+    able = sorted({b for (cls, b) in _KERNELS if isinstance(selection, cls)})
+    raise ValueError(f"backend={backend!r} cannot run {selection.kind} ({type(selection).__name__}); "
+                     f"backends for it: {', '.join(able) or 'none registered'}")
+
+
+def _on_dense_mask(q, k, v, selection, **kwargs):
+    """The oracle on any selection: its pairs as a dense mask (quadratic; tests and small inputs)."""
+    return reference_attention(q, k, v, selection.to_layout(), **kwargs)
+
+
+def _blocksparse_or_flex(q, k, v, layout, **kwargs):
+    """``auto`` on a Layout: FlexAttention on CUDA where it runs, else the block-sparse kernel."""
+    if q.device.type == "cuda":
+        from .kernels.flex import flex_available
+
+        if flex_available(q.device):
+            return _flex(q, k, v, layout, **kwargs)
+    return blocksparse_attention(q, k, v, layout, **kwargs)
+
+
+def _flex(q, k, v, layout, **kwargs):
+    from .kernels.flex import flex_attention
+
+    return flex_attention(q, k, v, layout, **kwargs)
+
+
+def _tokensparse(q, k, v, selection, **kwargs):
+    from .kernels.tokensparse import tokensparse_attention
+
+    return tokensparse_attention(q, k, v, selection, **kwargs)
+
+
+def _pagesparse(q, k, v, selection, **kwargs):
+    from .kernels.pagesparse import pagesparse_attention
+
+    return pagesparse_attention(q, k, v, selection, **kwargs)
+
+
+def _clustered(reference: bool):
+    def run(q, k, v, selection, softcap=None, **kwargs):
+        if softcap is not None:
+            raise ValueError("softcap is not supported for routing windows (a ClusterSelection): their kernel averages "
+                             "window softmaxes; use a Layout or token-selecting pattern, or softcap=None")
         from .kernels.clustered import clustered_attention
 
-        return clustered_attention(q, k, v, selection, reference=backend == "reference", **kwargs)
-    raise AssertionError(f"unhandled selection {type(selection).__name__}")
+        return clustered_attention(q, k, v, selection, reference=reference, **kwargs)
+
+    return run
+
+
+for _backend, _kernel in (("reference", Kernel("reference", reference_attention)),
+                          ("blocksparse", Kernel("blocksparse", blocksparse_attention)),
+                          ("flex", Kernel("flex", _flex)),
+                          ("auto", Kernel("blocksparse or flex", _blocksparse_or_flex))):
+    register_kernel(Layout, _backend, _kernel)
+for _type, _kernel in ((TokenSelection, Kernel("tokensparse", _tokensparse)),
+                       (PageSelection, Kernel("pagesparse", _pagesparse))):
+    register_kernel(_type, "auto", _kernel)
+    register_kernel(_type, "blocksparse", _kernel)  # the block kernel's role for per-query selections
+    register_kernel(_type, "reference", Kernel("reference", _on_dense_mask))
+register_kernel(ClusterSelection, "auto", Kernel("clustered", _clustered(reference=False)))
+register_kernel(ClusterSelection, "reference", Kernel("clustered reference", _clustered(reference=True)))
 
 
 def attention(
@@ -183,6 +238,7 @@ def attention(
     backend: str = "auto",
     key_padding_mask: Optional[Tensor] = None,
     return_lse: bool = False,
+    softcap: Optional[float] = None,
 ):
     """Softmax attention restricted to the (query, key) pairs a pattern selects.
 
@@ -199,6 +255,8 @@ def attention(
         key_padding_mask: bool ``[B, Nk]``, True for real keys.
         return_lse: also return the log-sum-exp ``[B, Hq, Nq]`` (fp32; ``-inf`` for rows with no key),
             e.g. to merge partial attentions.
+        softcap: score soft-capping (Gemma 2): scaled scores ``s`` become ``softcap * tanh(s / softcap)``
+            before the softmax; None (default) = off. Supported by every backend except routing windows.
 
     Returns ``out [B, Hq, Nq, D]`` (zeros for queries with nothing to attend to), or ``(out, lse)``.
     """
@@ -214,26 +272,17 @@ def attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     _check_key_padding_mask(key_padding_mask, k)
-    if pattern is None and backend == "auto" and not return_lse and key_padding_mask is None:
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0:
+            raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
+        softcap = float(softcap)
+    plain = not return_lse and key_padding_mask is None and softcap is None  # SDPA's dense kernel can run it
+    if pattern is None and backend == "auto" and plain:
         if not causal or q.shape[2] == k.shape[2]:  # plain dense: no layout to build (decoding calls this per step)
             return _sdpa_dense(q, k, v, causal, scale)
-    layout, is_dense = resolve_selection(q, k, pattern, causal, key_padding_mask)
-    if not isinstance(layout, Layout):
-        return _attend_selection(q, k, v, layout, backend, scale, key_padding_mask, return_lse)
-    kwargs = dict(scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse)
-    if backend == "reference":
-        return reference_attention(q, k, v, layout, **kwargs)
-    if backend == "flex":
-        from .kernels.flex import flex_attention
-
-        return flex_attention(q, k, v, layout, **kwargs)
-    if backend == "auto":
-        square_causal = not causal or q.shape[2] == k.shape[2]
-        if is_dense and not return_lse and key_padding_mask is None and square_causal:
+    selection, is_dense = resolve_selection(q, k, pattern, causal, key_padding_mask)
+    if backend == "auto" and is_dense and plain:
+        if not causal or q.shape[2] == k.shape[2]:
             return _sdpa_dense(q, k, v, causal, scale)
-        if q.device.type == "cuda":
-            from .kernels.flex import flex_available, flex_attention
-
-            if flex_available(q.device):
-                return flex_attention(q, k, v, layout, **kwargs)
-    return blocksparse_attention(q, k, v, layout, **kwargs)
+    kwargs = dict(scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse, softcap=softcap)
+    return kernel_for(selection, backend).run(q, k, v, selection, **kwargs)

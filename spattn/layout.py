@@ -85,7 +85,10 @@ class Layout:
 
     Shapes: ``kv_num_blocks [B', H', NQB]``, ``kv_indices [B', H', NQB, S]``, ``full [B', H', NQB, S]``,
     ``col_num [B', H', NQB]``, ``col_indices [B', H', NQB, C]`` with ``B'`` in {1, B}, ``H'`` in {1, H}.
+    Implements the :class:`~spattn.selection.Selection` protocol.
     """
+
+    kind = "layout"
 
     def __init__(
         self,
@@ -150,6 +153,55 @@ class Layout:
         self.full = torch.gather(full, -1, order) & (key < nkb)
         self.mask_mod = mask_mod
         self.col_num, self.col_indices = self._normalize_columns(col_num, col_indices, bh, nqb, device)
+
+    def check(self) -> "Layout":
+        """Re-validate the index tables (they are ordinary, mutable tensors) before a kernel reads them.
+
+        Raises ValueError naming the table and its valid range when a count, block index or column lies
+        outside it, a valid slot repeats or is out of order, or a table's shape or dtype changed.
+        Cost: a few reductions over ``B' x H' x NQB x S`` integers, and nothing when no table changed
+        since the last check (tensors count their in-place writes in ``_version``); a change also drops
+        the cached block maps. Returns ``self``.
+        """
+        tables = (self.kv_num_blocks, self.kv_indices, self.full, self.col_num, self.col_indices)
+        signature = tuple((id(t), getattr(t, "_version", None)) for t in tables)
+        if self.__dict__.get("_checked") == signature:
+            return self
+        for derived in ("_cache", "_checked", "_flex_block_masks"):  # maps (and flex's BlockMask) of old tables
+            self.__dict__.pop(derived, None)
+        nqb, nkb = _cdiv(self.q_len, self.block_q), _cdiv(self.kv_len, self.block_k)
+        num, idx, full = self.kv_num_blocks, self.kv_indices, self.full
+        for name, t, dims in (("kv_num_blocks", num, 3), ("kv_indices", idx, 4)):
+            if not isinstance(t, Tensor) or t.dtype != torch.long or t.dim() != dims:
+                raise ValueError(f"Layout.{name} must be an int64 tensor with {dims} dims (changed after construction?)")
+        slots = idx.shape[3]
+        if num.shape[2] != nqb or tuple(idx.shape[:3]) != tuple(num.shape) or not isinstance(full, Tensor) \
+                or full.shape != idx.shape:
+            raise ValueError(f"Layout tables have inconsistent shapes: kv_num_blocks {tuple(num.shape)}, "
+                             f"kv_indices {tuple(idx.shape)}, full {tuple(getattr(full, 'shape', ()))}; "
+                             f"expected [B', H', {nqb}] and [B', H', {nqb}, S]")
+        if num.numel() and (int(num.min()) < 0 or int(num.max()) > slots):
+            raise ValueError(f"Layout.kv_num_blocks must lie in [0, {slots}] (slots of kv_indices), "
+                             f"got values in [{int(num.min())}, {int(num.max())}]")
+        valid = torch.arange(slots, device=idx.device) < num[..., None]
+        bad = ((idx < 0) | (idx >= nkb)) & valid
+        if bool(bad.any()):
+            raise ValueError(f"Layout.kv_indices must lie in [0, {nkb}) (key blocks), got {int(idx[bad][0])}")
+        if slots > 1 and bool(((idx[..., 1:] <= idx[..., :-1]) & valid[..., 1:]).any()):
+            raise ValueError("Layout.kv_indices must be strictly increasing over the valid slots")
+        if self.col_num is not None:
+            cnum, cidx = self.col_num, self.col_indices
+            if not isinstance(cidx, Tensor) or cidx.dtype != torch.long or cidx.dim() != 4 or \
+                    tuple(cidx.shape[:3]) != tuple(num.shape) or tuple(cnum.shape) != tuple(num.shape):
+                raise ValueError("Layout.col_num / col_indices changed shape or dtype after construction")
+            width = cidx.shape[3]
+            if int(cnum.min()) < 0 or int(cnum.max()) > width:
+                raise ValueError(f"Layout.col_num must lie in [0, {width}]")
+            cvalid = torch.arange(width, device=cidx.device) < cnum[..., None]
+            if bool((((cidx < 0) | (cidx >= self.kv_len)) & cvalid).any()):
+                raise ValueError(f"Layout.col_indices must lie in [0, {self.kv_len})")
+        self.__dict__["_checked"] = signature
+        return self
 
     # ------------------------------------------------------------------ construction helpers
     def _normalize_columns(self, col_num, col_indices, bh, nqb, device):
@@ -405,15 +457,14 @@ class Layout:
 
     # ------------------------------------------------------------------ statistics
     def pair_counts(self, chunk_elems: int = 1 << 22) -> Tensor:
-        """long ``[B', H']``: number of computed (query, key) pairs, without an Nq x Nk tensor."""
+        """long ``[B', H', Nq]``: keys computed per query, without an Nq x Nk tensor."""
         dev = self.device
         bq, bk = self.block_q, self.block_k
-        q_sizes = (self.q_len - torch.arange(self.num_q_blocks, device=dev) * bq).clamp(max=bq)
+        nqb = self.num_q_blocks
         k_sizes = (self.kv_len - torch.arange(self.num_kv_blocks, device=dev) * bk).clamp(max=bk)
         valid = self.valid_slots()
-        sizes = q_sizes.view(1, 1, -1, 1) * k_sizes[self.kv_indices]
-        counts = torch.zeros(self.batch, self.heads, dtype=torch.long, device=dev)
-        counts += (sizes * (valid & self.full)).sum(dim=(2, 3))
+        rows = torch.zeros(self.batch, self.heads, nqb, bq, dtype=torch.long, device=dev)  # per query row
+        rows += (k_sizes[self.kv_indices] * (valid & self.full)).sum(-1)[..., None]
         partial = valid & ~self.full
         tiles = partial.nonzero()  # [P, 4]: b, h, qb, slot
         step = max(1, chunk_elems // (bq * bk))
@@ -424,8 +475,8 @@ class Layout:
             q = qb[:, None, None] * bq + torch.arange(bq, device=dev).view(1, -1, 1)
             kv = kb[:, None, None] * bk + torch.arange(bk, device=dev).view(1, 1, -1)
             ok = self.mask_mod(b[:, None, None], h[:, None, None], q.clamp(max=self.q_len - 1), kv.clamp(max=self.kv_len - 1))
-            ok = ok & (q < self.q_len) & (kv < self.kv_len)
-            counts.index_put_((b, h), ok.reshape(ok.shape[0], -1).sum(-1), accumulate=True)
+            ok = ok & (kv < self.kv_len)
+            rows.index_put_((b, h, qb), ok.expand(t.shape[0], bq, bk).sum(-1), accumulate=True)
         if self.has_columns:
             cols = self.valid_columns().nonzero()
             step = max(1, chunk_elems // bq)
@@ -434,15 +485,19 @@ class Layout:
                 b, h, qb = t[:, 0], t[:, 1], t[:, 2]
                 kv = self.col_indices[b, h, qb, t[:, 3]][:, None]
                 q = qb[:, None] * bq + torch.arange(bq, device=dev)[None]
-                ok = q < self.q_len
+                ok = torch.ones(t.shape[0], bq, dtype=torch.bool, device=dev)
                 if self.mask_mod is not None:
                     ok = ok & self.mask_mod(b[:, None], h[:, None], q.clamp(max=self.q_len - 1), kv)
-                counts.index_put_((b, h), ok.sum(-1), accumulate=True)
-        return counts
+                rows.index_put_((b, h, qb), ok.long(), accumulate=True)
+        return rows.flatten(2)[..., : self.q_len]
 
     def density(self) -> float:
         """Fraction of (query, key) pairs computed, averaged over batch and heads."""
-        return float(self.pair_counts().double().mean()) / (self.q_len * self.kv_len)
+        return float(self.pair_counts().double().sum()) / (self.batch * self.heads * self.q_len * self.kv_len)
+
+    def to_layout(self, block: Optional[int] = None) -> "Layout":
+        """This layout (the :class:`~spattn.selection.Selection` protocol's conversion; ``block`` is ignored)."""
+        return self
 
     def block_density(self) -> float:
         """Fraction of tiles computed (what a block-sparse kernel pays for)."""

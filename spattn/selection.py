@@ -14,18 +14,58 @@ kernel instead of a :class:`~spattn.layout.Layout` (same layer: patterns build t
   several windows receives the *average* of their outputs (Roy et al. 2021), which is not a softmax
   over a union, so it has its own kernel.
 
-Batch and head dimensions broadcast like a Layout's (size 1 = shared).
+Batch and head dimensions broadcast like a Layout's (size 1 = shared). All four kinds, the
+:class:`~spattn.layout.Layout` included, meet the :class:`Selection` protocol; which kernel runs
+which kind is decided in one place, ``spattn.functional``'s dispatch table.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Protocol, runtime_checkable
+
 import torch
 from torch import Tensor
 
 from .layout import Layout
 
-__all__ = ["TokenSelection", "PageSelection", "ClusterSelection"]
+__all__ = ["Selection", "TokenSelection", "PageSelection", "ClusterSelection"]
+
+
+@runtime_checkable
+class Selection(Protocol):
+    """What every kind of selection offers, whatever its unit (blocks, tokens, pages, clusters).
+
+    ``kind`` names it in messages; ``batch`` / ``heads`` are 1 when shared (broadcast);
+    ``pair_counts()`` is long ``[B', H', Nq]`` (keys computed per query); ``density()`` the fraction
+    of (query, key) pairs computed; ``to_layout()`` the same pairs as a block Layout and ``to_dense()``
+    as a bool ``[B', H', Nq, Nk]`` mask (both may be quadratic: inspection, tests, the reference kernel).
+    """
+
+    kind: str
+    q_len: int
+    kv_len: int
+
+    @property
+    def batch(self) -> int: ...
+
+    @property
+    def heads(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def pair_counts(self) -> Tensor: ...
+
+    def density(self) -> float: ...
+
+    def to_layout(self, block: Optional[int] = None) -> Layout: ...
+
+    def to_dense(self) -> Tensor: ...
+
+
+def _density(sel) -> float:
+    return float(sel.pair_counts().double().sum()) / (sel.batch * sel.heads * sel.q_len * sel.kv_len)
 
 
 def _check_index_tensor(owner: str, name: str, t: Tensor, dims: int) -> None:
@@ -78,6 +118,7 @@ class TokenSelection:
     indices: Tensor
     q_len: int
     kv_len: int
+    kind = "token selection"
 
     def __post_init__(self):
         _check_index_tensor("TokenSelection", "indices", self.indices, 4)
@@ -116,9 +157,10 @@ class TokenSelection:
         dense.scatter_(-1, torch.where(self.valid, self.indices, self.kv_len), True)
         return dense[..., : self.kv_len]
 
-    def to_layout(self, block: int = 64) -> Layout:
-        """The same pairs as a block :class:`Layout` (via ``to_dense``: O(Nq·Nk), for reference/inspection)."""
-        return Layout.from_dense(self.to_dense(), block)
+    def to_layout(self, block: Optional[int] = None) -> Layout:
+        """The same pairs as a block :class:`Layout` of ``block`` (default 64) tokens (via ``to_dense``:
+        O(Nq·Nk), for the reference kernel and inspection)."""
+        return Layout.from_dense(self.to_dense(), 64 if block is None else block)
 
     def pair_counts(self) -> Tensor:
         """int64 ``[B', H', Nq]``: keys computed per query."""
@@ -126,7 +168,7 @@ class TokenSelection:
 
     def density(self) -> float:
         """Fraction of (query, key) pairs computed, averaged over batch and heads."""
-        return float(self.pair_counts().sum()) / (self.batch * self.heads * self.q_len * self.kv_len)
+        return _density(self)
 
 
 @dataclass(frozen=True)
@@ -152,6 +194,7 @@ class PageSelection:
     kv_len: int
     causal: bool = False
     shared_by: int = 1
+    kind = "page selection"
 
     def __post_init__(self):
         _check_index_tensor("PageSelection", "pages", self.pages, 4)
@@ -206,7 +249,7 @@ class PageSelection:
         """bool ``[B', H', Nq, Nk]`` (materialises Nq×Nk: tests only)."""
         return self.to_tokens().to_dense()
 
-    def to_layout(self, block: int = 64) -> Layout:
+    def to_layout(self, block: Optional[int] = None) -> Layout:
         return self.to_tokens().to_layout(block)
 
     def pair_counts(self) -> Tensor:
@@ -217,7 +260,7 @@ class PageSelection:
 
     def density(self) -> float:
         """Fraction of (query, key) pairs computed, averaged over batch and heads."""
-        return float(self.pair_counts().sum()) / (self.batch * self.heads * self.q_len * self.kv_len)
+        return _density(self)
 
 
 @dataclass(frozen=True)
@@ -238,6 +281,7 @@ class ClusterSelection:
     q_len: int
     kv_len: int
     causal: bool = False
+    kind = "routing windows"
 
     def __post_init__(self):
         _check_index_tensor("ClusterSelection", "query_indices", self.query_indices, 4)
@@ -282,6 +326,31 @@ class ClusterSelection:
         dense.scatter_reduce_(-1, flat, pair.expand(b, h, c, wq, wk).flatten(2).long(), reduce="amax")
         return dense.view(b, h, self.q_len, self.kv_len).bool()
 
+    def pair_counts(self) -> Tensor:
+        """long ``[B, H', Nq]``: distinct keys each query attends over all its windows.
+
+        Memory ``O(C · wq · wk)`` (the windows' pairs, as the kernel computes them), never ``Nq · Nk``.
+        """
+        b, h, c, wq = self.query_indices.shape
+        wk = self.key_indices.shape[3]
+        qi = self.query_indices[..., :, None].expand(b, h, c, wq, wk)
+        ki = self.key_indices[..., None, :].expand(b, h, c, wq, wk)
+        pair = qi * self.kv_len + ki  # one id per (query, key) pair of a (batch, head)
+        if self.causal:
+            pair = torch.where(ki <= qi + (self.kv_len - self.q_len), pair, -1)
+        counts = torch.zeros(b, h, self.q_len, dtype=torch.long, device=self.device)
+        for bi in range(b):
+            for hi in range(h):
+                ids = pair[bi, hi].flatten().unique()
+                ids = ids[ids >= 0]
+                counts[bi, hi] = torch.bincount(ids // self.kv_len, minlength=self.q_len)
+        return counts
+
     def density(self) -> float:
-        """Fraction of (query, key) pairs computed in at least one window (uses ``to_dense``)."""
-        return float(self.to_dense().float().mean())
+        """Fraction of (query, key) pairs computed in at least one window."""
+        return _density(self)
+
+    def to_layout(self, block: Optional[int] = None) -> Layout:
+        """The pairs computed in at least one window as a block :class:`Layout` (via ``to_dense``;
+        the output still differs from a softmax over that union: windows are averaged)."""
+        return Layout.from_dense(self.to_dense(), block or 64)

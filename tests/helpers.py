@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from spattn.kernels.reference import reference_attention
@@ -26,11 +28,15 @@ def run_with_grads(fn, q, k, v, layout, kpm=None, seed=0, lse_grad=True):
     return out.detach(), lse.detach(), q.grad, k.grad, v.grad
 
 
-def assert_matches_reference(fn, q, k, v, layout, kpm=None, atol=1e-5, lse_grad=True):
-    """``fn`` in the inputs' dtype against the reference computed in float64 from the same inputs."""
+def assert_matches_reference(fn, q, k, v, layout, kpm=None, atol=1e-5, lse_grad=True, softcap=None):
+    """``fn`` in the inputs' dtype against the reference computed in float64 from the same inputs
+    (both called with ``softcap=`` when it is given)."""
+    reference = reference_attention
+    if softcap is not None:
+        fn, reference = functools.partial(fn, softcap=softcap), functools.partial(reference, softcap=softcap)
     got = run_with_grads(fn, q, k, v, layout, kpm, lse_grad=lse_grad)
     q64, k64, v64 = (x.double() for x in (q, k, v))
-    want = run_with_grads(reference_attention, q64, k64, v64, layout, kpm, lse_grad=lse_grad)
+    want = run_with_grads(reference, q64, k64, v64, layout, kpm, lse_grad=lse_grad)
     names = ("out", "lse", "dq", "dk", "dv")
     for name, a, b in zip(names, got, want):
         assert not torch.isnan(a).any(), f"{name} has NaN"

@@ -90,7 +90,7 @@ def test_attention_matches_reference_on_the_selection(batch, group, per_head, pa
     spec = f"biformer(regions=3, topk=2, grid=(6, 9), per_head={per_head})"
     q, k, v = _qkv(seed, batch, 2 * group, 2, 54, 8)
     kpm = (torch.rand(batch, 54, generator=torch.Generator().manual_seed(seed)) < 0.8) if padded else None
-    layout = Layout.from_dense(spattn.pattern(spec).select(q, k).to_dense(), 16)
+    layout = Layout.from_dense(spattn.pattern(spec).select(q, k, key_padding_mask=kpm).to_dense(), 16)
 
     def run(q_, k_, v_, _layout, **kw):
         return spattn.attention(q_, k_, v_, spec, **kw)

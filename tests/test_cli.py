@@ -170,3 +170,17 @@ def test_readme_first_example_runs_as_a_script_and_prints():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "torch.Size" in proc.stdout and "density" in proc.stdout
+
+
+def test_train_resume_with_other_evaluation_sizes(tmp_path, capsys):
+    argv = ["train", "mqar", "--attention", "window(size=8)", "--dim", "16", "--seq-len", "64", "--kv-pairs", "4",
+            "--vocab", "64", "--num-train", "64", "--batch-size", "8", "--eval-every", "2", "--no-progress",
+            "--out", str(tmp_path)]
+    assert main(argv + ["--steps", "2", "--num-val", "16", "--num-test", "16"]) == 0
+    assert main(argv + ["--steps", "2"]) == 2  # the directory holds a run: --resume or --overwrite
+    assert "already holds a training checkpoint" in capsys.readouterr().err
+    assert main(argv + ["--steps", "4", "--resume", "--num-val", "8", "--num-test", "24"]) == 0
+    out = capsys.readouterr().out
+    assert ": 4 steps" in out and "test acc" in out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["result"]["test"]["count"] == 24 * 4 and metrics["result"]["val"]["count"] == 8 * 4  # 4 queries each

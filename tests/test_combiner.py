@@ -8,7 +8,6 @@ key: ``p(j|i) = p_direct(j)`` or ``p(Omega|i) q(j|Omega)``. The output is ``sum_
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -17,78 +16,7 @@ from hypothesis import strategies as st
 
 import spattn
 from spattn.approx.combiner import Combiner, combiner_attention
-
-
-def _partition(mode, i, n, L, causal):
-    """(direct keys, regions) of query i; a region is (list of keys, axial row index or None)."""
-    if mode == "fixed":
-        s = i // L
-        seg = list(range(s * L, min(n, (s + 1) * L)))
-        direct = [j for j in seg if j <= i] if causal else seg
-        others = [t for t in range(-(-n // L)) if (t < s if causal else t != s)]
-        return direct, [(list(range(t * L, min(n, (t + 1) * L))), None) for t in others]
-    if mode == "logsparse":
-        regions = []
-        for lvl in range(max(1, math.ceil(math.log2(n)))):
-            if (i >> lvl) & 1:
-                start = ((i >> lvl) - 1) << lvl
-                regions.append((list(range(start, start + (1 << lvl))), None))
-            if not causal:
-                r = n - 1 - i  # mirrored decomposition of the suffix
-                if (r >> lvl) & 1:
-                    start = ((r >> lvl) - 1) << lvl
-                    regions.append(([n - 1 - j for j in range(start, start + (1 << lvl))], None))
-        return [i], regions
-    s = i // L  # axial
-    row = list(range(s * L, min(n, (s + 1) * L)))
-    direct = [j for j in row if j <= i] if causal else row
-    rows = [t for t in range(-(-n // L)) if (t < s if causal else t != s)]
-    return direct, [(list(range(t * L, min(n, (t + 1) * L))), t) for t in rows]
-
-
-def naive_combiner(q, k, v, mode, L, causal, kpm=None, row_summary="wsum"):
-    """Explicit probabilities of every key, per (b, h, i). q, k, v [B, H, N, D] (same heads)."""
-    B, H, n, D = q.shape
-    scale = D ** -0.5
-    real = torch.ones(B, n, dtype=torch.bool) if kpm is None else kpm
-    out = torch.zeros_like(q)
-    total_p = torch.zeros(B, H, n, dtype=q.dtype)
-    for b in range(B):
-        for h in range(H):
-            for i in range(n):
-                direct, regions = _partition(mode, i, n, L, causal)
-                logits, expand = [], []  # expand: list of (keys, weights) per logit
-                for j in direct:
-                    if real[b, j]:
-                        logits.append(q[b, h, i] @ k[b, h, j] * scale)
-                        expand.append(([j], torch.ones(1, dtype=q.dtype)))
-                for keys, row in regions:
-                    keys = [j for j in keys if real[b, j]]
-                    if not keys:
-                        continue
-                    kk = k[b, h, keys]
-                    if row is None:
-                        qo = q[b, h, keys].max(0).values
-                        w = torch.softmax(kk @ qo * scale, 0)
-                        key = kk.max(0).values
-                    else:  # axial: attention of token (row, column of i) over the whole row
-                        pos = row * L + i % L
-                        qo = q[b, h, pos] if pos < n else torch.zeros(D, dtype=q.dtype)
-                        w = torch.softmax(kk @ qo * scale, 0)
-                        key = w @ kk if row_summary == "wsum" else kk.max(0).values
-                    logits.append(q[b, h, i] @ key * scale)
-                    expand.append((keys, w))
-                if not logits:
-                    continue
-                p_region = torch.softmax(torch.stack(logits), 0)
-                p = torch.zeros(n, dtype=q.dtype)
-                for pr, (keys, w) in zip(p_region, expand):
-                    p[keys] += pr * w
-                out[b, h, i] = p @ v[b, h]
-                total_p[b, h, i] = p.sum()
-                support = [j for j in range(n) if real[b, j] and (j <= i or not causal)]
-                assert set(torch.nonzero(p).flatten().tolist()) == set(support), "not full attention"
-    return out, total_p
+from spattn.approx.reference import naive_combiner
 
 
 def _inputs(B, Hq, Hkv, n, D, dtype=torch.float64, seed=0):

@@ -168,3 +168,147 @@ def test_quest_group_pages_compiled_equals_eager(page, monkeypatch):
     torch.testing.assert_close(out, spattn.attention(q, k, v, sel), atol=1e-5, rtol=0)
     ref = spattn.attention(q.double(), k.double(), v.double(), sel, backend="reference")
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------- the build cache (issue 17 item 3)
+def _fake_sources(tmp_path, text):
+    src = tmp_path / f"src_{abs(hash(text))}" / "a.cpp"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_text(text)
+    return [src]
+
+
+def test_build_dir_is_keyed_by_sources_torch_and_python(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    a, a_again, b = _fake_sources(tmp_path, "int a;"), _fake_sources(tmp_path, "int a;"), _fake_sources(tmp_path, "int b;")
+    assert _compiled.build_dir(a) == _compiled.build_dir(a_again)
+    assert _compiled.build_dir(a) != _compiled.build_dir(b)
+    assert _compiled.build_dir(a).parent == tmp_path / "cache"
+    key = _compiled.build_dir(a)
+    monkeypatch.setattr(torch, "__version__", "0.0.0+other")
+    assert _compiled.build_dir(a) != key
+    monkeypatch.undo()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(_compiled.sysconfig, "get_config_var", lambda name: "cpython-399-other")
+    assert _compiled.build_dir(a) != key
+
+
+class _FakeBuild:
+    """Stands in for the C++ build: writes a library file, counts builds and loads."""
+
+    def __init__(self, monkeypatch, seconds=0.0):
+        import threading
+        import time
+
+        self.builds, self.loads, self.lock = 0, [], threading.Lock()
+
+        def fake_load(name, sources, build_directory, **kwargs):
+            time.sleep(seconds)
+            with self.lock:
+                self.builds += 1
+            (_compiled.Path(build_directory) / f"{name}.so").write_bytes(b"\x7fELF fake library " * 100)
+
+        import torch.utils.cpp_extension as cpp
+
+        monkeypatch.setattr(cpp, "load", fake_load)
+        monkeypatch.setattr(torch.ops, "load_library", lambda path: self.loads.append(path))
+
+
+def test_damaged_library_is_rebuilt_never_loaded(tmp_path, monkeypatch, capsys):
+    fake = _FakeBuild(monkeypatch)
+    sources = _fake_sources(tmp_path, "int a;")
+    directory = tmp_path / "cache" / "spattn_cpu_test"
+    lib = _compiled.load_library(directory, sources)
+    assert fake.builds == 1 and "building compiled CPU kernels, once" in capsys.readouterr().err
+    assert _compiled.load_library(directory, sources) == lib and fake.builds == 1 and fake.loads == [str(lib)]
+    for damage in (lambda: lib.write_bytes(lib.read_bytes()[:50]),  # truncated (SIGBUS when mapped)
+                   lambda: (directory / _compiled._STAMP).unlink(),  # interrupted before the stamp
+                   lambda: lib.write_bytes(b"\0" * len(lib.read_bytes()))):  # same size, other bytes
+        damage()
+        assert _compiled._verified_library(directory) is None
+        fake.loads.clear()
+        _compiled.load_library(directory, sources)
+        assert fake.loads == []  # the damaged file was not loaded: it was rebuilt (load() loads the new one)
+    assert fake.builds == 4 and _compiled._verified_library(directory) == lib
+
+
+def test_concurrent_first_uses_wait_on_one_build_threads(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    fake = _FakeBuild(monkeypatch, seconds=0.3)
+    sources = _fake_sources(tmp_path, "int a;")
+    directory = tmp_path / "cache" / "spattn_cpu_threads"
+    with ThreadPoolExecutor(6) as pool:
+        libs = list(pool.map(lambda _: _compiled.load_library(directory, sources), range(6)))
+    assert fake.builds == 1 and len(set(libs)) == 1
+    assert len(fake.loads) == 5  # the others load the verified library the first one built
+
+
+_PROCESS_BUILD = """
+import sys, time, pathlib
+import torch, torch.utils.cpp_extension as cpp
+from spattn import _compiled
+def fake_load(name, sources, build_directory, **kwargs):
+    with open(sys.argv[2], "a") as log:
+        log.write("build\\n")
+    time.sleep(1.0)
+    (pathlib.Path(build_directory) / f"{name}.so").write_bytes(b"fake library")
+cpp.load = fake_load
+torch.ops.load_library = lambda path: None
+_compiled.load_library(pathlib.Path(sys.argv[1]), [pathlib.Path(sys.argv[3])])
+"""
+
+
+@pytest.mark.slow
+def test_concurrent_first_uses_wait_on_one_build_processes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    sources = _fake_sources(tmp_path, "int a;")
+    script, log = tmp_path / "build.py", tmp_path / "builds.log"
+    script.write_text(_PROCESS_BUILD)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "cache" / "spattn_cpu_procs"), str(log),
+                               str(sources[0])], env=env, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    assert log.read_text().count("build") == 1
+    assert sum("building compiled CPU kernels" in e for e in errors) == 1
+
+
+@pytest.mark.slow
+def test_truncated_real_library_is_rebuilt_in_a_fresh_process(tmp_path):
+    """The real extension: a truncated cached .so (SIGBUS if mapped) is detected and rebuilt."""
+    import os
+    import subprocess
+    import sys
+
+    _ops()
+    cache = tmp_path / "cache"
+    directory = cache / _compiled.build_dir().name
+    shutil.copytree(_compiled.build_dir(), directory)
+    lib = directory / f"{directory.name}.so"
+    lib.write_bytes(lib.read_bytes()[: lib.stat().st_size // 3])
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(cache), PYTHONPATH=os.pathsep.join(sys.path))
+    run = subprocess.run([sys.executable, "-c", "from spattn import _compiled; assert _compiled.ops() is not None, "
+                          "_compiled.build_error(); print(_compiled.status()['built'])"],
+                         env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr
+    assert "building compiled CPU kernels" in run.stderr and run.stdout.strip() == "True"
+
+
+def test_doctor_reports_build_and_paths(capsys, monkeypatch):
+    from spattn.cli import main
+
+    _ops()
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    for text in ("build dir", str(_compiled.build_dir()), "built       yes", "loaded      yes", "BLAS", "threads",
+                 "block-sparse prefill forward", "decode"):
+        assert text in out, text
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/nonexistent/spattn-doctor-test")
+    monkeypatch.setitem(_compiled._state, "ops", None)
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "built       no" in out and "/nonexistent/spattn-doctor-test" in out

@@ -344,3 +344,78 @@ def test_registered_with_layouts():
     q, k, _ = _qk(1, 2, 1, 1, 40, 8, 0, torch.float32)
     lay = Quest(page=4, budget=8).layout(q, k, causal=True)
     assert torch.equal(lay.to_dense(), Quest(page=4, budget=8).select(q, k, causal=True).to_dense().expand_as(lay.to_dense()))
+
+
+# --------------------------------------------------------------- Quest: the two official references
+def _quest_token_bounds(q, k, page):
+    """Per-token page bounds as the evaluation code builds them: ``sign(q) * k`` max-pooled over the
+    page (chunk) and repeated for every token of it, scored with ``|q|``: ``[B, H, Nq, Nk]``."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    kk = k.repeat_interleave(hq // hkv, dim=1)
+    out = torch.empty(b, hq, nq, nk, dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hq):
+            for i in range(nq):
+                sign = torch.where(q[bi, h, i] > 0, 1.0, -1.0).double()
+                for p0 in range(0, nk, page):
+                    chunk_max = (kk[bi, h, p0:p0 + page].double() * sign).amax(0)
+                    out[bi, h, i, p0:p0 + page] = (q[bi, h, i].double() * sign) @ chunk_max
+    return out
+
+
+def _quest_evaluation_oracle(q, k, page, token_budget):
+    """``evaluation/quest_attention.py`` for one decoding query: token budget capped at Nk, the
+    per-token bounds padded with the dtype minimum to whole chunks, chunk maxima, the top
+    ``min(max(3, budget // chunk), chunks)`` chunks, no page forced."""
+    nk = k.shape[2]
+    weights = _quest_token_bounds(q, k, page)
+    budget = min(nk, token_budget)
+    pad = page - ((nk - 1) % page + 1)
+    padded = torch.cat([weights, torch.full((*weights.shape[:-1], pad), torch.finfo(torch.float64).min, dtype=torch.float64)], -1)
+    chunk = padded.view(*weights.shape[:-1], -1, page).amax(-1)
+    top = chunk.topk(min(max(3, budget // page), chunk.shape[-1]), dim=-1).indices
+    keep = torch.zeros_like(chunk, dtype=torch.bool).scatter_(-1, top, True)
+    return keep.repeat_interleave(page, -1)[..., :nk]
+
+
+def _quest_kernel_oracle(q, k, page, token_budget):
+    """The kernel path (``controller.py``): ``page_budget = budget // page`` pages including the last
+    one; dense when the cache has no more pages; otherwise the last page plus the top
+    ``page_budget - 1`` of the other pages by the bound."""
+    nk = k.shape[2]
+    pages = -(-nk // page)
+    page_budget = token_budget // page
+    weights = _quest_token_bounds(q, k, page)[..., ::page]  # one bound per page
+    if pages <= page_budget:
+        return torch.ones(*weights.shape[:-1], nk, dtype=torch.bool)
+    top = weights[..., :-1].topk(page_budget - 1, dim=-1).indices
+    keep = torch.zeros_like(weights, dtype=torch.bool).scatter_(-1, top, True)
+    keep[..., -1] = True
+    return keep.repeat_interleave(page, -1)[..., :nk]
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 2), st.sampled_from([(2, 1), (2, 2)]), st.integers(9, 80), st.sampled_from([4, 8]),
+       st.integers(2, 6), st.integers(0, 10_000))
+def test_quest_rules_follow_their_official_references(b, heads, nk, page, pages_budget, seed):
+    """``rule="kernel"`` = the CUDA path (own page forced), ``rule="evaluation"`` = the evaluation path
+    (top pages only, at least 3), each checked against a reading of its official code (issue 15)."""
+    hq, hkv = heads
+    q, k, _ = _qk(b, hq, hkv, 1, nk, 8, seed)
+    budget = pages_budget * page
+    kernel = Quest(page=page, budget=budget, min_pages=1).select(q, k, causal=True).to_dense()
+    evaluation = Quest(page=page, budget=budget, rule="evaluation").select(q, k, causal=True).to_dense()
+    assert torch.equal(kernel.expand(b, hq, 1, nk), _quest_kernel_oracle(q, k, page, budget))
+    assert torch.equal(evaluation.expand(b, hq, 1, nk), _quest_evaluation_oracle(q, k, page, budget))
+
+
+def test_quest_evaluation_rule_does_not_force_the_own_page():
+    q, k, _ = _qk(1, 1, 1, 1, 64, 4, seed=1)
+    k[..., 56:, :] = -q[0, 0, 0] * 5  # the newest page scores lowest
+    kernel = Quest(page=8, budget=16, min_pages=1).select(q, k).to_dense()[0, 0, 0]
+    evaluation = Quest(page=8, budget=16, min_pages=1, rule="evaluation").select(q, k).to_dense()[0, 0, 0]
+    assert kernel[56:].all() and not evaluation[56:].any()
+    assert int(kernel.sum()) == int(evaluation.sum()) == 16
+    with pytest.raises(ValueError, match="rule"):
+        Quest(rule="paper")

@@ -7,99 +7,21 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import spattn
 from spattn.approx.featuremaps import favor_logits, orthogonal_gaussian
-from spattn.approx.gla import GatedLinearAttention, LightningAttention, alibi_slopes
+from spattn.approx.gla import GatedLinearAttention, LightningAttention
 from spattn.approx.linear import LinearAttention, Performer
 from spattn.approx.linear_core import _gated_scores, chunked_causal
 from spattn.approx.soft import SOFT, newton_schulz_pinv
+from spattn.approx.reference import naive_decayed, naive_gla, naive_lightning, naive_linear, naive_performer, naive_soft
 
 from .approx_helpers import assert_close_rel, assert_matches, padding_mask, rand_qkv
 
 
-# ------------------------------------------------------------------------------- naive references
-def rep(x, hq):
-    return x.repeat_interleave(hq // x.shape[1], dim=1)
-
-
-def naive_kernel_attention(fq, fk, v, causal, eps):
-    """``A = phi(Q) phi(K)^T`` as an explicit N x N matrix, rows normalised by their sums."""
-    a = fq @ fk.transpose(-1, -2)
-    if causal:
-        a = a * torch.ones(a.shape[-2:], dtype=a.dtype).tril()
-    num, den = a @ v, a.sum(-1, keepdim=True)
-    return num / (den + eps) if eps else num / torch.where(den > 0, den, torch.ones_like(den))
-
-
-def naive_linear(q, k, v, causal=False, kpm=None, eps=1e-6):
-    fq, fk = F.elu(q) + 1, F.elu(k) + 1
-    if kpm is not None:
-        fk = fk * kpm[:, None, :, None]
-    return naive_kernel_attention(fq, rep(fk, q.shape[1]), rep(v, q.shape[1]), causal, eps)
-
-
-def naive_performer(q, k, v, w, causal=False, kpm=None, eps=1e-4, stabilise=True):
-    """FAVOR+ features written out: row max for queries, one max per (batch, head) for keys."""
-    d, m = q.shape[-1], w.shape[0]
-    w = w.to(q.dtype)
-    lq = (q / d ** 0.25) @ w.T - (q / d ** 0.25).pow(2).sum(-1, keepdim=True) / 2
-    lk = (k / d ** 0.25) @ w.T - (k / d ** 0.25).pow(2).sum(-1, keepdim=True) / 2
-    if kpm is not None:
-        lk = lk.masked_fill(~kpm[:, None, :, None], -math.inf)
-    # the stabilisers are constants (detached): they only guard exp against overflow
-    sq = lq.amax(-1, keepdim=True).detach() if stabilise else 0.0
-    sk = lk.amax(dim=(-1, -2), keepdim=True).detach() if stabilise else 0.0
-    fq = (torch.exp(lq - sq) + eps) / math.sqrt(m)
-    fk = (torch.exp(lk - sk) + (0.0 if causal else eps)) / math.sqrt(m)
-    if kpm is not None:
-        fk = fk * kpm[:, None, :, None]
-    return naive_kernel_attention(fq, rep(fk, q.shape[1]), rep(v, q.shape[1]), causal, 0.0)
-
-
-def naive_decayed(q, k, v, log_g, causal):
-    """``o_t = sum_s sum_d q_td k_sd w_tsd v_s``: w = prod of the gates strictly after s up to t (s <= t);
-    bidirectional (not causal): for s > t the product of the gates t .. s-1; q, k, v, log_g per query head."""
-    n = q.shape[2]
-    log_g = log_g.expand(q.shape[0], q.shape[1], n, log_g.shape[-1])
-    G = torch.cumsum(log_g, 2)
-    E = G - log_g  # exclusive cumulative sums
-    t = torch.arange(n)[:, None, None]
-    s = torch.arange(n)[None, :, None]
-    fwd = G.unsqueeze(3) - G.unsqueeze(2)  # [B, H, t, s, Dg]: G_t - G_s
-    bwd = E.unsqueeze(2) - E.unsqueeze(3)  # E_s - E_t
-    expo = torch.where(s <= t, fwd, bwd if not causal else torch.full_like(bwd, -math.inf))
-    a = torch.einsum("bhtd,bhsd,bhtsd->bhts", q, k, torch.exp(expo).expand(-1, -1, -1, -1, q.shape[-1]))
-    return a @ v
-
-
-def rms(x):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-
-
-def naive_lightning(q, k, v, causal, kpm=None):
-    hq = q.shape[1]
-    q, k, v = F.silu(q), F.silu(k), F.silu(v)
-    if kpm is not None:
-        k = k * kpm[:, None, :, None]
-    log_g = (-alibi_slopes(hq)).to(q.dtype).view(1, hq, 1, 1)
-    return rms(naive_decayed(q, rep(k, hq), rep(v, hq), log_g, causal))
-
-
-def naive_gla(mod, q, k, v, causal, kpm=None):
-    if mod.gate_up.weight.dtype != q.dtype:
-        mod = copy.deepcopy(mod).to(q.dtype)
-    hq = q.shape[1]
-    log_g = F.logsigmoid(mod.gate_up(mod.gate_down(k))) / mod.normalizer
-    if kpm is not None:
-        k = k * kpm[:, None, :, None]
-        log_g = log_g * kpm[:, None, :, None]
-    return rms(naive_decayed(q / math.sqrt(q.shape[-1]), rep(k, hq), rep(v, hq), rep(log_g, hq), causal))
-
-
+# ------------------------------------------------------------------------------- fixtures (references: spattn.approx.reference)
 def gla(d=8, seed=0, **kw):
     torch.manual_seed(seed)
     mod = GatedLinearAttention(head_dim=d, **kw)
@@ -383,27 +305,6 @@ def test_decayed_padding_recurrent_causal(name):
 
 
 # ------------------------------------------------------------------------------- soft
-def naive_soft(q, v, m, iters=20, kpm=None):
-    """Explicit N x N Nyström approximation of the Gaussian kernel with tied Q = K."""
-    n, d = q.shape[2], q.shape[-1]
-    x = q / d ** 0.25
-    real = torch.ones(q.shape[0], n, dtype=torch.bool) if kpm is None else kpm
-    seg = -(-n // m)
-    outs = []
-    for b in range(q.shape[0]):
-        lms = []
-        for start in range(0, n, seg):
-            idx = [i for i in range(start, min(start + seg, n)) if real[b, i]]
-            if idx:
-                lms.append(x[b][:, idx].mean(1))
-        lm = torch.stack(lms, 1)  # [H, m', d]
-        kern = lambda a, c: torch.exp(-0.5 * torch.cdist(a, c).pow(2))  # noqa: E731
-        approx = kern(x[b], lm) @ newton_schulz_pinv(kern(lm, lm), iters) @ kern(lm, x[b])
-        approx = approx * real[b][None, None, :]
-        outs.append(approx @ rep(v[b:b + 1], q.shape[1])[0])
-    return torch.stack(outs)
-
-
 def test_soft_matches_naive_and_padding():
     q, k, v = rand_qkv(n=26, scale=0.5)
     mech = SOFT(landmarks=6)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 
 import pytest
@@ -11,59 +10,9 @@ import torch
 
 import spattn
 from spattn.approx.lowrank import Linformer, Nystromformer, nystrom_pinv
+from spattn.approx.reference import naive_linformer, naive_nystrom, naive_pinv, rep
 
 from .approx_helpers import assert_close_rel, assert_matches, padding_mask, rand_qkv
-
-
-def rep(x, hq):
-    return x.repeat_interleave(hq // x.shape[1], dim=1)
-
-
-# ------------------------------------------------------------------------------- naive references
-def naive_linformer(q, k, v, E, Fm, max_len, kpm=None):
-    """Zero-pad K, V to max_len, project with the full E, F, softmax over the k slots."""
-    n = k.shape[2]
-    if kpm is not None:
-        k, v = k * kpm[:, None, :, None], v * kpm[:, None, :, None]
-    pad = torch.zeros(*k.shape[:2], max_len - n, k.shape[-1], dtype=k.dtype)
-    kp = E.to(k.dtype) @ torch.cat([k, pad], 2)
-    vp = Fm.to(k.dtype) @ torch.cat([v, pad], 2)
-    a = torch.softmax(q @ rep(kp, q.shape[1]).transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)
-    return a @ rep(vp, q.shape[1])
-
-
-def naive_pinv(a, iters):
-    """Nyströmformer's iteration written per matrix."""
-    out = torch.empty_like(a)
-    for idx in itertools.product(*(range(s) for s in a.shape[:-2])):
-        m = a[idx]
-        eye = torch.eye(m.shape[0], dtype=m.dtype)
-        z = m.T / (m.abs().sum(0).max() * m.abs().sum(1).max())
-        for _ in range(iters):
-            z = 0.25 * z @ (13 * eye - m @ z @ (15 * eye - m @ z @ (7 * eye - m @ z)))
-        out[idx] = z
-    return out
-
-
-def naive_nystrom(q, k, v, m, iters=6, kpm=None):
-    """Explicit N x N Nyström matrix; landmarks are means of the real tokens of each segment."""
-    b, hq, n, d = q.shape
-    k, v = rep(k, hq), rep(v, hq)
-    real = torch.ones(b, n, dtype=torch.bool) if kpm is None else kpm
-    qs, ks = q / d ** 0.25, k / d ** 0.25
-    seg = -(-n // m)
-    outs = []
-    for bi in range(b):
-        segs = [[i for i in range(s, min(s + seg, n)) if real[bi, i]] for s in range(0, n, seg)]
-        segs = [s for s in segs if s]
-        ql = torch.stack([qs[bi][:, s].mean(1) for s in segs], 1)
-        kl = torch.stack([ks[bi][:, s].mean(1) for s in segs], 1)
-        logits3 = (ql @ ks[bi].transpose(-1, -2)).masked_fill(~real[bi], -math.inf)
-        s_hat = (torch.softmax(qs[bi] @ kl.transpose(-1, -2), -1)
-                 @ naive_pinv(torch.softmax(ql @ kl.transpose(-1, -2), -1), iters)
-                 @ torch.softmax(logits3, -1))
-        outs.append(s_hat @ v[bi])
-    return torch.stack(outs)
 
 
 # ------------------------------------------------------------------------------- linformer

@@ -156,7 +156,8 @@ def naive_sla(q, k, v, block, topk, proj, kpm=None):
         for h in range(Hq):
             for qb in range(nb):
                 rows = list(range(qb * block, min(n, (qb + 1) * block)))
-                qbar = q[b, h, rows].detach().mean(0)
+                real_rows = [i for i in rows if real[b, i]]  # self-attention: padded queries are not pooled
+                qbar = q[b, h, real_rows].detach().mean(0) if real_rows else torch.zeros(D, dtype=q.dtype)
                 scores = []
                 for kb in range(nb):
                     cols = [j for j in range(kb * block, min(n, (kb + 1) * block)) if real[b, j]]

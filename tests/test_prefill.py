@@ -130,6 +130,83 @@ def test_xattention_scores_and_selection_match_brute_force(nq, extra, stride, ca
     assert np.array_equal(layout.to_dense().numpy(), mask)
 
 
+def official_find_blocks(scores, tau, causal, chunk_blocks):
+    """The official ``find_blocks_chunked`` (threshold mode, prefill) written out with loops, applied
+    chunk by chunk as ``xattn_estimate`` does for ``Nq == Nk`` (``current_index`` = first query block
+    of the chunk), followed by its block-causal clip. ``scores [..., NQB, NKB]``."""
+    nqb, nkb = scores.shape[-2:]
+    out = np.zeros(scores.shape, dtype=bool)
+    for idx in np.ndindex(*scores.shape[:-2]):
+        for c0 in range(0, nqb, chunk_blocks):
+            current = c0  # k_block_num - q_block_num + chunk_idx * num_blocks_per_chunk, with Nq == Nk
+            for r in range(min(chunk_blocks, nqb - c0)):
+                row = np.array(scores[idx + (c0 + r,)], dtype=np.float64)
+                if causal:
+                    row[c0 + r + 1:] = 0.0  # the estimate's causal softmax gives future blocks nothing
+                required = row.sum() * tau
+                mask = np.zeros(nkb, dtype=bool)
+                if causal:
+                    mask[0] = True
+                    for col in range(current, min(current + chunk_blocks, nkb)):  # eye(chunk) overwrites
+                        mask[col] = (col - current) == r
+                    other = np.where(mask, 0.0, row)
+                    other_sorted = sorted(other, reverse=True)
+                    forced_sum = row[mask].sum()
+                    sorted_values = [0.0, forced_sum] + other_sorted[:-2]
+                    key = np.where(mask, 100000 * (1 + row), row)
+                    index = sorted(range(nkb), key=lambda j: (-key[j], j))
+                    cum = np.cumsum([0.0] + sorted_values[:-1])
+                else:
+                    index = sorted(range(nkb), key=lambda j: (-row[j], j))
+                    cum = np.cumsum([0.0] + [row[j] for j in index][:-1])
+                for t in range(nkb):
+                    mask[index[t] if cum[t] < required else 0] = True
+                if causal:
+                    mask[c0 + r + 1:] = False  # the tril on the last q_block_num square
+                out[idx + (c0 + r,)] = mask
+    return out
+
+
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(20, 140), stride=st.sampled_from([2, 4]), causal=st.booleans(), tau=st.sampled_from([0.5, 0.8, 0.95]),
+       group=st.sampled_from([1, 2]), seed=st.integers(0, 999))
+def test_xattention_official_rule_matches_the_official_code(n, stride, causal, tau, group, seed):
+    """``rule="official"`` reproduces find_blocks_chunked (issue 15), off the block grid too."""
+    block = 16
+    q, k, _ = qkv(2, 2 * group, 2, n, n, 8, seed, scale=1.5)
+    pat = XAttention(threshold=tau, stride=stride, block=block, rule="official")
+    scores = xattn_brute_scores(q, k, stride, block, causal)
+    sel = official_find_blocks(pat.block_scores(q, k, causal=causal).double().numpy(), tau, causal, chunk_blocks=2048 // block)
+    assert np.array_equal(pat.layout(q, k, causal=causal).to_dense().numpy(), expand_blocks(sel, n, n, block, causal))
+    # the oracle on the brute-force scores agrees wherever no score ties within rounding
+    sel_brute = official_find_blocks(scores, tau, causal, chunk_blocks=2048 // block)
+    assert (sel_brute != sel).mean() < 0.02
+
+
+def test_xattention_official_rule_keeps_one_more_block_and_the_sink():
+    """First chunk, Nq == Nk: the official rule keeps one block more per row than the fewest-blocks
+    rule (two when the uncounted sink is added on top of the extra one), and block 0 always."""
+    q, k, _ = qkv(1, 2, 2, 256, 256, 8, seed=3, scale=2.0)
+    fewest = XAttention(threshold=0.5, stride=4, block=16)
+    official = XAttention(threshold=0.5, stride=4, block=16, rule="official")
+    a = fewest.layout(q, k, causal=True).to_dense()
+    b = official.layout(q, k, causal=True).to_dense()
+    blocks = lambda d: d[..., ::16, ::16].reshape(2, 16, 16)
+    ba, bb = blocks(a), blocks(b)
+    assert bb[..., 0].all()
+    extra = (bb.sum(-1) - ba.sum(-1))[:, 2:]
+    assert (extra >= 0).all() and (extra <= 2).all() and extra.float().mean() >= 0.5
+    with pytest.raises(ValueError, match="rule"):
+        XAttention(rule="paper")
+
+
+def test_official_chunk_size():
+    from spattn.patterns.xattention import official_chunk_size
+
+    assert [official_chunk_size(n) for n in (100, 2048, 5000, 16384, 16385, 32768, 65536, 131072)] == [
+        2048, 2048, 8192, 16384, 8192, 8192, 4096, 2048]
+
+
 @pytest.mark.parametrize("nq,nk", [(145, 1), (90, 37), (64, 50)])
 def test_xattention_more_queries_than_keys(nq, nk):
     """Causal with Nq > Nk: early query rows see no key (regression: a negative key count)."""
@@ -262,7 +339,24 @@ def test_minference_block_matches_brute_force(nq, extra, causal, topk, group, se
 
 
 # ------------------------------------------------------------------------------------ FlexPrefill
-def brute_flexprefill_blocks(q, k, gamma, tau, block):
+def official_slash_blocks(last, block):
+    """Block-diagonal slash scores as the official FlexPrefill code builds them (``get_active_blocks``):
+    ``sum_all_diagonal_matrix`` indexes a diagonal by the key where it meets the last query row
+    (``i = Nk - 1 - d``), ``torch_bhn_sumpool`` pools those indices from 0 in groups of ``block``
+    (zero-padded at the end), and group ``c`` selects the block diagonal ``δ = NKB - 1 - c``."""
+    rows, nk = last.shape
+    nkb = -(-nk // block)
+    by_key = np.zeros(nkb * block)
+    for i in range(nk):  # mat_padded columns: pad (rows - 1) zeros on the left
+        for r in range(rows):
+            j = i + r - (rows - 1)
+            if j >= 0:
+                by_key[i] += last[r, j] / rows
+    pooled = by_key.reshape(nkb, block).sum(-1)
+    return np.array([pooled[nkb - 1 - delta] for delta in range(nkb)])
+
+
+def brute_flexprefill_blocks(q, k, gamma, tau, block, align="end"):
     qn, kn = np_heads(q, k)
     bsz, hq, nq, dim = qn.shape
     nk = kn.shape[2]
@@ -286,7 +380,10 @@ def brute_flexprefill_blocks(q, k, gamma, tau, block):
                 return int((np.cumsum(np.sort(x)[::-1]) <= gamma).sum()) + 1
 
             v_blk = np.array([a_v[kb * block: (kb + 1) * block].sum() for kb in range(nkb)])
-            s_blk = np.array([a_s[d * block: (d + 1) * block].sum() for d in range(nkb)])
+            if align == "start":
+                s_blk = np.array([a_s[d * block: (d + 1) * block].sum() for d in range(nkb)])
+            else:
+                s_blk = official_slash_blocks(last, block)
             kbar = np.stack([kn[b, h, kb * block: (kb + 1) * block].mean(0) for kb in range(nkb)])
             logit = (qn[b, h, nq - rows:].mean(0) / math.sqrt(dim)) @ kbar.T
             a_hat = np.exp(logit - logit.max())
@@ -320,13 +417,14 @@ def brute_flexprefill_blocks(q, k, gamma, tau, block):
     return out, aware
 
 
+@pytest.mark.parametrize("align", ["end", "start"])
 @pytest.mark.parametrize("tau", [0.0, 0.3, 10.0])
 @pytest.mark.parametrize("nq,extra,group", [(150, 0, 1), (133, 0, 2), (100, 40, 1)])
-def test_flexprefill_matches_brute_force(tau, nq, extra, group):
+def test_flexprefill_matches_brute_force(tau, nq, extra, group, align):
     block, gamma, nk = 16, 0.8, nq + extra
     q, k, _ = qkv(2, 2 * group, 2, nq, nk, 8, seed=nq + extra, scale=1.3)
-    pat = FlexPrefill(gamma=gamma, tau=tau, block=block)
-    want, aware = brute_flexprefill_blocks(q, k, gamma, tau, block)
+    pat = FlexPrefill(gamma=gamma, tau=tau, block=block, slash_align=align)
+    want, aware = brute_flexprefill_blocks(q, k, gamma, tau, block, align)
     est = pat.estimate(q, k)
     assert np.array_equal(est["query_aware"].numpy(), aware)
     if tau == 0.0:
@@ -335,6 +433,33 @@ def test_flexprefill_matches_brute_force(tau, nq, extra, group):
         assert aware.all()
     layout = pat.layout(q, k, causal=True)
     assert np.array_equal(layout.to_dense().numpy(), expand_blocks(want, nq, nk, block, True))
+
+
+@settings(max_examples=10, deadline=None)
+@given(nq=st.integers(40, 120), block=st.sampled_from([8, 16]), group=st.sampled_from([1, 2]), seed=st.integers(0, 999))
+def test_flexprefill_slash_groups_follow_the_official_code_for_any_n(nq, block, group, seed):
+    """Off the block grid the official grouping (from the end) differs from grouping from offset 0;
+    the default follows the official code exactly (issue 15)."""
+    q, k, _ = qkv(1, 2 * group, 2, nq, nq, 8, seed=seed, scale=1.5)
+    pat = FlexPrefill(gamma=0.95, tau=0.0, block=block)
+    est = pat.estimate(q, k)
+    probs = full_probs(q, k)
+    rows = min(block, nq)
+    for h in range(2 * group):
+        want = official_slash_blocks(probs[0, h, nq - rows:], block)
+        np.testing.assert_allclose(est["slash_blocks"][0, h].double().numpy(), want, atol=1e-6)
+    want_blocks, _ = brute_flexprefill_blocks(q, k, 0.95, 0.0, block)
+    assert np.array_equal(pat.layout(q, k, causal=True).to_dense().numpy(), expand_blocks(want_blocks, nq, nq, block, True))
+
+
+def test_flexprefill_slash_align_differs_off_grid_only():
+    q, k, _ = qkv(1, 2, 2, 128, 128, 8, seed=5, scale=1.5)
+    end, start = FlexPrefill(tau=0.0, block=16), FlexPrefill(tau=0.0, block=16, slash_align="start")
+    torch.testing.assert_close(end.estimate(q, k)["slash_blocks"], start.estimate(q, k)["slash_blocks"])
+    q, k, _ = qkv(1, 2, 2, 133, 133, 8, seed=5, scale=1.5)
+    assert not torch.allclose(end.estimate(q, k)["slash_blocks"], start.estimate(q, k)["slash_blocks"], atol=1e-3)
+    with pytest.raises(ValueError, match="slash_align"):
+        FlexPrefill(slash_align="middle")
 
 
 def test_flexprefill_short_sequence_is_dense():

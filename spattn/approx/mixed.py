@@ -38,6 +38,7 @@ from .. import registry
 from ..functional import attention
 from ..layout import Layout
 from ..patterns import Pattern
+from ..patterns.base import PaddedPattern
 from ..registry import register
 from .base import ApproxAttention
 from .featuremaps import favor_logits, orthogonal_gaussian
@@ -106,8 +107,28 @@ def favor_pair(q: Tensor, k: Tensor, projection: Tensor, key_real: Optional[Tens
     phi_q = torch.exp(lq - stab_q) * m ** -0.5
     phi_k = torch.exp(lk - stab_k) * m ** -0.5
     if key_real is not None:
-        phi_k = phi_k * key_real[:, None, :, None].to(phi_k.dtype)
+        phi_k = torch.where(key_real[:, None, :, None], phi_k, torch.zeros((), dtype=phi_k.dtype, device=phi_k.device))
     return phi_q, phi_k, (stab_q + stab_k).squeeze(-1)
+
+
+def _zero_padded(key_padding_mask: Optional[Tensor], *xs: Tensor) -> tuple[Tensor, ...]:
+    """``xs [B, H, N, D]`` with padded positions (``key_padding_mask [B, N]`` False) set to zero, so
+    that no value of a padded token reaches any arithmetic (self-attention: queries are padded too)."""
+    if key_padding_mask is None:
+        return xs
+    keep = key_padding_mask[:, None, :, None]
+    return tuple(torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)) for x in xs)
+
+
+def _support(pattern: Union[str, Pattern, Layout], q: Tensor, k: Tensor, causal: bool,
+             key_padding_mask: Optional[Tensor], owner: str) -> Layout:
+    """The sparse support as a Layout; content-based patterns see the padding mask."""
+    if isinstance(pattern, Layout):
+        return pattern
+    pat = _as_pattern(pattern, owner)
+    if isinstance(pat, PaddedPattern):
+        return pat.layout(q, k, causal=causal, key_padding_mask=key_padding_mask)
+    return pat.layout(q, k, causal=causal)
 
 
 def _as_pattern(pattern: Union[str, Pattern], owner: str) -> Pattern:
@@ -140,7 +161,8 @@ def scatterbrain_attention(
     check_qkv("scatterbrain", q, k, v, key_padding_mask)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"scatterbrain: self-attention only, q has {q.shape[2]} tokens and k {k.shape[2]}")
-    layout = pattern if isinstance(pattern, Layout) else _as_pattern(pattern, "scatterbrain").layout(q, k, causal=causal)
+    k, v = _zero_padded(key_padding_mask, k, v)  # a padded query's values only reach its own row
+    layout = _support(pattern, q, k, causal, key_padding_mask, "scatterbrain")
     B, Hq, N, D = q.shape
     ct = compute_dtype(q.dtype)
     out_s, lse_s = attention(q, k, v, layout, key_padding_mask=key_padding_mask, return_lse=True)
@@ -201,16 +223,16 @@ def _block_mean(x: Tensor, block: int, real: Tensor) -> Tensor:
 
 def sla_critical_blocks(q: Tensor, k: Tensor, block: int, topk: int, key_padding_mask: Optional[Tensor] = None) -> Tensor:
     """SLA's block map ``[B, Hq, NQB, NKB]``: per query block the ``topk`` key blocks with the highest
-    ``meanpool(Q) . meanpool(K - mean_seq K)`` (scored in fp32, no gradient); key blocks without a
-    real key are never chosen."""
+    ``meanpool(Q) . meanpool(K - mean_seq K)`` (scored in fp32, no gradient); pools and the mean
+    use real tokens only, key blocks without a real key are never chosen."""
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
     sdt = compute_dtype(q.dtype)
     real = (torch.ones(1, 1, N, dtype=torch.bool, device=q.device) if key_padding_mask is None
             else key_padding_mask[:, None, :])
-    kd, qd = k.detach().to(sdt), q.detach().to(sdt)
-    kmean = (kd * real[..., None]).sum(2, keepdim=True) / real.sum(-1, keepdim=True)[..., None].clamp(min=1)
-    qbar = _block_mean(qd, block, torch.ones_like(real[:1]))
+    kd, qd = _zero_padded(key_padding_mask, k.detach().to(sdt), q.detach().to(sdt))
+    kmean = kd.sum(2, keepdim=True) / real.sum(-1, keepdim=True)[..., None].clamp(min=1)
+    qbar = _block_mean(qd, block, real)  # self-attention: padded queries are padded keys
     kbar = _block_mean(kd - kmean, block, real)
     scores = qbar.view(B, Hkv, Hq // Hkv, qbar.shape[2], D) @ kbar.transpose(-1, -2).unsqueeze(2)
     scores = scores.view(B, Hq, qbar.shape[2], kbar.shape[2])
@@ -234,7 +256,7 @@ def sla_attention(q, k, v, block_map: Tensor, block: int, proj_l: nn.Module,
     phi_k = torch.softmax(repeat_kv(k, Hq).to(ct), -1)
     vf = repeat_kv(v, Hq).to(ct)
     if key_padding_mask is not None:
-        phi_k = phi_k * key_padding_mask[:, None, :, None].to(ct)
+        phi_k = torch.where(key_padding_mask[:, None, :, None], phi_k, torch.zeros((), dtype=ct, device=phi_k.device))
     pad = nkb * block - N
     phi_kb = F.pad(phi_k, (0, 0, 0, pad)).view(B, Hq, nkb, block, D)
     kv = phi_kb.transpose(-1, -2) @ F.pad(vf, (0, 0, 0, pad)).view(B, Hq, nkb, block, D)  # [B,H,NKB,D,D]
@@ -298,5 +320,6 @@ class SLA(ApproxAttention):
             raise ValueError(f"sla: self-attention only, q has {q.shape[2]} tokens and k {k.shape[2]}")
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"sla: head_dim is {self.head_dim} but q has D={q.shape[-1]}")
+        k, v = _zero_padded(key_padding_mask, k, v)  # a padded query's values only reach its own row
         block_map = sla_critical_blocks(q, k, self.block, self.blocks_kept(q.shape[2]), key_padding_mask)
         return sla_attention(q, k, v, block_map, self.block, self.proj_l, key_padding_mask)

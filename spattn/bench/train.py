@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -78,6 +78,10 @@ class TrainConfig:
     #: start from the weights in another run's checkpoint.pt; its model config must match except for
     #: the attention spec (sparsify a trained model, then fine-tune); ignored when resuming
     init_from: Optional[str] = None
+    #: under torchrun: shard every sequence over the ranks instead of the batch (causal LMs)
+    sequence_parallel: bool = False
+    #: seconds a collective waits for the other ranks before failing (torchrun runs)
+    dist_timeout: float = 300.0
 
     def resolved(self, task: Task) -> "TrainConfig":
         """A copy with the task's training defaults filled in (and built-in fallbacks)."""
@@ -126,6 +130,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: max_minutes must be > 0, got {self.max_minutes}")
         if not isinstance(self.attention, str):
             raise TypeError(f"TrainConfig: attention must be a spec string, got {type(self.attention).__name__}")
+        if not isinstance(self.sequence_parallel, bool):
+            raise TypeError(f"TrainConfig: sequence_parallel must be a bool, got {self.sequence_parallel!r}")
+        if isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, (int, float)) or not self.dist_timeout > 0:
+            raise ValueError(f"TrainConfig: dist_timeout must be a number of seconds > 0, got {self.dist_timeout!r}")
         bad = sorted(set(self.model) - MODEL_FIELDS)
         if bad:
             raise ValueError(f"TrainConfig: unknown model field(s) {bad}; valid: {', '.join(sorted(MODEL_FIELDS))}")
@@ -316,7 +324,10 @@ def _check_out_dir(cfg: "TrainConfig", ckpt_path: Optional[str], metrics_path: O
             return None
         ckpt = load_checkpoint(ckpt_path)
         saved_tc = ckpt["train_config"]
-        if saved_tc["task"] != cfg.task or saved_tc.get("task_options", {}) != cfg.task_options:
+        def training_data(opts):  # the evaluation splits' sizes do not change the training data
+            return {k: v for k, v in opts.items() if k not in ("num_val", "num_test")}
+
+        if saved_tc["task"] != cfg.task or training_data(saved_tc.get("task_options", {})) != training_data(cfg.task_options):
             raise ValueError(f"cannot resume from {ckpt_path!r}: it was trained on task {saved_tc['task']!r} "
                              f"with options {saved_tc.get('task_options', {})}")
         breaking, notes = resume_changes(saved_tc, cfg)
@@ -452,6 +463,12 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
     task = get_task(cfg.task)
     cfg = cfg.resolved(task)
     check_attention(cfg.attention)
+    from ..distributed.training import TrainingGroup
+
+    group = TrainingGroup.from_environment(sequence_parallel=cfg.sequence_parallel, timeout=cfg.dist_timeout)
+    group.check(cfg.batch_size, task.model_kind)
+    if not group.is_main:  # rank 0 logs, writes metrics and checkpoints
+        cfg = replace(cfg, progress=False)
     ckpt_path = metrics_path = None
     if cfg.out_dir:
         ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
@@ -483,13 +500,14 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
         step, epoch, pos = ckpt["step"], ckpt["epoch"], ckpt["pos"]
         history, best, train_seconds = ckpt["history"], ckpt["best"], ckpt["train_seconds"]
         _say(cfg, f"resuming from {ckpt_path} at step {step}")
-    if cfg.out_dir:
+    group.agree(step, "the step to start from (every rank must read the same checkpoint)")
+    if cfg.out_dir and group.is_main:
         if ckpt is None and cfg.overwrite:
             _start_fresh(ckpt_path, metrics_path)
         os.makedirs(cfg.out_dir, exist_ok=True)
 
     def checkpoint() -> None:
-        if ckpt_path:
+        if ckpt_path and group.is_main:
             save_checkpoint(ckpt_path, {
                 "model_config": model_cfg.to_dict(), "train_config": asdict(cfg),
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -497,9 +515,11 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
                 "train_seconds": train_seconds,
             })
             log()  # metrics.json is written with (never ahead of) the checkpoint
+        if ckpt_path:
+            group.barrier()  # no rank runs ahead of the checkpoint every rank may resume from
 
     def log(result=None) -> None:
-        if metrics_path:
+        if metrics_path and group.is_main:
             _write_json(metrics_path, {"train_config": asdict(cfg), "model_config": model_cfg.to_dict(),
                                        "parameters": n_params, "checkpoint_step": step, "history": history,
                                        "result": result})
@@ -532,23 +552,32 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
     win_loss, win_correct, win_count, win_tokens, win_time, win_steps = 0.0, 0, 0, 0, 0.0, 0
     last_eval: Optional[tuple[int, dict]] = None
     model.train()
+    step_forward = group.wrap(model, lambda m, b: forward_batch(m, task, b))
     order, order_epoch = None, -1
     with signals:
         while step < cfg.steps and stopped == "steps" and signals.requested is None:
             t0 = time.perf_counter()
             if order_epoch != epoch:
                 order, order_epoch = _epoch_order(n_train, cfg.seed, epoch), epoch
-            idx = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size].tolist()
+            idx = group.local_indices(order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size].tolist())
             batch = as_batch(data.collate([data.train[i] for i in idx]))
             with _autocast(cfg.bf16):
-                logits, target = forward_batch(model, task, batch)
+                logits, target = step_forward(batch)
                 loss, correct, count = _loss_and_counts(logits, target)
                 aux = getattr(model, "aux_loss", None)
                 total = loss + aux.float() if isinstance(aux, Tensor) else loss
+            # several ranks: the global batch's loss and counts; ``total`` scaled so the ranks' gradients
+            # combine into the global batch's; a stop asked on any rank stops every rank at this step
+            total, loss_value, correct, count, stop_all = group.reduce_step(total, correct, count,
+                                                                           signals.requested is not None)
+            loss = loss.new_tensor(loss_value)
+            if stop_all and signals.requested is None:
+                signals.requested = "another rank"
             if not torch.isfinite(total):
                 raise FloatingPointError(f"loss became {float(total.detach())} at step {step + 1}; lower --lr or check the data")
             opt.zero_grad(set_to_none=True)
             total.backward()
+            group.after_backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
@@ -672,6 +701,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="start from the weights of another run's checkpoint.pt (e.g. a dense model; the attention may differ)")
     e.add_argument("--no-test", dest="test", action="store_false", help="skip the final test-set evaluation")
     e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    t = p.add_argument_group("several processes (under torchrun --nproc_per_node N; see docs/distributed.md)")
+    t.add_argument("--sequence-parallel", action="store_true",
+                   help="shard every sequence over the ranks instead of the batch (causal LMs, e.g. bytelm)")
+    t.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
+                   help="seconds a collective waits for the other ranks before failing (default 300)")
     m = p.add_argument_group("model (defaults: the task's)")
     m.add_argument("--dim", type=int)
     m.add_argument("--depth", type=int)
@@ -724,6 +758,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         init_from=getattr(args, "init_from", None), num_val=getattr(args, "num_val", None),
         num_test=getattr(args, "num_test", None), resume_inexact=getattr(args, "resume_inexact", False),
         overwrite=getattr(args, "overwrite", False),
+        sequence_parallel=getattr(args, "sequence_parallel", False), dist_timeout=getattr(args, "dist_timeout", 300.0),
     )
 
 
@@ -754,6 +789,13 @@ def summary_line(res: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def run_train(args: argparse.Namespace) -> int:
     """``spattn train``: train, print a summary and where the run was saved; returns the exit status.
 
@@ -777,6 +819,10 @@ def run_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as stop:
         print(f"spattn train: {stop}", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 reports
     print(summary_line(res))
     if res.get("out_dir"):
         print(f"saved {os.path.join(res['out_dir'], 'checkpoint.pt')} and metrics.json in {res['out_dir']} "

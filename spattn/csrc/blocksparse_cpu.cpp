@@ -9,13 +9,15 @@
 //
 // GEMMs go to the BLAS that libtorch_cpu exports (sgemm_ / dgemm_, MKL on x86 builds). They are weak
 // symbols: without them the library still loads, block_sparse_blas() says false and spattn keeps
-// its eager kernel.
+// its eager kernel. MKL_Set_Num_Threads_Local (weak too; absent with other BLAS) keeps that BLAS on
+// one thread inside the parallel loop.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -29,6 +31,7 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));  // by value (the lower-case name takes a pointer)
 }
 
 namespace {
@@ -90,9 +93,15 @@ template <typename T>
 T softmax_step(T* s, int64_t n, T& row_max, T& row_sum) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   T mx = kNegInf;
-#pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
-  const T new_max = mx > row_max ? mx : row_max;
+  int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : nan)
+  for (int64_t j = 0; j < n; ++j) {
+    mx = s[j] > mx ? s[j] : mx;
+    nan |= s[j] != s[j];
+  }
+  // a NaN score (NaN query or key) makes the row NaN, as in the dense reference; a NaN row max stays
+  if (nan) mx = std::numeric_limits<T>::quiet_NaN();
+  const T new_max = (mx > row_max || mx != mx) ? mx : row_max;
   if (new_max == kNegInf) {
     std::fill(s, s + n, T(0));
     return T(1);
@@ -227,6 +236,30 @@ void attend_query_block(const Problem& p, int64_t bi, int64_t h, int64_t qb, con
   }
 }
 
+// Every count, block index and mask id the loop will read must point inside its tensors: a Layout's
+// tables are ordinary (mutable) tensors, so they are checked here, once per call, before any thread
+// starts (one pass over B' x H' x NQB x S integers, negligible next to the attention itself).
+void check_tables(const at::Tensor& kv_num, const at::Tensor& kv_idx, const at::Tensor& mask_id, int64_t nkb,
+                  int64_t num_masks) {
+  const int64_t tiles = kv_num.numel(), slots = kv_idx.size(3);
+  const int64_t* num = kv_num.data_ptr<int64_t>();
+  const int64_t* idx = kv_idx.data_ptr<int64_t>();
+  const int32_t* ids = mask_id.data_ptr<int32_t>();
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t count = num[t];
+    TORCH_CHECK(count >= 0 && count <= slots, "block_sparse_forward: kv_num_blocks must lie in [0, ", slots,
+                "] (slots of kv_indices), got ", count, " at flat query block ", t);
+    for (int64_t s = 0; s < count; ++s) {
+      const int64_t kb = idx[t * slots + s];
+      TORCH_CHECK(kb >= 0 && kb < nkb, "block_sparse_forward: kv_indices must lie in [0, ", nkb,
+                  ") (key blocks), got ", kb, " at flat query block ", t, ", slot ", s);
+      const int32_t u = ids[t * slots + s];
+      TORCH_CHECK(u >= -1 && u < num_masks, "block_sparse_forward: mask_id must lie in [-1, ", num_masks,
+                  ") (partial-tile masks), got ", u, " at flat query block ", t, ", slot ", s);
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> block_sparse_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                         const at::Tensor& kv_num, const at::Tensor& kv_idx,
                                                         const at::Tensor& mask_id, const at::Tensor& masks,
@@ -250,6 +283,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_forward(const at::Tensor& q, con
   TORCH_CHECK(kv_idx.dim() == 4 && kv_num.dim() == 3 && mask_id.sizes() == kv_idx.sizes() &&
                   kv_idx.sizes().slice(0, 3) == kv_num.sizes(),
               "block_sparse_forward: kv_num [B', H', NQB], kv_idx and mask_id [B', H', NQB, S]");
+  TORCH_CHECK(block_q >= 1 && block_k >= 1, "block_sparse_forward: block_q and block_k must be >= 1, got ", block_q,
+              ", ", block_k);
   TORCH_CHECK(masks.dim() == 3 && masks.size(1) == block_q && masks.size(2) == block_k,
               "block_sparse_forward: masks must be [U, block_q, block_k]");
 
@@ -262,6 +297,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_forward(const at::Tensor& q, con
   TORCH_CHECK((p.layout_batch == 1 || p.layout_batch == p.batch) && (p.layout_heads == 1 || p.layout_heads == p.heads_q),
               "block_sparse_forward: layout batch / heads must be 1 or those of q");
   for (int i = 0; i < 3; ++i) p.q_strides[i] = q.stride(i), p.k_strides[i] = k.stride(i), p.v_strides[i] = v.stride(i);
+  check_tables(kv_num, kv_idx, mask_id, (p.nk + block_k - 1) / block_k, masks.size(0));
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();  // BLAS takes int leading dimensions
   TORCH_CHECK(p.q_strides[2] <= kIntMax && p.k_strides[2] <= kIntMax && p.v_strides[2] <= kIntMax,
               "block_sparse_forward: row strides of q, k, v must fit a BLAS int");
@@ -280,12 +316,23 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_forward(const at::Tensor& q, con
     scalar_t* lp = lse.data_ptr<scalar_t>();
     const scalar_t sc = static_cast<scalar_t>(scale);
     const MaskExtents extents(mk, masks.size(0), block_q, block_k);
-    at::parallel_for(0, p.batch * p.heads_q * p.nqb, 1, [&](int64_t begin, int64_t end) {
+    // One level of parallelism: the (batch, head, query block) tiles run on torch's threads, and the
+    // BLAS inside each is forced to one thread. Called inside an OpenMP region, MKL's sgemm otherwise
+    // still takes its threaded path: profiled at 2 threads, over 60 % of the time went to libgomp
+    // barrier waits and sched_yield, 5-20x slower than 1 thread on a loaded machine. Tiles are handed
+    // out dynamically, the heaviest (last query blocks of causal layouts) first, so a thread that is
+    // descheduled or given denser heads does not hold the others back at the final barrier.
+    const int64_t total = p.batch * p.heads_q * p.nqb, rows_of_tiles = p.batch * p.heads_q;
+    const int64_t workers = std::min<int64_t>(at::get_num_threads(), total);
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      const int previous_blas_threads = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
       BlockState<scalar_t> state(block_q, std::max(kMaxRun, block_k), p.dv);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t qb = t % p.nqb, h = (t / p.nqb) % p.heads_q, bi = t / (p.nqb * p.heads_q);
+      for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < total;) {
+        const int64_t qb = p.nqb - 1 - t / rows_of_tiles, h = t % p.heads_q, bi = (t % rows_of_tiles) / p.heads_q;
         attend_query_block<scalar_t>(p, bi, h, qb, qp, kp, vp, np, ip, mp, mk, extents, sc, op, lp, state);
       }
+      if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_blas_threads);
     });
   });
   return {out, lse};

@@ -190,9 +190,16 @@ at::Tensor group_topk(const at::Tensor& q, const at::Tensor& labels, const at::T
   TORCH_CHECK(q.stride(2) == 1, "group_topk: q must have unit stride along channels");
   TORCH_CHECK(channels.scalar_type() == at::kLong && channels.is_contiguous(), "group_topk: channels int64");
   const int64_t b = q.size(0), hq = q.size(1), hkv = labels.size(1), r = labels.size(2), n = labels.size(3);
-  TORCH_CHECK(hq % hkv == 0 && channels.size(0) == hkv && channels.size(1) == r, "group_topk: shape mismatch");
+  TORCH_CHECK(hkv > 0 && hq % hkv == 0 && channels.size(0) == hkv && channels.size(1) == r, "group_topk: shape mismatch");
   TORCH_CHECK(count >= 1 && count <= n, "group_topk: count out of range");
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "group_topk: at most 2^31 - 1 tokens");
+  TORCH_CHECK(labels.size(0) == b, "group_topk: labels batch ", labels.size(0), " != q batch ", b);
+  {  // channel ids index q's last dim: every one must lie inside it
+    const int64_t* cp = channels.data_ptr<int64_t>();
+    for (int64_t i = 0; i < channels.numel(); ++i)
+      TORCH_CHECK(cp[i] >= 0 && cp[i] < q.size(2), "group_topk: channels must lie in [0, ", q.size(2),
+                  ") (head dim of q), got ", cp[i], " at flat position ", i);
+  }
   auto out = at::empty({b, hkv, count}, q.options().dtype(at::kLong));
   if (labels.scalar_type() == at::kBFloat16) {
     TORCH_CHECK(q.scalar_type() == at::kFloat, "group_topk: bfloat16 labels need float32 queries");
@@ -237,7 +244,7 @@ void attend_group(const T* q, int64_t q_stride, int64_t group, const T* const* k
   for (int64_t h = 0; h < group; ++h) {
     T* lh = logits + h * m;
     T mx = lh[0];
-    for (int64_t j = 1; j < m; ++j) mx = std::max(mx, lh[j]);
+    for (int64_t j = 1; j < m; ++j) mx = (lh[j] > mx || lh[j] != lh[j]) ? lh[j] : mx;  // a NaN logit sticks
     T total = 0;
     for (int64_t j = 0; j < m; ++j) {
       lh[j] = std::exp(lh[j] - mx);
@@ -270,7 +277,9 @@ std::tuple<at::Tensor, at::Tensor> shared_rows_attention(const at::Tensor& q, co
   TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous(), "shared_rows_attention: rows int64");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "shared_rows_attention: dtypes");
   const int64_t b = q.size(0), hq = q.size(1), d = q.size(2), hkv = k.size(1), n = k.size(2), width = rows.size(2);
-  TORCH_CHECK(hq % hkv == 0 && rows.size(0) == b && rows.size(1) == hkv && v.size(2) == n, "shared_rows_attention: shapes");
+  TORCH_CHECK(hkv > 0 && hq % hkv == 0 && rows.size(0) == b && rows.size(1) == hkv && k.size(0) == b && v.size(0) == b &&
+                  v.size(1) == hkv && v.size(2) == n && k.size(3) == d && v.size(3) == d,
+              "shared_rows_attention: shapes q [B, Hq, D], k, v [B, Hkv, N, D], rows [B, Hkv, R], Hq % Hkv == 0");
   const int64_t group = hq / hkv;
   auto out = at::zeros({b, hq, d}, q.options());
   auto lse = at::empty({b, hq}, q.options());

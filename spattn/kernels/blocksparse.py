@@ -23,7 +23,8 @@ from torch import Tensor
 
 from ..layout import Layout
 from . import blocksparse_cpu
-from ._tiling import Chunk, GatherSet, TilePlan, mask_value
+from ._finite import nan_exact
+from ._tiling import Chunk, GatherSet, TilePlan, empty_rows
 
 __all__ = ["blocksparse_attention"]
 
@@ -37,27 +38,43 @@ def _use_flash(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _tile_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
-    """Attention of q ``[X, T, M, D]`` over k/v ``[X, T, R, D]``: (out, lse fp32 ``[X, T, M]``)."""
-    if _use_flash(q):
+def _capped(scores: Tensor, softcap: Optional[float]) -> Tensor:
+    """``softcap * tanh(s / softcap)`` of scaled scores (Gemma 2's logit soft-capping); ``s`` if None."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
+def _tile_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,
+                  softcap: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """Attention of q ``[X, T, M, D]`` over k/v ``[X, T, R, D]``: (out, lse fp32 ``[X, T, M]``); rows
+    the additive mask leaves without a key get zeros and lse ``-inf``.
+    A score modification (``softcap``) runs on explicit scores: the fused flash kernel has no hook."""
+    if softcap is None and _use_flash(q):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        empty = empty_rows(mask)
+        if empty is not None:  # SDPA returns such rows as zeros with lse 0
+            lse = lse.masked_fill(empty.expand(lse.shape), float("-inf"))
         return out, lse
-    scores = torch.matmul(q, k.transpose(-1, -2)).to(_lse_dtype(q.dtype)) * scale
+    scores = _capped(torch.matmul(q, k.transpose(-1, -2)).to(_lse_dtype(q.dtype)) * scale, softcap)
     if mask is not None:
         scores = scores + mask
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.matmul(torch.exp(scores - lse[..., None]).to(v.dtype), v)
+    safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)  # exp(-inf - 0) = 0 on empty rows
+    out = torch.matmul(torch.exp(scores - safe[..., None]).to(v.dtype), v)
     return out, lse
 
 
-def _tile_backward(dout, q, k, v, out, lse, mask, scale) -> tuple[Tensor, Tensor, Tensor]:
+def _tile_backward(dout, q, k, v, out, lse, mask, scale, softcap=None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of one key set's share, given the *global* out and lse of the rows."""
-    if _use_flash(q):
+    if softcap is None and _use_flash(q):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale
         )
     acc = _lse_dtype(q.dtype)
     scores = torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale
+    tanh = None
+    if softcap is not None:
+        tanh = torch.tanh(scores / softcap)
+        scores = tanh * softcap
     if mask is not None:
         scores = scores + mask
     probs = torch.exp(scores - lse[..., None])
@@ -65,6 +82,8 @@ def _tile_backward(dout, q, k, v, out, lse, mask, scale) -> tuple[Tensor, Tensor
     dp = torch.matmul(dout, v.transpose(-1, -2)).to(acc)
     delta = (dout.to(acc) * out.to(acc)).sum(-1, keepdim=True)
     ds = probs * (dp - delta) * scale
+    if tanh is not None:  # d/ds of softcap * tanh(s / softcap) = 1 - tanh²
+        ds = ds * (1 - tanh * tanh)
     dq = torch.matmul(ds.to(q.dtype), k)
     dk = torch.matmul(ds.to(q.dtype).transpose(-1, -2), q)
     return dq, dk, dv
@@ -191,7 +210,7 @@ class _KeySets:
             dst.index_add_(1, pos.flatten(), grad.reshape(dst.shape[0], t * p.band_len, -1))
 
 
-def _merge(parts: list[tuple[Tensor, Tensor]], empty_below: float) -> tuple[Tensor, Tensor]:
+def _merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """Combine partial (out, lse) over disjoint key sets; rows with no key get 0 and -inf."""
     if len(parts) == 1:
         out, lse = parts[0]
@@ -202,7 +221,7 @@ def _merge(parts: list[tuple[Tensor, Tensor]], empty_below: float) -> tuple[Tens
             term = o.to(lse.dtype) * torch.exp(l - lse)[..., None]
             acc = term if acc is None else acc + term
         out = acc.to(parts[0][0].dtype)
-    empty = lse < empty_below
+    empty = torch.isneginf(lse)
     if bool(empty.any()):  # out and lse are fresh tensors: edit in place
         out.masked_fill_(empty[..., None], 0.0)
         lse.masked_fill_(empty, float("-inf"))
@@ -210,27 +229,29 @@ def _merge(parts: list[tuple[Tensor, Tensor]], empty_below: float) -> tuple[Tens
 
 
 # ---------------------------------------------------------------------- the autograd function
-def _forward(plan: TilePlan, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _forward(plan: TilePlan, q: Tensor, k: Tensor, v: Tensor, scale: float,
+             softcap: Optional[float] = None) -> tuple[Tensor, Tensor]:
     tiler = _Tiler(plan)
     keys = _KeySets(plan, k, v)
     qp = tiler.pad_q(q)
     out_p = q.new_empty(plan.batch, plan.heads_kv, plan.group, plan.nqb, plan.bq, q.shape[-1])
     lse_p = q.new_empty(plan.batch, plan.heads_kv, plan.group, plan.nqb, plan.bq, dtype=_lse_dtype(q.dtype))
-    neg = mask_value(q.dtype)
     for chunk in plan.chunks:
         q_t = tiler.tiles(qp, chunk)
         parts = []
         if plan.band_len:
             mask = plan.band_mask(chunk, q.dtype)
-            parts.append(_tile_forward(q_t, keys.band(keys.k_band, chunk), keys.band(keys.v_band, chunk), mask, scale))
+            parts.append(_tile_forward(q_t, keys.band(keys.k_band, chunk), keys.band(keys.v_band, chunk), mask, scale,
+                                       softcap))
         if chunk.gathers:
             gathered = plan.gather_keys(chunk)
             mask = plan.gather_mask(chunk, gathered, q.dtype)
-            parts.append(_tile_forward(q_t, keys.gather(gathered, False), keys.gather(gathered, True), mask, scale))
+            parts.append(_tile_forward(q_t, keys.gather(gathered, False), keys.gather(gathered, True), mask, scale,
+                                       softcap))
         if not parts:  # no key anywhere in this chunk
             shape = q_t.shape[:-1]
             parts.append((torch.zeros_like(q_t), torch.full(shape, float("-inf"), dtype=lse_p.dtype, device=q.device)))
-        out_t, lse_t = _merge(parts, neg / 2)
+        out_t, lse_t = _merge(parts)
         tiler.untile(out_t, out_p, chunk)
         tiler.untile(lse_t, lse_p, chunk)
     out = out_p.flatten(3, 4)[..., : plan.nq, :].reshape(plan.batch, plan.heads_q, plan.nq, q.shape[-1])
@@ -238,7 +259,7 @@ def _forward(plan: TilePlan, q: Tensor, k: Tensor, v: Tensor, scale: float) -> t
     return out, lse
 
 
-def _backward(plan, dout, dlse, q, k, v, out, lse, scale):
+def _backward(plan, dout, dlse, q, k, v, out, lse, scale, softcap=None):
     tiler = _Tiler(plan)
     if dlse is not None:
         # d lse_i / d s_ij = p_ij: append a ones column to v and dlse to dout (out, q and k get a 0
@@ -264,14 +285,16 @@ def _backward(plan, dout, dlse, q, k, v, out, lse, scale):
         dq_t = None
         if plan.band_len:
             mask = plan.band_mask(chunk, q.dtype)
-            g = _tile_backward(do_t, q_t, keys.band(keys.k_band, chunk), keys.band(keys.v_band, chunk), o_t, l_t, mask, scale)
+            g = _tile_backward(do_t, q_t, keys.band(keys.k_band, chunk), keys.band(keys.v_band, chunk), o_t, l_t, mask, scale,
+                               softcap)
             dq_t = g[0]
             keys.fold_band(dk_band, g[1], chunk)
             keys.fold_band(dv_band, g[2], chunk)
         if chunk.gathers:
             gathered = plan.gather_keys(chunk)
             mask = plan.gather_mask(chunk, gathered, q.dtype)
-            g = _tile_backward(do_t, q_t, keys.gather(gathered, False), keys.gather(gathered, True), o_t, l_t, mask, scale)
+            g = _tile_backward(do_t, q_t, keys.gather(gathered, False), keys.gather(gathered, True), o_t, l_t, mask, scale,
+                               softcap)
             dq_t = g[0] if dq_t is None else dq_t + g[0]
             keys.scatter_add(dk_gathered, gathered, g[1], values=False)
             keys.scatter_add(dv_gathered, gathered, g[2], values=True)
@@ -316,10 +339,10 @@ def _split_heads_pays(layout: Layout, heads_q: int, pairs: int) -> bool:
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale):
-        out, lse = _forward(plan, q, k, v, scale)
+    def forward(ctx, q, k, v, plan, scale, softcap=None):
+        out, lse = _forward(plan, q, k, v, scale, softcap)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.scale = plan, scale
+        ctx.plan, ctx.scale, ctx.softcap = plan, scale, softcap
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -329,8 +352,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         dlse = None if dlse is None else torch.nan_to_num(dlse, nan=0.0)
-        dq, dk, dv = _backward(ctx.plan, dout.contiguous(), dlse, q, k, v, out, lse, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _backward(ctx.plan, dout.contiguous(), dlse, q, k, v, out, lse, ctx.scale, ctx.softcap)
+        return dq, dk, dv, None, None, None
 
 
 def blocksparse_attention(
@@ -343,29 +366,46 @@ def blocksparse_attention(
     key_padding_mask: Optional[Tensor] = None,
     return_lse: bool = False,
     chunk_elems: int = 1 << 23,
+    softcap: Optional[float] = None,
 ):
     """Softmax attention restricted to ``layout``, exact, with a memory-lean fused backward.
 
     q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]`` with ``Hq % Hkv == 0``; ``key_padding_mask [B, Nk]``
     (True = real key). Returns ``out [B, Hq, Nq, D]`` and, if asked, ``lse [B, Hq, Nq]`` (fp32,
     ``-inf`` where a query has no key; such rows output zeros). ``chunk_elems`` bounds the per-chunk
-    buffers (scores of one chunk of query tiles), which bounds peak memory at any length.
+    buffers (scores of one chunk of query tiles), which bounds peak memory at any length. Excluded
+    pairs are excluded exactly (``-inf`` in every dtype) and NaN in q, k or v reaches exactly the rows
+    the dense reference puts it in (see :mod:`~spattn.kernels._finite`). The layout's tables are
+    re-validated (:meth:`Layout.check`), so a layout edited in place raises instead of reading outside K/V.
+    ``softcap``: scaled scores ``s`` become ``softcap * tanh(s / softcap)`` (Gemma 2); computed on
+    explicit score tiles (not the fused flash kernel, nor the compiled CPU loop), forward and backward.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if blocksparse_cpu.applies(q, k, v, layout, key_padding_mask):
+    softcap = None if softcap is None else float(softcap)
+    layout.check()
+
+    def run(q, k, v):
+        return _attend(q, k, v, layout, scale, key_padding_mask, chunk_elems, softcap)
+
+    out, lse = nan_exact(run, q, k, v)
+    return (out, lse) if return_lse else out
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, layout: Layout, scale: float, key_padding_mask: Optional[Tensor],
+            chunk_elems: int, softcap: Optional[float]) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` of :func:`blocksparse_attention` for NaN-free inputs: the compiled loop where it
+    applies, else the eager plan (one call per head where that pays)."""
+    if softcap is None and blocksparse_cpu.applies(q, k, v, layout, key_padding_mask):
         result = blocksparse_cpu.compiled_forward(q, k, v, layout, scale)
         if result is not None:
-            return result if return_lse else result[0]
+            return result
     if _split_heads_pays(layout, q.shape[1], q.shape[2] * k.shape[2]):
         group = q.shape[1] // k.shape[1]
         parts = [
-            blocksparse_attention(q[:, h: h + 1], k[:, h // group: h // group + 1], v[:, h // group: h // group + 1],
-                                  layout.head(h), scale=scale, key_padding_mask=key_padding_mask, return_lse=True,
-                                  chunk_elems=chunk_elems)
+            _attend(q[:, h: h + 1], k[:, h // group: h // group + 1], v[:, h // group: h // group + 1],
+                    layout.head(h), scale, key_padding_mask, chunk_elems, softcap)
             for h in range(q.shape[1])
         ]
-        out, lse = torch.cat([o for o, _ in parts], 1), torch.cat([l for _, l in parts], 1)
-        return (out, lse) if return_lse else out
+        return torch.cat([o for o, _ in parts], 1), torch.cat([l for _, l in parts], 1)
     plan = TilePlan(layout, q.shape[0], q.shape[1], k.shape[1], key_padding_mask, chunk_elems)
-    out, lse = _BlockSparseAttention.apply(q, k, v, plan, scale)
-    return (out, lse) if return_lse else out
+    return _BlockSparseAttention.apply(q, k, v, plan, scale, softcap)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..selection import ClusterSelection
+from ._finite import nan_exact
 
 __all__ = ["clustered_attention"]
 
@@ -113,7 +114,7 @@ def clustered_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if reference:
         return _reference(q, k, v, selection, scale, key_padding_mask)
-    return _windows(q, k, v, selection, scale, key_padding_mask)
+    return nan_exact(lambda q, k, v: _windows(q, k, v, selection, scale, key_padding_mask), q, k, v)
 
 
 def _windows(q, k, v, sel, scale, key_padding_mask):
@@ -188,7 +189,10 @@ def _reference(q, k, v, sel, scale, key_padding_mask):
                 qpos, mask = qpos[rows], mask[rows]
                 logits = (q[bi, h, qpos] @ k[bi, h // g, kpos].T) * scale
                 logits = logits.masked_fill(~mask, -math.inf)
-                out = torch.softmax(logits, dim=-1) @ v[bi, h // g, kpos]
+                vals = v[bi, h // g, kpos]
+                out = torch.softmax(logits, dim=-1) @ vals.nan_to_num(0.0, posinf=math.inf, neginf=-math.inf)
+                # 0 · NaN is NaN: a NaN value reaches only the rows allowed to see its key
+                out = out.masked_fill((mask.to(vals.dtype) @ torch.isnan(vals).to(vals.dtype)) > 0, math.nan)
                 total[bi][h] = total[bi][h].index_add(0, qpos, out)
                 count[bi, h, qpos] += 1
     stacked = torch.stack([torch.stack(row) for row in total])

@@ -41,6 +41,7 @@ import torch._dynamo
 from torch import Tensor
 
 from ..layout import Layout
+from ._finite import nan_exact
 
 __all__ = ["flex_attention", "flex_available", "compiled_flex_attention", "RECOMPILE_LIMIT", "CPU_DTYPES"]
 
@@ -248,10 +249,22 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, layout: Layout, key_padding_mask:
             raise ValueError(f"key_padding_mask must have shape {(B, Nk)}, got {tuple(key_padding_mask.shape)}")
 
 
-def _fallback(q, k, v, layout, scale, key_padding_mask, return_lse):
+def _fallback(q, k, v, layout, scale, key_padding_mask, return_lse, softcap=None):
     from .blocksparse import blocksparse_attention
 
-    return blocksparse_attention(q, k, v, layout, scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse)
+    return blocksparse_attention(q, k, v, layout, scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse,
+                                 softcap=softcap)
+
+
+@functools.lru_cache(maxsize=32)
+def _softcap_score_mod(softcap: float):
+    """FlexAttention ``score_mod`` for ``softcap * tanh(s / softcap)`` on scaled scores; one function
+    object per cap value, so a repeated call does not recompile."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / softcap) * softcap
+
+    return score_mod
 
 
 def flex_attention(
@@ -263,6 +276,7 @@ def flex_attention(
     scale: Optional[float] = None,
     key_padding_mask: Optional[Tensor] = None,
     return_lse: bool = False,
+    softcap: Optional[float] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Softmax attention restricted to ``layout``, run by compiled FlexAttention.
 
@@ -270,7 +284,8 @@ def flex_attention(
     ``layout`` a Layout for ``(Nq, Nk)`` with batch/heads 1 or ``(B, Hq)``,
     ``key_padding_mask`` bool ``[B, Nk]`` (True = real key). Returns ``out [B, Hq, Nq, D]`` or
     ``(out, lse)`` with ``lse [B, Hq, Nq]`` float32 (natural log, ``-inf`` for rows with no key).
-    Rows with no allowed key give zeros.
+    Rows with no allowed key give zeros. ``softcap``: scaled scores ``s`` become
+    ``softcap * tanh(s / softcap)`` (a ``score_mod``; Gemma 2).
 
     On CPU FlexAttention is inference-only and has no log-sum-exp output: when grad mode is on and
     any of q/k/v requires grad, or when ``return_lse=True``, this falls back to
@@ -295,28 +310,43 @@ def flex_attention(
             "spattn flex backend: FlexAttention has no backward on CPU (torch >= 2.11 rejects CPU inputs "
             "that require grad), so this call and later ones like it use the eager 'blocksparse' kernel.",
         )
-        return _fallback(q, k, v, layout, scale, key_padding_mask, return_lse)
+        return _fallback(q, k, v, layout, scale, key_padding_mask, return_lse, softcap)
     if on_cpu and return_lse:
         _warn_once(
             "lse",
             "spattn flex backend: FlexAttention's compiled CPU kernel cannot return the log-sum-exp, "
             "so calls with return_lse=True on CPU use the eager 'blocksparse' kernel.",
         )
-        return _fallback(q, k, v, layout, scale, key_padding_mask, return_lse)
+        return _fallback(q, k, v, layout, scale, key_padding_mask, return_lse, softcap)
+    layout.check()
     block_mask = _layout_block_mask(layout, q.device)
     if key_padding_mask is not None:
         block_mask = _with_key_padding(block_mask, key_padding_mask, k.shape[-2])
     if on_cpu:
         # grad mode is off here; FlexAttention rejects CPU inputs that merely *carry* requires_grad
         q, k, v = q.detach(), k.detach(), v.detach()
+
+    def run(q, k, v):
+        return _run_flex(q, k, v, block_mask, scale, return_lse, softcap)
+
+    def probe(q, k, v):  # which rows see which NaN: same layout and padding, no new compilation
+        return _fallback(q, k, v, layout, scale, key_padding_mask, False)
+
+    return nan_exact(run, q, k, v, probe=probe)
+
+
+def _run_flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: Optional[float], return_lse: bool,
+              softcap: Optional[float]):
+    """The compiled FlexAttention call on NaN-free inputs (empty rows: zeros, lse ``-inf``)."""
     gqa = q.shape[1] != k.shape[1]
+    extra = {} if softcap is None else {"score_mod": _softcap_score_mod(float(softcap))}
     fn = compiled_flex_attention()
     with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
         if return_lse:
-            out, lse = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_lse=True)
+            out, lse = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_lse=True, **extra)
             empty = torch.isneginf(lse) | torch.isnan(lse)
             lse = lse.float().masked_fill(empty, float("-inf"))
             out = out.masked_fill(empty[..., None], 0.0)
             return out, lse
-        out = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+        out = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, **extra)
     return out

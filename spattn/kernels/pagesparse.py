@@ -113,6 +113,8 @@ def _page_attention(q: Tensor, k: Tensor, v: Tensor, sel: PageSelection, scale: 
     keep = keep.flatten(-2)
     if not bool(keep.all()):
         scores = scores.masked_fill(~keep, float("-inf"))
+        # 0 · NaN is NaN: a masked slot's value row must not be read at all
+        vg = vg.masked_fill(~keep[..., None], 0.0)
     lse = torch.logsumexp(scores, dim=-1)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     p = torch.exp(scores - safe[..., None])  # exactly 0 where masked and on rows without keys
@@ -132,6 +134,7 @@ def pagesparse_attention(
     scale: Optional[float] = None,
     key_padding_mask: Optional[Tensor] = None,
     return_lse: bool = False,
+    softcap: Optional[float] = None,
 ):
     """Softmax attention of each query over the visible tokens of its selected pages.
 
@@ -139,6 +142,7 @@ def pagesparse_attention(
     ``selection`` a :class:`PageSelection` for ``(Nq, Nk)``. Returns ``out [B, Hq, Nq, D]`` and, if
     asked, ``lse [B, Hq, Nq]`` (float32, float64 for float64 inputs; ``-inf`` and zeros for queries
     without keys). Differentiable (through the token-sparse kernel when gradients are needed).
+    ``softcap`` (scaled scores ``s`` -> ``softcap * tanh(s / softcap)``) runs on the token-sparse kernel.
     """
     if not isinstance(selection, PageSelection):
         raise TypeError(f"pagesparse_attention: selection must be a PageSelection, got {type(selection).__name__}")
@@ -148,10 +152,12 @@ def pagesparse_attention(
             f"but q, k have {(q.shape[2], k.shape[2])}"
         )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if _fast_path_applies(q, k, v, selection, key_padding_mask):
+    if softcap is None and _fast_path_applies(q, k, v, selection, key_padding_mask):
+        # reads only the selected rows and zeroes the values of masked slots, so NaN reaches exactly the
+        # rows that select it (no isnan pass over the whole cache per decoding step)
         result = _page_attention(q, k, v, selection, scale)
         if result is not None:
             out, lse = result
             return (out, lse) if return_lse else out
     return tokensparse_attention(q, k, v, selection.to_tokens(), scale=scale, key_padding_mask=key_padding_mask,
-                                 return_lse=return_lse)
+                                 return_lse=return_lse, softcap=softcap)

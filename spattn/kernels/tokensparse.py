@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..selection import TokenSelection
+from ._finite import nan_exact
 
 __all__ = ["tokensparse_attention"]
 
@@ -80,9 +81,16 @@ class _Gathered:
             return mat @ queries
 
 
-def _scores(qc: Tensor, kg: Tensor, valid: Tensor, scale: float) -> Tensor:
-    """``qc [B, Hkv, G, c, D]``, ``kg [..., c, K, D]`` -> masked scores ``[..., c, K]``."""
-    s = torch.matmul(kg, qc.unsqueeze(-1)).squeeze(-1) * scale
+def _raw_scores(qc: Tensor, kg: Tensor, scale: float) -> Tensor:
+    """``qc [B, Hkv, G, c, D]``, ``kg [..., c, K, D]`` -> scaled scores ``[..., c, K]``."""
+    return torch.matmul(kg, qc.unsqueeze(-1)).squeeze(-1) * scale
+
+
+def _scores(qc: Tensor, kg: Tensor, valid: Tensor, scale: float, softcap: Optional[float] = None) -> Tensor:
+    """Masked (and, with ``softcap``, capped: ``softcap * tanh(s / softcap)``) scores ``[..., c, K]``."""
+    s = _raw_scores(qc, kg, scale)
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     return s.masked_fill(~valid, float("-inf"))
 
 
@@ -139,7 +147,7 @@ def _rows_read(q: Tensor, indices: Tensor) -> int:
 
 class _TokenSparse(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, indices, kpm, scale):
+    def forward(ctx, q, k, v, indices, kpm, scale, softcap):
         batch, hq, nq, dim = q.shape
         hkv, nk = k.shape[1], k.shape[2]
         group = hq // hkv
@@ -153,21 +161,21 @@ class _TokenSparse(torch.autograd.Function):
             c1 = min(nq, c0 + chunk)
             g = _Gathered(indices, c0, c1, batch, hkv, group, nk, kpm)
             kvg = kv.gather(g)
-            s = _scores(qc_all[:, :, :, c0:c1], kvg[..., :dim], g.valid, scale)
+            s = _scores(qc_all[:, :, :, c0:c1], kvg[..., :dim], g.valid, scale, softcap)
             row_lse = torch.logsumexp(s, dim=-1)
             safe = torch.where(torch.isinf(row_lse), torch.zeros_like(row_lse), row_lse)
             p = torch.exp(s - safe[..., None])  # exactly 0 on masked slots and empty rows
             out[:, :, :, c0:c1] = torch.matmul(p.unsqueeze(-2), kvg[..., dim:]).squeeze(-2)
             lse[:, :, :, c0:c1] = row_lse
         ctx.save_for_backward(q, k, v, indices, kpm, out, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.softcap = scale, softcap
         ctx.chunk = chunk
         return out.view(batch, hq, nq, dim).to(q.dtype), lse.view(batch, hq, nq)
 
     @staticmethod
     def backward(ctx, g_out, g_lse):
         q, k, v, indices, kpm, out, lse = ctx.saved_tensors
-        scale, chunk = ctx.scale, ctx.chunk
+        scale, chunk, softcap = ctx.scale, ctx.chunk, ctx.softcap
         batch, hq, nq, dim = q.shape
         hkv, nk = k.shape[1], k.shape[2]
         group = hq // hkv
@@ -188,15 +196,20 @@ class _TokenSparse(torch.autograd.Function):
             qc = qc_all[:, :, :, c0:c1]
             kvg = kv.gather(g)
             kg, vg = kvg[..., :dim], kvg[..., dim:]
-            p = torch.exp(_scores(qc, kg, g.valid, scale) - safe_lse[:, :, :, c0:c1, None])
+            raw = _raw_scores(qc, kg, scale)
+            tanh = None if softcap is None else torch.tanh(raw / softcap)
+            capped = raw if tanh is None else tanh * softcap
+            p = torch.exp(capped.masked_fill(~g.valid, float("-inf")) - safe_lse[:, :, :, c0:c1, None])
             go = g_out[:, :, :, c0:c1]
             dv += g.transposed_product(p, go)
             dp = torch.matmul(vg, go.unsqueeze(-1)).squeeze(-1)
             ds = p * (dp - delta[:, :, :, c0:c1, None]) * scale
+            if tanh is not None:  # d/ds of softcap * tanh(s / softcap) = 1 - tanh²
+                ds = ds * (1 - tanh * tanh)
             dq[:, :, :, c0:c1] = torch.matmul(ds.unsqueeze(-2), kg).squeeze(-2)
             dk += g.transposed_product(ds, qc)
         dq = dq.view(batch, hq, nq, dim).to(q.dtype)
-        return dq, dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype), None, None, None
+        return dq, dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype), None, None, None, None
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, selection, key_padding_mask) -> None:
@@ -243,6 +256,7 @@ def tokensparse_attention(
     scale: Optional[float] = None,
     key_padding_mask: Optional[Tensor] = None,
     return_lse: bool = False,
+    softcap: Optional[float] = None,
 ):
     """Softmax attention of each query over its selected keys, with forward and backward.
 
@@ -253,8 +267,10 @@ def tokensparse_attention(
         scale: score scale, default ``1/sqrt(D)``.
         key_padding_mask: bool ``[B, Nk]``, True = real key; padded keys are dropped from every set.
         return_lse: also return the log-sum-exp ``[B, Hq, Nq]`` (float32, float64 for float64 inputs).
+        softcap: scaled scores ``s`` become ``softcap * tanh(s / softcap)`` (Gemma 2); None = off.
 
-    Queries left with no key get zeros and log-sum-exp ``-inf`` (finite, NaN-free gradients).
+    Queries left with no key get zeros and log-sum-exp ``-inf`` (finite, NaN-free gradients). NaN in
+    q, k or v reaches exactly the rows that select it (see :mod:`~spattn.kernels._finite`).
     """
     _check(q, k, v, selection, key_padding_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -263,7 +279,8 @@ def tokensparse_attention(
         out = q * 0.0 + (k.sum() + v.sum()) * 0.0
         lse = torch.full(q.shape[:3], float("-inf"), dtype=_compute_dtype(q.dtype), device=q.device)
         return (out, lse) if return_lse else out
-    out, lse = _TokenSparse.apply(q, k, v, indices, key_padding_mask, scale)
+    cap = None if softcap is None else float(softcap)
+    out, lse = nan_exact(lambda q, k, v: _TokenSparse.apply(q, k, v, indices, key_padding_mask, scale, cap), q, k, v)
     if not return_lse:
         return out
     return out, lse.to(_compute_dtype(q.dtype))

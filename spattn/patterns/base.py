@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Optional
 
 from torch import Tensor
 from torch.nn import Module
@@ -13,7 +13,7 @@ from torch.nn import Module
 from ..layout import Layout, MaskMod, translation_invariant
 from ..selection import ClusterSelection, TokenSelection
 
-__all__ = ["Pattern", "causal_mask_mod", "check_qk", "check_int", "check_float"]
+__all__ = ["Pattern", "PaddedPattern", "causal_mask_mod", "check_qk", "check_int", "check_float"]
 
 
 class Pattern(ABC):
@@ -73,6 +73,21 @@ class Pattern(ABC):
         return hash((type(self), self.spec()))
 
 
+class PaddedPattern(Pattern):
+    """A content-based pattern whose :meth:`layout` takes ``key_padding_mask [B, Nk]`` (True = real
+    token) and ignores padded positions completely; :meth:`select` passes the mask on
+    (``spattn.attention`` gives it to every ``select`` that accepts it)."""
+
+    content_based = True
+
+    @abstractmethod
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Layout:
+        """Layout of ``q [B, H, Nq, D]``, ``k [B, Hkv, Nk, D]``; padded positions never influence it."""
+
+    def select(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None):
+        return self.layout(q, k, causal=causal, key_padding_mask=key_padding_mask)
+
+
 def causal_mask_mod(q_len: int, kv_len: int) -> MaskMod:
     """Predicate of causal attention with queries aligned to the end of the keys."""
     offset = kv_len - q_len
@@ -115,3 +130,4 @@ def check_float(owner: str, name: str, value: Any, low: float, high: float, *, l
     if bad_low or bad_high:
         lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
         raise ValueError(f"{owner}: {name} must lie in {lo}{low}, {high}{hi}, got {value}")
+

@@ -31,6 +31,7 @@ from torch import Tensor
 from ..layout import Layout
 from ..registry import register
 from ..selection import TokenSelection
+from ._padding import real_tokens, zero_padded
 from .base import Pattern, check_int, check_qk
 from .topk import selection_layout
 
@@ -97,23 +98,34 @@ class BiFormer(Pattern):
         self._check_grid(grid, self.regions)
         return grid
 
-    def routed_regions(self, q: Tensor, k: Tensor) -> Tensor:
-        """int64 ``[B, H', S², topk]``: the routed regions of each region (best first)."""
+    def routed_regions(self, q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """int64 ``[B, H', S², topk]``: the routed regions of each region (best first).
+
+        ``key_padding_mask [B, N]`` (True = real token): regions average their real tokens, and a
+        region without a real token is routed to last (it adds no key)."""
         batch, hq, hkv, nq, nk = check_qk(q, k)
         height, width = self._grid_for(nq)
         members = region_tokens(height, width, self.regions, q.device)
         sdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        qr = q.detach().to(sdt)[:, :, members].mean(3)  # [B, Hq, S², D]
-        kr = k.detach().to(sdt)[:, :, members].mean(3)  # [B, Hkv, S², D]
+        real = real_tokens("biformer", key_padding_mask, batch, nk, k.device) if nq == nk else None
+        if real is None:
+            qr = q.detach().to(sdt)[:, :, members].mean(3)  # [B, Hq, S², D]
+            kr = k.detach().to(sdt)[:, :, members].mean(3)  # [B, Hkv, S², D]
+        else:
+            count = real[:, members].sum(-1).to(sdt)  # [B, S²] real tokens per region
+            mean = lambda x: zero_padded(x.detach().to(sdt), real)[:, :, members].sum(3) / count.clamp(min=1)[:, None, :, None]
+            qr, kr = mean(q), mean(k)
         group = hq // hkv
         affinity = torch.matmul(qr.view(batch, hkv, group, *qr.shape[2:]), kr.transpose(-1, -2).unsqueeze(2))
         affinity = affinity.view(batch, hq, *affinity.shape[3:])
         if not self.per_head:
             affinity = affinity.sum(1, keepdim=True)
+        if real is not None:
+            affinity = affinity.masked_fill((count == 0)[:, None, None, :], float("-inf"))
         order = torch.sort(affinity, dim=-1, descending=True, stable=True).indices
         return order[..., : self.topk]
 
-    def select(self, q: Tensor, k: Tensor, causal: bool = False) -> TokenSelection:
+    def select(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> TokenSelection:
         if causal:
             raise ValueError("biformer: bi-level routing is defined for non-causal attention over a 2-D grid")
         _, _, _, nq, nk = check_qk(q, k)
@@ -123,10 +135,10 @@ class BiFormer(Pattern):
         members = region_tokens(height, width, self.regions, q.device)  # [S², w²]
         region_of = torch.empty(nq, dtype=torch.long, device=q.device)
         region_of[members.reshape(-1)] = torch.arange(members.shape[0], device=q.device).repeat_interleave(members.shape[1])
-        routed = self.routed_regions(q, k)[:, :, region_of]  # [B, H', N, topk]
+        routed = self.routed_regions(q, k, key_padding_mask)[:, :, region_of]  # [B, H', N, topk]
         indices = members[routed].flatten(3)  # [B, H', N, topk * w²]
         return TokenSelection(indices, nq, nk)
 
-    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Layout:
         """The routed selection as a Layout with tiles of ``block`` (inspection and plots)."""
-        return selection_layout(self.select(q, k, causal=causal), self.block)
+        return selection_layout(self.select(q, k, causal=causal, key_padding_mask=key_padding_mask), self.block)

@@ -3,7 +3,7 @@
 * :class:`Quest` (Tang et al., ICML 2024, "Quest: Query-Aware Sparsity for Efficient Long-Context
   LLM Inference"): pages of ``page`` tokens summarised by elementwise key max/min; the page score
   ``U_p = sum_d max(q_d M_pd, q_d m_pd)`` upper-bounds ``q . k_t`` for every token of the page;
-  the top pages (the query's own page always included) are attended exactly.
+  the top pages (with rule="kernel", the default, the query's own page always included) are attended exactly.
 * :class:`DoubleSparsity` (Yang et al. 2024, arXiv 2408.07092): offline calibration ranks the
   channels of each head by ``mean_t |q_t ⊙ k_t|``; at run time approximate scores use only the top
   ``channels`` channels of q and of a "label cache" of the keys; the top ``budget`` tokens are attended.
@@ -17,6 +17,12 @@ by the page-sparse kernel), Double Sparsity and TidalDecode a :class:`~spattn.se
 ``h`` reads kv head ``h // (Hq/Hkv)``); decoding has ``Nq = 1`` but any ``Nq`` works, with causal
 queries aligned to the end of the keys. Selection is per query head (Quest's ``group_pages``: per kv
 head), masks are applied before top-k, scoring runs in float32 (float64 inputs stay float64).
+
+Padding: ``key_padding_mask [B, Nk]`` (True = real key, e.g. left padding of a batch) keeps
+padded keys out of every selection: they score ``-inf`` (Quest: pages are bounded by their real
+keys only, a page without one is never chosen), so their values never influence the result.
+With padding Quest computes the page bounds from ``k`` directly instead of the incremental
+summary in ``state``.
 
 Stateful use (decoding loops, the Hugging Face integration) passes ``state=`` (a
 :class:`~spattn.kvcache.SelectorState`) and ``layer=``: Quest and Double Sparsity then keep their
@@ -41,12 +47,16 @@ from ..kvcache import LabelCache, PageSummary, SelectorState
 from ..layout import Layout
 from ..registry import register
 from ..selection import PageSelection, TokenSelection
+from ._padding import masked_block_extrema, real_tokens
 from .base import Pattern, check_int, check_qk
 
-__all__ = ["Quest", "DoubleSparsity", "TidalDecode", "quest_page_bounds", "resolve_budget"]
+__all__ = ["Quest", "DoubleSparsity", "TidalDecode", "quest_page_bounds", "resolve_budget", "QUEST_RULES"]
 
 #: Double Sparsity label cache precisions (None: the keys' dtype)
 _LABEL_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+#: Quest's selection rules: the official kernel path or the official evaluation path
+QUEST_RULES = ("kernel", "evaluation")
 
 #: elements of one chunk of approximate scores ``[B, Hq, chunk, Nk]``
 _SCORE_BUDGET = 1 << 24
@@ -110,19 +120,21 @@ class _DecodeSelector(Pattern):
     content_based = True
 
     def plan(self, q: Tensor, k: Tensor, causal: bool = False, *, state: Optional[SelectorState] = None,
-             layer: Any = None) -> Optional[Union[TokenSelection, PageSelection]]:  # pragma: no cover - abstract
+             layer: Any = None, key_padding_mask: Optional[Tensor] = None
+             ) -> Optional[Union[TokenSelection, PageSelection]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def select(self, q: Tensor, k: Tensor, causal: bool = False, *, state: Optional[SelectorState] = None,
-               layer: Any = None) -> Union[TokenSelection, PageSelection]:
+               layer: Any = None, key_padding_mask: Optional[Tensor] = None) -> Union[TokenSelection, PageSelection]:
         """The keys each query attends to: Quest's pages or the others' token indices ``[B, Hq, Nq, K]``
-        (all keys, broadcast ``[1, 1, Nq, Nk]``, when the budget covers the cache)."""
-        sel = self.plan(q, k, causal, state=state, layer=layer)
+        (all keys, broadcast ``[1, 1, Nq, Nk]``, when the budget covers the cache).
+        ``key_padding_mask [B, Nk]`` (True = real key): padded keys are never selected."""
+        sel = self.plan(q, k, causal, state=state, layer=layer, key_padding_mask=key_padding_mask)
         return _all_keys(q, k, causal) if sel is None else sel
 
-    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Layout:
         """The selection as a block Layout (``O(Nq * Nk)``: for inspection and the reference backend)."""
-        return self.select(q, k, causal).to_layout()
+        return self.select(q, k, causal, key_padding_mask=key_padding_mask).to_layout()
 
     @staticmethod
     def _check(owner: str, q: Tensor, k: Tensor, causal: bool, state, layer) -> tuple[int, int, int, int, int]:
@@ -163,31 +175,49 @@ class Quest(_DecodeSelector):
 
     Args:
         page: tokens per page (paper: 16).
-        budget: token budget, int tokens or float fraction of the cache (Sparse Frontier default 1024);
-            ``max(min_pages, ceil(budget / page))`` pages are kept (the reference code keeps at least 3).
-        min_pages: lower bound on the number of pages kept.
+        budget: token budget, int tokens or float fraction of the cache (Sparse Frontier default 1024).
+        min_pages: lower bound on the number of pages kept (the evaluation code keeps at least 3).
         group_pages: with grouped-query attention, keep one page set per kv head (scored by the max of
             its query heads' bounds) instead of one per query head (the paper, written for multi-head
             attention). Each kept page is then read once per group: the memory read per step, which
             bounds decoding speed, is that of Quest on an MHA model with the same budget.
-    The page holding the query's own position (the newest, partially filled page) is always kept, as in
-    the reference implementations; pages entirely in the query's future (causal) are never kept. Only
-    the keys the query may see are attended inside kept pages.
+        rule: which of Quest's two official references the selection follows (they disagree):
+
+            * ``"kernel"`` (default): the CUDA kernel path (``quest/utils/controller.py`` and
+              ``quest/models/llama.py``): the page holding the query's own position (the newest,
+              partially filled page) is always kept and the other pages compete for the rest of
+              the budget. Pages kept: ``max(min_pages, ceil(budget / page))`` (the kernel path uses
+              ``budget // page`` and no minimum: the same for a budget that is a multiple of the
+              page and at least ``min_pages`` pages).
+            * ``"evaluation"``: the accuracy-evaluation path (``evaluation/quest_attention.py``,
+              ``local_heavy_hitter_mask``), which produced the paper's accuracy numbers: the top
+              ``min(#pages, max(min_pages, min(Nk, budget) // page))`` pages by the bound, the
+              query's own page is *not* forced.
+
+    Pages entirely in the query's future (causal) are never kept. Only the keys the query may see are
+    attended inside kept pages. ``key_padding_mask [B, Nk]``: pages are bounded by their real keys
+    only and a page without one is never kept.
     """
 
     name = "quest"
 
-    def __init__(self, page: int = 16, budget: Union[int, float] = 1024, min_pages: int = 3, group_pages: bool = False):
+    def __init__(self, page: int = 16, budget: Union[int, float] = 1024, min_pages: int = 3, group_pages: bool = False,
+                 rule: str = "kernel"):
         check_int("quest", "page", page, minimum=1)
         check_budget("quest", budget)
         check_int("quest", "min_pages", min_pages, minimum=1)
         if not isinstance(group_pages, bool):
             raise TypeError(f"quest: group_pages must be a bool, got {group_pages!r}")
-        self.page, self.budget, self.min_pages, self.group_pages = page, budget, min_pages, group_pages
+        if rule not in QUEST_RULES:
+            raise ValueError(f"quest: rule must be one of {QUEST_RULES}, got {rule!r}")
+        self.page, self.budget, self.min_pages, self.group_pages, self.rule = page, budget, min_pages, group_pages, rule
 
     def pages_kept(self, kv_len: int) -> int:
         pages = -(-kv_len // self.page)
-        return min(pages, max(self.min_pages, -(-resolve_budget(self.budget, kv_len) // self.page)))
+        tokens = resolve_budget(self.budget, kv_len)
+        if self.rule == "evaluation":
+            return min(pages, max(self.min_pages, min(kv_len, tokens) // self.page))
+        return min(pages, max(self.min_pages, -(-tokens // self.page)))
 
     def summary(self, k: Tensor, state: Optional[SelectorState] = None, layer: Any = None) -> PageSummary:
         """The page bounds of ``k`` (kept incrementally in ``state`` when given)."""
@@ -195,36 +225,49 @@ class Quest(_DecodeSelector):
             return PageSummary(self.page).update(k)
         return state.layer(layer).setdefault(f"quest_pages_{self.page}", PageSummary(self.page)).update(k)
 
-    def page_scores(self, q: Tensor, k: Tensor, causal: bool = False, summary: Optional[PageSummary] = None) -> Tensor:
+    def page_scores(self, q: Tensor, k: Tensor, causal: bool = False, summary: Optional[PageSummary] = None,
+                    key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """Page bounds with the selection rule's masks: ``[B, Hq, Nq, P]``, ``+inf`` for each query's own
-        page, ``-inf`` for pages it may not see."""
+        page (rule ``"kernel"``), ``-inf`` for pages it may not see or without a real key."""
         nq, nk = q.shape[2], k.shape[2]
-        summary = summary or PageSummary(self.page).update(k)
-        bound = quest_page_bounds(q, summary.bounds)
+        real = real_tokens("quest", key_padding_mask, k.shape[0], nk, k.device)
+        if real is None:
+            summary = summary or PageSummary(self.page).update(k)
+            bound = quest_page_bounds(q, summary.bounds)
+        else:  # bounds over the real keys of each page
+            kmax, kmin, has_key = masked_block_extrema(k, self.page, real)
+            bound = quest_page_bounds(q, kmax, kmin)
+            bound = bound.masked_fill(~has_key[:, :, None, :], float("-inf"))
+        own_forced = self.rule == "kernel"
         if not causal or nq == 1:  # every query sees every page; its own page is the last one
-            bound[..., -1] = float("inf")
+            if own_forced:
+                bound[..., -1] = float("inf")
             return bound
         last = _limits(nq, nk, causal, q.device)  # [Nq]
         own = last // self.page
         first_tok = torch.arange(bound.shape[-1], device=q.device) * self.page
         visible = first_tok[None, :] <= last[:, None]  # [Nq, P]
         bound = bound.masked_fill(~visible, float("-inf"))
+        if not own_forced:
+            return bound
         is_own = torch.arange(bound.shape[-1], device=q.device)[None, :] == own[:, None]
         return bound.masked_fill(is_own, float("inf"))
 
-    def plan(self, q, k, causal=False, *, state=None, layer=None):
+    def plan(self, q, k, causal=False, *, state=None, layer=None, key_padding_mask=None):
         self._check("quest", q, k, causal, state, layer)
         nq, nk = q.shape[2], k.shape[2]
         count = self.pages_kept(nk)
         if count * self.page >= nk:
             return None  # every page fits in the budget: exactly dense
-        scores = self.page_scores(q, k, causal, self.summary(k, state, layer))
+        real = real_tokens("quest", key_padding_mask, k.shape[0], nk, k.device)
+        summary = self.summary(k, state, layer) if real is None else None
+        scores = self.page_scores(q, k, causal, summary, key_padding_mask=real)
         b, hq, hkv = q.shape[0], q.shape[1], k.shape[1]
         group = hq // hkv if self.group_pages else 1
         if group > 1:
             scores = scores.view(b, hkv, group, nq, -1).amax(dim=2)  # [B, Hkv, Nq, P]
         val, pages = scores.topk(min(count, scores.shape[-1]), dim=-1, sorted=False)  # page ids
-        if causal and nq > 1:  # early queries see fewer pages than the budget: unused slots are -1
+        if (causal and nq > 1) or real is not None:  # fewer visible (real) pages than the budget: unused slots are -1
             pages = torch.where(torch.isneginf(val), -1, pages)
         if group > 1:
             pages = pages.repeat_interleave(group, dim=1)  # [B, Hq, Nq, n]
@@ -398,10 +441,11 @@ class DoubleSparsity(_DecodeSelector):
         qr = _q_at_channels(q, channels).to(dt)
         return (qr @ labels.to(dt).transpose(-1, -2)) / math.sqrt(channels.shape[1])
 
-    def plan(self, q, k, causal=False, *, state=None, layer=None):
+    def plan(self, q, k, causal=False, *, state=None, layer=None, key_padding_mask=None):
         self._check("double_sparsity", q, k, causal, state, layer)
         b, hq, nq, d = q.shape
         hkv, nk = k.shape[1], k.shape[2]
+        real = real_tokens("double_sparsity", key_padding_mask, b, nk, k.device)
         count = resolve_budget(self.budget, nk)
         group = hq // hkv if self.group_tokens else 1
         calibrated_heads, calibrated_dim = self._sums[self._layer_key(layer)].shape
@@ -421,7 +465,7 @@ class DoubleSparsity(_DecodeSelector):
                     cache_labels.channels is not channels and not torch.equal(cache_labels.channels, channels)):
                 cache_labels = slot["ds_labels"] = LabelCache(channels, _LABEL_DTYPES[self.label_dtype])
             cache_labels.update(k)
-        if group > 1 and nq == 1:
+        if group > 1 and nq == 1 and real is None:
             fused = _group_topk_compiled(q, cache_labels, channels, count)
             if fused is not None:  # [B, Hkv, count], ascending positions
                 return _group_token_pages(fused[:, :, None], group, nk, causal)
@@ -439,6 +483,8 @@ class DoubleSparsity(_DecodeSelector):
                 scores = self.approx_scores(q[:, :, c0:c1], labels, channels)
             if causal and nq > 1:  # a single (or non-causal) query sees every key
                 scores = scores.masked_fill(pos[None, :] > last[c0:c1, None], float("-inf"))
+            if real is not None:  # padded keys are never selected
+                scores = scores.masked_fill(~real[:, None, None, :], float("-inf"))
             parts.append(_topk_tokens(scores, count))
         indices = torch.cat(parts, dim=2)
         if group > 1:
@@ -513,8 +559,9 @@ class TidalDecode(_DecodeSelector):
             raise ValueError(f"tidal: select_layers must be strictly increasing, got {tuple(select_layers)}")
         self.budget, self.select_layers = budget, tuple(select_layers)
 
-    def top_positions(self, q: Tensor, k: Tensor, causal: bool, count: int) -> Tensor:
-        """``[B, Hq, Nq, count]`` top keys by the exact scores ``q . k`` (masked before top-k)."""
+    def top_positions(self, q: Tensor, k: Tensor, causal: bool, count: int, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """``[B, Hq, Nq, count]`` top keys by the exact scores ``q . k`` (masked before top-k; padded
+        keys, ``key_padding_mask [B, Nk]`` False, are never selected)."""
         b, hq, nq, _ = q.shape
         hkv, nk = k.shape[1], k.shape[2]
         dt = _score_dtype(q)
@@ -527,23 +574,26 @@ class TidalDecode(_DecodeSelector):
             qg = _grouped(q[:, :, c0:c1].to(dt), hkv)
             scores = (qg @ k.to(dt).transpose(-1, -2)).reshape(b, hq, c1 - c0, nk)
             scores = scores.masked_fill(pos[None, :] > last[c0:c1, None], float("-inf"))
+            if key_padding_mask is not None:
+                scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
             parts.append(_topk_tokens(scores, count))
         return torch.cat(parts, dim=2)
 
-    def plan(self, q, k, causal=False, *, state=None, layer=None):
+    def plan(self, q, k, causal=False, *, state=None, layer=None, key_padding_mask=None):
         self._check("tidal", q, k, causal, state, layer)
         nq, nk = q.shape[2], k.shape[2]
         count = resolve_budget(self.budget, nk)
+        real = real_tokens("tidal", key_padding_mask, q.shape[0], nk, k.device)
         if state is None or layer is None:
             if state is not None or layer is not None:
                 raise ValueError("tidal: pass both state= and layer= (or neither)")
-            return None if count >= nk else TokenSelection(self.top_positions(q, k, causal, count), nq, nk)
+            return None if count >= nk else TokenSelection(self.top_positions(q, k, causal, count, real), nq, nk)
         check_int("tidal", "layer", layer, minimum=0)
         if layer < self.select_layers[0]:
             return None
         if layer in self.select_layers:
             if count < nk:
-                state.shared["tidal"] = (layer, TokenSelection(self.top_positions(q, k, causal, count), nq, nk))
+                state.shared["tidal"] = (layer, TokenSelection(self.top_positions(q, k, causal, count, real), nq, nk))
             else:
                 state.shared.pop("tidal", None)
             return None

@@ -21,11 +21,12 @@ from torch import Tensor
 
 from ..layout import Layout
 from ..registry import register
-from .base import Pattern, causal_mask_mod, check_int, check_qk
+from ._padding import last_real_query_probs, masked_block_mean, query_tokens, real_tokens
+from .base import PaddedPattern, causal_mask_mod, check_int, check_qk
 
 __all__ = [
     "VerticalSlash", "MInferenceBlock",
-    "vertical_slash_scores", "select_vertical_slash", "select_pooled_topk", "prefill_layout",
+    "vertical_slash_scores", "select_vertical_slash", "last_query_probs", "diagonal_sums", "select_pooled_topk", "prefill_layout",
     "block_layout", "expand_kv", "pool_mean", "query_block_bounds", "rank_select",
 ]
 
@@ -197,34 +198,43 @@ def last_query_probs(q: Tensor, k: Tensor, last: int, scale: Optional[float] = N
 
 
 def diagonal_sums(probs: Tensor, pos: Tensor) -> Tensor:
-    """``out[..., d] = sum_r probs[..., r, pos[r] - d]`` for ``d`` in ``[0, Nk)`` (``[B, H, Nk]``)."""
+    """``out[..., d] = sum_r probs[..., r, pos[r] - d]`` for ``d`` in ``[0, Nk)`` (``[B, H, Nk]``).
+
+    ``pos [L]`` shared by the batch, or ``[B, L]`` per sequence."""
     rows, nk = probs.shape[-2:]
-    d = pos[:, None] - torch.arange(nk, device=probs.device)[None, :]  # [L, Nk]
+    d = pos[..., :, None] - torch.arange(nk, device=probs.device)  # [(B,) L, Nk]
     d = torch.where(d >= 0, d, nk)  # future keys go to a spill bin (their probability is 0)
     out = torch.zeros(*probs.shape[:-2], nk + 1, dtype=probs.dtype, device=probs.device)
     flat = probs.reshape(*probs.shape[:-2], rows * nk)
-    out.scatter_add_(-1, d.reshape(-1).expand_as(flat), flat)
+    index = d.reshape(-1) if pos.dim() == 1 else d.reshape(d.shape[0], 1, -1)
+    out.scatter_add_(-1, index.expand_as(flat), flat)
     return out[..., :nk]
 
 
-def vertical_slash_scores(q: Tensor, k: Tensor, last_q: int = 64) -> tuple[Tensor, Tensor]:
+def vertical_slash_scores(q: Tensor, k: Tensor, last_q: int = 64,
+                          key_padding_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """MInference's estimate: column sums and diagonal sums of the last queries' attention.
 
     Returns ``(vertical [B, Hq, Nk], slash [B, Hq, Nk])``; ``slash[..., d]`` sums offset ``d``.
+    With ``key_padding_mask [B, Nk]`` the last real queries attend the real keys only.
     """
+    real = real_tokens("vertical_slash", key_padding_mask, k.shape[0], k.shape[2], k.device)
+    if real is not None:
+        probs, pos, _, _ = last_real_query_probs(q, k, last_q, real)
+        return probs.sum(-2), diagonal_sums(probs, pos)
     probs, pos = last_query_probs(q, k, last_q)
     return probs.sum(-2), diagonal_sums(probs, pos)
 
 
 def select_vertical_slash(q: Tensor, k: Tensor, vertical, slash, *, last_q: int = 64, sinks: int = 30,
-                          local: int = 100) -> tuple[Tensor, Tensor]:
+                          local: int = 100, key_padding_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Top ``vertical`` columns and top ``slash`` offsets per head (bool ``[B, Hq, Nk]`` each).
 
     The first ``sinks`` columns and the ``local`` nearest offsets are forced in (they rank first,
     nearest/first ones first) and count towards the budgets. ``vertical``/``slash`` may be ints or
     per-head ``[Hq]`` tensors.
     """
-    v_score, s_score = vertical_slash_scores(q, k, last_q)
+    v_score, s_score = vertical_slash_scores(q, k, last_q, key_padding_mask)
     nk = k.shape[2]
     inf = torch.tensor(float("inf"), device=q.device)
     v_score[..., : min(sinks, nk)] = inf
@@ -236,13 +246,22 @@ def select_vertical_slash(q: Tensor, k: Tensor, vertical, slash, *, last_q: int 
     return rank_select(v_score, vcount), rank_select(s_score, scount)
 
 
-def select_pooled_topk(q: Tensor, k: Tensor, topk, block: int, causal: bool) -> Tensor:
+def select_pooled_topk(q: Tensor, k: Tensor, topk, block: int, causal: bool,
+                       key_padding_mask: Optional[Tensor] = None) -> Tensor:
     """MInference block-sparse selection: top-``topk`` key blocks per query block by mean-pooled
-    ``q̄ k̄ᵀ`` among the causally visible ones. bool ``[B, Hq, NQB, NKB]``; ``topk`` int or ``[Hq]``."""
+    ``q̄ k̄ᵀ`` among the causally visible ones. bool ``[B, Hq, NQB, NKB]``; ``topk`` int or ``[Hq]``.
+    With ``key_padding_mask [B, Nk]`` blocks pool their real tokens and key blocks without one are never kept."""
     hq, nq, nk = q.shape[1], q.shape[2], k.shape[2]
-    qp = pool_mean(q.float(), block)
-    kp = pool_mean(expand_kv(k, hq).float(), block)
+    real = real_tokens("minference_block", key_padding_mask, k.shape[0], nk, k.device)
+    if real is None:
+        qp = pool_mean(q.float(), block)
+        kp = pool_mean(expand_kv(k, hq).float(), block)
+    else:
+        qp = masked_block_mean(q.float(), block, query_tokens(real, nq, nk))[0]
+        kp, has_key = masked_block_mean(expand_kv(k, hq).float(), block, real)
     scores = torch.matmul(qp, kp.transpose(-1, -2))
+    if real is not None:
+        scores = scores.masked_fill(~has_key[:, :, None, :], float("-inf"))
     if causal:
         p0, p1, k0, _ = query_block_bounds(nq, nk, block, q.device)
         scores = scores.masked_fill(k0 > p1, float("-inf"))
@@ -264,7 +283,7 @@ def _validate_causal(owner: str, causal: bool) -> None:
 @register("vertical_slash", kind="dynamic",
           description="MInference vertical-slash: top columns + top diagonals estimated from the last queries",
           paper="Jiang et al. 2024, MInference 1.0 (NeurIPS 2024)")
-class VerticalSlash(Pattern):
+class VerticalSlash(PaddedPattern):
     """MInference's vertical-slash head pattern (Jiang et al. 2024, §3.2; official
     ``gather_last_q_vertical_slash_topk_v4``).
 
@@ -292,13 +311,13 @@ class VerticalSlash(Pattern):
         self.vertical, self.slash, self.last_q = vertical, slash, last_q
         self.sinks, self.local, self.block, self.whole_tiles = sinks, local, block, whole_tiles
 
-    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Layout:
         _, _, _, nq, nk = check_qk(q, k)
         _validate_causal("vertical_slash", causal)
         with torch.no_grad():
             vert, sl = select_vertical_slash(
                 q, k, max(self.vertical, 30), max(self.slash, 50), last_q=self.last_q,
-                sinks=self.sinks, local=self.local,
+                sinks=self.sinks, local=self.local, key_padding_mask=key_padding_mask,
             )
             return prefill_layout(nq, nk, self.block, vertical=vert, slash=sl, whole_slash_tiles=self.whole_tiles)
 
@@ -306,7 +325,7 @@ class VerticalSlash(Pattern):
 @register("minference_block", kind="dynamic",
           description="MInference block-sparse: top-k key blocks per query block by mean-pooled q/k scores",
           paper="Jiang et al. 2024, MInference 1.0 (NeurIPS 2024)")
-class MInferenceBlock(Pattern):
+class MInferenceBlock(PaddedPattern):
     """MInference's block-sparse head pattern (official ``_build_block_index``): q and k are
     mean-pooled in blocks of ``block`` tokens, ``q̄ k̄ᵀ`` is masked block-causally and each query
     block keeps its top-``k`` key blocks (no block is forced, as in the official code; ties go to
@@ -322,8 +341,8 @@ class MInferenceBlock(Pattern):
         check_int("minference_block", "block", block, 1)
         self.k, self.block = k, block
 
-    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Layout:
         _, _, _, nq, nk = check_qk(q, k)
         with torch.no_grad():
-            chosen = select_pooled_topk(q, k, self.k, self.block, causal)
+            chosen = select_pooled_topk(q, k, self.k, self.block, causal, key_padding_mask)
             return block_layout(chosen, nq, nk, self.block, causal)

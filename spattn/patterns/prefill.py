@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..layout import Layout
 from ..registry import register
-from .base import Pattern, check_float, check_int, check_qk
+from .base import PaddedPattern, check_float, check_int, check_qk
 from .flexprefill import FlexPrefill
 from .minference import (
     MInferenceBlock, VerticalSlash, _validate_causal, expand_kv, prefill_layout, select_pooled_topk,
@@ -53,7 +53,7 @@ HEAD_PATTERNS = {
 
 
 def minference_heads_layout(q: Tensor, k: Tensor, heads: Sequence[dict], *, block: int = 64,
-                            last_q: int = 64) -> Layout:
+                            last_q: int = 64, key_padding_mask: Optional[Tensor] = None) -> Layout:
     """Causal Layout where query head ``h`` follows ``heads[h]`` (one dict per query head).
 
     * ``{"pattern": "a_shape", "sinks": s, "local": w}``: ``j < s`` or ``i' - j < w`` (StreamingLLM);
@@ -61,6 +61,8 @@ def minference_heads_layout(q: Tensor, k: Tensor, heads: Sequence[dict], *, bloc
       raised to 30/50, 30 sink columns and 100 local diagonals forced, estimated from the last
       ``last_q`` queries);
     * ``{"pattern": "block_sparse", "k": n}``: as ``minference_block(k=n, block=block)``.
+
+    ``key_padding_mask [B, Nk]`` (True = real token): padded positions never influence the choice.
     """
     bsz, hq, _, nq, nk = check_qk(q, k)
     if len(heads) != hq:
@@ -78,11 +80,12 @@ def minference_heads_layout(q: Tensor, k: Tensor, heads: Sequence[dict], *, bloc
             is_vs = torch.tensor([kd == "vertical_slash" for kd in kind], device=dev)
             nv = param("vertical", "vertical_slash").clamp(min=30) * is_vs
             ns = param("slash", "vertical_slash").clamp(min=50) * is_vs
-            v_sel, s_sel = select_vertical_slash(q, k, nv, ns, last_q=last_q)
+            v_sel, s_sel = select_vertical_slash(q, k, nv, ns, last_q=last_q, key_padding_mask=key_padding_mask)
             vertical |= v_sel
             slash |= s_sel
         if "block_sparse" in kind:
-            blocks = select_pooled_topk(q, k, param("k", "block_sparse"), block, causal=True)
+            blocks = select_pooled_topk(q, k, param("k", "block_sparse"), block, causal=True,
+                                        key_padding_mask=key_padding_mask)
     return prefill_layout(nq, nk, block, vertical=vertical, slash=slash, blocks=blocks)
 
 
@@ -112,7 +115,7 @@ def attention_mass(q: Tensor, k: Tensor, layout: Layout, chunk: int = 256) -> Te
 def _causal_density(layout: Layout, nq: int, nk: int) -> Tensor:
     """Per-head fraction of the causal pairs a layout computes, ``[H]`` (mean over batch)."""
     causal_pairs = int((torch.arange(nq) + (nk - nq) + 1).clamp(min=0, max=nk).sum())
-    return layout.pair_counts().double().mean(0) / causal_pairs
+    return layout.pair_counts().sum(-1).double().mean(0) / causal_pairs
 
 
 def default_candidates(nk: int, budget: float, block: int = 64) -> list[dict]:
@@ -248,7 +251,7 @@ def load_minference_config(path: Union[str, os.PathLike]) -> dict:
 @register("minference", kind="dynamic",
           description="MInference: per-head A-shape / vertical-slash / block-sparse from an offline search (JSON)",
           paper="Jiang et al. 2024, MInference 1.0 (NeurIPS 2024)")
-class MInference(Pattern):
+class MInference(PaddedPattern):
     """MInference with per-head patterns read from a JSON config (:func:`search_minference_config`).
 
     ``layer`` picks which layer's heads of the file to use. Causal only.
@@ -266,7 +269,8 @@ class MInference(Pattern):
         self._heads = cfg["layers"][layer]
         self._block, self._last_q = cfg["block"], cfg["last_q"]
 
-    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Layout:
         check_qk(q, k)
         _validate_causal("minference", causal)
-        return minference_heads_layout(q, k, self._heads, block=self._block, last_q=self._last_q)
+        return minference_heads_layout(q, k, self._heads, block=self._block, last_q=self._last_q,
+                                       key_padding_mask=key_padding_mask)

@@ -70,6 +70,7 @@ from torch import Tensor, nn
 from ..layout import Layout
 from ..registry import register
 from ..selection import ClusterSelection
+from ._padding import zero_padded
 from .base import Pattern, check_float, check_int, check_qk
 
 __all__ = ["Routing", "balanced_windows", "causal_safe_windows", "layer_norm"]
@@ -96,8 +97,10 @@ def balanced_windows(scores: Tensor, w: int, key_mask: Optional[Tensor] = None) 
     return s.topk(w, dim=-1).indices.sort(dim=-1).values
 
 
-def causal_safe_windows(scores: Tensor, w: int) -> tuple[Tensor, Tensor]:
+def causal_safe_windows(scores: Tensor, w: int, real: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Causal-safe routing windows (see module docstring) from ``scores [B, H, N, C]``.
+
+    ``real [B, N]`` (True = real token): padded tokens join no cluster and take no window slot.
 
     Returns ``(query_indices, key_indices)`` ``[B, H, W, w]`` with ``W = min(N, (N + C (w-1)) // w)``.
     Token ``t`` sits in window ``offset[c] + rank(t) // w`` of its nearest centroid ``c``; unused
@@ -106,6 +109,8 @@ def causal_safe_windows(scores: Tensor, w: int) -> tuple[Tensor, Tensor]:
     b, h, n, c = scores.shape
     assign = scores.argmax(-1)  # [B, H, N]
     onehot = F.one_hot(assign, c)
+    if real is not None:
+        onehot = onehot * real[:, None, :, None]
     rank = (onehot.cumsum(2) - 1).gather(-1, assign[..., None]).squeeze(-1)  # earlier members only
     per_cluster = onehot.sum(2)  # [B, H, C]
     windows_per_cluster = (per_cluster + w - 1) // w
@@ -114,9 +119,11 @@ def causal_safe_windows(scores: Tensor, w: int) -> tuple[Tensor, Tensor]:
     window = offset.gather(-1, assign) + rank // w  # [B, H, N]
     slot = window * w + rank % w
     pos = torch.arange(n, device=scores.device).expand(b, h, n)
-    flat = torch.full((b, h, n_windows * w), -1, dtype=torch.long, device=scores.device)
+    if real is not None:  # padded tokens go to a spill slot past the windows
+        slot = torch.where(real[:, None, :], slot, n_windows * w)
+    flat = torch.full((b, h, n_windows * w + 1), -1, dtype=torch.long, device=scores.device)
     flat.scatter_(-1, slot, pos)
-    idx = flat.view(b, h, n_windows, w).cummax(-1).values  # positions grow along a window: pad by repeating
+    idx = flat[..., : n_windows * w].view(b, h, n_windows, w).cummax(-1).values  # positions grow along a window: pad by repeating
     unused = idx < 0
     return idx.masked_fill(unused, 0), idx.masked_fill(unused, n - 1)
 
@@ -282,18 +289,21 @@ class Routing(Pattern, nn.Module):
         self._check_state(hq, q.shape[-1], q.device)
         if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, nk)):
             raise ValueError(f"routing: key_padding_mask must be a bool tensor of shape {(b, nk)}")
+        # padded tokens take no part: values zeroed, no window slot while real tokens remain, no
+        # k-means statistics; in self-attention (Nq == Nk) the key mask also marks padded queries
+        qmask = key_padding_mask if nq == nk else None
+        q, k = zero_padded(q, qmask), zero_padded(k, key_padding_mask)
         dtype = torch.promote_types(q.dtype, torch.float32)  # score in at least fp32
         xq = layer_norm(q.to(dtype))
         sq = self._scores(xq.detach(), hq)
         shared = self._shares(causal)
         if causal and self.causal_safe:
-            qi, ki = causal_safe_windows(sq, self._window_size(nq))
+            qi, ki = causal_safe_windows(sq, self._window_size(nq), qmask)
         elif shared:
             qi = ki = balanced_windows(sq, self._window_size(nq), key_padding_mask)
         else:
-            qi = balanced_windows(sq, self._window_size(nq))
+            qi = balanced_windows(sq, self._window_size(nq), qmask)
         routed, scores = [xq], [sq]
-        qmask = key_padding_mask if (shared and key_padding_mask is not None) else None
         masks = [qmask]
         if not shared:
             xk = layer_norm(k.to(dtype))

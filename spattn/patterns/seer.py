@@ -37,7 +37,8 @@ from torch import Tensor, nn
 
 from ..layout import Layout
 from ..registry import register
-from .base import Pattern, causal_mask_mod, check_float, check_int, check_qk
+from ._padding import masked_block_extrema, masked_block_mean, query_tokens, real_tokens
+from .base import PaddedPattern, causal_mask_mod, check_float, check_int, check_qk
 from .static import tile_bounds
 
 __all__ = ["SeerGate", "seer_block_target", "distill_seer_gate", "block_pool"]
@@ -84,7 +85,7 @@ def _block_visibility(q_len: int, kv_len: int, block: int, causal: bool, device)
     description="SeerAttention gate: pooled Q (avg) / K (max+min), per-head linear maps, block softmax; top-k or threshold",
     paper="Gao et al. 2024, SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs (arXiv 2410.13276)",
 )
-class SeerGate(Pattern, nn.Module):
+class SeerGate(PaddedPattern, nn.Module):
     """Learned block gate (see module docstring).
 
     Args:
@@ -165,34 +166,43 @@ class SeerGate(Pattern, nn.Module):
             )
 
     # ------------------------------------------------------------------ gate
-    def gate_logits(self, q: Tensor, k: Tensor, causal: bool = False) -> Tensor:
+    def gate_logits(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """Block logits ``[B, Hq, NQB, NKB]`` (fp32 or fp64), ``-inf`` on blocks with no visible pair.
 
         Differentiable in the gate weights; ``q``, ``k`` of the frozen model are not detached here.
+        ``key_padding_mask [B, Nk]`` (True = real): blocks pool their real tokens only (queries too
+        when ``Nq == Nk``); key blocks without a real key get ``-inf``.
         """
         b, hq, hkv, nq, nk = check_qk(q, k)
         if not isinstance(causal, bool):
             raise TypeError(f"seer: causal must be a bool, got {causal!r}")
         self._check_params(q, k)
         dtype = torch.promote_types(q.dtype, torch.float32)
-        qmean, _, _ = block_pool(q.to(dtype), self.block)
-        _, kmax, kmin = block_pool(k.to(dtype), self.block)
+        real = real_tokens("seer", key_padding_mask, b, nk, k.device)
+        if real is None:
+            qmean, _, _ = block_pool(q.to(dtype), self.block)
+            _, kmax, kmin = block_pool(k.to(dtype), self.block)
+        else:
+            qmean = masked_block_mean(q.to(dtype), self.block, query_tokens(real, nq, nk))[0]
+            kmax, kmin, has_key = masked_block_extrema(k.to(dtype), self.block, real)
         qp = torch.einsum("bhnd,hdc->bhnc", qmean, self.q_weight.to(dtype))
         kp = torch.einsum("bhnd,hdc->bhnc", torch.cat([kmax, kmin], -1), self.k_weight.to(dtype))
         kp = kp.repeat_interleave(hq // hkv, dim=1)
         logits = qp @ kp.transpose(-1, -2) / math.sqrt(self.hidden)
         valid, _, _ = _block_visibility(nq, nk, self.block, causal, q.device)
+        if real is not None:
+            valid = valid & has_key[:, :, None, :]
         return logits.masked_fill(~valid, -math.inf)
 
-    def gate(self, q: Tensor, k: Tensor, causal: bool = False) -> Tensor:
+    def gate(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """Gate probabilities: softmax of :meth:`gate_logits` over key blocks, ``[B, Hq, NQB, NKB]``."""
-        return torch.softmax(self.gate_logits(q, k, causal), dim=-1)
+        return torch.softmax(self.gate_logits(q, k, causal, key_padding_mask), dim=-1)
 
-    def block_map(self, q: Tensor, k: Tensor, causal: bool = False) -> Tensor:
+    def block_map(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """bool ``[B, Hq, NQB, NKB]``: the tiles kept at inference (top-k or threshold; causal diagonal forced)."""
         nq, nk = q.shape[2], k.shape[2]
         with torch.no_grad():
-            logits = self.gate_logits(q, k, causal)
+            logits = self.gate_logits(q, k, causal, key_padding_mask)
         valid, _, diagonal = _block_visibility(nq, nk, self.block, causal, q.device)
         if self.topk is not None:
             kk = min(self.topk, logits.shape[-1])
@@ -200,11 +210,12 @@ class SeerGate(Pattern, nn.Module):
             keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, True)
         else:
             keep = torch.softmax(logits, dim=-1) > self.effective_threshold
-        return (keep & valid) | diagonal
+        has_key = ~torch.isneginf(logits)  # False on key blocks without a real key (key_padding_mask)
+        return (keep | diagonal) & valid & has_key
 
-    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Layout:
         nq, nk = q.shape[2], k.shape[2]
-        bm = self.block_map(q, k, causal)
+        bm = self.block_map(q, k, causal, key_padding_mask)
         _, full, _ = _block_visibility(nq, nk, self.block, causal, q.device)
         if not causal:
             return Layout.from_block_map(bm, q_len=nq, kv_len=nk, block_q=self.block)

@@ -45,7 +45,8 @@ from torch import Tensor
 from ..layout import Layout
 from ..registry import register
 from ..selection import TokenSelection
-from .base import Pattern, causal_mask_mod, check_float, check_int, check_qk
+from ._padding import masked_block_mean, query_tokens, real_tokens
+from .base import PaddedPattern, Pattern, causal_mask_mod, check_float, check_int, check_qk
 from .static import tile_bounds
 
 __all__ = [
@@ -286,14 +287,24 @@ def _pool(x: Tensor, block: int) -> Tensor:
     return sums / counts[:, None].to(x.dtype)
 
 
-def pooled_block_scores(q: Tensor, k: Tensor, block: int) -> Tensor:
-    """``mean_pool(q) · mean_pool(k)ᵀ`` per query head: ``[B, Hq, NQB, NKB]`` (fp32, fp64 for fp64)."""
-    batch, hq, hkv, _, _ = check_qk(q, k)
+def pooled_block_scores(q: Tensor, k: Tensor, block: int, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    """``mean_pool(q) · mean_pool(k)ᵀ`` per query head: ``[B, Hq, NQB, NKB]`` (fp32, fp64 for fp64).
+
+    ``key_padding_mask [B, Nk]`` (True = real): blocks pool their real tokens only (the queries too
+    when ``Nq == Nk``), and key blocks without a real token score ``-inf``.
+    """
+    batch, hq, hkv, nq, nk = check_qk(q, k)
     sdt = _score_dtype(q.dtype)
-    qp = _pool(q.detach().to(sdt), block)
-    kp = _pool(k.detach().to(sdt), block)
+    real = real_tokens("pooled_block_scores", key_padding_mask, batch, nk, k.device)
+    if real is None:
+        qp = _pool(q.detach().to(sdt), block)
+        kp = _pool(k.detach().to(sdt), block)
+    else:
+        qp = masked_block_mean(q.detach().to(sdt), block, query_tokens(real, nq, nk))[0]
+        kp, k_real = masked_block_mean(k.detach().to(sdt), block, real)
     s = torch.matmul(qp.view(batch, hkv, hq // hkv, qp.shape[2], -1), kp.transpose(-1, -2).unsqueeze(2))
-    return s.view(batch, hq, qp.shape[2], kp.shape[2])
+    s = s.view(batch, hq, qp.shape[2], kp.shape[2])
+    return s if real is None else s.masked_fill(~k_real[:, :, None, :], float("-inf"))
 
 
 def causal_block_maps(q_len: int, kv_len: int, block: int, device) -> tuple[Tensor, Tensor, Tensor]:
@@ -305,18 +316,22 @@ def causal_block_maps(q_len: int, kv_len: int, block: int, device) -> tuple[Tens
     return allowed, diagonal, k1 <= p0
 
 
-def _block_candidates(q: Tensor, k: Tensor, block: int, causal: bool):
-    """Pooled scores with disallowed tiles at -inf, the forced tiles, and the Layout arguments."""
+def _block_candidates(q: Tensor, k: Tensor, block: int, causal: bool, key_padding_mask: Optional[Tensor] = None):
+    """Pooled scores with disallowed tiles at -inf, the forced tiles, and the Layout arguments.
+
+    Key blocks without a real key (``key_padding_mask``) are never allowed, not even when forced."""
     _, _, _, nq, nk = check_qk(q, k)
-    scores = pooled_block_scores(q, k, block)
+    scores = pooled_block_scores(q, k, block, key_padding_mask)
+    has_key = torch.isfinite(scores) if key_padding_mask is not None else torch.ones_like(scores, dtype=torch.bool)
     if not causal:
         forced = torch.zeros_like(scores, dtype=torch.bool)
-        return scores, torch.ones_like(forced), forced, dict(q_len=nq, kv_len=nk, block_q=block)
+        return scores, has_key, forced, dict(q_len=nq, kv_len=nk, block_q=block)
     allowed, diagonal, full = causal_block_maps(nq, nk, block, q.device)
     scores = scores.masked_fill(~allowed, float("-inf"))
-    forced = diagonal.expand_as(scores)
+    allowed = allowed & has_key
+    forced = diagonal & allowed
     kwargs = dict(q_len=nq, kv_len=nk, block_q=block, mask_mod=causal_mask_mod(nq, nk), full_map=full.expand_as(scores))
-    return scores, allowed.expand_as(scores), forced, kwargs
+    return scores, allowed, forced, kwargs
 
 
 def _descending_order(scores: Tensor, forced: Tensor) -> Tensor:
@@ -327,7 +342,7 @@ def _descending_order(scores: Tensor, forced: Tensor) -> Tensor:
 
 @register("block_topk", kind="dynamic", description="Top-k key blocks per query block from mean-pooled q/k scores",
           paper="Block top-k selection as in MInference block-sparse (Jiang et al. 2024), SLA (Zhang et al. 2025)")
-class BlockTopK(Pattern):
+class BlockTopK(PaddedPattern):
     """Keep the ``k`` key blocks with the highest pooled score per query block (causal: diagonal forced)."""
 
     name = "block_topk"
@@ -338,12 +353,12 @@ class BlockTopK(Pattern):
         check_int("block_topk", "block", block, 1)
         self.k, self.block = k, block
 
-    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Layout:
         _, _, _, _, nk = check_qk(q, k)
         nkb = -(-nk // self.block)
         if self.k > nkb:
             raise ValueError(f"block_topk: k={self.k} exceeds the number of key blocks {nkb} (Nk={nk}, block={self.block})")
-        scores, allowed, forced, kwargs = _block_candidates(q, k, self.block, causal)
+        scores, allowed, forced, kwargs = _block_candidates(q, k, self.block, causal, key_padding_mask)
         order = _descending_order(scores, forced)[..., : self.k]
         keep = torch.zeros_like(allowed).scatter_(-1, order, True) | forced
         return Layout.from_block_map(keep & allowed, **kwargs)
@@ -352,7 +367,7 @@ class BlockTopK(Pattern):
 @register("block_mass", kind="dynamic",
           description="Smallest set of key blocks per query block whose pooled softmax mass reaches a threshold",
           paper="Cumulative-mass block selection as in FlexPrefill (Lai et al. 2025), XAttention (Xu et al. 2025)")
-class BlockMass(Pattern):
+class BlockMass(PaddedPattern):
     """Per query block: softmax of pooled scores ``/sqrt(D)`` over allowed key blocks, keep the
     shortest prefix in descending order (forced diagonal first in causal mode) with mass ``>= threshold``."""
 
@@ -364,8 +379,8 @@ class BlockMass(Pattern):
         check_int("block_mass", "block", block, 1)
         self.threshold, self.block = threshold, block
 
-    def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
-        scores, allowed, forced, kwargs = _block_candidates(q, k, self.block, causal)
+    def layout(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Layout:
+        scores, allowed, forced, kwargs = _block_candidates(q, k, self.block, causal, key_padding_mask)
         probs = torch.softmax(scores / math.sqrt(q.shape[-1]), dim=-1)
         probs = torch.nan_to_num(probs, nan=0.0)  # a query block with no visible key
         order = _descending_order(scores, forced)
