@@ -99,7 +99,7 @@ ATTENTION = [
     Bad("layout-len", att(Q, K, V, spattn.pattern("window(size=2, block=4)").layout(*qkv(nq=12, nk=12)[:2])), VE,
         "layout is for (Nq, Nk)"),
     Bad("layout-heads", att(Q, K, V, spattn.pattern("topk(k=2)").layout(*qkv(hq=4, hkv=4)[:2])), VE, "head count"),
-    Bad("tokensel-len", att(Q, K, V, TokenSelection(torch.zeros(1, 1, 4, 1, dtype=L), 4, 8)), VE, "TokenSelection is for"),
+    Bad("tokensel-len", att(Q, K, V, TokenSelection(torch.zeros(1, 1, 4, 1, dtype=L), 4, 8)), VE, "selection is for"),
     Bad("pagesel-batch", att(Q, K, V, PageSelection(torch.zeros(3, 1, 8, 1, dtype=L), 4, 8, 8)), VE, "batch size"),
     Bad("cluster-causal", att(Q, K, V, ClusterSelection(torch.zeros(1, 1, 1, 2, dtype=L), torch.zeros(1, 1, 1, 2, dtype=L),
                                                          8, 8), causal=True), VE, "causal=True"),
