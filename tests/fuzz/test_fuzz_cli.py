@@ -15,7 +15,7 @@ import pytest
 
 from spattn.cli import main
 
-from ._table import Bad, check, params, time_limit
+from ._table import Bad, check, time_limit
 
 
 @dataclass(frozen=True)
