@@ -284,7 +284,8 @@ def test_family_property(name, b, hkv, g, n, chunk, causal, pad):
     else:
         mech = Performer(features=8, chunk=chunk, head_dim=4).eval()
         got = mech(q, k, v, causal=causal, key_padding_mask=kpm)
-        want = naive_performer(q, k, v, mech.projection.double(), causal, kpm)
+        # the naive reference divides 0 / 0 on a row without real keys; the contract there is zeros
+        want = naive_performer(q, k, v, mech.projection.double(), causal, kpm).nan_to_num(nan=0.0)
     assert not torch.isnan(got).any()
     assert_close_rel(got, want, 1e-10, name)
 

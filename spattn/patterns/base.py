@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from abc import ABC, abstractmethod
 from typing import Any, Optional
 
@@ -122,6 +123,8 @@ def check_int(owner: str, name: str, value: Any, minimum: int = 0, allow_none: b
 def check_float(owner: str, name: str, value: Any, low: float, high: float, *, low_open=False, high_open=False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be a finite number, got {value}")
     bad_low = value <= low if low_open else value < low
     bad_high = value >= high if high_open else value > high
     if bad_low or bad_high:
