@@ -51,8 +51,7 @@ def _xattention_layout(n: int, layer: int, cache_dir: str) -> Layout:
     if os.path.exists(path):
         q, k = torch.load(path)
     else:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from prefill_attention import capture  # one dense prefill of the model
+        from prefill_attention import capture  # beside this script (on sys.path when it runs); one dense prefill
 
         q, k = capture(n)[layer]
         os.makedirs(cache_dir, exist_ok=True)
