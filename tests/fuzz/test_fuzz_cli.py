@@ -32,7 +32,6 @@ def c(id_, *argv, fragment, marks=()):
 
 MQAR = ("train", "mqar")
 #: rows whose fix belongs to spattn/bench/* (owned by "ux"): strict, so the fix shows up as XPASS
-UX = (pytest.mark.xfail(strict=True, reason="fixed on branch ux"),)
 CLI = [
     c("unknown-command", "launch", fragment="launch"),
     c("list-extra", "list", "--all", fragment="--all"),
@@ -60,8 +59,8 @@ CLI = [
     c("fidelity-batch", "bench", "fidelity", "--batch", "0", fragment="batch"),
     c("lra-task", "bench", "lra", "--tasks", "nope", fragment="nope"),
     c("lra-attention", "bench", "lra", "--attentions", "nope", fragment="nope"),
-    c("lra-steps", "bench", "lra", "--steps", "-1", fragment="steps", marks=UX),  # starts training
-    c("lra-minutes", "bench", "lra", "--max-minutes", "-1", fragment="max", marks=UX),  # starts training
+    c("lra-steps", "bench", "lra", "--steps", "-1", fragment="steps"),
+    c("lra-minutes", "bench", "lra", "--max-minutes", "-1", fragment="max"),
     c("lra-text-no-dir", "bench", "lra", "--tasks", "text", "--data-dir", "/nonexistent/lra", fragment="/nonexistent/lra"),
     c("mqar-seq-len", "bench", "mqar", "--seq-lens", "63", fragment="seq"),
     c("mqar-dims", "bench", "mqar", "--dims", "0", fragment="dim"),
@@ -82,7 +81,7 @@ CLI = [
     c("train-steps-str", *MQAR, "--steps", "many", fragment="--steps"),
     c("train-lr", *MQAR, "--lr", "-1", fragment="lr"),
     c("train-lr-nan", *MQAR, "--lr", "nan", fragment="lr"),
-    c("train-lr-inf", *MQAR, "--lr", "inf", fragment="lr", marks=UX),  # trains with lr = inf
+    c("train-lr-inf", *MQAR, "--lr", "inf", fragment="lr"),
     c("train-batch", *MQAR, "--batch-size", "0", fragment="batch"),
     c("train-warmup", *MQAR, "--warmup", "-1", fragment="warmup"),
     c("train-clip", *MQAR, "--grad-clip", "-1", fragment="clip"),
@@ -107,7 +106,7 @@ CLI = [
     c("train-seq-len", *MQAR, "--seq-len", "-1", fragment="seq_len"),
     c("train-kv-pairs", *MQAR, "--kv-pairs", "0", fragment="kv_pairs"),
     c("train-vocab", *MQAR, "--vocab", "2", fragment="vocab"),
-    c("train-num-train", *MQAR, "--num-train", "0", fragment="num", marks=UX),  # names no option
+    c("train-num-train", *MQAR, "--num-train", "0", fragment="num"),
     c("train-option-form", *MQAR, "--task-option", "novalue", fragment="novalue"),
     c("train-option-unknown", *MQAR, "--task-option", "colour=3", fragment="colour"),
     c("train-init-from", *MQAR, "--init-from", "/nonexistent/ckpt.pt", fragment="/nonexistent/ckpt.pt"),
@@ -125,7 +124,7 @@ CLI = [
     c("longctx-ppl", "longctx", "--ppl-lengths", "0", fragment="ppl"),
     c("longctx-model", "longctx", "--model", "gpt2", fragment="--model"),
     c("longctx-threads", "longctx", "--threads", "0", fragment="threads"),
-    c("longctx-prefill-decoder", "longctx", "--methods", "quest", fragment="quest", marks=UX),  # loads the model first
+    c("longctx-prefill-decoder", "longctx", "--methods", "quest", fragment="quest"),
 ]
 
 
