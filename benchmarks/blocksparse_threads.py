@@ -20,14 +20,12 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import spattn  # noqa: E402
-from spattn.bench.speed import time_call  # noqa: E402
-from spattn.kernels import blocksparse_cpu  # noqa: E402
+import spattn
+from spattn.bench.speed import time_call
+from spattn.kernels import blocksparse_cpu
 
 
 def _median_ms(fn, repeat: int) -> float:

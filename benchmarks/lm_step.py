@@ -13,16 +13,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from spattn.bench.tasks import get_task  # noqa: E402
-from spattn.models.builder import ModelConfig, build_model  # noqa: E402
+from spattn.bench.tasks import get_task
+from spattn.models.builder import ModelConfig, build_model
 
 DEFAULT_ATTENTIONS = ["dense", "window(size=128)", "window(size=128, block=32)", "routing(clusters=8)", "linear"]
 

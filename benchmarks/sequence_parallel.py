@@ -22,17 +22,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-import spattn  # noqa: E402
-from spattn.distributed import record_comm, sequence_parallel_attention  # noqa: E402
-from spattn.distributed.local import run_local  # noqa: E402
+import spattn
+from spattn.distributed import record_comm, sequence_parallel_attention
+from spattn.distributed.local import run_local
 
 PATTERNS = ("dense", "window(size=256)", "bigbird(block=64)", "block_topk(k=8, block=64)")
 

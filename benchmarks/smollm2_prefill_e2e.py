@@ -28,12 +28,10 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
 
-import torch  # noqa: E402
-
-from spattn.data.needle import passkey  # noqa: E402
-from spattn.integrations.hf import load_smollm2, sparsify  # noqa: E402
+from spattn.data.needle import passkey
+from spattn.integrations.hf import load_smollm2, sparsify
 
 README_PREFILL = "xattention(threshold=0.8, stride=16, block=64)"
 

@@ -47,8 +47,11 @@ import torch
 
 __all__ = ["ops", "build_error", "build_dir", "status"]
 
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("decode_cpu.cpp", "blocksparse_cpu.cpp")]
-_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+_SOURCES = [Path(__file__).with_name("csrc") / name
+            for name in ("decode_cpu.cpp", "blocksparse_cpu.cpp", "blocksparse_backward_cpu.cpp")]
+_HEADERS = [Path(__file__).with_name("csrc") / "blocksparse_blas.h"]  # included by the sources: part of the key
+# -fopenmp: at::parallel_for is a header template that runs serially unless compiled with OpenMP
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _STAMP = "spattn-build.sha256"
 _state: dict[str, Any] = {"tried": False, "ops": None, "error": None, "built_now": False}
 _thread_lock = threading.Lock()
@@ -57,7 +60,7 @@ _thread_lock = threading.Lock()
 def source_key(sources: Optional[list[Path]] = None) -> str:
     """Hex digest of everything the library depends on: source bytes, flags, torch, Python ABI, platform."""
     digest = hashlib.sha256()
-    for path in _SOURCES if sources is None else sources:
+    for path in (_SOURCES if sources is None else sources) + _HEADERS:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     abi = sysconfig.get_config_var("SOABI") or sys.implementation.cache_tag
     for part in (" ".join(_CFLAGS), torch.__version__, abi, sys.platform, os.uname().machine):
@@ -120,7 +123,7 @@ def _build(directory: Path, sources: list[Path]) -> Path:
           f"(into {directory}; SPATTN_NO_EXT=1 skips them)", file=sys.stderr, flush=True)
     # load() also loads the library into this process; its name is unique per key
     load(name=_library_name(directory), sources=[str(p) for p in sources], is_python_module=False,
-         verbose=False, extra_cflags=_CFLAGS, build_directory=str(directory))
+         verbose=False, extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory))
     lib = directory / f"{_library_name(directory)}.so"
     tmp = directory / (_STAMP + ".tmp")
     tmp.write_text(_sha256(lib) + "\n")

@@ -153,7 +153,7 @@ def _add_speed_options(p: argparse.ArgumentParser, default_patterns: Optional[Se
     p.add_argument("--repeat", type=int, help="timed runs per case at least (default 3; --quick 2)")
     p.add_argument("--max-repeat", type=int,
                    help="timed runs per case at most: more are taken until the median is stable (interquartile "
-                        "range within 5%% of it) or 20 s are spent (default 10; --quick: no extra runs)")
+                        "range within 5%% of it) or 10 s are spent (default 8; --quick: no extra runs)")
     p.add_argument("--warmup", type=int, help="untimed calls per case (default 1), after a warm-up that builds the "
                                               "compiled kernels")
     p.add_argument("--cold-compile", action="store_true",
@@ -201,7 +201,7 @@ def _cmd_speed(args: argparse.Namespace, default_ns: Optional[Sequence[int]] = N
         ns=tuple(ns), patterns=tuple(args.patterns), measurements=measurements, batch=args.batch,
         heads=args.heads, dim=args.dim, dtype=args.dtype, causal=args.causal,
         warmup=1 if args.warmup is None else args.warmup,
-        repeat=repeat, max_repeat=args.max_repeat if args.max_repeat is not None else (repeat if args.quick else max(10, repeat)),
+        repeat=repeat, max_repeat=args.max_repeat if args.max_repeat is not None else (repeat if args.quick else max(8, repeat)),
         memory=args.memory, cold_compile=args.cold_compile,
     )
     cfg.validate()  # bad specs / values fail before anything runs

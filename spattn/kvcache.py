@@ -34,11 +34,18 @@ from torch import Tensor
 __all__ = ["PageSummary", "LabelCache", "SelectorState", "LayerState", "KVCache"]
 
 
-def _check_keys(owner: str, keys: Tensor) -> None:
+def _check_keys(owner: str, keys: Tensor, name: str = "keys") -> None:
     if not isinstance(keys, Tensor):
-        raise TypeError(f"{owner}: keys must be a torch.Tensor [B, Hkv, N, D], got {type(keys).__name__}")
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor [B, Hkv, N, D], got {type(keys).__name__}")
     if keys.dim() != 4:
-        raise ValueError(f"{owner}: keys must have shape [B, Hkv, N, D], got {tuple(keys.shape)}")
+        raise ValueError(f"{owner}: {name} must have shape [B, Hkv, N, D], got {tuple(keys.shape)}")
+    if not keys.is_floating_point():
+        raise TypeError(f"{owner}: {name} must be a floating-point tensor, got {keys.dtype}")
+
+
+def _check_layer(layer: Any) -> None:
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"KVCache: layer must be an int index, got {layer!r}")
 
 
 class _Growing:
@@ -153,7 +160,10 @@ class LabelCache:
 
     def __init__(self, channels: Tensor, dtype: Optional[torch.dtype] = None):
         if not isinstance(channels, Tensor) or channels.dtype != torch.long or channels.dim() != 2:
-            raise TypeError("LabelCache: channels must be an int64 tensor [Hq, r]")
+            got = f"{channels.dtype} {tuple(channels.shape)}" if isinstance(channels, Tensor) else type(channels).__name__
+            raise TypeError(f"LabelCache: channels must be an int64 tensor [Hq, r], got {got}")
+        if channels.numel() and int(channels.min()) < 0:
+            raise ValueError(f"LabelCache: channel indices must be >= 0, got {int(channels.min())}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"LabelCache: dtype must be a floating torch.dtype or None (the keys' dtype), got {dtype!r}")
         self.channels = channels
@@ -268,10 +278,14 @@ class KVCache:
         return {layer: buf.data for layer, buf in self._values.items()}
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        _check_keys("KVCache", k)
-        _check_keys("KVCache", v)
+        _check_layer(layer)
+        _check_keys("KVCache", k, "k")
+        _check_keys("KVCache", v, "v")
         if k.shape != v.shape:
             raise ValueError(f"KVCache: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        if k.dtype != v.dtype or k.device != v.device:
+            raise ValueError(f"KVCache: k and v must share dtype and device, got {k.dtype} on {k.device} and "
+                             f"{v.dtype} on {v.device}")
         if layer in self._keys:
             old = self._keys[layer].data
             if old.shape[:2] != k.shape[:2] or old.shape[3] != k.shape[3] or old.dtype != k.dtype:
@@ -284,6 +298,7 @@ class KVCache:
         return self._keys[layer].data, self._values[layer].data
 
     def length(self, layer: int = 0) -> int:
+        _check_layer(layer)
         return self._keys[layer].length if layer in self._keys else 0
 
     def reset(self) -> None:

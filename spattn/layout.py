@@ -28,6 +28,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from ._checks import check_int
+
 __all__ = ["Layout", "MaskMod", "translation_invariant", "ceil_div", "true_positions"]
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -67,6 +69,11 @@ def true_positions(mask: Tensor, fill: int = 0, min_width: int = 1) -> tuple[Ten
     return num, out[..., :width]
 
 
+def _check_size(name: str, value) -> int:
+    """``value`` as an int >= 1 (numpy integers accepted), or raise naming ``name``."""
+    return check_int(None, name, value, 1, numpy=True)
+
+
 def _check_int_tensor(name: str, t: Tensor, dims: int) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -100,16 +107,18 @@ class Layout:
         col_num: Optional[Tensor] = None,
         col_indices: Optional[Tensor] = None,
     ):
-        block_k = block_q if block_k is None else block_k
-        for name, val in (("q_len", q_len), ("kv_len", kv_len), ("block_q", block_q), ("block_k", block_k)):
-            if isinstance(val, bool) or not isinstance(val, int):
-                raise TypeError(f"{name} must be an int, got {type(val).__name__}")
-            if val < 1:
-                raise ValueError(f"{name} must be >= 1, got {val}")
+        q_len, kv_len = _check_size("q_len", q_len), _check_size("kv_len", kv_len)
+        block_q = _check_size("block_q", block_q)
+        block_k = block_q if block_k is None else _check_size("block_k", block_k)
+        # a tile longer than its sequence covers exactly the same pairs as one of the sequence's length:
+        # clamp, so that kernels never allocate block_q x block_k tiles for short sequences
+        block_q, block_k = min(block_q, q_len), min(block_k, kv_len)
         if mask_mod is not None and not callable(mask_mod):
             raise TypeError(f"mask_mod must be callable (b, h, q_idx, kv_idx) -> bool tensor, got {type(mask_mod).__name__}")
         _check_int_tensor("kv_num_blocks", kv_num_blocks, 3)
         _check_int_tensor("kv_indices", kv_indices, 4)
+        if 0 in kv_num_blocks.shape[:2]:
+            raise ValueError(f"kv_num_blocks must have batch and head sizes >= 1, got shape {tuple(kv_num_blocks.shape)}")
         self.q_len, self.kv_len, self.block_q, self.block_k = q_len, kv_len, block_q, block_k
         nqb, nkb = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
         bh = tuple(kv_num_blocks.shape[:2])
@@ -252,15 +261,31 @@ class Layout:
         """
         if not isinstance(block_map, Tensor) or block_map.dtype != torch.bool or block_map.dim() != 4:
             raise ValueError("block_map must be a 4-D bool tensor [B', H', NQB, NKB]")
+        q_len, kv_len = _check_size("q_len", q_len), _check_size("kv_len", kv_len)
+        block_q = _check_size("block_q", block_q)
+        block_k = block_q if block_k is None else _check_size("block_k", block_k)
+        nqb, nkb = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
+        if tuple(block_map.shape[2:]) != (nqb, nkb):
+            raise ValueError(
+                f"block_map must be [B', H', NQB, NKB] = [B', H', {nqb}, {nkb}] for q_len={q_len}, kv_len={kv_len}, "
+                f"block_q={block_q}, block_k={block_k}; got shape {tuple(block_map.shape)}"
+            )
         num, idx = true_positions(block_map)
         full = None
         if full_map is not None:
-            if full_map.shape != block_map.shape or full_map.dtype != torch.bool:
+            if not isinstance(full_map, Tensor) or full_map.shape != block_map.shape or full_map.dtype != torch.bool:
                 raise ValueError(f"full_map must be a bool tensor of shape {tuple(block_map.shape)}")
             full = torch.gather(full_map, -1, idx)
         col_num = col_idx = None
         if column_map is not None:
-            col_num, col_idx = true_positions(column_map.expand(*block_map.shape[:3], column_map.shape[-1]))
+            lead = tuple(block_map.shape[:3])
+            if not isinstance(column_map, Tensor) or column_map.dtype != torch.bool or column_map.dim() != 4 \
+                    or column_map.shape[3] != kv_len \
+                    or any(c not in (1, b) for c, b in zip(column_map.shape[:3], lead)):
+                shape = tuple(column_map.shape) if isinstance(column_map, Tensor) else type(column_map).__name__
+                raise ValueError(f"column_map must be a bool tensor [B', H', NQB, Nk] broadcastable to "
+                                 f"{lead + (kv_len,)}, got {shape}")
+            col_num, col_idx = true_positions(column_map.expand(*lead, kv_len))
         return cls(
             num, idx, q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k,
             mask_mod=mask_mod, full=full, col_num=col_num, col_indices=col_idx,
@@ -273,13 +298,19 @@ class Layout:
         For tests and user-given masks: the predicate looks the mask up, so the mask is kept alive.
         """
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise TypeError("mask must be a bool tensor")
+            got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+            raise TypeError(f"mask must be a bool tensor [Nq, Nk] or [B', H', Nq, Nk], got {got}")
         if mask.dim() == 2:
             mask = mask[None, None]
-        if mask.dim() != 4:
-            raise ValueError(f"mask must have shape [Nq, Nk] or [B', H', Nq, Nk], got {tuple(mask.shape)}")
-        block_k = block_q if block_k is None else block_k
+        if mask.dim() != 4 or 0 in mask.shape:
+            raise ValueError(f"mask must have shape [Nq, Nk] or [B', H', Nq, Nk] with no empty dimension, "
+                             f"got {tuple(mask.shape)}")
+        block_q = _check_size("block_q", block_q)
+        block_k = block_q if block_k is None else _check_size("block_k", block_k)
         bp, hp, nq, nk = mask.shape
+        # a tile larger than the sequence covers the same pairs as one of the sequence's size: clamp it
+        # so the padded mask below stays Nq x Nk (exact either way)
+        block_q, block_k = min(block_q, nq), min(block_k, nk)
         nqb, nkb = _cdiv(nq, block_q), _cdiv(nk, block_k)
         padded = torch.nn.functional.pad(mask, (0, nkb * block_k - nk, 0, nqb * block_q - nq))
         tiles = padded.view(bp, hp, nqb, block_q, nkb, block_k)

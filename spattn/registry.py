@@ -185,10 +185,10 @@ def _check_parameters(mech: Mechanism, given: set, filled: frozenset = frozenset
         hints = "".join(suggest(u, mech.parameters(), n=1) for u in unknown[:1])
         raise ValueError(f"{mech.name}: unknown parameter(s) {', '.join(unknown)}{hints}; valid: {mech.signature()}")
     missing = [p for p in mech.required() if p not in given and p not in filled]
-    if missing:
+    if missing:  # a missing argument is a TypeError, as Python's own is
         verb = "is" if len(missing) == 1 else "are"
         example = ", ".join(f"{p}=..." for p in missing)
-        raise ValueError(f"{mech.name}: {', '.join(missing)} {verb} required, e.g. '{mech.name}({example})'; "
+        raise TypeError(f"{mech.name}: {', '.join(missing)} {verb} required, e.g. '{mech.name}({example})'; "
                          f"signature: {mech.signature()}")
 
 
@@ -196,7 +196,7 @@ def build(spec: str | None = None, /, **overrides: Any) -> Any:
     """Build a registered mechanism from a spec string, keyword overrides win.
 
     A bare name takes the defaults of its parameters; parameters without a default must be given
-    (``window: size is required``); unknown ones are refused with the closest valid name suggested.
+    (``TypeError: window: size is required``); unknown ones are refused with the closest valid name suggested.
     """
     name, kwargs = parse_spec(spec)
     kwargs.update({k: as_python_scalar(v) for k, v in overrides.items()})

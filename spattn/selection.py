@@ -77,6 +77,27 @@ def _check_index_tensor(owner: str, name: str, t: Tensor, dims: int) -> None:
         raise ValueError(f"{owner}: {name} must be {dims}-D, got shape {tuple(t.shape)}")
 
 
+def _check_lengths(owner: str, **sizes) -> None:
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{owner}: {name} must be >= 1, got {value}")
+
+
+def _check_flag(owner: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be a bool, got {value!r}")
+
+
+def _check_distinct(owner: str, name: str, t: Tensor) -> None:
+    """No valid entry (>= 0) repeats along the last dim: a repeated key would count twice in the softmax."""
+    if t.shape[-1] > 1 and t.numel():
+        s = t.sort(dim=-1).values
+        if bool(((s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)).any()):
+            raise ValueError(f"{owner}: {name} must not repeat an entry within one query's slots (-1 = unused)")
+
+
 def _within(t: Tensor, end: int) -> bool:
     """Every entry of the int64 tensor ``t`` lies in ``[-1, end)`` (one reduction pass)."""
     low, high = torch.aminmax(t)
@@ -101,10 +122,12 @@ class TokenSelection:
 
     def __post_init__(self):
         _check_index_tensor("TokenSelection", "indices", self.indices, 4)
+        _check_lengths("TokenSelection", q_len=self.q_len, kv_len=self.kv_len)
         if self.indices.shape[2] != self.q_len:
             raise ValueError(f"TokenSelection: indices has {self.indices.shape[2]} query rows but q_len={self.q_len}")
         if self.indices.numel() and not _within(self.indices, self.kv_len):
             raise ValueError(f"TokenSelection: indices must lie in [-1, {self.kv_len}), -1 = unused slot")
+        _check_distinct("TokenSelection", "indices", self.indices)
 
     @property
     def batch(self) -> int:
@@ -137,7 +160,7 @@ class TokenSelection:
     def to_layout(self, block: Optional[int] = None) -> Layout:
         """The same pairs as a block :class:`Layout` of ``block`` (default 64) tokens (via ``to_dense``:
         O(Nq·Nk), for the reference kernel and inspection)."""
-        return Layout.from_dense(self.to_dense(), block or 64)
+        return Layout.from_dense(self.to_dense(), 64 if block is None else block)
 
     def pair_counts(self) -> Tensor:
         """int64 ``[B', H', Nq]``: keys computed per query."""
@@ -177,10 +200,13 @@ class PageSelection:
         _check_index_tensor("PageSelection", "pages", self.pages, 4)
         if isinstance(self.page, bool) or not isinstance(self.page, int) or self.page < 1:
             raise ValueError(f"PageSelection: page must be an int >= 1, got {self.page!r}")
+        _check_lengths("PageSelection", q_len=self.q_len, kv_len=self.kv_len)
+        _check_flag("PageSelection", "causal", self.causal)
         if self.pages.shape[2] != self.q_len:
             raise ValueError(f"PageSelection: pages has {self.pages.shape[2]} query rows but q_len={self.q_len}")
         if self.pages.numel() and not _within(self.pages, self.num_pages):
             raise ValueError(f"PageSelection: pages must lie in [-1, {self.num_pages}), -1 = unused slot")
+        _check_distinct("PageSelection", "pages", self.pages)
         s, h = self.shared_by, self.pages.shape[1]
         if isinstance(s, bool) or not isinstance(s, int) or s < 1 or h % s:
             raise ValueError(f"PageSelection: shared_by must be a positive int dividing the {h} head rows, got {s!r}")
@@ -260,6 +286,8 @@ class ClusterSelection:
     def __post_init__(self):
         _check_index_tensor("ClusterSelection", "query_indices", self.query_indices, 4)
         _check_index_tensor("ClusterSelection", "key_indices", self.key_indices, 4)
+        _check_lengths("ClusterSelection", q_len=self.q_len, kv_len=self.kv_len)
+        _check_flag("ClusterSelection", "causal", self.causal)
         if self.query_indices.shape[:3] != self.key_indices.shape[:3]:
             raise ValueError(
                 "ClusterSelection: query_indices and key_indices must agree in [B, H, C], got "

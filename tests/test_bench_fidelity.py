@@ -12,6 +12,7 @@ from spattn.bench.fidelity import FidelityConfig, format_fidelity_table, make_in
 from spattn.cli import main
 
 
+@pytest.mark.slow
 def test_dense_pattern_has_zero_error_and_full_recall():
     cfg = FidelityConfig(n=96, heads=2, dim=16, specs=("dense(block=32)",), topk=4)
     result = run_fidelity(cfg)

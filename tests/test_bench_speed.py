@@ -56,7 +56,7 @@ def test_the_issue_s_implausible_run_is_flagged_with_reasons():
     header = text.splitlines()[0].split()
     assert "flag" in header and "bs" not in header
     line = next(x for x in text.splitlines() if x.startswith("2048") and "linear" in x)
-    assert "approximation" in line
+    assert "linear [approximation]" in line
 
 
 def test_dense_baseline_flagged_once_per_n():

@@ -72,6 +72,7 @@ def _random_layout(kind, batch, heads, nq, nk, block_q, block_k, gen):
 
 @settings(max_examples=40)
 @given(problems(), st.sampled_from(["dense_mask", "blocks", "columns"]), st.booleans())
+@pytest.mark.slow
 def test_random_layouts_match_reference(problem, kind, padded):
     batch, hq, hkv, nq, nk, dim, bq, bk, per_batch, per_head, seed = problem
     q, k, v, gen = _tensors(batch, hq, hkv, nq, nk, dim, seed)
@@ -82,6 +83,7 @@ def test_random_layouts_match_reference(problem, kind, padded):
 
 @settings(max_examples=25)
 @given(problems(), st.booleans(), st.booleans())
+@pytest.mark.slow
 def test_dense_and_causal_match_reference(problem, causal, transposed):
     batch, hq, hkv, nq, nk, dim, bq, bk, *_ , seed = problem
     q, k, v, _ = _tensors(batch, hq, hkv, nq, nk, dim, seed, transposed=transposed)
@@ -104,6 +106,7 @@ def test_transposed_inputs_with_band_keys(spec, heads):
 
 @settings(max_examples=10)
 @given(problems(max_len=200), st.sampled_from(["dense_mask", "blocks", "columns"]))
+@pytest.mark.slow
 def test_float64_to_1e10(problem, kind):
     batch, hq, hkv, nq, nk, dim, bq, bk, per_batch, per_head, seed = problem
     q, k, v, gen = _tensors(batch, hq, hkv, nq, nk, dim, seed, torch.float64)
@@ -163,6 +166,7 @@ def test_small_chunks_give_the_same_result():
 
 @settings(max_examples=25)
 @given(problems(max_len=300), st.sampled_from(["dense_mask", "blocks", "columns"]), st.booleans())
+@pytest.mark.slow
 def test_per_head_split_matches_reference(problem, kind, padded):
     """Per-head layouts run one call per head (forced here): same values and gradients."""
     from unittest import mock

@@ -24,6 +24,7 @@ def test_list_names_every_mechanism(capsys):
         assert m.name in out and m.signature() in out and m.paper in out
 
 
+@pytest.mark.slow
 def test_bench_speed_quick_writes_json(tmp_path, capsys):
     path = tmp_path / "sub" / "speed.json"
     code = main(["bench", "speed", "--quick", "--n", "96", "160", "--patterns", "window(size=16)",
@@ -82,6 +83,7 @@ def test_train_mqar_then_resume(tmp_path, capsys):
     assert metrics  # the metrics log of the resumed run
 
 
+@pytest.mark.slow
 def test_bench_mqar_plot_and_short_default(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert main(["bench", "mqar", "--attentions", "dense", "--seq-lens", "64", "--dims", "16", "--steps", "2",
@@ -168,3 +170,17 @@ def test_readme_first_example_runs_as_a_script_and_prints():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "torch.Size" in proc.stdout and "density" in proc.stdout
+
+
+def test_train_resume_with_other_evaluation_sizes(tmp_path, capsys):
+    argv = ["train", "mqar", "--attention", "window(size=8)", "--dim", "16", "--seq-len", "64", "--kv-pairs", "4",
+            "--vocab", "64", "--num-train", "64", "--batch-size", "8", "--eval-every", "2", "--no-progress",
+            "--out", str(tmp_path)]
+    assert main(argv + ["--steps", "2", "--num-val", "16", "--num-test", "16"]) == 0
+    assert main(argv + ["--steps", "2"]) == 2  # the directory holds a run: --resume or --overwrite
+    assert "already holds a training checkpoint" in capsys.readouterr().err
+    assert main(argv + ["--steps", "4", "--resume", "--num-val", "8", "--num-test", "24"]) == 0
+    out = capsys.readouterr().out
+    assert ": 4 steps" in out and "test acc" in out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["result"]["test"]["count"] == 24 * 4 and metrics["result"]["val"]["count"] == 8 * 4  # 4 queries each

@@ -160,6 +160,7 @@ def test_learned_patterns_compare_by_identity():
     assert spattn.pattern("window(size=3)") == spattn.pattern("window(size=3)")
 
 
+@pytest.mark.slow
 def test_speed_bench_times_approximations_and_fits_exponents(registered):
     from spattn.bench.speed import SpeedConfig, fit_exponents, format_speed_table, run_speed
 

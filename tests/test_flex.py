@@ -112,6 +112,7 @@ def test_to_block_mask_structure(kind):
 
 # ----------------------------------------------------------------------------- forward vs oracle
 @needs_flex
+@pytest.mark.slow
 def test_random_layouts_per_head_and_shared():
     q, k, v = qkv()
     for mask, bq, bk in ((random_mask(B, H), 16, 32), (random_mask(B, H, p=0.1, seed=5), 16, 32),

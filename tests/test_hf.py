@@ -68,6 +68,7 @@ def test_sparse_prefill_kernel_equals_reference_on_the_model(tiny, prefill):
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_generate_dense_identical_and_sparse_runs(tiny):
     ids = _ids(40)
     want = tiny.generate(ids, max_new_tokens=6, do_sample=False)
@@ -253,6 +254,7 @@ def test_missing_package_message(monkeypatch):
 
 @needs_smollm2
 @torch.no_grad()
+@pytest.mark.slow
 def test_smollm2_dense_equivalence_and_generation():
     model, _ = hf.load_smollm2(tokenizer=False)
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
@@ -273,6 +275,7 @@ def test_smollm2_dense_equivalence_and_generation():
 
 @needs_minilm
 @torch.no_grad()
+@pytest.mark.slow
 def test_minilm_embeddings_dense_vs_sparse():
     model, tok = hf.load_minilm()
     texts = ["Sparse attention computes only some query-key pairs. " * 6, "The cat sat on the mat."]
@@ -297,6 +300,7 @@ class _WordTokenizer:
         return " ".join(str(i) for i in ids)
 
 
+@pytest.mark.slow
 def test_longctx_evaluate_on_tiny_model(tiny, tmp_path):
     import argparse
     import json

@@ -178,6 +178,7 @@ def test_performer_key_padding_recurrent_causal():
     _check_causality(mech, q, k, v, 8)
 
 
+@pytest.mark.slow
 def test_performer_features_unbiased_orthogonal():
     """Rows of W are orthogonal within a block, marginally Gaussian; E[phi(q).phi(k)] = exp(q.k / sqrt(d))."""
     gen = torch.Generator().manual_seed(0)
@@ -196,6 +197,7 @@ def test_performer_features_unbiased_orthogonal():
     assert ((est.mean(0) - exact).abs() < 4 * se).all(), (est.mean(0), exact, se)
 
 
+@pytest.mark.slow
 def test_performer_error_shrinks_with_features():
     """Mean error against exact softmax attention falls with the number of features (~ m^-1/2)."""
     q, k, v = rand_qkv(b=1, hq=2, hkv=2, n=48, d=16, dtype=torch.float64, scale=0.6, seed=3)
@@ -282,7 +284,8 @@ def test_family_property(name, b, hkv, g, n, chunk, causal, pad):
     else:
         mech = Performer(features=8, chunk=chunk, head_dim=4).eval()
         got = mech(q, k, v, causal=causal, key_padding_mask=kpm)
-        want = naive_performer(q, k, v, mech.projection.double(), causal, kpm)
+        # the naive reference divides 0 / 0 on a row without real keys; the contract there is zeros
+        want = naive_performer(q, k, v, mech.projection.double(), causal, kpm).nan_to_num(nan=0.0)
     assert not torch.isnan(got).any()
     assert_close_rel(got, want, 1e-10, name)
 

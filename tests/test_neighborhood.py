@@ -91,6 +91,7 @@ def test_neighborhood_1d(k, d, block, causal, data):
 @SETTINGS
 @given(k=st.tuples(st.integers(1, 5), st.integers(1, 5)), d=st.tuples(st.integers(1, 3), st.integers(1, 3)),
        block=st.sampled_from([4, 8, 13, 16]), causal=st.booleans(), scalar=st.booleans(), data=st.data())
+@pytest.mark.slow
 def test_neighborhood_2d(k, d, block, causal, scalar, data):
     if scalar:  # the same kernel / dilation on both axes, given as an int
         k, d = (k[0], k[0]), (d[0], d[0])

@@ -177,7 +177,7 @@ def test_decode_selectors_ignore_padded_values(which, n, kind, seed, group):
 
 
 @pytest.mark.parametrize("spec", list(MODULES))
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_module_outputs_and_state_ignore_padded_values(spec, data):
     causal = data.draw(st.sampled_from(MODULES[spec]), label="causal")

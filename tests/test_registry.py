@@ -38,11 +38,11 @@ def test_bare_names_take_defaults_or_name_the_required_parameter():
 
     q = torch.randn(1, 1, 128, 8)
     assert spattn.pattern("bigbird").layout(q, q).density() > 0  # every parameter has a default
-    with pytest.raises(ValueError, match=r"^window: size is required, e\.g\. 'window\(size=\.\.\.\)'"):
+    with pytest.raises(TypeError, match=r"^window: size is required, e\.g\. 'window\(size=\.\.\.\)'"):
         spattn.pattern("window")
-    with pytest.raises(ValueError, match="dilated_window: size, dilation are required"):
+    with pytest.raises(TypeError, match="dilated_window: size, dilation are required"):
         spattn.pattern("dilated_window")
-    with pytest.raises(ValueError, match="size is required"):
+    with pytest.raises(TypeError, match="size is required"):
         spattn.attention(q, q, q, "window")
 
 
@@ -58,7 +58,7 @@ def test_unknown_names_suggest_the_closest():
 def test_check_spec_does_not_build_and_knows_filled_parameters():
     mech, kw = check_spec("routing_transformer(clusters=2)", provided=("dim", "heads"))
     assert mech.name == "routing_transformer" and kw == {"clusters": 2}
-    with pytest.raises(ValueError, match="attention: routing_transformer: dim, heads are required"):
+    with pytest.raises(TypeError, match="attention: routing_transformer: dim, heads are required"):
         check_spec("routing_transformer", "attention")
     with pytest.raises(ValueError, match="unknown parameter"):
         check_spec("window(size=3, dim=4)", provided=("dim",))  # filled by the caller, not given by the user

@@ -215,6 +215,7 @@ def test_activation_rate_attribute():
     assert float(layer.activation_rate) == 0.0 and not torch.isnan(y).any()
 
 
+@pytest.mark.slow
 def test_training_sanity():
     """A 1-layer SeqBoat model learns a toy task (predict the previous token) in a few steps."""
     torch.manual_seed(0)

@@ -125,15 +125,15 @@ def test_scale_is_used():
 def test_bad_inputs():
     gen = torch.Generator().manual_seed(5)
     q, k, v = _qkv(gen, 2, 4, 2, 6, 7, 4)
-    sel = TokenSelection(torch.zeros(1, 1, 6, 2, dtype=torch.long), 6, 7)
+    sel = TokenSelection(torch.arange(2).expand(1, 1, 6, 2), 6, 7)
     with pytest.raises(TypeError, match="selection must be a TokenSelection"):
         tokensparse_attention(q, k, v, Layout.from_dense(torch.ones(6, 7, dtype=torch.bool), 4))
     with pytest.raises(ValueError, match="selection is for"):
-        tokensparse_attention(q, k, v, TokenSelection(torch.zeros(1, 1, 6, 2, dtype=torch.long), 6, 9))
+        tokensparse_attention(q, k, v, TokenSelection(torch.arange(2).expand(1, 1, 6, 2), 6, 9))
     with pytest.raises(ValueError, match="batch 1 or 2"):
-        tokensparse_attention(q, k, v, TokenSelection(torch.zeros(3, 1, 6, 2, dtype=torch.long), 6, 7))
+        tokensparse_attention(q, k, v, TokenSelection(torch.arange(2).expand(3, 1, 6, 2), 6, 7))
     with pytest.raises(ValueError, match="heads 1 or 4"):
-        tokensparse_attention(q, k, v, TokenSelection(torch.zeros(1, 2, 6, 2, dtype=torch.long), 6, 7))
+        tokensparse_attention(q, k, v, TokenSelection(torch.arange(2).expand(1, 2, 6, 2), 6, 7))
     with pytest.raises(ValueError, match="Hq % Hkv"):
         tokensparse_attention(q[:, :3], k, v, sel)
     with pytest.raises(TypeError, match="floating"):

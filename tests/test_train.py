@@ -80,6 +80,7 @@ def cfg(**kw):
     return TrainConfig(**kw)
 
 
+@pytest.mark.slow
 def test_learns_classification_and_writes_metrics(tmp_path):
     torch.manual_seed(0)
     res = train(cfg(task="_first", attention="window(size=2)", out_dir=str(tmp_path), model=dict(pool="cls")))
@@ -90,6 +91,7 @@ def test_learns_classification_and_writes_metrics(tmp_path):
     assert log["model_config"]["attention"] == "window(size=2)"
 
 
+@pytest.mark.slow
 def test_learns_token_task_with_causal_window():
     res = train(cfg(task="_shift", attention="window(size=1)", model=dict(positions="rope")))
     assert res["val"]["acc"] > 0.9, res["val"]
@@ -101,7 +103,7 @@ def test_early_stop_at_target_accuracy():
     assert res["history"][-1]["val_acc"] >= 0.5
 
 
-@pytest.mark.parametrize("attention", ["dense", "routing(clusters=2)"])
+@pytest.mark.parametrize("attention", ["dense", pytest.param("routing(clusters=2)", marks=pytest.mark.slow)])
 def test_interrupted_run_resumes_bit_identical(tmp_path, attention):
     """Model, optimizer, scheduler, RNG (dropout), data position and routing's EMA centroids all resume exactly."""
     base = dict(task="_first", attention=attention, steps=12, eval_every=4, checkpoint_every=2,
@@ -195,6 +197,7 @@ def test_cli_functions(tmp_path, capsys):
     assert load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 8
 
 
+@pytest.mark.slow
 def test_init_from_a_dense_run_then_sparse(tmp_path):
     """A sparse model started from a trained dense run's weights: same accuracy before any step when the
     sparse pattern covers what the dense model uses; its own state (routing centroids) may be missing."""
@@ -284,16 +287,14 @@ def test_malformed_checkpoint_fields_are_named(tmp_path, small_checkpoint, field
         train(cfg(out_dir=str(tmp_path), resume=True, **SMALL))
 
 
-def test_checkpoint_that_does_not_fit_names_the_field(tmp_path):
-    train(cfg(out_dir=str(tmp_path), **SMALL))
+def test_checkpoint_that_does_not_fit_names_the_field(tmp_path, small_checkpoint):
     path = str(tmp_path / "checkpoint.pt")
-    payload = load_checkpoint(path)
+    payload = load_checkpoint(small_checkpoint)
     del payload["history"]
     save_checkpoint(path, payload)
     with pytest.raises(ValueError, match=r"missing field\(s\) \['history'\]"):
         load_checkpoint(path)
-    train(cfg(out_dir=str(tmp_path), overwrite=True, **SMALL))
-    payload = load_checkpoint(path)
+    payload = load_checkpoint(small_checkpoint)
     name = next(iter(payload["model"]))
     payload["model"][name] = torch.zeros(1)  # the right field, the wrong shape
     save_checkpoint(path, payload)
@@ -319,7 +320,8 @@ def test_metrics_never_ahead_of_the_checkpoint(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(cfg(out_dir=str(tmp_path), checkpoint_every=4, **{**SMALL, "steps": 12, "eval_every": 1}), callback=crash)
+        train(cfg(out_dir=str(tmp_path), checkpoint_every=4, num_val=8, test=False, **{**SMALL, "steps": 12, "eval_every": 1}),
+              callback=crash)
     ckpt = load_checkpoint(str(tmp_path / "checkpoint.pt"))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert ckpt["step"] == 4 and metrics["checkpoint_step"] == 4

@@ -202,7 +202,7 @@ def combiner_attention(
 
     Returns ``[B, Hq, N, D]`` in the dtype of ``q`` (computed in fp32, fp64 for fp64 input).
     """
-    check_qkv("combiner", q, k, v, key_padding_mask)
+    check_qkv("combiner", q, k, v, key_padding_mask, causal)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"combiner: self-attention only, q has {q.shape[2]} tokens and k {k.shape[2]}")
     if mode not in MODES:

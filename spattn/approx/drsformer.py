@@ -34,6 +34,7 @@ from ..kernels.tokensparse import tokensparse_attention
 from ..patterns.topk import topk_selections
 from ..registry import register
 from .base import ApproxAttention
+from .linear_core import check_qkv
 
 __all__ = ["DRSformerTopK"]
 
@@ -79,7 +80,8 @@ class DRSformerTopK(ApproxAttention):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                 key_padding_mask: Optional[Tensor] = None) -> Tensor:
-        if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        check_qkv(self.name, q, k, v, key_padding_mask, causal)
+        if k.shape != v.shape:
             raise ValueError(f"drsformer_topk: expected q [B, Hq, Nq, D], k = v [B, Hkv, Nk, D], got "
                              f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
         if self.heads is not None and q.shape[1] != self.heads:

@@ -82,7 +82,7 @@ class _DecayedAttention(ApproxAttention):
         self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None
     ) -> Tensor:
         """``q [B, Hq, N, D]``, ``k, v [B, Hkv, N, D]`` -> ``[B, Hq, N, D]``."""
-        check_qkv(self.name, q, k, v, key_padding_mask)
+        check_qkv(self.name, q, k, v, key_padding_mask, causal)
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"{self.name}: needs as many queries as keys (self-attention), got {q.shape[2]} and {k.shape[2]}")
         q2, k2, v2, g = self._inputs(q, k, v, key_padding_mask)
@@ -172,8 +172,9 @@ class GatedLinearAttention(_DecayedAttention):
     ):
         super().__init__()
         self.rank = int_at_least("gla: rank", rank)
-        if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or normalizer <= 0:
-            raise ValueError(f"gla: normalizer must be a positive number, got {normalizer!r}")
+        if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not math.isfinite(normalizer) \
+                or normalizer <= 0:
+            raise ValueError(f"gla: normalizer must be a positive finite number, got {normalizer!r}")
         self.normalizer = float(normalizer)
         self.chunk = int_at_least("gla: chunk", chunk)
         if not isinstance(norm, bool):

@@ -15,6 +15,7 @@ This module also imports the other members of the family so they register with i
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -56,7 +57,7 @@ class _KernelAttention(ApproxAttention):
         self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None
     ) -> Tensor:
         """``q [B, Hq, N, D]``, ``k, v [B, Hkv, N, D]`` -> ``[B, Hq, N, D]``."""
-        check_qkv(self.name, q, k, v, key_padding_mask)
+        check_qkv(self.name, q, k, v, key_padding_mask, causal)
         if q.shape[2] != k.shape[2] and causal:
             raise ValueError(f"{self.name}: causal attention needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
         fq, fk = self._features(q, k, key_padding_mask, causal)
@@ -86,8 +87,8 @@ class LinearAttention(_KernelAttention):
     def __init__(self, chunk: int = 64, eps: float = 1e-6):
         super().__init__()
         self.chunk = int_at_least("linear: chunk", chunk)
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
-            raise ValueError(f"linear: eps must be a float >= 0, got {eps!r}")
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"linear: eps must be a finite float >= 0, got {eps!r}")
         self.eps = float(eps)
 
     def _features(self, q, k, key_padding_mask, causal):
@@ -162,8 +163,8 @@ class Performer(_KernelAttention):
         self.redraw = int_at_least("performer: redraw", redraw, minimum=0)
         self.seed = int_at_least("performer: seed", seed, minimum=0)
         self.chunk = int_at_least("performer: chunk", chunk)
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
-            raise ValueError(f"performer: eps must be a float >= 0, got {eps!r}")
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"performer: eps must be a finite float >= 0, got {eps!r}")
         self.feature_eps = float(eps)
         self.eps = 0.0  # the denominator needs no eps: features are positive, empty rows give 0/1
         self.head_dim = None if head_dim is None else int_at_least("performer: head_dim", head_dim)

@@ -39,8 +39,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_qkv(name: str, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]) -> None:
-    """Validate ``q [B, Hq, N, D]``, ``k, v [B, Hkv, N, D]``, ``Hq % Hkv == 0``, mask ``[B, N]`` bool."""
+def check_qkv(name: str, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool = False) -> None:
+    """Validate ``q [B, Hq, N, D]``, ``k, v [B, Hkv, N, D]``, ``Hq % Hkv == 0``, mask ``[B, N]`` bool, ``causal`` a bool."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"{name}: causal must be a bool, got {causal!r}")
     for arg, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")

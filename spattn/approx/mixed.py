@@ -72,7 +72,10 @@ def _support(pattern: Union[str, Pattern, Layout], q: Tensor, k: Tensor, causal:
 
 def _as_pattern(pattern: Union[str, Pattern], owner: str) -> Pattern:
     if isinstance(pattern, str):
-        pattern = registry.build(pattern)
+        try:
+            pattern = registry.build(pattern)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{owner}: pattern {pattern!r}: {err}") from None
     if not isinstance(pattern, Pattern):
         raise TypeError(f"{owner}: pattern must be a Pattern or a pattern spec such as 'window(size=64)', "
                         f"got {type(pattern).__name__}")

@@ -334,9 +334,12 @@ def validate_args(args) -> None:
     for option, specs in (("--methods", [m for m in args.methods if m != "dense"]), ("--decode", args.decode)):
         for spec in specs:
             try:
-                pattern(spec)
+                built = pattern(spec)
             except (ValueError, TypeError) as err:
                 raise type(err)(f"{option} {spec!r}: {err}") from None
+            if option == "--methods" and built.decode_time:
+                raise ValueError(f"--methods {spec!r} is a decode-time selector (one query against a KV cache); "
+                                 "pass it with --decode")
     if args.plot and not args.plot.lower().endswith((".png", ".pdf", ".svg")):
         raise ValueError(f"--plot must name a .png, .pdf or .svg file, got {args.plot!r}")
 

@@ -9,6 +9,8 @@ obtained with the full-size configurations on TPUs and are not comparable cell b
 
 from __future__ import annotations
 
+import math
+
 import argparse
 import json
 import os
@@ -131,6 +133,10 @@ def add_lra_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_lra(args: argparse.Namespace) -> int:
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be a positive int, got {args.steps}")
+    if args.max_minutes is not None and not (math.isfinite(args.max_minutes) and args.max_minutes > 0):
+        raise ValueError(f"--max-minutes must be a positive number of minutes, got {args.max_minutes}")
     res = run_lra_sweep(args.attentions, args.tasks, data_dir=args.data_dir, steps=args.steps, max_minutes=args.max_minutes,
                   seed=args.seed, progress=args.progress, json_path=args.json)
     print(format_lra_table(res["rows"]))

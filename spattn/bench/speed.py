@@ -228,9 +228,9 @@ class SpeedConfig:
     warmup: int = 1
     repeat: int = 3
     #: keep timing (up to this many calls, within ``budget_s`` per case) until the median is stable
-    max_repeat: int = 10
+    max_repeat: int = 8
     rel_tol: float = 0.05
-    budget_s: float = 20.0
+    budget_s: float = 10.0
     memory: bool = True
     seed: int = 0
     #: compile FlexAttention with Inductor's on-disk caches off, so ``compile_s`` is a cold compile
@@ -607,16 +607,15 @@ def _mb(x: Optional[float]) -> str:
 #: (header, key, legend): every printed column is explained under the table
 TABLE_COLUMNS = (
     ("N", "n", "sequence length (queries = keys)"),
-    ("pattern", "pattern", "the mechanism's spec"),
-    ("path", "kernel", "how spattn computes it: blocksparse / tokensparse / clustered kernel on the selected "
-                       "pairs, or approximation (no pairs: the mechanism's own forward)"),
+    ("pattern", "pattern", "the mechanism's spec; [tokensparse] / [clustered]: computed by that kernel instead of "
+                           "blocksparse; [approximation]: no pairs, the mechanism's own forward"),
     ("density", "density", "fraction of (query, key) pairs computed"),
     ("dense ms", "sdpa", "dense F.scaled_dot_product_attention forward (the baseline), milliseconds"),
     ("ideal ms", "ideal", "density x dense ms: the time if cost followed the computed pairs exactly"),
     ("select ms", "select", "time of the content-based selection (estimation) alone"),
     ("select/dense", "sel/sdpa", "select ms / dense ms"),
-    ("sparse ms", "sparse", "spattn forward on the selected pairs (path blocksparse / tokensparse / clustered)"),
-    ("approx ms", "approx", "the approximation's forward (path approximation)"),
+    ("sparse ms", "sparse", "spattn forward on the selected pairs (blocksparse, tokensparse or clustered kernel)"),
+    ("approx ms", "approx", "the approximation's forward ([approximation] rows)"),
     ("flex ms", "flex", "compiled FlexAttention forward on the same layout"),
     ("sparse/flex", "bs/flex", "sparse ms / flex ms"),
     ("sparse/ideal", "bs/ideal", "sparse ms / ideal ms (1.0 = cost follows the pairs exactly)"),
@@ -647,7 +646,7 @@ def _row(rec: dict) -> list[str]:
     approx = rec.get("kernel") == "approximation"
     cells = {
         "n": str(rec["n"]), "density": "-" if rec.get("density") is None else f"{rec['density']:.3f}",
-        "pattern": rec["pattern"], "kernel": rec.get("kernel", "blocksparse"),
+        "pattern": rec["pattern"] + ("" if rec.get("kernel", "blocksparse") == "blocksparse" else f" [{rec['kernel']}]"),
         "select": t("select"), "sel/sdpa": _x(s.get("select_over_sdpa")),
         "sdpa": t("sdpa"), "ideal": _ms(s["ideal_s"]),
         "sparse": "-" if approx else t("blocksparse"), "approx": t("blocksparse") if approx else "-", "flex": t("flex"),
@@ -665,8 +664,8 @@ def _row(rec: dict) -> list[str]:
 
 
 def _kept_columns(rows: list[list[str]]) -> list[int]:
-    """N, pattern, path, then every column with data."""
-    return [i for i in range(len(TABLE_COLUMNS)) if i < 3 or any(r[i] != "-" for r in rows)]
+    """N, pattern, then every column with data."""
+    return [i for i in range(len(TABLE_COLUMNS)) if i < 2 or any(r[i] != "-" for r in rows)]
 
 
 def legend(result: dict[str, Any], columns: Optional[Sequence[int]] = None) -> list[str]:
@@ -740,7 +739,7 @@ def format_speed_table(result: dict[str, Any]) -> str:
     header = [TABLE_COLUMNS[i][0] for i in keep]
     body = [[r[i] for i in keep] for r in rows]
     widths = [max(len(h), *(len(r[j]) for r in body)) if body else len(h) for j, h in enumerate(header)]
-    left = {1, 2}  # pattern, path
+    left = {1}  # pattern
 
     def line(cells):
         return "  ".join(c.ljust(w) if j in left else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths)))
@@ -768,7 +767,7 @@ def print_speed_table(result: dict[str, Any], file=None) -> None:
     keep = _kept_columns(rows)
     table = Table(title="spattn bench speed", caption=_footer(result))
     for i in keep:
-        table.add_column(TABLE_COLUMNS[i][0], justify="left" if i in (1, 2) else "right")
+        table.add_column(TABLE_COLUMNS[i][0], justify="left" if i == 1 else "right")
     for r in rows:
         table.add_row(*[r[i] for i in keep])
     console = Console(file=file, width=max(160, 12 * len(keep)))

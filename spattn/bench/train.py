@@ -115,6 +115,10 @@ class TrainConfig:
             pos_int(name, allow_none=True)
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"TrainConfig: warmup must be an int >= 0, got {self.warmup!r}")
+        for name in ("lr", "weight_decay", "min_lr_ratio", "grad_clip"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"TrainConfig: {name} must be a finite number, got {v!r}")
         if not self.lr > 0 or not self.weight_decay >= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"TrainConfig: need lr > 0, weight_decay >= 0, 0 <= min_lr_ratio <= 1; got "
                              f"{self.lr}, {self.weight_decay}, {self.min_lr_ratio}")
@@ -324,7 +328,10 @@ def _check_out_dir(cfg: "TrainConfig", ckpt_path: Optional[str], metrics_path: O
             return None
         ckpt = load_checkpoint(ckpt_path)
         saved_tc = ckpt["train_config"]
-        if saved_tc["task"] != cfg.task or saved_tc.get("task_options", {}) != cfg.task_options:
+        def training_data(opts):  # the evaluation splits' sizes do not change the training data
+            return {k: v for k, v in opts.items() if k not in ("num_val", "num_test")}
+
+        if saved_tc["task"] != cfg.task or training_data(saved_tc.get("task_options", {})) != training_data(cfg.task_options):
             raise ValueError(f"cannot resume from {ckpt_path!r}: it was trained on task {saved_tc['task']!r} "
                              f"with options {saved_tc.get('task_options', {})}")
         breaking, notes = resume_changes(saved_tc, cfg)
@@ -525,7 +532,8 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
     n_train = len(data.train)
     per_epoch = n_train // cfg.batch_size
     if per_epoch < 1:
-        raise ValueError(f"the training set ({n_train} examples) is smaller than one batch ({cfg.batch_size})")
+        raise ValueError(f"the training set ({n_train} examples; num_train / --num-train) is smaller than one batch "
+                         f"({cfg.batch_size}; --batch-size)")
     eval_bs = cfg.eval_batch_size or cfg.batch_size
     signals = _StopSignals()
 

@@ -24,68 +24,27 @@
 #include <limits>
 #include <vector>
 
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));  // by value (the lower-case name takes a pointer)
-}
+#include "blocksparse_blas.h"
 
 namespace {
 
 constexpr int64_t kMaxRun = 512;  // keys per score tile: consecutive full blocks are merged up to this
 
-// Column-major BLAS gemm: C (m x n) = alpha op(A) op(B) + beta C.
-void blas_gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
-               float beta, float* c, int ldc) {
-  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-void blas_gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda, const double* b,
-               int ldb, double beta, double* c, int ldc) {
-  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
+using spattn_blas::exp_nonpositive;
 
-bool have_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+bool have_blas() { return spattn_blas::available(); }
 
 // Row-major s[i, j] = alpha * q[i, :] . k[j, :] for i < m, j < n (s has leading dimension n).
 template <typename T>
 void scores(int64_t m, int64_t n, int64_t d, T alpha, const T* q, int64_t ldq, const T* k, int64_t ldk, T* s) {
-  // column-major view: s^T (n x m) = k (as d x n)^T . q (as d x m)
-  blas_gemm('T', 'N', n, m, d, alpha, k, ldk, q, ldq, T(0), s, n);
+  spattn_blas::abt<T>(m, n, d, alpha, q, ldq, k, ldk, s);
 }
 
 // Row-major o[i, :] += p[i, :n] . v[:n, :] for i < m (o has leading dimension dv, p has n).
 template <typename T>
 void accumulate(int64_t m, int64_t n, int64_t dv, const T* p, const T* v, int64_t ldv, T* o) {
-  // column-major view: o^T (dv x m) += v (as dv x n) . p (as n x m)
-  blas_gemm('N', 'N', dv, m, n, T(1), v, ldv, p, n, T(1), o, dv);
+  spattn_blas::add_pb<T>(m, n, dv, T(1), p, v, ldv, o, dv);
 }
-
-// exp(x) for x <= 0 (a score minus its row max), vectorisable: x = n ln2 + r with |r| <= ln2 / 2,
-// exp(r) by its degree-7 Taylor polynomial (relative error < 6e-9), 2^n through the exponent bits.
-// x < -87 (including -inf) gives 0; exp(-87) ~ 1.6e-38 is below anything the row sum can notice.
-inline float exp_nonpositive(float x) {
-  const float xc = x < -87.f ? -87.f : x;
-  const float magic = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const float n = (xc * 1.4426950408889634f + magic) - magic;
-  const float r = (xc - n * 0.693145751953125f) - n * 1.4286068203094172e-06f;
-  float p = 1.f / 5040.f;
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return x < -87.f ? 0.f : p * two_n;
-}
-inline double exp_nonpositive(double x) { return std::exp(x); }
 
 // One row of scores -> probabilities relative to the updated running max; returns the factor the
 // row's earlier output and sum must be multiplied by. A row with no key yet stays all zero.

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .._checks import check_int
 
-__all__ = ["pad_batch", "collate_classification", "collate_tokens", "cache_dir", "cached_arrays", "check_positive_int"]
+__all__ = ["item_index", "pad_batch", "collate_classification", "collate_tokens", "cache_dir", "cached_arrays", "check_positive_int"]
 
 IGNORE_INDEX = -100
 
@@ -29,6 +29,15 @@ IGNORE_INDEX = -100
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
     """Return ``value`` as int (numpy integers accepted), or raise naming ``name`` if it is not an int ``>= minimum``."""
     return check_int(None, name, value, minimum, numpy=True)
+
+
+def item_index(i, length: int, owner: str) -> int:
+    """Dataset index ``i`` (negative counts from the end) as an int in ``[0, length)``, or IndexError/TypeError."""
+    if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+        raise TypeError(f"{owner} index must be an int, got {type(i).__name__}")
+    if not -length <= i < length:
+        raise IndexError(f"{owner} index {i} out of range for {length} examples")
+    return int(i) % length
 
 
 def pad_batch(seqs: Sequence[Tensor], pad_value: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ._common import check_positive_int, collate_tokens
+from ._common import check_positive_int, collate_tokens, item_index
 
 __all__ = ["ByteLMDataset", "stdlib_root", "corpus_files", "split_files", "collate"]
 
@@ -49,6 +49,8 @@ def stdlib_root() -> Path:
 
 def corpus_files(root: Optional[Union[str, os.PathLike]] = None, include_tests: bool = False) -> list[str]:
     """Sorted relative paths of the ``*.py`` files under ``root`` (default: the standard library)."""
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a directory path or None, got {type(root).__name__}")
     root = Path(root) if root is not None else stdlib_root()
     if not root.is_dir():
         raise FileNotFoundError(f"corpus root {root} is not a directory")
@@ -131,7 +133,7 @@ class ByteLMDataset(Dataset):
         return int(np.random.default_rng([self.seed, i]).integers(0, self._max_start + 1))
 
     def __getitem__(self, i: int):
-        i = range(len(self))[i]
+        i = item_index(i, len(self), "ByteLMDataset")
         s = self.start(i)
         w = self.data[s: s + self.seq_len + 1].long()
         return w[:-1], w[1:]

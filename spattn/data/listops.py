@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ._common import cached_arrays, check_positive_int, collate_classification
+from ._common import cached_arrays, check_positive_int, collate_classification, item_index
 
 __all__ = ["ListOpsDataset", "generate", "evaluate", "to_text", "from_text", "collate", "majority_accuracy",
            "TOKENS", "VOCAB_SIZE", "PAD_ID", "NUM_CLASSES", "OPERATORS"]
@@ -152,13 +152,13 @@ def evaluate(tokens) -> int:
             stack.append([t - _OP0])
         elif t == CLOSE:
             if len(stack) < 2:
-                raise ValueError("unbalanced expression: ']' without an operator")
+                raise ValueError("tokens: unbalanced expression, ']' without an operator")
             op, *args = stack.pop()
             stack[-1].append(_apply(op, args))
         else:
-            raise ValueError(f"token id {t} is not a ListOps symbol")
+            raise ValueError(f"tokens: token id {t} is not a ListOps symbol")
     if len(stack) != 1 or len(stack[0]) != 1:
-        raise ValueError("expression does not reduce to one value")
+        raise ValueError("tokens: the expression does not reduce to one value (empty or unbalanced)")
     return stack[0][0]
 
 
@@ -226,7 +226,7 @@ class ListOpsDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        i = range(len(self))[i]
+        i = item_index(i, len(self), "ListOpsDataset")
         a, b = int(self._offsets[i]), int(self._offsets[i + 1])
         return self._tokens[a:b], int(self.labels[i])
 

@@ -30,7 +30,9 @@ Padding masks always come from lengths (pixel 0 and byte 0 are data). Missing or
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import math
 import os
 import pickle
 import sys
@@ -41,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ._common import check_positive_int, collate_classification, pad_batch
+from ._common import check_positive_int, collate_classification, item_index, pad_batch
 
 __all__ = ["LRASplits", "SequenceDataset", "PairDataset", "load_text", "load_retrieval", "load_image", "load_listops",
            "load_pathfinder", "collate_pairs", "read_cifar_batch", "to_grayscale", "read_png_gray"]
@@ -73,6 +75,7 @@ class SequenceDataset(Dataset):
         return len(self.seqs)
 
     def __getitem__(self, i: int):
+        i = item_index(i, len(self), "SequenceDataset")
         return torch.from_numpy(self.seqs[i].astype(np.int64)), int(self.labels[i])
 
 
@@ -92,6 +95,7 @@ class PairDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
+        i = item_index(i, len(self), "PairDataset")
         return (torch.from_numpy(self.first[i].astype(np.int64)), torch.from_numpy(self.second[i].astype(np.int64)),
                 int(self.labels[i]))
 
@@ -136,9 +140,19 @@ def _label(value: str, path: Path, line: int, allowed=(0, 1)) -> int:
         f = float(value)
     except ValueError:
         raise ValueError(f"{path}, line {line}: label {value!r} is not a number") from None
-    if f != int(f) or int(f) not in allowed:
+    if not math.isfinite(f) or f != int(f) or int(f) not in allowed:
         raise ValueError(f"{path}, line {line}: label {value!r} is not one of {allowed}")
     return int(f)
+
+
+@contextlib.contextmanager
+def _utf8(path: Path, where: Callable[[], str] = lambda: ""):
+    """Turn a UTF-8 decoding error while reading ``path`` into a ValueError naming the file (and ``where()``)."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}{where()}: not valid UTF-8 text ({err.reason} at byte {err.start} of a read "
+                         "buffer); LRA text files are UTF-8") from None
 
 
 def _unescape(text: str) -> str:
@@ -175,7 +189,8 @@ def _read_acl_split(split_dir: Path, max_len: int):
 
 def _read_text_tsv(path: Path, max_len: int):
     seqs, labels = [], []
-    with open(path, encoding="utf-8", newline="\n") as fh:
+    n = 0
+    with open(path, encoding="utf-8", newline="\n") as fh, _utf8(path, lambda: f", after line {n}"):
         for n, line in enumerate(fh, 1):
             line = line.rstrip("\n").rstrip("\r")
             if not line:
@@ -217,7 +232,8 @@ def load_text(data_dir: PathLike, max_len: int = 1000) -> LRASplits:
 def _read_aan(path: Path, max_len: int):
     first, second, labels = [], [], []
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(path, encoding="utf-8", newline="") as fh:
+    n = 0
+    with open(path, encoding="utf-8", newline="") as fh, _utf8(path, lambda: f", after line {n}"):
         for n, row in enumerate(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
             if not row:
                 continue
@@ -276,7 +292,12 @@ def read_cifar_batch(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
     if data is None or labels is None:
         raise ValueError(f"{path}: the dict has no 'data'/'labels' entries (keys: {sorted(map(str, d))})")
     data = np.asarray(data)
-    labels = np.asarray(labels, dtype=np.int64)
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"{path}: labels must be a list of ints 0..9 ({e})") from None
+    if labels.ndim != 1:
+        raise ValueError(f"{path}: labels must be a flat list of ints 0..9, got shape {labels.shape}")
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
         raise ValueError(f"{path}: expected data uint8 [n, 3072] and n labels, got {data.dtype} {data.shape} "
                          f"and {labels.shape}")
@@ -326,7 +347,8 @@ def load_listops(data_dir: PathLike, max_len: int = 2000) -> LRASplits:
     for n in names:
         path = d / n
         seqs, labels = [], []
-        with open(path, encoding="utf-8") as fh:
+        k = 1
+        with open(path, encoding="utf-8") as fh, _utf8(path, lambda: f", after line {k}"):
             header = fh.readline().rstrip("\r\n")
             if header.split("\t") != ["Source", "Target"]:
                 raise ValueError(f"{path}: expected the header 'Source<TAB>Target', got {header!r}")
@@ -439,7 +461,9 @@ def load_pathfinder(data_dir: PathLike, resolution: int = 32, difficulty: str = 
         raise FileNotFoundError(f"LRA pathfinder: no metadata/*.npy files in {base}")
     seqs, labels = [], []
     for meta in metas:
-        for n, line in enumerate(meta.read_text(encoding="utf-8", errors="strict").splitlines(), 1):
+        with _utf8(meta):
+            text = meta.read_text(encoding="utf-8", errors="strict")
+        for n, line in enumerate(text.splitlines(), 1):
             fields = line.split()
             if not fields:
                 continue

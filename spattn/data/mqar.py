@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ._common import IGNORE_INDEX, check_positive_int, collate_tokens
+from ._common import IGNORE_INDEX, check_positive_int, collate_tokens, item_index
 
 __all__ = ["MQARDataset", "generate", "collate", "query_gap_probs", "accuracy"]
 
@@ -47,14 +47,19 @@ def _check(seq_len, kv_pairs, vocab_size, num_passes, power_a):
         raise ValueError(f"kv_pairs={kv_pairs} needs that many distinct keys; vocab_size={vocab_size} gives {vocab_size // 2 - 1}")
     if 2 * kv_pairs * num_passes + 2 * kv_pairs > seq_len:
         raise ValueError(f"seq_len must be >= 2*kv_pairs*num_passes + 2*kv_pairs = {2 * kv_pairs * num_passes + 2 * kv_pairs}, got {seq_len}")
-    if not (isinstance(power_a, (int, float)) and 0 < power_a <= 1):
+    if isinstance(power_a, bool) or not (isinstance(power_a, (int, float)) and 0 < power_a <= 1):
         raise ValueError(f"power_a must be a float in (0, 1], got {power_a!r}")
 
 
 def generate(rng: np.random.Generator, num_examples: int, seq_len: int, kv_pairs: int, vocab_size: int = 8192,
              power_a: float = 0.01, num_passes: int = 1, random_non_queries: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Draw ``num_examples`` MQAR examples with ``rng`` -> ``(inputs [E, L] int64, targets [E, L] int64)``."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
+    check_positive_int("num_examples", num_examples, 0)
     _check(seq_len, kv_pairs, vocab_size, num_passes, power_a)
+    if not isinstance(random_non_queries, bool):
+        raise TypeError(f"random_non_queries must be a bool, got {random_non_queries!r}")
     E, K, L, V = num_examples, kv_pairs, seq_len, vocab_size
     C = 2 * K * num_passes
     half = V // 2
@@ -99,6 +104,8 @@ class MQARDataset(Dataset):
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         _check(seq_len, kv_pairs, vocab_size, num_passes, power_a)
+        if not isinstance(random_non_queries, bool):
+            raise TypeError(f"random_non_queries must be a bool, got {random_non_queries!r}")
         self.num_examples, self.seq_len, self.kv_pairs = int(num_examples), int(seq_len), int(kv_pairs)
         self.vocab_size = self.num_classes = int(vocab_size)
         self.seed, self.power_a, self.num_passes = int(seed), float(power_a), int(num_passes)
@@ -109,9 +116,7 @@ class MQARDataset(Dataset):
         return self.num_examples
 
     def __getitem__(self, i: int):
-        if not -self.num_examples <= i < self.num_examples:
-            raise IndexError(f"index {i} out of range for MQARDataset of {self.num_examples} examples")
-        i %= self.num_examples
+        i = item_index(i, self.num_examples, "MQARDataset")
         rng = np.random.default_rng([self.seed, i])
         x, y = generate(rng, 1, self.seq_len, self.kv_pairs, self.vocab_size, self.power_a, self.num_passes,
                         self.random_non_queries)

@@ -21,6 +21,7 @@ Data layer: imports nothing from spattn.
 
 from __future__ import annotations
 
+import numbers
 import random
 import re
 from dataclasses import dataclass, field
@@ -64,8 +65,10 @@ class NeedleSample:
 
 def string_match_all(prediction: str, answers: list[str]) -> float:
     """RULER's metric: the fraction of reference strings found (case-insensitive) in the prediction."""
-    if not answers:
-        raise ValueError("answers must not be empty")
+    if not isinstance(prediction, str):
+        raise TypeError(f"prediction must be a str, got {type(prediction).__name__}")
+    if isinstance(answers, str) or not answers or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"answers must be a non-empty list of str, got {answers!r}")
     pred = prediction.lower()
     return sum(a.lower() in pred for a in answers) / len(answers)
 
@@ -88,25 +91,42 @@ def prose_text(n_sentences: int, start: int = 0) -> str:
     return " ".join(sents[(start + i) % len(sents)] for i in range(n_sentences))
 
 
-def _check(length: int, depth: Optional[float] = None) -> None:
+def _check(length: int, depth: Optional[float] = None, count_tokens=word_count, **counts: int) -> None:
+    """Validate the common arguments; ``counts`` are ints that must be >= 1 (``hops=4``)."""
     if isinstance(length, bool) or not isinstance(length, int) or length < 64:
         raise ValueError(f"length must be an int >= 64 tokens, got {length!r}")
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0 <= depth <= 1):
         raise ValueError(f"depth must be a number in [0, 1], got {depth!r}")
+    if not callable(count_tokens):
+        raise TypeError(f"count_tokens must be a callable str -> int (a tokenizer's counter), got {type(count_tokens).__name__}")
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _count(count_tokens: Callable[[str], int], text: str) -> int:
+    n = count_tokens(text)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"count_tokens must return an int >= 0, returned {n!r}")
+    return int(n)
 
 
 def _fit(build: Callable[[int], str], count_tokens: Callable[[str], int], length: int, unit_tokens: int) -> tuple[str, int]:
     """Largest number of filler units whose prompt fits in ``length`` tokens (binary search)."""
     lo, hi = 0, max(2, 2 * length // max(1, unit_tokens) + 2)
-    while count_tokens(build(hi)) <= length:
+    limit = 64 * hi  # filler units of at least 1/32 token each would exceed length long before this
+    while _count(count_tokens, build(hi)) <= length:
         hi *= 2
+        if hi > limit:
+            raise ValueError(f"count_tokens never counts more than length={length} tokens however long the prompt "
+                             f"({hi // 2} filler units); it must count the tokens of its argument")
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if count_tokens(build(mid)) <= length:
+        if _count(count_tokens, build(mid)) <= length:
             lo = mid
         else:
             hi = mid - 1
-    if lo == 0 and count_tokens(build(0)) > length:
+    if lo == 0 and _count(count_tokens, build(0)) > length:
         raise ValueError(f"length={length} tokens is too short for this task's question and needles")
     return build(lo), lo
 
@@ -130,7 +150,7 @@ def _filler(kind: str, n: int, start: int) -> list[str]:
 
 def passkey(length: int, depth: float, count_tokens: Callable[[str], int] = word_count, seed: int = 0) -> NeedleSample:
     """Passkey retrieval (Mohtashami & Jaggi 2023): a 5-digit key in repeated noise at ``depth``."""
-    _check(length, depth)
+    _check(length, depth, count_tokens)
     rng = random.Random(seed)
     key = str(rng.randint(10000, 99999))
     head = "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n"
@@ -140,7 +160,7 @@ def passkey(length: int, depth: float, count_tokens: Callable[[str], int] = word
     def build(n):
         return head + _insert(_filler("noise", n, 0), [(depth, needle)]) + tail
 
-    prompt, n = _fit(build, count_tokens, length, max(1, count_tokens(NOISE)))
+    prompt, n = _fit(build, count_tokens, length, max(1, _count(count_tokens, NOISE)))
     return NeedleSample("passkey", prompt, [key], length, depth, {"units": n})
 
 
@@ -167,21 +187,21 @@ def _niah(task, length, depths, query_index, count_tokens, seed, haystack) -> Ne
     def build(n):
         return head + _insert(_filler(haystack, n, start), needles) + tail
 
-    prompt, n = _fit(build, count_tokens, length, 25 if haystack == "essay" else max(1, count_tokens(NOISE)))
+    prompt, n = _fit(build, count_tokens, length, 25 if haystack == "essay" else max(1, _count(count_tokens, NOISE)))
     return NeedleSample(task, prompt, [value], length, depths[query_index], {"units": n, "key": key})
 
 
 def niah_single(length: int, depth: float, count_tokens: Callable[[str], int] = word_count, seed: int = 0,
                 haystack: str = "essay") -> NeedleSample:
     """RULER niah_single: one word-key / 7-digit-number needle in prose (or ``haystack="noise"``)."""
-    _check(length, depth)
+    _check(length, depth, count_tokens)
     return _niah("niah_single", length, [depth], 0, count_tokens, seed, haystack)
 
 
 def niah_multikey(length: int, depth: float, count_tokens: Callable[[str], int] = word_count, seed: int = 0,
                   keys: int = 4, haystack: str = "essay") -> NeedleSample:
     """RULER niah_multikey_1: ``keys`` needles (distractors at other depths); the one at ``depth`` is queried."""
-    _check(length, depth)
+    _check(length, depth, count_tokens)
     if isinstance(keys, bool) or not isinstance(keys, int) or keys < 2:
         raise ValueError(f"keys must be an int >= 2, got {keys!r}")
     rng = random.Random(seed + 7919)
@@ -192,9 +212,7 @@ def niah_multikey(length: int, depth: float, count_tokens: Callable[[str], int] 
 def variable_tracking(length: int, count_tokens: Callable[[str], int] = word_count, seed: int = 0, chains: int = 1,
                       hops: int = 4) -> NeedleSample:
     """RULER vt: chains ``VAR A = 12345. VAR B = VAR A. ...`` spread through noise; answer: the variables of chain 0."""
-    _check(length)
-    if chains < 1 or hops < 1:
-        raise ValueError(f"chains and hops must be >= 1, got {chains}, {hops}")
+    _check(length, None, count_tokens, chains=chains, hops=hops)
     rng = random.Random(seed)
     names: set = set()
 
@@ -226,7 +244,7 @@ def variable_tracking(length: int, count_tokens: Callable[[str], int] = word_cou
     def build(n):
         return head + _insert(_filler("noise", n, 0), placed) + tail
 
-    prompt, n = _fit(build, count_tokens, length, max(1, count_tokens(NOISE)))
+    prompt, n = _fit(build, count_tokens, length, max(1, _count(count_tokens, NOISE)))
     return NeedleSample("variable_tracking", prompt, answer, length, None, {"units": n, "value": values[0]})
 
 
@@ -234,9 +252,10 @@ def common_words(length: int, count_tokens: Callable[[str], int] = word_count, s
                  freq_common: int = 30, freq_rare: int = 3) -> NeedleSample:
     """RULER cwe: a numbered list where ``num_common`` words occur ``freq_common`` times and every other word
     ``freq_rare`` times; the length is fitted by the number of rare words."""
-    _check(length)
-    if not (1 <= num_common < len(_WORDS)) or freq_common <= freq_rare or freq_rare < 1:
-        raise ValueError("need 1 <= num_common < vocabulary, freq_common > freq_rare >= 1")
+    _check(length, None, count_tokens, num_common=num_common, freq_common=freq_common, freq_rare=freq_rare)
+    if not num_common < len(_WORDS) or freq_common <= freq_rare:
+        raise ValueError(f"need num_common < {len(_WORDS)} and freq_common > freq_rare >= 1, got num_common={num_common}, "
+                         f"freq_common={freq_common}, freq_rare={freq_rare}")
     rng = random.Random(seed)
     base = list(dict.fromkeys(_WORDS))
     vocab = list(dict.fromkeys(base + [f"{a}{b}" for a in base for b in base if a != b]))
@@ -252,7 +271,7 @@ def common_words(length: int, count_tokens: Callable[[str], int] = word_count, s
         random.Random(order_rng_seed).shuffle(words)
         return head + " ".join(f"{i + 1}. {w}" for i, w in enumerate(words)) + tail
 
-    prompt, n = _fit(build, count_tokens, length, 3 * freq_rare * max(1, count_tokens("12. word")))
+    prompt, n = _fit(build, count_tokens, length, 3 * freq_rare * max(1, _count(count_tokens, "12. word")))
     return NeedleSample("common_words", prompt, common, length, None, {"rare_words": n})
 
 

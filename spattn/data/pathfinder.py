@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ._common import cached_arrays, check_positive_int, collate_classification
+from ._common import cached_arrays, check_positive_int, collate_classification, item_index
 
 __all__ = ["PathfinderConfig", "PathfinderDataset", "config_for", "generate", "collate", "DIFFICULTIES"]
 
@@ -85,11 +85,16 @@ class PathfinderConfig:
         check_positive_int("contour_length", self.contour_length, 1)
         check_positive_int("distractor_length", self.distractor_length, 1)
         check_positive_int("num_distractors", self.num_distractors, 0)
+        check_positive_int("padding", self.padding, 0)
+        for name in ("supersample", "subpixel", "max_target_tries", "max_distractor_tries"):
+            check_positive_int(name, getattr(self, name), 1)
+        check_positive_int("backtrack_budget", self.backtrack_budget, 0)
         for name in ("paddle_length", "paddle_thickness", "marker_radius", "seed_distance", "continuity", "contrast"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v <= 0:
-                raise ValueError(f"PathfinderConfig.{name} must be a positive number, got {v!r}")
-        if not self.paddle_margins or any(not isinstance(m, int) or m < 1 for m in self.paddle_margins):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"PathfinderConfig.{name} must be a positive finite number, got {v!r}")
+        if not isinstance(self.paddle_margins, (tuple, list)) or not self.paddle_margins \
+                or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.paddle_margins):
             raise ValueError(f"PathfinderConfig.paddle_margins must be positive ints, got {self.paddle_margins!r}")
         return self
 
@@ -508,6 +513,8 @@ def generate(num_examples: int, seed: int = 0, cfg: Optional[PathfinderConfig] =
     num_examples)`` and every full chunk does not depend on ``num_examples``. Labels are uniform (≈ balanced).
     ``info``: ``markers [E, 2, 2]`` (row, col of the two marker centres), ``distractors [E]``, ``link``.
     """
+    if cfg is not None and not isinstance(cfg, PathfinderConfig):
+        raise TypeError(f"cfg must be a PathfinderConfig (see config_for) or None, got {type(cfg).__name__}")
     cfg = (cfg or config_for()).validate()
     check_positive_int("num_examples", num_examples, 0)
     check_positive_int("seed", seed, 0)
@@ -569,7 +576,7 @@ class PathfinderDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        i = range(len(self))[i]
+        i = item_index(i, len(self), "PathfinderDataset")
         return torch.from_numpy(self.images[i].reshape(-1).astype(np.int64)), int(self.labels[i])
 
     @staticmethod

@@ -7,9 +7,11 @@ kernel (or plain matmul + softmax on other devices) does the math, and partial r
 by log-sum-exp. Because the backward of softmax attention over a union of key sets only needs the
 *global* ``out`` and ``lse``, every key set's gradient comes from one fused backward call.
 
-No torch.compile, no N x N tensor; memory grows with the computed tiles. Inference calls on CPU
-(no gradient needed, float32/64, no key padding or columns) go to the compiled loop of
-:mod:`~spattn.kernels.blocksparse_cpu` when it is built.
+No torch.compile, no N x N tensor; memory grows with the computed tiles. On CPU, calls go to the
+compiled loops when they are built: inference (no gradient needed, float32/64) to
+:mod:`~spattn.kernels.blocksparse_cpu`, training to :mod:`~spattn.kernels.blocksparse_train` (its
+forward plus a FlashAttention-2-style backward); key padding and extra columns become partial tiles
+there. This kernel is the portable path (other devices, no compiler) and the second oracle.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _compiled as _extension
 from ..layout import Layout
-from . import blocksparse_cpu
+from . import blocksparse_cpu, blocksparse_train
 from ._finite import nan_exact
 from ._tiling import Chunk, GatherSet, TilePlan, empty_rows
 
@@ -337,6 +340,31 @@ def _split_heads_pays(layout: Layout, heads_q: int, pairs: int) -> bool:
     return bool(widest > 1.25 * keys.sum())
 
 
+def _wants_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+def _compiled(q, k, v, layout, key_padding_mask, scale) -> Optional[tuple[Tensor, Tensor]]:
+    """(out, lse) from the compiled CPU loops: the inference forward when no gradient is needed, the
+    training path (forward + backward) otherwise; None when they do not apply (the eager kernel runs).
+    Key padding and extra columns are turned into partial tiles first (``blocks_only``)."""
+    if q.device.type != "cpu" or _extension.ops() is None:
+        return None
+    if key_padding_mask is not None or layout.has_columns:
+        kpm = key_padding_mask
+        if kpm is not None and not (kpm.dtype == torch.bool and kpm.device.type == "cpu"
+                                    and tuple(kpm.shape) == (q.shape[0], k.shape[2])):
+            return None
+        layout, key_padding_mask = blocksparse_train.blocks_only(layout, kpm), None
+    if not _wants_grad(q, k, v):
+        if blocksparse_cpu.applies(q, k, v, layout, None):
+            return blocksparse_cpu.compiled_forward(q, k, v, layout, scale)
+        return None
+    if blocksparse_train.applies(q, k, v, layout, None):
+        return blocksparse_train.training_attention(q, k, v, layout, scale)
+    return None
+
+
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, scale, softcap=None):
@@ -395,10 +423,9 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, layout: Layout, scale: float, key_p
             chunk_elems: int, softcap: Optional[float]) -> tuple[Tensor, Tensor]:
     """``(out, lse)`` of :func:`blocksparse_attention` for NaN-free inputs: the compiled loop where it
     applies, else the eager plan (one call per head where that pays)."""
-    if softcap is None and blocksparse_cpu.applies(q, k, v, layout, key_padding_mask):
-        result = blocksparse_cpu.compiled_forward(q, k, v, layout, scale)
-        if result is not None:
-            return result
+    result = None if softcap is not None else _compiled(q, k, v, layout, key_padding_mask, scale)
+    if result is not None:
+        return result
     if _split_heads_pays(layout, q.shape[1], q.shape[2] * k.shape[2]):
         group = q.shape[1] // k.shape[1]
         parts = [

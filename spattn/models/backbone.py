@@ -63,6 +63,8 @@ class Backbone(nn.Module):
             int_at_least(f"{owner}: {name}", val)
         if isinstance(short_conv, bool) or not isinstance(short_conv, int) or short_conv < 0:
             raise ValueError(f"{owner}: short_conv must be an int >= 0 (0 = none), got {short_conv!r}")
+        if isinstance(embed_dropout, bool) or not isinstance(embed_dropout, (int, float)) or not 0 <= embed_dropout < 1:
+            raise ValueError(f"{owner}: embed_dropout must be a number in [0, 1), got {embed_dropout!r}")
         if positions not in POSITIONS:
             raise ValueError(f"{owner}: positions must be one of {', '.join(POSITIONS)}; got {positions!r}")
         self.vocab_size, self.dim, self.max_len, self.positions = vocab_size, dim, max_len, positions
@@ -94,19 +96,26 @@ class Backbone(nn.Module):
         specs = [block.attn.spec for block in self.blocks]
         return specs[0] if len(set(specs)) == 1 else "; ".join(specs)
 
-    def check_tokens(self, tokens: Tensor, mask: Optional[Tensor], extra: int = 0) -> None:
+    def check_tokens(self, tokens: Tensor, mask: Optional[Tensor], extra: int = 0, name: str = "tokens") -> None:
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
-            raise ValueError(f"tokens must be an int64 tensor [B, N], got {shape}")
+            shape = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise ValueError(f"{name} must be an int64 tensor [B, N], got {shape}")
+        if 0 in tokens.shape:
+            raise ValueError(f"{name} must have B, N >= 1, got shape {tuple(tokens.shape)}")
+        if tokens.numel():
+            low, high = torch.aminmax(tokens)
+            if int(low) < 0 or int(high) >= self.vocab_size:
+                raise ValueError(f"{name} must lie in [0, vocab_size={self.vocab_size}), got values in [{int(low)}, {int(high)}]")
         n = tokens.shape[1] + extra
         if n > self.max_len:
             raise ValueError(
                 f"sequence length {n} (including {extra} prepended token(s)) exceeds the model's max_len={self.max_len}; "
                 "build the model with a larger max_len or truncate the input"
             )
-        if mask is not None and (mask.dtype != torch.bool or mask.shape != tokens.shape):
-            raise ValueError(f"mask must be a bool tensor of shape {tuple(tokens.shape)} (True = real token), got "
-                             f"{mask.dtype} {tuple(mask.shape)}")
+        if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != tokens.shape):
+            got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+            mask_name = "mask" if name == "tokens" else f"mask of {name}"
+            raise ValueError(f"{mask_name} must be a bool tensor of shape {tuple(tokens.shape)} (True = real token), got {got}")
 
     def encode(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Embedded ``x [B, N, dim]`` -> hidden ``[B, N, dim]``; ``mask [B, N]`` bool, True = real."""

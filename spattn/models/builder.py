@@ -7,12 +7,14 @@ listing the registered ones.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
 from torch import nn
 
 from .. import registry
+from ..functional import BACKENDS
 from .backbone import POSITIONS, layer_specs
 from .classifier import POOLS, SequenceClassifier
 from .lm import CausalLM
@@ -52,6 +54,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"ModelConfig.from_dict: expected a dict of ModelConfig fields, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -59,6 +63,31 @@ class ModelConfig:
         return cls(**d)
 
     def validate(self) -> None:
+        """Every field checked by name (a bad value raises ValueError naming the field and its range)."""
+        def bad(name, expected):
+            raise ValueError(f"ModelConfig: {name} must be {expected}, got {getattr(self, name)!r}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("vocab_size", "num_classes", "dim", "depth", "heads", "max_len"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                bad(name, "a positive int")
+        if self.kv_heads is not None and (not is_int(self.kv_heads) or self.kv_heads < 1):
+            bad("kv_heads", "a positive int or None")
+        for name in ("head_hidden", "short_conv"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
+                bad(name, "an int >= 0 (0 = none)")
+        if not is_number(self.mlp_ratio) or self.mlp_ratio < 0:
+            bad("mlp_ratio", ">= 0 (a finite number)")
+        for name in ("dropout", "attn_dropout", "embed_dropout"):
+            if not is_number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
+                bad(name, "a number in [0, 1)")
+        if self.backend not in BACKENDS:
+            bad("backend", f"one of {', '.join(BACKENDS)}")
         if self.kind not in MODEL_KINDS:
             raise ValueError(f"ModelConfig: kind must be one of {', '.join(MODEL_KINDS)}; got {self.kind!r}")
         if self.positions not in POSITIONS:

@@ -38,6 +38,8 @@ class SequenceClassifier(nn.Module):
             raise ValueError(f"SequenceClassifier: pool must be one of {', '.join(POOLS)}; got {pool!r}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"SequenceClassifier: num_classes must be an int >= 2, got {num_classes!r}")
+        if isinstance(head_hidden, bool) or not isinstance(head_hidden, int) or head_hidden < 0:
+            raise ValueError(f"SequenceClassifier: head_hidden must be an int >= 0 (0 = linear head), got {head_hidden!r}")
         backbone.pop("causal", None)
         self.backbone = Backbone(vocab_size, causal=False, **backbone)
         self.pool, self.num_classes = pool, num_classes
@@ -52,10 +54,10 @@ class SequenceClassifier(nn.Module):
     def aux_loss(self) -> Tensor:
         return self.backbone.aux_loss
 
-    def features(self, tokens: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        """Pooled representation ``[B, dim]``."""
+    def features(self, tokens: Tensor, mask: Optional[Tensor] = None, name: str = "tokens") -> Tensor:
+        """Pooled representation ``[B, dim]`` (``name``: what error messages call ``tokens``)."""
         extra = 1 if self.cls is not None else 0
-        self.backbone.check_tokens(tokens, mask, extra)
+        self.backbone.check_tokens(tokens, mask, extra, name)
         x = self.backbone.embed(tokens.long())
         if self.cls is not None:
             x = torch.cat([self.cls.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)

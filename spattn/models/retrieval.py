@@ -34,6 +34,8 @@ class TwoTowerClassifier(nn.Module):
         """``tokens, tokens2 [B, N]`` (bool masks True = real) -> logits ``[B, num_classes]``."""
         u = self.encoder.features(tokens, mask)
         aux = self.encoder.aux_loss
-        v = self.encoder.features(tokens2, mask2)
+        v = self.encoder.features(tokens2, mask2, name="tokens2")
+        if u.shape[0] != v.shape[0]:
+            raise ValueError(f"tokens and tokens2 must have the same batch size, got {u.shape[0]} and {v.shape[0]}")
         self._aux = aux + self.encoder.aux_loss
         return self.head(torch.cat([u, v, u * v, u - v], dim=-1))

@@ -18,7 +18,22 @@ from .positions import RotaryProjection
 
 Mechanism = Union[Pattern, ApproxAttention, AttentionLayer]
 
-__all__ = ["Attention", "build_mechanism"]
+__all__ = ["Attention", "build_mechanism", "check_dropout", "check_sequence"]
+
+
+def check_sequence(owner: str, x, dim: int) -> None:
+    """``x`` must be a floating tensor ``[B, N, dim]`` with ``B, N >= 1``."""
+    if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != dim or 0 in x.shape:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{owner}: x must have shape [B, N, {dim}] with B, N >= 1, got {shape}")
+    if not x.is_floating_point():
+        raise TypeError(f"{owner}: x must be a floating-point tensor, got {x.dtype}")
+
+
+def check_dropout(owner: str, name: str, p) -> None:
+    """A dropout probability: a number in [0, 1)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{owner}: {name} must lie in [0, 1), got {p!r}")
 
 
 def build_mechanism(attention: Union[None, str, Mechanism], **context) -> Optional[Mechanism]:
@@ -91,8 +106,11 @@ class Attention(nn.Module):
             if dim % heads:
                 raise ValueError(f"Attention: dim={dim} must be divisible by heads={heads} (or pass head_dim)")
             head_dim = dim // heads
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"Attention: dropout must lie in [0, 1), got {dropout}")
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+            raise ValueError(f"Attention: head_dim must be a positive int or None, got {head_dim!r}")
+        check_dropout("Attention", "dropout", dropout)
+        if not isinstance(bias, bool):
+            raise TypeError(f"Attention: bias must be a bool, got {bias!r}")
         if backend not in BACKENDS:
             raise ValueError(f"Attention: backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
         if not isinstance(causal, bool):
@@ -146,9 +164,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """``x [B, N, dim]`` -> ``[B, N, dim]``; ``key_padding_mask [B, N]`` bool, True = real token."""
-        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"Attention: x must have shape [B, N, {self.dim}], got {shape}")
+        check_sequence("Attention", x, self.dim)
         if isinstance(self.mechanism, AttentionLayer):
             out = self.mechanism(x, key_padding_mask=key_padding_mask)
             self.aux_loss = getattr(self.mechanism, "aux_loss", None)

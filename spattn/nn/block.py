@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from ..approx.base import AttentionLayer
 from ..patterns.static import Dense
-from .attention import Attention
+from .attention import Attention, check_dropout
 from .positions import RotaryProjection
 
 __all__ = ["TransformerBlock", "MLP"]
@@ -65,10 +66,13 @@ class TransformerBlock(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if not isinstance(mlp_ratio, (int, float)) or mlp_ratio < 0:
-            raise ValueError(f"TransformerBlock: mlp_ratio must be >= 0, got {mlp_ratio!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"TransformerBlock: dropout must lie in [0, 1), got {dropout}")
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not math.isfinite(mlp_ratio) \
+                or mlp_ratio < 0:
+            raise ValueError(f"TransformerBlock: mlp_ratio must be a finite number >= 0, got {mlp_ratio!r}")
+        check_dropout("TransformerBlock", "dropout", dropout)
+        check_dropout("TransformerBlock", "attn_dropout", attn_dropout)
+        if not isinstance(rope, bool):
+            raise TypeError(f"TransformerBlock: rope must be a bool, got {rope!r}")
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(
             dim, heads, attention, causal=causal, kv_heads=kv_heads, dropout=attn_dropout, backend=backend, max_len=max_len

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import int_at_least
+from .attention import check_sequence
+
 __all__ = ["MultiHeadEMA"]
 
 
@@ -39,7 +41,9 @@ class MultiHeadEMA(nn.Module):
         super().__init__()
         for name, val in (("dim", dim), ("ndim", ndim)):
             int_at_least(f"MultiHeadEMA: {name}", val)
-        self.dim, self.ndim, self.bidirectional = dim, ndim, bool(bidirectional)
+        if not isinstance(bidirectional, bool):
+            raise TypeError(f"MultiHeadEMA: bidirectional must be a bool, got {bidirectional!r}")
+        self.dim, self.ndim, self.bidirectional = dim, ndim, bidirectional
         kdim = 2 * dim if bidirectional else dim
         self.delta = nn.Parameter(torch.empty(kdim, ndim, 1))
         self.alpha = nn.Parameter(torch.empty(kdim, ndim, 1))
@@ -72,6 +76,12 @@ class MultiHeadEMA(nn.Module):
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """``x [B, N, dim]``, ``padding_mask`` bool ``[B, N]`` (True = real) -> ``[B, N, dim]``."""
+        check_sequence("MultiHeadEMA", x, self.dim)
+        if padding_mask is not None:
+            m = padding_mask
+            if not isinstance(m, Tensor) or m.dtype != torch.bool or tuple(m.shape) != tuple(x.shape[:2]):
+                got = f"{m.dtype} {tuple(m.shape)}" if isinstance(m, Tensor) else type(m).__name__
+                raise ValueError(f"MultiHeadEMA: padding_mask must be a bool tensor [B, N] = {tuple(x.shape[:2])}, got {got}")
         B, N, D = x.shape
         residual = x * self.omega
         if padding_mask is not None:
@@ -91,6 +101,10 @@ class MultiHeadEMA(nn.Module):
         """
         if self.bidirectional:
             raise ValueError("MultiHeadEMA: a bidirectional EMA has no recurrent (decoding) form")
+        check_sequence("MultiHeadEMA", x, self.dim)
+        if state is not None and (not isinstance(state, Tensor) or tuple(state.shape) != (x.shape[0], self.dim, self.ndim)):
+            got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
+            raise ValueError(f"MultiHeadEMA: state must have shape [B, dim, ndim] = {(x.shape[0], self.dim, self.ndim)}, got {got}")
         p, q = self.coefficients()
         pb, q = (p * self.beta).squeeze(-1), q.squeeze(-1)  # [D, n]
         h = x.new_zeros(x.shape[0], self.dim, self.ndim) if state is None else state

@@ -28,6 +28,7 @@ from ..kernels.clustered import clustered_attention
 from ..patterns.routing import Routing, layer_norm
 from ..patterns.static import Window
 from ..registry import register
+from .attention import check_sequence
 
 __all__ = ["RoutingAttention"]
 
@@ -82,6 +83,11 @@ class RoutingAttention(AttentionLayer):
         if local_heads > heads:
             raise ValueError(f"RoutingAttention: local_heads={local_heads} exceeds heads={heads}")
         int_at_least("RoutingAttention: window", window, 0)
+        if routing_window is not None:
+            int_at_least("RoutingAttention: routing_window", routing_window)
+        for name, flag in (("causal_safe", causal_safe), ("bias", bias)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"RoutingAttention: {name} must be a bool, got {flag!r}")
         if head_dim is None:
             if dim % heads:
                 raise ValueError(f"RoutingAttention: dim={dim} must be divisible by heads={heads} (or pass head_dim)")
@@ -112,9 +118,7 @@ class RoutingAttention(AttentionLayer):
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """``x [B, N, dim]`` -> ``[B, N, dim]``; ``key_padding_mask [B, N]`` bool, True = real token."""
-        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"RoutingAttention: x must have shape [B, N, {self.dim}], got {shape}")
+        check_sequence("RoutingAttention", x, self.dim)
         q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.heads)
         k = q if self.k_proj is None else rearrange(self.k_proj(x), "b n (h d) -> b h n d", h=self.heads)
         v = rearrange(self.v_proj(x), "b n (h d) -> b h n d", h=self.heads)

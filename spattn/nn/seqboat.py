@@ -80,8 +80,9 @@ class SeqBoat(AttentionLayer):
         int_at_least("seqboat: max_positions", max_positions)
         if attn_fn not in ATTENTION_FUNCTIONS:
             raise ValueError(f"seqboat: attn_fn must be one of {ATTENTION_FUNCTIONS}, got {attn_fn!r}")
-        if isinstance(init_temp_scale, bool) or not isinstance(init_temp_scale, (int, float)) or init_temp_scale <= 0:
-            raise ValueError(f"seqboat: init_temp_scale must be a positive number, got {init_temp_scale!r}")
+        if isinstance(init_temp_scale, bool) or not isinstance(init_temp_scale, (int, float)) \
+                or not math.isfinite(init_temp_scale) or init_temp_scale <= 0:
+            raise ValueError(f"seqboat: init_temp_scale must be a positive finite number, got {init_temp_scale!r}")
         if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"seqboat: dropout must lie in [0, 1), got {dropout!r}")
         if not isinstance(causal, bool) or not isinstance(prenorm, bool):

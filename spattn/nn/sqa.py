@@ -19,10 +19,13 @@ from typing import Optional
 from einops import rearrange
 from torch import Tensor, nn
 
+from .. import registry
 from .._checks import int_at_least
 from ..approx.base import AttentionLayer
 from ..functional import attention
+from ..patterns import Pattern
 from ..registry import register
+from .attention import check_sequence
 
 __all__ = ["SparseQueryAttention", "VARIANTS"]
 
@@ -83,6 +86,15 @@ class SparseQueryAttention(AttentionLayer):
             raise TypeError(f"sqa: causal must be a bool, got {causal!r}")
         if pattern is not None and not isinstance(pattern, str):
             raise TypeError(f"sqa: pattern must be a spec string or None, got {type(pattern).__name__}")
+        if pattern is not None:
+            try:
+                built = registry.build(pattern)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"sqa: pattern {pattern!r}: {err}") from None
+            if not isinstance(built, Pattern):
+                raise ValueError(f"sqa: pattern must name a sparse pattern (see spattn.mechanisms()), got {pattern!r}")
+        if not isinstance(bias, bool):
+            raise TypeError(f"sqa: bias must be a bool, got {bias!r}")
         self.dim, self.heads, self.head_dim, self.causal = dim, heads, head_dim, causal
         self.query_heads, self.key_value_heads, self.variant, self.pattern = hq, hkv, variant, pattern
         self.q_proj = nn.Linear(dim, hq * head_dim, bias=bias)
@@ -98,9 +110,7 @@ class SparseQueryAttention(AttentionLayer):
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """``x [B, N, dim]``, ``key_padding_mask [B, N]`` bool (True = real) -> ``[B, N, dim]``."""
-        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"sqa: x must have shape [B, N, {self.dim}], got {shape}")
+        check_sequence("sqa", x, self.dim)
         q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.query_heads)
         k = rearrange(self.k_proj(x), "b n (h d) -> b h n d", h=self.key_value_heads)
         v = rearrange(self.v_proj(x), "b n (h d) -> b h n d", h=self.key_value_heads)

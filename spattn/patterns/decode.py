@@ -364,7 +364,11 @@ class DoubleSparsity(_DecodeSelector):
         self._counts: dict[Any, int] = {}
         self._channel_maps: dict[Any, Tensor] = {}  # per (layer, device): cleared when statistics change
         if calibration is not None:
-            self.load_state_dict(_read_calibration(calibration))
+            try:
+                self.load_state_dict(_read_calibration(calibration))
+            except ValueError as err:
+                message = str(err).removeprefix("double_sparsity: ")
+                raise ValueError(f"double_sparsity: calibration file {os.fspath(calibration)!r}: {message}") from None
 
     # -- calibration ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -437,15 +441,31 @@ class DoubleSparsity(_DecodeSelector):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load :meth:`state_dict` output; every field is checked (ValueError naming it otherwise)."""
+        form = "{'layers': [{'layer': int or null, 'sum': [[float, ...] per head], 'count': int >= 1}, ...]}"
         if not isinstance(state, dict) or not isinstance(state.get("layers"), list):
-            raise ValueError("double_sparsity: a calibration state is {'layers': [{'layer', 'sum', 'count'}, ...]}")
+            raise ValueError(f"double_sparsity: a calibration state is {form}")
         sums, counts = {}, {}
-        for entry in state["layers"]:
-            layer = entry["layer"]
-            sums[layer] = torch.tensor(entry["sum"], dtype=torch.float64)
-            if sums[layer].dim() != 2 or int(entry["count"]) < 1:
-                raise ValueError(f"double_sparsity: bad calibration entry for layer {layer!r}")
-            counts[layer] = int(entry["count"])
+        for i, entry in enumerate(state["layers"]):
+            if not isinstance(entry, dict) or not {"layer", "sum", "count"} <= set(entry):
+                raise ValueError(f"double_sparsity: layers[{i}] must be a dict with 'layer', 'sum' and 'count'; "
+                                 f"a calibration state is {form}")
+            layer, count = entry["layer"], entry["count"]
+            if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+                raise ValueError(f"double_sparsity: layers[{i}].layer must be an int or null, got {layer!r}")
+            if layer in sums:
+                raise ValueError(f"double_sparsity: layers[{i}].layer {layer!r} appears twice")
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"double_sparsity: layers[{i}].count must be an int >= 1, got {count!r}")
+            try:
+                total = torch.tensor(entry["sum"], dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError):
+                total = None
+            if total is None or total.dim() != 2 or 0 in total.shape or not bool(torch.isfinite(total).all()) \
+                    or bool((total < 0).any()):
+                raise ValueError(f"double_sparsity: layers[{i}].sum must be a non-empty [Hq, D] list of lists of "
+                                 "finite numbers >= 0 (sums of |q k|)")
+            sums[layer], counts[layer] = total, count
         self._sums, self._counts = sums, counts
         self._channel_maps.clear()
 
@@ -468,9 +488,11 @@ class DoubleSparsity(_DecodeSelector):
         real = real_tokens("double_sparsity", key_padding_mask, b, nk, k.device)
         count = resolve_budget(self.budget, nk)
         group = hq // hkv if self.group_tokens else 1
-        calibrated_heads = self._sums[self._layer_key(layer)].shape[0]
+        calibrated_heads, calibrated_dim = self._sums[self._layer_key(layer)].shape
         if calibrated_heads != hq:
             raise ValueError(f"double_sparsity: calibrated for {calibrated_heads} query heads, q has {hq}")
+        if calibrated_dim != d:
+            raise ValueError(f"double_sparsity: calibrated for head dim {calibrated_dim}, q has head dim {d}")
         channels = self.channel_map(layer, device=q.device, group=group)  # [Hq / group, r]
         if count >= nk:
             return None
@@ -539,6 +561,10 @@ def _read_calibration(path) -> dict:
         raise ValueError(f"double_sparsity: calibration file {os.fspath(path)!r} does not exist") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"double_sparsity: calibration file {os.fspath(path)!r} is not valid JSON: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"double_sparsity: calibration file {os.fspath(path)!r} is not UTF-8 JSON ({err.reason})") from None
+    except OSError as err:
+        raise ValueError(f"double_sparsity: calibration file {os.fspath(path)!r} cannot be read: {err.strerror}") from None
 
 
 @register("tidal", kind="dynamic",
