@@ -22,7 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from spattn.data import corpus, listops, lra_files, mqar, needle, pathfinder
-from spattn.kvcache import KVCache, LabelCache, PageSummary
+from spattn.kvcache import KVCache, LabelCache, LayerState, PageSummary
 from spattn.patterns.decode import DoubleSparsity
 
 from ._table import Bad, check, check_message, params
@@ -370,12 +370,12 @@ def calibrated_for_d4():
 
 def use_wrong_head_dim():
     q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 16, 8)
-    return calibrated_for_d4().select(q, k, layer=0)
+    return calibrated_for_d4().select(q, k, state=LayerState(None, 0))
 
 
 def use_wrong_heads():
     q, k = torch.randn(1, 4, 1, 4), torch.randn(1, 4, 16, 4)
-    return calibrated_for_d4().select(q, k, layer=0)
+    return calibrated_for_d4().select(q, k, state=LayerState(None, 0))
 
 
 CALIBRATION = [
@@ -411,7 +411,7 @@ CALIBRATION = [
     Bad("ds-load-state-entry", lambda: DoubleSparsity().load_state_dict({"layers": [{"layer": 0}]}), VE, "sum"),
     Bad("ds-not-calibrated", lambda: DoubleSparsity(budget=2).select(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 16, 4)), VE,
         "not calibrated"),
-    Bad("ds-unknown-layer", lambda: calibrated_for_d4().select(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 16, 4), layer=5), VE,
+    Bad("ds-unknown-layer", lambda: calibrated_for_d4().select(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 16, 4), state=LayerState(None, 5)), VE,
         "layer 5"),
     Bad("ds-calibrate-shape", lambda: calibrated_for_d4().calibrate(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), layer=0),
         VE, "layer 0"),
