@@ -50,8 +50,6 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-_cdiv = ceil_div
-
 
 def true_positions(mask: Tensor, fill: int = 0, min_width: int = 1) -> tuple[Tensor, Tensor]:
     """For a bool tensor ``[..., M]``: ``(count [...], positions [..., W])`` -- the True entries' indices
@@ -120,7 +118,7 @@ class Layout:
         if 0 in kv_num_blocks.shape[:2]:
             raise ValueError(f"kv_num_blocks must have batch and head sizes >= 1, got shape {tuple(kv_num_blocks.shape)}")
         self.q_len, self.kv_len, self.block_q, self.block_k = q_len, kv_len, block_q, block_k
-        nqb, nkb = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
+        nqb, nkb = ceil_div(q_len, block_q), ceil_div(kv_len, block_k)
         bh = tuple(kv_num_blocks.shape[:2])
         if kv_num_blocks.shape[2] != nqb:
             raise ValueError(
@@ -172,7 +170,7 @@ class Layout:
             return self
         for derived in ("_cache", "_checked", "_flex_block_masks"):  # maps (and flex's BlockMask) of old tables
             self.__dict__.pop(derived, None)
-        nqb, nkb = _cdiv(self.q_len, self.block_q), _cdiv(self.kv_len, self.block_k)
+        nqb, nkb = ceil_div(self.q_len, self.block_q), ceil_div(self.kv_len, self.block_k)
         num, idx, full = self.kv_num_blocks, self.kv_indices, self.full
         for name, t, dims in (("kv_num_blocks", num, 3), ("kv_indices", idx, 4)):
             if not isinstance(t, Tensor) or t.dtype != torch.long or t.dim() != dims:
@@ -264,7 +262,7 @@ class Layout:
         q_len, kv_len = _check_size("q_len", q_len), _check_size("kv_len", kv_len)
         block_q = _check_size("block_q", block_q)
         block_k = block_q if block_k is None else _check_size("block_k", block_k)
-        nqb, nkb = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
+        nqb, nkb = ceil_div(q_len, block_q), ceil_div(kv_len, block_k)
         if tuple(block_map.shape[2:]) != (nqb, nkb):
             raise ValueError(
                 f"block_map must be [B', H', NQB, NKB] = [B', H', {nqb}, {nkb}] for q_len={q_len}, kv_len={kv_len}, "
@@ -311,7 +309,7 @@ class Layout:
         # a tile larger than the sequence covers the same pairs as one of the sequence's size: clamp it
         # so the padded mask below stays Nq x Nk (exact either way)
         block_q, block_k = min(block_q, nq), min(block_k, nk)
-        nqb, nkb = _cdiv(nq, block_q), _cdiv(nk, block_k)
+        nqb, nkb = ceil_div(nq, block_q), ceil_div(nk, block_k)
         padded = torch.nn.functional.pad(mask, (0, nkb * block_k - nk, 0, nqb * block_q - nq))
         tiles = padded.view(bp, hp, nqb, block_q, nkb, block_k)
         block_map = tiles.any(dim=5).any(dim=3)
@@ -345,7 +343,7 @@ class Layout:
 
     @property
     def num_kv_blocks(self) -> int:
-        return _cdiv(self.kv_len, self.block_k)
+        return ceil_div(self.kv_len, self.block_k)
 
     @property
     def device(self) -> torch.device:
