@@ -96,7 +96,7 @@ def test_block_without_mlp_and_aux_loss_sum():
 
 def test_aux_loss_is_summed_over_blocks():
     m = small("lm", depth=3)
-    for i, blk in enumerate(m.backbone.blocks):
+    for blk in m.backbone.blocks:
         blk.use_sdpa = False
         blk.attn.forward_orig = blk.attn.forward
     vals = [0.5, 1.0, 2.0]

@@ -7,7 +7,6 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import spattn
