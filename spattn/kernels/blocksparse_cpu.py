@@ -89,7 +89,12 @@ def compiled_forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, scale: flo
     tables = partial_tile_masks(layout)
     if tables is None:
         return None
-    mask_id, masks = tables
+    return run_forward(q, k, v, layout, *tables, scale)
+
+
+def run_forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, mask_id: Tensor, masks: Tensor,
+                scale: float) -> tuple[Tensor, Tensor]:
+    """The compiled loop on ``layout`` with its partial-tile tables (from :func:`partial_tile_masks`)."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return _compiled.ops().block_sparse_forward(
         q, k, v, layout.kv_num_blocks.contiguous(), layout.kv_indices.contiguous(), mask_id, masks,

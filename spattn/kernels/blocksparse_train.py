@@ -117,10 +117,8 @@ def applies(q: Tensor, k: Tensor, v: Tensor, layout: Layout, key_padding_mask: O
 class _CompiledBlockSparse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, tables, scale):
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        out, lse = _compiled.ops().block_sparse_forward(
-            q, k, v, layout.kv_num_blocks.contiguous(), layout.kv_indices.contiguous(), tables.mask_id,
-            tables.masks, layout.block_q, layout.block_k, float(scale))
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # kept for the backward
+        out, lse = blocksparse_cpu.run_forward(q, k, v, layout, tables.mask_id, tables.masks, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.tables, ctx.scale = layout, tables, scale
         ctx.set_materialize_grads(False)
