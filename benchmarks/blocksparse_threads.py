@@ -50,11 +50,20 @@ def run(args) -> dict:
         "sdpa": lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=True),
     }
     default_threads = torch.get_num_threads()
-    result = {"n": args.n, "pattern": args.pattern, "density_of_causal": 2 * layout.density(), "load_before": _load(),
-              "default_threads": default_threads, "times_ms": {}}
+    result = {
+        "n": args.n,
+        "pattern": args.pattern,
+        "density_of_causal": 2 * layout.density(),
+        "load_before": _load(),
+        "default_threads": default_threads,
+        "times_ms": {},
+    }
     for condition in ("idle", "busy"):
-        busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)] \
-            if condition == "busy" else []
+        busy = (
+            [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+            if condition == "busy"
+            else []
+        )
         try:
             time.sleep(1.0 if busy else 0.0)
             for threads in sorted({1, default_threads}):
@@ -80,15 +89,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     r = run(args)
     t, d = r["times_ms"], r["default_threads"]
-    print(f"N={r['n']} {r['pattern']} causal density {r['density_of_causal']:.2f}; load before {r['load_before']}, "
-          f"after {r['load_after']}")
+    print(
+        f"N={r['n']} {r['pattern']} causal density {r['density_of_causal']:.2f}; load before {r['load_before']}, "
+        f"after {r['load_after']}"
+    )
     for name in ("compiled", "sdpa"):
         line = "  ".join(f"{key.split('/', 1)[1]} {ms:.0f} ms" for key, ms in t.items() if key.startswith(name + "/"))
         print(f"{name:9s} {line}")
         if d > 1:
-            print(f"{'':9s} gain from {d} threads: idle {t[f'{name}/1t/idle'] / t[f'{name}/{d}t/idle']:.2f}x, "
-                  f"busy {t[f'{name}/1t/busy'] / t[f'{name}/{d}t/busy']:.2f}x; busy / idle at {d} threads "
-                  f"{t[f'{name}/{d}t/busy'] / t[f'{name}/{d}t/idle']:.2f}")
+            print(
+                f"{'':9s} gain from {d} threads: idle {t[f'{name}/1t/idle'] / t[f'{name}/{d}t/idle']:.2f}x, "
+                f"busy {t[f'{name}/1t/busy'] / t[f'{name}/{d}t/busy']:.2f}x; busy / idle at {d} threads "
+                f"{t[f'{name}/{d}t/busy'] / t[f'{name}/{d}t/idle']:.2f}"
+            )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(r, f, indent=2)

@@ -19,7 +19,7 @@ from spattn.bench.train import add_train_arguments, config_from_args, summary_li
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("task")
@@ -32,17 +32,37 @@ def main(argv=None) -> int:
         tp = argparse.ArgumentParser()
         add_train_arguments(tp)
         safe = "".join(c if c.isalnum() else "_" for c in spec).strip("_")
-        args = tp.parse_args([a.task, "--attention", spec, "--out", os.path.join(a.out, a.task, safe), *extra]
-                             + (["--max-minutes", str(a.max_minutes)] if a.max_minutes else []))
+        args = tp.parse_args(
+            [a.task, "--attention", spec, "--out", os.path.join(a.out, a.task, safe), *extra]
+            + (["--max-minutes", str(a.max_minutes)] if a.max_minutes else [])
+        )
         res = train(config_from_args(args))
         print(summary_line(res), flush=True)
-        rows.append({k: res[k] for k in ("task", "attention", "steps", "stopped", "train_seconds", "s_per_step",
-                                          "parameters", "majority_acc", "val", "test") if k in res})
+        rows.append(
+            {
+                k: res[k]
+                for k in (
+                    "task",
+                    "attention",
+                    "steps",
+                    "stopped",
+                    "train_seconds",
+                    "s_per_step",
+                    "parameters",
+                    "majority_acc",
+                    "val",
+                    "test",
+                )
+                if k in res
+            }
+        )
     metric = "bpb" if a.task == "bytelm" else "acc"
     print(f"\n| attention | steps | test {metric} | ms/step | training s |\n|---|---|---|---|---|")
     for r in rows:
         v = r.get("test", r["val"])[metric]
-        print(f"| {r['attention']} | {r['steps']} | {v:.4f} | {1000 * r['s_per_step']:.0f} | {r['train_seconds']:.0f} |")
+        print(
+            f"| {r['attention']} | {r['steps']} | {v:.4f} | {1000 * r['s_per_step']:.0f} | {r['train_seconds']:.0f} |"
+        )
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"{a.task}.json"), "w") as f:
         json.dump(rows, f, indent=1)

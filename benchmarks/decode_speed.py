@@ -48,8 +48,17 @@ def _step_times(step, repeat: int) -> float:
     return time_call(lambda: step(next(steps)), warmup=1, repeat=repeat, memory=False)["median_s"]
 
 
-def run(ns, budgets, repeat: int, hq: int = 9, hkv: int = 3, d: int = 64, channels: int = 16,
-        label_dtype=None, layers: int = 1) -> list[dict]:
+def run(
+    ns,
+    budgets,
+    repeat: int,
+    hq: int = 9,
+    hkv: int = 3,
+    d: int = 64,
+    channels: int = 16,
+    label_dtype=None,
+    layers: int = 1,
+) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(0)
     for n in ns:
@@ -59,7 +68,7 @@ def run(ns, budgets, repeat: int, hq: int = 9, hkv: int = 3, d: int = 64, channe
         qs = [torch.randn(1, hq, repeat + 1, d, generator=gen) for _ in range(layers)]
 
         def cache(i, layer):  # the cache grows by one token per step
-            return ks[layer][:, :, : n + i + 1], vs[layer][:, :, : n + i + 1], qs[layer][:, :, i: i + 1]
+            return ks[layer][:, :, : n + i + 1], vs[layer][:, :, : n + i + 1], qs[layer][:, :, i : i + 1]
 
         def dense(i):
             for layer in range(layers):
@@ -71,17 +80,26 @@ def run(ns, budgets, repeat: int, hq: int = 9, hkv: int = 3, d: int = 64, channe
                 kc, vc, qi = cache(i, layer)
                 spattn.attention(qi, kc, vc)
 
-        row = {"n": n, "layers": layers, "dense_ms": 1e3 * _step_times(dense, repeat) / layers,
-               "dense_grouped_ms": 1e3 * _step_times(dense_grouped, repeat) / layers}
+        row = {
+            "n": n,
+            "layers": layers,
+            "dense_ms": 1e3 * _step_times(dense, repeat) / layers,
+            "dense_grouped_ms": 1e3 * _step_times(dense_grouped, repeat) / layers,
+        }
         ds = DoubleSparsity(channels=channels, budget=max(budgets))
-        ds.calibrate(torch.randn(1, hq, 512, d, generator=gen), torch.randn(1, hkv, 512, d, generator=gen))  # every layer
+        ds.calibrate(
+            torch.randn(1, hq, 512, d, generator=gen), torch.randn(1, hkv, 512, d, generator=gen)
+        )  # every layer
         for budget in budgets:
-            for name, selector in ((f"quest(budget={budget})", Quest(page=16, budget=budget)),
-                                   (f"quest(budget={budget}, group_pages=True)",
-                                    Quest(page=16, budget=budget, group_pages=True)),
-                                   (f"double_sparsity(budget={budget})", _with_budget(ds, budget)),
-                                   (f"double_sparsity(budget={budget}, group_tokens=True)",
-                                    _with_budget(ds, budget, group_tokens=True, label_dtype=label_dtype))):
+            for name, selector in (
+                (f"quest(budget={budget})", Quest(page=16, budget=budget)),
+                (f"quest(budget={budget}, group_pages=True)", Quest(page=16, budget=budget, group_pages=True)),
+                (f"double_sparsity(budget={budget})", _with_budget(ds, budget)),
+                (
+                    f"double_sparsity(budget={budget}, group_tokens=True)",
+                    _with_budget(ds, budget, group_tokens=True, label_dtype=label_dtype),
+                ),
+            ):
                 state = SelectorState()
 
                 def sparse(i, selector=selector, state=state):
@@ -91,8 +109,11 @@ def run(ns, budgets, repeat: int, hq: int = 9, hkv: int = 3, d: int = 64, channe
                         spattn.attention(qi, kc, vc, None if getattr(sel, "every_visible_key", False) else sel)
 
                 ms = 1e3 * _step_times(sparse, repeat) / layers
-                row[name] = {"ms": ms, "speedup": row["dense_ms"] / ms,
-                             "speedup_vs_grouped": row["dense_grouped_ms"] / ms}
+                row[name] = {
+                    "ms": ms,
+                    "speedup": row["dense_ms"] / ms,
+                    "speedup_vs_grouped": row["dense_grouped_ms"] / ms,
+                }
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -110,18 +131,27 @@ def main() -> None:
     ap.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 1024])
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--channels", type=int, default=16, help="Double Sparsity label channels r")
-    ap.add_argument("--layers", type=int, default=1,
-                    help="independent per-layer caches visited in turn each step (SmolLM2: 30); times are per layer")
-    ap.add_argument("--label-dtype", default=None, choices=["bfloat16", "float16"],
-                    help="label cache precision of the grouped Double Sparsity rows")
+    ap.add_argument(
+        "--layers",
+        type=int,
+        default=1,
+        help="independent per-layer caches visited in turn each step (SmolLM2: 30); times are per layer",
+    )
+    ap.add_argument(
+        "--label-dtype",
+        default=None,
+        choices=["bfloat16", "float16"],
+        help="label cache precision of the grouped Double Sparsity rows",
+    )
     ap.add_argument("--threads", type=int)
     ap.add_argument("--json", default="results/decode_speed.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     with torch.no_grad():
-        rows = run(args.n, args.budgets, args.repeat, channels=args.channels, label_dtype=args.label_dtype,
-                   layers=args.layers)
+        rows = run(
+            args.n, args.budgets, args.repeat, channels=args.channels, label_dtype=args.label_dtype, layers=args.layers
+        )
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}, fh, indent=2)
@@ -129,8 +159,11 @@ def main() -> None:
     print("ms per step (speedup vs dense SDPA / vs grouped dense)")
     print(f"{'N':>6} {'dense':>7} {'grouped':>8} " + " ".join(f"{k:>30}" for k in rows[0] if k not in dense_keys))
     for r in rows:
-        cells = [f"{r[k]['ms']:.3f} ({r[k]['speedup']:.2f}x / {r[k]['speedup_vs_grouped']:.2f}x)"
-                 for k in r if k not in dense_keys]
+        cells = [
+            f"{r[k]['ms']:.3f} ({r[k]['speedup']:.2f}x / {r[k]['speedup_vs_grouped']:.2f}x)"
+            for k in r
+            if k not in dense_keys
+        ]
         print(f"{r['n']:>6} {r['dense_ms']:>7.3f} {r['dense_grouped_ms']:>8.3f} " + " ".join(f"{c:>30}" for c in cells))
     print(f"wrote {args.json}")
 

@@ -64,10 +64,20 @@ def run(ns, repeat: int, heads: int, dim: int, log=print) -> dict:
     rows = []
     max_len = max(ns)
     for label, spec, causal in MECHANISMS:
-        mech = None if spec is None else build_mechanism(
-            spec, heads=heads, kv_heads=heads, head_dim=dim, causal=causal, max_len=max_len).eval()
-        rec = {"label": label, "spec": spec or "dense (torch SDPA)", "causal": causal, "n": [], "median_s": [],
-               "min_s": [], "peak_bytes": []}
+        mech = (
+            None
+            if spec is None
+            else build_mechanism(spec, heads=heads, kv_heads=heads, head_dim=dim, causal=causal, max_len=max_len).eval()
+        )
+        rec = {
+            "label": label,
+            "spec": spec or "dense (torch SDPA)",
+            "causal": causal,
+            "n": [],
+            "median_s": [],
+            "min_s": [],
+            "peak_bytes": [],
+        }
         for n in ns:
             q, k, v = (torch.randn(1, heads, n, dim) for _ in range(3))
 
@@ -83,15 +93,24 @@ def run(ns, repeat: int, heads: int, dim: int, log=print) -> dict:
             rec["min_s"].append(min(t["times_s"]))
             rec["peak_bytes"].append(t["peak_bytes"])
             mb = "n/a" if t["peak_bytes"] is None else f"{t['peak_bytes'] / 2**20:.0f} MiB"
-            log(f"{label:<26} N={n:>6} min {min(t['times_s']) * 1e3:9.1f} ms  median {t['median_s'] * 1e3:9.1f} ms"
-                f"  peak {mb}")
+            log(
+                f"{label:<26} N={n:>6} min {min(t['times_s']) * 1e3:9.1f} ms  median {t['median_s'] * 1e3:9.1f} ms"
+                f"  peak {mb}"
+            )
         rec["time_exponent"] = loglog_slope(rec["n"], rec["min_s"])
         rec["memory_exponent"] = loglog_slope(rec["n"], rec["peak_bytes"])
         rows.append(rec)
     for label, spec in LAYERS:
         layer = Attention(heads * dim, heads, attention=spec).eval()
-        rec = {"label": label, "spec": spec or "dense", "causal": False, "n": [], "median_s": [], "min_s": [],
-               "peak_bytes": []}
+        rec = {
+            "label": label,
+            "spec": spec or "dense",
+            "causal": False,
+            "n": [],
+            "median_s": [],
+            "min_s": [],
+            "peak_bytes": [],
+        }
         for n in ns:
             x = torch.randn(1, n, heads * dim)
 
@@ -109,12 +128,23 @@ def run(ns, repeat: int, heads: int, dim: int, log=print) -> dict:
         rec["memory_exponent"] = loglog_slope(rec["n"], rec["peak_bytes"])
         rows.append(rec)
     return {
-        "config": {"batch": 1, "heads": heads, "head_dim": dim, "dtype": "float32", "ns": list(ns),
-                   "repeat": repeat, "pass": "forward, no autograd",
-                   "time_statistic": "min over repeats (median also recorded)"},
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "platform": platform.platform(), "load_average": os.getloadavg(),
-                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        "config": {
+            "batch": 1,
+            "heads": heads,
+            "head_dim": dim,
+            "dtype": "float32",
+            "ns": list(ns),
+            "repeat": repeat,
+            "pass": "forward, no autograd",
+            "time_statistic": "min over repeats (median also recorded)",
+        },
+        "environment": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "load_average": os.getloadavg(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
         "results": rows,
     }
 

@@ -26,8 +26,9 @@ DEFAULT_ATTENTIONS = ["dense", "window(size=128)", "window(size=128, block=32)",
 
 def _stepper(spec: str, seq_len: int, batch: int, seed: int):
     task = get_task("bytelm")
-    config = ModelConfig(kind="lm", vocab_size=256, num_classes=256, max_len=seq_len, attention=spec,
-                         **task.model_defaults)
+    config = ModelConfig(
+        kind="lm", vocab_size=256, num_classes=256, max_len=seq_len, attention=spec, **task.model_defaults
+    )
     torch.manual_seed(seed)
     model = build_model(config)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -69,12 +70,24 @@ def main() -> None:
             times[spec].append(step())
     medians = {spec: statistics.median(ts) for spec, ts in times.items()}
     dense = medians.get("dense")
-    rows = [{"attention": spec, "step_ms": 1e3 * m, "speedup_vs_dense": dense / m if dense else None}
-            for spec, m in medians.items()]
+    rows = [
+        {"attention": spec, "step_ms": 1e3 * m, "speedup_vs_dense": dense / m if dense else None}
+        for spec, m in medians.items()
+    ]
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as fh:
-        json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "seq_len": args.seq_len,
-                   "batch": args.batch, "steps": args.steps, "rows": rows}, fh, indent=2)
+        json.dump(
+            {
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "seq_len": args.seq_len,
+                "batch": args.batch,
+                "steps": args.steps,
+                "rows": rows,
+            },
+            fh,
+            indent=2,
+        )
     print(f"{'attention':<32} {'step ms':>9} {'vs dense':>9}")
     for r in rows:
         speed = f"{r['speedup_vs_dense']:.2f}x" if r["speedup_vs_dense"] else "-"

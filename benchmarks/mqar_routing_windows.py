@@ -60,8 +60,14 @@ def window_stats(model, inputs: torch.Tensor, targets: torch.Tensor, kv_pairs: i
         for t in (targets[b] >= 0).nonzero().flatten().tolist():
             value_pos = 2 * int((keys == inputs[b, t]).nonzero()[0]) + 1
             member = (windows[b] == t).any(-1)  # [C]: windows holding the query
-            rows.append((bool((windows[b][member] == value_pos).any()), not bool(member.any()),
-                         bool(nearest[b, t] == nearest[b, value_pos]), bool(pred[b, t] == targets[b, t])))
+            rows.append(
+                (
+                    bool((windows[b][member] == value_pos).any()),
+                    not bool(member.any()),
+                    bool(nearest[b, t] == nearest[b, value_pos]),
+                    bool(pred[b, t] == targets[b, t]),
+                )
+            )
     r = torch.tensor(rows, dtype=torch.float64)
     shared, alone, same, correct = r.unbind(-1)
 
@@ -69,8 +75,11 @@ def window_stats(model, inputs: torch.Tensor, targets: torch.Tensor, kv_pairs: i
         return float(x[where.bool()].mean()) if bool(where.any()) else float("nan")
 
     return {
-        "shared": float(shared.mean()), "alone": float(alone.mean()), "correct": float(correct.mean()),
-        "correct_if_shared": rate(correct, shared), "correct_if_not_shared": rate(correct, 1 - shared),
+        "shared": float(shared.mean()),
+        "alone": float(alone.mean()),
+        "correct": float(correct.mean()),
+        "correct_if_shared": rate(correct, shared),
+        "correct_if_not_shared": rate(correct, 1 - shared),
         "same_cluster_not_shared": float((same * (1 - shared)).mean()),
         "cluster_sizes": torch.nn.functional.one_hot(nearest, clusters).sum(1).double().mean(0).tolist(),
     }
@@ -78,8 +87,11 @@ def window_stats(model, inputs: torch.Tensor, targets: torch.Tensor, kv_pairs: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--attention", help="spec of a fresh model; with --checkpoint, replaces the run's spec "
-                    "(e.g. adds route_rotated=True for runs made before routing moved before RoPE)")
+    ap.add_argument(
+        "--attention",
+        help="spec of a fresh model; with --checkpoint, replaces the run's spec "
+        "(e.g. adds route_rotated=True for runs made before routing moved before RoPE)",
+    )
     ap.add_argument("--checkpoint", help="checkpoint.pt of a `spattn train mqar` run")
     ap.add_argument("--examples", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
@@ -91,8 +103,18 @@ def main() -> None:
             config.attention = args.attention
     elif args.attention:
         ckpt = None
-        config = ModelConfig(kind="lm", vocab_size=8192, num_classes=8192, dim=64, depth=2, heads=1, max_len=256,
-                             positions="rope", mlp_ratio=0.0, attention=args.attention)
+        config = ModelConfig(
+            kind="lm",
+            vocab_size=8192,
+            num_classes=8192,
+            dim=64,
+            depth=2,
+            heads=1,
+            max_len=256,
+            positions="rope",
+            mlp_ratio=0.0,
+            attention=args.attention,
+        )
     else:
         raise SystemExit("give --attention or --checkpoint")
     torch.manual_seed(args.seed)
@@ -102,12 +124,16 @@ def main() -> None:
     kv_pairs = 16
     x, y = generate(np.random.default_rng(args.seed), args.examples, config.max_len, kv_pairs, config.vocab_size)
     st = window_stats(model, torch.from_numpy(x), torch.from_numpy(y), kv_pairs)
-    print(f"{config.attention}: value position in the query's window for {st['shared']:.1%} of queries; "
-          f"query in no window: {st['alone']:.1%}")
-    print(f"accuracy {st['correct']:.1%} (answer in the window: {st['correct_if_shared']:.1%}, not: "
-          f"{st['correct_if_not_shared']:.1%}); answer nearest to the query's centroid but in another "
-          f"window: {st['same_cluster_not_shared']:.1%}; tokens per nearest centroid: "
-          + ", ".join(f"{c:.1f}" for c in st["cluster_sizes"]))
+    print(
+        f"{config.attention}: value position in the query's window for {st['shared']:.1%} of queries; "
+        f"query in no window: {st['alone']:.1%}"
+    )
+    print(
+        f"accuracy {st['correct']:.1%} (answer in the window: {st['correct_if_shared']:.1%}, not: "
+        f"{st['correct_if_not_shared']:.1%}); answer nearest to the query's centroid but in another "
+        f"window: {st['same_cluster_not_shared']:.1%}; tokens per nearest centroid: "
+        + ", ".join(f"{c:.1f}" for c in st["cluster_sizes"])
+    )
 
 
 if __name__ == "__main__":

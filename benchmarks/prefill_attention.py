@@ -77,9 +77,15 @@ def run(layers_qk, methods, repeat: int, tail: int, eager: bool) -> list[dict]:
                 pattern = spattn.pattern(spec)
                 sel = pattern.select(q, k, causal=True)
                 density = sel.density() * n * n / (n * (n + 1) / 2)  # of the causal pairs
-                row = {"layer": layer, "method": spec, "tokens": n, "dense_s": dense, "density": density,
-                       "select_s": _median_time(lambda: pattern.select(q, k, causal=True), repeat),
-                       "kernel_s": _median_time(lambda: spattn.attention(q, k, v, sel), repeat)}
+                row = {
+                    "layer": layer,
+                    "method": spec,
+                    "tokens": n,
+                    "dense_s": dense,
+                    "density": density,
+                    "select_s": _median_time(lambda: pattern.select(q, k, causal=True), repeat),
+                    "kernel_s": _median_time(lambda: spattn.attention(q, k, v, sel), repeat),
+                }
                 if eager:
                     applies = blocksparse_cpu.applies
                     blocksparse_cpu.applies = lambda *a, **kw: False
@@ -94,8 +100,10 @@ def run(layers_qk, methods, repeat: int, tail: int, eager: bool) -> list[dict]:
 
 def _line(r: dict) -> str:
     share = r["density"] * r["dense_s"]
-    text = (f"layer {r['layer']:2d} {r['method']}: dense {r['dense_s'] * 1e3:7.1f} ms, select {r['select_s'] * 1e3:6.1f} ms, "
-            f"kernel {r['kernel_s'] * 1e3:7.1f} ms (density {r['density']:.3f}, {r['kernel_s'] / share:.2f}x its share)")
+    text = (
+        f"layer {r['layer']:2d} {r['method']}: dense {r['dense_s'] * 1e3:7.1f} ms, select {r['select_s'] * 1e3:6.1f} ms, "
+        f"kernel {r['kernel_s'] * 1e3:7.1f} ms (density {r['density']:.3f}, {r['kernel_s'] / share:.2f}x its share)"
+    )
     if "eager_kernel_s" in r:
         text += f", eager kernel {r['eager_kernel_s'] * 1e3:7.1f} ms ({r['eager_kernel_s'] / share:.2f}x)"
     return text
@@ -106,8 +114,14 @@ def summary(rows: list[dict]) -> list[dict]:
     for spec in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == spec]
         dense = sum(r["dense_s"] for r in rs)
-        s = {"method": spec, "layers": len(rs), "dense_s": dense, "select_s": sum(r["select_s"] for r in rs),
-             "kernel_s": sum(r["kernel_s"] for r in rs), "share_s": sum(r["density"] * r["dense_s"] for r in rs)}
+        s = {
+            "method": spec,
+            "layers": len(rs),
+            "dense_s": dense,
+            "select_s": sum(r["select_s"] for r in rs),
+            "kernel_s": sum(r["kernel_s"] for r in rs),
+            "share_s": sum(r["density"] * r["dense_s"] for r in rs),
+        }
         s["sparse_over_dense"] = (s["select_s"] + s["kernel_s"]) / dense
         s["kernel_over_share"] = s["kernel_s"] / s["share_s"]
         if all("eager_kernel_s" in r for r in rs):
@@ -134,9 +148,11 @@ def main(argv=None) -> int:
     rows = run(chosen, args.methods, args.repeat, args.tail, args.eager)
     result = {"length": args.length, "threads": args.threads, "rows": rows, "summary": summary(rows)}
     for s in result["summary"]:
-        text = (f"{s['method']}: {s['layers']} layers, dense {s['dense_s']:.2f} s, select {s['select_s']:.2f} s, "
-                f"kernel {s['kernel_s']:.2f} s -> (select + kernel) / dense = {s['sparse_over_dense']:.3f}; "
-                f"kernel / share {s['kernel_over_share']:.2f}")
+        text = (
+            f"{s['method']}: {s['layers']} layers, dense {s['dense_s']:.2f} s, select {s['select_s']:.2f} s, "
+            f"kernel {s['kernel_s']:.2f} s -> (select + kernel) / dense = {s['sparse_over_dense']:.3f}; "
+            f"kernel / share {s['kernel_over_share']:.2f}"
+        )
         if "eager_kernel_s" in s:
             text += f"; eager kernel {s['eager_kernel_s']:.2f} s ({s['eager_kernel_over_share']:.2f}x share)"
         print(text)

@@ -73,32 +73,57 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 est, est_min = timings(lambda: pat.layout(q, k, causal=True), args.repeat)
                 layout = pat.layout(q, k, causal=True)
-            rows.append({
-                "n": n, "heads": args.heads, "dim": args.dim, "spec": pat.spec(),
-                "estimation_s": est, "dense_sdpa_causal_s": dense, "ratio": est / dense,
-                "estimation_min_s": est_min, "dense_min_s": dense_min, "ratio_of_minima": est_min / dense_min,
-                "block_density": layout.block_density(), "met": est / dense <= TARGET,
-            })
+            rows.append(
+                {
+                    "n": n,
+                    "heads": args.heads,
+                    "dim": args.dim,
+                    "spec": pat.spec(),
+                    "estimation_s": est,
+                    "dense_sdpa_causal_s": dense,
+                    "ratio": est / dense,
+                    "estimation_min_s": est_min,
+                    "dense_min_s": dense_min,
+                    "ratio_of_minima": est_min / dense_min,
+                    "block_density": layout.block_density(),
+                    "met": est / dense <= TARGET,
+                }
+            )
             # DESIGN.md's form of the target: estimation vs the dense time the sparsity saves
             saved = dense * (1.0 - rows[-1]["block_density"])
             rows[-1]["ratio_to_saved"] = est / saved if saved > 0 else None
             r = rows[-1]
-            print(f"N={n:6d} {r['spec'][:60]:60s} est {est * 1e3:8.1f} ms  dense {dense * 1e3:8.1f} ms  "
-                  f"ratio {r['ratio']:.3f} (minima {r['ratio_of_minima']:.3f})  block density {r['block_density']:.3f}",
-                  flush=True)
+            print(
+                f"N={n:6d} {r['spec'][:60]:60s} est {est * 1e3:8.1f} ms  dense {dense * 1e3:8.1f} ms  "
+                f"ratio {r['ratio']:.3f} (minima {r['ratio_of_minima']:.3f})  block density {r['block_density']:.3f}",
+                flush=True,
+            )
 
     print(f"\nthreads={torch.get_num_threads()}, medians of {args.repeat} (ratio of minima in brackets)")
-    print("| N | pattern | estimation (ms) | dense causal SDPA (ms) | ratio | target <= 0.25 | block density | est / saved |")
+    print(
+        "| N | pattern | estimation (ms) | dense causal SDPA (ms) | ratio | target <= 0.25 | block density | est / saved |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['n']} | `{r['spec']}` | {r['estimation_s'] * 1e3:.1f} | {r['dense_sdpa_causal_s'] * 1e3:.1f} | "
-              f"{r['ratio']:.3f} ({r['ratio_of_minima']:.3f}) | {'yes' if r['met'] else 'no'} | {r['block_density']:.3f} | "
-              f"{'-' if r['ratio_to_saved'] is None else format(r['ratio_to_saved'], '.3f')} |")
+        print(
+            f"| {r['n']} | `{r['spec']}` | {r['estimation_s'] * 1e3:.1f} | {r['dense_sdpa_causal_s'] * 1e3:.1f} | "
+            f"{r['ratio']:.3f} ({r['ratio_of_minima']:.3f}) | {'yes' if r['met'] else 'no'} | {r['block_density']:.3f} | "
+            f"{'-' if r['ratio_to_saved'] is None else format(r['ratio_to_saved'], '.3f')} |"
+        )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump({"target": TARGET, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "command": " ".join(sys.argv),
-                   "load_avg": os.getloadavg(), "results": rows}, fh, indent=2)
+        json.dump(
+            {
+                "target": TARGET,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "command": " ".join(sys.argv),
+                "load_avg": os.getloadavg(),
+                "results": rows,
+            },
+            fh,
+            indent=2,
+        )
     print(f"wrote {args.out}")
     return 0
 

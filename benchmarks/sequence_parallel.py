@@ -81,9 +81,12 @@ def _rank_run(rank: int, world: int, cfg: dict) -> dict:
         with record_comm() as stats:
             train()
         out[pattern] = dict(
-            fwd_bytes_sent=fwd_stats.bytes_sent, fwd_bytes_received=fwd_stats.bytes_received,
-            bytes_sent=stats.bytes_sent, bytes_received=stats.bytes_received,
-            fwd_s=_time(forward, cfg["repeats"], True), fwd_bwd_s=_time(train, cfg["repeats"], True),
+            fwd_bytes_sent=fwd_stats.bytes_sent,
+            fwd_bytes_received=fwd_stats.bytes_received,
+            bytes_sent=stats.bytes_sent,
+            bytes_received=stats.bytes_received,
+            fwd_s=_time(forward, cfg["repeats"], True),
+            fwd_bwd_s=_time(train, cfg["repeats"], True),
         )
     return out
 
@@ -113,15 +116,19 @@ def summarize(per_rank: list[dict], single: dict, cfg: dict) -> list[dict]:
     for pattern in cfg["patterns"]:
         ranks = [r[pattern] for r in per_rank]
         slowest = lambda key: statistics.median(max(r[key][i] for r in ranks) for i in range(cfg["repeats"]))  # noqa: E731
-        rows.append(dict(
-            pattern=pattern,
-            sent_max=max(r["bytes_sent"] for r in ranks), sent_mean=statistics.mean(r["bytes_sent"] for r in ranks),
-            received_max=max(r["bytes_received"] for r in ranks),
-            fwd_sent_max=max(r["fwd_bytes_sent"] for r in ranks),
-            fwd_s=slowest("fwd_s"), fwd_bwd_s=slowest("fwd_bwd_s"),
-            single_fwd_s=statistics.median(single[pattern]["fwd_s"]),
-            single_fwd_bwd_s=statistics.median(single[pattern]["fwd_bwd_s"]),
-        ))
+        rows.append(
+            dict(
+                pattern=pattern,
+                sent_max=max(r["bytes_sent"] for r in ranks),
+                sent_mean=statistics.mean(r["bytes_sent"] for r in ranks),
+                received_max=max(r["bytes_received"] for r in ranks),
+                fwd_sent_max=max(r["fwd_bytes_sent"] for r in ranks),
+                fwd_s=slowest("fwd_s"),
+                fwd_bwd_s=slowest("fwd_bwd_s"),
+                single_fwd_s=statistics.median(single[pattern]["fwd_s"]),
+                single_fwd_bwd_s=statistics.median(single[pattern]["fwd_bwd_s"]),
+            )
+        )
     dense = next(r for r in rows if r["pattern"] == "dense")
     for r in rows:
         r["bytes_vs_ring"] = r["sent_max"] / dense["sent_max"]
@@ -130,14 +137,20 @@ def summarize(per_rank: list[dict], single: dict, cfg: dict) -> list[dict]:
 
 def print_table(rows: list[dict], cfg: dict) -> None:
     mb = 1 / 2**20
-    print(f"N={cfg['n']} P={cfg['world']} B={cfg['batch']} H={cfg['heads']} D={cfg['dim']} fp32 causal={cfg['causal']} "
-          f"(bytes: one forward+backward call, per rank)")
-    print("| pattern | sent MiB max (mean) | fwd sent MiB | vs ring | P-proc fwd s | P-proc fwd+bwd s | 1-proc fwd s | 1-proc fwd+bwd s |")
+    print(
+        f"N={cfg['n']} P={cfg['world']} B={cfg['batch']} H={cfg['heads']} D={cfg['dim']} fp32 causal={cfg['causal']} "
+        f"(bytes: one forward+backward call, per rank)"
+    )
+    print(
+        "| pattern | sent MiB max (mean) | fwd sent MiB | vs ring | P-proc fwd s | P-proc fwd+bwd s | 1-proc fwd s | 1-proc fwd+bwd s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['pattern']} | {r['sent_max'] * mb:.2f} ({r['sent_mean'] * mb:.2f}) | {r['fwd_sent_max'] * mb:.2f} | "
-              f"{100 * r['bytes_vs_ring']:.1f} % | {r['fwd_s']:.3f} | {r['fwd_bwd_s']:.3f} | "
-              f"{r['single_fwd_s']:.3f} | {r['single_fwd_bwd_s']:.3f} |")
+        print(
+            f"| {r['pattern']} | {r['sent_max'] * mb:.2f} ({r['sent_mean'] * mb:.2f}) | {r['fwd_sent_max'] * mb:.2f} | "
+            f"{100 * r['bytes_vs_ring']:.1f} % | {r['fwd_s']:.3f} | {r['fwd_bwd_s']:.3f} | "
+            f"{r['single_fwd_s']:.3f} | {r['single_fwd_bwd_s']:.3f} |"
+        )
 
 
 def check_target(rows: list[dict]) -> dict:
@@ -145,8 +158,12 @@ def check_target(rows: list[dict]) -> dict:
     if "window(size=256)" not in by or "dense" not in by:
         return {}
     w, d = by["window(size=256)"], by["dense"]
-    return dict(window_bytes_share=w["bytes_vs_ring"], bytes_met=w["bytes_vs_ring"] <= 0.10,
-                window_over_ring_time=w["fwd_bwd_s"] / d["fwd_bwd_s"], faster_met=w["fwd_bwd_s"] < d["fwd_bwd_s"])
+    return dict(
+        window_bytes_share=w["bytes_vs_ring"],
+        bytes_met=w["bytes_vs_ring"] <= 0.10,
+        window_over_ring_time=w["fwd_bwd_s"] / d["fwd_bwd_s"],
+        faster_met=w["fwd_bwd_s"] < d["fwd_bwd_s"],
+    )
 
 
 def main(argv=None) -> None:
@@ -174,9 +191,11 @@ def main(argv=None) -> None:
     print_table(rows, cfg)
     target = check_target(rows)
     if target:
-        print(f"window(size=256): {100 * target['window_bytes_share']:.1f} % of the ring's bytes per rank "
-              f"(target <= 10 %: {'met' if target['bytes_met'] else 'NOT met'}); fwd+bwd time "
-              f"{target['window_over_ring_time']:.2f}x the ring's ({'faster' if target['faster_met'] else 'NOT faster'})")
+        print(
+            f"window(size=256): {100 * target['window_bytes_share']:.1f} % of the ring's bytes per rank "
+            f"(target <= 10 %: {'met' if target['bytes_met'] else 'NOT met'}); fwd+bwd time "
+            f"{target['window_over_ring_time']:.2f}x the ring's ({'faster' if target['faster_met'] else 'NOT faster'})"
+        )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(config=cfg, rows=rows, target=target, per_rank=per_rank), f, indent=1)

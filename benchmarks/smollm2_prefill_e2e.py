@@ -44,10 +44,15 @@ def _load() -> str:
 @torch.no_grad()
 def _generate(model, tokenizer, ids: torch.Tensor, new_tokens: int) -> tuple[str, float]:
     t0 = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.eos_token_id)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.eos_token_id,
+    )
     seconds = time.perf_counter() - t0
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), seconds
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True), seconds
 
 
 def run(args) -> dict:
@@ -83,20 +88,32 @@ def run(args) -> dict:
                 row[f"{method}_answer"] = text
                 row[f"{method}_score"] = sample.score(text)
             cases.append(row)
-            print(f"depth {sample.depth:.2f} ({row['tokens']} tokens): dense {row['dense_s']:.2f} s "
-                  f"[{row['dense_score']:.0f}] | sparse {row['sparse_s']:.2f} s [{row['sparse_score']:.0f}] "
-                  f"density {row['sparse_density']:.3f} | {row['dense_s'] / row['sparse_s']:.2f}x", flush=True)
+            print(
+                f"depth {sample.depth:.2f} ({row['tokens']} tokens): dense {row['dense_s']:.2f} s "
+                f"[{row['dense_score']:.0f}] | sparse {row['sparse_s']:.2f} s [{row['sparse_score']:.0f}] "
+                f"density {row['sparse_density']:.3f} | {row['dense_s'] / row['sparse_s']:.2f}x",
+                flush=True,
+            )
     finally:
         for proc in busy:
             proc.kill()
             proc.wait()
     ratios = [c["dense_s"] / c["sparse_s"] for c in cases]
     return {
-        "prefill": args.prefill, "dense_tail": args.dense_tail, "length": args.length, "new_tokens": args.new_tokens,
-        "threads": torch.get_num_threads(), "busy_processes": args.busy, "cpus": os.cpu_count(),
-        "load_before": load_before, "load_after": _load(), "torch": torch.__version__,
+        "prefill": args.prefill,
+        "dense_tail": args.dense_tail,
+        "length": args.length,
+        "new_tokens": args.new_tokens,
+        "threads": torch.get_num_threads(),
+        "busy_processes": args.busy,
+        "cpus": os.cpu_count(),
+        "load_before": load_before,
+        "load_after": _load(),
+        "torch": torch.__version__,
         "speedup_total": sum(c["dense_s"] for c in cases) / sum(c["sparse_s"] for c in cases),
-        "speedup_median": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
+        "speedup_median": statistics.median(ratios),
+        "speedup_min": min(ratios),
+        "speedup_max": max(ratios),
         "dense_accuracy": statistics.mean(c["dense_score"] for c in cases),
         "sparse_accuracy": statistics.mean(c["sparse_score"] for c in cases),
         "cases": cases,
@@ -116,10 +133,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="", help="write the result JSON here")
     args = parser.parse_args(argv)
     result = run(args)
-    print(f"threads {result['threads']}, busy processes {result['busy_processes']}, load before "
-          f"{result['load_before']}, after {result['load_after']}")
-    print(f"speedup {result['speedup_total']:.2f}x (per case {result['speedup_min']:.2f}-{result['speedup_max']:.2f}x), "
-          f"passkey accuracy dense {result['dense_accuracy']:.0%}, sparse {result['sparse_accuracy']:.0%}")
+    print(
+        f"threads {result['threads']}, busy processes {result['busy_processes']}, load before "
+        f"{result['load_before']}, after {result['load_after']}"
+    )
+    print(
+        f"speedup {result['speedup_total']:.2f}x (per case {result['speedup_min']:.2f}-{result['speedup_max']:.2f}x), "
+        f"passkey accuracy dense {result['dense_accuracy']:.0%}, sparse {result['sparse_accuracy']:.0%}"
+    )
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -41,14 +41,32 @@ def check_targets(result: dict) -> list[dict]:
     for rec in result["results"]:
         s = rec["summary"]
         for key, limit, what in TARGETS:
-            checks.append({"n": rec["n"], "pattern": rec["pattern"], "target": what, "value": s.get(key),
-                           "limit": limit, "met": None if s.get(key) is None else s[key] <= limit})
+            checks.append(
+                {
+                    "n": rec["n"],
+                    "pattern": rec["pattern"],
+                    "target": what,
+                    "value": s.get(key),
+                    "limit": limit,
+                    "met": None if s.get(key) is None else s[key] <= limit,
+                }
+            )
         if rec["n"] == largest:
-            for key, what in (("mem_blocksparse_over_sdpa_mask", "blocksparse fwd peak memory / dense SDPA+mask"),
-                              ("mem_blocksparse_bwd_over_sdpa_mask", "blocksparse fwd+bwd peak memory / dense SDPA+mask")):
+            for key, what in (
+                ("mem_blocksparse_over_sdpa_mask", "blocksparse fwd peak memory / dense SDPA+mask"),
+                ("mem_blocksparse_bwd_over_sdpa_mask", "blocksparse fwd+bwd peak memory / dense SDPA+mask"),
+            ):
                 val = s.get(key)
-                checks.append({"n": rec["n"], "pattern": rec["pattern"], "target": what, "value": val,
-                               "limit": 0.2, "met": None if val is None else val <= 0.2})
+                checks.append(
+                    {
+                        "n": rec["n"],
+                        "pattern": rec["pattern"],
+                        "target": what,
+                        "value": val,
+                        "limit": 0.2,
+                        "met": None if val is None else val <= 0.2,
+                    }
+                )
     return checks
 
 
@@ -58,13 +76,24 @@ def main(argv=None) -> int:
     p.add_argument("--patterns", nargs="+", default=list(PATTERNS))
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--warm-cache", action="store_true",
-                   help="let Inductor reuse its on-disk cache (compile_s then measures a cache load)")
+    p.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="let Inductor reuse its on-disk cache (compile_s then measures a cache load)",
+    )
     p.add_argument("--out", default=os.path.join("results", "speed_static.json"))
     args = p.parse_args(argv)
-    cfg = SpeedConfig(ns=tuple(args.n), patterns=tuple(args.patterns), batch=1, heads=4, dim=64,
-                      dtype="float32", repeat=args.repeat, warmup=args.warmup,
-                      cold_compile=not args.warm_cache)
+    cfg = SpeedConfig(
+        ns=tuple(args.n),
+        patterns=tuple(args.patterns),
+        batch=1,
+        heads=4,
+        dim=64,
+        dtype="float32",
+        repeat=args.repeat,
+        warmup=args.warmup,
+        cold_compile=not args.warm_cache,
+    )
     result = run_speed(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
     result["targets"] = check_targets(result)
     print_speed_table(result)

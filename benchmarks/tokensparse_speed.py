@@ -45,6 +45,7 @@ def fwd_bwd(fn, q, k, v):
     def run():
         qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
         fn(qq, kk, vv).sum().backward()
+
     return run
 
 
@@ -61,32 +62,42 @@ def measure(n: int, ks: list[int], repeat: int, heads: int, dim: int) -> list[di
         ts_f = time_call(lambda: sparse(q, k, v), repeat=repeat)
         ts_fb = time_call(fwd_bwd(sparse, q, k, v), repeat=repeat)
         select = time_call(lambda: topk_selections(q, k, [kk]), repeat=max(1, repeat // 2))
-        rows.append({
-            "n": n, "k": kk, "density": kk / n,
-            "sdpa_fwd_s": sdpa_f["median_s"], "sdpa_fwdbwd_s": sdpa_fb["median_s"],
-            "tokensparse_fwd_s": ts_f["median_s"], "tokensparse_fwdbwd_s": ts_fb["median_s"],
-            "topk_select_s": select["median_s"],
-            "sdpa_fwd_peak_mb": (sdpa_f["peak_bytes"] or 0) / 2**20,
-            "sdpa_fwdbwd_peak_mb": (sdpa_fb["peak_bytes"] or 0) / 2**20,
-            "tokensparse_fwd_peak_mb": (ts_f["peak_bytes"] or 0) / 2**20,
-            "tokensparse_fwdbwd_peak_mb": (ts_fb["peak_bytes"] or 0) / 2**20,
-            "topk_select_peak_mb": (select["peak_bytes"] or 0) / 2**20,
-        })
+        rows.append(
+            {
+                "n": n,
+                "k": kk,
+                "density": kk / n,
+                "sdpa_fwd_s": sdpa_f["median_s"],
+                "sdpa_fwdbwd_s": sdpa_fb["median_s"],
+                "tokensparse_fwd_s": ts_f["median_s"],
+                "tokensparse_fwdbwd_s": ts_fb["median_s"],
+                "topk_select_s": select["median_s"],
+                "sdpa_fwd_peak_mb": (sdpa_f["peak_bytes"] or 0) / 2**20,
+                "sdpa_fwdbwd_peak_mb": (sdpa_fb["peak_bytes"] or 0) / 2**20,
+                "tokensparse_fwd_peak_mb": (ts_f["peak_bytes"] or 0) / 2**20,
+                "tokensparse_fwdbwd_peak_mb": (ts_fb["peak_bytes"] or 0) / 2**20,
+                "topk_select_peak_mb": (select["peak_bytes"] or 0) / 2**20,
+            }
+        )
         print(format_row(rows[-1]), flush=True)
     return rows
 
 
-HEADER = ("   N     k | SDPA fwd  fwd+bwd | tokensparse fwd  fwd+bwd (x SDPA)      | topk select | "
-          "peak MB: SDPA f/fb  tokensparse f/fb  select")
+HEADER = (
+    "   N     k | SDPA fwd  fwd+bwd | tokensparse fwd  fwd+bwd (x SDPA)      | topk select | "
+    "peak MB: SDPA f/fb  tokensparse f/fb  select"
+)
 
 
 def format_row(r: dict) -> str:
     ms = lambda s: f"{1e3 * s:7.0f}ms"  # noqa: E731
-    return (f"{r['n']:5d} {r['k']:5d} | {ms(r['sdpa_fwd_s'])} {ms(r['sdpa_fwdbwd_s'])} | "
-            f"{ms(r['tokensparse_fwd_s'])} {ms(r['tokensparse_fwdbwd_s'])} "
-            f"({r['tokensparse_fwd_s'] / r['sdpa_fwd_s']:.2f}x / {r['tokensparse_fwdbwd_s'] / r['sdpa_fwdbwd_s']:.2f}x) | "
-            f"{ms(r['topk_select_s'])} | {r['sdpa_fwd_peak_mb']:6.0f}/{r['sdpa_fwdbwd_peak_mb']:<6.0f} "
-            f"{r['tokensparse_fwd_peak_mb']:6.0f}/{r['tokensparse_fwdbwd_peak_mb']:<6.0f} {r['topk_select_peak_mb']:6.0f}")
+    return (
+        f"{r['n']:5d} {r['k']:5d} | {ms(r['sdpa_fwd_s'])} {ms(r['sdpa_fwdbwd_s'])} | "
+        f"{ms(r['tokensparse_fwd_s'])} {ms(r['tokensparse_fwdbwd_s'])} "
+        f"({r['tokensparse_fwd_s'] / r['sdpa_fwd_s']:.2f}x / {r['tokensparse_fwdbwd_s'] / r['sdpa_fwdbwd_s']:.2f}x) | "
+        f"{ms(r['topk_select_s'])} | {r['sdpa_fwd_peak_mb']:6.0f}/{r['sdpa_fwdbwd_peak_mb']:<6.0f} "
+        f"{r['tokensparse_fwd_peak_mb']:6.0f}/{r['tokensparse_fwdbwd_peak_mb']:<6.0f} {r['topk_select_peak_mb']:6.0f}"
+    )
 
 
 def measure_block_selection(n: int, repeat: int, heads: int, dim: int, block: int = 64) -> list[dict]:
@@ -99,11 +110,21 @@ def measure_block_selection(n: int, repeat: int, heads: int, dim: int, block: in
         pat = spattn.pattern(spec)
         t = time_call(lambda: pat.layout(q, k, causal=True), repeat=repeat, memory=False)
         # millisecond-scale calls on a shared machine: the minimum is the cost, the median shows the noise
-        rows.append({"n": n, "spec": spec, "select_s": t["median_s"], "select_min_s": min(t["times_s"]),
-                     "sdpa_causal_fwd_s": sdpa["median_s"], "select_over_sdpa": t["median_s"] / sdpa["median_s"]})
-        print(f"{n:6d} {spec:36s} select median {1e3 * t['median_s']:7.1f}ms (min {1e3 * min(t['times_s']):6.1f}ms)"
-              f"  causal SDPA fwd {1e3 * sdpa['median_s']:7.0f}ms  median ratio {rows[-1]['select_over_sdpa']:.3f}",
-              flush=True)
+        rows.append(
+            {
+                "n": n,
+                "spec": spec,
+                "select_s": t["median_s"],
+                "select_min_s": min(t["times_s"]),
+                "sdpa_causal_fwd_s": sdpa["median_s"],
+                "select_over_sdpa": t["median_s"] / sdpa["median_s"],
+            }
+        )
+        print(
+            f"{n:6d} {spec:36s} select median {1e3 * t['median_s']:7.1f}ms (min {1e3 * min(t['times_s']):6.1f}ms)"
+            f"  causal SDPA fwd {1e3 * sdpa['median_s']:7.0f}ms  median ratio {rows[-1]['select_over_sdpa']:.3f}",
+            flush=True,
+        )
     return rows
 
 
@@ -115,8 +136,13 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--block-n", type=int, nargs="*", default=[8192, 16384],
-                   help="N for the block_topk / block_mass estimation-cost rows (empty: skip)")
+    p.add_argument(
+        "--block-n",
+        type=int,
+        nargs="*",
+        default=[8192, 16384],
+        help="N for the block_topk / block_mass estimation-cost rows (empty: skip)",
+    )
     p.add_argument("--out", default="results/tokensparse_speed.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -130,8 +156,11 @@ def main(argv=None) -> int:
         block_rows += measure_block_selection(n, args.repeat, args.heads, args.dim)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"config": vars(args), "load_avg_end": os.getloadavg(), "results": rows,
-                   "block_selection": block_rows}, f, indent=1)
+        json.dump(
+            {"config": vars(args), "load_avg_end": os.getloadavg(), "results": rows, "block_selection": block_rows},
+            f,
+            indent=1,
+        )
     print(f"wrote {args.out}")
     return 0
 

@@ -37,8 +37,11 @@ from spattn.kernels import blocksparse_train
 from spattn.kernels.blocksparse import blocksparse_attention
 from spattn.layout import Layout
 
-STATIC = {"window": ("window(size=256)", False), "window causal": ("window(size=256)", True),
-          "bigbird": ("bigbird(block=64, window=3, globals=2, random=3)", False)}
+STATIC = {
+    "window": ("window(size=256)", False),
+    "window causal": ("window(size=256)", True),
+    "bigbird": ("bigbird(block=64, window=3, globals=2, random=3)", False),
+}
 XATTENTION = "xattention(threshold=0.8, stride=16)"
 #: token-sparse (per-query top-k) and clustered (Routing Transformer windows) selections, on their own kernels
 SELECTIONS = {"topk(k=256)": "topk(k=256)", "routing(clusters=16)": "routing(clusters=16)"}
@@ -58,8 +61,16 @@ def _xattention_layout(n: int, layer: int, cache_dir: str) -> Layout:
         torch.save((q, k), path)
     sel = spattn.pattern(XATTENTION).select(q, k, causal=True)
     four = slice(0, 4)
-    return Layout(sel.kv_num_blocks[:, four], sel.kv_indices[:, four], q_len=n, kv_len=n, block_q=sel.block_q,
-                  block_k=sel.block_k, mask_mod=sel.mask_mod, full=sel.full[:, four])
+    return Layout(
+        sel.kv_num_blocks[:, four],
+        sel.kv_indices[:, four],
+        q_len=n,
+        kv_len=n,
+        block_q=sel.block_q,
+        block_k=sel.block_k,
+        mask_mod=sel.mask_mod,
+        full=sel.full[:, four],
+    )
 
 
 def _density(selection, n: int, causal: bool) -> float:
@@ -89,18 +100,24 @@ def run(lengths, threads, repeat, eager, model, layer, cache_dir, selections) ->
     for n in lengths:
         gen = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(1, 4, n, 64, generator=gen) for _ in range(3))
-        layouts = {name: (spattn.pattern(spec).layout(q, k, causal=causal), causal)
-                   for name, (spec, causal) in STATIC.items()}
+        layouts = {
+            name: (spattn.pattern(spec).layout(q, k, causal=causal), causal) for name, (spec, causal) in STATIC.items()
+        }
         if model and n <= MODEL_CONTEXT:
             layouts["xattention (SmolLM2)"] = (_xattention_layout(n, layer, cache_dir), True)
         if selections and n == min(lengths):  # gather-bound kernels: the shortest length only
-            layouts.update({name: (spattn.pattern(spec).select(q, k, causal=False), False)
-                            for name, spec in SELECTIONS.items()})
+            layouts.update(
+                {name: (spattn.pattern(spec).select(q, k, causal=False), False) for name, spec in SELECTIONS.items()}
+            )
         memory = n == max(lengths)
         for t in threads:
             torch.set_num_threads(t)
-            dense = {c: _timings(lambda a, b, c_, c=c: F.scaled_dot_product_attention(a, b, c_, is_causal=c),
-                                 q, k, v, repeat, False) for c in (False, True)}
+            dense = {
+                c: _timings(
+                    lambda a, b, c_, c=c: F.scaled_dot_product_attention(a, b, c_, is_causal=c), q, k, v, repeat, False
+                )
+                for c in (False, True)
+            }
             for name, (layout, causal) in layouts.items():
                 density = _density(layout, n, causal)
                 applies = blocksparse_train.applies
@@ -112,15 +129,24 @@ def run(lengths, threads, repeat, eager, model, layer, cache_dir, selections) ->
                 finally:
                     blocksparse_train.applies = applies
                 d = dense[causal]
-                row = {"n": n, "threads": t, "layout": name, "density": density, "kernel": "eager" if eager else "auto",
-                       "dense_fwd_s": d["fwd_s"], "dense_fwd_bwd_s": d["fwd_bwd_s"], **sparse}
+                row = {
+                    "n": n,
+                    "threads": t,
+                    "layout": name,
+                    "density": density,
+                    "kernel": "eager" if eager else "auto",
+                    "dense_fwd_s": d["fwd_s"],
+                    "dense_fwd_bwd_s": d["fwd_bwd_s"],
+                    **sparse,
+                }
                 row["fwd_over_ideal"] = sparse["fwd_s"] / (density * d["fwd_s"])
                 row["fwd_bwd_over_ideal"] = sparse["fwd_bwd_s"] / (density * d["fwd_bwd_s"])
                 row["fwd_bwd_over_fwd"] = sparse["fwd_bwd_s"] / sparse["fwd_s"]
                 if memory:
                     mask = layout.to_dense()
-                    masked = _timings(lambda a, b, c, m=mask: F.scaled_dot_product_attention(a, b, c, attn_mask=m),
-                                      q, k, v, 1, True)
+                    masked = _timings(
+                        lambda a, b, c, m=mask: F.scaled_dot_product_attention(a, b, c, attn_mask=m), q, k, v, 1, True
+                    )
                     row["dense_masked_peak_bytes"] = masked["peak_bytes"]
                     del mask
                 rows.append(row)
@@ -129,29 +155,36 @@ def run(lengths, threads, repeat, eager, model, layer, cache_dir, selections) ->
 
 
 def _line(r: dict) -> str:
-    text = (f"N={r['n']:6d} threads={r['threads']} {r['layout']:<20} density {r['density']:.4f}: "
-            f"fwd {r['fwd_s'] * 1e3:8.1f} ms ({r['fwd_over_ideal']:.2f}x ideal), "
-            f"fwd+bwd {r['fwd_bwd_s'] * 1e3:8.1f} ms ({r['fwd_bwd_over_ideal']:.2f}x ideal, "
-            f"{r['fwd_bwd_over_fwd']:.2f}x fwd); dense fwd {r['dense_fwd_s'] * 1e3:.0f} ms, "
-            f"fwd+bwd {r['dense_fwd_bwd_s'] * 1e3:.0f} ms")
+    text = (
+        f"N={r['n']:6d} threads={r['threads']} {r['layout']:<20} density {r['density']:.4f}: "
+        f"fwd {r['fwd_s'] * 1e3:8.1f} ms ({r['fwd_over_ideal']:.2f}x ideal), "
+        f"fwd+bwd {r['fwd_bwd_s'] * 1e3:8.1f} ms ({r['fwd_bwd_over_ideal']:.2f}x ideal, "
+        f"{r['fwd_bwd_over_fwd']:.2f}x fwd); dense fwd {r['dense_fwd_s'] * 1e3:.0f} ms, "
+        f"fwd+bwd {r['dense_fwd_bwd_s'] * 1e3:.0f} ms"
+    )
     if r.get("dense_masked_peak_bytes") and r.get("peak_bytes") is not None:
-        text += (f"; peak {r['peak_bytes'] / 2**20:.0f} MiB vs masked SDPA "
-                 f"{r['dense_masked_peak_bytes'] / 2**20:.0f} MiB")
+        text += (
+            f"; peak {r['peak_bytes'] / 2**20:.0f} MiB vs masked SDPA {r['dense_masked_peak_bytes'] / 2**20:.0f} MiB"
+        )
     return text
 
 
 def markdown(rows: list[dict]) -> str:
     """The rows as the table of docs/results/training.md."""
-    lines = ["| N | threads | layout | density | dense fwd ms | fwd ms | fwd / ideal | dense fwd+bwd ms | fwd+bwd ms "
-             "| fwd+bwd / ideal | fwd+bwd / fwd | peak MiB | masked SDPA peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| N | threads | layout | density | dense fwd ms | fwd ms | fwd / ideal | dense fwd+bwd ms | fwd+bwd ms "
+        "| fwd+bwd / ideal | fwd+bwd / fwd | peak MiB | masked SDPA peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        mib = (lambda b: f"{b / 2**20:.0f}" if b is not None else "")  # noqa: E731
-        lines.append(f"| {r['n']} | {r['threads']} | {r['layout']} | {r['density']:.4f} | {r['dense_fwd_s'] * 1e3:.1f} "
-                     f"| {r['fwd_s'] * 1e3:.1f} | {r['fwd_over_ideal']:.2f} | {r['dense_fwd_bwd_s'] * 1e3:.1f} "
-                     f"| {r['fwd_bwd_s'] * 1e3:.1f} | {r['fwd_bwd_over_ideal']:.2f} | {r['fwd_bwd_over_fwd']:.2f} "
-                     f"| {mib(r['peak_bytes']) if 'dense_masked_peak_bytes' in r else ''} "
-                     f"| {mib(r.get('dense_masked_peak_bytes'))} |")
+        mib = lambda b: f"{b / 2**20:.0f}" if b is not None else ""  # noqa: E731
+        lines.append(
+            f"| {r['n']} | {r['threads']} | {r['layout']} | {r['density']:.4f} | {r['dense_fwd_s'] * 1e3:.1f} "
+            f"| {r['fwd_s'] * 1e3:.1f} | {r['fwd_over_ideal']:.2f} | {r['dense_fwd_bwd_s'] * 1e3:.1f} "
+            f"| {r['fwd_bwd_s'] * 1e3:.1f} | {r['fwd_bwd_over_ideal']:.2f} | {r['fwd_bwd_over_fwd']:.2f} "
+            f"| {mib(r['peak_bytes']) if 'dense_masked_peak_bytes' in r else ''} "
+            f"| {mib(r.get('dense_masked_peak_bytes'))} |"
+        )
     return "\n".join(lines)
 
 
@@ -167,8 +200,16 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default="results", help="where captured SmolLM2 queries / keys are kept")
     p.add_argument("--out", default="results/train_kernel.json")
     args = p.parse_args(argv)
-    rows = run(args.lengths, args.threads, args.repeat, args.eager, not args.no_model, args.layer, args.cache,
-               not args.no_selections)
+    rows = run(
+        args.lengths,
+        args.threads,
+        args.repeat,
+        args.eager,
+        not args.no_model,
+        args.layer,
+        args.cache,
+        not args.no_selections,
+    )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"torch": torch.__version__, "rows": rows}, f, indent=2)

@@ -11,8 +11,19 @@ from .selection import ClusterSelection, PageSelection, TokenSelection
 from .patterns import Pattern, pattern
 
 __all__ = [
-    "Layout", "Pattern", "TokenSelection", "PageSelection", "ClusterSelection", "attention", "pattern", "mechanisms", "approx", "nn",
-    "registry", "integrations", "kvcache",
+    "Layout",
+    "Pattern",
+    "TokenSelection",
+    "PageSelection",
+    "ClusterSelection",
+    "attention",
+    "pattern",
+    "mechanisms",
+    "approx",
+    "nn",
+    "registry",
+    "integrations",
+    "kvcache",
 ]
 __version__ = "0.1.0"
 

@@ -21,8 +21,9 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_int(owner: Optional[str], name: str, value: Any, minimum: int = 0, allow_none: bool = False, *,
-              numpy: bool = False) -> Any:
+def check_int(
+    owner: Optional[str], name: str, value: Any, minimum: int = 0, allow_none: bool = False, *, numpy: bool = False
+) -> Any:
     """``value`` if it is an int ``>= minimum`` (or None with ``allow_none``); else TypeError / ValueError
     naming ``owner: name`` (just ``name`` when ``owner`` is None). With ``numpy`` numpy integers are
     accepted too and every accepted value comes back as a Python int."""

@@ -47,8 +47,10 @@ import torch
 
 __all__ = ["ops", "build_error", "build_dir", "status"]
 
-_SOURCES = [Path(__file__).with_name("csrc") / name
-            for name in ("decode_cpu.cpp", "blocksparse_cpu.cpp", "blocksparse_backward_cpu.cpp")]
+_SOURCES = [
+    Path(__file__).with_name("csrc") / name
+    for name in ("decode_cpu.cpp", "blocksparse_cpu.cpp", "blocksparse_backward_cpu.cpp")
+]
 _HEADERS = [Path(__file__).with_name("csrc") / "blocksparse_blas.h"]  # included by the sources: part of the key
 # -fopenmp: at::parallel_for is a header template that runs serially unless compiled with OpenMP
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -119,11 +121,21 @@ def _build(directory: Path, sources: list[Path]) -> Path:
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    print("spattn: building compiled CPU kernels, once, ~1 min "
-          f"(into {directory}; SPATTN_NO_EXT=1 skips them)", file=sys.stderr, flush=True)
+    print(
+        f"spattn: building compiled CPU kernels, once, ~1 min (into {directory}; SPATTN_NO_EXT=1 skips them)",
+        file=sys.stderr,
+        flush=True,
+    )
     # load() also loads the library into this process; its name is unique per key
-    load(name=_library_name(directory), sources=[str(p) for p in sources], is_python_module=False,
-         verbose=False, extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory))
+    load(
+        name=_library_name(directory),
+        sources=[str(p) for p in sources],
+        is_python_module=False,
+        verbose=False,
+        extra_cflags=_CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
+    )
     lib = directory / f"{_library_name(directory)}.so"
     tmp = directory / (_STAMP + ".tmp")
     tmp.write_text(_sha256(lib) + "\n")
@@ -158,8 +170,12 @@ def ops() -> Optional[Any]:
             _state["ops"] = torch.ops.spattn_cpu
         except Exception as err:  # no compiler, no ninja, unsupported platform: the eager path stays
             _state["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
-            warnings.warn(f"spattn: compiled CPU kernels unavailable ({_state['error']}); using the eager path "
-                          "(install a C++ compiler and ninja, e.g. pip install ninja)", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"spattn: compiled CPU kernels unavailable ({_state['error']}); using the eager path "
+                "(install a C++ compiler and ninja, e.g. pip install ninja)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     _state["tried"] = True
     return _state["ops"]
 

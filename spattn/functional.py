@@ -17,8 +17,16 @@ from .layout import Layout
 from .selection import ClusterSelection, PageSelection, TokenSelection
 from .patterns import Dense, Pattern, pattern as make_pattern
 
-__all__ = ["attention", "BACKENDS", "resolve_selection", "Kernel", "register_kernel", "kernel_for", "backend_for",
-           "is_selection"]
+__all__ = [
+    "attention",
+    "BACKENDS",
+    "resolve_selection",
+    "Kernel",
+    "register_kernel",
+    "kernel_for",
+    "backend_for",
+    "is_selection",
+]
 
 BACKENDS = ("auto", "reference", "blocksparse", "flex")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -59,7 +67,9 @@ def _check_key_padding_mask(mask: Optional[Tensor], k: Tensor) -> None:
     if mask.dtype != torch.bool:
         raise TypeError(f"key_padding_mask must be a bool tensor (True = real key), got dtype {mask.dtype}")
     if tuple(mask.shape) != (k.shape[0], k.shape[2]):
-        raise ValueError(f"key_padding_mask must have shape [B, Nk] = {(k.shape[0], k.shape[2])}, got {tuple(mask.shape)}")
+        raise ValueError(
+            f"key_padding_mask must have shape [B, Nk] = {(k.shape[0], k.shape[2])}, got {tuple(mask.shape)}"
+        )
     if mask.device != k.device:
         raise ValueError(f"key_padding_mask is on {mask.device} but k is on {k.device}")
 
@@ -87,7 +97,9 @@ def resolve_selection(q: Tensor, k: Tensor, pattern, causal: bool, key_padding_m
     if is_selection(pattern):
         what = type(pattern).__name__
         if causal:
-            raise ValueError(f"causal=True cannot be combined with a precomputed {what}: causality is part of the {what}")
+            raise ValueError(
+                f"causal=True cannot be combined with a precomputed {what}: causality is part of the {what}"
+            )
         _check_selection(pattern, q, k)
         return pattern, False
     pat = Dense() if pattern is None else make_pattern(pattern)
@@ -150,8 +162,10 @@ def kernel_for(selection, backend: str) -> Kernel:
         if kernel is not None:
             return kernel
     able = sorted({b for (cls, b) in _KERNELS if isinstance(selection, cls)})
-    raise ValueError(f"backend={backend!r} cannot run {selection.kind} ({type(selection).__name__}); "
-                     f"backends for it: {', '.join(able) or 'none registered'}")
+    raise ValueError(
+        f"backend={backend!r} cannot run {selection.kind} ({type(selection).__name__}); "
+        f"backends for it: {', '.join(able) or 'none registered'}"
+    )
 
 
 def backend_for(selection, backend: str) -> str:
@@ -204,8 +218,10 @@ def _pagesparse(q, k, v, selection, **kwargs):
 def _clustered(reference: bool):
     def run(q, k, v, selection, softcap=None, **kwargs):
         if softcap is not None:
-            raise ValueError("softcap is not supported for routing windows (a ClusterSelection): their kernel averages "
-                             "window softmaxes; use a Layout or token-selecting pattern, or softcap=None")
+            raise ValueError(
+                "softcap is not supported for routing windows (a ClusterSelection): their kernel averages "
+                "window softmaxes; use a Layout or token-selecting pattern, or softcap=None"
+            )
         from .kernels.clustered import clustered_attention
 
         return clustered_attention(q, k, v, selection, reference=reference, **kwargs)
@@ -213,13 +229,17 @@ def _clustered(reference: bool):
     return run
 
 
-for _backend, _kernel in (("reference", Kernel("reference", reference_attention)),
-                          ("blocksparse", Kernel("blocksparse", blocksparse_attention)),
-                          ("flex", Kernel("flex", _flex)),
-                          ("auto", Kernel("blocksparse or flex", _blocksparse_or_flex))):
+for _backend, _kernel in (
+    ("reference", Kernel("reference", reference_attention)),
+    ("blocksparse", Kernel("blocksparse", blocksparse_attention)),
+    ("flex", Kernel("flex", _flex)),
+    ("auto", Kernel("blocksparse or flex", _blocksparse_or_flex)),
+):
     register_kernel(Layout, _backend, _kernel)
-for _type, _kernel in ((TokenSelection, Kernel("tokensparse", _tokensparse)),
-                       (PageSelection, Kernel("pagesparse", _pagesparse))):
+for _type, _kernel in (
+    (TokenSelection, Kernel("tokensparse", _tokensparse)),
+    (PageSelection, Kernel("pagesparse", _pagesparse)),
+):
     register_kernel(_type, "auto", _kernel)
     register_kernel(_type, "blocksparse", _kernel)  # the block kernel's role for per-query selections
     register_kernel(_type, "reference", Kernel("reference", _on_dense_mask))
@@ -273,7 +293,12 @@ def attention(
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     _check_key_padding_mask(key_padding_mask, k)
     if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0:
+        if (
+            isinstance(softcap, bool)
+            or not isinstance(softcap, (int, float))
+            or not math.isfinite(softcap)
+            or softcap <= 0
+        ):
             raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
         softcap = float(softcap)
     plain = not return_lse and key_padding_mask is None and softcap is None  # SDPA's dense kernel can run it

@@ -106,7 +106,7 @@ class PageSummary:
 
     @property
     def kmin(self) -> Optional[Tensor]:
-        return None if self._bounds is None else self.bounds[..., self.bounds.shape[-1] // 2:]
+        return None if self._bounds is None else self.bounds[..., self.bounds.shape[-1] // 2 :]
 
     def _page_bounds(self, keys: Tensor) -> Tensor:
         """``[kmax | kmin]`` of ``keys`` whose first token starts a page."""
@@ -139,7 +139,7 @@ class PageSummary:
         elif n > self.length:
             first = self.length // self.page  # first page with new tokens: recomputed, then appended
             self._bounds.truncate(first)
-            self._bounds.append(self._page_bounds(keys[:, :, first * self.page:]))
+            self._bounds.append(self._page_bounds(keys[:, :, first * self.page :]))
         self.length = n
         return self
 
@@ -160,12 +160,16 @@ class LabelCache:
 
     def __init__(self, channels: Tensor, dtype: Optional[torch.dtype] = None):
         if not isinstance(channels, Tensor) or channels.dtype != torch.long or channels.dim() != 2:
-            got = f"{channels.dtype} {tuple(channels.shape)}" if isinstance(channels, Tensor) else type(channels).__name__
+            got = (
+                f"{channels.dtype} {tuple(channels.shape)}" if isinstance(channels, Tensor) else type(channels).__name__
+            )
             raise TypeError(f"LabelCache: channels must be an int64 tensor [Hq, r], got {got}")
         if channels.numel() and int(channels.min()) < 0:
             raise ValueError(f"LabelCache: channel indices must be >= 0, got {int(channels.min())}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"LabelCache: dtype must be a floating torch.dtype or None (the keys' dtype), got {dtype!r}")
+            raise TypeError(
+                f"LabelCache: dtype must be a floating torch.dtype or None (the keys' dtype), got {dtype!r}"
+            )
         self.channels = channels
         self.dtype = dtype
         self.length = 0
@@ -188,7 +192,9 @@ class LabelCache:
         b, hkv, n, d = keys.shape
         hq, r = self.channels.shape
         if hq % hkv:
-            raise ValueError(f"LabelCache: {hq} query heads of channels is not a multiple of the {hkv} kv heads of keys")
+            raise ValueError(
+                f"LabelCache: {hq} query heads of channels is not a multiple of the {hkv} kv heads of keys"
+            )
         if self._max_channel >= d:
             raise ValueError(f"LabelCache: channel index {self._max_channel} out of range for head dim {d}")
         group = hq // hkv
@@ -213,7 +219,7 @@ class LabelCache:
         if stale:
             self._labels = _Growing(self._gather(keys), dim=3)
         elif n > self.length:
-            self._labels.append(self._gather(keys[:, :, self.length:]))
+            self._labels.append(self._gather(keys[:, :, self.length :]))
         self.length = n
         return self
 
@@ -284,8 +290,9 @@ class KVCache:
         if k.shape != v.shape:
             raise ValueError(f"KVCache: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
         if k.dtype != v.dtype or k.device != v.device:
-            raise ValueError(f"KVCache: k and v must share dtype and device, got {k.dtype} on {k.device} and "
-                             f"{v.dtype} on {v.device}")
+            raise ValueError(
+                f"KVCache: k and v must share dtype and device, got {k.dtype} on {k.device} and {v.dtype} on {v.device}"
+            )
         if layer in self._keys:
             old = self._keys[layer].data
             if old.shape[:2] != k.shape[:2] or old.shape[3] != k.shape[3] or old.dtype != k.dtype:

@@ -50,7 +50,6 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-
 def true_positions(mask: Tensor, fill: int = 0, min_width: int = 1) -> tuple[Tensor, Tensor]:
     """For a bool tensor ``[..., M]``: ``(count [...], positions [..., W])`` -- the True entries' indices
     ascending, padded with ``fill`` to ``W = max(max count, min_width)``. The one block-map -> index
@@ -112,11 +111,15 @@ class Layout:
         # clamp, so that kernels never allocate block_q x block_k tiles for short sequences
         block_q, block_k = min(block_q, q_len), min(block_k, kv_len)
         if mask_mod is not None and not callable(mask_mod):
-            raise TypeError(f"mask_mod must be callable (b, h, q_idx, kv_idx) -> bool tensor, got {type(mask_mod).__name__}")
+            raise TypeError(
+                f"mask_mod must be callable (b, h, q_idx, kv_idx) -> bool tensor, got {type(mask_mod).__name__}"
+            )
         _check_int_tensor("kv_num_blocks", kv_num_blocks, 3)
         _check_int_tensor("kv_indices", kv_indices, 4)
         if 0 in kv_num_blocks.shape[:2]:
-            raise ValueError(f"kv_num_blocks must have batch and head sizes >= 1, got shape {tuple(kv_num_blocks.shape)}")
+            raise ValueError(
+                f"kv_num_blocks must have batch and head sizes >= 1, got shape {tuple(kv_num_blocks.shape)}"
+            )
         self.q_len, self.kv_len, self.block_q, self.block_k = q_len, kv_len, block_q, block_k
         nqb, nkb = ceil_div(q_len, block_q), ceil_div(kv_len, block_k)
         bh = tuple(kv_num_blocks.shape[:2])
@@ -126,9 +129,7 @@ class Layout:
                 f"in dim 2, got shape {tuple(kv_num_blocks.shape)}"
             )
         if tuple(kv_indices.shape[:3]) != bh + (nqb,):
-            raise ValueError(
-                f"kv_indices must have shape {bh + (nqb,)} + (slots,), got {tuple(kv_indices.shape)}"
-            )
+            raise ValueError(f"kv_indices must have shape {bh + (nqb,)} + (slots,), got {tuple(kv_indices.shape)}")
         device = kv_indices.device
         num = kv_num_blocks.to(device=device, dtype=torch.long)
         slots = kv_indices.shape[3]
@@ -174,16 +175,26 @@ class Layout:
         num, idx, full = self.kv_num_blocks, self.kv_indices, self.full
         for name, t, dims in (("kv_num_blocks", num, 3), ("kv_indices", idx, 4)):
             if not isinstance(t, Tensor) or t.dtype != torch.long or t.dim() != dims:
-                raise ValueError(f"Layout.{name} must be an int64 tensor with {dims} dims (changed after construction?)")
+                raise ValueError(
+                    f"Layout.{name} must be an int64 tensor with {dims} dims (changed after construction?)"
+                )
         slots = idx.shape[3]
-        if num.shape[2] != nqb or tuple(idx.shape[:3]) != tuple(num.shape) or not isinstance(full, Tensor) \
-                or full.shape != idx.shape:
-            raise ValueError(f"Layout tables have inconsistent shapes: kv_num_blocks {tuple(num.shape)}, "
-                             f"kv_indices {tuple(idx.shape)}, full {tuple(getattr(full, 'shape', ()))}; "
-                             f"expected [B', H', {nqb}] and [B', H', {nqb}, S]")
+        if (
+            num.shape[2] != nqb
+            or tuple(idx.shape[:3]) != tuple(num.shape)
+            or not isinstance(full, Tensor)
+            or full.shape != idx.shape
+        ):
+            raise ValueError(
+                f"Layout tables have inconsistent shapes: kv_num_blocks {tuple(num.shape)}, "
+                f"kv_indices {tuple(idx.shape)}, full {tuple(getattr(full, 'shape', ()))}; "
+                f"expected [B', H', {nqb}] and [B', H', {nqb}, S]"
+            )
         if num.numel() and (int(num.min()) < 0 or int(num.max()) > slots):
-            raise ValueError(f"Layout.kv_num_blocks must lie in [0, {slots}] (slots of kv_indices), "
-                             f"got values in [{int(num.min())}, {int(num.max())}]")
+            raise ValueError(
+                f"Layout.kv_num_blocks must lie in [0, {slots}] (slots of kv_indices), "
+                f"got values in [{int(num.min())}, {int(num.max())}]"
+            )
         valid = torch.arange(slots, device=idx.device) < num[..., None]
         bad = ((idx < 0) | (idx >= nkb)) & valid
         if bool(bad.any()):
@@ -192,8 +203,13 @@ class Layout:
             raise ValueError("Layout.kv_indices must be strictly increasing over the valid slots")
         if self.col_num is not None:
             cnum, cidx = self.col_num, self.col_indices
-            if not isinstance(cidx, Tensor) or cidx.dtype != torch.long or cidx.dim() != 4 or \
-                    tuple(cidx.shape[:3]) != tuple(num.shape) or tuple(cnum.shape) != tuple(num.shape):
+            if (
+                not isinstance(cidx, Tensor)
+                or cidx.dtype != torch.long
+                or cidx.dim() != 4
+                or tuple(cidx.shape[:3]) != tuple(num.shape)
+                or tuple(cnum.shape) != tuple(num.shape)
+            ):
                 raise ValueError("Layout.col_num / col_indices changed shape or dtype after construction")
             width = cidx.shape[3]
             if int(cnum.min()) < 0 or int(cnum.max()) > width:
@@ -277,16 +293,30 @@ class Layout:
         col_num = col_idx = None
         if column_map is not None:
             lead = tuple(block_map.shape[:3])
-            if not isinstance(column_map, Tensor) or column_map.dtype != torch.bool or column_map.dim() != 4 \
-                    or column_map.shape[3] != kv_len \
-                    or any(c not in (1, b) for c, b in zip(column_map.shape[:3], lead)):
+            if (
+                not isinstance(column_map, Tensor)
+                or column_map.dtype != torch.bool
+                or column_map.dim() != 4
+                or column_map.shape[3] != kv_len
+                or any(c not in (1, b) for c, b in zip(column_map.shape[:3], lead))
+            ):
                 shape = tuple(column_map.shape) if isinstance(column_map, Tensor) else type(column_map).__name__
-                raise ValueError(f"column_map must be a bool tensor [B', H', NQB, Nk] broadcastable to "
-                                 f"{lead + (kv_len,)}, got {shape}")
+                raise ValueError(
+                    f"column_map must be a bool tensor [B', H', NQB, Nk] broadcastable to "
+                    f"{lead + (kv_len,)}, got {shape}"
+                )
             col_num, col_idx = true_positions(column_map.expand(*lead, kv_len))
         return cls(
-            num, idx, q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k,
-            mask_mod=mask_mod, full=full, col_num=col_num, col_indices=col_idx,
+            num,
+            idx,
+            q_len=q_len,
+            kv_len=kv_len,
+            block_q=block_q,
+            block_k=block_k,
+            mask_mod=mask_mod,
+            full=full,
+            col_num=col_num,
+            col_indices=col_idx,
         )
 
     @classmethod
@@ -301,8 +331,9 @@ class Layout:
         if mask.dim() == 2:
             mask = mask[None, None]
         if mask.dim() != 4 or 0 in mask.shape:
-            raise ValueError(f"mask must have shape [Nq, Nk] or [B', H', Nq, Nk] with no empty dimension, "
-                             f"got {tuple(mask.shape)}")
+            raise ValueError(
+                f"mask must have shape [Nq, Nk] or [B', H', Nq, Nk] with no empty dimension, got {tuple(mask.shape)}"
+            )
         block_q = _check_size("block_q", block_q)
         block_k = block_q if block_k is None else _check_size("block_k", block_k)
         bp, hp, nq, nk = mask.shape
@@ -324,8 +355,13 @@ class Layout:
             return mask[b * multi_b, h * multi_h, q_idx, kv_idx]
 
         return cls.from_block_map(
-            block_map, q_len=nq, kv_len=nk, block_q=block_q, block_k=block_k,
-            full_map=full_map, mask_mod=lookup,
+            block_map,
+            q_len=nq,
+            kv_len=nk,
+            block_q=block_q,
+            block_k=block_k,
+            full_map=full_map,
+            mask_mod=lookup,
         )
 
     # ------------------------------------------------------------------ basic properties
@@ -403,8 +439,17 @@ class Layout:
             if getattr(inner, "translation_invariant", False):
                 translation_invariant(mask_mod)
         columns = {} if self.col_num is None else dict(col_num=self.col_num[:, sl], col_indices=self.col_indices[:, sl])
-        return Layout(self.kv_num_blocks[:, sl], self.kv_indices[:, sl], q_len=self.q_len, kv_len=self.kv_len,
-                      block_q=self.block_q, block_k=self.block_k, mask_mod=mask_mod, full=self.full[:, sl], **columns)
+        return Layout(
+            self.kv_num_blocks[:, sl],
+            self.kv_indices[:, sl],
+            q_len=self.q_len,
+            kv_len=self.kv_len,
+            block_q=self.block_q,
+            block_k=self.block_k,
+            mask_mod=mask_mod,
+            full=self.full[:, sl],
+            **columns,
+        )
 
     def __repr__(self) -> str:
         cols = f", columns<= {self.col_indices.shape[3]}" if self.has_columns else ""
@@ -475,7 +520,9 @@ class Layout:
             kb = self.kv_indices[b, h, qb, t[:, 3]]
             q = qb[:, None, None] * bq + torch.arange(bq, device=dev).view(1, -1, 1)
             kv = kb[:, None, None] * bk + torch.arange(bk, device=dev).view(1, 1, -1)
-            ok = self.mask_mod(b[:, None, None], h[:, None, None], q.clamp(max=self.q_len - 1), kv.clamp(max=self.kv_len - 1))
+            ok = self.mask_mod(
+                b[:, None, None], h[:, None, None], q.clamp(max=self.q_len - 1), kv.clamp(max=self.kv_len - 1)
+            )
             ok = ok & (kv < self.kv_len)
             rows.index_put_((b, h, qb), ok.expand(t.shape[0], bq, bk).sum(-1), accumulate=True)
         if self.has_columns:
@@ -511,9 +558,7 @@ class Layout:
         mine = (self.q_len, self.kv_len, self.block_q, self.block_k)
         theirs = (other.q_len, other.kv_len, other.block_q, other.block_k)
         if mine != theirs:
-            raise ValueError(
-                f"{op}: layouts differ in (q_len, kv_len, block_q, block_k): {mine} vs {theirs}"
-            )
+            raise ValueError(f"{op}: layouts differ in (q_len, kv_len, block_q, block_k): {mine} vs {theirs}")
         for dim, a, b in (("batch", self.batch, other.batch), ("heads", self.heads, other.heads)):
             if a != b and 1 not in (a, b):
                 raise ValueError(f"{op}: layouts' {dim} sizes {a} and {b} do not broadcast")
@@ -552,8 +597,14 @@ class Layout:
             plain = all(x.mask_mod is None and not x.has_columns for x in (self, other))
             mask_mod = None if plain else (lambda b, h, q, kv: self.contains(b, h, q, kv) & other.contains(b, h, q, kv))
         return Layout.from_block_map(
-            block_map, q_len=self.q_len, kv_len=self.kv_len, block_q=self.block_q, block_k=self.block_k,
-            full_map=full_map if mask_mod is not None else None, mask_mod=mask_mod, column_map=column_map,
+            block_map,
+            q_len=self.q_len,
+            kv_len=self.kv_len,
+            block_q=self.block_q,
+            block_k=self.block_k,
+            full_map=full_map if mask_mod is not None else None,
+            mask_mod=mask_mod,
+            column_map=column_map,
         )
 
     def union(self, other: "Layout") -> "Layout":
@@ -577,8 +628,12 @@ class Layout:
         shape = (*self.kv_num_blocks.shape, nkb)
         full_idx = torch.where(valid & self.full, self.kv_indices, nkb)
         part_idx = torch.where(valid & ~self.full, self.kv_indices, nkb)
-        full_map = torch.zeros(*shape[:3], nkb + 1, dtype=torch.bool, device=self.device).scatter_(-1, full_idx, True)[..., :-1]
-        part_map = torch.zeros(*shape[:3], nkb + 1, dtype=torch.bool, device=self.device).scatter_(-1, part_idx, True)[..., :-1]
+        full_map = torch.zeros(*shape[:3], nkb + 1, dtype=torch.bool, device=self.device).scatter_(-1, full_idx, True)[
+            ..., :-1
+        ]
+        part_map = torch.zeros(*shape[:3], nkb + 1, dtype=torch.bool, device=self.device).scatter_(-1, part_idx, True)[
+            ..., :-1
+        ]
         cm = self.column_map()
         if cm is not None:
             # blocks holding extra columns are evaluated with the full membership predicate
@@ -600,8 +655,11 @@ class Layout:
         f_num, f_idx = true_positions(full_map)
         pad = lambda t: torch.nn.functional.pad(t, (0, nkb - t.shape[-1]))
         return BlockMask.from_kv_blocks(
-            p_num.to(torch.int32), pad(p_idx).to(torch.int32),
-            f_num.to(torch.int32), pad(f_idx).to(torch.int32),
-            BLOCK_SIZE=(self.block_q, self.block_k), mask_mod=mask_mod,
+            p_num.to(torch.int32),
+            pad(p_idx).to(torch.int32),
+            f_num.to(torch.int32),
+            pad(f_idx).to(torch.int32),
+            BLOCK_SIZE=(self.block_q, self.block_k),
+            mask_mod=mask_mod,
             seq_lengths=(self.q_len, self.kv_len),
         )

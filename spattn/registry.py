@@ -15,7 +15,17 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["Mechanism", "register", "parse_spec", "lookup", "mechanisms", "build", "check_spec", "suggest", "as_python_scalar"]
+__all__ = [
+    "Mechanism",
+    "register",
+    "parse_spec",
+    "lookup",
+    "mechanisms",
+    "build",
+    "check_spec",
+    "suggest",
+    "as_python_scalar",
+]
 
 #: longest spec string accepted, and deepest nesting of its values (a tuple of tuples is depth 2)
 MAX_SPEC_LENGTH = 2000
@@ -93,7 +103,9 @@ def lookup(name: str) -> Mechanism:
         return _REGISTRY[name]
     except KeyError:
         valid = ", ".join(sorted(_REGISTRY)) or "(none registered)"
-        raise ValueError(f"unknown attention mechanism {name!r}{suggest(name, _REGISTRY)}; valid names: {valid}") from None
+        raise ValueError(
+            f"unknown attention mechanism {name!r}{suggest(name, _REGISTRY)}; valid names: {valid}"
+        ) from None
 
 
 def _literal(node: ast.AST, spec: str) -> Any:
@@ -140,7 +152,9 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     try:
         node = ast.parse(text, mode="eval").body
     except SyntaxError as err:
-        raise ValueError(f"cannot parse spec {_short(spec)}: {err.msg}; expected 'name' or 'name(key=value, ...)'") from None
+        raise ValueError(
+            f"cannot parse spec {_short(spec)}: {err.msg}; expected 'name' or 'name(key=value, ...)'"
+        ) from None
     except (RecursionError, MemoryError):
         raise ValueError(f"spec {_short(spec)} is nested too deeply (at most {MAX_SPEC_DEPTH} levels)") from None
     if _depth(node) > MAX_SPEC_DEPTH + 2:  # + the call and its keyword
@@ -188,8 +202,10 @@ def _check_parameters(mech: Mechanism, given: set, filled: frozenset = frozenset
     if missing:  # a missing argument is a TypeError, as Python's own is
         verb = "is" if len(missing) == 1 else "are"
         example = ", ".join(f"{p}=..." for p in missing)
-        raise TypeError(f"{mech.name}: {', '.join(missing)} {verb} required, e.g. '{mech.name}({example})'; "
-                         f"signature: {mech.signature()}")
+        raise TypeError(
+            f"{mech.name}: {', '.join(missing)} {verb} required, e.g. '{mech.name}({example})'; "
+            f"signature: {mech.signature()}"
+        )
 
 
 def build(spec: str | None = None, /, **overrides: Any) -> Any:

@@ -293,7 +293,10 @@ class ClusterSelection:
                 "ClusterSelection: query_indices and key_indices must agree in [B, H, C], got "
                 f"{tuple(self.query_indices.shape)} and {tuple(self.key_indices.shape)}"
             )
-        for name, t, n in (("query_indices", self.query_indices, self.q_len), ("key_indices", self.key_indices, self.kv_len)):
+        for name, t, n in (
+            ("query_indices", self.query_indices, self.q_len),
+            ("key_indices", self.key_indices, self.kv_len),
+        ):
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
                 raise ValueError(f"ClusterSelection: {name} must lie in [0, {n})")
 

@@ -63,4 +63,5 @@ class CountingOps:
         def call(*args):
             self.calls[name] = self.calls.get(name, 0) + 1
             return getattr(self.ops, name)(*args)
+
         return call

@@ -12,7 +12,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "spattn"
 
 #: lowest first; a module may import from its own layer or one to its left
 LAYERS = [
-    ("spattn._checks", "spattn._heads", "spattn.registry", "spattn.layout", "spattn.selection", "spattn.kvcache", "spattn._compiled", "spattn.data"),
+    (
+        "spattn._checks",
+        "spattn._heads",
+        "spattn.registry",
+        "spattn.layout",
+        "spattn.selection",
+        "spattn.kvcache",
+        "spattn._compiled",
+        "spattn.data",
+    ),
     ("spattn.patterns",),
     ("spattn.kernels",),
     ("spattn.functional",),
@@ -91,7 +100,7 @@ def test_no_import_cycles():
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt):] + [nxt]
+                cycle = stack[stack.index(nxt) :] + [nxt]
                 pytest.fail(f"import cycle: {' -> '.join(cycle)}")
             if nxt not in state:
                 visit(nxt)
@@ -120,8 +129,13 @@ def test_sibling_modules_do_not_import_each_other(folder):
     layers -- never a sibling (shared helpers belong in one private module)."""
     siblings = {m for m in MODULES if m.rpartition(".")[0] == folder}
     assert len(siblings) > 3
-    bad = sorted({(a, b) for a, b, _ in EDGES
-                  if a in siblings and b in siblings and not _private_or_base(a) and not _private_or_base(b)})
+    bad = sorted(
+        {
+            (a, b)
+            for a, b, _ in EDGES
+            if a in siblings and b in siblings and not _private_or_base(a) and not _private_or_base(b)
+        }
+    )
     assert not bad, f"sibling modules of {folder} import each other (move the shared code to a private module): {bad}"
 
 

@@ -34,7 +34,9 @@ def test_window_metrics_equal_a_hand_computation():
     scores = (q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(~allowed, float("-inf"))
     top = scores.topk(topk, -1)
     real = torch.isfinite(top.values)
-    assert rec["topk_recall"] == pytest.approx(float((keep.expand_as(scores).gather(-1, top.indices) & real).sum() / real.sum()))
+    assert rec["topk_recall"] == pytest.approx(
+        float((keep.expand_as(scores).gather(-1, top.indices) & real).sum() / real.sum())
+    )
     assert rec["planted_recall"] == pytest.approx(float((i.squeeze(1) - planted <= w).float().mean()))
     p = scores.softmax(-1).masked_fill(~keep, 0)
     out = (p / p.sum(-1, keepdim=True)) @ v
@@ -56,8 +58,28 @@ def test_planted_keys_are_visible_and_strong():
 
 def test_cli_writes_json_and_rejects_unknown(tmp_path, capsys):
     path = tmp_path / "fid.json"
-    assert main(["bench", "fidelity", "--n", "64", "--heads", "1", "--dim", "8", "--topk", "2",
-                 "--specs", "window(size=8, block=16)", "--json", str(path), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "fidelity",
+                "--n",
+                "64",
+                "--heads",
+                "1",
+                "--dim",
+                "8",
+                "--topk",
+                "2",
+                "--specs",
+                "window(size=8, block=16)",
+                "--json",
+                str(path),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     data = json.loads(path.read_text())
     assert [r["input"] for r in data["records"]] == ["random", "planted"]
     assert "window(size=8, block=16)" in capsys.readouterr().out
@@ -65,20 +87,25 @@ def test_cli_writes_json_and_rejects_unknown(tmp_path, capsys):
     assert "unknown attention mechanism" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(n=0), "n must be a positive int"),
-    (dict(n=8, topk=9), "topk=9 must be <= n=8"),
-    (dict(inputs=("noise",)), "inputs must be"),
-    (dict(specs=()), "at least one"),
-    (dict(specs=("window(size=",)), "cannot parse"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n=0), "n must be a positive int"),
+        (dict(n=8, topk=9), "topk=9 must be <= n=8"),
+        (dict(inputs=("noise",)), "inputs must be"),
+        (dict(specs=()), "at least one"),
+        (dict(specs=("window(size=",)), "cannot parse"),
+    ],
+)
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FidelityConfig(**kwargs).validate()
 
 
 def test_table_mentions_untrained_and_skipped():
-    result = run_fidelity(FidelityConfig(n=64, heads=1, dim=8, topk=2, specs=("window(size=4, block=16)", "zzz_missing")))
+    result = run_fidelity(
+        FidelityConfig(n=64, heads=1, dim=8, topk=2, specs=("window(size=4, block=16)", "zzz_missing"))
+    )
     text = format_fidelity_table(result)
     assert "skipped (not registered): zzz_missing" in text
 

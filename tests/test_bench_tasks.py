@@ -41,9 +41,23 @@ def test_mqar_task_data_and_query_positions():
 
 def test_mqar_sweep_and_table(tmp_path):
     torch.manual_seed(0)
-    rows = mqar.run_mqar_sweep(["dense", "window(size=2)"], seq_lens=[32], dims=[16], steps=3, batch_size=4, num_train=16,
-                               num_test=8, vocab=64, eval_every=3, json_path=str(tmp_path / "m.json"), log=lambda s: None)
-    assert [(r["spec"], r["seq_len"], r["kv_pairs"], r["dim"]) for r in rows] == [("dense", 32, 2, 16), ("window(size=2)", 32, 2, 16)]
+    rows = mqar.run_mqar_sweep(
+        ["dense", "window(size=2)"],
+        seq_lens=[32],
+        dims=[16],
+        steps=3,
+        batch_size=4,
+        num_train=16,
+        num_test=8,
+        vocab=64,
+        eval_every=3,
+        json_path=str(tmp_path / "m.json"),
+        log=lambda s: None,
+    )
+    assert [(r["spec"], r["seq_len"], r["kv_pairs"], r["dim"]) for r in rows] == [
+        ("dense", 32, 2, 16),
+        ("window(size=2)", 32, 2, 16),
+    ]
     assert all(0.0 <= r["test_acc"] <= 1.0 for r in rows)
     table = mqar.format_mqar_table(rows)
     assert "| dense | 16 |" in table and "L=32, kv=2" in table
@@ -55,15 +69,37 @@ def test_mqar_sweep_and_table(tmp_path):
 def test_mqar_cli_functions(tmp_path, capsys):
     p = argparse.ArgumentParser()
     mqar.add_mqar_arguments(p)
-    args = p.parse_args(["--attentions", "dense", "--seq-lens", "32", "--dims", "16", "--steps", "2", "--batch-size", "4",
-                         "--num-train", "8", "--num-test", "4", "--vocab", "64", "--json", str(tmp_path / "m.json")])
+    args = p.parse_args(
+        [
+            "--attentions",
+            "dense",
+            "--seq-lens",
+            "32",
+            "--dims",
+            "16",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--num-train",
+            "8",
+            "--num-test",
+            "4",
+            "--vocab",
+            "64",
+            "--json",
+            str(tmp_path / "m.json"),
+        ]
+    )
     assert mqar.run_mqar(args) == 0
     assert "| dense | 16 |" in capsys.readouterr().out
 
 
 def test_lra_table_has_published_rows_labelled():
-    rows = [{"task": "listops", "spec": "bigbird(block=32)", "test_acc": 37.5, "majority_acc": 17.0},
-            {"task": "pathfinder", "spec": "bigbird(block=32)", "test_acc": 60.0}]
+    rows = [
+        {"task": "listops", "spec": "bigbird(block=32)", "test_acc": 37.5, "majority_acc": 17.0},
+        {"task": "pathfinder", "spec": "bigbird(block=32)", "test_acc": 60.0},
+    ]
     t = lra.format_lra_table(rows)
     assert "| ours: bigbird(block=32) (CPU-scaled) | 37.50 | — | — | — | 60.00 | — | 48.75 |" in t
     assert "| Transformer (published, Tay et al. 2021) | 36.37 | 64.27 | 57.46 | 42.44 | 71.40 | FAIL | 54.39" in t
@@ -79,9 +115,14 @@ def test_lra_skips_file_tasks_without_data_dir():
 
 def test_lra_sweep_on_tiny_listops(tmp_path):
     pytest.importorskip("spattn.data.listops")
-    over = {"listops": dict(task_options=dict(max_len=60, min_len=10, num_train=32, num_val=8, num_test=8,
-                                              cache_dir=str(tmp_path)),
-                            steps=2, batch_size=8, model=dict(dim=16, depth=1, heads=2))}
+    over = {
+        "listops": dict(
+            task_options=dict(max_len=60, min_len=10, num_train=32, num_val=8, num_test=8, cache_dir=str(tmp_path)),
+            steps=2,
+            batch_size=8,
+            model=dict(dim=16, depth=1, heads=2),
+        )
+    }
     res = lra.run_lra_sweep(["dense"], ["listops"], overrides=over, log=lambda s: None)
     (row,) = res["rows"]
     assert row["task"] == "listops" and 0 <= row["test_acc"] <= 100 and row["majority_acc"] is not None

@@ -49,8 +49,14 @@ def brute_biformer(q, k, height, width, regions, topk, per_head):
 
 @settings(max_examples=10, deadline=None)
 @given(
-    batch=st.integers(1, 2), hkv=st.integers(1, 2), group=st.sampled_from([1, 2]), regions=st.integers(1, 3),
-    rh=st.integers(1, 3), rw=st.integers(1, 3), topk=st.integers(1, 9), per_head=st.booleans(),
+    batch=st.integers(1, 2),
+    hkv=st.integers(1, 2),
+    group=st.sampled_from([1, 2]),
+    regions=st.integers(1, 3),
+    rh=st.integers(1, 3),
+    rw=st.integers(1, 3),
+    topk=st.integers(1, 9),
+    per_head=st.booleans(),
     seed=st.integers(0, 10_000),
 )
 def test_selection_matches_brute_force(batch, hkv, group, regions, rh, rw, topk, per_head, seed):
@@ -84,8 +90,13 @@ def test_routing_follows_planted_affinity():
 
 
 @settings(max_examples=6, deadline=None)
-@given(batch=st.integers(1, 2), group=st.sampled_from([1, 2]), per_head=st.booleans(), padded=st.booleans(),
-       seed=st.integers(0, 1000))
+@given(
+    batch=st.integers(1, 2),
+    group=st.sampled_from([1, 2]),
+    per_head=st.booleans(),
+    padded=st.booleans(),
+    seed=st.integers(0, 1000),
+)
 def test_attention_matches_reference_on_the_selection(batch, group, per_head, padded, seed):
     spec = f"biformer(regions=3, topk=2, grid=(6, 9), per_head={per_head})"
     q, k, v = _qkv(seed, batch, 2 * group, 2, 54, 8)

@@ -65,8 +65,14 @@ def _random_layout(kind, batch, heads, nq, nk, block_q, block_k, gen):
     if kind == "columns":
         column_map = torch.rand(batch, heads, nqb, nk, generator=gen) < 0.05
     return Layout.from_block_map(
-        block_map, q_len=nq, kv_len=nk, block_q=block_q, block_k=block_k,
-        full_map=full_map, mask_mod=near_diagonal, column_map=column_map,
+        block_map,
+        q_len=nq,
+        kv_len=nk,
+        block_q=block_q,
+        block_k=block_k,
+        full_map=full_map,
+        mask_mod=near_diagonal,
+        column_map=column_map,
     )
 
 
@@ -85,14 +91,22 @@ def test_random_layouts_match_reference(problem, kind, padded):
 @given(problems(), st.booleans(), st.booleans())
 @pytest.mark.slow
 def test_dense_and_causal_match_reference(problem, causal, transposed):
-    batch, hq, hkv, nq, nk, dim, bq, bk, *_ , seed = problem
+    batch, hq, hkv, nq, nk, dim, bq, bk, *_, seed = problem
     q, k, v, _ = _tensors(batch, hq, hkv, nq, nk, dim, seed, transposed=transposed)
     layout = spattn.pattern("dense", block=bq).layout(q, k, causal=causal)
     assert_matches_reference(blocksparse_attention, q, k, v, layout)
 
 
-@pytest.mark.parametrize("spec", ["dense(block=16)", "window(size=20, block=16)", "window(size=0, block=16)",
-                                  "xattention(threshold=0.5, stride=4, block=16)", "block_topk(k=1, block=16)"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "dense(block=16)",
+        "window(size=20, block=16)",
+        "window(size=0, block=16)",
+        "xattention(threshold=0.5, stride=4, block=16)",
+        "block_topk(k=1, block=16)",
+    ],
+)
 @pytest.mark.parametrize("heads", [(2, 2), (1, 3)])  # (batch, kv heads)
 def test_transposed_inputs_with_band_keys(spec, heads):
     """Keys/values that are transposed views (as transformers passes them) and a key band needing no
@@ -180,7 +194,7 @@ def test_per_head_split_matches_reference(problem, kind, padded):
     with mock.patch.object(bs, "_split_heads_pays", lambda lay, heads_q, pairs: lay.heads == heads_q > 1):
         assert_matches_reference(blocksparse_attention, q, k, v, layout, kpm)
     for h in range(hq):
-        assert torch.equal(layout.head(h).to_dense(), layout.to_dense()[:, h: h + 1])
+        assert torch.equal(layout.head(h).to_dense(), layout.to_dense()[:, h : h + 1])
 
 
 def test_split_heads_only_when_heads_differ_in_width():

@@ -45,8 +45,12 @@ def _check(q, k, v, layout, atol):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(problems(), st.sampled_from(["dense_mask", "blocks"]), st.sampled_from([torch.float32, torch.float64]),
-       st.booleans())
+@given(
+    problems(),
+    st.sampled_from(["dense_mask", "blocks"]),
+    st.sampled_from([torch.float32, torch.float64]),
+    st.booleans(),
+)
 @pytest.mark.slow
 def test_random_layouts_match_reference(spy, problem, kind, dtype, transposed):
     """Per-batch / per-head / shared layouts, GQA, lengths off the block grid, partial tiles with a
@@ -69,8 +73,11 @@ def test_causal_and_content_layouts_match_reference(spy, problem, causal, dtype)
     q, k, v, _ = _tensors(batch, hq, hkv, nq, nk, dim, seed, dtype=dtype)
     atol = 1e-5 if dtype == torch.float32 else 1e-10
     for spec in (f"dense(block={bq})", f"xattention(threshold=0.7, stride=4, block={max(bq, 16)})"):
-        layout = spattn.pattern(spec).select(q, k, causal=causal) if "xatt" in spec else \
-            spattn.pattern(spec).layout(q, k, causal=causal)
+        layout = (
+            spattn.pattern(spec).select(q, k, causal=causal)
+            if "xatt" in spec
+            else spattn.pattern(spec).layout(q, k, causal=causal)
+        )
         _check(q, k, v, layout, atol)
     assert spy.calls.get("block_sparse_forward", 0) >= 2
 
@@ -105,8 +112,9 @@ def test_partial_tile_masks_brute_force():
         return (q_idx * 7 + kv_idx * 3 + h) % 5 != 0
 
     for mask_mod, shared in ((band, True), (checker, False)):
-        layout = Layout.from_block_map(block_map, q_len=nq, kv_len=nk, block_q=bq, block_k=bk, full_map=full_map,
-                                       mask_mod=mask_mod)
+        layout = Layout.from_block_map(
+            block_map, q_len=nq, kv_len=nk, block_q=bq, block_k=bk, full_map=full_map, mask_mod=mask_mod
+        )
         mask_id, masks = blocksparse_cpu.partial_tile_masks(layout)
         partial = layout.valid_slots() & ~layout.full
         assert torch.equal(mask_id >= 0, partial)
@@ -157,10 +165,21 @@ def test_loop_rejects_malformed_tables(spy):
     mask_id, masks = blocksparse_cpu.partial_tile_masks(layout)
     ops = spy.ops
     with pytest.raises(RuntimeError, match="query blocks"):
-        ops.block_sparse_forward(q, k, v, layout.kv_num_blocks[:, :, :2].contiguous(), layout.kv_indices[:, :, :2].contiguous(),
-                                 mask_id[:, :, :2].contiguous(), masks, 16, 16, 1.0)
+        ops.block_sparse_forward(
+            q,
+            k,
+            v,
+            layout.kv_num_blocks[:, :, :2].contiguous(),
+            layout.kv_indices[:, :, :2].contiguous(),
+            mask_id[:, :, :2].contiguous(),
+            masks,
+            16,
+            16,
+            1.0,
+        )
     with pytest.raises(RuntimeError, match="masks must be"):
         ops.block_sparse_forward(q, k, v, layout.kv_num_blocks, layout.kv_indices, mask_id, masks[:, :8], 16, 16, 1.0)
     with pytest.raises(RuntimeError, match="float32 or float64"):
-        ops.block_sparse_forward(q.half(), k.half(), v.half(), layout.kv_num_blocks, layout.kv_indices, mask_id, masks,
-                                 16, 16, 1.0)
+        ops.block_sparse_forward(
+            q.half(), k.half(), v.half(), layout.kv_num_blocks, layout.kv_indices, mask_id, masks, 16, 16, 1.0
+        )

@@ -28,8 +28,13 @@ def _calls(spy, name="block_sparse_backward"):
 
 
 @settings(max_examples=30, **SETTINGS)
-@given(problems(), st.sampled_from(["dense_mask", "blocks", "columns"]), st.sampled_from([torch.float32, torch.float64]),
-       st.booleans(), st.sampled_from([None, "tail", "random"]))
+@given(
+    problems(),
+    st.sampled_from(["dense_mask", "blocks", "columns"]),
+    st.sampled_from([torch.float32, torch.float64]),
+    st.booleans(),
+    st.sampled_from([None, "tail", "random"]),
+)
 def test_random_layouts_match_reference(spy, problem, kind, dtype, transposed, padding):
     """out, lse, dq, dk, dv with out and lse cotangents: per-batch / per-head / shared random layouts,
     GQA, lengths off the block grid, Nq != Nk, partial tiles with a predicate that is not translation
@@ -44,8 +49,9 @@ def test_random_layouts_match_reference(spy, problem, kind, dtype, transposed, p
     elif padding == "tail":
         kpm = torch.arange(nk) < torch.randint(1, nk + 1, (batch, 1), generator=gen)
     before = _calls(spy)
-    assert_matches_reference(blocksparse_attention, q, k, v, layout, kpm,
-                             atol=1e-5 if dtype == torch.float32 else 1e-10)
+    assert_matches_reference(
+        blocksparse_attention, q, k, v, layout, kpm, atol=1e-5 if dtype == torch.float32 else 1e-10
+    )
     assert _calls(spy) == before + 1
 
 
@@ -60,8 +66,9 @@ def test_inference_forward_with_padding_and_columns(spy, problem, padded):
     before = _calls(spy, "block_sparse_forward")
     with torch.no_grad():
         out, lse = blocksparse_attention(q, k, v, layout, key_padding_mask=kpm, return_lse=True)
-    want, want_lse = reference_attention(q.double(), k.double(), v.double(), layout, key_padding_mask=kpm,
-                                         return_lse=True)
+    want, want_lse = reference_attention(
+        q.double(), k.double(), v.double(), layout, key_padding_mask=kpm, return_lse=True
+    )
     assert _calls(spy, "block_sparse_forward") == before + 1
     assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
     assert (out.double() - want).abs().max().item() <= 1e-5
@@ -113,6 +120,7 @@ def test_gradcheck_fp64(spy):
     empty = Layout.from_dense(layout.to_dense() & (torch.arange(21).view(1, 1, -1, 1) != 6), 4, 4)
 
     for lay in (layout, empty):
+
         def fn(q_, k_, v_, lay=lay):
             out, lse = blocksparse_attention(q_, k_, v_, lay, return_lse=True)
             return out, torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
@@ -150,9 +158,12 @@ def test_transposed_tables_brute_force():
     for b in range(2):
         for h in range(3):
             for kb in range(layout.num_kv_blocks):
-                want = [(qb, int(mask_id[b, h, qb, s])) for qb in range(layout.num_q_blocks)
-                        for s in range(int(layout.kv_num_blocks[b, h, qb]))
-                        if int(layout.kv_indices[b, h, qb, s]) == kb]
+                want = [
+                    (qb, int(mask_id[b, h, qb, s]))
+                    for qb in range(layout.num_q_blocks)
+                    for s in range(int(layout.kv_num_blocks[b, h, qb]))
+                    if int(layout.kv_indices[b, h, qb, s]) == kb
+                ]
                 lo, hi = int(q_ptr[b, h, kb]), int(q_ptr[b, h, kb + 1])
                 assert list(zip(q_blocks[lo:hi].tolist(), q_mask[lo:hi].tolist())) == want
 
@@ -214,8 +225,9 @@ def test_backward_rejects_malformed_tables(spy):
     layout = spattn.pattern("dense(block=16)").layout(q, k, causal=True)
     t = blocksparse_train._train_tables(layout)
     ops = spy.ops
-    out, lse = ops.block_sparse_forward(q, k, v, layout.kv_num_blocks, layout.kv_indices, t.mask_id, t.masks,
-                                        16, 16, 1.0)
+    out, lse = ops.block_sparse_forward(
+        q, k, v, layout.kv_num_blocks, layout.kv_indices, t.mask_id, t.masks, 16, 16, 1.0
+    )
     delta = torch.zeros_like(lse)
 
     def call(q_ptr=t.q_ptr, q_blocks=t.q_blocks, q_mask=t.q_mask_id, masks=t.masks, dtype=torch.float32):

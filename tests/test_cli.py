@@ -27,9 +27,30 @@ def test_list_names_every_mechanism(capsys):
 @pytest.mark.slow
 def test_bench_speed_quick_writes_json(tmp_path, capsys):
     path = tmp_path / "sub" / "speed.json"
-    code = main(["bench", "speed", "--quick", "--n", "96", "160", "--patterns", "window(size=16)",
-                 "dense(block=32)", "--backends", "sdpa", "sdpa_mask", "blocksparse", "--heads", "2",
-                 "--dim", "16", "--json", str(path), "--quiet"])
+    code = main(
+        [
+            "bench",
+            "speed",
+            "--quick",
+            "--n",
+            "96",
+            "160",
+            "--patterns",
+            "window(size=16)",
+            "dense(block=32)",
+            "--backends",
+            "sdpa",
+            "sdpa_mask",
+            "blocksparse",
+            "--heads",
+            "2",
+            "--dim",
+            "16",
+            "--json",
+            str(path),
+            "--quiet",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "window(size=16)" in out and str(path) in out
@@ -47,14 +68,17 @@ def test_bench_speed_quick_writes_json(tmp_path, capsys):
         assert rec["summary"]["blocksparse_over_ideal"] > 0
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["bench", "speed", "--patterns", "nosuchpattern(size=3)"], "nosuchpattern"),
-    (["bench", "speed", "--patterns", "window(size=-1)"], "size"),
-    (["bench", "speed", "--backends", "warp"], "warp"),
-    (["bench", "speed", "--n", "0"], "positive"),
-    (["bench", "speed", "--frobnicate"], "frobnicate"),
-    (["explode"], "explode"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["bench", "speed", "--patterns", "nosuchpattern(size=3)"], "nosuchpattern"),
+        (["bench", "speed", "--patterns", "window(size=-1)"], "size"),
+        (["bench", "speed", "--backends", "warp"], "warp"),
+        (["bench", "speed", "--n", "0"], "positive"),
+        (["bench", "speed", "--frobnicate"], "frobnicate"),
+        (["explode"], "explode"),
+    ],
+)
 def test_bad_arguments_exit_2_with_one_line(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -64,17 +88,47 @@ def test_bad_arguments_exit_2_with_one_line(argv, needle, capsys):
 
 def test_module_entry_point_exit_status():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "spattn.cli", "bench", "speed", "--patterns", "bogus"],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "spattn.cli", "bench", "speed", "--patterns", "bogus"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "bogus" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def test_train_mqar_then_resume(tmp_path, capsys):
-    argv = ["train", "mqar", "--attention", "window(size=8)", "--dim", "16", "--seq-len", "64", "--kv-pairs", "4",
-            "--vocab", "64", "--num-train", "64", "--num-test", "32", "--batch-size", "8", "--eval-every", "2",
-            "--eval-batches", "1", "--no-progress", "--out", str(tmp_path)]
+    argv = [
+        "train",
+        "mqar",
+        "--attention",
+        "window(size=8)",
+        "--dim",
+        "16",
+        "--seq-len",
+        "64",
+        "--kv-pairs",
+        "4",
+        "--vocab",
+        "64",
+        "--num-train",
+        "64",
+        "--num-test",
+        "32",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "1",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv + ["--steps", "2"]) == 0
     assert main(argv + ["--steps", "4", "--resume"]) == 0
     out = capsys.readouterr().out
@@ -86,16 +140,65 @@ def test_train_mqar_then_resume(tmp_path, capsys):
 @pytest.mark.slow
 def test_bench_mqar_plot_and_short_default(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    assert main(["bench", "mqar", "--attentions", "dense", "--seq-lens", "64", "--dims", "16", "--steps", "2",
-                 "--num-train", "32", "--num-test", "16", "--vocab", "64", "--batch-size", "8",
-                 "--json", str(tmp_path / "mqar.json")]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "mqar",
+                "--attentions",
+                "dense",
+                "--seq-lens",
+                "64",
+                "--dims",
+                "16",
+                "--steps",
+                "2",
+                "--num-train",
+                "32",
+                "--num-test",
+                "16",
+                "--vocab",
+                "64",
+                "--batch-size",
+                "8",
+                "--json",
+                str(tmp_path / "mqar.json"),
+            ]
+        )
+        == 0
+    )
     assert "| dense |" in capsys.readouterr().out
     png = tmp_path / "patterns.png"
-    assert main(["bench", "plot", "--patterns", "window(size=16)", "bigbird(block=16)", "--n", "64", "--out", str(png)]) == 0
+    assert (
+        main(["bench", "plot", "--patterns", "window(size=16)", "bigbird(block=16)", "--n", "64", "--out", str(png)])
+        == 0
+    )
     assert png.stat().st_size > 0
     speed = tmp_path / "speed.json"
-    assert main(["bench", "--quick", "--n", "128", "256", "--patterns", "window(size=32)", "linear", "--heads", "1",
-                 "--dim", "8", "--json", str(speed), "--plot", str(tmp_path / "speed.png"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--quick",
+                "--n",
+                "128",
+                "256",
+                "--patterns",
+                "window(size=32)",
+                "linear",
+                "--heads",
+                "1",
+                "--dim",
+                "8",
+                "--json",
+                str(speed),
+                "--plot",
+                str(tmp_path / "speed.png"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "speed.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "window(size=32)" in out and "linear" in out and "xattention" in out  # speed, then fidelity
@@ -103,13 +206,16 @@ def test_bench_mqar_plot_and_short_default(tmp_path, capsys):
     assert json.loads((tmp_path / "speed_fidelity.json").read_text())["records"]
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["train", "nosuchtask"], "nosuchtask"),
-    (["train", "mqar", "--attention", "nosuch(k=1)"], "nosuch"),
-    (["train", "mqar", "--task-option", "novalue"], "KEY=VALUE"),
-    (["longctx", "--trials", "0"], "--trials"),
-    (["bench", "lra", "--tasks", "nosuchtask", "--steps", "1"], "nosuchtask"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["train", "nosuchtask"], "nosuchtask"),
+        (["train", "mqar", "--attention", "nosuch(k=1)"], "nosuch"),
+        (["train", "mqar", "--task-option", "novalue"], "KEY=VALUE"),
+        (["longctx", "--trials", "0"], "--trials"),
+        (["bench", "lra", "--tasks", "nosuchtask", "--steps", "1"], "nosuchtask"),
+    ],
+)
 def test_bad_run_options_exit_2_with_one_line(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -126,18 +232,21 @@ def test_list_fits_the_terminal(capsys, monkeypatch):
     assert f"{len(spattn.mechanisms())} mechanisms" in out
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["longctx", "--methods", "windw(size=256)"], "did you mean 'window'"),
-    (["longctx", "--methods", "window(size=1, size=2)"], "given twice"),
-    (["longctx", "--decode", "quest(budgt=3)"], "did you mean 'budget'"),
-    (["longctx", "--tasks", "paskey"], "did you mean 'passkey'"),
-    (["longctx", "--depths", "1.5"], "--depths"),
-    (["longctx", "--lengths", "4"], "--lengths"),
-    (["train", "mqar", "--attention", "windw(size=3)"], "did you mean 'window'"),
-    (["train", "mqar", "--attention", "window"], "window: size is required"),
-    (["train", "mqar", "--attention", "window(size=8); topkk(k=8)"], "did you mean 'topk'"),
-    (["bench", "mqar", "--attentions", "windw(size=3)"], "did you mean 'window'"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["longctx", "--methods", "windw(size=256)"], "did you mean 'window'"),
+        (["longctx", "--methods", "window(size=1, size=2)"], "given twice"),
+        (["longctx", "--decode", "quest(budgt=3)"], "did you mean 'budget'"),
+        (["longctx", "--tasks", "paskey"], "did you mean 'passkey'"),
+        (["longctx", "--depths", "1.5"], "--depths"),
+        (["longctx", "--lengths", "4"], "--lengths"),
+        (["train", "mqar", "--attention", "windw(size=3)"], "did you mean 'window'"),
+        (["train", "mqar", "--attention", "window"], "window: size is required"),
+        (["train", "mqar", "--attention", "window(size=8); topkk(k=8)"], "did you mean 'topk'"),
+        (["bench", "mqar", "--attentions", "windw(size=3)"], "did you mean 'window'"),
+    ],
+)
 def test_specs_and_options_checked_before_loading(argv, needle, capsys, monkeypatch):
     """Rejected before any model is loaded or data generated, on a line of its own."""
     import spattn.bench.tasks as tasks
@@ -173,9 +282,29 @@ def test_readme_first_example_runs_as_a_script_and_prints():
 
 
 def test_train_resume_with_other_evaluation_sizes(tmp_path, capsys):
-    argv = ["train", "mqar", "--attention", "window(size=8)", "--dim", "16", "--seq-len", "64", "--kv-pairs", "4",
-            "--vocab", "64", "--num-train", "64", "--batch-size", "8", "--eval-every", "2", "--no-progress",
-            "--out", str(tmp_path)]
+    argv = [
+        "train",
+        "mqar",
+        "--attention",
+        "window(size=8)",
+        "--dim",
+        "16",
+        "--seq-len",
+        "64",
+        "--kv-pairs",
+        "4",
+        "--vocab",
+        "64",
+        "--num-train",
+        "64",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "2",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv + ["--steps", "2", "--num-val", "16", "--num-test", "16"]) == 0
     assert main(argv + ["--steps", "2"]) == 2  # the directory holds a run: --resume or --overwrite
     assert "already holds a training checkpoint" in capsys.readouterr().err

@@ -27,14 +27,16 @@ def _inputs(B, Hq, Hkv, n, D, dtype=torch.float64, seed=0):
 def _check(mode, L, causal, B, Hq, Hkv, n, D, kpm=None, dtype=torch.float64, atol=1e-10, row_summary="wsum"):
     q, k, v = _inputs(B, Hq, Hkv, n, D, dtype)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    out = combiner_attention(q, k, v, mode=mode, segment=L, causal=causal, key_padding_mask=kpm,
-                             row_summary=row_summary)
+    out = combiner_attention(
+        q, k, v, mode=mode, segment=L, causal=causal, key_padding_mask=kpm, row_summary=row_summary
+    )
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
     grads = torch.autograd.grad((out * g).sum(), (q, k, v))
     q2, k2, v2 = (t.detach().double().requires_grad_() for t in (q, k, v))
     rep = Hq // Hkv
-    want, total = naive_combiner(q2, k2.repeat_interleave(rep, 1), v2.repeat_interleave(rep, 1),
-                                 mode, L, causal, kpm, row_summary)
+    want, total = naive_combiner(
+        q2, k2.repeat_interleave(rep, 1), v2.repeat_interleave(rep, 1), mode, L, causal, kpm, row_summary
+    )
     want_grads = torch.autograd.grad((want * g.double()).sum(), (q2, k2, v2))
     assert not torch.isnan(out).any()
     assert (out.double() - want).abs().max() <= atol
@@ -87,7 +89,7 @@ def test_causal_no_leakage(mode):
     for t in (0, 7, 15, 22):
         q2, k2, v2 = (x.clone() for x in (q, k, v))
         for x in (q2, k2, v2):
-            x[:, :, t + 1:] = torch.randn_like(x[:, :, t + 1:]) * 5
+            x[:, :, t + 1 :] = torch.randn_like(x[:, :, t + 1 :]) * 5
         out2 = combiner_attention(q2, k2, v2, mode=mode, causal=True)
         assert torch.equal(out[:, :, : t + 1], out2[:, :, : t + 1])
 

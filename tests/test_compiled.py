@@ -46,8 +46,15 @@ def _brute_group_scores(q, labels, channels):
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.integers(1, 2), st.sampled_from([(2, 1), (6, 2), (3, 3)]), st.integers(1, 9), st.integers(1, 300),
-       st.integers(1, 300), st.sampled_from([torch.float32, torch.float64]), st.integers(0, 10_000))
+@given(
+    st.integers(1, 2),
+    st.sampled_from([(2, 1), (6, 2), (3, 3)]),
+    st.integers(1, 9),
+    st.integers(1, 300),
+    st.integers(1, 300),
+    st.sampled_from([torch.float32, torch.float64]),
+    st.integers(0, 10_000),
+)
 def test_group_topk_brute_force(b, heads, r, n, count, dtype, seed):
     ops = _ops()
     hq, hkv = heads
@@ -139,14 +146,19 @@ def _decode_inputs(dtype=torch.float32, n=300, seed=3):
     return q, k, v
 
 
-@pytest.mark.parametrize("dtype,label_dtype", [(torch.float32, None), (torch.float64, None), (torch.float32, "bfloat16")])
+@pytest.mark.parametrize(
+    "dtype,label_dtype", [(torch.float32, None), (torch.float64, None), (torch.float32, "bfloat16")]
+)
 def test_grouped_double_sparsity_compiled_equals_eager(dtype, label_dtype, monkeypatch):
     spy = _counting(monkeypatch)
     q, k, v = _decode_inputs(dtype)
     ds = DoubleSparsity(channels=4, budget=40, group_tokens=True, label_dtype=label_dtype)
     g = torch.Generator().manual_seed(4)
-    ds.calibrate(torch.randn(2, 6, 64, 16, generator=g, dtype=dtype), torch.randn(2, 2, 64, 16, generator=g, dtype=dtype),
-                 layer=0)
+    ds.calibrate(
+        torch.randn(2, 6, 64, 16, generator=g, dtype=dtype),
+        torch.randn(2, 2, 64, 16, generator=g, dtype=dtype),
+        layer=0,
+    )
     sel = ds.select(q, k, True, state=SelectorState().at(0))
     out = spattn.attention(q, k, v, sel)
     assert spy.calls == {"group_topk": 1, "shared_rows_attention": 1}
@@ -180,7 +192,11 @@ def _fake_sources(tmp_path, text):
 
 def test_build_dir_is_keyed_by_sources_torch_and_python(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
-    a, a_again, b = _fake_sources(tmp_path, "int a;"), _fake_sources(tmp_path, "int a;"), _fake_sources(tmp_path, "int b;")
+    a, a_again, b = (
+        _fake_sources(tmp_path, "int a;"),
+        _fake_sources(tmp_path, "int a;"),
+        _fake_sources(tmp_path, "int b;"),
+    )
     assert _compiled.build_dir(a) == _compiled.build_dir(a_again)
     assert _compiled.build_dir(a) != _compiled.build_dir(b)
     assert _compiled.build_dir(a).parent == tmp_path / "cache"
@@ -221,9 +237,11 @@ def test_damaged_library_is_rebuilt_never_loaded(tmp_path, monkeypatch, capsys):
     lib = _compiled.load_library(directory, sources)
     assert fake.builds == 1 and "building compiled CPU kernels, once" in capsys.readouterr().err
     assert _compiled.load_library(directory, sources) == lib and fake.builds == 1 and fake.loads == [str(lib)]
-    for damage in (lambda: lib.write_bytes(lib.read_bytes()[:50]),  # truncated (SIGBUS when mapped)
-                   lambda: (directory / _compiled._STAMP).unlink(),  # interrupted before the stamp
-                   lambda: lib.write_bytes(b"\0" * len(lib.read_bytes()))):  # same size, other bytes
+    for damage in (
+        lambda: lib.write_bytes(lib.read_bytes()[:50]),  # truncated (SIGBUS when mapped)
+        lambda: (directory / _compiled._STAMP).unlink(),  # interrupted before the stamp
+        lambda: lib.write_bytes(b"\0" * len(lib.read_bytes())),
+    ):  # same size, other bytes
         damage()
         assert _compiled._verified_library(directory) is None
         fake.loads.clear()
@@ -269,8 +287,15 @@ def test_concurrent_first_uses_wait_on_one_build_processes(tmp_path):
     script, log = tmp_path / "build.py", tmp_path / "builds.log"
     script.write_text(_PROCESS_BUILD)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "cache" / "spattn_cpu_procs"), str(log),
-                               str(sources[0])], env=env, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "cache" / "spattn_cpu_procs"), str(log), str(sources[0])],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errors
     assert log.read_text().count("build") == 1
@@ -291,9 +316,19 @@ def test_truncated_real_library_is_rebuilt_in_a_fresh_process(tmp_path):
     lib = directory / f"{directory.name}.so"
     lib.write_bytes(lib.read_bytes()[: lib.stat().st_size // 3])
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(cache), PYTHONPATH=os.pathsep.join(sys.path))
-    run = subprocess.run([sys.executable, "-c", "from spattn import _compiled; assert _compiled.ops() is not None, "
-                          "_compiled.build_error(); print(_compiled.status()['built'])"],
-                         env=env, capture_output=True, text=True, timeout=600, check=False)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from spattn import _compiled; assert _compiled.ops() is not None, "
+            "_compiled.build_error(); print(_compiled.status()['built'])",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr
     assert "building compiled CPU kernels" in run.stderr and run.stdout.strip() == "True"
 
@@ -304,8 +339,16 @@ def test_doctor_reports_build_and_paths(capsys, monkeypatch):
     _ops()
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
-    for text in ("build dir", str(_compiled.build_dir()), "built       yes", "loaded      yes", "BLAS", "threads",
-                 "block-sparse prefill forward", "decode"):
+    for text in (
+        "build dir",
+        str(_compiled.build_dir()),
+        "built       yes",
+        "loaded      yes",
+        "BLAS",
+        "threads",
+        "block-sparse prefill forward",
+        "decode",
+    ):
         assert text in out, text
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/nonexistent/spattn-doctor-test")
     monkeypatch.setitem(_compiled._state, "ops", None)

@@ -57,7 +57,7 @@ def test_random_windows_deterministic_and_shifted(tree):
         assert x.shape == y.shape == (50,) and x.dtype == torch.long
         assert torch.equal(x[1:], y[:-1])
         s = a.start(i)
-        assert torch.equal(x, a.data[s:s + 50].long()) and torch.equal(y, a.data[s + 1:s + 51].long())
+        assert torch.equal(x, a.data[s : s + 50].long()) and torch.equal(y, a.data[s + 1 : s + 51].long())
         assert torch.equal(x, b[i][0])
     assert len({a.start(i) for i in range(20)}) > 15
     assert [a.start(i) for i in range(20)] != [c.start(i) for i in range(20)]

@@ -16,7 +16,9 @@ def _eval_text(text: str) -> int:
     """Independent evaluator: recursive descent over the LRA source words."""
     words = text.split()
     funcs = {
-        "[MIN": min, "[MAX": max, "[SM": lambda a: sum(a) % 10,
+        "[MIN": min,
+        "[MAX": max,
+        "[SM": lambda a: sum(a) % 10,
         "[MED": lambda a: int(statistics.median(a)),
     }
 
@@ -78,7 +80,11 @@ def test_deterministic_by_seed_and_splits_disjoint(tmp_path):
     assert a == b and a[0] != c[0]
     splits = {s: {tuple(x) for x in listops.generate(200, seed=5, split=s, **SMALL)[0]} for s in listops.SPLITS}
     assert all(len(v) == 200 for v in splits.values())  # de-duplicated within a split
-    assert not (splits["train"] & splits["val"]) and not (splits["train"] & splits["test"]) and not (splits["val"] & splits["test"])
+    assert (
+        not (splits["train"] & splits["val"])
+        and not (splits["train"] & splits["test"])
+        and not (splits["val"] & splits["test"])
+    )
 
 
 def test_cache_reused_and_corrupt_file_regenerated(tmp_path, monkeypatch):
@@ -126,10 +132,16 @@ def test_text_roundtrip_lra_format():
         listops.from_text("[FOO 1 ]")
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(split="dev"), "split"), (dict(min_len=50, max_len=51), "min_len"), (dict(max_args=1), "max_args"),
-    (dict(num_examples=-1), "num_examples"), (dict(seed=1.5), "seed"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(split="dev"), "split"),
+        (dict(min_len=50, max_len=51), "min_len"),
+        (dict(max_args=1), "max_args"),
+        (dict(num_examples=-1), "num_examples"),
+        (dict(seed=1.5), "seed"),
+    ],
+)
 def test_bad_config(kw, msg):
     args = dict(split="train", num_examples=2, use_cache=False, **SMALL)
     args.update(kw)

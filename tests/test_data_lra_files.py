@@ -106,7 +106,9 @@ def _cifar(d, n=10, seed=0):
         data[0, :] = 0  # a black image: pixel 0 is data
         labels = rng.integers(0, 10, size=n).tolist()
         with open(d / name, "wb") as fh:
-            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": [b"x.png"] * n}, fh)
+            pickle.dump(
+                {b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": [b"x.png"] * n}, fh
+            )
         batches[name] = (data, labels)
     return batches
 
@@ -122,7 +124,9 @@ def test_image_grayscale_splits_and_mask(tmp_path):
     grey = np.clip(np.round(0.2989 * r.astype(float) + 0.5870 * g + 0.1140 * b), 0, 255)
     assert x.tolist() == grey.astype(int).tolist()  # row-major pixels: same order as each CIFAR channel plane
     v5, _ = batches["data_batch_5"]
-    assert s.val[0][0].tolist() == lra_files.to_grayscale(v5[5].reshape(3, 32, 32).transpose(1, 2, 0)).reshape(-1).tolist()
+    assert (
+        s.val[0][0].tolist() == lra_files.to_grayscale(v5[5].reshape(3, 32, 32).transpose(1, 2, 0)).reshape(-1).tolist()
+    )
     black = s.train[0][0]
     assert (black == 0).all()
     batch = s.collate([s.train[0], s.train[1]])

@@ -96,10 +96,17 @@ def test_collate_and_accuracy():
     assert mqar.accuracy(torch.zeros(4, 32, 64), b["target"]) == 0.0
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(seq_len=63), "even"), (dict(kv_pairs=20), "seq_len must be >="), (dict(vocab_size=8), "distinct keys"),
-    (dict(power_a=0.0), "power_a"), (dict(kv_pairs=2.5), "kv_pairs must be an int"), (dict(seed=-1), "seed"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(seq_len=63), "even"),
+        (dict(kv_pairs=20), "seq_len must be >="),
+        (dict(vocab_size=8), "distinct keys"),
+        (dict(power_a=0.0), "power_a"),
+        (dict(kv_pairs=2.5), "kv_pairs must be an int"),
+        (dict(seed=-1), "seed"),
+    ],
+)
 def test_bad_config(kw, msg):
     args = dict(num_examples=2, seq_len=64, kv_pairs=4, vocab_size=256)
     args.update(kw)

@@ -26,8 +26,10 @@ def _tokens(sel) -> TokenSelection:
 
 def _sets(sel):
     idx = _tokens(sel).indices
-    return [[[set(x for x in row.tolist() if x >= 0) for row in idx[b, h]] for h in range(idx.shape[1])]
-            for b in range(idx.shape[0])]
+    return [
+        [[set(x for x in row.tolist() if x >= 0) for row in idx[b, h]] for h in range(idx.shape[1])]
+        for b in range(idx.shape[0])
+    ]
 
 
 def _row(got, sel, b, h, i):
@@ -53,16 +55,22 @@ def _assert_quest_rows(sel, page_bound, b, hq, nq, nk, page, budget, causal):
                 else:
                     own = last // page
                     bound = page_bound(bi, h, i)
-                    ranked = sorted((p for p in range(pages) if p * page <= last and p != own),
-                                    key=lambda p: -bound[p].item())
+                    ranked = sorted(
+                        (p for p in range(pages) if p * page <= last and p != own), key=lambda p: -bound[p].item()
+                    )
                     want_pages = {own, *ranked[: n_keep - 1]}
                 want = {t for p in want_pages for t in range(p * page, min(nk, (p + 1) * page)) if t <= last}
                 assert _row(got, sel, bi, h, i) == want
 
 
 shapes = st.tuples(
-    st.integers(1, 2), st.sampled_from([(2, 1), (4, 2), (3, 3)]), st.integers(1, 3), st.integers(5, 70),
-    st.sampled_from([4, 8]), st.booleans(), st.integers(0, 10_000),
+    st.integers(1, 2),
+    st.sampled_from([(2, 1), (4, 2), (3, 3)]),
+    st.integers(1, 3),
+    st.integers(5, 70),
+    st.sampled_from([4, 8]),
+    st.booleans(),
+    st.integers(0, 10_000),
 )
 
 
@@ -81,7 +89,7 @@ def test_quest_bound_and_selection_brute_force(shape, page, budget):
     for h in range(hq):
         scores = q[:, h] @ k[:, h // g].transpose(-1, -2)  # [B, Nq, Nk]
         for p in range(pages):
-            true_max = scores[..., p * page:(p + 1) * page].amax(-1)
+            true_max = scores[..., p * page : (p + 1) * page].amax(-1)
             assert (bound[:, h, :, p] >= true_max - 1e-9).all()
             # and equals sum_d max(q_d M_d, q_d m_d)
             m_hi, m_lo = summary.kmax[:, h // g, p], summary.kmin[:, h // g, p]
@@ -101,7 +109,7 @@ def test_quest_group_pages_brute_force(shape, page, budget):
     g = hq // hkv
     bound = quest_page_bounds(q, PageSummary(page).update(k).bounds)
     sel = Quest(page=page, budget=budget, min_pages=1, group_pages=True).select(q, k, causal=causal)
-    group_bound = lambda bi, h, i: bound[bi, (h // g) * g:(h // g + 1) * g, i].amax(0)  # noqa: E731
+    group_bound = lambda bi, h, i: bound[bi, (h // g) * g : (h // g + 1) * g, i].amax(0)  # noqa: E731
     _assert_quest_rows(sel, group_bound, b, hq, nq, nk, page, budget, causal)
 
 
@@ -152,7 +160,11 @@ def test_tidal_stateless_is_exact_topk(shape, budget):
             scores = q[bi, h] @ k[bi, h // g].T
             for i in range(nq):
                 last = _visible(i, nq, nk, causal)
-                want = set(range(last + 1)) if budget >= nk else set(scores[i, : last + 1].argsort(descending=True)[:budget].tolist())
+                want = (
+                    set(range(last + 1))
+                    if budget >= nk
+                    else set(scores[i, : last + 1].argsort(descending=True)[:budget].tolist())
+                )
                 assert _row(got, sel, bi, h, i) == want
 
 
@@ -167,16 +179,25 @@ def test_tidal_layers_share_positions():
     q2, k2, _ = _qk(1, 4, 2, 1, 64, 8, 1)
     assert pat.plan(q2, k2, True, state=state, layer=3) is recorded  # ...and later layers reuse them
     pat.plan(q2, k2, True, state=state, layer=5)
-    assert torch.equal(pat.plan(q, k, True, state=state, layer=6).indices,
-                       TidalDecode(budget=10).select(q2, k2, causal=True).indices)
+    assert torch.equal(
+        pat.plan(q, k, True, state=state, layer=6).indices, TidalDecode(budget=10).select(q2, k2, causal=True).indices
+    )
     with pytest.raises(ValueError, match="no selection layer"):
         pat.plan(q, k, True, state=SelectorState(), layer=3)
     with pytest.raises(ValueError, match="recorded"):
         pat.plan(q[:, :, :, :], k[:, :, :32], True, state=state, layer=7)
 
 
-@pytest.mark.parametrize("spec", ["quest(page=4, budget=12)", "quest(page=4, budget=12, group_pages=True)", "double_sparsity(channels=4, budget=9)",
-                                  "double_sparsity(channels=4, budget=9, group_tokens=True)", "tidal(budget=11)"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "quest(page=4, budget=12)",
+        "quest(page=4, budget=12, group_pages=True)",
+        "double_sparsity(channels=4, budget=9)",
+        "double_sparsity(channels=4, budget=9, group_tokens=True)",
+        "tidal(budget=11)",
+    ],
+)
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
 def test_outputs_match_reference_on_selection(spec, dtype, atol):
     q, k, v = _qk(2, 6, 2, 3, 77, 16, 5, dtype)
@@ -241,8 +262,8 @@ def test_stateful_decoding_loop_matches_stateless():
     ds = DoubleSparsity(channels=3, budget=7)
     ds.calibrate(q_all, k_all, layer=0)
     for t in range(40):
-        k, v = cache.update(0, k_all[:, :, t:t + 1], v_all[:, :, t:t + 1])
-        q = q_all[:, :, t:t + 1]
+        k, v = cache.update(0, k_all[:, :, t : t + 1], v_all[:, :, t : t + 1])
+        q = q_all[:, :, t : t + 1]
         for pat in (quest, ds):
             a = _tokens(pat.select(q, k, causal=True, state=cache.state.at(0)))
             b = _tokens(pat.select(q, k, causal=True, state=LayerState(None, 0)))
@@ -264,7 +285,7 @@ def test_double_sparsity_group_tokens_brute_force(shape, channels, budget):
     ds.calibrate(qc, kc, layer=0)
     g = hq // hkv
     imp = ds.importance(0)
-    group_channels = [imp[j * g:(j + 1) * g].sum(0).topk(channels).indices for j in range(hkv)]
+    group_channels = [imp[j * g : (j + 1) * g].sum(0).topk(channels).indices for j in range(hkv)]
     sel = ds.select(q, k, causal=causal, state=LayerState(None, 0))
     if budget < nk and g > 1:
         assert isinstance(sel, PageSelection) and sel.page == 1 and sel.shared_by == g
@@ -272,11 +293,17 @@ def test_double_sparsity_group_tokens_brute_force(shape, channels, budget):
     for bi in range(b):
         for h in range(hq):
             ch = group_channels[h // g]
-            approx = torch.stack([q[bi, j][:, ch] @ k[bi, h // g][:, ch].T for j in range((h // g) * g, (h // g + 1) * g)])
+            approx = torch.stack(
+                [q[bi, j][:, ch] @ k[bi, h // g][:, ch].T for j in range((h // g) * g, (h // g + 1) * g)]
+            )
             group_score = approx.amax(0)  # [Nq, Nk]
             for i in range(nq):
                 last = _visible(i, nq, nk, causal)
-                want = set(range(last + 1)) if budget >= nk else set(group_score[i, : last + 1].argsort(descending=True)[:budget].tolist())
+                want = (
+                    set(range(last + 1))
+                    if budget >= nk
+                    else set(group_score[i, : last + 1].argsort(descending=True)[:budget].tolist())
+                )
                 assert _row(got, sel, bi, h, i) == want
 
 
@@ -292,7 +319,10 @@ def test_double_sparsity_state_round_trip(tmp_path):
         torch.testing.assert_close(again.importance(layer), ds.importance(layer))
         assert torch.equal(again.channel_map(layer), ds.channel_map(layer))
     qd = q[:, :, -1:]
-    assert torch.equal(again.select(qd, k, True, state=LayerState(None, 1)).indices, ds.select(qd, k, True, state=LayerState(None, 1)).indices)
+    assert torch.equal(
+        again.select(qd, k, True, state=LayerState(None, 1)).indices,
+        ds.select(qd, k, True, state=LayerState(None, 1)).indices,
+    )
     # layer keys survive as ints; accumulating continues
     again.calibrate(q, k, layer=0)
     assert again._counts[0] == 24
@@ -358,7 +388,9 @@ def test_registered_with_layouts():
     assert {"quest", "double_sparsity", "tidal"} <= names
     q, k, _ = _qk(1, 2, 1, 1, 40, 8, 0, torch.float32)
     lay = Quest(page=4, budget=8).layout(q, k, causal=True)
-    assert torch.equal(lay.to_dense(), Quest(page=4, budget=8).select(q, k, causal=True).to_dense().expand_as(lay.to_dense()))
+    assert torch.equal(
+        lay.to_dense(), Quest(page=4, budget=8).select(q, k, causal=True).to_dense().expand_as(lay.to_dense())
+    )
 
 
 # --------------------------------------------------------------- Quest: the two official references
@@ -374,8 +406,8 @@ def _quest_token_bounds(q, k, page):
             for i in range(nq):
                 sign = torch.where(q[bi, h, i] > 0, 1.0, -1.0).double()
                 for p0 in range(0, nk, page):
-                    chunk_max = (kk[bi, h, p0:p0 + page].double() * sign).amax(0)
-                    out[bi, h, i, p0:p0 + page] = (q[bi, h, i].double() * sign) @ chunk_max
+                    chunk_max = (kk[bi, h, p0 : p0 + page].double() * sign).amax(0)
+                    out[bi, h, i, p0 : p0 + page] = (q[bi, h, i].double() * sign) @ chunk_max
     return out
 
 
@@ -387,7 +419,9 @@ def _quest_evaluation_oracle(q, k, page, token_budget):
     weights = _quest_token_bounds(q, k, page)
     budget = min(nk, token_budget)
     pad = page - ((nk - 1) % page + 1)
-    padded = torch.cat([weights, torch.full((*weights.shape[:-1], pad), torch.finfo(torch.float64).min, dtype=torch.float64)], -1)
+    padded = torch.cat(
+        [weights, torch.full((*weights.shape[:-1], pad), torch.finfo(torch.float64).min, dtype=torch.float64)], -1
+    )
     chunk = padded.view(*weights.shape[:-1], -1, page).amax(-1)
     top = chunk.topk(min(max(3, budget // page), chunk.shape[-1]), dim=-1).indices
     keep = torch.zeros_like(chunk, dtype=torch.bool).scatter_(-1, top, True)
@@ -411,8 +445,14 @@ def _quest_kernel_oracle(q, k, page, token_budget):
 
 
 @settings(max_examples=20, deadline=None)
-@given(st.integers(1, 2), st.sampled_from([(2, 1), (2, 2)]), st.integers(9, 80), st.sampled_from([4, 8]),
-       st.integers(2, 6), st.integers(0, 10_000))
+@given(
+    st.integers(1, 2),
+    st.sampled_from([(2, 1), (2, 2)]),
+    st.integers(9, 80),
+    st.sampled_from([4, 8]),
+    st.integers(2, 6),
+    st.integers(0, 10_000),
+)
 def test_quest_rules_follow_their_official_references(b, heads, nk, page, pages_budget, seed):
     """``rule="kernel"`` = the CUDA path (own page forced), ``rule="evaluation"`` = the evaluation path
     (top pages only, at least 3), each checked against a reading of its official code (issue 15)."""

@@ -33,8 +33,10 @@ def _attention_case(rank, world, sizes, pattern, causal, hq, hkv):
     with record_comm() as stats:
         out = sequence_parallel_attention(ql, kl, vl, pattern, causal=causal)
         out.backward(dout[:, :, lo:hi])
-    errors = [float((a - b[:, :, lo:hi]).detach().abs().max()) for a, b in
-              ((out, ref), (ql.grad, q.grad), (kl.grad, k.grad), (vl.grad, v.grad))]
+    errors = [
+        float((a - b[:, :, lo:hi]).detach().abs().max())
+        for a, b in ((out, ref), (ql.grad, q.grad), (kl.grad, k.grad), (vl.grad, v.grad))
+    ]
     return errors, stats.bytes_sent, stats.bytes_received
 
 
@@ -58,10 +60,14 @@ TOPK = "block_topk(k=3, block=8)"
 def test_two_ranks_match_single_process():
     sizes = [40, 37]  # N = 77: not divisible by the world size nor the block
     cases = [
-        (sizes, None, False, 4, 4), (sizes, None, True, 4, 2),
-        (sizes, WINDOW, False, 4, 2), (sizes, WINDOW, True, 4, 4),
-        (sizes, BIGBIRD, False, 4, 1), (sizes, BIGBIRD, True, 2, 2),
-        (sizes, TOPK, False, 4, 2), (sizes, TOPK, True, 4, 4),
+        (sizes, None, False, 4, 4),
+        (sizes, None, True, 4, 2),
+        (sizes, WINDOW, False, 4, 2),
+        (sizes, WINDOW, True, 4, 4),
+        (sizes, BIGBIRD, False, 4, 1),
+        (sizes, BIGBIRD, True, 2, 2),
+        (sizes, TOPK, False, 4, 2),
+        (sizes, TOPK, True, 4, 4),
         (sizes, "block_mass(threshold=0.5, block=8)", True, 2, 1),
     ]
     _check(cases, run_local(_attention_cases, 2, cases, timeout=300))
@@ -71,9 +77,12 @@ def test_two_ranks_match_single_process():
 def test_four_ranks_match_single_process():
     sizes = [30, 25, 27, 19]  # uneven, shard edges inside blocks
     cases = [
-        (sizes, None, False, 4, 2), (sizes, None, True, 4, 2),
-        (sizes, WINDOW, False, 4, 4), (sizes, WINDOW, True, 4, 2),
-        (sizes, BIGBIRD, False, 4, 2), (sizes, TOPK, True, 4, 2),
+        (sizes, None, False, 4, 2),
+        (sizes, None, True, 4, 2),
+        (sizes, WINDOW, False, 4, 4),
+        (sizes, WINDOW, True, 4, 2),
+        (sizes, BIGBIRD, False, 4, 2),
+        (sizes, TOPK, True, 4, 2),
     ]
     results = run_local(_attention_cases, 4, cases, timeout=400)
     _check(cases, results)
@@ -101,10 +110,10 @@ def test_plan_restricted_layouts_equal_the_global_rows(pattern, causal):
         for p in range(len(sizes)):
             other = plan_shards(layout, sizes, p)
             offset = sum(other.send_splits[:rank])
-            received.append(other.send_index[offset: offset + other.send_splits[rank]] + sum(sizes[:p]))
+            received.append(other.send_index[offset : offset + other.send_splits[rank]] + sum(sizes[:p]))
         received = torch.cat(received)
         assert received.numel() == plan.keys_fetched == plan.local_layout.kv_len
-        local = plan.local_layout.to_dense()[..., plan.q_front: plan.q_front + sizes[rank], :]
+        local = plan.local_layout.to_dense()[..., plan.q_front : plan.q_front + sizes[rank], :]
         expected = dense[..., lo:hi, :]
         assert torch.equal(local, expected[..., received])
         assert not bool(expected[..., torch.isin(torch.arange(n), received, invert=True)].any())
@@ -139,9 +148,11 @@ def _bad_calls(rank, world):
     uneven_heads = torch.randn(1, 2 + rank, 16, 8)  # ranks disagree on the head count
     q = torch.randn(1, 2, 16, 8)
     wrong_length = spattn.pattern(WINDOW).layout(torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8))  # N is 32
-    return (_error_of(lambda: sequence_parallel_attention(uneven_heads, uneven_heads, uneven_heads, WINDOW)),
-            _error_of(lambda: sequence_parallel_attention(q, q, q, "topk(k=4)")),
-            _error_of(lambda: sequence_parallel_attention(q, q, q, wrong_length)))
+    return (
+        _error_of(lambda: sequence_parallel_attention(uneven_heads, uneven_heads, uneven_heads, WINDOW)),
+        _error_of(lambda: sequence_parallel_attention(q, q, q, "topk(k=4)")),
+        _error_of(lambda: sequence_parallel_attention(q, q, q, wrong_length)),
+    )
 
 
 @pytest.mark.slow

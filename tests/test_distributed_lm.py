@@ -34,8 +34,11 @@ def _lm_cases(rank, world, cases):
 
 @pytest.mark.slow
 def test_sequence_parallel_lm_step_equals_unsharded():
-    cases = [("window(size=8, block=8)", "rope", [40, 33]), (None, "rope", [37, 36]),
-             ("bigbird(block=8, window=3, globals=1, random=1)", "learned", [30, 43])]
+    cases = [
+        ("window(size=8, block=8)", "rope", [40, 33]),
+        (None, "rope", [37, 36]),
+        ("bigbird(block=8, window=3, globals=1, random=1)", "learned", [30, 43]),
+    ]
     for per_rank in zip(*run_local(_lm_cases, 2, cases, timeout=300)):
         for loss, ref, grad_err in per_rank:
             assert abs(loss - ref) <= 1e-5 * abs(ref), (loss, ref)

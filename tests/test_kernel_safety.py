@@ -70,9 +70,14 @@ def test_compiled_loop_checks_every_table_it_reads():
     lay = spattn.pattern("window(size=8, block=32)").layout(q, k)
     mask_id, masks = blocksparse_cpu.partial_tile_masks(lay)
     args = [lay.kv_num_blocks, lay.kv_indices, mask_id]
-    cases = [(0, (0, 0, 0), 10**4, "kv_num_blocks must lie in"), (0, (0, 0, 2), -1, "kv_num_blocks must lie in"),
-             (1, (0, 0, 3, 0), -3, "kv_indices must lie in"), (1, (0, 0, 3, 0), 8, "kv_indices must lie in"),
-             (2, (0, 0, 3, 0), masks.shape[0], "mask_id must lie in"), (2, (0, 0, 3, 0), -2, "mask_id must lie in")]
+    cases = [
+        (0, (0, 0, 0), 10**4, "kv_num_blocks must lie in"),
+        (0, (0, 0, 2), -1, "kv_num_blocks must lie in"),
+        (1, (0, 0, 3, 0), -3, "kv_indices must lie in"),
+        (1, (0, 0, 3, 0), 8, "kv_indices must lie in"),
+        (2, (0, 0, 3, 0), masks.shape[0], "mask_id must lie in"),
+        (2, (0, 0, 3, 0), -2, "mask_id must lie in"),
+    ]
     for which, where, value, message in cases:
         bad = [a.clone() for a in args]
         bad[which][where] = value
@@ -97,8 +102,12 @@ def test_decode_loops_check_channels_and_shapes():
 
 # ---------------------------------------------------------------------- item 2: masks exclude exactly
 @settings(max_examples=12, deadline=None)
-@given(st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), st.sampled_from([100.0, 300.0]),
-       st.booleans(), st.integers(0, 1000))
+@given(
+    st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+    st.sampled_from([100.0, 300.0]),
+    st.booleans(),
+    st.integers(0, 1000),
+)
 def test_masked_keys_never_win_with_large_scores(dtype, scale, causal, seed):
     """q, k x300 in fp16: a finite mask value (finfo.min) lost to real scores; -inf never does."""
     q, k, v = _qkv(1, 2, 1, 96, 96, 16, seed=seed, scale=scale)
@@ -151,8 +160,19 @@ _SHAPES = st.tuples(st.integers(1, 2), st.sampled_from([(2, 1), (2, 2), (3, 1)])
 
 
 @settings(max_examples=20, deadline=None)
-@given(_SHAPES, st.sampled_from(["q", "k", "v"]), st.booleans(), st.sampled_from(["window(size=12, block=16)",
-       "bigbird(block=16, window=1, globals=1, random=1)", "strided(stride=16, block=16)"]), st.integers(0, 10**6))
+@given(
+    _SHAPES,
+    st.sampled_from(["q", "k", "v"]),
+    st.booleans(),
+    st.sampled_from(
+        [
+            "window(size=12, block=16)",
+            "bigbird(block=16, window=1, globals=1, random=1)",
+            "strided(stride=16, block=16)",
+        ]
+    ),
+    st.integers(0, 10**6),
+)
 def test_nan_reaches_exactly_the_rows_that_see_it_block_layouts(shape, where, causal, spec, seed):
     b, (hq, hkv), n = shape
     q, k, v = _qkv(b, hq, hkv, n, n, 8, seed=seed)

@@ -35,8 +35,11 @@ def gla(d=8, seed=0, **kw):
 @pytest.mark.parametrize("chunk", [1, 5, 16, 64])
 def test_chunked_causal_matches_naive_and_state(gate, chunk):
     q, k, v = rand_qkv(b=2, hq=3, hkv=3, n=23, d=4, dv=5, seed=chunk)
-    g = {"none": None, "head": -torch.rand(1, 3, 1, 1, dtype=torch.float64),
-         "dim": -torch.rand(2, 3, 23, 4, dtype=torch.float64) * 2}[gate]
+    g = {
+        "none": None,
+        "head": -torch.rand(1, 3, 1, 1, dtype=torch.float64),
+        "dim": -torch.rand(2, 3, 23, 4, dtype=torch.float64) * 2,
+    }[gate]
     q, k, v = q.double(), k.double(), v.double()
     s0 = torch.randn(2, 3, 4, 5, dtype=torch.float64)
     out, state = chunked_causal(q, k, v, g, chunk=chunk, state=s0)
@@ -66,8 +69,13 @@ def test_chunked_gates_mixed_safe_and_strong_chunks():
     q, k, v = rand_qkv(b=2, hq=2, hkv=2, n=48, d=4)
     g = -torch.rand(2, 2, 48, 4, dtype=torch.float64) * 0.1
     g[1, 0, 20:26, 2] = -25.0  # only the second chunk of 16 goes past the factored limit
-    assert_matches(lambda a, b, c: chunked_causal(a, b, c, g.to(a.dtype), chunk=16)[0],
-                   lambda a, b, c: naive_decayed(a, b, c, g, causal=True), q, k, v)
+    assert_matches(
+        lambda a, b, c: chunked_causal(a, b, c, g.to(a.dtype), chunk=16)[0],
+        lambda a, b, c: naive_decayed(a, b, c, g, causal=True),
+        q,
+        k,
+        v,
+    )
 
 
 def test_chunked_gates_log_space_stable():
@@ -106,8 +114,14 @@ def test_linear_key_padding(causal):
 
 
 @settings(max_examples=8, deadline=None)
-@given(b=st.integers(1, 2), hkv=st.integers(1, 2), g=st.integers(1, 2), n=st.integers(1, 30),
-       chunk=st.integers(1, 9), causal=st.booleans())
+@given(
+    b=st.integers(1, 2),
+    hkv=st.integers(1, 2),
+    g=st.integers(1, 2),
+    n=st.integers(1, 30),
+    chunk=st.integers(1, 9),
+    causal=st.booleans(),
+)
 def test_linear_property(b, hkv, g, n, chunk, causal):
     q, k, v = rand_qkv(b=b, hq=hkv * g, hkv=hkv, n=n, d=4, dtype=torch.float64)
     out = LinearAttention(chunk=chunk)(q, k, v, causal=causal)
@@ -135,10 +149,10 @@ def _check_causality(mech, q, k, v, i):
     out = mech(q, k, v, causal=True)
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
     for x in (q2, k2, v2):
-        x[:, :, i + 1:] = torch.randn_like(x[:, :, i + 1:]) * 3
+        x[:, :, i + 1 :] = torch.randn_like(x[:, :, i + 1 :]) * 3
     out2 = mech(q2, k2, v2, causal=True)
     assert_close_rel(out2[:, :, : i + 1], out[:, :, : i + 1], 1e-6, "causality")
-    assert not torch.allclose(out2[:, :, i + 1:], out[:, :, i + 1:]), "later outputs should change"
+    assert not torch.allclose(out2[:, :, i + 1 :], out[:, :, i + 1 :]), "later outputs should change"
 
 
 def test_linear_recurrent_and_causal():
@@ -154,8 +168,9 @@ def test_performer_matches_naive(causal):
     q, k, v = rand_qkv(n=29)
     mech = Performer(features=24, chunk=8, head_dim=8).eval()
     w = mech.projection.clone()
-    assert_matches(lambda a, b, c: mech(a, b, c, causal=causal),
-                   lambda a, b, c: naive_performer(a, b, c, w, causal), q, k, v)
+    assert_matches(
+        lambda a, b, c: mech(a, b, c, causal=causal), lambda a, b, c: naive_performer(a, b, c, w, causal), q, k, v
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -204,8 +219,10 @@ def test_performer_error_shrinks_with_features():
     exact = torch.softmax(q @ k.transpose(-1, -2) / 4.0, -1) @ v
     errs = []
     for m in (8, 32, 128, 512):
-        e = [(Performer(features=m, seed=s, head_dim=16, eps=0.0)(q, k, v) - exact).pow(2).mean().sqrt()
-             for s in range(6)]
+        e = [
+            (Performer(features=m, seed=s, head_dim=16, eps=0.0)(q, k, v) - exact).pow(2).mean().sqrt()
+            for s in range(6)
+        ]
         errs.append(torch.stack(e).mean().item())
     assert all(a > b for a, b in zip(errs, errs[1:])), errs
     assert errs[-1] < 0.3 * errs[0], errs  # m^-1/2 predicts 1/8
@@ -240,8 +257,9 @@ def test_performer_redraw():
 def test_lightning_matches_naive(causal):
     q, k, v = rand_qkv(n=30)
     mech = LightningAttention(chunk=8, heads=4)
-    assert_matches(lambda a, b, c: mech(a, b, c, causal=causal),
-                   lambda a, b, c: naive_lightning(a, b, c, causal), q, k, v)
+    assert_matches(
+        lambda a, b, c: mech(a, b, c, causal=causal), lambda a, b, c: naive_lightning(a, b, c, causal), q, k, v
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -249,8 +267,13 @@ def test_gla_matches_naive(causal):
     q, k, v = rand_qkv(n=30)
     mech = gla(chunk=8)
     mech64 = copy.deepcopy(mech).double()
-    assert_matches(lambda a, b, c: (mech64 if a.dtype == torch.float64 else mech)(a, b, c, causal=causal),
-                   lambda a, b, c: naive_gla(mech, a, b, c, causal), q, k, v)
+    assert_matches(
+        lambda a, b, c: (mech64 if a.dtype == torch.float64 else mech)(a, b, c, causal=causal),
+        lambda a, b, c: naive_gla(mech, a, b, c, causal),
+        q,
+        k,
+        v,
+    )
 
 
 def test_gla_gate_gradients_match_naive():
@@ -267,9 +290,16 @@ def test_gla_gate_gradients_match_naive():
 
 
 @settings(max_examples=8, deadline=None)
-@given(name=st.sampled_from(["lightning", "gla", "performer"]), b=st.integers(1, 2), hkv=st.integers(1, 2),
-       g=st.integers(1, 2), n=st.integers(1, 26), chunk=st.integers(1, 9), causal=st.booleans(),
-       pad=st.integers(0, 5))
+@given(
+    name=st.sampled_from(["lightning", "gla", "performer"]),
+    b=st.integers(1, 2),
+    hkv=st.integers(1, 2),
+    g=st.integers(1, 2),
+    n=st.integers(1, 26),
+    chunk=st.integers(1, 9),
+    causal=st.booleans(),
+    pad=st.integers(0, 5),
+)
 def test_family_property(name, b, hkv, g, n, chunk, causal, pad):
     """fp64 against the naive references over shapes: GQA, lengths not a multiple of the chunk, padding."""
     q, k, v = rand_qkv(b=b, hq=hkv * g, hkv=hkv, n=n, d=4, dtype=torch.float64, seed=n)
@@ -295,8 +325,11 @@ def test_decayed_padding_recurrent_causal(name):
     q, k, v = rand_qkv(n=21)
     mech = LightningAttention(chunk=4, heads=4) if name == "lightning" else gla(chunk=4)
     kpm = padding_mask(2, 21, [21, 12])
-    naive = (lambda *a, **kw: naive_lightning(*a, **kw)) if name == "lightning" else (
-        lambda *a, **kw: naive_gla(mech, *a, **kw))
+    naive = (
+        (lambda *a, **kw: naive_lightning(*a, **kw))
+        if name == "lightning"
+        else (lambda *a, **kw: naive_gla(mech, *a, **kw))
+    )
     for causal in (False, True):
         out = mech(q, k, v, causal=causal, key_padding_mask=kpm)
         assert_close_rel(out, naive(q.double(), k.double(), v.double(), causal, kpm=kpm), 1e-5, "padding")
@@ -325,7 +358,7 @@ def test_newton_schulz_pinv():
 def test_soft_all_landmarks_is_exact_kernel():
     """With every token its own landmark, the Nyström form is the exact kernel attention S V."""
     q, _, v = rand_qkv(b=1, hq=2, hkv=2, n=6, d=4, dtype=torch.float64, scale=2.0)
-    x = q / 4 ** 0.25
+    x = q / 4**0.25
     exact = torch.exp(-0.5 * torch.cdist(x, x).pow(2)) @ v
     assert_close_rel(SOFT(landmarks=6, iters=60)(q, q, v), exact, 1e-6, "exact")
 
@@ -334,8 +367,12 @@ def test_soft_all_landmarks_is_exact_kernel():
 def test_low_precision_keeps_fp32_state(name):
     """bf16 inputs: states and cumulative gates in fp32, output in bf16 within bf16 rounding of fp32."""
     q, k, v = rand_qkv(n=300, d=8)
-    mech = {"linear": lambda: LinearAttention(), "performer": lambda: Performer(features=16, head_dim=8).eval(),
-            "lightning": lambda: LightningAttention(), "gla": lambda: gla()}[name]()
+    mech = {
+        "linear": lambda: LinearAttention(),
+        "performer": lambda: Performer(features=16, head_dim=8).eval(),
+        "lightning": lambda: LightningAttention(),
+        "gla": lambda: gla(),
+    }[name]()
     want = mech(q, k, v, causal=True)
     got = mech(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
     assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
@@ -373,8 +410,18 @@ def test_errors():
         spattn.nn.Attention(32, 4, attention="soft", causal=True)
 
 
-SPECS = ["linear", "linear(chunk=16)", "performer", "performer(features=64)", "lightning", "lightning(chunk=32)",
-         "gla", "gla(rank=8)", "soft", "soft(landmarks=8)"]
+SPECS = [
+    "linear",
+    "linear(chunk=16)",
+    "performer",
+    "performer(features=64)",
+    "lightning",
+    "lightning(chunk=32)",
+    "gla",
+    "gla(rank=8)",
+    "soft",
+    "soft(landmarks=8)",
+]
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -37,7 +37,7 @@ def _assert_close(got, want, atol):
 def _phi(x, w):
     """FAVOR+ features without any stabiliser (fp64 reference)."""
     d = x.shape[-1]
-    xs = x * d ** -0.25
+    xs = x * d**-0.25
     return torch.exp(xs @ w.T - 0.5 * (xs * xs).sum(-1, keepdim=True)) * w.shape[0] ** -0.5
 
 
@@ -68,10 +68,18 @@ def _check_scatterbrain(B, Hq, Hkv, n, D, causal, pattern, kpm=None, dtype=torch
     pat = spattn.pattern(pattern)
     layout = pat.layout(q, k, causal=causal)
     support = layout.to_dense()
-    got = _grads(lambda a, b, c: scatterbrain_attention(a, b, c, pat, w.to(dtype), causal=causal,
-                                                        key_padding_mask=kpm, chunk=4), q, k, v)
-    want = _grads(lambda a, b, c: naive_scatterbrain(a, b, c, support, w, _allowed(n, causal, kpm, B)),
-                  q.double(), k.double(), v.double())
+    got = _grads(
+        lambda a, b, c: scatterbrain_attention(a, b, c, pat, w.to(dtype), causal=causal, key_padding_mask=kpm, chunk=4),
+        q,
+        k,
+        v,
+    )
+    want = _grads(
+        lambda a, b, c: naive_scatterbrain(a, b, c, support, w, _allowed(n, causal, kpm, B)),
+        q.double(),
+        k.double(),
+        v.double(),
+    )
     _assert_close(got, want, atol)
 
 
@@ -125,7 +133,7 @@ def test_scatterbrain_causal_no_leakage():
     for t in (0, 6, 13):
         q2, k2, v2 = (x.clone() for x in (q, k, v))
         for x in (q2, k2, v2):
-            x[:, :, t + 1:] += 3.0
+            x[:, :, t + 1 :] += 3.0
         assert torch.allclose(layer(q2, k2, v2, causal=True)[:, :, : t + 1], out[:, :, : t + 1], atol=1e-6)
 
 
@@ -208,7 +216,9 @@ def test_sla_fp32_padding_and_zero_init():
     layer = _sla_layer(D, 2, 4, dtype=torch.float32)
     q, k, v = _inputs(2, 2, 2, n, D, torch.float32)
     got = _grads(lambda a, b, c: layer(a, b, c, key_padding_mask=kpm), q, k, v)
-    want = _grads(lambda a, b, c: naive_sla(a, b, c, 4, 2, layer.proj_l.double(), kpm), q.double(), k.double(), v.double())
+    want = _grads(
+        lambda a, b, c: naive_sla(a, b, c, 4, 2, layer.proj_l.double(), kpm), q.double(), k.double(), v.double()
+    )
     _assert_close(got, want, 1e-5)
     fresh = SLA(k=2, block=4, head_dim=D)
     assert torch.equal(fresh.proj_l.weight, torch.zeros(D, D))
@@ -252,11 +262,11 @@ def naive_sea(q, k, v, layer, causal, kpm=None):
     for b in range(B):
         for h in range(Hq):
             for i in range(n):
-                cand = [c for c in range(C) if real[b, c * cs:(c + 1) * cs].any() and (not causal or c * cs <= i)]
+                cand = [c for c in range(C) if real[b, c * cs : (c + 1) * cs].any() and (not causal or c * cs <= i)]
                 own = [i // cs] if causal else []
                 rest = sorted((c for c in cand if c not in own), key=lambda c: -float(est[b, h, i, c]))
                 for c in (own + rest)[: layer.k]:
-                    mask[b, h, i, c * cs:(c + 1) * cs] = True
+                    mask[b, h, i, c * cs : (c + 1) * cs] = True
     mask = mask & allowed
     s = (q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(~mask, float("-inf"))
     empty = ~mask.any(-1, keepdim=True)
@@ -284,15 +294,23 @@ def test_sea_causal_no_leakage():
     for t in (0, 5, 11):
         q2, k2, v2 = (x.clone() for x in (q, k, v))
         for x in (q2, k2, v2):
-            x[:, :, t + 1:] += 3.0
+            x[:, :, t + 1 :] += 3.0
         assert torch.allclose(layer(q2, k2, v2, causal=True)[:, :, : t + 1], out[:, :, : t + 1], atol=1e-6)
 
 
 # --------------------------------------------------------------------------------- registry, errors
-@pytest.mark.parametrize("spec,causal", [
-    ("scatterbrain", False), ("scatterbrain", True), ("scatterbrain(features=16, pattern='bigbird(block=8)')", True),
-    ("sla", False), ("sla(k=2, block=16)", False), ("sea", False), ("sea(k=3)", True),
-])
+@pytest.mark.parametrize(
+    "spec,causal",
+    [
+        ("scatterbrain", False),
+        ("scatterbrain", True),
+        ("scatterbrain(features=16, pattern='bigbird(block=8)')", True),
+        ("sla", False),
+        ("sla(k=2, block=16)", False),
+        ("sea", False),
+        ("sea(k=3)", True),
+    ],
+)
 def test_nn_attention(spec, causal):
     layer = spattn.nn.Attention(32, 4, attention=spec, causal=causal, kv_heads=2)
     x = torch.randn(2, 50, 32, requires_grad=True)

@@ -101,26 +101,31 @@ def test_aux_loss_is_summed_over_blocks():
         blk.attn.forward_orig = blk.attn.forward
     vals = [0.5, 1.0, 2.0]
     for blk, v in zip(m.backbone.blocks, vals):
+
         def fwd(x, key_padding_mask=None, _a=blk.attn, _v=v):
             out = _a.forward_orig(x, key_padding_mask)
             _a.aux_loss = x.new_tensor(_v)
             return out
+
         blk.attn.forward = fwd
     m(torch.randint(0, 11, (1, 8)))
     assert float(m.aux_loss) == pytest.approx(3.5)
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(attention="no_such"), "unknown attention mechanism 'no_such'"),
-    (dict(attention="window(size=3"), "cannot parse"),
-    (dict(kind="gan"), "kind must be one of"),
-    (dict(positions="alibi"), "positions must be one of"),
-    (dict(pool="max"), "pool must be one of"),
-    (dict(num_classes=1), "num_classes must be an int >= 2"),
-    (dict(dim=0), "dim must be a positive int"),
-    (dict(mlp_ratio=-1.0), "mlp_ratio must be >= 0"),
-    (dict(short_conv=-1), "short_conv must be an int >= 0"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(attention="no_such"), "unknown attention mechanism 'no_such'"),
+        (dict(attention="window(size=3"), "cannot parse"),
+        (dict(kind="gan"), "kind must be one of"),
+        (dict(positions="alibi"), "positions must be one of"),
+        (dict(pool="max"), "pool must be one of"),
+        (dict(num_classes=1), "num_classes must be an int >= 2"),
+        (dict(dim=0), "dim must be a positive int"),
+        (dict(mlp_ratio=-1.0), "mlp_ratio must be >= 0"),
+        (dict(short_conv=-1), "short_conv must be an int >= 0"),
+    ],
+)
 def test_bad_model_configs(kw, match):
     with pytest.raises(ValueError, match=match):
         small(**kw)
@@ -128,7 +133,9 @@ def test_bad_model_configs(kw, match):
 
 def test_sequence_longer_than_positions():
     m = small(max_len=16)
-    with pytest.raises(ValueError, match=r"sequence length 17 \(including 1 prepended token\(s\)\) exceeds the model's max_len=16"):
+    with pytest.raises(
+        ValueError, match=r"sequence length 17 \(including 1 prepended token\(s\)\) exceeds the model's max_len=16"
+    ):
         m(torch.randint(0, 11, (1, 16)))
     lm = small("lm", max_len=16, positions="rope")
     with pytest.raises(ValueError, match="exceeds the model's max_len=16"):

@@ -76,8 +76,13 @@ def nat_2d(nq, H, W, k, d, causal):
 
 
 @SETTINGS
-@given(k=st.integers(1, 9), d=st.integers(1, 5), block=st.sampled_from([4, 8, 13, 16]),
-       causal=st.booleans(), data=st.data())
+@given(
+    k=st.integers(1, 9),
+    d=st.integers(1, 5),
+    block=st.sampled_from([4, 8, 13, 16]),
+    causal=st.booleans(),
+    data=st.data(),
+)
 def test_neighborhood_1d(k, d, block, causal, data):
     nk = data.draw(st.integers(k * d, max(k * d, 300)), label="nk")
     nq = data.draw(st.one_of(st.just(nk), st.integers(1, nk)), label="nq")
@@ -89,8 +94,14 @@ def test_neighborhood_1d(k, d, block, causal, data):
 
 
 @SETTINGS
-@given(k=st.tuples(st.integers(1, 5), st.integers(1, 5)), d=st.tuples(st.integers(1, 3), st.integers(1, 3)),
-       block=st.sampled_from([4, 8, 13, 16]), causal=st.booleans(), scalar=st.booleans(), data=st.data())
+@given(
+    k=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    d=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    block=st.sampled_from([4, 8, 13, 16]),
+    causal=st.booleans(),
+    scalar=st.booleans(),
+    data=st.data(),
+)
 @pytest.mark.slow
 def test_neighborhood_2d(k, d, block, causal, scalar, data):
     if scalar:  # the same kernel / dilation on both axes, given as an int
@@ -124,8 +135,11 @@ def test_border_window_is_shifted_not_truncated():
 
 
 def test_spec_round_trip():
-    for p in [Neighborhood(), Neighborhood(kernel=3, dilation=2, shape=(8, 8), block=16),
-              Neighborhood(kernel=(3, 5), dilation=(2, 1), shape=(10, 12))]:
+    for p in [
+        Neighborhood(),
+        Neighborhood(kernel=3, dilation=2, shape=(8, 8), block=16),
+        Neighborhood(kernel=(3, 5), dilation=(2, 1), shape=(10, 12)),
+    ]:
         assert spattn.pattern(repr(p)) == p
     assert spattn.pattern("neighborhood(kernel=3, shape=[4, 5])").shape == (4, 5)
 

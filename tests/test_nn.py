@@ -30,8 +30,8 @@ def test_layer_equals_manual_computation(spec, causal):
     want = _manual(layer, x, causal)
     torch.testing.assert_close(y, want, atol=1e-5, rtol=0)
     g = torch.randn_like(y)
-    gx, = torch.autograd.grad(y, x, g)
-    gx_want, = torch.autograd.grad(want, x, g)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gx_want,) = torch.autograd.grad(want, x, g)
     torch.testing.assert_close(gx, gx_want, atol=1e-5, rtol=0)
     assert float(layer.aux_loss) == 0.0
 

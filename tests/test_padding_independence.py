@@ -213,11 +213,16 @@ def test_minference_config_ignores_padded_values(tmp_path, kind):
     """``minference(config=...)``: per-head a-shape / vertical-slash / block-sparse patterns."""
     from spattn.patterns.prefill import save_minference_config
 
-    heads = [{"pattern": "a_shape", "sinks": 2, "local": 8}, {"pattern": "vertical_slash", "vertical": 3, "slash": 4},
-             {"pattern": "block_sparse", "k": 2}, {"pattern": "vertical_slash", "vertical": 40, "slash": 60}]
+    heads = [
+        {"pattern": "a_shape", "sinks": 2, "local": 8},
+        {"pattern": "vertical_slash", "vertical": 3, "slash": 4},
+        {"pattern": "block_sparse", "k": 2},
+        {"pattern": "vertical_slash", "vertical": 40, "slash": 60},
+    ]
     path = tmp_path / "config.json"
-    save_minference_config({"format": "spattn-minference-config", "version": 1, "block": 8, "last_q": 8,
-                            "layers": [heads]}, path)
+    save_minference_config(
+        {"format": "spattn-minference-config", "version": 1, "block": 8, "last_q": 8, "layers": [heads]}, path
+    )
     pat = spattn.pattern("minference", config=str(path))
     n, batch = 120, 2
     real = _make_real(kind, batch, n, seed=7)
@@ -240,9 +245,17 @@ def test_every_content_based_mechanism_is_covered():
     assert wanted <= covered, sorted(wanted - covered)
 
 
-@pytest.mark.parametrize("spec", ["block_topk(k=3, block=4)", "block_mass(threshold=0.99, block=4)",
-                                  "minference_block(k=3, block=4)", "xattention(threshold=0.99, stride=2, block=4)",
-                                  "xattention(threshold=0.99, stride=2, block=4, rule='official')", "seer(block=4, topk=3)"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "block_topk(k=3, block=4)",
+        "block_mass(threshold=0.99, block=4)",
+        "minference_block(k=3, block=4)",
+        "xattention(threshold=0.99, stride=2, block=4)",
+        "xattention(threshold=0.99, stride=2, block=4, rule='official')",
+        "seer(block=4, topk=3)",
+    ],
+)
 @pytest.mark.parametrize("causal", [False, True])
 def test_block_selectors_never_choose_a_block_of_padding(spec, causal):
     """Beyond bitwise independence: a key block holding only padding takes no slot of the budget."""
@@ -264,6 +277,10 @@ def test_bad_padding_masks_are_rejected():
     with pytest.raises(TypeError, match="key_padding_mask must be a bool tensor"):
         pat.layout(q, k, key_padding_mask=torch.ones(2, 12))
     with pytest.raises(ValueError, match=r"key_padding_mask must have shape \[B, Nk\]"):
-        spattn.pattern("xattention(stride=2, block=4)").layout(q, k, key_padding_mask=torch.ones(2, 11, dtype=torch.bool))
+        spattn.pattern("xattention(stride=2, block=4)").layout(
+            q, k, key_padding_mask=torch.ones(2, 11, dtype=torch.bool)
+        )
     with pytest.raises(ValueError, match=r"key_padding_mask must have shape \[B, Nk\]"):
-        Quest(page=4, budget=4, min_pages=1).select(q[:, :, :1], k, key_padding_mask=torch.ones(1, 12, dtype=torch.bool))
+        Quest(page=4, budget=4, min_pages=1).select(
+            q[:, :, :1], k, key_padding_mask=torch.ones(1, 12, dtype=torch.bool)
+        )

@@ -39,13 +39,23 @@ def _brute_force_dense(sel: PageSelection) -> torch.Tensor:
 
 def _qkv(b, hq, hkv, nq, nk, d, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, hq, nq, d, generator=g, dtype=dtype), torch.randn(b, hkv, nk, d, generator=g, dtype=dtype),
-            torch.randn(b, hkv, nk, d, generator=g, dtype=dtype))
+    return (
+        torch.randn(b, hq, nq, d, generator=g, dtype=dtype),
+        torch.randn(b, hkv, nk, d, generator=g, dtype=dtype),
+        torch.randn(b, hkv, nk, d, generator=g, dtype=dtype),
+    )
 
 
 shapes = st.tuples(
-    st.integers(1, 2), st.sampled_from([(1, 1), (4, 2), (6, 3)]), st.integers(1, 5), st.integers(1, 90),
-    st.sampled_from([1, 4, 16]), st.integers(1, 6), st.booleans(), st.booleans(), st.integers(0, 10_000),
+    st.integers(1, 2),
+    st.sampled_from([(1, 1), (4, 2), (6, 3)]),
+    st.integers(1, 5),
+    st.integers(1, 90),
+    st.sampled_from([1, 4, 16]),
+    st.integers(1, 6),
+    st.booleans(),
+    st.booleans(),
+    st.integers(0, 10_000),
 )
 
 

@@ -17,7 +17,15 @@ from hypothesis import strategies as st
 
 import spattn
 from spattn.patterns import (
-    AShape, Axial, BigBird, Dense, DilatedWindow, Fixed, GlobalTokens, Strided, Window,
+    AShape,
+    Axial,
+    BigBird,
+    Dense,
+    DilatedWindow,
+    Fixed,
+    GlobalTokens,
+    Strided,
+    Window,
 )
 
 EXAMPLES = int(os.environ.get("SPATTN_EXAMPLES", "40"))  # raise for a deeper sweep
@@ -106,8 +114,7 @@ def test_window(nq, nk, block, causal, size):
 
 
 @SETTINGS
-@given(nq=lengths, nk=lengths, block=blocks, causal=st.booleans(), size=st.integers(0, 8),
-       dilation=st.integers(1, 6))
+@given(nq=lengths, nk=lengths, block=blocks, causal=st.booleans(), size=st.integers(0, 8), dilation=st.integers(1, 6))
 def test_dilated_window(nq, nk, block, causal, size, dilation):
     p, j = positions(nq, nk)
     ts = np.arange(-size, 1 if causal else size + 1)
@@ -178,8 +185,7 @@ def test_fixed_uses_columns_when_summary_small():
 
 # ------------------------------------------------------------------------------------- axial, A-shape
 @SETTINGS
-@given(nq=lengths, block=blocks, causal=st.booleans(), rows=st.integers(1, 20), cols=st.integers(1, 20),
-       data=st.data())
+@given(nq=lengths, block=blocks, causal=st.booleans(), rows=st.integers(1, 20), cols=st.integers(1, 20), data=st.data())
 def test_axial(nq, block, causal, rows, cols, data):
     nk = rows * cols
     nq = data.draw(st.integers(1, nk), label="nq")
@@ -193,8 +199,7 @@ def test_axial(nq, block, causal, rows, cols, data):
 
 
 @SETTINGS
-@given(nq=lengths, nk=lengths, block=blocks, causal=st.booleans(), sinks=st.integers(0, 30),
-       local=st.integers(1, 60))
+@given(nq=lengths, nk=lengths, block=blocks, causal=st.booleans(), sinks=st.integers(0, 30), local=st.integers(1, 60))
 def test_a_shape(nq, nk, block, causal, sinks, local):
     p, j = positions(nq, nk)
     if causal:
@@ -231,12 +236,14 @@ def check_random_draw(p, rnd, nq, nk, causal):
     assert rnd.shape == (rnd.shape[0], -(-nq // block), r)
     for qb in range(rnd.shape[1]):
         a = (min(qb * block + block - 1, nq - 1) + nk - nq) // block
-        cand = [kb for kb in range(nkb)
-                if not (abs(a - kb) <= p.window // 2 or kb < p.globals or a < p.globals)
-                and (kb <= a or not causal)]
+        cand = [
+            kb
+            for kb in range(nkb)
+            if not (abs(a - kb) <= p.window // 2 or kb < p.globals or a < p.globals) and (kb <= a or not causal)
+        ]
         for h in range(rnd.shape[0]):
             drawn = [int(x) for x in rnd[h, qb] if x >= 0]
-            assert all(x == -1 for x in rnd[h, qb, len(drawn):].tolist()), "padding must come last"
+            assert all(x == -1 for x in rnd[h, qb, len(drawn) :].tolist()), "padding must come last"
             assert drawn == sorted(drawn)
             assert len(set(drawn)) == len(drawn), "random blocks must be distinct"
             assert len(drawn) == min(r, len(cand))
@@ -244,9 +251,17 @@ def check_random_draw(p, rnd, nq, nk, causal):
 
 
 @settings(max_examples=max(1, EXAMPLES * 3 // 4), deadline=None)
-@given(nq=st.integers(1, 200), nk=st.integers(1, 200), block=st.sampled_from([4, 8, 16]), causal=st.booleans(),
-       window=st.integers(0, 5), globals_=st.integers(0, 3), rnd=st.integers(0, 4), seed=st.integers(0, 2**40),
-       heads=st.integers(1, 3))
+@given(
+    nq=st.integers(1, 200),
+    nk=st.integers(1, 200),
+    block=st.sampled_from([4, 8, 16]),
+    causal=st.booleans(),
+    window=st.integers(0, 5),
+    globals_=st.integers(0, 3),
+    rnd=st.integers(0, 4),
+    seed=st.integers(0, 2**40),
+    heads=st.integers(1, 3),
+)
 def test_bigbird(nq, nk, block, causal, window, globals_, rnd, seed, heads):
     p = BigBird(block=block, window=window, globals=globals_, random=rnd, seed=seed)
     layout = p.layout(*qk(nq, nk, heads), causal=causal)
@@ -288,9 +303,14 @@ def test_bigbird_fewer_blocks_than_random():
 
 # ------------------------------------------------------------------------------------- generic
 ALL = [
-    Dense(block=16), Window(size=5, block=16), DilatedWindow(size=3, dilation=2, block=16),
-    GlobalTokens(count=4, block=16), BigBird(block=16, window=3, globals=1, random=2, seed=3),
-    Strided(stride=7, block=16), Fixed(block=16, summary=4), Axial(rows=8, block=16),
+    Dense(block=16),
+    Window(size=5, block=16),
+    DilatedWindow(size=3, dilation=2, block=16),
+    GlobalTokens(count=4, block=16),
+    BigBird(block=16, window=3, globals=1, random=2, seed=3),
+    Strided(stride=7, block=16),
+    Fixed(block=16, summary=4),
+    Axial(rows=8, block=16),
     AShape(sinks=4, local=20, block=16),
 ]
 
@@ -305,8 +325,18 @@ def test_spec_round_trip(p):
 
 def test_registry_lists_patterns_with_papers():
     mechs = {m.name: m for m in spattn.mechanisms()}
-    for name in ["dense", "window", "dilated_window", "global_tokens", "bigbird", "strided", "fixed",
-                 "axial", "a_shape", "neighborhood"]:
+    for name in [
+        "dense",
+        "window",
+        "dilated_window",
+        "global_tokens",
+        "bigbird",
+        "strided",
+        "fixed",
+        "axial",
+        "a_shape",
+        "neighborhood",
+    ]:
         assert mechs[name].kind == "static"
         assert mechs[name].paper and mechs[name].description
 

@@ -115,8 +115,14 @@ def xattn_brute_select(scores, nq, nk, block, tau, causal):
 
 
 @settings(max_examples=8, deadline=None)
-@given(nq=st.integers(17, 90), extra=st.sampled_from([0, 0, 13]), stride=st.sampled_from([2, 4]),
-       causal=st.booleans(), group=st.sampled_from([1, 2]), seed=st.integers(0, 99))
+@given(
+    nq=st.integers(17, 90),
+    extra=st.sampled_from([0, 0, 13]),
+    stride=st.sampled_from([2, 4]),
+    causal=st.booleans(),
+    group=st.sampled_from([1, 2]),
+    seed=st.integers(0, 99),
+)
 def test_xattention_scores_and_selection_match_brute_force(nq, extra, stride, causal, group, seed):
     block, tau = 16, 0.8
     q, k, _ = qkv(2, 2 * group, 2, nq, nq + extra, 8, seed)
@@ -142,7 +148,7 @@ def official_find_blocks(scores, tau, causal, chunk_blocks):
             for r in range(min(chunk_blocks, nqb - c0)):
                 row = np.array(scores[idx + (c0 + r,)], dtype=np.float64)
                 if causal:
-                    row[c0 + r + 1:] = 0.0  # the estimate's causal softmax gives future blocks nothing
+                    row[c0 + r + 1 :] = 0.0  # the estimate's causal softmax gives future blocks nothing
                 required = row.sum() * tau
                 mask = np.zeros(nkb, dtype=bool)
                 if causal:
@@ -162,21 +168,29 @@ def official_find_blocks(scores, tau, causal, chunk_blocks):
                 for t in range(nkb):
                     mask[index[t] if cum[t] < required else 0] = True
                 if causal:
-                    mask[c0 + r + 1:] = False  # the tril on the last q_block_num square
+                    mask[c0 + r + 1 :] = False  # the tril on the last q_block_num square
                 out[idx + (c0 + r,)] = mask
     return out
 
 
 @settings(max_examples=10, deadline=None)
-@given(n=st.integers(20, 140), stride=st.sampled_from([2, 4]), causal=st.booleans(), tau=st.sampled_from([0.5, 0.8, 0.95]),
-       group=st.sampled_from([1, 2]), seed=st.integers(0, 999))
+@given(
+    n=st.integers(20, 140),
+    stride=st.sampled_from([2, 4]),
+    causal=st.booleans(),
+    tau=st.sampled_from([0.5, 0.8, 0.95]),
+    group=st.sampled_from([1, 2]),
+    seed=st.integers(0, 999),
+)
 def test_xattention_official_rule_matches_the_official_code(n, stride, causal, tau, group, seed):
     """``rule="official"`` reproduces find_blocks_chunked (issue 15), off the block grid too."""
     block = 16
     q, k, _ = qkv(2, 2 * group, 2, n, n, 8, seed, scale=1.5)
     pat = XAttention(threshold=tau, stride=stride, block=block, rule="official")
     scores = xattn_brute_scores(q, k, stride, block, causal)
-    sel = official_find_blocks(pat.block_scores(q, k, causal=causal).double().numpy(), tau, causal, chunk_blocks=2048 // block)
+    sel = official_find_blocks(
+        pat.block_scores(q, k, causal=causal).double().numpy(), tau, causal, chunk_blocks=2048 // block
+    )
     assert np.array_equal(pat.layout(q, k, causal=causal).to_dense().numpy(), expand_blocks(sel, n, n, block, causal))
     # the oracle on the brute-force scores agrees wherever no score ties within rounding
     sel_brute = official_find_blocks(scores, tau, causal, chunk_blocks=2048 // block)
@@ -204,7 +218,15 @@ def test_official_chunk_size():
     from spattn.patterns.xattention import official_chunk_size
 
     assert [official_chunk_size(n) for n in (100, 2048, 5000, 16384, 16385, 32768, 65536, 131072)] == [
-        2048, 2048, 8192, 16384, 8192, 8192, 4096, 2048]
+        2048,
+        2048,
+        8192,
+        16384,
+        8192,
+        8192,
+        4096,
+        2048,
+    ]
 
 
 @pytest.mark.parametrize("nq,nk", [(145, 1), (90, 37), (64, 50)])
@@ -242,7 +264,7 @@ def brute_vertical_slash_scores(q, k, last_q):
     probs = full_probs(q, k)
     nq, nk = probs.shape[-2:]
     rows = min(last_q, nq)
-    vert = probs[:, :, nq - rows:].sum(2)
+    vert = probs[:, :, nq - rows :].sum(2)
     slash = np.zeros(vert.shape)
     for r in range(nq - rows, nq):
         pos = r + nk - nq
@@ -258,8 +280,14 @@ def pick(scores, count, forced):
 
 
 @settings(max_examples=8, deadline=None)
-@given(nq=st.integers(20, 120), extra=st.sampled_from([0, 0, 21]), group=st.sampled_from([1, 2]),
-       nv=st.integers(1, 40), ns=st.integers(1, 70), seed=st.integers(0, 99))
+@given(
+    nq=st.integers(20, 120),
+    extra=st.sampled_from([0, 0, 21]),
+    group=st.sampled_from([1, 2]),
+    nv=st.integers(1, 40),
+    ns=st.integers(1, 70),
+    seed=st.integers(0, 99),
+)
 def test_vertical_slash_matches_brute_force(nq, extra, group, nv, ns, seed):
     nk = nq + extra
     q, k, _ = qkv(2, 2 * group, 2, nq, nk, 8, seed, scale=1.5)
@@ -284,8 +312,14 @@ def test_vertical_slash_matches_brute_force(nq, extra, group, nv, ns, seed):
 
 
 @settings(max_examples=6, deadline=None)
-@given(nq=st.integers(70, 200), extra=st.sampled_from([0, 21]), group=st.sampled_from([1, 2]),
-       nv=st.integers(1, 40), ns=st.integers(1, 60), seed=st.integers(0, 99))
+@given(
+    nq=st.integers(70, 200),
+    extra=st.sampled_from([0, 21]),
+    group=st.sampled_from([1, 2]),
+    nv=st.integers(1, 40),
+    ns=st.integers(1, 60),
+    seed=st.integers(0, 99),
+)
 def test_vertical_slash_whole_tiles_matches_brute_force(nq, extra, group, nv, ns, seed):
     """``whole_tiles``: verticals as before; every 16x16 tile crossed by a selected slash (a causal
     pair of the tile on that diagonal) is attended whole, causal inside; output equals the reference."""
@@ -304,7 +338,7 @@ def test_vertical_slash_whole_tiles_matches_brute_force(nq, extra, group, nv, ns
             tiles = np.zeros_like(on_slash)
             for qb in range(0, nq, block):
                 for kb in range(0, nk, block):
-                    tiles[qb:qb + block, kb:kb + block] = on_slash[qb:qb + block, kb:kb + block].any()
+                    tiles[qb : qb + block, kb : kb + block] = on_slash[qb : qb + block, kb : kb + block].any()
             want[b, h] = causal & (np.isin(j, list(vs)) | tiles)
     pat = VerticalSlash(vertical=nv, slash=ns, last_q=16, sinks=3, local=5, block=block, whole_tiles=True)
     layout = pat.layout(q, k, causal=True)
@@ -317,8 +351,14 @@ def test_vertical_slash_whole_tiles_matches_brute_force(nq, extra, group, nv, ns
 
 
 @settings(max_examples=8, deadline=None)
-@given(nq=st.integers(10, 120), extra=st.sampled_from([0, 0, 30]), causal=st.booleans(),
-       topk=st.integers(1, 6), group=st.sampled_from([1, 2]), seed=st.integers(0, 99))
+@given(
+    nq=st.integers(10, 120),
+    extra=st.sampled_from([0, 0, 30]),
+    causal=st.booleans(),
+    topk=st.integers(1, 6),
+    group=st.sampled_from([1, 2]),
+    seed=st.integers(0, 99),
+)
 def test_minference_block_matches_brute_force(nq, extra, causal, topk, group, seed):
     block, nk = 16, nq + extra
     q, k, _ = qkv(2, 2 * group, 2, nq, nk, 8, seed)
@@ -329,8 +369,8 @@ def test_minference_block_matches_brute_force(nq, extra, causal, topk, group, se
     for b in range(2):
         for h in range(2 * group):
             for qb in range(nqb):
-                qbar = qn[b, h, qb * block: (qb + 1) * block].mean(0)
-                scores = [qbar @ kn[b, h, kb * block: (kb + 1) * block].mean(0) for kb in range(nkb)]
+                qbar = qn[b, h, qb * block : (qb + 1) * block].mean(0)
+                scores = [qbar @ kn[b, h, kb * block : (kb + 1) * block].mean(0) for kb in range(nkb)]
                 cand = [kb for kb in range(nkb) if not causal or k0[kb] <= p1[qb]]
                 for kb in sorted(cand, key=lambda x: (-scores[x], x))[:topk]:
                     sel[b, h, qb, kb] = True
@@ -368,7 +408,7 @@ def brute_flexprefill_blocks(q, k, gamma, tau, block, align="end"):
     aware = np.zeros((bsz, hq), dtype=bool)
     for b in range(bsz):
         for h in range(hq):
-            last = probs[b, h, nq - rows:]
+            last = probs[b, h, nq - rows :]
             a_v = last.mean(0)
             a_s = np.zeros(nk)
             for r in range(rows):
@@ -379,13 +419,13 @@ def brute_flexprefill_blocks(q, k, gamma, tau, block, align="end"):
             def cover(x):
                 return int((np.cumsum(np.sort(x)[::-1]) <= gamma).sum()) + 1
 
-            v_blk = np.array([a_v[kb * block: (kb + 1) * block].sum() for kb in range(nkb)])
+            v_blk = np.array([a_v[kb * block : (kb + 1) * block].sum() for kb in range(nkb)])
             if align == "start":
-                s_blk = np.array([a_s[d * block: (d + 1) * block].sum() for d in range(nkb)])
+                s_blk = np.array([a_s[d * block : (d + 1) * block].sum() for d in range(nkb)])
             else:
                 s_blk = official_slash_blocks(last, block)
-            kbar = np.stack([kn[b, h, kb * block: (kb + 1) * block].mean(0) for kb in range(nkb)])
-            logit = (qn[b, h, nq - rows:].mean(0) / math.sqrt(dim)) @ kbar.T
+            kbar = np.stack([kn[b, h, kb * block : (kb + 1) * block].mean(0) for kb in range(nkb)])
+            logit = (qn[b, h, nq - rows :].mean(0) / math.sqrt(dim)) @ kbar.T
             a_hat = np.exp(logit - logit.max())
             a_hat /= a_hat.sum()
             m = (a_hat + v_blk) / 2
@@ -401,7 +441,7 @@ def brute_flexprefill_blocks(q, k, gamma, tau, block, align="end"):
                     diag = k0[kb] <= p1[qb] and k1[kb] >= p0[qb]
                     out[b, h, qb, kb] = kb in vs or (delta >= 0 and delta in ss) or diag
             if aware[b, h]:
-                qbar = np.stack([qn[b, h, qb * block: (qb + 1) * block].mean(0) for qb in range(nqb)]) / math.sqrt(dim)
+                qbar = np.stack([qn[b, h, qb * block : (qb + 1) * block].mean(0) for qb in range(nqb)]) / math.sqrt(dim)
                 sc = qbar @ kbar.T
                 sc = np.where(np.array(k0)[None, :] <= np.array(p1)[:, None], sc, -np.inf)
                 pm = np.exp(sc - sc.max(-1, keepdims=True))
@@ -446,10 +486,12 @@ def test_flexprefill_slash_groups_follow_the_official_code_for_any_n(nq, block, 
     probs = full_probs(q, k)
     rows = min(block, nq)
     for h in range(2 * group):
-        want = official_slash_blocks(probs[0, h, nq - rows:], block)
+        want = official_slash_blocks(probs[0, h, nq - rows :], block)
         np.testing.assert_allclose(est["slash_blocks"][0, h].double().numpy(), want, atol=1e-6)
     want_blocks, _ = brute_flexprefill_blocks(q, k, 0.95, 0.0, block)
-    assert np.array_equal(pat.layout(q, k, causal=True).to_dense().numpy(), expand_blocks(want_blocks, nq, nq, block, True))
+    assert np.array_equal(
+        pat.layout(q, k, causal=True).to_dense().numpy(), expand_blocks(want_blocks, nq, nq, block, True)
+    )
 
 
 def test_flexprefill_slash_align_differs_off_grid_only():
@@ -488,8 +530,13 @@ SPECS = {
 
 
 @settings(max_examples=3, deadline=None)
-@given(batch=st.integers(1, 2), group=st.sampled_from([1, 2]), n=st.integers(20, 150),
-       extra=st.sampled_from([0, 0, 19]), seed=st.integers(0, 999))
+@given(
+    batch=st.integers(1, 2),
+    group=st.sampled_from([1, 2]),
+    n=st.integers(20, 150),
+    extra=st.sampled_from([0, 0, 19]),
+    seed=st.integers(0, 999),
+)
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_prefill_selector_kernels_match_reference(name, batch, group, n, extra, seed):
     q, k, v = qkv(batch, 2 * group, 2, n, n + extra, 8, seed)
@@ -527,15 +574,19 @@ def planted(n=512, dim=16, heads=2, seed=0):
     k = torch.randn(1, heads, n, dim, generator=gen) * 0.3
     strong = torch.tensor([40, 170, 300])
     for j in strong.tolist():  # a short run of strong keys, so that block means see it too
-        k[:, :, j: j + 4] += u * 3.0
+        k[:, :, j : j + 4] += u * 3.0
     return q, k, strong
 
 
 def test_selectors_recover_planted_keys():
     q, k, strong = planted()
     n = q.shape[2]
-    for pat in (VerticalSlash(vertical=40, slash=50, block=32), XAttention(threshold=0.9, stride=8, block=32),
-                MInferenceBlock(k=4, block=32), FlexPrefill(gamma=0.9, tau=0.1, block=32)):
+    for pat in (
+        VerticalSlash(vertical=40, slash=50, block=32),
+        XAttention(threshold=0.9, stride=8, block=32),
+        MInferenceBlock(k=4, block=32),
+        FlexPrefill(gamma=0.9, tau=0.1, block=32),
+    ):
         dense = pat.layout(q, k, causal=True).to_dense()
         for j in strong.tolist():
             late = torch.arange(n) >= j + 32  # queries after the key's block
@@ -545,15 +596,26 @@ def test_selectors_recover_planted_keys():
 
 
 # ---------------------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("spec,err", [
-    ("xattention(threshold=0.0)", ValueError), ("xattention(threshold=1.5)", ValueError),
-    ("xattention(stride=3, block=128)", ValueError), ("xattention(stride=0)", ValueError),
-    ("xattention(threshold='a')", TypeError), ("vertical_slash(vertical=0)", ValueError),
-    ("vertical_slash(last_q=0)", ValueError), ("vertical_slash(slash=2.5)", TypeError),
-    ("minference_block(k=0)", ValueError), ("minference_block(block=0)", ValueError),
-    ("flexprefill(gamma=0)", ValueError), ("flexprefill(gamma=1.1)", ValueError), ("flexprefill(tau=-1)", ValueError),
-    ("flexprefill(min_budget=512, max_budget=128)", ValueError), ("flexprefill(block=0)", ValueError),
-])
+@pytest.mark.parametrize(
+    "spec,err",
+    [
+        ("xattention(threshold=0.0)", ValueError),
+        ("xattention(threshold=1.5)", ValueError),
+        ("xattention(stride=3, block=128)", ValueError),
+        ("xattention(stride=0)", ValueError),
+        ("xattention(threshold='a')", TypeError),
+        ("vertical_slash(vertical=0)", ValueError),
+        ("vertical_slash(last_q=0)", ValueError),
+        ("vertical_slash(slash=2.5)", TypeError),
+        ("minference_block(k=0)", ValueError),
+        ("minference_block(block=0)", ValueError),
+        ("flexprefill(gamma=0)", ValueError),
+        ("flexprefill(gamma=1.1)", ValueError),
+        ("flexprefill(tau=-1)", ValueError),
+        ("flexprefill(min_budget=512, max_budget=128)", ValueError),
+        ("flexprefill(block=0)", ValueError),
+    ],
+)
 def test_bad_parameters(spec, err):
     with pytest.raises(err):
         spattn.pattern(spec)
@@ -568,7 +630,10 @@ def test_causal_only_selectors_reject_non_causal(spec):
 
 # ------------------------------------------------------------------ MInference per-head config
 from spattn.patterns.prefill import (  # noqa: E402
-    load_minference_config, minference_heads_layout, save_minference_config, search_minference_config,
+    load_minference_config,
+    minference_heads_layout,
+    save_minference_config,
+    search_minference_config,
 )
 
 MIXED = [
@@ -673,8 +738,10 @@ def test_minference_config_errors(tmp_path):
         load_minference_config(bad)
     good = {"format": "spattn-minference-config", "version": 1, "block": 16, "last_q": 16, "layers": [MIXED]}
     for mutate, match in (
-        (lambda c: c.update(format="x"), "format"), (lambda c: c.update(version=9), "version"),
-        (lambda c: c.update(block=0), "block"), (lambda c: c.update(layers=[]), "layers"),
+        (lambda c: c.update(format="x"), "format"),
+        (lambda c: c.update(version=9), "version"),
+        (lambda c: c.update(block=0), "block"),
+        (lambda c: c.update(layers=[]), "layers"),
         (lambda c: c["layers"][0].__setitem__(0, {"pattern": "a_shape", "sinks": -1, "local": 3}), "sinks"),
         (lambda c: c["layers"][0].__setitem__(1, {"pattern": "vertical_slash", "vertical": 3}), "slash"),
     ):

@@ -14,13 +14,16 @@ def test_duplicate_keyword_is_refused():
         spattn.pattern("window(size=1, size=200)")
 
 
-@pytest.mark.parametrize("spec", [
-    "window(size=" + "(" * 200 + "1" + ")" * 200 + ")",
-    "window(size=" + "[" * 5000 + "]" * 5000 + ")",
-    "window(size=" + "-" * 100_000 + "1)",
-    "window(size=(" + "(1," * 30 + ")" * 31 + ")",
-    "window(size=" + "-" * (MAX_SPEC_LENGTH - 20) + "1)",
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "window(size=" + "(" * 200 + "1" + ")" * 200 + ")",
+        "window(size=" + "[" * 5000 + "]" * 5000 + ")",
+        "window(size=" + "-" * 100_000 + "1)",
+        "window(size=(" + "(1," * 30 + ")" * 31 + ")",
+        "window(size=" + "-" * (MAX_SPEC_LENGTH - 20) + "1)",
+    ],
+)
 def test_deep_or_huge_specs_give_a_clear_value_error(spec):
     with pytest.raises(ValueError, match="nested too deeply|characters long|cannot parse") as err:
         parse_spec(spec)

@@ -39,8 +39,13 @@ def _scores_loop(x, mu, hq):
 def _topw_loop(scores, w):
     """Per (batch, head, centroid): the ``w`` positions of largest score, as sorted lists."""
     b, h, n, c = scores.shape
-    return [[[sorted(sorted(range(n), key=lambda t: -scores[bi, hi, t, ci].item())[:w]) for ci in range(c)]
-             for hi in range(h)] for bi in range(b)]
+    return [
+        [
+            [sorted(sorted(range(n), key=lambda t: -scores[bi, hi, t, ci].item())[:w]) for ci in range(c)]
+            for hi in range(h)
+        ]
+        for bi in range(b)
+    ]
 
 
 # --------------------------------------------------------------------------------- selection
@@ -118,9 +123,18 @@ def _reference(q, k, v, sel, key_padding_mask=None):
 
 @settings(max_examples=16, deadline=None)
 @given(
-    b=st.integers(1, 2), hkv=st.integers(1, 2), group=st.integers(1, 2), nq=st.integers(3, 21),
-    extra=st.integers(0, 6), c=st.integers(1, 3), causal=st.booleans(), pad=st.booleans(),
-    sel_heads=st.sampled_from(["all", "one"]), repeats=st.booleans(), shared=st.booleans(), seed=st.integers(0, 1000),
+    b=st.integers(1, 2),
+    hkv=st.integers(1, 2),
+    group=st.integers(1, 2),
+    nq=st.integers(3, 21),
+    extra=st.integers(0, 6),
+    c=st.integers(1, 3),
+    causal=st.booleans(),
+    pad=st.booleans(),
+    sel_heads=st.sampled_from(["all", "one"]),
+    repeats=st.booleans(),
+    shared=st.booleans(),
+    seed=st.integers(0, 1000),
 )
 def test_kernel_matches_naive_reference(b, hkv, group, nq, extra, c, causal, pad, sel_heads, repeats, shared, seed):
     nk = nq if shared else nq + extra
@@ -162,8 +176,9 @@ def test_reference_is_the_mean_of_window_softmaxes():
 
 
 @pytest.mark.parametrize("pad", [False, True])  # without padding the kernel takes SDPA's unmasked/causal paths
-@pytest.mark.parametrize("causal,safe,share_qk", [(False, False, None), (True, False, None), (True, True, None),
-                                                 (True, False, False)])
+@pytest.mark.parametrize(
+    "causal,safe,share_qk", [(False, False, None), (True, False, None), (True, True, None), (True, False, False)]
+)
 def test_attention_on_routing_matches_reference(causal, safe, share_qk, pad):
     q, k, v = _qkv(2, 4, 2, 37, 37, 8, torch.float64)
     r = Routing(clusters=4, causal_safe=safe, share_qk=share_qk, heads=4, head_dim=8).eval()
@@ -277,8 +292,20 @@ def test_commitment_loss_has_grad_to_q_and_k_and_none_through_routing():
     gq, gk = torch.autograd.grad(loss, (q, k))
     assert gq.abs().sum() > 0 and gk.abs().sum() > 0
     mu = r.centroids
-    want = 1e-4 * torch.cat([((layer_norm(x) - mu[torch.arange(2)[:, None], (layer_norm(x) @ mu.transpose(1, 2)).argmax(-1)[0]]) ** 2)
-                             .mean(-1).flatten() for x in (q, k)]).mean()
+    want = (
+        1e-4
+        * torch.cat(
+            [
+                (
+                    (layer_norm(x) - mu[torch.arange(2)[:, None], (layer_norm(x) @ mu.transpose(1, 2)).argmax(-1)[0]])
+                    ** 2
+                )
+                .mean(-1)
+                .flatten()
+                for x in (q, k)
+            ]
+        ).mean()
+    )
     assert torch.allclose(loss, want, atol=1e-9)
     assert not r.centroids.requires_grad
 
@@ -373,14 +400,14 @@ def test_causal_safe_never_looks_at_future_tokens():
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
     gen = torch.Generator().manual_seed(5)
     for x in (q2, k2, v2):
-        x[:, :, t + 1:] = torch.randn(x[:, :, t + 1:].shape, generator=gen, dtype=x.dtype) * 3
+        x[:, :, t + 1 :] = torch.randn(x[:, :, t + 1 :].shape, generator=gen, dtype=x.dtype) * 3
     d1 = r.select(q, k, causal=True).to_dense()[..., : t + 1, :]
     d2 = r.select(q2, k2, causal=True).to_dense()[..., : t + 1, :]
     assert torch.equal(d1, d2)
     o1 = spattn.attention(q, k, v, r, causal=True)[:, :, : t + 1]
     o2 = spattn.attention(q2, k2, v2, r, causal=True)[:, :, : t + 1]
     assert torch.equal(o1, o2)
-    assert not d1[..., t + 1:].any()
+    assert not d1[..., t + 1 :].any()
 
 
 def test_paper_causal_mode_selection_depends_on_future_tokens():
@@ -389,7 +416,7 @@ def test_paper_causal_mode_selection_depends_on_future_tokens():
     q, k, _ = _qkv(1, 1, 1, n, n, 8, torch.float64)
     r = Routing(clusters=4, heads=1, head_dim=8).eval()
     q2 = q.clone()
-    q2[:, :, t + 1:] = r.centroids[0, 0].double() * 10  # future tokens crowd centroid 0's window
+    q2[:, :, t + 1 :] = r.centroids[0, 0].double() * 10  # future tokens crowd centroid 0's window
     d1 = r.select(q, q, causal=True).to_dense()[..., : t + 1, :]
     d2 = r.select(q2, q2, causal=True).to_dense()[..., : t + 1, :]
     assert not torch.equal(d1, d2)

@@ -118,8 +118,14 @@ def _run(fn, q, k, v):
 
 @settings(max_examples=10, deadline=None)
 @given(
-    b=st.integers(1, 2), hkv=st.integers(1, 2), group=st.integers(1, 2), n=st.integers(5, 70),
-    block=st.sampled_from([8, 16]), causal=st.booleans(), topk=st.sampled_from([None, 1, 3]), seed=st.integers(0, 99),
+    b=st.integers(1, 2),
+    hkv=st.integers(1, 2),
+    group=st.integers(1, 2),
+    n=st.integers(5, 70),
+    block=st.sampled_from([8, 16]),
+    causal=st.booleans(),
+    topk=st.sampled_from([None, 1, 3]),
+    seed=st.integers(0, 99),
 )
 def test_attention_on_gate_matches_reference(b, hkv, group, n, block, causal, topk, seed):
     q, k, v = _qkv(b, hkv * group, hkv, n, n, 8, torch.float32, seed)
@@ -153,8 +159,9 @@ def test_block_target_equals_dense_max_pool():
         if causal:
             logits = logits.masked_fill(~torch.ones(30, 30, dtype=torch.bool).tril(), -math.inf)
         p = torch.softmax(logits, -1)
-        want = torch.stack([torch.stack([p[..., r, :][..., c].amax((-1, -2)) for c in _blocks(30, 8)], -1)
-                            for r in _blocks(30, 8)], -2)
+        want = torch.stack(
+            [torch.stack([p[..., r, :][..., c].amax((-1, -2)) for c in _blocks(30, 8)], -1) for r in _blocks(30, 8)], -2
+        )
         assert torch.allclose(got, want / want.sum(-1, keepdim=True), atol=1e-12)
 
 
@@ -171,7 +178,10 @@ def _recall(layout, q, k, causal):
     """Mean over queries of the attention mass on the computed pairs."""
     p = torch.softmax(
         (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(
-            causal & ~torch.ones(q.shape[2], q.shape[2], dtype=torch.bool).tril(), -math.inf), -1)
+            causal & ~torch.ones(q.shape[2], q.shape[2], dtype=torch.bool).tril(), -math.inf
+        ),
+        -1,
+    )
     return float((p * layout.to_dense()).sum(-1).mean())
 
 
@@ -198,8 +208,9 @@ def test_distillation_lowers_kl_and_beats_random_selection():
         idx = scores.argsort(-1, descending=True)
         rank = idx.argsort(-1)
         rbm = (rank < bm.sum(-1, keepdim=True)) & valid
-        rand_layout = spattn.Layout.from_block_map(rbm, q_len=n, kv_len=n, block_q=block,
-                                                   mask_mod=spattn.patterns.base.causal_mask_mod(n, n))
+        rand_layout = spattn.Layout.from_block_map(
+            rbm, q_len=n, kv_len=n, block_q=block, mask_mod=spattn.patterns.base.causal_mask_mod(n, n)
+        )
         rand_recalls.append(_recall(rand_layout, q, k, True))
     assert learned > max(rand_recalls) + 0.1, (learned, rand_recalls)
 

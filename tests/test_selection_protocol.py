@@ -16,8 +16,13 @@ from spattn.layout import Layout
 from spattn.selection import ClusterSelection, PageSelection, Selection, TokenSelection
 
 SPECS = [
-    "window(size=9, block=16)", "bigbird(block=16, window=1, globals=1, random=1)", "dilated_window(size=3, dilation=2, block=16)",
-    "vertical_slash(vertical=8, slash=8, last_q=16)", "topk(k=5)", "routing(clusters=3)", "biformer(regions=2, topk=1)",
+    "window(size=9, block=16)",
+    "bigbird(block=16, window=1, globals=1, random=1)",
+    "dilated_window(size=3, dilation=2, block=16)",
+    "vertical_slash(vertical=8, slash=8, last_q=16)",
+    "topk(k=5)",
+    "routing(clusters=3)",
+    "biformer(regions=2, topk=1)",
     "xattention(threshold=0.8, stride=4, block=16)",
 ]
 
@@ -38,8 +43,14 @@ def _selections(b, hq, hkv, n, causal, seed):
 
 
 @settings(max_examples=12, deadline=None)
-@given(b=st.integers(1, 2), hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2]), n=st.integers(17, 70),
-       causal=st.booleans(), seed=st.integers(0, 10**6))
+@given(
+    b=st.integers(1, 2),
+    hkv=st.sampled_from([1, 2]),
+    group=st.sampled_from([1, 2]),
+    n=st.integers(17, 70),
+    causal=st.booleans(),
+    seed=st.integers(0, 10**6),
+)
 def test_every_selection_meets_the_protocol(b, hkv, group, n, causal, seed):
     for spec, sel in _selections(b, hkv * group, hkv, n, causal, seed):
         assert isinstance(sel, Selection), spec
@@ -57,7 +68,10 @@ def test_dispatch_names_the_backends_that_can_run_a_selection():
     sel = spattn.pattern("topk(k=4)").select(q, k)
     assert functional.kernel_for(sel, "auto").name == "tokensparse"
     assert functional.kernel_for(sel, "reference").name == "reference"
-    with pytest.raises(ValueError, match=r"backend='flex' cannot run token selection \(TokenSelection\); backends for it: auto, blocksparse, reference"):
+    with pytest.raises(
+        ValueError,
+        match=r"backend='flex' cannot run token selection \(TokenSelection\); backends for it: auto, blocksparse, reference",
+    ):
         functional.kernel_for(sel, "flex")
     lay = spattn.pattern("window(size=4, block=16)").layout(q, k)
     assert functional.kernel_for(lay, "blocksparse").name == "blocksparse"
@@ -132,13 +146,18 @@ def test_every_pattern_select_takes_one_signature():
     from spattn import registry
     from spattn.patterns import Pattern
 
-    classes = {m.factory for m in registry._REGISTRY.values() if isinstance(m.factory, type) and issubclass(m.factory, Pattern)}
+    classes = {
+        m.factory for m in registry._REGISTRY.values() if isinstance(m.factory, type) and issubclass(m.factory, Pattern)
+    }
     assert len(classes) >= 20
     for cls in classes:
         params = inspect.signature(cls.select).parameters
         assert list(params)[:4] == ["self", "q", "k", "causal"], cls.__name__
         for name in ("key_padding_mask", "state"):
-            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY and params[name].default is None, (cls.__name__, name)
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY and params[name].default is None, (
+                cls.__name__,
+                name,
+            )
     assert "inspect" not in vars(functional)
 
 

@@ -127,7 +127,7 @@ def naive_seqboat(layer: SeqBoat, x, real):
         for ci, i in enumerate(active):
             z, r, _ = torch.split(F.silu(layer.mx_proj(mx[b, i])), [layer.zdim, layer.hdim, layer.hdim])
             q = z * layer.gamma[0] + layer.beta[0]
-            q = q * layer.zdim ** -0.5 if layer.attn_fn == "softmax" else q / (layer.window * (1 if layer.causal else 2))
+            q = q * layer.zdim**-0.5 if layer.attn_fn == "softmax" else q / (layer.window * (1 if layer.causal else 2))
             s, vs = [], []
             for cj, j in enumerate(active):
                 d = ci - cj
@@ -144,11 +144,23 @@ def naive_seqboat(layer: SeqBoat, x, real):
     return out if layer.prenorm else layer.norm(out)
 
 
-@pytest.mark.parametrize("causal,fn,prenorm", [(False, "softmax", True), (True, "relu2", True), (True, "softmax", False)])
+@pytest.mark.parametrize(
+    "causal,fn,prenorm", [(False, "softmax", True), (True, "relu2", True), (True, "softmax", False)]
+)
 def test_layer_matches_token_loop(causal, fn, prenorm):
     torch.manual_seed(1)
-    layer = SeqBoat(dim=8, window=2, zdim=4, hdim=6, ndim=3, attn_fn=fn, max_positions=8,
-                    prenorm=prenorm, causal=causal, init_temp_scale=0.05).double()
+    layer = SeqBoat(
+        dim=8,
+        window=2,
+        zdim=4,
+        hdim=6,
+        ndim=3,
+        attn_fn=fn,
+        max_positions=8,
+        prenorm=prenorm,
+        causal=causal,
+        init_temp_scale=0.05,
+    ).double()
     with torch.no_grad():  # larger router weights so that about half of the tokens activate
         layer.hx_proj.weight[:2].normal_()
         layer.rel_bias.table.normal_()
@@ -194,7 +206,7 @@ def test_causal_no_leakage(fn):
     out = layer(x)
     for t in (0, 9, 20):
         x2 = x.clone()
-        x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:]) * 3
+        x2[:, t + 1 :] = torch.randn_like(x2[:, t + 1 :]) * 3
         assert torch.allclose(layer(x2)[:, : t + 1], out[:, : t + 1], atol=1e-5)
 
 

@@ -54,13 +54,23 @@ def _random_layout(gen, bsel, hsel, nq, nk, causal, density, block):
 
 @settings(max_examples=12, deadline=None)
 @given(
-    batch=st.integers(1, 2), hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 3]),
-    nq=st.integers(1, 40), nk=st.integers(1, 45), dim=st.sampled_from([4, 8]),
-    causal=st.booleans(), density=st.sampled_from([0.0, 0.3, 1.0]), block=st.sampled_from([4, 16]),
-    shared=st.booleans(), padded=st.booleans(), cap=st.sampled_from([1.0, 5.0, 30.0]), seed=st.integers(0, 10_000),
+    batch=st.integers(1, 2),
+    hkv=st.integers(1, 2),
+    group=st.sampled_from([1, 2, 3]),
+    nq=st.integers(1, 40),
+    nk=st.integers(1, 45),
+    dim=st.sampled_from([4, 8]),
+    causal=st.booleans(),
+    density=st.sampled_from([0.0, 0.3, 1.0]),
+    block=st.sampled_from([4, 16]),
+    shared=st.booleans(),
+    padded=st.booleans(),
+    cap=st.sampled_from([1.0, 5.0, 30.0]),
+    seed=st.integers(0, 10_000),
 )
-def test_blocksparse_matches_reference(batch, hkv, group, nq, nk, dim, causal, density, block, shared, padded, cap,
-                                       seed):
+def test_blocksparse_matches_reference(
+    batch, hkv, group, nq, nk, dim, causal, density, block, shared, padded, cap, seed
+):
     gen = torch.Generator().manual_seed(seed)
     hq = hkv * group
     layout = _random_layout(gen, 1 if shared else batch, 1 if shared else hq, nq, nk, causal, density, block)
@@ -89,9 +99,16 @@ def test_blocksparse_band_and_split_heads_paths():
 
 @settings(max_examples=12, deadline=None)
 @given(
-    batch=st.integers(1, 2), hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 3]),
-    nq=st.integers(1, 30), nk=st.integers(1, 40), dim=st.sampled_from([4, 8]), slots=st.integers(1, 12),
-    unused=st.sampled_from([0.0, 0.3, 1.0]), padded=st.booleans(), cap=st.sampled_from([1.0, 5.0]),
+    batch=st.integers(1, 2),
+    hkv=st.integers(1, 2),
+    group=st.sampled_from([1, 2, 3]),
+    nq=st.integers(1, 30),
+    nk=st.integers(1, 40),
+    dim=st.sampled_from([4, 8]),
+    slots=st.integers(1, 12),
+    unused=st.sampled_from([0.0, 0.3, 1.0]),
+    padded=st.booleans(),
+    cap=st.sampled_from([1.0, 5.0]),
     seed=st.integers(0, 10_000),
 )
 def test_tokensparse_matches_reference(batch, hkv, group, nq, nk, dim, slots, unused, padded, cap, seed):
@@ -137,8 +154,11 @@ def test_attention_dispatch_never_drops_the_cap():
         got = spattn.attention(q, k, v, pattern, causal=True, backend=backend, softcap=2.0)
         assert (got.double() - want).abs().max() <= 1e-5, (pattern, backend)
     assert (spattn.attention(q, k, v, None, causal=True).double() - want).abs().max() > 1e-2
-    sel = TokenSelection(torch.arange(33).expand(1, 4, 33, 33).tril().masked_fill(
-        ~torch.ones(33, 33, dtype=torch.bool).tril(), -1), 33, 33)
+    sel = TokenSelection(
+        torch.arange(33).expand(1, 4, 33, 33).tril().masked_fill(~torch.ones(33, 33, dtype=torch.bool).tril(), -1),
+        33,
+        33,
+    )
     got = spattn.attention(q, k, v, sel, softcap=2.0)
     assert (got.double() - want).abs().max() <= 1e-5
 

@@ -88,8 +88,9 @@ def test_sqa_errors():
         SparseQueryAttention(dim=32, heads=8)(torch.randn(2, 5, 31))
 
 
-@pytest.mark.parametrize("spec", ["sqa", "sqa(variant=symmetric)", "sqa(variant='extreme')",
-                                  "sqa(query_heads=2, key_value_heads=1)"])
+@pytest.mark.parametrize(
+    "spec", ["sqa", "sqa(variant=symmetric)", "sqa(variant='extreme')", "sqa(query_heads=2, key_value_heads=1)"]
+)
 @pytest.mark.parametrize("causal", [False, True])
 def test_nn_attention_builds_sqa(spec, causal):
     layer = spattn.nn.Attention(64, 8, attention=spec, causal=causal)

@@ -47,8 +47,9 @@ def _kernel(selection):
     small_chunks=st.booleans(),
     seed=st.integers(0, 10_000),
 )
-def test_matches_reference_fp32_and_fp64(batch, hkv, group, nq, nk, dim, slots, unused, shared_batch,
-                                         shared_heads, padded, small_chunks, seed):
+def test_matches_reference_fp32_and_fp64(
+    batch, hkv, group, nq, nk, dim, slots, unused, shared_batch, shared_heads, padded, small_chunks, seed
+):
     gen = torch.Generator().manual_seed(seed)
     hq = hkv * group
     slots = min(slots, nk)
@@ -164,8 +165,9 @@ def test_decode_shape_reads_rows_without_stacking_the_cache(causal_slice):
     sel = _random_selection(gen, 2, 6, 1, k.shape[2], 7, 0.2)
     assert _rows_read_smaller(q, k, sel)
     assert_matches_reference(_kernel(sel), q, k, v, Layout.from_dense(sel.to_dense(), 4), atol=1e-5)
-    assert_matches_reference(_kernel(sel), q.double(), k.double(), v.double(), Layout.from_dense(sel.to_dense(), 4),
-                             atol=1e-10)
+    assert_matches_reference(
+        _kernel(sel), q.double(), k.double(), v.double(), Layout.from_dense(sel.to_dense(), 4), atol=1e-10
+    )
 
 
 def _rows_read_smaller(q, k, sel) -> bool:

@@ -21,10 +21,12 @@ from .helpers import assert_matches_reference
 
 def _qkv(seed, batch, hq, hkv, nq, nk, dim, integer=False, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
+
     def make(h, n):
         if integer:  # small integers: exact scores with many ties
             return torch.randint(-2, 3, (batch, h, n, dim), generator=gen).to(dtype)
         return torch.randn(batch, h, n, dim, generator=gen, dtype=dtype)
+
     return make(hq, nq), make(hkv, nk), make(hkv, nk)
 
 
@@ -54,10 +56,17 @@ def brute_topk(q, k, kk, causal, ties, kpm=None):
 
 @settings(max_examples=12, deadline=None)
 @given(
-    batch=st.integers(1, 2), hkv=st.integers(1, 2), group=st.sampled_from([1, 2]),
-    nq=st.integers(1, 24), extra=st.sampled_from([0, 0, 5]), kk=st.integers(1, 9),
-    causal=st.booleans(), ties=st.sampled_from(["keep", "first"]), integer=st.booleans(),
-    padded=st.booleans(), seed=st.integers(0, 10_000),
+    batch=st.integers(1, 2),
+    hkv=st.integers(1, 2),
+    group=st.sampled_from([1, 2]),
+    nq=st.integers(1, 24),
+    extra=st.sampled_from([0, 0, 5]),
+    kk=st.integers(1, 9),
+    causal=st.booleans(),
+    ties=st.sampled_from(["keep", "first"]),
+    integer=st.booleans(),
+    padded=st.booleans(),
+    seed=st.integers(0, 10_000),
 )
 def test_topk_matches_brute_force(batch, hkv, group, nq, extra, kk, causal, ties, integer, padded, seed):
     nk = nq + extra
@@ -152,9 +161,15 @@ def brute_topp(q, k, p, causal, kpm=None, scale=None):
 
 @settings(max_examples=15, deadline=None)
 @given(
-    batch=st.integers(1, 2), hkv=st.integers(1, 2), group=st.sampled_from([1, 3]),
-    nq=st.integers(1, 30), extra=st.sampled_from([0, 0, 6]), p=st.sampled_from([0.3, 0.8, 0.95, 1.0]),
-    causal=st.booleans(), padded=st.booleans(), seed=st.integers(0, 10_000),
+    batch=st.integers(1, 2),
+    hkv=st.integers(1, 2),
+    group=st.sampled_from([1, 3]),
+    nq=st.integers(1, 30),
+    extra=st.sampled_from([0, 0, 6]),
+    p=st.sampled_from([0.3, 0.8, 0.95, 1.0]),
+    causal=st.booleans(),
+    padded=st.booleans(),
+    seed=st.integers(0, 10_000),
 )
 def test_topp_matches_brute_force(batch, hkv, group, nq, extra, p, causal, padded, seed):
     nk = nq + extra
@@ -189,7 +204,7 @@ def test_topp_chunking_and_scale(monkeypatch):
 
 def _pool(x, block):
     n = x.shape[2]
-    return torch.stack([x[:, :, s:s + block].double().mean(2) for s in range(0, n, block)], dim=2)
+    return torch.stack([x[:, :, s : s + block].double().mean(2) for s in range(0, n, block)], dim=2)
 
 
 def _block_candidates(q, k, block, causal):
@@ -252,8 +267,12 @@ def brute_block_mass(q, k, tau, block, causal):
 
 
 _BLOCK_CASES = dict(
-    batch=st.integers(1, 2), group=st.sampled_from([1, 2]), nq=st.integers(1, 40),
-    extra=st.sampled_from([0, 0, 9, -5]), block=st.sampled_from([4, 7, 8]), causal=st.booleans(),
+    batch=st.integers(1, 2),
+    group=st.sampled_from([1, 2]),
+    nq=st.integers(1, 40),
+    extra=st.sampled_from([0, 0, 9, -5]),
+    block=st.sampled_from([4, 7, 8]),
+    causal=st.booleans(),
     seed=st.integers(0, 10_000),
 )
 
@@ -285,14 +304,24 @@ def test_block_mass_threshold_one_keeps_every_allowed_block():
 
 # -------------------------------------------------------------------------------- through spattn.attention
 
-SPECS = ["topk(k=8)", "topk(k=3, ties='first')", "topp(p=0.9)", "block_topk(k=2, block=16)",
-         "block_mass(threshold=0.6, block=16)"]
+SPECS = [
+    "topk(k=8)",
+    "topk(k=3, ties='first')",
+    "topp(p=0.9)",
+    "block_topk(k=2, block=16)",
+    "block_mass(threshold=0.6, block=16)",
+]
 
 
 @settings(max_examples=6, deadline=None)
 @given(
-    batch=st.integers(1, 2), group=st.sampled_from([1, 2]), n=st.integers(33, 70), extra=st.sampled_from([0, 11]),
-    causal=st.booleans(), padded=st.booleans(), seed=st.integers(0, 1000),
+    batch=st.integers(1, 2),
+    group=st.sampled_from([1, 2]),
+    n=st.integers(33, 70),
+    extra=st.sampled_from([0, 11]),
+    causal=st.booleans(),
+    padded=st.booleans(),
+    seed=st.integers(0, 1000),
 )
 @pytest.mark.parametrize("spec", SPECS)
 def test_attention_matches_reference_on_the_selection(spec, batch, group, n, extra, causal, padded, seed):
@@ -405,7 +434,9 @@ def test_drsformer_in_nn_attention():
     x = torch.randn(2, 12, 16)
     layer(x, key_padding_mask=torch.rand(2, 12) < 0.9).square().mean().backward()
     assert layer.mechanism.weights.grad is not None and torch.isfinite(layer.mechanism.weights.grad).all()
-    assert spattn.nn.Attention(dim=8, heads=1, attention="drsformer_topk(ratios=(0.5, 1.0))").mechanism.weights.shape == (2,)
+    assert spattn.nn.Attention(
+        dim=8, heads=1, attention="drsformer_topk(ratios=(0.5, 1.0))"
+    ).mechanism.weights.shape == (2,)
 
 
 def test_drsformer_errors():

@@ -56,22 +56,51 @@ class ShiftDataset(Dataset):
 
 
 def shift_collate(items):
-    return {"tokens": torch.stack([it["tokens"] for it in items]), "targets": torch.stack([it["targets"] for it in items])}
+    return {
+        "tokens": torch.stack([it["tokens"] for it in items]),
+        "targets": torch.stack([it["targets"] for it in items]),
+    }
 
 
 def _first(num_train=256, seq=24):
-    return T.TaskData(FirstTokenDataset(num_train, 0, seq), FirstTokenDataset(64, 1, seq), FirstTokenDataset(64, 2, seq),
-                      collate, 12, 4, seq, majority_acc=0.25)
+    return T.TaskData(
+        FirstTokenDataset(num_train, 0, seq),
+        FirstTokenDataset(64, 1, seq),
+        FirstTokenDataset(64, 2, seq),
+        collate,
+        12,
+        4,
+        seq,
+        majority_acc=0.25,
+    )
 
 
 def _shift(num_train=256):
     return T.TaskData(ShiftDataset(num_train, 0), ShiftDataset(64, 1), ShiftDataset(64, 2), shift_collate, 10, 10, 16)
 
 
-T.register_task(T.Task("_first", _first, "classifier", "classify", model_defaults=dict(dim=32, depth=1, heads=2),
-                       train_defaults=dict(batch_size=16, lr=3e-3, warmup=5, steps=40)), replace=True)
-T.register_task(T.Task("_shift", _shift, "lm", "tokens", model_defaults=dict(dim=32, depth=1, heads=2, mlp_ratio=0.0),
-                       train_defaults=dict(batch_size=16, lr=1e-2, warmup=5, steps=60)), replace=True)
+T.register_task(
+    T.Task(
+        "_first",
+        _first,
+        "classifier",
+        "classify",
+        model_defaults=dict(dim=32, depth=1, heads=2),
+        train_defaults=dict(batch_size=16, lr=3e-3, warmup=5, steps=40),
+    ),
+    replace=True,
+)
+T.register_task(
+    T.Task(
+        "_shift",
+        _shift,
+        "lm",
+        "tokens",
+        model_defaults=dict(dim=32, depth=1, heads=2, mlp_ratio=0.0),
+        train_defaults=dict(batch_size=16, lr=1e-2, warmup=5, steps=60),
+    ),
+    replace=True,
+)
 
 
 def cfg(**kw):
@@ -106,8 +135,15 @@ def test_early_stop_at_target_accuracy():
 @pytest.mark.parametrize("attention", ["dense", pytest.param("routing(clusters=2)", marks=pytest.mark.slow)])
 def test_interrupted_run_resumes_bit_identical(tmp_path, attention):
     """Model, optimizer, scheduler, RNG (dropout), data position and routing's EMA centroids all resume exactly."""
-    base = dict(task="_first", attention=attention, steps=12, eval_every=4, checkpoint_every=2,
-                model=dict(dropout=0.2, embed_dropout=0.1), task_options=dict(num_train=64))
+    base = dict(
+        task="_first",
+        attention=attention,
+        steps=12,
+        eval_every=4,
+        checkpoint_every=2,
+        model=dict(dropout=0.2, embed_dropout=0.1),
+        task_options=dict(num_train=64),
+    )
     full = train(cfg(out_dir=str(tmp_path / "a"), **base))  # 64 / 16 = 4 batches per epoch: crosses epochs
 
     def crash(step, record):
@@ -144,18 +180,21 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(str(tmp_path / "missing.pt"))
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(task="no_such_task"), "unknown task 'no_such_task'; valid tasks: .*mqar"),
-    (dict(task="_first", attention="no_such_attention"), "unknown attention mechanism 'no_such_attention'"),
-    (dict(task="_first", attention="window(size=2"), "cannot parse spec"),
-    (dict(task="_first", steps=0), "steps must be a positive int"),
-    (dict(task="_first", lr=-1.0), "lr > 0"),
-    (dict(task="_first", target_acc=1.5), "target_acc"),
-    (dict(task="_first", resume=True), "resume=True needs out_dir"),
-    (dict(task="_first", model=dict(width=3)), "unknown model field"),
-    (dict(task="_first", task_options=dict(bogus=1)), "does not take option"),
-    (dict(task="_first", model=dict(max_len=10)), "exceeds the model's max_len=10"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(task="no_such_task"), "unknown task 'no_such_task'; valid tasks: .*mqar"),
+        (dict(task="_first", attention="no_such_attention"), "unknown attention mechanism 'no_such_attention'"),
+        (dict(task="_first", attention="window(size=2"), "cannot parse spec"),
+        (dict(task="_first", steps=0), "steps must be a positive int"),
+        (dict(task="_first", lr=-1.0), "lr > 0"),
+        (dict(task="_first", target_acc=1.5), "target_acc"),
+        (dict(task="_first", resume=True), "resume=True needs out_dir"),
+        (dict(task="_first", model=dict(width=3)), "unknown model field"),
+        (dict(task="_first", task_options=dict(bogus=1)), "does not take option"),
+        (dict(task="_first", model=dict(max_len=10)), "exceeds the model's max_len=10"),
+    ],
+)
 def test_bad_configs(kw, match):
     with pytest.raises(ValueError, match=match):
         train(cfg(**kw))
@@ -186,13 +225,46 @@ def test_aux_loss_is_added(monkeypatch):
 def test_cli_functions(tmp_path, capsys):
     p = argparse.ArgumentParser()
     add_train_arguments(p)
-    args = p.parse_args(["_first", "--attention", "window(size=3)", "--steps", "6", "--eval-every", "3", "--out",
-                         str(tmp_path), "--no-progress", "--dim", "16", "--task-option", "num_train=64"])
+    args = p.parse_args(
+        [
+            "_first",
+            "--attention",
+            "window(size=3)",
+            "--steps",
+            "6",
+            "--eval-every",
+            "3",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+            "--dim",
+            "16",
+            "--task-option",
+            "num_train=64",
+        ]
+    )
     assert run_train(args) == 0
     out = capsys.readouterr().out
     assert "_first window(size=3" in out and ": 6 steps" in out and "test acc" in out
-    args = p.parse_args(["_first", "--steps", "8", "--eval-every", "3", "--out", str(tmp_path), "--resume", "--no-progress",
-                         "--dim", "16", "--task-option", "num_train=64", "--attention", "window(size=3)"])
+    args = p.parse_args(
+        [
+            "_first",
+            "--steps",
+            "8",
+            "--eval-every",
+            "3",
+            "--out",
+            str(tmp_path),
+            "--resume",
+            "--no-progress",
+            "--dim",
+            "16",
+            "--task-option",
+            "num_train=64",
+            "--attention",
+            "window(size=3)",
+        ]
+    )
     assert run_train(args) == 0
     assert load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 8
 
@@ -208,7 +280,9 @@ def test_init_from_a_dense_run_then_sparse(tmp_path):
     ini = res["initial"]
     assert ini["attention"] == "dense" and ini["missing"] == [] and ini["unexpected"] == []
     assert ini["val"]["acc"] > 0.9 and abs(ini["val"]["acc"] - dense["val"]["acc"]) < 0.05
-    routed = train(cfg(task="_shift", attention="routing(clusters=2)", steps=2, init_from=ckpt, model=dict(positions="rope")))
+    routed = train(
+        cfg(task="_shift", attention="routing(clusters=2)", steps=2, init_from=ckpt, model=dict(positions="rope"))
+    )
     assert routed["initial"]["missing"] and all(".attn.mechanism." in k for k in routed["initial"]["missing"])
     with pytest.raises(ValueError, match="differs in"):
         train(cfg(task="_shift", steps=2, init_from=ckpt, model=dict(positions="rope", dim=16)))
@@ -262,20 +336,23 @@ def small_checkpoint(tmp_path_factory):
     return str(out / "checkpoint.pt")
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("step", -5, "field 'step' must be an int >= 0, got -5"),
-    ("pos", 1.5, "field 'pos'"),
-    ("epoch", True, "field 'epoch'"),
-    ("history", {"a": 1}, "field 'history'"),
-    ("best", [], "field 'best'"),
-    ("train_seconds", float("nan"), "field 'train_seconds'"),
-    ("optimizer", {"state": {}, "param_groups": 3}, "field 'optimizer'"),
-    ("rng", {"torch": torch.zeros(3), "python": (3,), "numpy": ()}, "field 'rng.torch'"),
-    ("model", {"w": 3}, "field 'model.w'"),
-    ("model_config", [1], "field 'model_config'"),
-    ("train_config", {"task_options": {}}, "field 'train_config.task'"),
-    ("optimizer", None, "field 'optimizer'"),
-])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("step", -5, "field 'step' must be an int >= 0, got -5"),
+        ("pos", 1.5, "field 'pos'"),
+        ("epoch", True, "field 'epoch'"),
+        ("history", {"a": 1}, "field 'history'"),
+        ("best", [], "field 'best'"),
+        ("train_seconds", float("nan"), "field 'train_seconds'"),
+        ("optimizer", {"state": {}, "param_groups": 3}, "field 'optimizer'"),
+        ("rng", {"torch": torch.zeros(3), "python": (3,), "numpy": ()}, "field 'rng.torch'"),
+        ("model", {"w": 3}, "field 'model.w'"),
+        ("model_config", [1], "field 'model_config'"),
+        ("train_config", {"task_options": {}}, "field 'train_config.task'"),
+        ("optimizer", None, "field 'optimizer'"),
+    ],
+)
 def test_malformed_checkpoint_fields_are_named(tmp_path, small_checkpoint, field, value, match):
     path = str(tmp_path / "checkpoint.pt")
     payload = load_checkpoint(small_checkpoint)
@@ -304,8 +381,11 @@ def test_checkpoint_that_does_not_fit_names_the_field(tmp_path, small_checkpoint
 
 def test_resume_refuses_settings_that_break_exactness(tmp_path, capsys):
     train(cfg(out_dir=str(tmp_path), **SMALL))
-    for change, match in ((dict(seed=1), "seed 0 -> 1"), (dict(batch_size=8), "batch_size 16 -> 8"),
-                          (dict(lr=1e-4), "lr 0.003 -> 0.0001")):
+    for change, match in (
+        (dict(seed=1), "seed 0 -> 1"),
+        (dict(batch_size=8), "batch_size 16 -> 8"),
+        (dict(lr=1e-4), "lr 0.003 -> 0.0001"),
+    ):
         with pytest.raises(ValueError, match=f"cannot resume .* exactly: changed {match}.*--resume-inexact"):
             train(cfg(out_dir=str(tmp_path), resume=True, **{**SMALL, "steps": 6}, **change))
     res = train(cfg(out_dir=str(tmp_path), resume=True, resume_inexact=True, seed=1, **{**SMALL, "steps": 6}))
@@ -320,8 +400,16 @@ def test_metrics_never_ahead_of_the_checkpoint(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(cfg(out_dir=str(tmp_path), checkpoint_every=4, num_val=8, test=False, **{**SMALL, "steps": 12, "eval_every": 1}),
-              callback=crash)
+        train(
+            cfg(
+                out_dir=str(tmp_path),
+                checkpoint_every=4,
+                num_val=8,
+                test=False,
+                **{**SMALL, "steps": 12, "eval_every": 1},
+            ),
+            callback=crash,
+        )
     ckpt = load_checkpoint(str(tmp_path / "checkpoint.pt"))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert ckpt["step"] == 4 and metrics["checkpoint_step"] == 4
@@ -351,7 +439,18 @@ def test_cli_default_run_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     p = argparse.ArgumentParser()
     add_train_arguments(p)
-    base = ["_first", "--steps", "2", "--eval-every", "2", "--no-progress", "--dim", "16", "--task-option", "num_train=64"]
+    base = [
+        "_first",
+        "--steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--no-progress",
+        "--dim",
+        "16",
+        "--task-option",
+        "num_train=64",
+    ]
     assert run_train(p.parse_args(base + ["--num-val", "8", "--num-test", "8"])) == 0
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and runs[0].name.startswith("_first-")
@@ -364,9 +463,36 @@ def test_cli_default_run_directory(tmp_path, monkeypatch, capsys):
         run_train(p.parse_args(base + ["--resume"]))
 
 
-SIGNAL_RUN = ["-m", "spattn.cli", "train", "mqar", "--attention", "window(size=8)", "--dim", "16", "--seq-len", "64",
-              "--kv-pairs", "4", "--vocab", "64", "--num-train", "4096", "--batch-size", "8", "--steps", "100000",
-              "--eval-every", "100000", "--num-val", "8", "--num-test", "8", "--threads", "1"]
+SIGNAL_RUN = [
+    "-m",
+    "spattn.cli",
+    "train",
+    "mqar",
+    "--attention",
+    "window(size=8)",
+    "--dim",
+    "16",
+    "--seq-len",
+    "64",
+    "--kv-pairs",
+    "4",
+    "--vocab",
+    "64",
+    "--num-train",
+    "4096",
+    "--batch-size",
+    "8",
+    "--steps",
+    "100000",
+    "--eval-every",
+    "100000",
+    "--num-val",
+    "8",
+    "--num-test",
+    "8",
+    "--threads",
+    "1",
+]
 
 
 @pytest.mark.parametrize("signame", ["SIGINT", pytest.param("SIGTERM", marks=pytest.mark.slow)])
@@ -379,8 +505,14 @@ def test_signal_saves_a_final_checkpoint(tmp_path, signame):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, *SIGNAL_RUN, "--out", str(tmp_path)], stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=env, cwd=root)
+    proc = subprocess.Popen(
+        [sys.executable, *SIGNAL_RUN, "--out", str(tmp_path)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=root,
+    )
     try:
         line = ""
         deadline = time.monotonic() + 120

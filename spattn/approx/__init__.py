@@ -12,7 +12,19 @@ from .sea import SEA
 from .soft import SOFT
 
 __all__ = [
-    "ApproxAttention", "AttentionLayer", "LinearAttention", "Performer", "PerformerState", "LightningAttention",
-    "GatedLinearAttention", "SOFT", "Linformer", "Nystromformer", "Combiner", "Scatterbrain", "SLA", "SEA",
+    "ApproxAttention",
+    "AttentionLayer",
+    "LinearAttention",
+    "Performer",
+    "PerformerState",
+    "LightningAttention",
+    "GatedLinearAttention",
+    "SOFT",
+    "Linformer",
+    "Nystromformer",
+    "Combiner",
+    "Scatterbrain",
+    "SLA",
+    "SEA",
     "DRSformerTopK",
 ]

@@ -214,7 +214,7 @@ def combiner_attention(
     B, Hq, N, D = q.shape
     if segment is None:
         segment = max(1, math.isqrt(N - 1) + 1) if N > 1 else 1
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = D**-0.5 if scale is None else float(scale)
     ct = compute_dtype(q.dtype)
     qf, kf, vf = q.to(ct), expand_kv(k, Hq).to(ct), expand_kv(v, Hq).to(ct)
     real = (
@@ -262,6 +262,12 @@ class Combiner(ApproxAttention):
 
     def forward(self, q, k, v, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         return combiner_attention(
-            q, k, v, mode=self.mode, segment=self.segment, causal=causal,
-            key_padding_mask=key_padding_mask, row_summary=self.row_summary,
+            q,
+            k,
+            v,
+            mode=self.mode,
+            segment=self.segment,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            row_summary=self.row_summary,
         )

@@ -41,9 +41,12 @@ __all__ = ["DRSformerTopK"]
 PAPER_RATIOS = (1 / 2, 2 / 3, 3 / 4, 4 / 5)
 
 
-@register("drsformer_topk", kind="dynamic",
-          description="DRSformer multi-ratio top-k attention mixed by learned weights (on tokens, not channels)",
-          paper="Chen et al. 2023, Learning a Sparse Transformer Network for Effective Image Deraining (CVPR)")
+@register(
+    "drsformer_topk",
+    kind="dynamic",
+    description="DRSformer multi-ratio top-k attention mixed by learned weights (on tokens, not channels)",
+    paper="Chen et al. 2023, Learning a Sparse Transformer Network for Effective Image Deraining (CVPR)",
+)
 class DRSformerTopK(ApproxAttention):
     """Multi-ratio top-k softmax attention with learned mixing weights (see module docstring).
 
@@ -78,21 +81,26 @@ class DRSformerTopK(ApproxAttention):
         """Keys per query for each ratio: ``max(1, int(kv_len * r))``."""
         return [max(1, int(kv_len * r)) for r in self.ratios]
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
-                key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None
+    ) -> Tensor:
         check_qkv(self.name, q, k, v, key_padding_mask, causal)
         if k.shape != v.shape:
-            raise ValueError(f"drsformer_topk: expected q [B, Hq, Nq, D], k = v [B, Hkv, Nk, D], got "
-                             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+            raise ValueError(
+                f"drsformer_topk: expected q [B, Hq, Nq, D], k = v [B, Hkv, Nk, D], got "
+                f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            )
         if self.heads is not None and q.shape[1] != self.heads:
             raise ValueError(f"drsformer_topk: built for heads={self.heads} but q has {q.shape[1]} heads")
         if self.normalize:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         q = q * self.temperature.to(q.dtype).view(-1, 1, 1)  # logits = (q·k) * temperature_h
-        selections = topk_selections(q, k, self.keys_kept(k.shape[2]), causal=causal,
-                                     key_padding_mask=key_padding_mask, ties="first")
+        selections = topk_selections(
+            q, k, self.keys_kept(k.shape[2]), causal=causal, key_padding_mask=key_padding_mask, ties="first"
+        )
         out = 0
         for weight, selection in zip(self.weights, selections):
             out = out + weight.to(q.dtype) * tokensparse_attention(
-                q, k, v, selection, scale=1.0, key_padding_mask=key_padding_mask)
+                q, k, v, selection, scale=1.0, key_padding_mask=key_padding_mask
+            )
         return out

@@ -18,7 +18,12 @@ from torch import Tensor, nn
 from .._checks import int_at_least
 
 __all__ = [
-    "elu_feature_map", "orthogonal_gaussian", "favor_logits", "favor_features", "favor_features_", "FavorProjection",
+    "elu_feature_map",
+    "orthogonal_gaussian",
+    "favor_logits",
+    "favor_features",
+    "favor_features_",
+    "FavorProjection",
     "favor_pair",
 ]
 
@@ -56,7 +61,7 @@ def orthogonal_gaussian(
 def favor_logits(x: Tensor, projection: Tensor) -> Tensor:
     """``w_i . x~ - |x~|^2 / 2`` for ``x [..., N, d]``, ``projection [m, d]`` -> ``[..., N, m]``."""
     d = x.shape[-1]
-    xs = (x * d ** -0.25).reshape(-1, x.shape[-2], d)
+    xs = (x * d**-0.25).reshape(-1, x.shape[-2], d)
     half_sq = -0.5 * (xs * xs).sum(-1, keepdim=True)
     w = projection.to(x.dtype).T.expand(xs.shape[0], d, projection.shape[0])
     return torch.baddbmm(half_sq, xs, w).reshape(*x.shape[:-1], projection.shape[0])  # one [N, m] buffer
@@ -69,7 +74,7 @@ def favor_features(logits: Tensor, stabilizer: Tensor, eps: float) -> Tensor:
     keys one constant per (batch, head), so it scales every key feature alike.
     """
     m = logits.shape[-1]
-    return (torch.exp(logits - stabilizer) + eps) * m ** -0.5
+    return (torch.exp(logits - stabilizer) + eps) * m**-0.5
 
 
 def favor_features_(logits: Tensor, stabilizer: Tensor, eps: float) -> Tensor:
@@ -130,8 +135,8 @@ def favor_pair(q: Tensor, k: Tensor, projection: Tensor, key_real: Optional[Tens
     lk_m = lk.detach() if key_real is None else lk.detach().masked_fill(~key_real[:, None, :, None], float("-inf"))
     stab_k = lk_m.amax(dim=(-2, -1), keepdim=True)
     stab_k = torch.where(torch.isfinite(stab_k), stab_k, torch.zeros_like(stab_k))
-    phi_q = torch.exp(lq - stab_q) * m ** -0.5
-    phi_k = torch.exp(lk - stab_k) * m ** -0.5
+    phi_q = torch.exp(lq - stab_q) * m**-0.5
+    phi_k = torch.exp(lk - stab_k) * m**-0.5
     if key_real is not None:
         phi_k = torch.where(key_real[:, None, :, None], phi_k, torch.zeros((), dtype=phi_k.dtype, device=phi_k.device))
     return phi_q, phi_k, (stab_q + stab_k).squeeze(-1)

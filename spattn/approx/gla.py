@@ -39,6 +39,7 @@ __all__ = ["LightningAttention", "GatedLinearAttention", "alibi_slopes", "rms_no
 
 def alibi_slopes(heads: int) -> Tensor:
     """ALiBi head slopes (Press et al. 2022): ``2^(-8 i / n)`` for a power of two ``n``, interleaved otherwise."""
+
     def pow2(n: int) -> list[float]:
         start = 2.0 ** (-8.0 / n)
         return [start ** (i + 1) for i in range(n)]
@@ -84,7 +85,9 @@ class _DecayedAttention(ApproxAttention):
         """``q [B, Hq, N, D]``, ``k, v [B, Hkv, N, D]`` -> ``[B, Hq, N, D]``."""
         check_qkv(self.name, q, k, v, key_padding_mask, causal)
         if q.shape[2] != k.shape[2]:
-            raise ValueError(f"{self.name}: needs as many queries as keys (self-attention), got {q.shape[2]} and {k.shape[2]}")
+            raise ValueError(
+                f"{self.name}: needs as many queries as keys (self-attention), got {q.shape[2]} and {k.shape[2]}"
+            )
         q2, k2, v2, g = self._inputs(q, k, v, key_padding_mask)
         if causal:
             out, _ = chunked_causal(q2, k2, v2, g, chunk=self.chunk)
@@ -167,13 +170,21 @@ class GatedLinearAttention(_DecayedAttention):
     name = "gla"
 
     def __init__(
-        self, rank: int = 16, normalizer: float = 16.0, chunk: int = 64, norm: bool = True,
+        self,
+        rank: int = 16,
+        normalizer: float = 16.0,
+        chunk: int = 64,
+        norm: bool = True,
         head_dim: Optional[int] = None,
     ):
         super().__init__()
         self.rank = int_at_least("gla: rank", rank)
-        if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not math.isfinite(normalizer) \
-                or normalizer <= 0:
+        if (
+            isinstance(normalizer, bool)
+            or not isinstance(normalizer, (int, float))
+            or not math.isfinite(normalizer)
+            or normalizer <= 0
+        ):
             raise ValueError(f"gla: normalizer must be a positive finite number, got {normalizer!r}")
         self.normalizer = float(normalizer)
         self.chunk = int_at_least("gla: chunk", chunk)
@@ -181,8 +192,10 @@ class GatedLinearAttention(_DecayedAttention):
             raise TypeError(f"gla: norm must be a bool, got {norm!r}")
         self.norm = norm
         if head_dim is None:
-            raise ValueError("gla: head_dim is required to size the gate projection "
-                             "(spattn.nn.Attention passes it; or give gla(head_dim=64))")
+            raise ValueError(
+                "gla: head_dim is required to size the gate projection "
+                "(spattn.nn.Attention passes it; or give gla(head_dim=64))"
+            )
         self.head_dim = int_at_least("gla: head_dim", head_dim)
         self.gate_down = nn.Linear(head_dim, rank, bias=False)
         self.gate_up = nn.Linear(rank, head_dim, bias=True)

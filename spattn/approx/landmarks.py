@@ -25,7 +25,9 @@ def segment_means(x: Tensor, landmarks: int, key_padding_mask: Optional[Tensor] 
     seg = -(-N // landmarks)
     count = -(-N // seg)
     pad = count * seg - N
-    real = torch.ones(B, N, dtype=x.dtype, device=x.device) if key_padding_mask is None else key_padding_mask.to(x.dtype)
+    real = (
+        torch.ones(B, N, dtype=x.dtype, device=x.device) if key_padding_mask is None else key_padding_mask.to(x.dtype)
+    )
     xs = F.pad(x * real[:, None, :, None], (0, 0, 0, pad)).reshape(B, H, count, seg, d).sum(3)
     n = F.pad(real, (0, pad)).reshape(B, count, seg).sum(-1)  # [B, S] real tokens per segment
     means = xs / n.clamp_min(1.0)[:, None, :, None]

@@ -59,7 +59,9 @@ class _KernelAttention(ApproxAttention):
         """``q [B, Hq, N, D]``, ``k, v [B, Hkv, N, D]`` -> ``[B, Hq, N, D]``."""
         check_qkv(self.name, q, k, v, key_padding_mask, causal)
         if q.shape[2] != k.shape[2] and causal:
-            raise ValueError(f"{self.name}: causal attention needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
+            raise ValueError(
+                f"{self.name}: causal attention needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}"
+            )
         fq, fk = self._features(q, k, key_padding_mask, causal)
         ct = compute_dtype(q.dtype)
         fk, va = expand_kv(fk, q.shape[1]), expand_kv(_with_ones(v, ct), q.shape[1])
@@ -97,9 +99,7 @@ class LinearAttention(_KernelAttention):
             fk = fk * key_padding_mask[:, None, :, None].to(fk.dtype)
         return fq, fk
 
-    def prefill(
-        self, q: Tensor, k: Tensor, v: Tensor, state: Optional[Tensor] = None
-    ) -> tuple[Tensor, Tensor]:
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, state: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """Causal attention over a block of tokens continuing from ``state``; returns ``(out, state)``."""
         check_qkv(self.name, q, k, v, None)
         fq, fk = self._features(q, k, None, True)
@@ -175,8 +175,13 @@ class Performer(_KernelAttention):
             self.redraw_features(self.head_dim)
 
     def params(self):
-        return {"features": self.features, "redraw": self.redraw, "seed": self.seed, "chunk": self.chunk,
-                "eps": self.feature_eps}
+        return {
+            "features": self.features,
+            "redraw": self.redraw,
+            "seed": self.seed,
+            "chunk": self.chunk,
+            "eps": self.feature_eps,
+        }
 
     @torch.no_grad()
     def redraw_features(self, head_dim: Optional[int] = None) -> None:

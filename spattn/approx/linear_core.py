@@ -39,7 +39,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_qkv(name: str, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool = False) -> None:
+def check_qkv(
+    name: str, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool = False
+) -> None:
     """Validate ``q [B, Hq, N, D]``, ``k, v [B, Hkv, N, D]``, ``Hq % Hkv == 0``, mask ``[B, N]`` bool, ``causal`` a bool."""
     if not isinstance(causal, bool):
         raise TypeError(f"{name}: causal must be a bool, got {causal!r}")
@@ -99,9 +101,11 @@ def _gated_scores(qc: Tensor, kc: Tensor, G: Tensor, causal_mask: Tensor, budget
     keep = causal_mask.unsqueeze(-1)
     parts = []
     for c0 in range(0, qc.shape[2], step):
-        g = G[:, :, c0:c0 + step]
+        g = G[:, :, c0 : c0 + step]
         decay = torch.exp((g.unsqueeze(-2) - g.unsqueeze(-3)).masked_fill(~keep, float("-inf")))
-        parts.append(((qc[:, :, c0:c0 + step].unsqueeze(-2) * decay) * kc[:, :, c0:c0 + step].unsqueeze(-3)).sum(-1))
+        parts.append(
+            ((qc[:, :, c0 : c0 + step].unsqueeze(-2) * decay) * kc[:, :, c0 : c0 + step].unsqueeze(-3)).sum(-1)
+        )
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 

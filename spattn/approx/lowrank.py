@@ -76,8 +76,10 @@ class Linformer(ApproxAttention):
         super().__init__()
         self.k = int_at_least("linformer: k", k)
         if max_len is None:
-            raise ValueError("linformer: max_len is required (the projections E, F have max_len columns); "
-                             "pass Attention(..., max_len=N) or linformer(k=..., max_len=N)")
+            raise ValueError(
+                "linformer: max_len is required (the projections E, F have max_len columns); "
+                "pass Attention(..., max_len=N) or linformer(k=..., max_len=N)"
+            )
         self.max_len = int_at_least("linformer: max_len", max_len)
         if self.k > self.max_len:
             raise ValueError(f"linformer: k={k} must be <= max_len={max_len}")
@@ -152,7 +154,9 @@ class Nystromformer(ApproxAttention):
     ) -> Tensor:
         """``q [B, Hq, N, D]``, ``k, v [B, Hkv, N, D]`` -> ``[B, Hq, N, D]``."""
         if causal:
-            raise ValueError("nystrom: Nyströmformer has no causal form (landmarks mix all positions); use causal=False")
+            raise ValueError(
+                "nystrom: Nyströmformer has no causal form (landmarks mix all positions); use causal=False"
+            )
         check_qkv(self.name, q, k, v, key_padding_mask)
         hq, n = q.shape[1], k.shape[2]
         if q.shape[2] != n:

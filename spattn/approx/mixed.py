@@ -59,8 +59,14 @@ def _zero_padded(key_padding_mask: Optional[Tensor], *xs: Tensor) -> tuple[Tenso
     return tuple(torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)) for x in xs)
 
 
-def _support(pattern: Union[str, Pattern, Layout], q: Tensor, k: Tensor, causal: bool,
-             key_padding_mask: Optional[Tensor], owner: str) -> Layout:
+def _support(
+    pattern: Union[str, Pattern, Layout],
+    q: Tensor,
+    k: Tensor,
+    causal: bool,
+    key_padding_mask: Optional[Tensor],
+    owner: str,
+) -> Layout:
     """The sparse support as a Layout; content-based patterns see the padding mask."""
     if isinstance(pattern, Layout):
         return pattern
@@ -77,8 +83,10 @@ def _as_pattern(pattern: Union[str, Pattern], owner: str) -> Pattern:
         except (TypeError, ValueError) as err:
             raise type(err)(f"{owner}: pattern {pattern!r}: {err}") from None
     if not isinstance(pattern, Pattern):
-        raise TypeError(f"{owner}: pattern must be a Pattern or a pattern spec such as 'window(size=64)', "
-                        f"got {type(pattern).__name__}")
+        raise TypeError(
+            f"{owner}: pattern must be a Pattern or a pattern spec such as 'window(size=64)', "
+            f"got {type(pattern).__name__}"
+        )
     return pattern
 
 
@@ -136,8 +144,9 @@ class Scatterbrain(ApproxAttention):
     name = "scatterbrain"
     supports_causal = True
 
-    def __init__(self, features: int = 128, pattern: str = "window(size=32)", seed: int = 0,
-                 redraw: Optional[int] = None):
+    def __init__(
+        self, features: int = 128, pattern: str = "window(size=32)", seed: int = 0, redraw: Optional[int] = None
+    ):
         super().__init__()
         self.features, self.seed, self.redraw = features, seed, redraw
         self.projection = FavorProjection(features, seed, redraw, owner="scatterbrain")
@@ -160,15 +169,20 @@ def _block_mean(x: Tensor, block: int, real: Tensor) -> Tensor:
     return s / w.sum(3).clamp(min=1)
 
 
-def sla_critical_blocks(q: Tensor, k: Tensor, block: int, topk: int, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+def sla_critical_blocks(
+    q: Tensor, k: Tensor, block: int, topk: int, key_padding_mask: Optional[Tensor] = None
+) -> Tensor:
     """SLA's block map ``[B, Hq, NQB, NKB]``: per query block the ``topk`` key blocks with the highest
     ``meanpool(Q) . meanpool(K - mean_seq K)`` (scored in fp32, no gradient); pools and the mean
     use real tokens only, key blocks without a real key are never chosen."""
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
     sdt = compute_dtype(q.dtype)
-    real = (torch.ones(1, 1, N, dtype=torch.bool, device=q.device) if key_padding_mask is None
-            else key_padding_mask[:, None, :])
+    real = (
+        torch.ones(1, 1, N, dtype=torch.bool, device=q.device)
+        if key_padding_mask is None
+        else key_padding_mask[:, None, :]
+    )
     kd, qd = _zero_padded(key_padding_mask, k.detach().to(sdt), q.detach().to(sdt))
     kmean = kd.sum(2, keepdim=True) / real.sum(-1, keepdim=True)[..., None].clamp(min=1)
     qbar = _block_mean(qd, block, real)  # self-attention: padded queries are padded keys
@@ -183,8 +197,9 @@ def sla_critical_blocks(q: Tensor, k: Tensor, block: int, topk: int, key_padding
     return chosen & kb_real
 
 
-def sla_attention(q, k, v, block_map: Tensor, block: int, proj_l: nn.Module,
-                  key_padding_mask: Optional[Tensor] = None) -> Tensor:
+def sla_attention(
+    q, k, v, block_map: Tensor, block: int, proj_l: nn.Module, key_padding_mask: Optional[Tensor] = None
+) -> Tensor:
     """SLA given the critical ``block_map [B, Hq, NQB, NKB]``: sparse softmax + projected linear branch."""
     B, Hq, N, D = q.shape
     ct = compute_dtype(q.dtype)
@@ -205,7 +220,7 @@ def sla_attention(q, k, v, block_map: Tensor, block: int, proj_l: nn.Module,
     z_rest = torch.einsum("bhqk,bhkd->bhqd", rest, z)
     qb = F.pad(phi_q, (0, 0, 0, nqb * block - N)).view(B, Hq, nqb, block, D)
     num = qb @ s_rest
-    den = (qb @ z_rest.unsqueeze(-1))
+    den = qb @ z_rest.unsqueeze(-1)
     ok = den > 0
     o_l = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
     o_l = o_l.reshape(B, Hq, nqb * block, D)[:, :, :N]
@@ -239,8 +254,9 @@ class SLA(ApproxAttention):
             raise ValueError(f"sla: k as a count must be >= 1, got {k!r}")
         int_at_least("sla: block", block)
         if head_dim is None:
-            raise ValueError("sla: head_dim is required (it sizes the zero-initialised proj_l; "
-                             "spattn.nn.Attention passes it)")
+            raise ValueError(
+                "sla: head_dim is required (it sizes the zero-initialised proj_l; spattn.nn.Attention passes it)"
+            )
         int_at_least("sla: head_dim", head_dim)
         self.k, self.block, self.head_dim = k, block, head_dim
         self.proj_l = nn.Linear(head_dim, head_dim)
@@ -253,7 +269,9 @@ class SLA(ApproxAttention):
 
     def forward(self, q, k, v, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         if causal:
-            raise ValueError("sla: SLA has no causal form (it is defined for bidirectional DiT attention); use causal=False")
+            raise ValueError(
+                "sla: SLA has no causal form (it is defined for bidirectional DiT attention); use causal=False"
+            )
         check_qkv("sla", q, k, v, key_padding_mask)
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"sla: self-attention only, q has {q.shape[2]} tokens and k {k.shape[2]}")

@@ -26,8 +26,17 @@ from .gla import alibi_slopes
 from .soft import newton_schulz_pinv
 
 __all__ = [
-    "naive_kernel_attention", "naive_linear", "naive_performer", "naive_decayed", "naive_lightning", "naive_gla",
-    "naive_soft", "naive_linformer", "naive_pinv", "naive_nystrom", "naive_combiner",
+    "naive_kernel_attention",
+    "naive_linear",
+    "naive_performer",
+    "naive_decayed",
+    "naive_lightning",
+    "naive_gla",
+    "naive_soft",
+    "naive_linformer",
+    "naive_pinv",
+    "naive_nystrom",
+    "naive_combiner",
 ]
 
 
@@ -56,8 +65,8 @@ def naive_performer(q, k, v, w, causal=False, kpm=None, eps=1e-4, stabilise=True
     """FAVOR+ features written out: row max for queries, one max per (batch, head) for keys."""
     d, m = q.shape[-1], w.shape[0]
     w = w.to(q.dtype)
-    lq = (q / d ** 0.25) @ w.T - (q / d ** 0.25).pow(2).sum(-1, keepdim=True) / 2
-    lk = (k / d ** 0.25) @ w.T - (k / d ** 0.25).pow(2).sum(-1, keepdim=True) / 2
+    lq = (q / d**0.25) @ w.T - (q / d**0.25).pow(2).sum(-1, keepdim=True) / 2
+    lk = (k / d**0.25) @ w.T - (k / d**0.25).pow(2).sum(-1, keepdim=True) / 2
     if kpm is not None:
         lk = lk.masked_fill(~kpm[:, None, :, None], -math.inf)
     # the stabilisers are constants (detached): they only guard exp against overflow
@@ -111,7 +120,7 @@ def naive_gla(mod, q, k, v, causal, kpm=None):
 def naive_soft(q, v, m, iters=20, kpm=None):
     """Explicit N x N Nyström approximation of the Gaussian kernel with tied Q = K."""
     n, d = q.shape[2], q.shape[-1]
-    x = q / d ** 0.25
+    x = q / d**0.25
     real = torch.ones(q.shape[0], n, dtype=torch.bool) if kpm is None else kpm
     seg = -(-n // m)
     outs = []
@@ -125,7 +134,7 @@ def naive_soft(q, v, m, iters=20, kpm=None):
         kern = lambda a, c: torch.exp(-0.5 * torch.cdist(a, c).pow(2))  # noqa: E731
         approx = kern(x[b], lm) @ newton_schulz_pinv(kern(lm, lm), iters) @ kern(lm, x[b])
         approx = approx * real[b][None, None, :]
-        outs.append(approx @ rep(v[b:b + 1], q.shape[1])[0])
+        outs.append(approx @ rep(v[b : b + 1], q.shape[1])[0])
     return torch.stack(outs)
 
 
@@ -159,7 +168,7 @@ def naive_nystrom(q, k, v, m, iters=6, kpm=None):
     b, hq, n, d = q.shape
     k, v = rep(k, hq), rep(v, hq)
     real = torch.ones(b, n, dtype=torch.bool) if kpm is None else kpm
-    qs, ks = q / d ** 0.25, k / d ** 0.25
+    qs, ks = q / d**0.25, k / d**0.25
     seg = -(-n // m)
     outs = []
     for bi in range(b):
@@ -168,9 +177,11 @@ def naive_nystrom(q, k, v, m, iters=6, kpm=None):
         ql = torch.stack([qs[bi][:, s].mean(1) for s in segs], 1)
         kl = torch.stack([ks[bi][:, s].mean(1) for s in segs], 1)
         logits3 = (ql @ ks[bi].transpose(-1, -2)).masked_fill(~real[bi], -math.inf)
-        s_hat = (torch.softmax(qs[bi] @ kl.transpose(-1, -2), -1)
-                 @ naive_pinv(torch.softmax(ql @ kl.transpose(-1, -2), -1), iters)
-                 @ torch.softmax(logits3, -1))
+        s_hat = (
+            torch.softmax(qs[bi] @ kl.transpose(-1, -2), -1)
+            @ naive_pinv(torch.softmax(ql @ kl.transpose(-1, -2), -1), iters)
+            @ torch.softmax(logits3, -1)
+        )
         outs.append(s_hat @ v[bi])
     return torch.stack(outs)
 
@@ -205,7 +216,7 @@ def _partition(mode, i, n, L, causal):
 def naive_combiner(q, k, v, mode, L, causal, kpm=None, row_summary="wsum"):
     """Explicit probabilities of every key, per (b, h, i). q, k, v [B, H, N, D] (same heads)."""
     B, H, n, D = q.shape
-    scale = D ** -0.5
+    scale = D**-0.5
     real = torch.ones(B, n, dtype=torch.bool) if kpm is None else kpm
     out = torch.zeros_like(q)
     total_p = torch.zeros(B, H, n, dtype=q.dtype)

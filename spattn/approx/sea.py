@@ -38,13 +38,16 @@ from .linear_core import check_qkv, chunked_causal, compute_dtype, noncausal
 __all__ = ["SEA", "sea_estimate", "sea_selection"]
 
 
-def sea_estimate(q: Tensor, k: Tensor, projection: Tensor, chunk_size: int, causal: bool,
-                 key_padding_mask: Optional[Tensor] = None) -> Tensor:
+def sea_estimate(
+    q: Tensor, k: Tensor, projection: Tensor, chunk_size: int, causal: bool, key_padding_mask: Optional[Tensor] = None
+) -> Tensor:
     """Performer estimate of each query's attention mass per key chunk: ``[B, Hq, N, C]`` (rows sum to 1)."""
     B, Hq, N, D = q.shape
     ct = compute_dtype(q.dtype)
     C = -(-N // chunk_size)
-    phi_q, phi_k, _ = favor_pair(q.detach().to(ct), expand_kv(k, Hq).detach().to(ct), projection.to(ct), key_padding_mask)
+    phi_q, phi_k, _ = favor_pair(
+        q.detach().to(ct), expand_kv(k, Hq).detach().to(ct), projection.to(ct), key_padding_mask
+    )
     onehot = torch.nn.functional.one_hot(torch.arange(N, device=q.device) // chunk_size, C).to(ct)
     w = torch.cat([onehot, torch.ones(N, 1, dtype=ct, device=q.device)], -1).expand(B, Hq, N, C + 1)
     est = chunked_causal(phi_q, phi_k, w)[0] if causal else noncausal(phi_q, phi_k, w)
@@ -52,8 +55,9 @@ def sea_estimate(q: Tensor, k: Tensor, projection: Tensor, chunk_size: int, caus
     return torch.where(den > 0, est[..., :C] / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
 
 
-def sea_selection(est: Tensor, k: int, chunk_size: int, n: int, causal: bool,
-                  key_padding_mask: Optional[Tensor] = None) -> TokenSelection:
+def sea_selection(
+    est: Tensor, k: int, chunk_size: int, n: int, causal: bool, key_padding_mask: Optional[Tensor] = None
+) -> TokenSelection:
     """Top-``k`` chunks per query of ``est [B, H, N, C]`` expanded to key positions (a TokenSelection)."""
     B, H, N, C = est.shape
     dev = est.device

@@ -70,7 +70,9 @@ class SOFT(ApproxAttention):
             raise ValueError("soft: SOFT has no causal form; use causal=False")
         check_qkv(self.name, q, k, v, key_padding_mask)
         if q.shape[2] != k.shape[2]:
-            raise ValueError(f"soft: ties queries and keys, so needs as many queries as keys, got {q.shape[2]}, {k.shape[2]}")
+            raise ValueError(
+                f"soft: ties queries and keys, so needs as many queries as keys, got {q.shape[2]}, {k.shape[2]}"
+            )
         ct = torch.float64 if q.dtype == torch.float64 else torch.float32
         x = q.to(ct) * q.shape[-1] ** -0.25
         v = expand_kv(v, q.shape[1]).to(ct)

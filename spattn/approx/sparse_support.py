@@ -20,7 +20,9 @@ from ..layout import Layout
 __all__ = ["support_bilinear"]
 
 
-def support_bilinear(layout: Layout, a: Tensor, b: Tensor, w: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+def support_bilinear(
+    layout: Layout, a: Tensor, b: Tensor, w: Tensor, key_padding_mask: Optional[Tensor] = None
+) -> Tensor:
     """``out_i = sum_{j in S_i} (a_i . b_j) w_j`` with ``S_i`` the keys ``layout`` computes for query ``i``.
 
     ``a [B, H, Nq, M]``, ``b [B, H, Nk, M]``, ``w [B, H, Nk, E]`` (same heads: expand GQA first),
@@ -50,8 +52,9 @@ def support_bilinear(layout: Layout, a: Tensor, b: Tensor, w: Tensor, key_paddin
     member = member.expand(B, H, nqb, bq, K)
     if key_padding_mask is not None:
         hp = pos.shape[1]
-        real = torch.gather(key_padding_mask[:, None, None, :].expand(B, hp, nqb, nk), -1,
-                            pos.expand(B, hp, nqb, K))  # [B, H', NQB, K]
+        real = torch.gather(
+            key_padding_mask[:, None, None, :].expand(B, hp, nqb, nk), -1, pos.expand(B, hp, nqb, K)
+        )  # [B, H', NQB, K]
         member = member & real.unsqueeze(-2)
     flat = pos.expand(B, H, nqb, K).reshape(B, H, nqb * K, 1)
     bg = torch.gather(b, 2, flat.expand(-1, -1, -1, M)).view(B, H, nqb, K, M)

@@ -75,10 +75,14 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         if isinstance(payload, dict) and payload.get("format") == _LEGACY_FORMAT:
             payload = {**payload, "schema": 1}
     else:
-        raise ValueError(f"checkpoint {path!r} is corrupt or not a spattn training checkpoint "
-                         f"(it starts with {data[:16]!r}, not {_MAGIC!r})")
+        raise ValueError(
+            f"checkpoint {path!r} is corrupt or not a spattn training checkpoint "
+            f"(it starts with {data[:16]!r}, not {_MAGIC!r})"
+        )
     if not isinstance(payload, dict) or payload.get("format") not in (CHECKPOINT_FORMAT, _LEGACY_FORMAT):
-        raise ValueError(f"checkpoint {path!r} is not a spattn training checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+        raise ValueError(
+            f"checkpoint {path!r} is not a spattn training checkpoint (expected format {CHECKPOINT_FORMAT!r})"
+        )
     validate_payload(payload, path)
     return payload
 
@@ -86,21 +90,31 @@ def load_checkpoint(path: str) -> dict[str, Any]:
 def _checked_body(path: str, data: bytes) -> bytes:
     end = data.find(b"\n", len(_MAGIC), len(_MAGIC) + 4096)
     try:
-        header = json.loads(data[len(_MAGIC):end].decode()) if end > 0 else None
+        header = json.loads(data[len(_MAGIC) : end].decode()) if end > 0 else None
     except (UnicodeDecodeError, ValueError):
         header = None
-    if not isinstance(header, dict) or not isinstance(header.get("sha256"), str) or not isinstance(header.get("bytes"), int):
+    if (
+        not isinstance(header, dict)
+        or not isinstance(header.get("sha256"), str)
+        or not isinstance(header.get("bytes"), int)
+    ):
         raise ValueError(f"checkpoint {path!r} is corrupt: its header is damaged")
     if header.get("schema") != CHECKPOINT_SCHEMA:
-        raise ValueError(f"checkpoint {path!r} has schema version {header.get('schema')!r}; this spattn reads "
-                         f"{CHECKPOINT_SCHEMA} (and 1)")
-    body = data[end + 1:]
+        raise ValueError(
+            f"checkpoint {path!r} has schema version {header.get('schema')!r}; this spattn reads "
+            f"{CHECKPOINT_SCHEMA} (and 1)"
+        )
+    body = data[end + 1 :]
     if len(body) != header["bytes"]:
-        raise ValueError(f"checkpoint {path!r} is corrupt: {len(body)} bytes of data, the header says {header['bytes']} "
-                         "(a truncated or appended file)")
+        raise ValueError(
+            f"checkpoint {path!r} is corrupt: {len(body)} bytes of data, the header says {header['bytes']} "
+            "(a truncated or appended file)"
+        )
     if hashlib.sha256(body).hexdigest() != header["sha256"]:
-        raise ValueError(f"checkpoint {path!r} is corrupt: its SHA-256 checksum does not match (damaged bytes); "
-                         "restore it from a backup or start again with --overwrite")
+        raise ValueError(
+            f"checkpoint {path!r} is corrupt: its SHA-256 checksum does not match (damaged bytes); "
+            "restore it from a backup or start again with --overwrite"
+        )
     return body
 
 
@@ -108,8 +122,9 @@ def _torch_load(path: str, data: bytes) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated/garbage files
-        raise ValueError(f"checkpoint {path!r} is corrupt or not a spattn training checkpoint "
-                         f"({type(e).__name__}: {e})") from None
+        raise ValueError(
+            f"checkpoint {path!r} is corrupt or not a spattn training checkpoint ({type(e).__name__}: {e})"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -133,8 +148,20 @@ def _str_dict(path: str, name: str, v: Any) -> None:
 def validate_payload(ckpt: dict[str, Any], path: str = "<checkpoint>") -> None:
     """Check every field a resume reads, so a malformed file fails here with the field's name
     instead of deep inside ``load_state_dict`` (``IndexError``, ``AttributeError``, ...)."""
-    required = ("model_config", "train_config", "model", "optimizer", "scheduler", "rng", "step", "epoch", "pos",
-                "history", "best", "train_seconds")
+    required = (
+        "model_config",
+        "train_config",
+        "model",
+        "optimizer",
+        "scheduler",
+        "rng",
+        "step",
+        "epoch",
+        "pos",
+        "history",
+        "best",
+        "train_seconds",
+    )
     missing = [k for k in required if k not in ckpt]
     if missing:
         raise ValueError(f"checkpoint {path!r}: missing field(s) {missing}")
@@ -150,8 +177,12 @@ def validate_payload(ckpt: dict[str, Any], path: str = "<checkpoint>") -> None:
         if not isinstance(t, torch.Tensor):
             _fail(path, f"model.{k}", "a tensor", t)
     opt = ckpt["optimizer"]
-    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list) \
-            or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"]):
+    if (
+        not isinstance(opt, dict)
+        or not isinstance(opt.get("state"), dict)
+        or not isinstance(opt.get("param_groups"), list)
+        or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"])
+    ):
         _fail(path, "optimizer", "an optimizer state dict ({'state': dict, 'param_groups': [dict with 'params']})", opt)
     _str_dict(path, "scheduler", ckpt["scheduler"])
     rng = ckpt["rng"]
@@ -172,7 +203,11 @@ def validate_payload(ckpt: dict[str, Any], path: str = "<checkpoint>") -> None:
     if not isinstance(hist, list) or not all(isinstance(h, dict) for h in hist):
         _fail(path, "history", "a list of dicts", hist)
     best = ckpt["best"]
-    if not isinstance(best, dict) or not isinstance(best.get("acc"), numbers.Real) or not isinstance(best.get("step"), int):
+    if (
+        not isinstance(best, dict)
+        or not isinstance(best.get("acc"), numbers.Real)
+        or not isinstance(best.get("step"), int)
+    ):
         _fail(path, "best", "a dict {'step': int, 'acc': float}", best)
     ts = ckpt["train_seconds"]
     if isinstance(ts, bool) or not isinstance(ts, numbers.Real) or not math.isfinite(ts) or ts < 0:

@@ -49,20 +49,39 @@ __all__ = ["FidelityConfig", "DEFAULT_SPECS", "make_inputs", "run_fidelity", "fo
 
 #: three sparsity levels per family at N = 2048 (names not registered are skipped with a note)
 DEFAULT_SPECS = (
-    "window(size=64)", "window(size=128)", "window(size=256)",
-    "bigbird(block=64, window=1, globals=1, random=1)", "bigbird(block=64, window=3, globals=1, random=2)",
+    "window(size=64)",
+    "window(size=128)",
+    "window(size=256)",
+    "bigbird(block=64, window=1, globals=1, random=1)",
+    "bigbird(block=64, window=3, globals=1, random=2)",
     "bigbird(block=64, window=3, globals=2, random=6)",
-    "a_shape(sinks=64, local=128)", "a_shape(sinks=64, local=256)", "a_shape(sinks=128, local=512)",
-    "topk(k=16)", "topk(k=64)", "topk(k=256)",
-    "block_topk(k=2, block=64)", "block_topk(k=4, block=64)", "block_topk(k=8, block=64)",
-    "block_mass(threshold=0.5, block=64)", "block_mass(threshold=0.8, block=64)", "block_mass(threshold=0.95, block=64)",
-    "xattention(threshold=0.8, stride=8, block=64)", "xattention(threshold=0.9, stride=8, block=64)",
+    "a_shape(sinks=64, local=128)",
+    "a_shape(sinks=64, local=256)",
+    "a_shape(sinks=128, local=512)",
+    "topk(k=16)",
+    "topk(k=64)",
+    "topk(k=256)",
+    "block_topk(k=2, block=64)",
+    "block_topk(k=4, block=64)",
+    "block_topk(k=8, block=64)",
+    "block_mass(threshold=0.5, block=64)",
+    "block_mass(threshold=0.8, block=64)",
+    "block_mass(threshold=0.95, block=64)",
+    "xattention(threshold=0.8, stride=8, block=64)",
+    "xattention(threshold=0.9, stride=8, block=64)",
     "xattention(threshold=0.95, stride=8, block=64)",
-    "vertical_slash(vertical=64, slash=64)", "vertical_slash(vertical=256, slash=256)",
+    "vertical_slash(vertical=64, slash=64)",
+    "vertical_slash(vertical=256, slash=256)",
     "vertical_slash(vertical=512, slash=512)",
-    "flexprefill(gamma=0.8)", "flexprefill(gamma=0.9)", "flexprefill(gamma=0.95)",
-    "routing(clusters=16)", "routing(clusters=8)", "routing(clusters=4)",
-    "performer(features=64)", "performer(features=256)", "nystrom(landmarks=64)",
+    "flexprefill(gamma=0.8)",
+    "flexprefill(gamma=0.9)",
+    "flexprefill(gamma=0.95)",
+    "routing(clusters=16)",
+    "routing(clusters=8)",
+    "routing(clusters=4)",
+    "performer(features=64)",
+    "performer(features=256)",
+    "nystrom(landmarks=64)",
 )
 INPUT_KINDS = ("random", "planted")
 
@@ -99,7 +118,9 @@ class FidelityConfig:
                 registry.lookup(name)
 
 
-def make_inputs(kind: str, cfg: FidelityConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+def make_inputs(
+    kind: str, cfg: FidelityConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """``q, k, v [B, H, N, D]`` and, for planted inputs, the planted key of each query ``[B, H, N]``."""
     gen = torch.Generator().manual_seed(cfg.seed)
     shape = (cfg.batch, cfg.heads, cfg.n, cfg.dim)
@@ -112,10 +133,17 @@ def make_inputs(kind: str, cfg: FidelityConfig) -> tuple[torch.Tensor, torch.Ten
     uniform = (torch.rand(i.shape, generator=gen) * visible).long()
     # geometric offsets (mean ~32) by inversion, from the seeded generator
     offset = (torch.log1p(-torch.rand(i.shape, generator=gen)) / math.log1p(-1 / 32)).long()
-    local = (i - offset).clamp(min=0) if cfg.causal else (i + torch.where(torch.rand(i.shape, generator=gen) < 0.5, -offset, offset)).clamp(0, n - 1)
+    local = (
+        (i - offset).clamp(min=0)
+        if cfg.causal
+        else (i + torch.where(torch.rand(i.shape, generator=gen) < 0.5, -offset, offset)).clamp(0, n - 1)
+    )
     planted = torch.where(torch.rand(i.shape, generator=gen) < 0.5, local, uniform)
-    k = k.index_put((torch.arange(cfg.batch)[:, None, None], torch.arange(cfg.heads)[None, :, None], planted),
-                    q * (8.0 / math.sqrt(cfg.dim)), accumulate=True)
+    k = k.index_put(
+        (torch.arange(cfg.batch)[:, None, None], torch.arange(cfg.heads)[None, :, None], planted),
+        q * (8.0 / math.sqrt(cfg.dim)),
+        accumulate=True,
+    )
     return q, k, v, planted
 
 
@@ -130,8 +158,15 @@ def _dense(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _build(spec: str, cfg: FidelityConfig):
     """The mechanism of ``spec`` for this configuration; ``ValueError`` if it cannot run in it."""
-    mech = build_mechanism(spec, dim=cfg.heads * cfg.dim, heads=cfg.heads, kv_heads=cfg.heads, head_dim=cfg.dim,
-                           causal=cfg.causal, max_len=cfg.n)
+    mech = build_mechanism(
+        spec,
+        dim=cfg.heads * cfg.dim,
+        heads=cfg.heads,
+        kv_heads=cfg.heads,
+        head_dim=cfg.dim,
+        causal=cfg.causal,
+        max_len=cfg.n,
+    )
     if isinstance(mech, ApproxAttention) and cfg.causal and not mech.supports_causal:
         raise ValueError(f"{spec} has no causal form; run the fidelity bench with --non-causal")
     return mech
@@ -141,7 +176,10 @@ def _evaluate(spec: str, q, k, v, planted, scores, dense_out, cfg: FidelityConfi
     mech = _build(spec, cfg)  # fresh per input kind: routing's centroids start from these inputs
     if isinstance(mech, torch.nn.Module):
         mech.eval()
-    rec: dict[str, Any] = {"spec": spec, "learned": isinstance(mech, torch.nn.Module) and any(True for _ in mech.parameters())}
+    rec: dict[str, Any] = {
+        "spec": spec,
+        "learned": isinstance(mech, torch.nn.Module) and any(True for _ in mech.parameters()),
+    }
     with torch.no_grad():
         if isinstance(mech, Pattern):
             t0 = time.perf_counter()
@@ -165,12 +203,16 @@ def _evaluate(spec: str, q, k, v, planted, scores, dense_out, cfg: FidelityConfi
             rec["forward_s"] = time.perf_counter() - t0
         else:
             kind = "AttentionLayer" if isinstance(mech, AttentionLayer) else type(mech).__name__
-            raise ValueError(f"fidelity: {spec!r} is an {kind}, which replaces the whole layer; it has no q/k/v to compare")
+            raise ValueError(
+                f"fidelity: {spec!r} is an {kind}, which replaces the whole layer; it has no q/k/v to compare"
+            )
     rec["rel_error"] = float((out - dense_out).norm() / dense_out.norm())
     return rec
 
 
-def run_fidelity(config: Optional[FidelityConfig] = None, *, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+def run_fidelity(
+    config: Optional[FidelityConfig] = None, *, log: Callable[[str], None] = lambda s: None
+) -> dict[str, Any]:
     """Run every (input kind, spec) case; returns ``{"config", "environment", "records", "skipped", "unsupported"}``.
 
     With ``skip_unknown`` (the default sweep), unregistered names are listed in ``skipped`` and specs
@@ -207,7 +249,9 @@ def run_fidelity(config: Optional[FidelityConfig] = None, *, log: Callable[[str]
         "benchmark": "fidelity",
         "config": asdict(cfg),
         "environment": {
-            "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
         "records": records,
@@ -227,11 +271,17 @@ def format_fidelity_table(result: dict[str, Any]) -> str:
     rows = [header]
     for r in result["records"]:
         sel = r.get("select_s")
-        rows.append((
-            r["input"], r["spec"] + (" (untrained)" if r.get("learned") else ""), _fmt(r.get("density"), True),
-            _fmt(r["rel_error"]), _fmt(r.get("topk_recall"), True), _fmt(r.get("planted_recall"), True),
-            "-" if sel is None else f"{1e3 * sel:.1f}",
-        ))
+        rows.append(
+            (
+                r["input"],
+                r["spec"] + (" (untrained)" if r.get("learned") else ""),
+                _fmt(r.get("density"), True),
+                _fmt(r["rel_error"]),
+                _fmt(r.get("topk_recall"), True),
+                _fmt(r.get("planted_recall"), True),
+                "-" if sel is None else f"{1e3 * sel:.1f}",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -240,8 +290,10 @@ def format_fidelity_table(result: dict[str, Any]) -> str:
         lines.append(f"skipped (not registered): {', '.join(result['skipped'])}")
     for spec, reason in result.get("unsupported", {}).items():
         lines.append(f"skipped {spec}: {reason}")
-    lines.append(f"N={cfg['n']} B={cfg['batch']} H={cfg['heads']} D={cfg['dim']} causal={cfg['causal']} "
-                 f"top-k={cfg['topk']} seed={cfg['seed']}")
+    lines.append(
+        f"N={cfg['n']} B={cfg['batch']} H={cfg['heads']} D={cfg['dim']} causal={cfg['causal']} "
+        f"top-k={cfg['topk']} seed={cfg['seed']}"
+    )
     return "\n".join(lines)
 
 

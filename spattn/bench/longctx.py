@@ -35,20 +35,38 @@ DEFAULT_METHODS = ["dense", "xattention(threshold=0.8, stride=16, block=64)", "a
 
 def add_longctx_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``spattn longctx``."""
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
-                        help="prefill specs ('dense' = untouched SDPA model), e.g. 'xattention(threshold=0.9)'")
-    parser.add_argument("--decode", nargs="*", default=[],
-                        help="decode selectors evaluated with dense prefill, e.g. 'quest(budget=512)'")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=DEFAULT_METHODS,
+        help="prefill specs ('dense' = untouched SDPA model), e.g. 'xattention(threshold=0.9)'",
+    )
+    parser.add_argument(
+        "--decode",
+        nargs="*",
+        default=[],
+        help="decode selectors evaluated with dense prefill, e.g. 'quest(budget=512)'",
+    )
     parser.add_argument("--dense-layers", type=int, default=0, help="first layers kept dense for sparse methods")
-    parser.add_argument("--dense-tail", type=int, default=0,
-                        help="last prompt tokens whose queries attend densely in sparse prefills (sparsify's dense_tail)")
-    parser.add_argument("--tasks", nargs="+", default=["passkey"],
-                        help="passkey niah_single niah_multikey variable_tracking common_words")
+    parser.add_argument(
+        "--dense-tail",
+        type=int,
+        default=0,
+        help="last prompt tokens whose queries attend densely in sparse prefills (sparsify's dense_tail)",
+    )
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["passkey"],
+        help="passkey niah_single niah_multikey variable_tracking common_words",
+    )
     parser.add_argument("--lengths", nargs="+", type=int, default=[4096])
     parser.add_argument("--depths", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--trials", type=int, default=1, help="samples per (task, length, depth)")
     parser.add_argument("--new-tokens", type=int, default=8, help="greedy tokens generated per case")
-    parser.add_argument("--ppl-lengths", nargs="*", type=int, default=[], help="perplexity on stdlib prose at these lengths")
+    parser.add_argument(
+        "--ppl-lengths", nargs="*", type=int, default=[], help="perplexity on stdlib prose at these lengths"
+    )
     parser.add_argument("--model", default="smollm2", choices=["smollm2"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="results/longctx.json")
@@ -138,8 +156,10 @@ def _method_list(args, model=None, tokenizer=None) -> list[dict]:
     from ..patterns import pattern
     from ..patterns.decode import DoubleSparsity
 
-    methods = [{"name": m, "prefill": None if m == "dense" else m, "decode": None, "shares_prefill": m == "dense"}
-               for m in args.methods]
+    methods = [
+        {"name": m, "prefill": None if m == "dense" else m, "decode": None, "shares_prefill": m == "dense"}
+        for m in args.methods
+    ]
     for spec in args.decode:
         selector = pattern(spec)
         if isinstance(selector, DoubleSparsity) and not selector.calibrated_layers() and model is not None:
@@ -147,7 +167,9 @@ def _method_list(args, model=None, tokenizer=None) -> list[dict]:
 
             calibrate_double_sparsity(model, [_prose_ids(tokenizer, CALIBRATION_TOKENS, start=20_000)], selector)
         uncalibrated = isinstance(selector, DoubleSparsity) and not selector.calibrated_layers()
-        methods.append({"name": f"decode:{spec}", "prefill": None, "decode": selector, "shares_prefill": not uncalibrated})
+        methods.append(
+            {"name": f"decode:{spec}", "prefill": None, "decode": selector, "shares_prefill": not uncalibrated}
+        )
     return methods
 
 
@@ -176,8 +198,13 @@ def evaluate(model, tokenizer, args, partial_path: Optional[Path] = None) -> dic
                     shared = _prefill(model, ids)
                 handle = None
                 if m["prefill"] or m["decode"]:
-                    handle = sparsify(model, prefill=m["prefill"], decode=m["decode"], dense_layers=args.dense_layers,
-                                      dense_tail=args.dense_tail if m["prefill"] else 0)
+                    handle = sparsify(
+                        model,
+                        prefill=m["prefill"],
+                        decode=m["decode"],
+                        dense_layers=args.dense_layers,
+                        dense_tail=args.dense_tail if m["prefill"] else 0,
+                    )
                 try:
                     if m["shares_prefill"]:
                         arg = _cache_arg(model)
@@ -190,13 +217,21 @@ def evaluate(model, tokenizer, args, partial_path: Optional[Path] = None) -> dic
                     if handle is not None:
                         handle.undo()
                 text = tokenizer.decode(tokens)
-                records.append({
-                    "method": m["name"], "case": case_i, "task": sample.task, "length": ids.shape[1], "depth": sample.depth,
-                    "score": sample.score(text), "prediction": text, "prefill_s": prefill_s,
-                    "decode_s_per_token": statistics.median(steps) if steps else None,
-                    "prefill_density": handle.density("prefill") if handle and m["prefill"] else 1.0,
-                    "decode_density": handle.density("decode") if handle else 1.0,
-                })
+                records.append(
+                    {
+                        "method": m["name"],
+                        "case": case_i,
+                        "task": sample.task,
+                        "length": ids.shape[1],
+                        "depth": sample.depth,
+                        "score": sample.score(text),
+                        "prediction": text,
+                        "prefill_s": prefill_s,
+                        "decode_s_per_token": statistics.median(steps) if steps else None,
+                        "prefill_density": handle.density("prefill") if handle and m["prefill"] else 1.0,
+                        "decode_density": handle.density("decode") if handle else 1.0,
+                    }
+                )
                 if bar is not None:
                     bar.update(1)
             if partial_path is not None:
@@ -207,22 +242,36 @@ def evaluate(model, tokenizer, args, partial_path: Optional[Path] = None) -> dic
             for m in methods:
                 if m["decode"]:
                     continue
-                handle = (sparsify(model, prefill=m["prefill"], dense_layers=args.dense_layers, dense_tail=args.dense_tail)
-                          if m["prefill"] else None)
+                handle = (
+                    sparsify(model, prefill=m["prefill"], dense_layers=args.dense_layers, dense_tail=args.dense_tail)
+                    if m["prefill"]
+                    else None
+                )
                 try:
                     value = perplexity(model, ids)
                 finally:
                     if handle is not None:
                         handle.undo()
-                ppl.append({"method": m["name"], "length": length, "perplexity": value,
-                            "prefill_density": handle.density("prefill") if handle else 1.0})
+                ppl.append(
+                    {
+                        "method": m["name"],
+                        "length": length,
+                        "perplexity": value,
+                        "prefill_density": handle.density("prefill") if handle else 1.0,
+                    }
+                )
                 if bar is not None:
                     bar.update(1)
     finally:  # an error must not be printed on the progress bar's line
         if bar is not None:
             bar.close()
-    return {"config": {k: v for k, v in vars(args).items() if k != "func"}, "machine": _machine(),
-            "summary": _summarise(records, ppl, methods), "cases": records, "perplexity": ppl}
+    return {
+        "config": {k: v for k, v in vars(args).items() if k != "func"},
+        "machine": _machine(),
+        "summary": _summarise(records, ppl, methods),
+        "cases": records,
+        "perplexity": ppl,
+    }
 
 
 def _summarise(records, ppl, methods) -> list[dict]:
@@ -233,18 +282,26 @@ def _summarise(records, ppl, methods) -> list[dict]:
         if not mine:
             continue
         row = {
-            "method": m["name"], "cases": len(mine),
+            "method": m["name"],
+            "cases": len(mine),
             "accuracy": statistics.mean(r["score"] for r in mine),
             "prefill_s_median": statistics.median(r["prefill_s"] for r in mine),
-            "decode_s_per_token_median": statistics.median(r["decode_s_per_token"] for r in mine if r["decode_s_per_token"] is not None) if any(r["decode_s_per_token"] is not None for r in mine) else None,
+            "decode_s_per_token_median": statistics.median(
+                r["decode_s_per_token"] for r in mine if r["decode_s_per_token"] is not None
+            )
+            if any(r["decode_s_per_token"] is not None for r in mine)
+            else None,
             "prefill_density": statistics.mean(r["prefill_density"] for r in mine),
             "decode_density": statistics.mean(r["decode_density"] for r in mine),
         }
         if dense:
             ratios = [dense[r["case"]]["prefill_s"] / r["prefill_s"] for r in mine if r["case"] in dense]
             row["prefill_speedup_median"] = statistics.median(ratios)
-            dec = [dense[r["case"]]["decode_s_per_token"] / r["decode_s_per_token"] for r in mine
-                   if r["case"] in dense and r["decode_s_per_token"] and dense[r["case"]]["decode_s_per_token"]]
+            dec = [
+                dense[r["case"]]["decode_s_per_token"] / r["decode_s_per_token"]
+                for r in mine
+                if r["case"] in dense and r["decode_s_per_token"] and dense[r["case"]]["decode_s_per_token"]
+            ]
             row["decode_speedup_median"] = statistics.median(dec) if dec else None
         for p in ppl:
             if p["method"] == m["name"]:
@@ -262,8 +319,12 @@ def _machine() -> dict:
         load = os.getloadavg()
     except (OSError, AttributeError):
         pass
-    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "load_average": load}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_average": load,
+    }
 
 
 def _plot(result: dict, path: str) -> Optional[str]:
@@ -293,13 +354,25 @@ def _plot(result: dict, path: str) -> Optional[str]:
 def format_summary(result: dict) -> str:
     lines = ["method | acc | prefill s | speedup | decode s/tok | dec speedup | prefill dens | decode dens"]
     for r in result["summary"]:
+
         def f(v, spec):
             return "-" if v is None else format(v, spec)
-        lines.append(" | ".join([
-            r["method"], f(r["accuracy"], ".2f"), f(r["prefill_s_median"], ".2f"), f(r.get("prefill_speedup_median"), ".2f"),
-            f(r["decode_s_per_token_median"], ".4f"), f(r.get("decode_speedup_median"), ".2f"),
-            f(r["prefill_density"], ".3f"), f(r["decode_density"], ".3f"),
-        ]) + "".join(f" | ppl@{k.split('@')[1]}={v:.3f}" for k, v in r.items() if k.startswith("perplexity@")))
+
+        lines.append(
+            " | ".join(
+                [
+                    r["method"],
+                    f(r["accuracy"], ".2f"),
+                    f(r["prefill_s_median"], ".2f"),
+                    f(r.get("prefill_speedup_median"), ".2f"),
+                    f(r["decode_s_per_token_median"], ".4f"),
+                    f(r.get("decode_speedup_median"), ".2f"),
+                    f(r["prefill_density"], ".3f"),
+                    f(r["decode_density"], ".3f"),
+                ]
+            )
+            + "".join(f" | ppl@{k.split('@')[1]}={v:.3f}" for k, v in r.items() if k.startswith("perplexity@"))
+        )
     return "\n".join(lines)
 
 
@@ -338,8 +411,10 @@ def validate_args(args) -> None:
             except (ValueError, TypeError) as err:
                 raise type(err)(f"{option} {spec!r}: {err}") from None
             if option == "--methods" and built.decode_time:
-                raise ValueError(f"--methods {spec!r} is a decode-time selector (one query against a KV cache); "
-                                 "pass it with --decode")
+                raise ValueError(
+                    f"--methods {spec!r} is a decode-time selector (one query against a KV cache); "
+                    "pass it with --decode"
+                )
     if args.plot and not args.plot.lower().endswith((".png", ".pdf", ".svg")):
         raise ValueError(f"--plot must name a .png, .pdf or .svg file, got {args.plot!r}")
 

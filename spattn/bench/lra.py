@@ -32,16 +32,46 @@ PUBLISHED = {
 
 #: CPU-scaled runs (2 cores): shorter ListOps, fewer steps, small models. Options of the task and TrainConfig.
 CPU_CONFIGS: dict[str, dict[str, Any]] = {
-    "listops": dict(task_options=dict(max_len=1000, num_train=20_000), steps=1500, batch_size=32, lr=1e-3, warmup=50,
-                    model=dict(dim=64, depth=2, heads=2, mlp_ratio=2.0, pool="cls")),
-    "pathfinder": dict(task_options=dict(resolution=32, num_train=20_000), steps=2000, batch_size=64, lr=1e-3, warmup=100,
-                       model=dict(dim=32, depth=2, heads=2, mlp_ratio=2.0, pool="mean")),
-    "text": dict(task_options=dict(max_len=1000), steps=2000, batch_size=32, lr=1e-3, warmup=100,
-                 model=dict(dim=64, depth=2, heads=2, pool="cls")),
-    "retrieval": dict(task_options=dict(max_len=1000), steps=2000, batch_size=16, lr=1e-3, warmup=100,
-                      model=dict(dim=64, depth=2, heads=2, pool="cls")),
-    "image": dict(task_options=dict(), steps=2000, batch_size=64, lr=1e-3, warmup=100,
-                  model=dict(dim=32, depth=1, heads=1, pool="mean")),
+    "listops": dict(
+        task_options=dict(max_len=1000, num_train=20_000),
+        steps=1500,
+        batch_size=32,
+        lr=1e-3,
+        warmup=50,
+        model=dict(dim=64, depth=2, heads=2, mlp_ratio=2.0, pool="cls"),
+    ),
+    "pathfinder": dict(
+        task_options=dict(resolution=32, num_train=20_000),
+        steps=2000,
+        batch_size=64,
+        lr=1e-3,
+        warmup=100,
+        model=dict(dim=32, depth=2, heads=2, mlp_ratio=2.0, pool="mean"),
+    ),
+    "text": dict(
+        task_options=dict(max_len=1000),
+        steps=2000,
+        batch_size=32,
+        lr=1e-3,
+        warmup=100,
+        model=dict(dim=64, depth=2, heads=2, pool="cls"),
+    ),
+    "retrieval": dict(
+        task_options=dict(max_len=1000),
+        steps=2000,
+        batch_size=16,
+        lr=1e-3,
+        warmup=100,
+        model=dict(dim=64, depth=2, heads=2, pool="cls"),
+    ),
+    "image": dict(
+        task_options=dict(),
+        steps=2000,
+        batch_size=64,
+        lr=1e-3,
+        warmup=100,
+        model=dict(dim=32, depth=1, heads=1, pool="mean"),
+    ),
 }
 
 
@@ -58,9 +88,19 @@ def available_tasks(tasks: Sequence[str], data_dir: Optional[str]) -> tuple[list
     return run, skipped
 
 
-def run_lra_sweep(attentions: Sequence[str], tasks: Sequence[str] = ("listops", "pathfinder"), *, data_dir: Optional[str] = None,
-            steps: Optional[int] = None, max_minutes: Optional[float] = None, seed: int = 0, progress: bool = False,
-            overrides: Optional[dict[str, dict]] = None, json_path: Optional[str] = None, log=print) -> dict[str, Any]:
+def run_lra_sweep(
+    attentions: Sequence[str],
+    tasks: Sequence[str] = ("listops", "pathfinder"),
+    *,
+    data_dir: Optional[str] = None,
+    steps: Optional[int] = None,
+    max_minutes: Optional[float] = None,
+    seed: int = 0,
+    progress: bool = False,
+    overrides: Optional[dict[str, dict]] = None,
+    json_path: Optional[str] = None,
+    log=print,
+) -> dict[str, Any]:
     """Train every (task, attention); returns ``{"rows": [...], "skipped": [...]}`` (accuracies in %)."""
     from .tasks import get_task
 
@@ -78,17 +118,36 @@ def run_lra_sweep(attentions: Sequence[str], tasks: Sequence[str] = ("listops", 
         opts = {k: v for k, v in opts.items() if k in get_task(task_name).options()}
         data = get_task(task_name).make_data(**opts)
         for attention in attentions:
-            cfg = TrainConfig(task=task_name, attention=attention, seed=seed, progress=progress, eval_every=100,
-                              eval_batches=8, max_minutes=max_minutes, task_options=opts, **base)
+            cfg = TrainConfig(
+                task=task_name,
+                attention=attention,
+                seed=seed,
+                progress=progress,
+                eval_every=100,
+                eval_batches=8,
+                max_minutes=max_minutes,
+                task_options=opts,
+                **base,
+            )
             if steps is not None:
                 cfg.steps = steps
             res = train(cfg, data=data)
-            row = {"task": task_name, "spec": attention, "attention": res["attention"], "test_acc": 100 * res["test"]["acc"],
-                   "steps": res["steps"], "stopped": res["stopped"], "train_seconds": res["train_seconds"],
-                   "s_per_step": res["s_per_step"], "majority_acc": None if res["majority_acc"] is None else 100 * res["majority_acc"]}
+            row = {
+                "task": task_name,
+                "spec": attention,
+                "attention": res["attention"],
+                "test_acc": 100 * res["test"]["acc"],
+                "steps": res["steps"],
+                "stopped": res["stopped"],
+                "train_seconds": res["train_seconds"],
+                "s_per_step": res["s_per_step"],
+                "majority_acc": None if res["majority_acc"] is None else 100 * res["majority_acc"],
+            }
             rows.append(row)
-            log(f"lra {task_name:<10} {attention:<24} test acc {row['test_acc']:.2f}% after {row['steps']} steps "
-                f"({row['train_seconds']:.0f} s, {1000 * row['s_per_step']:.0f} ms/step)")
+            log(
+                f"lra {task_name:<10} {attention:<24} test acc {row['test_acc']:.2f}% after {row['steps']} steps "
+                f"({row['train_seconds']:.0f} s, {1000 * row['s_per_step']:.0f} ms/step)"
+            )
             if json_path:
                 os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
                 with open(json_path, "w") as f:
@@ -112,18 +171,28 @@ def format_lra_table(rows: Sequence[dict[str, Any]], published: bool = True) -> 
     if published:
         for name, vals in PUBLISHED.items():
             cells = [("FAIL" if v is None else f"{v:.2f}") for v in vals[:6]]
-            lines.append(f"| {name} (published, Tay et al. 2021) | " + " | ".join(cells) + f" | {vals[6]:.2f} (5 tasks) |")
+            lines.append(
+                f"| {name} (published, Tay et al. 2021) | " + " | ".join(cells) + f" | {vals[6]:.2f} (5 tasks) |"
+            )
     majority = {col_of[r["task"]]: r["majority_acc"] for r in rows if r.get("majority_acc") is not None}
     if majority:
-        lines.append("| majority class (our test split) | " + " | ".join(
-            f"{majority[c]:.2f}" if c in majority else "—" for c in COLUMNS) + " | |")
+        lines.append(
+            "| majority class (our test split) | "
+            + " | ".join(f"{majority[c]:.2f}" if c in majority else "—" for c in COLUMNS)
+            + " | |"
+        )
     return "\n".join(lines)
 
 
 def add_lra_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attentions", nargs="+", default=["dense", "bigbird(block=32)"], metavar="SPEC")
-    p.add_argument("--tasks", nargs="+", default=["listops", "pathfinder"], metavar="TASK",
-                   help=f"LRA tasks among {', '.join(LRA_TASKS)} (text/retrieval/image need --data-dir)")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["listops", "pathfinder"],
+        metavar="TASK",
+        help=f"LRA tasks among {', '.join(LRA_TASKS)} (text/retrieval/image need --data-dir)",
+    )
     p.add_argument("--data-dir", help="directory holding the official LRA release files")
     p.add_argument("--steps", type=int, help="override the CPU-scaled step budget of every task")
     p.add_argument("--max-minutes", type=float, help="time budget per (task, attention) run")
@@ -137,10 +206,20 @@ def run_lra(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be a positive int, got {args.steps}")
     if args.max_minutes is not None and not (math.isfinite(args.max_minutes) and args.max_minutes > 0):
         raise ValueError(f"--max-minutes must be a positive number of minutes, got {args.max_minutes}")
-    res = run_lra_sweep(args.attentions, args.tasks, data_dir=args.data_dir, steps=args.steps, max_minutes=args.max_minutes,
-                  seed=args.seed, progress=args.progress, json_path=args.json)
+    res = run_lra_sweep(
+        args.attentions,
+        args.tasks,
+        data_dir=args.data_dir,
+        steps=args.steps,
+        max_minutes=args.max_minutes,
+        seed=args.seed,
+        progress=args.progress,
+        json_path=args.json,
+    )
     print(format_lra_table(res["rows"]))
     for s in res["skipped"]:
         print(f"skipped: {s}")
-    print("Published rows: full-size models on TPU (Tay et al. 2021, Table 1); ours: CPU-scaled runs (see spattn.bench.lra.CPU_CONFIGS).")
+    print(
+        "Published rows: full-size models on TPU (Tay et al. 2021, Table 1); ours: CPU-scaled runs (see spattn.bench.lra.CPU_CONFIGS)."
+    )
     return 0

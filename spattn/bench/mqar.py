@@ -53,8 +53,15 @@ def run_mqar_sweep(
     for L in seq_lens:
         if L % 16 or L < 32:
             raise ValueError(f"bench mqar: sequence lengths must be multiples of 16 (kv pairs = L/16), got {L}")
-        opts = dict(seq_len=L, kv_pairs=L // 16, vocab=vocab, num_train=num_train, num_test=num_test,
-                    num_val=min(num_test, 500), seed=seed)
+        opts = dict(
+            seq_len=L,
+            kv_pairs=L // 16,
+            vocab=vocab,
+            num_train=num_train,
+            num_test=num_test,
+            num_val=min(num_test, 500),
+            seed=seed,
+        )
         data_cache[L] = (opts, task.make_data(**opts))
     for attention in attentions:
         for L in seq_lens:
@@ -62,18 +69,41 @@ def run_mqar_sweep(
             for d in dims:
                 best = None
                 for lr in lrs:
-                    cfg = TrainConfig(task="mqar", attention=attention, steps=steps, batch_size=batch_size, lr=lr,
-                                      warmup=min(100, steps // 10), eval_every=eval_every, eval_batches=4,
-                                      target_acc=target_acc, seed=seed, progress=progress,
-                                      model=dict(dim=d, max_len=L), task_options=opts)
+                    cfg = TrainConfig(
+                        task="mqar",
+                        attention=attention,
+                        steps=steps,
+                        batch_size=batch_size,
+                        lr=lr,
+                        warmup=min(100, steps // 10),
+                        eval_every=eval_every,
+                        eval_batches=4,
+                        target_acc=target_acc,
+                        seed=seed,
+                        progress=progress,
+                        model=dict(dim=d, max_len=L),
+                        task_options=opts,
+                    )
                     t0 = time.perf_counter()
                     res = train(cfg, data=data)
-                    row = {"attention": res["attention"], "spec": attention, "seq_len": L, "kv_pairs": L // 16, "dim": d,
-                           "lr": lr, "steps": res["steps"], "stopped": res["stopped"], "test_acc": res["test"]["acc"],
-                           "val_acc": res["val"]["acc"], "seconds": time.perf_counter() - t0,
-                           "s_per_step": res["s_per_step"]}
-                    log(f"mqar {attention:<24} L={L:<4} d={d:<4} lr={lr:.1e}: test query acc {row['test_acc']:.4f} "
-                        f"after {row['steps']} steps ({row['stopped']}, {row['seconds']:.0f} s)")
+                    row = {
+                        "attention": res["attention"],
+                        "spec": attention,
+                        "seq_len": L,
+                        "kv_pairs": L // 16,
+                        "dim": d,
+                        "lr": lr,
+                        "steps": res["steps"],
+                        "stopped": res["stopped"],
+                        "test_acc": res["test"]["acc"],
+                        "val_acc": res["val"]["acc"],
+                        "seconds": time.perf_counter() - t0,
+                        "s_per_step": res["s_per_step"],
+                    }
+                    log(
+                        f"mqar {attention:<24} L={L:<4} d={d:<4} lr={lr:.1e}: test query acc {row['test_acc']:.4f} "
+                        f"after {row['steps']} steps ({row['stopped']}, {row['seconds']:.0f} s)"
+                    )
                     if best is None or row["test_acc"] > best["test_acc"]:
                         best = row
                 rows.append(best)
@@ -111,8 +141,14 @@ def add_mqar_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attentions", nargs="+", default=list(DEFAULT_ATTENTIONS), metavar="SPEC")
     p.add_argument("--seq-lens", nargs="+", type=int, default=list(DEFAULT_SEQ_LENS), metavar="L")
     p.add_argument("--dims", nargs="+", type=int, default=list(DEFAULT_DIMS), metavar="D")
-    p.add_argument("--lrs", nargs="+", type=float, default=[3e-3], metavar="LR",
-                   help="learning rates; the cell is the best (Zoology: 1e-4 4.6e-4 2.2e-3 1e-2)")
+    p.add_argument(
+        "--lrs",
+        nargs="+",
+        type=float,
+        default=[3e-3],
+        metavar="LR",
+        help="learning rates; the cell is the best (Zoology: 1e-4 4.6e-4 2.2e-3 1e-2)",
+    )
     p.add_argument("--steps", type=int, default=2000, help="step budget per cell (stops early at --target-acc)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-train", type=int, default=20_000)
@@ -128,9 +164,21 @@ def add_mqar_arguments(p: argparse.ArgumentParser) -> None:
 def run_mqar(args: argparse.Namespace) -> int:
     if args.quick:
         args.seq_lens, args.dims, args.steps = [64], [64], min(args.steps, 300)
-    rows = run_mqar_sweep(args.attentions, args.seq_lens, args.dims, args.lrs, steps=args.steps, batch_size=args.batch_size,
-                          num_train=args.num_train, num_test=args.num_test, vocab=args.vocab, target_acc=args.target_acc,
-                          seed=args.seed, progress=args.progress, json_path=args.json)
+    rows = run_mqar_sweep(
+        args.attentions,
+        args.seq_lens,
+        args.dims,
+        args.lrs,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        num_train=args.num_train,
+        num_test=args.num_test,
+        vocab=args.vocab,
+        target_acc=args.target_acc,
+        seed=args.seed,
+        progress=args.progress,
+        json_path=args.json,
+    )
     print(format_mqar_table(rows))
     print(f"(test query accuracy %, best over lr {', '.join(map(str, args.lrs))}; JSON: {args.json})")
     return 0

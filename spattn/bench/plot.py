@@ -21,8 +21,14 @@ from ..patterns import Pattern
 
 __all__ = ["pattern_mask", "plot_patterns", "plot_speed", "add_plot_arguments", "run_plot", "DEFAULT_PLOT_PATTERNS"]
 
-DEFAULT_PLOT_PATTERNS = ("window(size=8, block=8)", "bigbird(block=8)", "strided(stride=8, block=8)",
-                         "fixed(block=16, summary=2)", "dilated_window(size=4, dilation=2, block=8)", "a_shape(sinks=4, local=8, block=8)")
+DEFAULT_PLOT_PATTERNS = (
+    "window(size=8, block=8)",
+    "bigbird(block=8)",
+    "strided(stride=8, block=8)",
+    "fixed(block=16, summary=2)",
+    "dilated_window(size=4, dilation=2, block=8)",
+    "a_shape(sinks=4, local=8, block=8)",
+)
 
 
 def _require_matplotlib():
@@ -32,12 +38,22 @@ def _require_matplotlib():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError("spattn bench plot needs matplotlib: pip install matplotlib (or pip install 'spattn[plot]')") from None
+        raise RuntimeError(
+            "spattn bench plot needs matplotlib: pip install matplotlib (or pip install 'spattn[plot]')"
+        ) from None
     return plt
 
 
-def pattern_mask(spec, n: int = 64, *, causal: bool = False, head: int = 0, q: Optional[Tensor] = None,
-                 k: Optional[Tensor] = None, seed: int = 0) -> Tensor:
+def pattern_mask(
+    spec,
+    n: int = 64,
+    *,
+    causal: bool = False,
+    head: int = 0,
+    q: Optional[Tensor] = None,
+    k: Optional[Tensor] = None,
+    seed: int = 0,
+) -> Tensor:
     """bool ``[n, n]``: True where query ``i`` attends key ``j`` for ``head`` of the pattern ``spec``.
 
     ``q, k [1, H, n, D]`` are the inputs of content-based patterns (random with ``seed`` if not given).
@@ -46,7 +62,9 @@ def pattern_mask(spec, n: int = 64, *, causal: bool = False, head: int = 0, q: O
         raise ValueError(f"pattern_mask: n must be a positive int, got {n!r}")
     pat = spec if isinstance(spec, Pattern) else registry.build(spec) if isinstance(spec, str) else None
     if not isinstance(pat, Pattern):
-        raise ValueError(f"pattern_mask: {spec!r} is not a registered pattern (approximations and layers have no layout)")
+        raise ValueError(
+            f"pattern_mask: {spec!r} is not a registered pattern (approximations and layers have no layout)"
+        )
     if q is None:
         g = torch.Generator().manual_seed(seed)
         q = torch.randn(1, head + 1, n, 16, generator=g)
@@ -57,8 +75,15 @@ def pattern_mask(spec, n: int = 64, *, causal: bool = False, head: int = 0, q: O
     return dense[0, min(head, dense.shape[1] - 1)].bool()
 
 
-def plot_patterns(specs: Sequence[str], n: int = 64, *, causal: bool = False, head: int = 0,
-                  out: str = "results/patterns.png", cols: int = 3) -> str:
+def plot_patterns(
+    specs: Sequence[str],
+    n: int = 64,
+    *,
+    causal: bool = False,
+    head: int = 0,
+    out: str = "results/patterns.png",
+    cols: int = 3,
+) -> str:
     """One heatmap per spec (black = computed pair) in a grid; returns the PNG path."""
     plt = _require_matplotlib()
     if not specs:
@@ -98,16 +123,25 @@ def plot_speed(result: dict, out: str) -> str:
                 t = (rec.get(name) or {}).get("median_s")
                 if not t:
                     continue
-                label = ("dense SDPA" + (" fwd+bwd" if name == "sdpa_bwd" else "")) if name.startswith("sdpa") else (
-                    f"{rec['pattern']}" + (" [flex]" if name == "flex" else ""))
+                label = (
+                    ("dense SDPA" + (" fwd+bwd" if name == "sdpa_bwd" else ""))
+                    if name.startswith("sdpa")
+                    else (f"{rec['pattern']}" + (" [flex]" if name == "flex" else ""))
+                )
                 if (rec["n"], t) not in series.setdefault(label, []):
                     series[label].append((rec["n"], t))
         for label, pts in sorted(series.items()):
             pts = sorted(set(pts))
             ns, ts = zip(*pts)
             dense = label.startswith("dense")
-            ax.plot(ns, [1e3 * t for t in ts], "k--" if dense else "-o", label=label, linewidth=2 if dense else 1,
-                    markersize=3)
+            ax.plot(
+                ns,
+                [1e3 * t for t in ts],
+                "k--" if dense else "-o",
+                label=label,
+                linewidth=2 if dense else 1,
+                markersize=3,
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length N")
@@ -117,8 +151,11 @@ def plot_speed(result: dict, out: str) -> str:
         if series:
             ax.legend(fontsize=6)
     cfg = result.get("config", {})
-    fig.suptitle(f"spattn bench speed: B={cfg.get('batch')} H={cfg.get('heads')} D={cfg.get('dim')} "
-                 f"{cfg.get('dtype')} causal={cfg.get('causal')}", fontsize=10)
+    fig.suptitle(
+        f"spattn bench speed: B={cfg.get('batch')} H={cfg.get('heads')} D={cfg.get('dim')} "
+        f"{cfg.get('dtype')} causal={cfg.get('causal')}",
+        fontsize=10,
+    )
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -64,9 +64,24 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 __all__ = [
-    "SpeedConfig", "run_speed", "format_speed_table", "time_call", "PeakMemory", "MEASUREMENTS",
-    "DEFAULT_NS", "DEFAULT_PATTERNS", "print_speed_table", "write_json", "expand_backends", "summarize",
-    "fit_exponents", "flag_unreliable", "unreliable_reasons", "dense_reasons", "legend", "TABLE_COLUMNS",
+    "SpeedConfig",
+    "run_speed",
+    "format_speed_table",
+    "time_call",
+    "PeakMemory",
+    "MEASUREMENTS",
+    "DEFAULT_NS",
+    "DEFAULT_PATTERNS",
+    "print_speed_table",
+    "write_json",
+    "expand_backends",
+    "summarize",
+    "fit_exponents",
+    "flag_unreliable",
+    "unreliable_reasons",
+    "dense_reasons",
+    "legend",
+    "TABLE_COLUMNS",
 ]
 
 DEFAULT_NS = (1024, 2048, 4096, 8192, 16384)
@@ -87,8 +102,16 @@ BACKEND_GROUPS = {
 for _m in MEASUREMENTS:
     BACKEND_GROUPS.setdefault(_m, (_m,))
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
 
 
 def expand_backends(names: Sequence[str]) -> tuple[str, ...]:
@@ -155,8 +178,16 @@ def _peak() -> PeakMemory:
     return _PEAK
 
 
-def time_call(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 5, memory: bool = True,
-              max_repeat: Optional[int] = None, rel_tol: float = 0.05, budget_s: Optional[float] = None) -> dict[str, Any]:
+def time_call(
+    fn: Callable[[], Any],
+    *,
+    warmup: int = 1,
+    repeat: int = 5,
+    memory: bool = True,
+    max_repeat: Optional[int] = None,
+    rel_tol: float = 0.05,
+    budget_s: Optional[float] = None,
+) -> dict[str, Any]:
     """Median wall time of ``fn()`` after ``warmup`` calls; peak extra RSS of one more call when ``memory``.
 
     Times ``repeat`` calls; with ``max_repeat > repeat`` it goes on (up to ``max_repeat`` calls, and
@@ -266,8 +297,15 @@ def _build(spec: str, cfg: "SpeedConfig", n: int):
     from ..approx.base import AttentionLayer
     from ..nn.attention import build_mechanism
 
-    mech = build_mechanism(spec, dim=cfg.heads * cfg.dim, heads=cfg.heads, kv_heads=cfg.heads, head_dim=cfg.dim,
-                           causal=cfg.causal, max_len=n)
+    mech = build_mechanism(
+        spec,
+        dim=cfg.heads * cfg.dim,
+        heads=cfg.heads,
+        kv_heads=cfg.heads,
+        head_dim=cfg.dim,
+        causal=cfg.causal,
+        max_len=n,
+    )
     if isinstance(mech, AttentionLayer):
         raise ValueError(f"{spec!r} replaces the whole layer (x -> x); speed times q/k/v attention mechanisms only")
     if isinstance(mech, torch.nn.Module):
@@ -329,7 +367,9 @@ def summarize(rec: dict) -> dict[str, Optional[float]]:
         "bwd_over_fwd": _ratio(bs_bwd, bs),
         "bwd_over_ideal_bwd": _ratio(bs_bwd, ideal_bwd),
         "sdpa_bwd_over_fwd": _ratio(sdpa_bwd, sdpa),
-        "mem_blocksparse_over_sdpa_mask": _ratio(_get(rec, "blocksparse", "peak_bytes"), _get(rec, "sdpa_mask", "peak_bytes")),
+        "mem_blocksparse_over_sdpa_mask": _ratio(
+            _get(rec, "blocksparse", "peak_bytes"), _get(rec, "sdpa_mask", "peak_bytes")
+        ),
         "mem_blocksparse_bwd_over_sdpa_mask": _ratio(
             _get(rec, "blocksparse_bwd", "peak_bytes"), _get(rec, "sdpa_mask", "peak_bytes")
         ),
@@ -357,15 +397,23 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
     dtype = _DTYPES[cfg.dtype]
     want = set(cfg.measurements)
     peak = _peak() if cfg.memory else None
-    timing = dict(warmup=cfg.warmup, repeat=cfg.repeat, memory=cfg.memory, max_repeat=cfg.max_repeat,
-                  rel_tol=cfg.rel_tol, budget_s=cfg.budget_s)
+    timing = dict(
+        warmup=cfg.warmup,
+        repeat=cfg.repeat,
+        memory=cfg.memory,
+        max_repeat=cfg.max_repeat,
+        rel_tol=cfg.rel_tol,
+        budget_s=cfg.budget_s,
+    )
     out: dict[str, Any] = {
         "benchmark": "speed",
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "environment": _environment(),
         "memory_method": (
             "peak RSS above the pre-call RSS (VmHWM reset via /proc/self/clear_refs, malloc_trim first); "
-            "sdpa_mask adds the N x N bool mask" if peak is not None and peak.available else "unavailable"
+            "sdpa_mask adds the N x N bool mask"
+            if peak is not None and peak.available
+            else "unavailable"
         ),
         "results": [],
     }
@@ -416,9 +464,12 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
                 with torch.no_grad():
                     rec["select"] = _safe(
                         lambda: time_call(lambda: mech.select(q, k, causal=cfg.causal), **{**timing, "memory": False}),
-                        log, "select")
+                        log,
+                        "select",
+                    )
 
             if "sdpa_mask" in want and layout is not None:
+
                 def masked():
                     mask = layout.to_dense()
                     with torch.no_grad():
@@ -433,12 +484,15 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
                 gc.collect()
 
             if layout is None:
+
                 def bs_call(a, b, c, mech=mech):
                     return mech(a, b, c, causal=cfg.causal)
             elif isinstance(layout, Layout):
+
                 def bs_call(a, b, c, layout=layout):
                     return blocksparse_attention(a, b, c, layout)
             else:
+
                 def bs_call(a, b, c, layout=layout):
                     return attention(a, b, c, layout)
 
@@ -484,8 +538,10 @@ def _warm_up(log: Callable[[str], None]) -> None:
     ops = _compiled.ops()
     x = torch.randn(1, 2, 256, 32)
     F.scaled_dot_product_attention(x, x, x)
-    log(f"warm-up done in {time.perf_counter() - t0:.1f} s"
-        + ("" if ops is not None else f" (compiled kernels unavailable: {_compiled.build_error()}; eager paths timed)"))
+    log(
+        f"warm-up done in {time.perf_counter() - t0:.1f} s"
+        + ("" if ops is not None else f" (compiled kernels unavailable: {_compiled.build_error()}; eager paths timed)")
+    )
 
 
 #: a sparse path slower than dense SDPA at this density or below is implausible (the kernels' whole point)
@@ -497,8 +553,10 @@ def _unstable(rec: dict, keys) -> list[str]:
     for key, label in keys:
         r = rec.get(key)
         if isinstance(r, dict) and r.get("stable") is False:
-            out.append(f"{label} timings unstable (interquartile range {r['spread']:.0%} of the median "
-                       f"after {len(r['times_s'])} runs)")
+            out.append(
+                f"{label} timings unstable (interquartile range {r['spread']:.0%} of the median "
+                f"after {len(r['times_s'])} runs)"
+            )
     return out
 
 
@@ -519,15 +577,24 @@ def unreliable_reasons(rec: dict, cpus: Optional[int] = None) -> list[str]:
     faster than the forward alone, and a machine load beyond the cores before or after the case.
     The dense baseline's own flags are :func:`dense_reasons`.
     """
-    reasons = _unstable(rec, (("blocksparse", "forward"), ("blocksparse_bwd", "forward+backward"),
-                              ("select", "selection"), ("flex", "flex")))
+    reasons = _unstable(
+        rec,
+        (
+            ("blocksparse", "forward"),
+            ("blocksparse_bwd", "forward+backward"),
+            ("select", "selection"),
+            ("flex", "flex"),
+        ),
+    )
     d, sdpa, bs = rec.get("density"), _get(rec, "sdpa"), _get(rec, "blocksparse")
     if rec.get("kernel") != "approximation" and d is not None and sdpa and bs:
         if d <= LOW_DENSITY and bs > sdpa:
             reasons.append(f"sparse forward {_ms(bs)} ms slower than dense SDPA {_ms(sdpa)} ms at density {d:.2f}")
         elif bs < 0.5 * d * sdpa:
-            reasons.append(f"sparse forward {_ms(bs)} ms under half its ideal {_ms(d * sdpa)} ms (density x dense): "
-                           "the dense timing is suspect")
+            reasons.append(
+                f"sparse forward {_ms(bs)} ms under half its ideal {_ms(d * sdpa)} ms (density x dense): "
+                "the dense timing is suspect"
+            )
     f, fb = _get(rec, "blocksparse"), _get(rec, "blocksparse_bwd")
     if f and fb and fb < f:
         reasons.append(f"forward+backward {_ms(fb)} ms faster than the forward alone {_ms(f)} ms")
@@ -558,8 +625,10 @@ def flag_unreliable(result: dict[str, Any]) -> list[str]:
                     rec["unreliable"].append(f"negative time exponent {x:.2f} over N")
     loads = [x for r in result["results"] for x in (r.get("load_before"), r.get("load_after")) if x is not None]
     if loads and max(loads) > (cpus or os.cpu_count() or 1) + 0.5:
-        run_level.append(f"the machine was busy (1-minute load {min(loads):.1f}-{max(loads):.1f} on {cpus} CPUs): "
-                         "other processes competed for the cores, so times and ratios may be distorted")
+        run_level.append(
+            f"the machine was busy (1-minute load {min(loads):.1f}-{max(loads):.1f} on {cpus} CPUs): "
+            "other processes competed for the cores, so times and ratios may be distorted"
+        )
     result["unreliable"] = run_level
     return run_level
 
@@ -582,8 +651,15 @@ def _time_flex(q, k, v, layout, cfg: SpeedConfig) -> dict[str, Any]:
         else:
             flex_attention(q, k, v, layout)  # compiles, or loads Inductor's on-disk cache
         first = time.perf_counter() - t0
-        res = time_call(lambda: flex_attention(q, k, v, layout), warmup=max(cfg.warmup - 1, 0), repeat=cfg.repeat,
-                        memory=cfg.memory, max_repeat=cfg.max_repeat, rel_tol=cfg.rel_tol, budget_s=cfg.budget_s)
+        res = time_call(
+            lambda: flex_attention(q, k, v, layout),
+            warmup=max(cfg.warmup - 1, 0),
+            repeat=cfg.repeat,
+            memory=cfg.memory,
+            max_repeat=cfg.max_repeat,
+            rel_tol=cfg.rel_tol,
+            budget_s=cfg.budget_s,
+        )
     res["first_s"] = first
     res["compile_s"] = max(0.0, first - res["median_s"])
     res["compile_cold"] = cfg.cold_compile
@@ -607,8 +683,12 @@ def _mb(x: Optional[float]) -> str:
 #: (header, key, legend): every printed column is explained under the table
 TABLE_COLUMNS = (
     ("N", "n", "sequence length (queries = keys)"),
-    ("pattern", "pattern", "the mechanism's spec; [tokensparse] / [clustered]: computed by that kernel instead of "
-                           "blocksparse; [approximation]: no pairs, the mechanism's own forward"),
+    (
+        "pattern",
+        "pattern",
+        "the mechanism's spec; [tokensparse] / [clustered]: computed by that kernel instead of "
+        "blocksparse; [approximation]: no pairs, the mechanism's own forward",
+    ),
     ("density", "density", "fraction of (query, key) pairs computed"),
     ("dense ms", "sdpa", "dense F.scaled_dot_product_attention forward (the baseline), milliseconds"),
     ("ideal ms", "ideal", "density x dense ms: the time if cost followed the computed pairs exactly"),
@@ -645,18 +725,28 @@ def _row(rec: dict) -> list[str]:
     flex = rec.get("flex") if isinstance(rec.get("flex"), dict) else {}
     approx = rec.get("kernel") == "approximation"
     cells = {
-        "n": str(rec["n"]), "density": "-" if rec.get("density") is None else f"{rec['density']:.3f}",
-        "pattern": rec["pattern"] + ("" if rec.get("kernel", "blocksparse") == "blocksparse" else f" [{rec['kernel']}]"),
-        "select": t("select"), "sel/sdpa": _x(s.get("select_over_sdpa")),
-        "sdpa": t("sdpa"), "ideal": _ms(s["ideal_s"]),
-        "sparse": "-" if approx else t("blocksparse"), "approx": t("blocksparse") if approx else "-", "flex": t("flex"),
-        "bs/flex": _x(s["blocksparse_over_flex"]), "bs/ideal": _x(s["blocksparse_over_ideal"]),
-        "sdpa_bwd": t("sdpa_bwd"), "sparse_bwd": "-" if approx else t("blocksparse_bwd"),
-        "approx_bwd": t("blocksparse_bwd") if approx else "-", "f+b/f": _x(s["bwd_over_fwd"]),
+        "n": str(rec["n"]),
+        "density": "-" if rec.get("density") is None else f"{rec['density']:.3f}",
+        "pattern": rec["pattern"]
+        + ("" if rec.get("kernel", "blocksparse") == "blocksparse" else f" [{rec['kernel']}]"),
+        "select": t("select"),
+        "sel/sdpa": _x(s.get("select_over_sdpa")),
+        "sdpa": t("sdpa"),
+        "ideal": _ms(s["ideal_s"]),
+        "sparse": "-" if approx else t("blocksparse"),
+        "approx": t("blocksparse") if approx else "-",
+        "flex": t("flex"),
+        "bs/flex": _x(s["blocksparse_over_flex"]),
+        "bs/ideal": _x(s["blocksparse_over_ideal"]),
+        "sdpa_bwd": t("sdpa_bwd"),
+        "sparse_bwd": "-" if approx else t("blocksparse_bwd"),
+        "approx_bwd": t("blocksparse_bwd") if approx else "-",
+        "f+b/f": _x(s["bwd_over_fwd"]),
         "f+b/ideal": _x(s["bwd_over_ideal_bwd"]),
         "compile": "-" if flex.get("compile_s") is None else f"{flex['compile_s']:.1f}",
         "blockmask": _ms(flex.get("block_mask_s")),
-        "mask_mb": _mb(_get(rec, "sdpa_mask", "peak_bytes")), "bs_mb": _mb(_get(rec, "blocksparse", "peak_bytes")),
+        "mask_mb": _mb(_get(rec, "sdpa_mask", "peak_bytes")),
+        "bs_mb": _mb(_get(rec, "blocksparse", "peak_bytes")),
         "memratio": _x(s["mem_blocksparse_over_sdpa_mask"]),
         "flag": "!" if rec.get("unreliable") else "-",
     }
@@ -715,11 +805,13 @@ def _load(env: dict) -> str:
 
 def _footer(result: dict[str, Any]) -> str:
     env, cfg = result.get("environment", {}), result.get("config", {})
-    return (f"B={cfg.get('batch')} H={cfg.get('heads')} D={cfg.get('dim')} {cfg.get('dtype')} "
-            f"causal={cfg.get('causal')}; torch {env.get('torch')}, {env.get('threads')} threads{_load(env)}, "
-            f"median of {cfg.get('repeat')}-{cfg.get('max_repeat', cfg.get('repeat'))} runs (until the interquartile "
-            f"range is within {cfg.get('rel_tol', 0.05):.0%} of the median) after {cfg.get('warmup')} warmup; "
-            f"memory: {result.get('memory_method')}")
+    return (
+        f"B={cfg.get('batch')} H={cfg.get('heads')} D={cfg.get('dim')} {cfg.get('dtype')} "
+        f"causal={cfg.get('causal')}; torch {env.get('torch')}, {env.get('threads')} threads{_load(env)}, "
+        f"median of {cfg.get('repeat')}-{cfg.get('max_repeat', cfg.get('repeat'))} runs (until the interquartile "
+        f"range is within {cfg.get('rel_tol', 0.05):.0%} of the median) after {cfg.get('warmup')} warmup; "
+        f"memory: {result.get('memory_method')}"
+    )
 
 
 def _exponent_line(result: dict[str, Any]) -> Optional[str]:

@@ -63,7 +63,9 @@ class Task:
         valid = self.options()
         unknown = sorted(k for k in options if k not in valid)
         if unknown:
-            raise ValueError(f"task {self.name!r} does not take option(s) {unknown}; valid: {', '.join(valid) or '(none)'}")
+            raise ValueError(
+                f"task {self.name!r} does not take option(s) {unknown}; valid: {', '.join(valid) or '(none)'}"
+            )
         return self.build(**options)
 
 
@@ -129,19 +131,37 @@ def _majority(labels) -> Optional[float]:
 # ----------------------------------------------------------------------------------------- builtin tasks
 
 
-def _mqar(seq_len: int = 256, kv_pairs: int = 16, vocab: int = 8192, num_train: int = 100_000, num_val: int = 1000,
-          num_test: int = 3000, power_a: float = 0.01, random_non_queries: bool = False, seed: int = 0) -> TaskData:
+def _mqar(
+    seq_len: int = 256,
+    kv_pairs: int = 16,
+    vocab: int = 8192,
+    num_train: int = 100_000,
+    num_val: int = 1000,
+    num_test: int = 3000,
+    power_a: float = 0.01,
+    random_non_queries: bool = False,
+    seed: int = 0,
+) -> TaskData:
     from ..data import mqar
 
-    common = dict(seq_len=seq_len, kv_pairs=kv_pairs, vocab_size=vocab, power_a=power_a, random_non_queries=random_non_queries)
+    common = dict(
+        seq_len=seq_len, kv_pairs=kv_pairs, vocab_size=vocab, power_a=power_a, random_non_queries=random_non_queries
+    )
     train = mqar.MQARDataset(num_examples=num_train, seed=seed, **common)
     val = mqar.MQARDataset(num_examples=num_val, seed=seed + 1, **common)
     test = mqar.MQARDataset(num_examples=num_test, seed=seed + 2, **common)
     return TaskData(train, val, test, mqar.collate, vocab, vocab, seq_len)
 
 
-def _listops(max_len: int = 1000, min_len: Optional[int] = None, num_train: int = 20_000, num_val: int = 1000,
-             num_test: int = 2000, seed: int = 0, cache_dir: Optional[str] = None) -> TaskData:
+def _listops(
+    max_len: int = 1000,
+    min_len: Optional[int] = None,
+    num_train: int = 20_000,
+    num_val: int = 1000,
+    num_test: int = 2000,
+    seed: int = 0,
+    cache_dir: Optional[str] = None,
+) -> TaskData:
     from ..data import listops
 
     kw = dict(max_len=max_len, cache_dir=cache_dir)
@@ -150,8 +170,9 @@ def _listops(max_len: int = 1000, min_len: Optional[int] = None, num_train: int 
     train = listops.ListOpsDataset(split="train", num_examples=num_train, seed=seed, **kw)
     val = listops.ListOpsDataset(split="val", num_examples=num_val, seed=seed, **kw)
     test = listops.ListOpsDataset(split="test", num_examples=num_test, seed=seed, **kw)
-    return TaskData(train, val, test, listops.collate, listops.VOCAB_SIZE, listops.NUM_CLASSES, max_len,
-                    _majority(test.labels))
+    return TaskData(
+        train, val, test, listops.collate, listops.VOCAB_SIZE, listops.NUM_CLASSES, max_len, _majority(test.labels)
+    )
 
 
 def _bytelm(seq_len: int = 2048, num_train: Optional[int] = None, num_val: int = 64, seed: int = 0) -> TaskData:
@@ -162,8 +183,15 @@ def _bytelm(seq_len: int = 2048, num_train: Optional[int] = None, num_val: int =
     return TaskData(train, val, val, corpus.collate, 256, 256, seq_len)
 
 
-def _pathfinder(resolution: int = 32, num_train: int = 20_000, num_val: int = 1000, num_test: int = 2000,
-                difficulty: str = "hard", seed: int = 0, cache_dir: Optional[str] = None) -> TaskData:
+def _pathfinder(
+    resolution: int = 32,
+    num_train: int = 20_000,
+    num_val: int = 1000,
+    num_test: int = 2000,
+    difficulty: str = "hard",
+    seed: int = 0,
+    cache_dir: Optional[str] = None,
+) -> TaskData:
     from ..data import pathfinder
 
     kw = dict(resolution=resolution, difficulty=difficulty, cache_dir=cache_dir)
@@ -187,39 +215,80 @@ def _lra_file_task(reader: str, seq_name: str):
     return build
 
 
-register_task(Task(
-    "mqar", _mqar, "lm", "tokens",
-    "Zoology multi-query associative recall; accuracy at query positions (Arora et al. 2024)",
-    # RoPE and lr 3e-3: with these a dense 2-layer d=64 model passes 99% at seq 256 in ~1.5k steps on
-    # CPU (learned positions at lr 1e-3 were still at 3% after 1.3k steps)
-    model_defaults=dict(dim=64, depth=2, heads=1, mlp_ratio=0.0, positions="rope", embed_dropout=0.1),
-    train_defaults=dict(batch_size=64, lr=3e-3, weight_decay=0.1, warmup=100, steps=3000, target_acc=0.99),
-))
-register_task(Task(
-    "listops", _listops, "classifier", "classify",
-    "LRA ListOps: evaluate nested MIN/MAX/MED/SM expressions, 10 classes (Nangia & Bowman 2018; Tay et al. 2021)",
-    model_defaults=dict(dim=64, depth=2, heads=2, mlp_ratio=2.0, pool="cls", positions="learned"),
-    train_defaults=dict(batch_size=32, lr=1e-3, weight_decay=0.01, warmup=200, steps=2000),
-))
-register_task(Task(
-    "bytelm", _bytelm, "lm", "tokens",
-    "byte-level language model on the Python standard library sources; bits per byte",
-    model_defaults=dict(dim=128, depth=2, heads=4, mlp_ratio=4.0, positions="rope"),
-    train_defaults=dict(batch_size=4, lr=1e-3, weight_decay=0.1, warmup=50, steps=300),
-    metric="bpb",
-))
-register_task(Task(
-    "pathfinder", _pathfinder, "classifier", "classify",
-    "LRA Pathfinder: are the two dots connected by a path? pixels as tokens (Linsley et al. 2018)",
-    model_defaults=dict(dim=32, depth=1, heads=2, mlp_ratio=1.0, pool="mean", positions="learned"),
-    train_defaults=dict(batch_size=64, lr=1e-3, weight_decay=0.0, warmup=200, steps=2000),
-))
-register_task(Task("text", _lra_file_task("load_text", "text"), "classifier", "classify",
-                   "LRA Text (byte-level IMDb), from the official release files",
-                   model_defaults=dict(dim=64, depth=2, heads=2, pool="cls")))
-register_task(Task("retrieval", _lra_file_task("load_retrieval", "retrieval"), "retrieval", "classify",
-                   "LRA Retrieval (AAN citation pairs, two towers), from the official release files",
-                   model_defaults=dict(dim=64, depth=2, heads=2, pool="cls")))
-register_task(Task("image", _lra_file_task("load_image", "image"), "classifier", "classify",
-                   "LRA Image (grey CIFAR-10 pixels as tokens), from the official release files",
-                   model_defaults=dict(dim=32, depth=1, heads=1, pool="mean")))
+register_task(
+    Task(
+        "mqar",
+        _mqar,
+        "lm",
+        "tokens",
+        "Zoology multi-query associative recall; accuracy at query positions (Arora et al. 2024)",
+        # RoPE and lr 3e-3: with these a dense 2-layer d=64 model passes 99% at seq 256 in ~1.5k steps on
+        # CPU (learned positions at lr 1e-3 were still at 3% after 1.3k steps)
+        model_defaults=dict(dim=64, depth=2, heads=1, mlp_ratio=0.0, positions="rope", embed_dropout=0.1),
+        train_defaults=dict(batch_size=64, lr=3e-3, weight_decay=0.1, warmup=100, steps=3000, target_acc=0.99),
+    )
+)
+register_task(
+    Task(
+        "listops",
+        _listops,
+        "classifier",
+        "classify",
+        "LRA ListOps: evaluate nested MIN/MAX/MED/SM expressions, 10 classes (Nangia & Bowman 2018; Tay et al. 2021)",
+        model_defaults=dict(dim=64, depth=2, heads=2, mlp_ratio=2.0, pool="cls", positions="learned"),
+        train_defaults=dict(batch_size=32, lr=1e-3, weight_decay=0.01, warmup=200, steps=2000),
+    )
+)
+register_task(
+    Task(
+        "bytelm",
+        _bytelm,
+        "lm",
+        "tokens",
+        "byte-level language model on the Python standard library sources; bits per byte",
+        model_defaults=dict(dim=128, depth=2, heads=4, mlp_ratio=4.0, positions="rope"),
+        train_defaults=dict(batch_size=4, lr=1e-3, weight_decay=0.1, warmup=50, steps=300),
+        metric="bpb",
+    )
+)
+register_task(
+    Task(
+        "pathfinder",
+        _pathfinder,
+        "classifier",
+        "classify",
+        "LRA Pathfinder: are the two dots connected by a path? pixels as tokens (Linsley et al. 2018)",
+        model_defaults=dict(dim=32, depth=1, heads=2, mlp_ratio=1.0, pool="mean", positions="learned"),
+        train_defaults=dict(batch_size=64, lr=1e-3, weight_decay=0.0, warmup=200, steps=2000),
+    )
+)
+register_task(
+    Task(
+        "text",
+        _lra_file_task("load_text", "text"),
+        "classifier",
+        "classify",
+        "LRA Text (byte-level IMDb), from the official release files",
+        model_defaults=dict(dim=64, depth=2, heads=2, pool="cls"),
+    )
+)
+register_task(
+    Task(
+        "retrieval",
+        _lra_file_task("load_retrieval", "retrieval"),
+        "retrieval",
+        "classify",
+        "LRA Retrieval (AAN citation pairs, two towers), from the official release files",
+        model_defaults=dict(dim=64, depth=2, heads=2, pool="cls"),
+    )
+)
+register_task(
+    Task(
+        "image",
+        _lra_file_task("load_image", "image"),
+        "classifier",
+        "classify",
+        "LRA Image (grey CIFAR-10 pixels as tokens), from the official release files",
+        model_defaults=dict(dim=32, depth=1, heads=1, pool="mean"),
+    )
+)

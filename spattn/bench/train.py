@@ -35,8 +35,19 @@ from ..models import ModelConfig, build_model
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_SCHEMA, load_checkpoint, save_checkpoint
 from .tasks import Task, TaskData, as_batch, get_task
 
-__all__ = ["TrainConfig", "train", "evaluate", "add_train_arguments", "run_train", "load_checkpoint", "save_checkpoint",
-           "CHECKPOINT_FORMAT", "CHECKPOINT_SCHEMA", "TrainingInterrupted", "default_out_dir"]
+__all__ = [
+    "TrainConfig",
+    "train",
+    "evaluate",
+    "add_train_arguments",
+    "run_train",
+    "load_checkpoint",
+    "save_checkpoint",
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_SCHEMA",
+    "TrainingInterrupted",
+    "default_out_dir",
+]
 
 MODEL_FIELDS = {f.name for f in fields(ModelConfig)} - {"kind", "vocab_size", "num_classes"}
 
@@ -120,8 +131,10 @@ class TrainConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"TrainConfig: {name} must be a finite number, got {v!r}")
         if not self.lr > 0 or not self.weight_decay >= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"TrainConfig: need lr > 0, weight_decay >= 0, 0 <= min_lr_ratio <= 1; got "
-                             f"{self.lr}, {self.weight_decay}, {self.min_lr_ratio}")
+            raise ValueError(
+                f"TrainConfig: need lr > 0, weight_decay >= 0, 0 <= min_lr_ratio <= 1; got "
+                f"{self.lr}, {self.weight_decay}, {self.min_lr_ratio}"
+            )
         if not self.grad_clip >= 0:
             raise ValueError(f"TrainConfig: grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         if self.target_acc is not None and not 0 < self.target_acc <= 1:
@@ -136,7 +149,11 @@ class TrainConfig:
             raise TypeError(f"TrainConfig: attention must be a spec string, got {type(self.attention).__name__}")
         if not isinstance(self.sequence_parallel, bool):
             raise TypeError(f"TrainConfig: sequence_parallel must be a bool, got {self.sequence_parallel!r}")
-        if isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, (int, float)) or not self.dist_timeout > 0:
+        if (
+            isinstance(self.dist_timeout, bool)
+            or not isinstance(self.dist_timeout, (int, float))
+            or not self.dist_timeout > 0
+        ):
             raise ValueError(f"TrainConfig: dist_timeout must be a number of seconds > 0, got {self.dist_timeout!r}")
         bad = sorted(set(self.model) - MODEL_FIELDS)
         if bad:
@@ -233,9 +250,20 @@ class _EvalStopped(Exception):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, dataset, collate, *, batch_size: int, max_batches: Optional[int] = None,
-             bf16: bool = False, max_examples: Optional[int] = None, progress: bool = False, desc: str = "evaluation",
-             stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    task: Task,
+    dataset,
+    collate,
+    *,
+    batch_size: int,
+    max_batches: Optional[int] = None,
+    bf16: bool = False,
+    max_examples: Optional[int] = None,
+    progress: bool = False,
+    desc: str = "evaluation",
+    stop: Optional[Callable[[], bool]] = None,
+) -> dict[str, float]:
     """Mean loss, accuracy (over labels, or over positions with target != -100) and bits per byte/token.
 
     Evaluates the first ``max_examples`` examples (default all), at most ``max_batches`` batches, with a
@@ -251,8 +279,15 @@ def evaluate(model: nn.Module, task: Task, dataset, collate, *, batch_size: int,
     from tqdm.auto import tqdm
 
     try:
-        with tqdm(total=min(n, batches * batch_size), desc=desc, unit="ex", leave=False, disable=not progress,
-                  dynamic_ncols=True, file=sys.stderr) as bar:
+        with tqdm(
+            total=min(n, batches * batch_size),
+            desc=desc,
+            unit="ex",
+            leave=False,
+            disable=not progress,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        ) as bar:
             for b in range(batches):
                 if stop is not None and stop():
                     raise _EvalStopped
@@ -291,7 +326,9 @@ def _set_rng_state(state: dict[str, Any], path: str = "<checkpoint>") -> None:
         name, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     except (TypeError, ValueError, RuntimeError, IndexError) as e:
-        raise ValueError(f"checkpoint {path!r}: field 'rng' holds an invalid RNG state ({type(e).__name__}: {e})") from None
+        raise ValueError(
+            f"checkpoint {path!r}: field 'rng' holds an invalid RNG state ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -312,12 +349,16 @@ def resume_changes(saved: dict[str, Any], cfg: "TrainConfig") -> tuple[list[str]
     breaking = [f"{k} {saved[k]!r} -> {mine[k]!r}" for k in EXACT_FIELDS if k in saved and saved[k] != mine[k]]
     notes = []
     if "steps" in saved and saved["steps"] != mine["steps"]:
-        notes.append(f"steps {saved['steps']} -> {mine['steps']}: the cosine schedule is recomputed for the new total, "
-                     "so the run continues exactly but is not identical to an uninterrupted run of the new length")
+        notes.append(
+            f"steps {saved['steps']} -> {mine['steps']}: the cosine schedule is recomputed for the new total, "
+            "so the run continues exactly but is not identical to an uninterrupted run of the new length"
+        )
     return breaking, notes
 
 
-def _check_out_dir(cfg: "TrainConfig", ckpt_path: Optional[str], metrics_path: Optional[str]) -> Optional[dict[str, Any]]:
+def _check_out_dir(
+    cfg: "TrainConfig", ckpt_path: Optional[str], metrics_path: Optional[str]
+) -> Optional[dict[str, Any]]:
     """The checkpoint to resume from (validated), or None; refuses to overwrite a run without ``overwrite``."""
     if not ckpt_path:
         return None
@@ -328,25 +369,36 @@ def _check_out_dir(cfg: "TrainConfig", ckpt_path: Optional[str], metrics_path: O
             return None
         ckpt = load_checkpoint(ckpt_path)
         saved_tc = ckpt["train_config"]
+
         def training_data(opts):  # the evaluation splits' sizes do not change the training data
             return {k: v for k, v in opts.items() if k not in ("num_val", "num_test")}
 
-        if saved_tc["task"] != cfg.task or training_data(saved_tc.get("task_options", {})) != training_data(cfg.task_options):
-            raise ValueError(f"cannot resume from {ckpt_path!r}: it was trained on task {saved_tc['task']!r} "
-                             f"with options {saved_tc.get('task_options', {})}")
+        if saved_tc["task"] != cfg.task or training_data(saved_tc.get("task_options", {})) != training_data(
+            cfg.task_options
+        ):
+            raise ValueError(
+                f"cannot resume from {ckpt_path!r}: it was trained on task {saved_tc['task']!r} "
+                f"with options {saved_tc.get('task_options', {})}"
+            )
         breaking, notes = resume_changes(saved_tc, cfg)
         if breaking and not cfg.resume_inexact:
-            raise ValueError(f"cannot resume from {ckpt_path!r} exactly: changed {'; '.join(breaking)}. Use the saved "
-                             "settings, or pass --resume-inexact (resume_inexact=True) to continue anyway, or "
-                             "--overwrite to start again")
+            raise ValueError(
+                f"cannot resume from {ckpt_path!r} exactly: changed {'; '.join(breaking)}. Use the saved "
+                "settings, or pass --resume-inexact (resume_inexact=True) to continue anyway, or "
+                "--overwrite to start again"
+            )
         if breaking:
-            _say(cfg, f"note: resuming NON-EXACTLY from step {ckpt['step']}: changed {'; '.join(breaking)}", always=True)
+            _say(
+                cfg, f"note: resuming NON-EXACTLY from step {ckpt['step']}: changed {'; '.join(breaking)}", always=True
+            )
         for note in notes:
             _say(cfg, f"note: {note}", always=True)
         return ckpt
     if exists and not cfg.overwrite:
-        raise ValueError(f"{ckpt_path!r} already holds a training checkpoint; pass --resume (resume=True) to continue "
-                         "it or --overwrite (overwrite=True) to start a new run there, or choose another --out")
+        raise ValueError(
+            f"{ckpt_path!r} already holds a training checkpoint; pass --resume (resume=True) to continue "
+            "it or --overwrite (overwrite=True) to start a new run there, or choose another --out"
+        )
     return None
 
 
@@ -367,8 +419,11 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     def __init__(self, step: int, checkpoint: Optional[str]):
         self.step, self.checkpoint = step, checkpoint
-        where = (f"checkpoint of step {step} saved to {checkpoint}; continue with --resume" if checkpoint
-                 else "no --out directory: nothing was saved")
+        where = (
+            f"checkpoint of step {step} saved to {checkpoint}; continue with --resume"
+            if checkpoint
+            else "no --out directory: nothing was saved"
+        )
         super().__init__(f"training interrupted after step {step}: {where}")
 
 
@@ -394,8 +449,11 @@ class _StopSignals:
         if self.requested is not None:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        print(f"\n{self.requested}: stopping after this step and saving a checkpoint (again to stop at once)",
-              file=sys.stderr, flush=True)
+        print(
+            f"\n{self.requested}: stopping after this step and saving a checkpoint (again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
@@ -439,8 +497,10 @@ def _init_from(model: nn.Module, model_cfg, path: str) -> dict[str, Any]:
     saved, mine = _saved_model_config(ckpt), model_cfg.to_dict()
     differ = sorted(k for k in set(saved) | set(mine) if k != "attention" and saved.get(k) != mine.get(k))
     if differ:
-        raise ValueError(f"init_from {path!r}: the model config differs in {differ} (only the attention may differ); "
-                         f"saved: {[saved.get(k) for k in differ]}, here: {[mine.get(k) for k in differ]}")
+        raise ValueError(
+            f"init_from {path!r}: the model config differs in {differ} (only the attention may differ); "
+            f"saved: {[saved.get(k) for k in differ]}, here: {[mine.get(k) for k in differ]}"
+        )
     # the mechanisms' own state (routing centroids, gates) is what may be missing or left over
     try:
         missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
@@ -449,8 +509,9 @@ def _init_from(model: nn.Module, model_cfg, path: str) -> dict[str, Any]:
     return {"from": path, "attention": saved.get("attention"), "missing": list(missing), "unexpected": list(unexpected)}
 
 
-def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
-          callback: Optional[Callable[[int, dict], None]] = None) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, *, data: Optional[TaskData] = None, callback: Optional[Callable[[int, dict], None]] = None
+) -> dict[str, Any]:
     """Run (or resume) training; returns ``{"model", "model_config", "history", "val", "test", ...}``.
 
     ``callback(step, record)`` is called after every optimizer step (``record`` holds train loss/acc
@@ -483,8 +544,12 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
         _say(cfg, f"building the {cfg.task} data ...")
         t0 = time.perf_counter()
         data = task.make_data(**cfg.task_options)
-        _say(cfg, f"data ready in {time.perf_counter() - t0:.1f} s: {len(data.train)} train, {len(data.val)} validation"
-                  + (f", {len(data.test)} test" if data.test is not None else "") + " examples")
+        _say(
+            cfg,
+            f"data ready in {time.perf_counter() - t0:.1f} s: {len(data.train)} train, {len(data.val)} validation"
+            + (f", {len(data.test)} test" if data.test is not None else "")
+            + " examples",
+        )
     model_cfg = model_config_for(task, data, cfg)
     model = build_model(model_cfg)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -495,7 +560,9 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
     if ckpt is not None:
         saved = _saved_model_config(ckpt)
         if saved != model_cfg.to_dict():
-            diff = sorted(k for k in set(saved) | set(model_cfg.to_dict()) if saved.get(k) != model_cfg.to_dict().get(k))
+            diff = sorted(
+                k for k in set(saved) | set(model_cfg.to_dict()) if saved.get(k) != model_cfg.to_dict().get(k)
+            )
             raise ValueError(f"cannot resume from {ckpt_path!r}: the model config differs in {diff}")
         _load_state(model, ckpt["model"], "model", ckpt_path)
         _load_state(opt, ckpt["optimizer"], "optimizer", ckpt_path)
@@ -512,35 +579,66 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
 
     def checkpoint() -> None:
         if ckpt_path and group.is_main:
-            save_checkpoint(ckpt_path, {
-                "model_config": model_cfg.to_dict(), "train_config": asdict(cfg),
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": _rng_state(), "step": step, "epoch": epoch, "pos": pos, "history": history, "best": best,
-                "train_seconds": train_seconds,
-            })
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "model_config": model_cfg.to_dict(),
+                    "train_config": asdict(cfg),
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": _rng_state(),
+                    "step": step,
+                    "epoch": epoch,
+                    "pos": pos,
+                    "history": history,
+                    "best": best,
+                    "train_seconds": train_seconds,
+                },
+            )
             log()  # metrics.json is written with (never ahead of) the checkpoint
         if ckpt_path:
             group.barrier()  # no rank runs ahead of the checkpoint every rank may resume from
 
     def log(result=None) -> None:
         if metrics_path and group.is_main:
-            _write_json(metrics_path, {"train_config": asdict(cfg), "model_config": model_cfg.to_dict(),
-                                       "parameters": n_params, "checkpoint_step": step, "history": history,
-                                       "result": result})
+            _write_json(
+                metrics_path,
+                {
+                    "train_config": asdict(cfg),
+                    "model_config": model_cfg.to_dict(),
+                    "parameters": n_params,
+                    "checkpoint_step": step,
+                    "history": history,
+                    "result": result,
+                },
+            )
 
     n_params = sum(p.numel() for p in model.parameters())
     n_train = len(data.train)
     per_epoch = n_train // cfg.batch_size
     if per_epoch < 1:
-        raise ValueError(f"the training set ({n_train} examples; num_train / --num-train) is smaller than one batch "
-                         f"({cfg.batch_size}; --batch-size)")
+        raise ValueError(
+            f"the training set ({n_train} examples; num_train / --num-train) is smaller than one batch "
+            f"({cfg.batch_size}; --batch-size)"
+        )
     eval_bs = cfg.eval_batch_size or cfg.batch_size
     signals = _StopSignals()
 
     def run_eval(split: str, dataset, limit: Optional[int], max_batches: Optional[int] = None) -> dict[str, float]:
-        return evaluate(model, task, dataset, data.collate, batch_size=eval_bs, max_batches=max_batches, bf16=cfg.bf16,
-                        max_examples=limit, progress=cfg.progress, desc=f"{split} (step {step})",
-                        stop=lambda: signals.requested is not None)
+        return evaluate(
+            model,
+            task,
+            dataset,
+            data.collate,
+            batch_size=eval_bs,
+            max_batches=max_batches,
+            bf16=cfg.bf16,
+            max_examples=limit,
+            progress=cfg.progress,
+            desc=f"{split} (step {step})",
+            stop=lambda: signals.requested is not None,
+        )
 
     initial = None
     if cfg.init_from and step == 0:
@@ -550,9 +648,12 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
     stopped = "steps"
     if best["acc"] >= (cfg.target_acc or 2.0):
         stopped = "target"
-    _say(cfg, f"training {cfg.task} with {model_cfg.attention}: {n_params} parameters, steps {step} -> {cfg.steps}, "
-              f"batch {cfg.batch_size}, validation every {cfg.eval_every} steps"
-              + (f"; checkpoints in {cfg.out_dir}" if cfg.out_dir else "; not saved (no out_dir)"))
+    _say(
+        cfg,
+        f"training {cfg.task} with {model_cfg.attention}: {n_params} parameters, steps {step} -> {cfg.steps}, "
+        f"batch {cfg.batch_size}, validation every {cfg.eval_every} steps"
+        + (f"; checkpoints in {cfg.out_dir}" if cfg.out_dir else "; not saved (no out_dir)"),
+    )
     bar = _progress(cfg, step, model_cfg)
     win_loss, win_correct, win_count, win_tokens, win_time, win_steps = 0.0, 0, 0, 0, 0.0, 0
     last_eval: Optional[tuple[int, dict]] = None
@@ -564,7 +665,7 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
             t0 = time.perf_counter()
             if order_epoch != epoch:
                 order, order_epoch = _epoch_order(n_train, cfg.seed, epoch), epoch
-            idx = group.local_indices(order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size].tolist())
+            idx = group.local_indices(order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size].tolist())
             batch = as_batch(data.collate([data.train[i] for i in idx]))
             with _autocast(cfg.bf16):
                 logits, target = step_forward(batch)
@@ -573,13 +674,16 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
                 total = loss + aux.float() if isinstance(aux, Tensor) else loss
             # several ranks: the global batch's loss and counts; ``total`` scaled so the ranks' gradients
             # combine into the global batch's; a stop asked on any rank stops every rank at this step
-            total, loss_value, correct, count, stop_all = group.reduce_step(total, correct, count,
-                                                                           signals.requested is not None)
+            total, loss_value, correct, count, stop_all = group.reduce_step(
+                total, correct, count, signals.requested is not None
+            )
             loss = loss.new_tensor(loss_value)
             if stop_all and signals.requested is None:
                 signals.requested = "another rank"
             if not torch.isfinite(total):
-                raise FloatingPointError(f"loss became {float(total.detach())} at step {step + 1}; lower --lr or check the data")
+                raise FloatingPointError(
+                    f"loss became {float(total.detach())} at step {step + 1}; lower --lr or check the data"
+                )
             opt.zero_grad(set_to_none=True)
             total.backward()
             group.after_backward()
@@ -597,10 +701,18 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
             win_correct, win_count = win_correct + correct, win_count + count
             win_tokens, win_time = win_tokens + _count_tokens(batch), win_time + dt
             win_steps += 1
-            record = {"step": step, "loss": float(loss.detach()), "acc": correct / max(count, 1), "lr": sched.get_last_lr()[0]}
+            record = {
+                "step": step,
+                "loss": float(loss.detach()),
+                "acc": correct / max(count, 1),
+                "lr": sched.get_last_lr()[0],
+            }
             bar.update(1)
-            bar.set_postfix(loss=f"{win_loss / max(win_count, 1):.3f}", acc=f"{win_correct / max(win_count, 1):.3f}",
-                            tok_s=f"{win_tokens / max(win_time, 1e-9):.0f}")
+            bar.set_postfix(
+                loss=f"{win_loss / max(win_count, 1):.3f}",
+                acc=f"{win_correct / max(win_count, 1):.3f}",
+                tok_s=f"{win_tokens / max(win_time, 1e-9):.0f}",
+            )
             if (step % cfg.eval_every == 0 or step == cfg.steps) and signals.requested is None:
                 try:
                     ev = run_eval("validation", data.val, cfg.num_val, cfg.eval_batches)
@@ -608,11 +720,19 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
                     ev = None  # interrupted: the checkpoint below holds the step, without this evaluation
                 if ev is not None:
                     last_eval = (step, ev)
-                    entry = {"step": step, "epoch": epoch, "train_loss": win_loss / max(win_count, 1),
-                             "train_acc": win_correct / max(win_count, 1), "tokens_per_s": win_tokens / max(win_time, 1e-9),
-                             "s_per_step": win_time / max(1, win_steps),
-                             "lr": record["lr"], "train_seconds": train_seconds,
-                             "val_loss": ev["loss"], "val_acc": ev["acc"], "val_bpb": ev["bpb"]}
+                    entry = {
+                        "step": step,
+                        "epoch": epoch,
+                        "train_loss": win_loss / max(win_count, 1),
+                        "train_acc": win_correct / max(win_count, 1),
+                        "tokens_per_s": win_tokens / max(win_time, 1e-9),
+                        "s_per_step": win_time / max(1, win_steps),
+                        "lr": record["lr"],
+                        "train_seconds": train_seconds,
+                        "val_loss": ev["loss"],
+                        "val_acc": ev["acc"],
+                        "val_bpb": ev["bpb"],
+                    }
                     history.append(entry)
                     record.update(entry)
                     win_loss, win_correct, win_count, win_tokens, win_time, win_steps = 0.0, 0, 0, 0, 0.0, 0
@@ -635,10 +755,17 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
             bar.close()
             raise TrainingInterrupted(step, ckpt_path)
     bar.close()
-    result: dict[str, Any] = {"task": cfg.task, "attention": model.backbone.attention_spec if hasattr(model, "backbone") else cfg.attention,
-                              "steps": step, "stopped": stopped, "train_seconds": train_seconds, "parameters": n_params,
-                              "best_val": best, "majority_acc": data.majority_acc,
-                              "s_per_step": train_seconds / max(step, 1)}
+    result: dict[str, Any] = {
+        "task": cfg.task,
+        "attention": model.backbone.attention_spec if hasattr(model, "backbone") else cfg.attention,
+        "steps": step,
+        "stopped": stopped,
+        "train_seconds": train_seconds,
+        "parameters": n_params,
+        "best_val": best,
+        "majority_acc": data.majority_acc,
+        "s_per_step": train_seconds / max(step, 1),
+    }
     if initial is not None:
         result["initial"] = initial
     # the last step's validation already is the final one: evaluate again only when it did not run
@@ -656,15 +783,23 @@ def train(cfg: TrainConfig, *, data: Optional[TaskData] = None,
 
 def _format_entry(e: dict, task: Task) -> str:
     metric = f"val_bpb {e['val_bpb']:.3f}" if task.metric == "bpb" else f"val_acc {e['val_acc']:.4f}"
-    return (f"step {e['step']:>6}  train_loss {e['train_loss']:.4f}  train_acc {e['train_acc']:.4f}  "
-            f"val_loss {e['val_loss']:.4f}  {metric}  {e['tokens_per_s']:.0f} tok/s  {e['s_per_step'] * 1000:.0f} ms/step")
+    return (
+        f"step {e['step']:>6}  train_loss {e['train_loss']:.4f}  train_acc {e['train_acc']:.4f}  "
+        f"val_loss {e['val_loss']:.4f}  {metric}  {e['tokens_per_s']:.0f} tok/s  {e['s_per_step'] * 1000:.0f} ms/step"
+    )
 
 
 def _progress(cfg: TrainConfig, step: int, model_cfg: ModelConfig):
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc=f"{cfg.task} {model_cfg.attention}",
-                dynamic_ncols=True, file=sys.stderr)
+    return tqdm(
+        total=cfg.steps,
+        initial=step,
+        disable=not cfg.progress,
+        desc=f"{cfg.task} {model_cfg.attention}",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
 
 
 # ----------------------------------------------------------------------------------------- CLI
@@ -675,7 +810,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     from .tasks import task_names
 
     p.add_argument("task", help=f"task name: {', '.join(task_names())}")
-    p.add_argument("--attention", default="dense", metavar="SPEC", help="attention spec, e.g. 'window(size=32)' (default dense)")
+    p.add_argument(
+        "--attention", default="dense", metavar="SPEC", help="attention spec, e.g. 'window(size=32)' (default dense)"
+    )
     g = p.add_argument_group("optimisation (defaults: the task's)")
     g.add_argument("--steps", type=int)
     g.add_argument("--batch-size", type=int)
@@ -691,26 +828,45 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--eval-every", type=int, default=100)
     e.add_argument("--eval-batches", type=int, help="validation batches per eval (default all)")
     e.add_argument("--num-val", type=int, metavar="N", help="evaluate the first N validation examples (default all)")
-    e.add_argument("--num-test", type=int, metavar="N", help="evaluate the first N test examples at the end (default all)")
+    e.add_argument(
+        "--num-test", type=int, metavar="N", help="evaluate the first N test examples at the end (default all)"
+    )
     e.add_argument("--target-acc", type=float, help="stop once validation accuracy reaches this (0-1)")
     e.add_argument("--max-minutes", type=float, help="stop after this much training time (checkpointed)")
-    e.add_argument("--out", metavar="DIR", help="directory for checkpoint.pt and metrics.json "
-                                                "(default: a new runs/<task>-<date>-<time>)")
+    e.add_argument(
+        "--out",
+        metavar="DIR",
+        help="directory for checkpoint.pt and metrics.json (default: a new runs/<task>-<date>-<time>)",
+    )
     e.add_argument("--no-save", action="store_true", help="save nothing (no checkpoint, no metrics.json)")
     e.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: every eval)")
     e.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt if it exists")
-    e.add_argument("--resume-inexact", action="store_true",
-                   help="with --resume: continue even though seed / batch size / lr / ... differ from the saved run")
+    e.add_argument(
+        "--resume-inexact",
+        action="store_true",
+        help="with --resume: continue even though seed / batch size / lr / ... differ from the saved run",
+    )
     e.add_argument("--overwrite", action="store_true", help="start a new run in an --out DIR that holds a checkpoint")
-    e.add_argument("--init-from", metavar="CKPT",
-                   help="start from the weights of another run's checkpoint.pt (e.g. a dense model; the attention may differ)")
+    e.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        help="start from the weights of another run's checkpoint.pt (e.g. a dense model; the attention may differ)",
+    )
     e.add_argument("--no-test", dest="test", action="store_false", help="skip the final test-set evaluation")
     e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     t = p.add_argument_group("several processes (under torchrun --nproc_per_node N; see docs/distributed.md)")
-    t.add_argument("--sequence-parallel", action="store_true",
-                   help="shard every sequence over the ranks instead of the batch (causal LMs, e.g. bytelm)")
-    t.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
-                   help="seconds a collective waits for the other ranks before failing (default 300)")
+    t.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="shard every sequence over the ranks instead of the batch (causal LMs, e.g. bytelm)",
+    )
+    t.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="seconds a collective waits for the other ranks before failing (default 300)",
+    )
     m = p.add_argument_group("model (defaults: the task's)")
     m.add_argument("--dim", type=int)
     m.add_argument("--depth", type=int)
@@ -721,8 +877,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--positions", choices=("learned", "rope", "none"))
     m.add_argument("--pool", choices=("cls", "mean"))
     m.add_argument("--backend", help="attention backend: auto | reference | blocksparse | flex")
-    m.add_argument("--short-conv", type=int, metavar="K",
-                   help="causal depthwise convolution of width K over the embeddings (H3 / Based; 0 = none)")
+    m.add_argument(
+        "--short-conv",
+        type=int,
+        metavar="K",
+        help="causal depthwise convolution of width K over the embeddings (H3 / Based; 0 = none)",
+    )
     d = p.add_argument_group("data (what the task accepts; see its builder)")
     d.add_argument("--seq-len", type=int, help="sequence length (mqar, bytelm)")
     d.add_argument("--kv-pairs", type=int, help="key-value pairs (mqar)")
@@ -730,18 +890,39 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--max-len", type=int, help="longest example in tokens (listops, LRA files)")
     d.add_argument("--num-train", type=int)
     d.add_argument("--data-dir", help="directory of the official LRA release files (text, retrieval, image)")
-    d.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other option of the task's data builder (Python literal values)")
+    d.add_argument(
+        "--task-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other option of the task's data builder (Python literal values)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     import ast
 
-    model = {k: getattr(args, k) for k in ("dim", "depth", "heads", "kv_heads", "mlp_ratio", "dropout", "positions", "pool", "backend",
-                                           "short_conv")
-             if getattr(args, k, None) is not None}
-    opts = {k: getattr(args, k) for k in ("seq_len", "kv_pairs", "vocab", "max_len", "num_train", "data_dir")
-            if getattr(args, k, None) is not None}
+    model = {
+        k: getattr(args, k)
+        for k in (
+            "dim",
+            "depth",
+            "heads",
+            "kv_heads",
+            "mlp_ratio",
+            "dropout",
+            "positions",
+            "pool",
+            "backend",
+            "short_conv",
+        )
+        if getattr(args, k, None) is not None
+    }
+    opts = {
+        k: getattr(args, k)
+        for k in ("seq_len", "kv_pairs", "vocab", "max_len", "num_train", "data_dir")
+        if getattr(args, k, None) is not None
+    }
     task = get_task(args.task)
     for name in ("num_val", "num_test"):  # also generate no more than is evaluated, where the builder can
         if getattr(args, name, None) is not None and name in task.options():
@@ -755,15 +936,35 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         except (ValueError, SyntaxError):
             opts[key.strip()] = val
     return TrainConfig(
-        task=args.task, attention=args.attention, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip,
-        bf16=args.bf16, eval_every=args.eval_every, eval_batches=args.eval_batches, target_acc=args.target_acc,
-        seed=args.seed, out_dir=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
-        max_minutes=args.max_minutes, progress=args.progress, test=args.test, model=model, task_options=opts,
-        init_from=getattr(args, "init_from", None), num_val=getattr(args, "num_val", None),
-        num_test=getattr(args, "num_test", None), resume_inexact=getattr(args, "resume_inexact", False),
+        task=args.task,
+        attention=args.attention,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup=args.warmup,
+        min_lr_ratio=args.min_lr_ratio,
+        grad_clip=args.grad_clip,
+        bf16=args.bf16,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
+        target_acc=args.target_acc,
+        seed=args.seed,
+        out_dir=args.out,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        max_minutes=args.max_minutes,
+        progress=args.progress,
+        test=args.test,
+        model=model,
+        task_options=opts,
+        init_from=getattr(args, "init_from", None),
+        num_val=getattr(args, "num_val", None),
+        num_test=getattr(args, "num_test", None),
+        resume_inexact=getattr(args, "resume_inexact", False),
         overwrite=getattr(args, "overwrite", False),
-        sequence_parallel=getattr(args, "sequence_parallel", False), dist_timeout=getattr(args, "dist_timeout", 300.0),
+        sequence_parallel=getattr(args, "sequence_parallel", False),
+        dist_timeout=getattr(args, "dist_timeout", 300.0),
     )
 
 
@@ -782,9 +983,13 @@ def summary_line(res: dict[str, Any]) -> str:
     parts = []
     if res.get("initial"):
         ini = res["initial"]
-        parts.append(f"from {ini['attention']} weights ({ini['from']}): val acc {ini['val']['acc']:.4f} before training")
-    parts += [f"{res['task']} {res['attention']}: {res['steps']} steps ({res['stopped']}), "
-             f"{res['train_seconds']:.0f} s training, {res['s_per_step'] * 1000:.0f} ms/step, {res['parameters']} params"]
+        parts.append(
+            f"from {ini['attention']} weights ({ini['from']}): val acc {ini['val']['acc']:.4f} before training"
+        )
+    parts += [
+        f"{res['task']} {res['attention']}: {res['steps']} steps ({res['stopped']}), "
+        f"{res['train_seconds']:.0f} s training, {res['s_per_step'] * 1000:.0f} ms/step, {res['parameters']} params"
+    ]
     for split in ("val", "test"):
         if split in res:
             r = res[split]
@@ -830,6 +1035,8 @@ def run_train(args: argparse.Namespace) -> int:
         return 0  # under torchrun, rank 0 reports
     print(summary_line(res))
     if res.get("out_dir"):
-        print(f"saved {os.path.join(res['out_dir'], 'checkpoint.pt')} and metrics.json in {res['out_dir']} "
-              f"(continue with: --out {res['out_dir']} --resume --steps N)")
+        print(
+            f"saved {os.path.join(res['out_dir'], 'checkpoint.pt')} and metrics.json in {res['out_dir']} "
+            f"(continue with: --out {res['out_dir']} --resume --steps N)"
+        )
     return 0

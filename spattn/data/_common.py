@@ -21,7 +21,15 @@ from torch import Tensor
 
 from .._checks import check_int
 
-__all__ = ["item_index", "pad_batch", "collate_classification", "collate_tokens", "cache_dir", "cached_arrays", "check_positive_int"]
+__all__ = [
+    "item_index",
+    "pad_batch",
+    "collate_classification",
+    "collate_tokens",
+    "cache_dir",
+    "cached_arrays",
+    "check_positive_int",
+]
 
 IGNORE_INDEX = -100
 
@@ -113,7 +121,9 @@ def cached_arrays(kind: str, params: dict, make, directory=None, use_cache: bool
                     raise ValueError(f"parameters {stored} differ from the requested {params}")
                 return {k: f[k] for k in f.files if k != "__params__"}
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-            warnings.warn(f"spattn.data: cache file {path} is unreadable or corrupt ({e}); regenerating it", stacklevel=3)
+            warnings.warn(
+                f"spattn.data: cache file {path} is unreadable or corrupt ({e}); regenerating it", stacklevel=3
+            )
     arrays = make()
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -88,9 +88,17 @@ class ByteLMDataset(Dataset):
     num_classes = 256
     pad_id = 0
 
-    def __init__(self, split: str = "train", seq_len: int = 2048, num_examples: Optional[int] = None, seed: int = 0,
-                 sampling: Optional[str] = None, root: Optional[Union[str, os.PathLike]] = None,
-                 include_tests: bool = False, val_percent: int = 5):
+    def __init__(
+        self,
+        split: str = "train",
+        seq_len: int = 2048,
+        num_examples: Optional[int] = None,
+        seed: int = 0,
+        sampling: Optional[str] = None,
+        root: Optional[Union[str, os.PathLike]] = None,
+        include_tests: bool = False,
+        val_percent: int = 5,
+    ):
         check_positive_int("seq_len", seq_len)
         check_positive_int("seed", seed, 0)
         if num_examples is not None:
@@ -120,8 +128,9 @@ class ByteLMDataset(Dataset):
         if sampling == "sequential":
             self._stride = seq_len if num_examples is None else max(1, self._max_start // max(1, self.num_examples - 1))
             if (self.num_examples - 1) * self._stride > self._max_start:
-                raise ValueError(f"split {split!r} ({n} bytes) is too short for {self.num_examples} sequential "
-                                 f"windows of {seq_len}")
+                raise ValueError(
+                    f"split {split!r} ({n} bytes) is too short for {self.num_examples} sequential windows of {seq_len}"
+                )
 
     def __len__(self) -> int:
         return self.num_examples
@@ -135,7 +144,7 @@ class ByteLMDataset(Dataset):
     def __getitem__(self, i: int):
         i = item_index(i, len(self), "ByteLMDataset")
         s = self.start(i)
-        w = self.data[s: s + self.seq_len + 1].long()
+        w = self.data[s : s + self.seq_len + 1].long()
         return w[:-1], w[1:]
 
     @staticmethod

@@ -35,8 +35,20 @@ from torch.utils.data import Dataset
 
 from ._common import cached_arrays, check_positive_int, collate_classification, item_index
 
-__all__ = ["ListOpsDataset", "generate", "evaluate", "to_text", "from_text", "collate", "majority_accuracy",
-           "TOKENS", "VOCAB_SIZE", "PAD_ID", "NUM_CLASSES", "OPERATORS"]
+__all__ = [
+    "ListOpsDataset",
+    "generate",
+    "evaluate",
+    "to_text",
+    "from_text",
+    "collate",
+    "majority_accuracy",
+    "TOKENS",
+    "VOCAB_SIZE",
+    "PAD_ID",
+    "NUM_CLASSES",
+    "OPERATORS",
+]
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 TOKENS = ("<pad>",) + tuple(str(d) for d in range(10)) + OPERATORS + ("]",)
@@ -97,8 +109,15 @@ def _bucket(tokens: list[int]) -> int:
     return zlib.crc32(bytes(tokens)) % 5
 
 
-def generate(num_examples: int, seed: int = 0, split: str = "train", min_len: int = 500, max_len: int = 2000,
-             max_depth: int = 10, max_args: int = 10) -> tuple[list[list[int]], list[int]]:
+def generate(
+    num_examples: int,
+    seed: int = 0,
+    split: str = "train",
+    min_len: int = 500,
+    max_len: int = 2000,
+    max_depth: int = 10,
+    max_args: int = 10,
+) -> tuple[list[list[int]], list[int]]:
     """Generate ``num_examples`` distinct expressions of ``split`` -> ``(token lists, labels)``.
 
     Lengths satisfy ``min_len < len < max_len``. Deterministic in ``(seed, split, lengths, depth, args)``.
@@ -136,7 +155,9 @@ def _check(num_examples, seed, split, min_len, max_len, max_depth, max_args):
     check_positive_int("max_depth", max_depth, 1)
     check_positive_int("max_args", max_args, 2)
     if max_len - min_len < 2:
-        raise ValueError(f"need min_len < length < max_len with room for one length; got min_len={min_len}, max_len={max_len}")
+        raise ValueError(
+            f"need min_len < length < max_len with room for one length; got min_len={min_len}, max_len={max_len}"
+        )
     if max_depth == 1 and min_len >= 1:
         raise ValueError(f"max_depth=1 only yields single digits (length 1), none longer than min_len={min_len}")
 
@@ -200,12 +221,29 @@ class ListOpsDataset(Dataset):
     num_classes = NUM_CLASSES
     pad_id = PAD_ID
 
-    def __init__(self, split: str = "train", num_examples: int = 96_000, seed: int = 0, min_len: int = 500,
-                 max_len: int = 2000, max_depth: int = 10, max_args: int = 10, cache_dir: Optional[str] = None,
-                 use_cache: bool = True):
+    def __init__(
+        self,
+        split: str = "train",
+        num_examples: int = 96_000,
+        seed: int = 0,
+        min_len: int = 500,
+        max_len: int = 2000,
+        max_depth: int = 10,
+        max_args: int = 10,
+        cache_dir: Optional[str] = None,
+        use_cache: bool = True,
+    ):
         _check(num_examples, seed, split, min_len, max_len, max_depth, max_args)
-        params = dict(version=_VERSION, split=split, n=num_examples, seed=seed, min_len=min_len, max_len=max_len,
-                      max_depth=max_depth, max_args=max_args)
+        params = dict(
+            version=_VERSION,
+            split=split,
+            n=num_examples,
+            seed=seed,
+            min_len=min_len,
+            max_len=max_len,
+            max_depth=max_depth,
+            max_args=max_args,
+        )
 
         def make():
             seqs, labels = generate(num_examples, seed, split, min_len, max_len, max_depth, max_args)
@@ -217,7 +255,11 @@ class ListOpsDataset(Dataset):
         self._tokens = torch.from_numpy(arrays["tokens"].astype(np.int64))
         self.lengths = arrays["lengths"]
         self.labels = arrays["labels"]
-        if len(self.lengths) != num_examples or len(self.labels) != num_examples or self.lengths.sum() != len(self._tokens):
+        if (
+            len(self.lengths) != num_examples
+            or len(self.labels) != num_examples
+            or self.lengths.sum() != len(self._tokens)
+        ):
             raise ValueError(f"ListOps arrays are inconsistent (cache file corrupt?) for {params}")
         self._offsets = np.concatenate([[0], np.cumsum(self.lengths)])
         self.split, self.seed, self.min_len, self.max_len = split, seed, min_len, max_len

@@ -45,8 +45,20 @@ from torch.utils.data import Dataset
 
 from ._common import check_positive_int, collate_classification, item_index, pad_batch
 
-__all__ = ["LRASplits", "SequenceDataset", "PairDataset", "load_text", "load_retrieval", "load_image", "load_listops",
-           "load_pathfinder", "collate_pairs", "read_cifar_batch", "to_grayscale", "read_png_gray"]
+__all__ = [
+    "LRASplits",
+    "SequenceDataset",
+    "PairDataset",
+    "load_text",
+    "load_retrieval",
+    "load_image",
+    "load_listops",
+    "load_pathfinder",
+    "collate_pairs",
+    "read_cifar_batch",
+    "to_grayscale",
+    "read_png_gray",
+]
 
 PathLike = Union[str, os.PathLike]
 
@@ -84,8 +96,14 @@ class PairDataset(Dataset):
 
     pad_id = 0
 
-    def __init__(self, first: Sequence[np.ndarray], second: Sequence[np.ndarray], labels: Sequence[int],
-                 vocab_size: int = 256, num_classes: int = 2):
+    def __init__(
+        self,
+        first: Sequence[np.ndarray],
+        second: Sequence[np.ndarray],
+        labels: Sequence[int],
+        vocab_size: int = 256,
+        num_classes: int = 2,
+    ):
         if not len(first) == len(second) == len(labels):
             raise ValueError(f"pair lists differ in length: {len(first)}, {len(second)}, {len(labels)}")
         self.first, self.second, self.labels = list(first), list(second), np.asarray(labels, dtype=np.int64)
@@ -96,8 +114,11 @@ class PairDataset(Dataset):
 
     def __getitem__(self, i: int):
         i = item_index(i, len(self), "PairDataset")
-        return (torch.from_numpy(self.first[i].astype(np.int64)), torch.from_numpy(self.second[i].astype(np.int64)),
-                int(self.labels[i]))
+        return (
+            torch.from_numpy(self.first[i].astype(np.int64)),
+            torch.from_numpy(self.second[i].astype(np.int64)),
+            int(self.labels[i]),
+        )
 
 
 def collate_bytes(items) -> dict:
@@ -151,8 +172,10 @@ def _utf8(path: Path, where: Callable[[], str] = lambda: ""):
     try:
         yield
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}{where()}: not valid UTF-8 text ({err.reason} at byte {err.start} of a read "
-                         "buffer); LRA text files are UTF-8") from None
+        raise ValueError(
+            f"{path}{where()}: not valid UTF-8 text ({err.reason} at byte {err.start} of a read "
+            "buffer); LRA text files are UTF-8"
+        ) from None
 
 
 def _unescape(text: str) -> str:
@@ -217,8 +240,10 @@ def load_text(data_dir: PathLike, max_len: int = 1000) -> LRASplits:
         try:
             d = _find(root, ["train", "test"], ["aclImdb"], "text")
         except FileNotFoundError:
-            raise FileNotFoundError(f"LRA text: found neither the aclImdb tree (aclImdb/{{train,test}}/{{pos,neg}}/*.txt) "
-                                    f"nor imdb.train.tsv/imdb.test.tsv under {root} ({tsv_err})") from None
+            raise FileNotFoundError(
+                f"LRA text: found neither the aclImdb tree (aclImdb/{{train,test}}/{{pos,neg}}/*.txt) "
+                f"nor imdb.train.tsv/imdb.test.tsv under {root} ({tsv_err})"
+            ) from None
         train = _read_acl_split(d / "train", max_len)
         test = _read_acl_split(d / "test", max_len)
     tr = SequenceDataset(*train, vocab_size=256, num_classes=2)
@@ -238,8 +263,10 @@ def _read_aan(path: Path, max_len: int):
             if not row:
                 continue
             if len(row) != 5:
-                raise ValueError(f"{path}, line {n}: expected 5 tab-separated columns "
-                                 f"(label, id1, id2, text1, text2), got {len(row)}")
+                raise ValueError(
+                    f"{path}, line {n}: expected 5 tab-separated columns "
+                    f"(label, id1, id2, text1, text2), got {len(row)}"
+                )
             labels.append(_label(row[0], path, n))
             first.append(_bytes(row[3], max_len))
             second.append(_bytes(row[4], max_len))
@@ -264,9 +291,14 @@ class _ArrayUnpickler(pickle.Unpickler):
     """Only what a CIFAR-10 python batch needs: builtins containers and numpy array reconstruction."""
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"), ("builtins", "bytes"), ("_codecs", "encode"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("builtins", "bytes"),
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module, name):
@@ -284,7 +316,9 @@ def read_cifar_batch(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
         with open(path, "rb") as fh:
             d = _ArrayUnpickler(fh, encoding="bytes").load()
     except Exception as e:
-        raise ValueError(f"{path}: not a CIFAR-10 python batch (a pickled dict with b'data' and b'labels'): {e}") from None
+        raise ValueError(
+            f"{path}: not a CIFAR-10 python batch (a pickled dict with b'data' and b'labels'): {e}"
+        ) from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a pickled dict, got {type(d).__name__}")
     data = d.get(b"data", d.get("data"))
@@ -299,8 +333,9 @@ def read_cifar_batch(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
     if labels.ndim != 1:
         raise ValueError(f"{path}: labels must be a flat list of ints 0..9, got shape {labels.shape}")
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-        raise ValueError(f"{path}: expected data uint8 [n, 3072] and n labels, got {data.dtype} {data.shape} "
-                         f"and {labels.shape}")
+        raise ValueError(
+            f"{path}: expected data uint8 [n, 3072] and n labels, got {data.dtype} {data.shape} and {labels.shape}"
+        )
     if labels.size and (labels.min() < 0 or labels.max() > 9):
         raise ValueError(f"{path}: labels must be in 0..9")
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
@@ -329,8 +364,14 @@ def load_image(data_dir: PathLike, max_len: int = 1024) -> LRASplits:
         return SequenceDataset(list(g), y, vocab_size=256, num_classes=10)
 
     cut = int(round(0.9 * len(train_x)))
-    return LRASplits(make(train_x[:cut], train_y[:cut]), make(train_x[cut:], train_y[cut:]), make(test_x, test_y),
-                     collate_bytes, 256, 10)
+    return LRASplits(
+        make(train_x[:cut], train_y[:cut]),
+        make(train_x[cut:], train_y[cut:]),
+        make(test_x, test_y),
+        collate_bytes,
+        256,
+        10,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- listops
@@ -385,8 +426,8 @@ def read_png_gray(path: PathLike) -> np.ndarray:
         raise ValueError(f"{path}: not a PNG file")
     pos, idat, header = 8, [], None
     while pos + 8 <= len(raw):
-        n = int.from_bytes(raw[pos:pos + 4], "big")
-        kind, body = raw[pos + 4:pos + 8], raw[pos + 8:pos + 8 + n]
+        n = int.from_bytes(raw[pos : pos + 4], "big")
+        kind, body = raw[pos + 4 : pos + 8], raw[pos + 8 : pos + 8 + n]
         pos += 12 + n
         if kind == b"IHDR":
             header = body
@@ -399,8 +440,10 @@ def read_png_gray(path: PathLike) -> np.ndarray:
     w, h = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big")
     depth, color, interlace = header[8], header[9], header[12]
     if depth != 8 or color != 0 or interlace != 0:
-        raise ValueError(f"{path}: expected an 8-bit greyscale non-interlaced PNG, got bit depth {depth}, "
-                         f"colour type {color}, interlace {interlace}")
+        raise ValueError(
+            f"{path}: expected an 8-bit greyscale non-interlaced PNG, got bit depth {depth}, "
+            f"colour type {color}, interlace {interlace}"
+        )
     try:
         data = np.frombuffer(zlib.decompress(b"".join(idat)), dtype=np.uint8)
     except zlib.error as e:
@@ -438,8 +481,9 @@ def read_png_gray(path: PathLike) -> np.ndarray:
     return out
 
 
-def load_pathfinder(data_dir: PathLike, resolution: int = 32, difficulty: str = "curv_contour_length_14",
-                    max_len: int = 0) -> LRASplits:
+def load_pathfinder(
+    data_dir: PathLike, resolution: int = 32, difficulty: str = "curv_contour_length_14", max_len: int = 0
+) -> LRASplits:
     """The released Pathfinder images: ``pathfinder<R>/<difficulty>/metadata/*.npy`` + ``imgs/...png``.
 
     The metadata files are text (despite the suffix): one image per line, whitespace-separated, field 0/1
@@ -451,11 +495,19 @@ def load_pathfinder(data_dir: PathLike, resolution: int = 32, difficulty: str = 
     if resolution not in (32, 64, 128, 256):
         raise ValueError(f"resolution must be 32, 64, 128 or 256, got {resolution!r}")
     if max_len and max_len < resolution * resolution:
-        raise ValueError(f"Pathfinder{resolution} sequences have {resolution * resolution} pixels; max_len={max_len} is too short")
-    base = _find(data_dir, ["metadata"], [f"pathfinder{resolution}/{difficulty}",
-                                          f"lra_release/pathfinder{resolution}/{difficulty}",
-                                          f"lra_release/lra_release/pathfinder{resolution}/{difficulty}"],
-                 f"pathfinder{resolution} {difficulty}")
+        raise ValueError(
+            f"Pathfinder{resolution} sequences have {resolution * resolution} pixels; max_len={max_len} is too short"
+        )
+    base = _find(
+        data_dir,
+        ["metadata"],
+        [
+            f"pathfinder{resolution}/{difficulty}",
+            f"lra_release/pathfinder{resolution}/{difficulty}",
+            f"lra_release/lra_release/pathfinder{resolution}/{difficulty}",
+        ],
+        f"pathfinder{resolution} {difficulty}",
+    )
     metas = sorted((base / "metadata").glob("*.npy"), key=lambda p: (len(p.stem), p.stem))
     if not metas:
         raise FileNotFoundError(f"LRA pathfinder: no metadata/*.npy files in {base}")
@@ -468,11 +520,15 @@ def load_pathfinder(data_dir: PathLike, resolution: int = 32, difficulty: str = 
             if not fields:
                 continue
             if len(fields) < 4:
-                raise ValueError(f"{meta}, line {n}: expected at least 4 whitespace-separated fields "
-                                 f"(subpath, file name, index, label, ...)")
+                raise ValueError(
+                    f"{meta}, line {n}: expected at least 4 whitespace-separated fields "
+                    f"(subpath, file name, index, label, ...)"
+                )
             img = read_png_gray(base / fields[0] / fields[1])
             if img.shape != (resolution, resolution):
-                raise ValueError(f"{base / fields[0] / fields[1]}: image is {img.shape}, expected {resolution}x{resolution}")
+                raise ValueError(
+                    f"{base / fields[0] / fields[1]}: image is {img.shape}, expected {resolution}x{resolution}"
+                )
             if not img.any():
                 continue
             seqs.append(img.reshape(-1))
@@ -480,6 +536,8 @@ def load_pathfinder(data_dir: PathLike, resolution: int = 32, difficulty: str = 
     if not seqs:
         raise ValueError(f"LRA pathfinder: no non-empty images listed under {base / 'metadata'}")
     a, b = int(0.8 * len(seqs)), int(0.9 * len(seqs))
-    parts = [SequenceDataset(seqs[i:j], labels[i:j], vocab_size=256, num_classes=2)
-             for i, j in ((0, a), (a, b), (b, len(seqs)))]
+    parts = [
+        SequenceDataset(seqs[i:j], labels[i:j], vocab_size=256, num_classes=2)
+        for i, j in ((0, a), (a, b), (b, len(seqs)))
+    ]
     return LRASplits(parts[0], parts[1], parts[2], collate_bytes, 256, 2)

@@ -44,15 +44,27 @@ def _check(seq_len, kv_pairs, vocab_size, num_passes, power_a):
     if seq_len % 2:
         raise ValueError(f"seq_len must be even (query slots come in pairs), got {seq_len}")
     if kv_pairs > vocab_size // 2 - 1:  # (Zoology also asserts vocab_size > seq_len; only this part is needed)
-        raise ValueError(f"kv_pairs={kv_pairs} needs that many distinct keys; vocab_size={vocab_size} gives {vocab_size // 2 - 1}")
+        raise ValueError(
+            f"kv_pairs={kv_pairs} needs that many distinct keys; vocab_size={vocab_size} gives {vocab_size // 2 - 1}"
+        )
     if 2 * kv_pairs * num_passes + 2 * kv_pairs > seq_len:
-        raise ValueError(f"seq_len must be >= 2*kv_pairs*num_passes + 2*kv_pairs = {2 * kv_pairs * num_passes + 2 * kv_pairs}, got {seq_len}")
+        raise ValueError(
+            f"seq_len must be >= 2*kv_pairs*num_passes + 2*kv_pairs = {2 * kv_pairs * num_passes + 2 * kv_pairs}, got {seq_len}"
+        )
     if isinstance(power_a, bool) or not (isinstance(power_a, (int, float)) and 0 < power_a <= 1):
         raise ValueError(f"power_a must be a float in (0, 1], got {power_a!r}")
 
 
-def generate(rng: np.random.Generator, num_examples: int, seq_len: int, kv_pairs: int, vocab_size: int = 8192,
-             power_a: float = 0.01, num_passes: int = 1, random_non_queries: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def generate(
+    rng: np.random.Generator,
+    num_examples: int,
+    seq_len: int,
+    kv_pairs: int,
+    vocab_size: int = 8192,
+    power_a: float = 0.01,
+    num_passes: int = 1,
+    random_non_queries: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw ``num_examples`` MQAR examples with ``rng`` -> ``(inputs [E, L] int64, targets [E, L] int64)``."""
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
@@ -98,8 +110,17 @@ class MQARDataset(Dataset):
     unused), ``seq_len``.
     """
 
-    def __init__(self, num_examples: int, seq_len: int = 256, kv_pairs: int = 16, vocab_size: int = 8192,
-                 seed: int = 0, power_a: float = 0.01, num_passes: int = 1, random_non_queries: bool = False):
+    def __init__(
+        self,
+        num_examples: int,
+        seq_len: int = 256,
+        kv_pairs: int = 16,
+        vocab_size: int = 8192,
+        seed: int = 0,
+        power_a: float = 0.01,
+        num_passes: int = 1,
+        random_non_queries: bool = False,
+    ):
         check_positive_int("num_examples", num_examples, 0)
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
@@ -118,8 +139,9 @@ class MQARDataset(Dataset):
     def __getitem__(self, i: int):
         i = item_index(i, self.num_examples, "MQARDataset")
         rng = np.random.default_rng([self.seed, i])
-        x, y = generate(rng, 1, self.seq_len, self.kv_pairs, self.vocab_size, self.power_a, self.num_passes,
-                        self.random_non_queries)
+        x, y = generate(
+            rng, 1, self.seq_len, self.kv_pairs, self.vocab_size, self.power_a, self.num_passes, self.random_non_queries
+        )
         return torch.from_numpy(x[0]), torch.from_numpy(y[0])
 
     @staticmethod

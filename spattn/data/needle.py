@@ -29,8 +29,18 @@ from functools import lru_cache
 from typing import Callable, Optional
 
 __all__ = [
-    "NeedleSample", "TASKS", "make_task", "passkey", "niah_single", "niah_multikey", "variable_tracking",
-    "common_words", "string_match_all", "prose_sentences", "prose_text", "word_count",
+    "NeedleSample",
+    "TASKS",
+    "make_task",
+    "passkey",
+    "niah_single",
+    "niah_multikey",
+    "variable_tracking",
+    "common_words",
+    "string_match_all",
+    "prose_sentences",
+    "prose_text",
+    "word_count",
 ]
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -98,7 +108,9 @@ def _check(length: int, depth: Optional[float] = None, count_tokens=word_count, 
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0 <= depth <= 1):
         raise ValueError(f"depth must be a number in [0, 1], got {depth!r}")
     if not callable(count_tokens):
-        raise TypeError(f"count_tokens must be a callable str -> int (a tokenizer's counter), got {type(count_tokens).__name__}")
+        raise TypeError(
+            f"count_tokens must be a callable str -> int (a tokenizer's counter), got {type(count_tokens).__name__}"
+        )
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -111,15 +123,19 @@ def _count(count_tokens: Callable[[str], int], text: str) -> int:
     return int(n)
 
 
-def _fit(build: Callable[[int], str], count_tokens: Callable[[str], int], length: int, unit_tokens: int) -> tuple[str, int]:
+def _fit(
+    build: Callable[[int], str], count_tokens: Callable[[str], int], length: int, unit_tokens: int
+) -> tuple[str, int]:
     """Largest number of filler units whose prompt fits in ``length`` tokens (binary search)."""
     lo, hi = 0, max(2, 2 * length // max(1, unit_tokens) + 2)
     limit = 64 * hi  # filler units of at least 1/32 token each would exceed length long before this
     while _count(count_tokens, build(hi)) <= length:
         hi *= 2
         if hi > limit:
-            raise ValueError(f"count_tokens never counts more than length={length} tokens however long the prompt "
-                             f"({hi // 2} filler units); it must count the tokens of its argument")
+            raise ValueError(
+                f"count_tokens never counts more than length={length} tokens however long the prompt "
+                f"({hi // 2} filler units); it must count the tokens of its argument"
+            )
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if _count(count_tokens, build(mid)) <= length:
@@ -177,10 +193,14 @@ def _niah(task, length, depths, query_index, count_tokens, seed, haystack) -> Ne
     used: set = set()
     pairs = [_magic(rng, used) for _ in depths]
     key, value = pairs[query_index]
-    head = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
-            "I will quiz you about the numbers afterwards.\n")
-    tail = (f"\nWhat is the special magic number for {key} mentioned in the provided text? "
-            f"The special magic number for {key} mentioned in the provided text is")
+    head = (
+        "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+        "I will quiz you about the numbers afterwards.\n"
+    )
+    tail = (
+        f"\nWhat is the special magic number for {key} mentioned in the provided text? "
+        f"The special magic number for {key} mentioned in the provided text is"
+    )
     needles = [(d, f"One of the special magic numbers for {k} is: {v}.") for d, (k, v) in zip(depths, pairs)]
     start = rng.randrange(len(prose_sentences()))
 
@@ -191,15 +211,22 @@ def _niah(task, length, depths, query_index, count_tokens, seed, haystack) -> Ne
     return NeedleSample(task, prompt, [value], length, depths[query_index], {"units": n, "key": key})
 
 
-def niah_single(length: int, depth: float, count_tokens: Callable[[str], int] = word_count, seed: int = 0,
-                haystack: str = "essay") -> NeedleSample:
+def niah_single(
+    length: int, depth: float, count_tokens: Callable[[str], int] = word_count, seed: int = 0, haystack: str = "essay"
+) -> NeedleSample:
     """RULER niah_single: one word-key / 7-digit-number needle in prose (or ``haystack="noise"``)."""
     _check(length, depth, count_tokens)
     return _niah("niah_single", length, [depth], 0, count_tokens, seed, haystack)
 
 
-def niah_multikey(length: int, depth: float, count_tokens: Callable[[str], int] = word_count, seed: int = 0,
-                  keys: int = 4, haystack: str = "essay") -> NeedleSample:
+def niah_multikey(
+    length: int,
+    depth: float,
+    count_tokens: Callable[[str], int] = word_count,
+    seed: int = 0,
+    keys: int = 4,
+    haystack: str = "essay",
+) -> NeedleSample:
     """RULER niah_multikey_1: ``keys`` needles (distractors at other depths); the one at ``depth`` is queried."""
     _check(length, depth, count_tokens)
     if isinstance(keys, bool) or not isinstance(keys, int) or keys < 2:
@@ -209,8 +236,9 @@ def niah_multikey(length: int, depth: float, count_tokens: Callable[[str], int] 
     return _niah("niah_multikey", length, depths, 0, count_tokens, seed, haystack)
 
 
-def variable_tracking(length: int, count_tokens: Callable[[str], int] = word_count, seed: int = 0, chains: int = 1,
-                      hops: int = 4) -> NeedleSample:
+def variable_tracking(
+    length: int, count_tokens: Callable[[str], int] = word_count, seed: int = 0, chains: int = 1, hops: int = 4
+) -> NeedleSample:
     """RULER vt: chains ``VAR A = 12345. VAR B = VAR A. ...`` spread through noise; answer: the variables of chain 0."""
     _check(length, None, count_tokens, chains=chains, hops=hops)
     rng = random.Random(seed)
@@ -237,9 +265,11 @@ def variable_tracking(length: int, count_tokens: Callable[[str], int] = word_cou
         depths = sorted(rng.random() for _ in chain)
         placed += list(zip(depths, chain))
     head = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n"
-    tail = (f"\nQuestion: Find all variables that are assigned the value {values[0]} in the text above. "
-            f"Answer: According to the chain(s) of variable assignment in the text above, {hops + 1} variables are "
-            f"assigned the value {values[0]}, they are:")
+    tail = (
+        f"\nQuestion: Find all variables that are assigned the value {values[0]} in the text above. "
+        f"Answer: According to the chain(s) of variable assignment in the text above, {hops + 1} variables are "
+        f"assigned the value {values[0]}, they are:"
+    )
 
     def build(n):
         return head + _insert(_filler("noise", n, 0), placed) + tail
@@ -248,14 +278,22 @@ def variable_tracking(length: int, count_tokens: Callable[[str], int] = word_cou
     return NeedleSample("variable_tracking", prompt, answer, length, None, {"units": n, "value": values[0]})
 
 
-def common_words(length: int, count_tokens: Callable[[str], int] = word_count, seed: int = 0, num_common: int = 10,
-                 freq_common: int = 30, freq_rare: int = 3) -> NeedleSample:
+def common_words(
+    length: int,
+    count_tokens: Callable[[str], int] = word_count,
+    seed: int = 0,
+    num_common: int = 10,
+    freq_common: int = 30,
+    freq_rare: int = 3,
+) -> NeedleSample:
     """RULER cwe: a numbered list where ``num_common`` words occur ``freq_common`` times and every other word
     ``freq_rare`` times; the length is fitted by the number of rare words."""
     _check(length, None, count_tokens, num_common=num_common, freq_common=freq_common, freq_rare=freq_rare)
     if not num_common < len(_WORDS) or freq_common <= freq_rare:
-        raise ValueError(f"need num_common < {len(_WORDS)} and freq_common > freq_rare >= 1, got num_common={num_common}, "
-                         f"freq_common={freq_common}, freq_rare={freq_rare}")
+        raise ValueError(
+            f"need num_common < {len(_WORDS)} and freq_common > freq_rare >= 1, got num_common={num_common}, "
+            f"freq_common={freq_common}, freq_rare={freq_rare}"
+        )
     rng = random.Random(seed)
     base = list(dict.fromkeys(_WORDS))
     vocab = list(dict.fromkeys(base + [f"{a}{b}" for a in base for b in base if a != b]))
@@ -263,8 +301,10 @@ def common_words(length: int, count_tokens: Callable[[str], int] = word_count, s
     common, rare_pool = vocab[:num_common], vocab[num_common:]
     order_rng_seed = rng.randrange(1 << 30)
     head = "Below is a numbered list of words. In these words, some appear more often than others. Memorize the ones that appear most often.\n"
-    tail = (f"\nQuestion: What are the {num_common} most common words in the above list? "
-            f"Answer: The top {num_common} words that appear most often in the list are:")
+    tail = (
+        f"\nQuestion: What are the {num_common} most common words in the above list? "
+        f"Answer: The top {num_common} words that appear most often in the list are:"
+    )
 
     def build(n):
         words = common * freq_common + rare_pool[:n] * freq_rare
@@ -276,14 +316,22 @@ def common_words(length: int, count_tokens: Callable[[str], int] = word_count, s
 
 
 TASKS = {
-    "passkey": passkey, "niah_single": niah_single, "niah_multikey": niah_multikey,
-    "variable_tracking": variable_tracking, "common_words": common_words,
+    "passkey": passkey,
+    "niah_single": niah_single,
+    "niah_multikey": niah_multikey,
+    "variable_tracking": variable_tracking,
+    "common_words": common_words,
 }
 _DEPTH_TASKS = {"passkey", "niah_single", "niah_multikey"}
 
 
-def make_task(task: str, length: int, depth: Optional[float] = None, count_tokens: Callable[[str], int] = word_count,
-              seed: int = 0) -> NeedleSample:
+def make_task(
+    task: str,
+    length: int,
+    depth: Optional[float] = None,
+    count_tokens: Callable[[str], int] = word_count,
+    seed: int = 0,
+) -> NeedleSample:
     """Build one sample of ``task`` (see :data:`TASKS`); ``depth`` is used by the needle tasks (default 0.5)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")

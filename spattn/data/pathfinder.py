@@ -93,8 +93,11 @@ class PathfinderConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"PathfinderConfig.{name} must be a positive finite number, got {v!r}")
-        if not isinstance(self.paddle_margins, (tuple, list)) or not self.paddle_margins \
-                or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.paddle_margins):
+        if (
+            not isinstance(self.paddle_margins, (tuple, list))
+            or not self.paddle_margins
+            or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.paddle_margins)
+        ):
             raise ValueError(f"PathfinderConfig.paddle_margins must be positive ints, got {self.paddle_margins!r}")
         return self
 
@@ -117,9 +120,19 @@ def config_for(resolution: int = 32, difficulty: str = "hard", **overrides) -> P
     L, t, margins, mr, sd, cont, contrast, budget = _PRESETS[resolution]
     n = DIFFICULTIES[difficulty]
     dl = max(1, n // 3)
-    cfg = PathfinderConfig(resolution=resolution, contour_length=n, distractor_length=dl,
-                           num_distractors=max(1, budget // dl), paddle_length=L, paddle_thickness=t,
-                           paddle_margins=margins, marker_radius=mr, seed_distance=sd, continuity=cont, contrast=contrast)
+    cfg = PathfinderConfig(
+        resolution=resolution,
+        contour_length=n,
+        distractor_length=dl,
+        num_distractors=max(1, budget // dl),
+        paddle_length=L,
+        paddle_thickness=t,
+        paddle_margins=margins,
+        marker_radius=mr,
+        seed_distance=sd,
+        continuity=cont,
+        contrast=contrast,
+    )
     return replace(cfg, **overrides).validate()
 
 
@@ -156,8 +169,15 @@ def _paddle_table(length: float, thickness: float, contrast: float, supersample:
     imgs = np.zeros((360, q, q, 2 * W + 1, 2 * W + 1), dtype=np.uint8)
     for a in range(360):
         by, bx = ay + length * math.sin(ang[a]), ax + length * math.cos(ang[a])
-        cov = _coverage(py[None, None], px[None, None], ay[..., None, None], ax[..., None, None],
-                        by[..., None, None], bx[..., None, None], thickness / 2)
+        cov = _coverage(
+            py[None, None],
+            px[None, None],
+            ay[..., None, None],
+            ax[..., None, None],
+            by[..., None, None],
+            bx[..., None, None],
+            thickness / 2,
+        )
         cov = cov.reshape(q, q, 2 * W + 1, s, 2 * W + 1, s).mean(axis=(3, 5))
         imgs[a] = np.round(np.clip(cov * contrast, 0, 1) * 255).astype(np.uint8)
     flat = imgs.reshape(360, q, q, -1)
@@ -228,8 +248,12 @@ class _Batch:
         th = np.deg2rad(angles)
         ey, ex = sy + cfg.paddle_length * np.sin(th), sx + cfg.paddle_length * np.cos(th)
         lo, hi = cfg.padding, R - 1 - cfg.padding
-        ok = ((np.minimum(sy, ey) >= lo) & (np.maximum(sy, ey) <= hi)
-              & (np.minimum(sx, ex) >= lo) & (np.maximum(sx, ex) <= hi))
+        ok = (
+            (np.minimum(sy, ey) >= lo)
+            & (np.maximum(sy, ey) <= hi)
+            & (np.minimum(sx, ex) >= lo)
+            & (np.maximum(sx, ex) <= hi)
+        )
         dr, dc, val = self.table
         rows = iy[..., None] + dr[angles, fy, fx]  # [A, J, K]
         cols = ix[..., None] + dc[angles, fy, fx]
@@ -240,7 +264,10 @@ class _Batch:
         cp = np.clip(cols, -P + self.cfg.link, R - 1 + P - self.cfg.link) + P
         b3, c3 = bs[:, None, None], cs[:, None, None]
         ry = rp[..., None] + self.span  # [A, J, K, 2k+1]
-        bad = (self.row_all[b3[..., None], ry, cp[..., None]] > self.row_own[b3[..., None], c3[..., None], ry, cp[..., None]]).any(axis=3)
+        bad = (
+            self.row_all[b3[..., None], ry, cp[..., None]]
+            > self.row_own[b3[..., None], c3[..., None], ry, cp[..., None]]
+        ).any(axis=3)
         bad |= (self.owner[b3, rp, cp] == c3) & (self.pidx[b3, rp, cp] < (ks - 1)[:, None, None])
         ok &= ~(bad & lit).any(axis=2)
         has_prev = ks > 0
@@ -249,7 +276,9 @@ class _Batch:
             pr = self.rows[bs, cs, kp] + P  # [A, K]
             pc = self.cols[bs, cs, kp] + P
             plit = self.vals[bs, cs, kp] > 0
-            cheb = np.maximum(np.abs(rp[..., None] - pr[:, None, None, :]), np.abs(cp[..., None] - pc[:, None, None, :]))
+            cheb = np.maximum(
+                np.abs(rp[..., None] - pr[:, None, None, :]), np.abs(cp[..., None] - pc[:, None, None, :])
+            )
             cheb = np.where(plit[:, None, None, :], cheb, 1 << 20).min(axis=3)
             near = ((cheb <= cfg.link) & lit).any(axis=2)
             ok &= near | ~has_prev[:, None]
@@ -328,8 +357,9 @@ class _Batch:
         """First paddle at ``(ys, xs)``: a uniform orientation among 24 (15 degrees apart, random phase) that fit."""
         A = len(bs)
         angles = (self.rng.integers(15, size=(A, 1)) + 15 * np.arange(24)[None]) % 360
-        ok, cand = self._evaluate(bs, cs, np.zeros(A, dtype=np.int64), np.repeat(ys[:, None], 24, 1),
-                                  np.repeat(xs[:, None], 24, 1), angles)
+        ok, cand = self._evaluate(
+            bs, cs, np.zeros(A, dtype=np.int64), np.repeat(ys[:, None], 24, 1), np.repeat(xs[:, None], 24, 1), angles
+        )
         return self._take(bs, cs, self._choose(ok, np.ones(24)), cand)
 
     def extend(self, bs, cs) -> np.ndarray:
@@ -435,8 +465,10 @@ def _render_chunk(cfg: PathfinderConfig, B: int, rng: np.random.Generator):
         if len(need):
             tries[need] += 1
             if tries[need].max() > cfg.max_target_tries:
-                raise RuntimeError(f"could not place two target contours in {cfg.max_target_tries} tries; "
-                                   f"the image is too small for this contour length ({cfg})")
+                raise RuntimeError(
+                    f"could not place two target contours in {cfg.max_target_tries} tries; "
+                    f"the image is too small for this contour length ({cfg})"
+                )
             budget[need] = cfg.backtrack_budget
             border = min(2 * cfg.seed_distance, (R - 1) / 2 - 1)
             p0 = rng.uniform(border, R - 1 - border, size=(len(need), 2))
@@ -504,8 +536,13 @@ def _render_chunk(cfg: PathfinderConfig, B: int, rng: np.random.Generator):
 CHUNK = 256
 
 
-def generate(num_examples: int, seed: int = 0, cfg: Optional[PathfinderConfig] = None, progress: bool = False,
-             return_info: bool = False):
+def generate(
+    num_examples: int,
+    seed: int = 0,
+    cfg: Optional[PathfinderConfig] = None,
+    progress: bool = False,
+    return_info: bool = False,
+):
     """Render ``num_examples`` images -> ``(images uint8 [E, R, R], labels int64 [E])`` (+ ``info`` dict).
 
     Images are rendered in lock-step chunks of ``CHUNK`` (the last one smaller); chunk ``c`` uses the
@@ -531,7 +568,9 @@ def generate(num_examples: int, seed: int = 0, cfg: Optional[PathfinderConfig] =
         bar = tqdm(total=num_examples, desc=f"pathfinder{R}", unit="img")
     for c, a in enumerate(chunks):
         b = min(num_examples, a + CHUNK)
-        images[a:b], labels[a:b], markers[a:b], placed[a:b] = _render_chunk(cfg, b - a, np.random.default_rng([seed, c]))
+        images[a:b], labels[a:b], markers[a:b], placed[a:b] = _render_chunk(
+            cfg, b - a, np.random.default_rng([seed, c])
+        )
         if bar is not None:
             bar.update(b - a)
     if bar is not None:
@@ -553,8 +592,17 @@ class PathfinderDataset(Dataset):
     num_classes = 2
     pad_id = 0
 
-    def __init__(self, num_examples: int = 10_000, seed: int = 0, resolution: int = 32, difficulty: str = "hard",
-                 cache_dir: Optional[str] = None, use_cache: bool = True, progress: bool = False, **overrides):
+    def __init__(
+        self,
+        num_examples: int = 10_000,
+        seed: int = 0,
+        resolution: int = 32,
+        difficulty: str = "hard",
+        cache_dir: Optional[str] = None,
+        use_cache: bool = True,
+        progress: bool = False,
+        **overrides,
+    ):
         cfg = config_for(resolution, difficulty, **overrides)
         check_positive_int("num_examples", num_examples, 0)
         check_positive_int("seed", seed, 0)
@@ -567,8 +615,10 @@ class PathfinderDataset(Dataset):
         arrays = cached_arrays(f"pathfinder{resolution}", params, make, cache_dir, use_cache)
         self.images, self.labels = arrays["images"], arrays["labels"]
         if self.images.shape != (num_examples, resolution, resolution) or self.labels.shape != (num_examples,):
-            raise ValueError(f"Pathfinder arrays have shapes {self.images.shape}/{self.labels.shape}, expected "
-                             f"({num_examples}, {resolution}, {resolution}) (cache file corrupt?)")
+            raise ValueError(
+                f"Pathfinder arrays have shapes {self.images.shape}/{self.labels.shape}, expected "
+                f"({num_examples}, {resolution}, {resolution}) (cache file corrupt?)"
+            )
         self.cfg, self.seed = cfg, seed
         self.seq_len = resolution * resolution
 

@@ -117,8 +117,9 @@ class _Exchange(torch.autograd.Function):
         return out.index_add_(0, send_index, back), None, None, None, None, None
 
 
-def exchange_rows(rows: Tensor, send_index: Tensor, send_splits: list[int], recv_splits: list[int],
-                  rank: int, group=None) -> Tensor:
+def exchange_rows(
+    rows: Tensor, send_index: Tensor, send_splits: list[int], recv_splits: list[int], rank: int, group=None
+) -> Tensor:
     """Send ``rows[send_index]`` (grouped by destination, ``send_splits`` rows each) to every rank and
     return the ``sum(recv_splits)`` rows received, ordered by source rank. Differentiable."""
     return _Exchange.apply(rows, send_index, list(send_splits), list(recv_splits), rank, group)

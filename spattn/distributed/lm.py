@@ -31,7 +31,7 @@ def _rotated_heads(proj: nn.Module, h: Tensor, heads: int, offset: int) -> Tenso
     if isinstance(proj, RotaryProjection):
         n = h.shape[1]
         y = proj.proj(h).unflatten(-1, (proj.heads, proj.head_dim))
-        y = apply_rotary(y, proj.cos[offset: offset + n], proj.sin[offset: offset + n]).flatten(-2)
+        y = apply_rotary(y, proj.cos[offset : offset + n], proj.sin[offset : offset + n]).flatten(-2)
     else:
         y = proj(h)
     return rearrange(y, "b n (h d) -> b h n d", h=heads)
@@ -55,8 +55,10 @@ class SequenceParallelLM(nn.Module):
         for i, block in enumerate(bb.blocks):
             mech = block.attn.mechanism
             if mech is not None and not isinstance(mech, Pattern):
-                raise ValueError(f"SequenceParallelLM: layer {i} uses {block.attn.spec}, which is not a sparse "
-                                 "pattern; sequence parallelism supports dense and pattern layers")
+                raise ValueError(
+                    f"SequenceParallelLM: layer {i} uses {block.attn.spec}, which is not a sparse "
+                    "pattern; sequence parallelism supports dense and pattern layers"
+                )
             if getattr(mech, "selects_before_rope", False):
                 raise ValueError(f"SequenceParallelLM: layer {i} ({block.attn.spec}) selects per token; not supported")
         self.model, self.group = model, group
@@ -75,7 +77,7 @@ class SequenceParallelLM(nn.Module):
             raise ValueError(f"global sequence length {total} exceeds the model's max_len={bb.max_len}")
         x = bb.embed(tokens.long())
         if bb.pos is not None:
-            x = x + bb.pos.table.weight[offset: offset + tokens.shape[1]].to(x.dtype)
+            x = x + bb.pos.table.weight[offset : offset + tokens.shape[1]].to(x.dtype)
         x = bb.embed_drop(x)
         for block in bb.blocks:
             a = block.attn
@@ -83,7 +85,9 @@ class SequenceParallelLM(nn.Module):
             q = _rotated_heads(a.q_proj, h, a.heads, offset)
             k = _rotated_heads(a.k_proj, h, a.kv_heads, offset)
             v = rearrange(a.v_proj(h), "b n (h d) -> b h n d", h=a.kv_heads)
-            out = sequence_parallel_attention(q, k, v, a.mechanism, causal=a.causal, group=self.group, backend=a.backend)
+            out = sequence_parallel_attention(
+                q, k, v, a.mechanism, causal=a.causal, group=self.group, backend=a.backend
+            )
             x = x + block.drop(a.dropout(a.out_proj(rearrange(out, "b h n d -> b n (h d)"))))
             if block.mlp is not None:
                 x = x + block.drop(block.mlp(block.norm2(x)))

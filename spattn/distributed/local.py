@@ -35,8 +35,13 @@ def _worker(rank, world, port, fn, args, pg_timeout, threads, results):
         import torch
 
         torch.set_num_threads(threads)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=pg_timeout))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=pg_timeout),
+        )
         try:
             results.put((rank, True, fn(rank, world, *args)))
         finally:
@@ -45,8 +50,9 @@ def _worker(rank, world, port, fn, args, pg_timeout, threads, results):
         results.put((rank, False, traceback.format_exc()))
 
 
-def run_local(fn: Callable[..., Any], world: int, *args, timeout: float = 120.0, pg_timeout: float = 30.0,
-              threads: int = 1) -> list[Any]:
+def run_local(
+    fn: Callable[..., Any], world: int, *args, timeout: float = 120.0, pg_timeout: float = 30.0, threads: int = 1
+) -> list[Any]:
     """Call ``fn(rank, world, *args)`` on ``world`` spawned processes in one gloo group on loopback.
 
     ``fn`` must be importable (a module-level function) and return something picklable. Returns the
@@ -56,8 +62,10 @@ def run_local(fn: Callable[..., Any], world: int, *args, timeout: float = 120.0,
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, pg_timeout, threads, results), daemon=True)
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, fn, args, pg_timeout, threads, results), daemon=True)
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     import queue
@@ -70,12 +78,16 @@ def run_local(fn: Callable[..., Any], world: int, *args, timeout: float = 120.0,
         while len(got) + len(errors) < world:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise LocalRunError(f"run_local: ranks {sorted(set(range(world)) - set(got) - set(errors))} "
-                                    f"gave no result within {timeout:.0f} s" + _describe(errors))
+                raise LocalRunError(
+                    f"run_local: ranks {sorted(set(range(world)) - set(got) - set(errors))} "
+                    f"gave no result within {timeout:.0f} s" + _describe(errors)
+                )
             try:
                 rank, ok, value = results.get(timeout=min(remaining, 0.5))
             except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in got and r not in errors]
+                dead = [
+                    r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in got and r not in errors
+                ]
                 for r in dead:
                     errors[r] = f"process exited with code {procs[r].exitcode} without a result"
                 continue

@@ -40,12 +40,12 @@ def needed_blocks(layout: Layout, rows: slice) -> Tensor:
 class ShardPlan:
     """What one rank sends, receives and computes. Splits are in tokens, ordered by rank."""
 
-    send_index: Tensor          # local token indices sent, grouped by destination rank
+    send_index: Tensor  # local token indices sent, grouped by destination rank
     send_splits: list[int]
     recv_splits: list[int]
-    local_layout: Layout        # padded local queries x fetched keys
-    q_front: int                # padding rows before this rank's first query
-    q_back: int                 # padding rows after its last query
+    local_layout: Layout  # padded local queries x fetched keys
+    q_front: int  # padding rows before this rank's first query
+    q_back: int  # padding rows after its last query
 
     @property
     def keys_fetched(self) -> int:
@@ -64,15 +64,16 @@ def plan_shards(layout: Layout, sizes: list[int], rank: int) -> ShardPlan:
         starts.append(starts[-1] + s)
     bk = layout.block_k
     token_need = [
-        _token_mask(needed_blocks(layout, _query_rows(layout, st, st + sz)), bk, n) if sz else
-        torch.zeros(n, dtype=torch.bool, device=layout.device)
+        _token_mask(needed_blocks(layout, _query_rows(layout, st, st + sz)), bk, n)
+        if sz
+        else torch.zeros(n, dtype=torch.bool, device=layout.device)
         for st, sz in zip(starts, sizes)
     ]
     me0, me1 = starts[rank], starts[rank] + sizes[rank]
     send = [torch.nonzero(token_need[p][me0:me1]).flatten() for p in range(len(sizes))]
     send_index = torch.cat(send)
     send_splits = [int(t.numel()) for t in send]
-    recv_splits = [int(token_need[rank][st:st + sz].sum()) for st, sz in zip(starts, sizes)]
+    recv_splits = [int(token_need[rank][st : st + sz].sum()) for st, sz in zip(starts, sizes)]
     rows = _query_rows(layout, me0, me1)
     local = restrict_layout(layout, rows, needed_blocks(layout, rows))
     q_front = me0 - rows.start * layout.block_q
@@ -103,8 +104,17 @@ def restrict_layout(layout: Layout, rows: slice, need: Tensor) -> Layout:
         cvalid = layout.valid_columns()[:, :, rows]
         columns = dict(col_num=layout.col_num[:, :, rows], col_indices=torch.where(cvalid, compact_cols, 0))
     mask_mod = _translated(layout.mask_mod, q0, kept, bk)
-    return Layout(layout.kv_num_blocks[:, :, rows], kv_indices, q_len=q_len, kv_len=kv_len, block_q=bq,
-                  block_k=bk, mask_mod=mask_mod, full=layout.full[:, :, rows], **columns)
+    return Layout(
+        layout.kv_num_blocks[:, :, rows],
+        kv_indices,
+        q_len=q_len,
+        kv_len=kv_len,
+        block_q=bq,
+        block_k=bk,
+        mask_mod=mask_mod,
+        full=layout.full[:, :, rows],
+        **columns,
+    )
 
 
 def _translated(mask_mod, q0: int, kept: Tensor, bk: int):

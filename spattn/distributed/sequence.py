@@ -62,8 +62,10 @@ def _check_shards(q: Tensor, k: Tensor, v: Tensor, causal, group, world: int) ->
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
         if q.shape[2] != k.shape[2]:
-            raise ValueError(f"q and k must hold the same tokens of the sequence (self-attention): "
-                             f"got N_local {q.shape[2]} and {k.shape[2]}")
+            raise ValueError(
+                f"q and k must hold the same tokens of the sequence (self-attention): "
+                f"got N_local {q.shape[2]} and {k.shape[2]}"
+            )
     except (TypeError, ValueError) as exc:
         problem = str(exc)
     shapes = [q.shape[2], q.shape[0], q.shape[1], k.shape[1], q.shape[3]] if not problem else [0] * 5
@@ -78,8 +80,10 @@ def _check_shards(q: Tensor, k: Tensor, v: Tensor, causal, group, world: int) ->
     for col, name in enumerate(names, start=2):
         values = meta[:, col].tolist()
         if len(set(values)) > 1:
-            raise ValueError(f"sequence_parallel_attention: shards of inconsistent shapes: ranks disagree on "
-                             f"{name}: {values} (rank order)")
+            raise ValueError(
+                f"sequence_parallel_attention: shards of inconsistent shapes: ranks disagree on "
+                f"{name}: {values} (rank order)"
+            )
     return meta[:, 1].tolist()
 
 
@@ -174,8 +178,10 @@ def _global_layout(pat, q, k, sizes, rank, world, group, causal) -> Layout:
     kf = _fake((k.shape[0], k.shape[1], n, k.shape[3]), k)
     selection = pat.select(qf, kf, causal=causal)
     if not isinstance(selection, Layout):
-        raise ValueError(f"sequence_parallel_attention supports block Layouts; {pat.name} selects "
-                         f"a {type(selection).__name__} (per-token selection is not supported)")
+        raise ValueError(
+            f"sequence_parallel_attention supports block Layouts; {pat.name} selects "
+            f"a {type(selection).__name__} (per-token selection is not supported)"
+        )
     return selection
 
 
@@ -191,7 +197,9 @@ def _selector_layout(pat, q, k, sizes, rank, group, causal) -> Layout:
     """The selector's global Layout from block means all-reduced over the ranks (BlockTopK, BlockMass)."""
     n, block = sum(sizes), pat.block
     if isinstance(pat, BlockTopK) and pat.k > -(-n // block):
-        raise ValueError(f"block_topk: k={pat.k} exceeds the number of key blocks {-(-n // block)} (N={n}, block={block})")
+        raise ValueError(
+            f"block_topk: k={pat.k} exceeds the number of key blocks {-(-n // block)} (N={n}, block={block})"
+        )
     start = sum(sizes[:rank])
     sdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     qs = _block_sums(q.detach().to(sdt), start, n, block)
@@ -201,7 +209,7 @@ def _selector_layout(pat, q, k, sizes, rank, group, causal) -> Layout:
     world = len(sizes)
     ring_bytes = both.numel() * both.element_size() * 2 * (world - 1) // world  # ring all-reduce
     _comm._count(ring_bytes, ring_bytes)
-    qs, ks = both[: qs.numel()].view_as(qs), both[qs.numel():].view_as(ks)
+    qs, ks = both[: qs.numel()].view_as(qs), both[qs.numel() :].view_as(ks)
     counts = (n - torch.arange(qs.shape[2], device=q.device) * block).clamp(max=block).to(sdt)[:, None]
     qp, kp = qs / counts, ks / counts
     batch, hq, hkv = q.shape[0], q.shape[1], k.shape[1]
@@ -236,7 +244,7 @@ def _sparse_attention(q, k, v, plan: ShardPlan, rank, group, scale, backend) -> 
     kv = fetched.view(-1, 2, b, hkv, d).permute(1, 2, 3, 0, 4)
     q_pad = F.pad(q, (0, 0, plan.q_front, plan.q_back))
     out = attention(q_pad, kv[0], kv[1], plan.local_layout, scale=scale, backend=backend)
-    return out[:, :, plan.q_front: plan.q_front + n_local]
+    return out[:, :, plan.q_front : plan.q_front + n_local]
 
 
 # ---------------------------------------------------------------------------------------- ring

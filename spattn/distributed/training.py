@@ -93,17 +93,21 @@ class TrainingGroup:
             return
         if self.sequence_parallel:
             if task_kind != "lm":
-                raise ValueError(f"sequence_parallel trains causal LMs (e.g. bytelm); this task's model is {task_kind!r}")
+                raise ValueError(
+                    f"sequence_parallel trains causal LMs (e.g. bytelm); this task's model is {task_kind!r}"
+                )
         elif batch_size % self.world:
-            raise ValueError(f"batch size {batch_size} is not divisible by the world size {self.world}: every rank "
-                             "takes an equal slice of the global batch (choose --batch-size or --nproc_per_node)")
+            raise ValueError(
+                f"batch size {batch_size} is not divisible by the world size {self.world}: every rank "
+                "takes an equal slice of the global batch (choose --batch-size or --nproc_per_node)"
+            )
 
     def local_indices(self, indices: list[int]) -> list[int]:
         """This rank's examples of the global batch (all of them when the sequence is sharded)."""
         if not self.active or self.sequence_parallel:
             return indices
         per = len(indices) // self.world
-        return indices[self.rank * per:(self.rank + 1) * per]
+        return indices[self.rank * per : (self.rank + 1) * per]
 
     def sequence_bounds(self, n: int) -> tuple[int, int]:
         return n * self.rank // self.world, n * (self.rank + 1) // self.world
@@ -125,8 +129,9 @@ class TrainingGroup:
 
             return sharded
         device_ids = [torch.cuda.current_device()] if dist.get_backend(self.group) == "nccl" else None
-        ddp = nn.parallel.DistributedDataParallel(_Forward(model, forward), device_ids=device_ids,
-                                                  process_group=self.group)
+        ddp = nn.parallel.DistributedDataParallel(
+            _Forward(model, forward), device_ids=device_ids, process_group=self.group
+        )
         return ddp
 
     def reduce_step(self, loss: Tensor, correct: int, count: int, stop: bool) -> tuple[Tensor, float, int, int, bool]:
@@ -138,8 +143,9 @@ class TrainingGroup:
         """
         if not self.active:
             return loss, float(loss.detach()), correct, count, stop
-        stats = torch.tensor([float(loss.detach()) * count, correct, count, float(stop)], dtype=torch.float64,
-                             device=loss.device)
+        stats = torch.tensor(
+            [float(loss.detach()) * count, correct, count, float(stop)], dtype=torch.float64, device=loss.device
+        )
         dist.all_reduce(stats, group=self.group)
         total = max(int(stats[2]), 1)
         factor = count * (1 if self.sequence_parallel else self.world) / total

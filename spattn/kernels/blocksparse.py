@@ -46,13 +46,16 @@ def _capped(scores: Tensor, softcap: Optional[float]) -> Tensor:
     return scores if softcap is None else torch.tanh(scores / softcap) * softcap
 
 
-def _tile_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,
-                  softcap: Optional[float] = None) -> tuple[Tensor, Tensor]:
+def _tile_forward(
+    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, softcap: Optional[float] = None
+) -> tuple[Tensor, Tensor]:
     """Attention of q ``[X, T, M, D]`` over k/v ``[X, T, R, D]``: (out, lse fp32 ``[X, T, M]``); rows
     the additive mask leaves without a key get zeros and lse ``-inf``.
     A score modification (``softcap``) runs on explicit scores: the fused flash kernel has no hook."""
     if softcap is None and _use_flash(q):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=mask, scale=scale
+        )
         empty = empty_rows(mask)
         if empty is not None:  # SDPA returns such rows as zeros with lse 0
             lse = lse.masked_fill(empty.expand(lse.shape), float("-inf"))
@@ -192,7 +195,9 @@ class _KeySets:
             src = self.v_blocks if values else self.k_blocks
             if grads[0] is None:
                 grads[0] = torch.zeros_like(src)
-            grads[0].view(-1, p.bk * d).index_add_(0, self._rows(keys.blocks, p.nkb + 1), grad[:, :, :nb].reshape(-1, p.bk * d))
+            grads[0].view(-1, p.bk * d).index_add_(
+                0, self._rows(keys.blocks, p.nkb + 1), grad[:, :, :nb].reshape(-1, p.bk * d)
+            )
         if keys.cols is not None:
             src = self.v_cols if values else self.k_cols
             if grads[1] is None:
@@ -209,7 +214,9 @@ class _KeySets:
                 lo = base + m * p.bq
                 dst[:, lo : lo + t * p.bq] += grad[:, :, m * p.bq : (m + 1) * p.bq].reshape(dst.shape[0], t * p.bq, -1)
         else:
-            pos = base + torch.arange(t, device=dst.device)[:, None] * p.bq + torch.arange(p.band_len, device=dst.device)
+            pos = (
+                base + torch.arange(t, device=dst.device)[:, None] * p.bq + torch.arange(p.band_len, device=dst.device)
+            )
             dst.index_add_(1, pos.flatten(), grad.reshape(dst.shape[0], t * p.band_len, -1))
 
 
@@ -232,8 +239,9 @@ def _merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
 
 
 # ---------------------------------------------------------------------- the autograd function
-def _forward(plan: TilePlan, q: Tensor, k: Tensor, v: Tensor, scale: float,
-             softcap: Optional[float] = None) -> tuple[Tensor, Tensor]:
+def _forward(
+    plan: TilePlan, q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: Optional[float] = None
+) -> tuple[Tensor, Tensor]:
     tiler = _Tiler(plan)
     keys = _KeySets(plan, k, v)
     qp = tiler.pad_q(q)
@@ -244,13 +252,15 @@ def _forward(plan: TilePlan, q: Tensor, k: Tensor, v: Tensor, scale: float,
         parts = []
         if plan.band_len:
             mask = plan.band_mask(chunk, q.dtype)
-            parts.append(_tile_forward(q_t, keys.band(keys.k_band, chunk), keys.band(keys.v_band, chunk), mask, scale,
-                                       softcap))
+            parts.append(
+                _tile_forward(q_t, keys.band(keys.k_band, chunk), keys.band(keys.v_band, chunk), mask, scale, softcap)
+            )
         if chunk.gathers:
             gathered = plan.gather_keys(chunk)
             mask = plan.gather_mask(chunk, gathered, q.dtype)
-            parts.append(_tile_forward(q_t, keys.gather(gathered, False), keys.gather(gathered, True), mask, scale,
-                                       softcap))
+            parts.append(
+                _tile_forward(q_t, keys.gather(gathered, False), keys.gather(gathered, True), mask, scale, softcap)
+            )
         if not parts:  # no key anywhere in this chunk
             shape = q_t.shape[:-1]
             parts.append((torch.zeros_like(q_t), torch.full(shape, float("-inf"), dtype=lse_p.dtype, device=q.device)))
@@ -288,16 +298,18 @@ def _backward(plan, dout, dlse, q, k, v, out, lse, scale, softcap=None):
         dq_t = None
         if plan.band_len:
             mask = plan.band_mask(chunk, q.dtype)
-            g = _tile_backward(do_t, q_t, keys.band(keys.k_band, chunk), keys.band(keys.v_band, chunk), o_t, l_t, mask, scale,
-                               softcap)
+            g = _tile_backward(
+                do_t, q_t, keys.band(keys.k_band, chunk), keys.band(keys.v_band, chunk), o_t, l_t, mask, scale, softcap
+            )
             dq_t = g[0]
             keys.fold_band(dk_band, g[1], chunk)
             keys.fold_band(dv_band, g[2], chunk)
         if chunk.gathers:
             gathered = plan.gather_keys(chunk)
             mask = plan.gather_mask(chunk, gathered, q.dtype)
-            g = _tile_backward(do_t, q_t, keys.gather(gathered, False), keys.gather(gathered, True), o_t, l_t, mask, scale,
-                               softcap)
+            g = _tile_backward(
+                do_t, q_t, keys.gather(gathered, False), keys.gather(gathered, True), o_t, l_t, mask, scale, softcap
+            )
             dq_t = g[0] if dq_t is None else dq_t + g[0]
             keys.scatter_add(dk_gathered, gathered, g[1], values=False)
             keys.scatter_add(dv_gathered, gathered, g[2], values=True)
@@ -352,8 +364,9 @@ def _compiled(q, k, v, layout, key_padding_mask, scale) -> Optional[tuple[Tensor
         return None
     if key_padding_mask is not None or layout.has_columns:
         kpm = key_padding_mask
-        if kpm is not None and not (kpm.dtype == torch.bool and kpm.device.type == "cpu"
-                                    and tuple(kpm.shape) == (q.shape[0], k.shape[2])):
+        if kpm is not None and not (
+            kpm.dtype == torch.bool and kpm.device.type == "cpu" and tuple(kpm.shape) == (q.shape[0], k.shape[2])
+        ):
             return None
         layout, key_padding_mask = blocksparse_train.blocks_only(layout, kpm), None
     if not _wants_grad(q, k, v):
@@ -419,8 +432,16 @@ def blocksparse_attention(
     return (out, lse) if return_lse else out
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, layout: Layout, scale: float, key_padding_mask: Optional[Tensor],
-            chunk_elems: int, softcap: Optional[float]) -> tuple[Tensor, Tensor]:
+def _attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: Layout,
+    scale: float,
+    key_padding_mask: Optional[Tensor],
+    chunk_elems: int,
+    softcap: Optional[float],
+) -> tuple[Tensor, Tensor]:
     """``(out, lse)`` of :func:`blocksparse_attention` for NaN-free inputs: the compiled loop where it
     applies, else the eager plan (one call per head where that pays)."""
     result = None if softcap is not None else _compiled(q, k, v, layout, key_padding_mask, scale)
@@ -429,8 +450,16 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, layout: Layout, scale: float, key_p
     if _split_heads_pays(layout, q.shape[1], q.shape[2] * k.shape[2]):
         group = q.shape[1] // k.shape[1]
         parts = [
-            _attend(q[:, h: h + 1], k[:, h // group: h // group + 1], v[:, h // group: h // group + 1],
-                    layout.head(h), scale, key_padding_mask, chunk_elems, softcap)
+            _attend(
+                q[:, h : h + 1],
+                k[:, h // group : h // group + 1],
+                v[:, h // group : h // group + 1],
+                layout.head(h),
+                scale,
+                key_padding_mask,
+                chunk_elems,
+                softcap,
+            )
             for h in range(q.shape[1])
         ]
         return torch.cat([o for o, _ in parts], 1), torch.cat([l for _, l in parts], 1)

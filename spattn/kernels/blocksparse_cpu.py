@@ -55,11 +55,17 @@ def partial_tile_masks(layout: Layout, max_elems: Optional[int] = None) -> Optio
         count, inverse = b.numel(), torch.arange(b.numel(), device=layout.device)
     if count * bq * bk > (MAX_MASK_ELEMS if max_elems is None else max_elems):
         return None
-    rep = torch.empty(count, dtype=torch.long, device=layout.device).scatter_(0, inverse, torch.arange(b.numel(), device=layout.device))
+    rep = torch.empty(count, dtype=torch.long, device=layout.device).scatter_(
+        0, inverse, torch.arange(b.numel(), device=layout.device)
+    )
     q_idx = (qb[rep] * bq).view(-1, 1, 1) + torch.arange(bq, device=layout.device).view(1, -1, 1)
     kv_idx = (kb[rep] * bk).view(-1, 1, 1) + torch.arange(bk, device=layout.device).view(1, 1, -1)
-    masks = layout.mask_mod(b[rep].view(-1, 1, 1), h[rep].view(-1, 1, 1),
-                            q_idx.clamp(max=layout.q_len - 1), kv_idx.clamp(max=layout.kv_len - 1))
+    masks = layout.mask_mod(
+        b[rep].view(-1, 1, 1),
+        h[rep].view(-1, 1, 1),
+        q_idx.clamp(max=layout.q_len - 1),
+        kv_idx.clamp(max=layout.kv_len - 1),
+    )
     mask_id[b, h, qb, s] = inverse.to(torch.int32)
     return mask_id, masks.expand(count, bq, bk).to(torch.bool).contiguous()
 
@@ -92,10 +98,20 @@ def compiled_forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, scale: flo
     return run_forward(q, k, v, layout, *tables, scale)
 
 
-def run_forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, mask_id: Tensor, masks: Tensor,
-                scale: float) -> tuple[Tensor, Tensor]:
+def run_forward(
+    q: Tensor, k: Tensor, v: Tensor, layout: Layout, mask_id: Tensor, masks: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
     """The compiled loop on ``layout`` with its partial-tile tables (from :func:`partial_tile_masks`)."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return _compiled.ops().block_sparse_forward(
-        q, k, v, layout.kv_num_blocks.contiguous(), layout.kv_indices.contiguous(), mask_id, masks,
-        layout.block_q, layout.block_k, float(scale))
+        q,
+        k,
+        v,
+        layout.kv_num_blocks.contiguous(),
+        layout.kv_indices.contiguous(),
+        mask_id,
+        masks,
+        layout.block_q,
+        layout.block_k,
+        float(scale),
+    )

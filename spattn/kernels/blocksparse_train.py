@@ -67,8 +67,15 @@ def blocks_only(layout: Layout, key_padding_mask: Optional[Tensor] = None) -> La
         allowed = layout.contains(b, h, q_idx, kv_idx)
         return allowed if kpm is None else allowed & kpm[b, kv_idx]
 
-    result = Layout.from_block_map(block_map, q_len=layout.q_len, kv_len=nk, block_q=layout.block_q, block_k=bk,
-                                   full_map=full_map, mask_mod=mask_mod)
+    result = Layout.from_block_map(
+        block_map,
+        q_len=layout.q_len,
+        kv_len=nk,
+        block_q=layout.block_q,
+        block_k=bk,
+        full_map=full_map,
+        mask_mod=mask_mod,
+    )
     if kpm is None:
         _without_columns[layout] = result
     return result
@@ -110,8 +117,12 @@ def applies(q: Tensor, k: Tensor, v: Tensor, layout: Layout, key_padding_mask: O
     if key_padding_mask is not None or layout.has_columns or layout.device.type != "cpu":
         return False
     ops = _compiled.ops()
-    return ops is not None and blocksparse_cpu._has_blas(ops) and hasattr(ops, "block_sparse_backward") \
+    return (
+        ops is not None
+        and blocksparse_cpu._has_blas(ops)
+        and hasattr(ops, "block_sparse_backward")
         and _train_tables(layout) is not None
+    )
 
 
 class _CompiledBlockSparse(torch.autograd.Function):
@@ -136,8 +147,20 @@ class _CompiledBlockSparse(torch.autograd.Function):
             delta = delta - torch.nan_to_num(dlse.to(delta.dtype), nan=0.0)
         t, lay = ctx.tables, ctx.layout
         dq, dk, dv = _compiled.ops().block_sparse_backward(
-            q, k, v, dout, lse, delta.contiguous(), t.q_ptr, t.q_blocks, t.q_mask_id, t.masks,
-            lay.block_q, lay.block_k, float(ctx.scale))
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta.contiguous(),
+            t.q_ptr,
+            t.q_blocks,
+            t.q_mask_id,
+            t.masks,
+            lay.block_q,
+            lay.block_k,
+            float(ctx.scale),
+        )
         return dq, dk, dv, None, None, None
 
 

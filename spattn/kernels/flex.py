@@ -92,8 +92,10 @@ def _check_device(dev_type: str) -> Optional[str]:
             return "Inductor's CPU FlexAttention kernel is not supported on macOS"
         avx2 = getattr(torch.cpu, "_is_avx2_supported", lambda: False)()
         if not avx2 or os.environ.get("ATEN_CPU_CAPABILITY") == "default":
-            return ("Inductor's CPU FlexAttention kernel needs an x86 CPU with AVX2 "
-                    f"(this CPU reports capability {torch.backends.cpu.get_cpu_capability()!r})")
+            return (
+                "Inductor's CPU FlexAttention kernel needs an x86 CPU with AVX2 "
+                f"(this CPU reports capability {torch.backends.cpu.get_cpu_capability()!r})"
+            )
         if hasattr(torch, "xpu") and torch.xpu.is_available():
             return "Inductor's CPU FlexAttention kernel is disabled when an XPU device is present"
         if sys.platform != "win32":
@@ -191,7 +193,12 @@ def _with_key_padding(block_mask, key_padding_mask: Tensor, kv_len: int):
     p_num, p_idx = _map_to_blocks(new_part)
     f_num, f_idx = _map_to_blocks(new_full)
     return BlockMask.from_kv_blocks(
-        p_num, p_idx, f_num, f_idx, BLOCK_SIZE=(block_q, block_k), mask_mod=mask_mod,
+        p_num,
+        p_idx,
+        f_num,
+        f_idx,
+        BLOCK_SIZE=(block_q, block_k),
+        mask_mod=mask_mod,
         seq_lengths=(block_mask.seq_lengths[0], kv_len),
     )
 
@@ -237,7 +244,9 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, layout: Layout, key_padding_mask:
         raise ValueError(
             f"layout batch/heads ({layout.batch}, {layout.heads}) must be 1 or ({B}, {Hq}) (batch, query heads)"
         )
-    if layout.device.type != q.device.type or (q.device.index is not None and layout.device.index not in (None, q.device.index)):
+    if layout.device.type != q.device.type or (
+        q.device.index is not None and layout.device.index not in (None, q.device.index)
+    ):
         raise ValueError(
             f"layout is on {layout.device} but q is on {q.device}: build the layout on q's device "
             "(pattern.layout(q, k) does; its predicate's tensors must live where the kernel runs)"
@@ -252,8 +261,9 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, layout: Layout, key_padding_mask:
 def _fallback(q, k, v, layout, scale, key_padding_mask, return_lse, softcap=None):
     from .blocksparse import blocksparse_attention
 
-    return blocksparse_attention(q, k, v, layout, scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse,
-                                 softcap=softcap)
+    return blocksparse_attention(
+        q, k, v, layout, scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse, softcap=softcap
+    )
 
 
 @functools.lru_cache(maxsize=32)
@@ -335,8 +345,9 @@ def flex_attention(
     return nan_exact(run, q, k, v, probe=probe)
 
 
-def _run_flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: Optional[float], return_lse: bool,
-              softcap: Optional[float]):
+def _run_flex(
+    q: Tensor, k: Tensor, v: Tensor, block_mask, scale: Optional[float], return_lse: bool, softcap: Optional[float]
+):
     """The compiled FlexAttention call on NaN-free inputs (empty rows: zeros, lse ``-inf``)."""
     gqa = q.shape[1] != k.shape[1]
     extra = {} if softcap is None else {"score_mod": _softcap_score_mod(float(softcap))}

@@ -159,5 +159,13 @@ def pagesparse_attention(
         if result is not None:
             out, lse = result
             return (out, lse) if return_lse else out
-    return tokensparse_attention(q, k, v, selection.to_tokens(), scale=scale, key_padding_mask=key_padding_mask,
-                                 return_lse=return_lse, softcap=softcap)
+    return tokensparse_attention(
+        q,
+        k,
+        v,
+        selection.to_tokens(),
+        scale=scale,
+        key_padding_mask=key_padding_mask,
+        return_lse=return_lse,
+        softcap=softcap,
+    )

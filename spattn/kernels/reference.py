@@ -67,5 +67,9 @@ def reference_attention(
     out = out.to(out_dtype)
     if not return_lse:
         return out
-    lse = lse.squeeze(-1).to(torch.float64 if out_dtype == torch.float64 else torch.float32).masked_fill(empty.squeeze(-1), float("-inf"))
+    lse = (
+        lse.squeeze(-1)
+        .to(torch.float64 if out_dtype == torch.float64 else torch.float32)
+        .masked_fill(empty.squeeze(-1), float("-inf"))
+    )
     return out, lse.expand(batch, hq, nq)

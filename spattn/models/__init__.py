@@ -6,4 +6,12 @@ from .classifier import SequenceClassifier
 from .lm import CausalLM
 from .retrieval import TwoTowerClassifier
 
-__all__ = ["Backbone", "SequenceClassifier", "CausalLM", "TwoTowerClassifier", "ModelConfig", "build_model", "MODEL_KINDS"]
+__all__ = [
+    "Backbone",
+    "SequenceClassifier",
+    "CausalLM",
+    "TwoTowerClassifier",
+    "ModelConfig",
+    "build_model",
+    "MODEL_KINDS",
+]

@@ -24,8 +24,10 @@ def layer_specs(attention: Optional[str], depth: int) -> list[Optional[str]]:
         return [attention] * depth
     specs = [part.strip() for part in attention.split(";")]
     if len(specs) != depth or not all(specs):
-        raise ValueError(f"attention {attention!r}: a per-layer list needs {depth} non-empty specs joined by ';' "
-                         f"(one per layer), got {len(specs)}")
+        raise ValueError(
+            f"attention {attention!r}: a per-layer list needs {depth} non-empty specs joined by ';' "
+            f"(one per layer), got {len(specs)}"
+        )
     return specs
 
 
@@ -59,7 +61,13 @@ class Backbone(nn.Module):
     ):
         super().__init__()
         owner = type(self).__name__
-        for name, val in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth), ("heads", heads), ("max_len", max_len)):
+        for name, val in (
+            ("vocab_size", vocab_size),
+            ("dim", dim),
+            ("depth", depth),
+            ("heads", heads),
+            ("max_len", max_len),
+        ):
             int_at_least(f"{owner}: {name}", val)
         if isinstance(short_conv, bool) or not isinstance(short_conv, int) or short_conv < 0:
             raise ValueError(f"{owner}: short_conv must be an int >= 0 (0 = none), got {short_conv!r}")
@@ -83,8 +91,17 @@ class Backbone(nn.Module):
             nn.init.zeros_(self.short_conv.weight)
         self.blocks = nn.ModuleList(
             TransformerBlock(
-                dim, heads, spec, causal=causal, max_len=max_len, kv_heads=kv_heads, mlp_ratio=mlp_ratio,
-                dropout=dropout, attn_dropout=attn_dropout, rope=positions == "rope", backend=backend,
+                dim,
+                heads,
+                spec,
+                causal=causal,
+                max_len=max_len,
+                kv_heads=kv_heads,
+                mlp_ratio=mlp_ratio,
+                dropout=dropout,
+                attn_dropout=attn_dropout,
+                rope=positions == "rope",
+                backend=backend,
             )
             for spec in layer_specs(attention, depth)
         )
@@ -105,17 +122,23 @@ class Backbone(nn.Module):
         if tokens.numel():
             low, high = torch.aminmax(tokens)
             if int(low) < 0 or int(high) >= self.vocab_size:
-                raise ValueError(f"{name} must lie in [0, vocab_size={self.vocab_size}), got values in [{int(low)}, {int(high)}]")
+                raise ValueError(
+                    f"{name} must lie in [0, vocab_size={self.vocab_size}), got values in [{int(low)}, {int(high)}]"
+                )
         n = tokens.shape[1] + extra
         if n > self.max_len:
             raise ValueError(
                 f"sequence length {n} (including {extra} prepended token(s)) exceeds the model's max_len={self.max_len}; "
                 "build the model with a larger max_len or truncate the input"
             )
-        if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != tokens.shape):
+        if mask is not None and (
+            not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != tokens.shape
+        ):
             got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
             mask_name = "mask" if name == "tokens" else f"mask of {name}"
-            raise ValueError(f"{mask_name} must be a bool tensor of shape {tuple(tokens.shape)} (True = real token), got {got}")
+            raise ValueError(
+                f"{mask_name} must be a bool tensor of shape {tuple(tokens.shape)} (True = real token), got {got}"
+            )
 
     def encode(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Embedded ``x [B, N, dim]`` -> hidden ``[B, N, dim]``; ``mask [B, N]`` bool, True = real."""

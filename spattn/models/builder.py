@@ -64,6 +64,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Every field checked by name (a bad value raises ValueError naming the field and its range)."""
+
         def bad(name, expected):
             raise ValueError(f"ModelConfig: {name} must be {expected}, got {getattr(self, name)!r}")
 
@@ -95,7 +96,9 @@ class ModelConfig:
         if self.pool not in POOLS:
             raise ValueError(f"ModelConfig: pool must be one of {', '.join(POOLS)}; got {self.pool!r}")
         if not isinstance(self.attention, str) or not self.attention.strip():
-            raise ValueError(f"ModelConfig: attention must be a spec string such as 'window(size=32)', got {self.attention!r}")
+            raise ValueError(
+                f"ModelConfig: attention must be a spec string such as 'window(size=32)', got {self.attention!r}"
+            )
         try:
             for spec in layer_specs(self.attention, self.depth):
                 name, _ = registry.parse_spec(spec)
@@ -113,13 +116,26 @@ def build_model(config: ModelConfig) -> nn.Module:
         raise TypeError(f"build_model: expected a ModelConfig or dict, got {type(config).__name__}")
     config.validate()
     common = dict(
-        dim=config.dim, depth=config.depth, heads=config.heads, kv_heads=config.kv_heads, max_len=config.max_len,
-        attention=config.attention, positions=config.positions, mlp_ratio=config.mlp_ratio, dropout=config.dropout,
-        attn_dropout=config.attn_dropout, embed_dropout=config.embed_dropout, backend=config.backend,
+        dim=config.dim,
+        depth=config.depth,
+        heads=config.heads,
+        kv_heads=config.kv_heads,
+        max_len=config.max_len,
+        attention=config.attention,
+        positions=config.positions,
+        mlp_ratio=config.mlp_ratio,
+        dropout=config.dropout,
+        attn_dropout=config.attn_dropout,
+        embed_dropout=config.embed_dropout,
+        backend=config.backend,
         short_conv=config.short_conv,
     )
     if config.kind == "lm":
         return CausalLM(config.vocab_size, **common)
     if config.kind == "retrieval":
-        return TwoTowerClassifier(config.vocab_size, config.num_classes, pool=config.pool, head_hidden=config.head_hidden, **common)
-    return SequenceClassifier(config.vocab_size, config.num_classes, pool=config.pool, head_hidden=config.head_hidden, **common)
+        return TwoTowerClassifier(
+            config.vocab_size, config.num_classes, pool=config.pool, head_hidden=config.head_hidden, **common
+        )
+    return SequenceClassifier(
+        config.vocab_size, config.num_classes, pool=config.pool, head_hidden=config.head_hidden, **common
+    )

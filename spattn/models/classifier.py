@@ -39,7 +39,9 @@ class SequenceClassifier(nn.Module):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"SequenceClassifier: num_classes must be an int >= 2, got {num_classes!r}")
         if isinstance(head_hidden, bool) or not isinstance(head_hidden, int) or head_hidden < 0:
-            raise ValueError(f"SequenceClassifier: head_hidden must be an int >= 0 (0 = linear head), got {head_hidden!r}")
+            raise ValueError(
+                f"SequenceClassifier: head_hidden must be an int >= 0 (0 = linear head), got {head_hidden!r}"
+            )
         backbone.pop("causal", None)
         self.backbone = Backbone(vocab_size, causal=False, **backbone)
         self.pool, self.num_classes = pool, num_classes
@@ -47,7 +49,8 @@ class SequenceClassifier(nn.Module):
         self.cls = nn.Parameter(torch.randn(dim) * 0.02) if pool == "cls" else None
         self.head = (
             nn.Sequential(nn.Linear(dim, head_hidden), nn.GELU(), nn.Linear(head_hidden, num_classes))
-            if head_hidden else nn.Linear(dim, num_classes)
+            if head_hidden
+            else nn.Linear(dim, num_classes)
         )
 
     @property

@@ -30,7 +30,9 @@ class TwoTowerClassifier(nn.Module):
     def aux_loss(self) -> Tensor:
         return self._aux
 
-    def forward(self, tokens: Tensor, mask: Optional[Tensor], tokens2: Tensor, mask2: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, tokens: Tensor, mask: Optional[Tensor], tokens2: Tensor, mask2: Optional[Tensor] = None
+    ) -> Tensor:
         """``tokens, tokens2 [B, N]`` (bool masks True = real) -> logits ``[B, num_classes]``."""
         u = self.encoder.features(tokens, mask)
         aux = self.encoder.aux_loss

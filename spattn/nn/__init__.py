@@ -7,4 +7,12 @@ from .routing import RoutingAttention
 from .seqboat import SeqBoat
 from .sqa import SparseQueryAttention
 
-__all__ = ["Attention", "build_mechanism", "TransformerBlock", "MLP", "RoutingAttention", "SeqBoat", "SparseQueryAttention"]
+__all__ = [
+    "Attention",
+    "build_mechanism",
+    "TransformerBlock",
+    "MLP",
+    "RoutingAttention",
+    "SeqBoat",
+    "SparseQueryAttention",
+]

@@ -138,7 +138,9 @@ class Attention(nn.Module):
         return "dense" if self.mechanism is None else self.mechanism.spec()
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, heads={self.heads}, kv_heads={self.kv_heads}, attention={self.spec}, causal={self.causal}"
+        return (
+            f"dim={self.dim}, heads={self.heads}, kv_heads={self.kv_heads}, attention={self.spec}, causal={self.causal}"
+        )
 
     def _pattern_arg(self, q: Tensor, k: Tensor):
         """The pattern, or a cached Layout when the pattern ignores values."""
@@ -159,8 +161,11 @@ class Attention(nn.Module):
 
     def _selects_before_rope(self) -> bool:
         """A pattern that routes against fixed references, in a layer whose q / k carry RoPE."""
-        return (getattr(self.mechanism, "selects_before_rope", False)
-                and isinstance(self.q_proj, RotaryProjection) and isinstance(self.k_proj, RotaryProjection))
+        return (
+            getattr(self.mechanism, "selects_before_rope", False)
+            and isinstance(self.q_proj, RotaryProjection)
+            and isinstance(self.k_proj, RotaryProjection)
+        )
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """``x [B, N, dim]`` -> ``[B, N, dim]``; ``key_padding_mask [B, N]`` bool, True = real token."""
@@ -176,9 +181,16 @@ class Attention(nn.Module):
             # routing compares q / k with centroids: RoPE's per-position rotation would scramble
             # the clusters, so select on the vectors before rotation and attend with the rotated ones
             q_raw, k_raw = self.q_proj.proj(x), self.k_proj.proj(x)
-            q, k = self._heads(self.q_proj.rotate(q_raw), self.heads), self._heads(self.k_proj.rotate(k_raw), self.kv_heads)
-            sel = self.mechanism.select(self._heads(q_raw, self.heads), self._heads(k_raw, self.kv_heads),
-                                        causal=self.causal, key_padding_mask=key_padding_mask)
+            q, k = (
+                self._heads(self.q_proj.rotate(q_raw), self.heads),
+                self._heads(self.k_proj.rotate(k_raw), self.kv_heads),
+            )
+            sel = self.mechanism.select(
+                self._heads(q_raw, self.heads),
+                self._heads(k_raw, self.kv_heads),
+                causal=self.causal,
+                key_padding_mask=key_padding_mask,
+            )
             out = attention(q, k, v, sel, backend=self.backend, key_padding_mask=key_padding_mask)  # causal is in sel
         else:
             q, k = self._heads(self.q_proj(x), self.heads), self._heads(self.k_proj(x), self.kv_heads)

@@ -29,7 +29,12 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
-        self.fc1, self.act, self.drop, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim)
+        self.fc1, self.act, self.drop, self.fc2 = (
+            nn.Linear(dim, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, dim),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.drop(self.act(self.fc1(x))))
@@ -66,8 +71,12 @@ class TransformerBlock(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not math.isfinite(mlp_ratio) \
-                or mlp_ratio < 0:
+        if (
+            isinstance(mlp_ratio, bool)
+            or not isinstance(mlp_ratio, (int, float))
+            or not math.isfinite(mlp_ratio)
+            or mlp_ratio < 0
+        ):
             raise ValueError(f"TransformerBlock: mlp_ratio must be a finite number >= 0, got {mlp_ratio!r}")
         check_dropout("TransformerBlock", "dropout", dropout)
         check_dropout("TransformerBlock", "attn_dropout", attn_dropout)
@@ -75,7 +84,14 @@ class TransformerBlock(nn.Module):
             raise TypeError(f"TransformerBlock: rope must be a bool, got {rope!r}")
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(
-            dim, heads, attention, causal=causal, kv_heads=kv_heads, dropout=attn_dropout, backend=backend, max_len=max_len
+            dim,
+            heads,
+            attention,
+            causal=causal,
+            kv_heads=kv_heads,
+            dropout=attn_dropout,
+            backend=backend,
+            max_len=max_len,
         )
         if rope:
             if max_len is None:

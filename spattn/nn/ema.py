@@ -81,7 +81,9 @@ class MultiHeadEMA(nn.Module):
             m = padding_mask
             if not isinstance(m, Tensor) or m.dtype != torch.bool or tuple(m.shape) != tuple(x.shape[:2]):
                 got = f"{m.dtype} {tuple(m.shape)}" if isinstance(m, Tensor) else type(m).__name__
-                raise ValueError(f"MultiHeadEMA: padding_mask must be a bool tensor [B, N] = {tuple(x.shape[:2])}, got {got}")
+                raise ValueError(
+                    f"MultiHeadEMA: padding_mask must be a bool tensor [B, N] = {tuple(x.shape[:2])}, got {got}"
+                )
         B, N, D = x.shape
         residual = x * self.omega
         if padding_mask is not None:
@@ -102,9 +104,13 @@ class MultiHeadEMA(nn.Module):
         if self.bidirectional:
             raise ValueError("MultiHeadEMA: a bidirectional EMA has no recurrent (decoding) form")
         check_sequence("MultiHeadEMA", x, self.dim)
-        if state is not None and (not isinstance(state, Tensor) or tuple(state.shape) != (x.shape[0], self.dim, self.ndim)):
+        if state is not None and (
+            not isinstance(state, Tensor) or tuple(state.shape) != (x.shape[0], self.dim, self.ndim)
+        ):
             got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
-            raise ValueError(f"MultiHeadEMA: state must have shape [B, dim, ndim] = {(x.shape[0], self.dim, self.ndim)}, got {got}")
+            raise ValueError(
+                f"MultiHeadEMA: state must have shape [B, dim, ndim] = {(x.shape[0], self.dim, self.ndim)}, got {got}"
+            )
         p, q = self.coefficients()
         pb, q = (p * self.beta).squeeze(-1), q.squeeze(-1)  # [D, n]
         h = x.new_zeros(x.shape[0], self.dim, self.ndim) if state is None else state

@@ -61,12 +61,19 @@ def _look_around(x: Tensor, back: int, ahead: int, fill) -> Tensor:
     pad = [0, 0] * (x.dim() - 2) + [back, ahead]
     padded = F.pad(x, pad, value=fill)
     C = x.shape[1]
-    return torch.cat([padded[:, i:i + C] for i in range(back + 1 + ahead)], dim=2)
+    return torch.cat([padded[:, i : i + C] for i in range(back + 1 + ahead)], dim=2)
 
 
 def local_attention(
-    q: Tensor, k: Tensor, v: Tensor, valid: Tensor, pos: Tensor, bias: nn.Module,
-    window: int, causal: bool, fn: str = "softmax",
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    valid: Tensor,
+    pos: Tensor,
+    bias: nn.Module,
+    window: int,
+    causal: bool,
+    fn: str = "softmax",
 ) -> Tensor:
     """Exact-window attention on a (compressed) sequence.
 

@@ -99,8 +99,19 @@ class RoutingAttention(AttentionLayer):
         if not isinstance(share_qk, bool):
             raise TypeError(f"RoutingAttention: share_qk must be a bool or None, got {share_qk!r}")
         self.dim, self.heads, self.head_dim, self.causal = dim, heads, head_dim, causal
-        self.clusters, self.local_heads, self.window, self.routing_window = clusters, local_heads, window, routing_window
-        self.share_qk, self.causal_safe, self.decay, self.commitment, self.bias = share_qk, causal_safe, decay, commitment, bias
+        self.clusters, self.local_heads, self.window, self.routing_window = (
+            clusters,
+            local_heads,
+            window,
+            routing_window,
+        )
+        self.share_qk, self.causal_safe, self.decay, self.commitment, self.bias = (
+            share_qk,
+            causal_safe,
+            decay,
+            commitment,
+            bias,
+        )
         inner = heads * head_dim
         self.q_proj = nn.Linear(dim, inner, bias=bias)
         self.k_proj = None if share_qk else nn.Linear(dim, inner, bias=bias)
@@ -111,8 +122,14 @@ class RoutingAttention(AttentionLayer):
         self.routing = None
         if routing_heads:
             self.routing = Routing(
-                clusters=clusters, window=routing_window, causal_safe=causal_safe, share_qk=share_qk,
-                decay=decay, commitment=commitment, heads=routing_heads, head_dim=head_dim,
+                clusters=clusters,
+                window=routing_window,
+                causal_safe=causal_safe,
+                share_qk=share_qk,
+                decay=decay,
+                commitment=commitment,
+                heads=routing_heads,
+                head_dim=head_dim,
             )
         self.aux_loss: Tensor = torch.zeros(())
 
@@ -125,8 +142,11 @@ class RoutingAttention(AttentionLayer):
         lh = self.local_heads
         outs = []
         if self.local is not None:
-            outs.append(attention(q[:, :lh], k[:, :lh], v[:, :lh], self.local, causal=self.causal,
-                                  key_padding_mask=key_padding_mask))
+            outs.append(
+                attention(
+                    q[:, :lh], k[:, :lh], v[:, :lh], self.local, causal=self.causal, key_padding_mask=key_padding_mask
+                )
+            )
         self.aux_loss = x.new_zeros(())
         if self.routing is not None:
             qr = layer_norm(q[:, lh:])

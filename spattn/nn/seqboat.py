@@ -80,8 +80,12 @@ class SeqBoat(AttentionLayer):
         int_at_least("seqboat: max_positions", max_positions)
         if attn_fn not in ATTENTION_FUNCTIONS:
             raise ValueError(f"seqboat: attn_fn must be one of {ATTENTION_FUNCTIONS}, got {attn_fn!r}")
-        if isinstance(init_temp_scale, bool) or not isinstance(init_temp_scale, (int, float)) \
-                or not math.isfinite(init_temp_scale) or init_temp_scale <= 0:
+        if (
+            isinstance(init_temp_scale, bool)
+            or not isinstance(init_temp_scale, (int, float))
+            or not math.isfinite(init_temp_scale)
+            or init_temp_scale <= 0
+        ):
             raise ValueError(f"seqboat: init_temp_scale must be a positive finite number, got {init_temp_scale!r}")
         if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"seqboat: dropout must lie in [0, 1), got {dropout!r}")
@@ -123,7 +127,7 @@ class SeqBoat(AttentionLayer):
         zz = z.unsqueeze(-2) * self.gamma + self.beta
         q, k = zz.unbind(-2)
         if self.attn_fn == "softmax":
-            q = q * self.zdim ** -0.5
+            q = q * self.zdim**-0.5
         else:
             q = q / (self.window if self.causal else 2 * self.window)
         h = local_attention(q, k, self.drop(v), valid, pos, self.rel_bias, self.window, self.causal, self.attn_fn)
@@ -132,14 +136,18 @@ class SeqBoat(AttentionLayer):
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """``x [B, N, dim]``, ``key_padding_mask`` bool ``[B, N]`` (True = real) -> ``[B, N, dim]``."""
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"seqboat: x must have shape [B, N, {self.dim}], got "
-                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+            raise ValueError(
+                f"seqboat: x must have shape [B, N, {self.dim}], got "
+                f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
+            )
         B, N, _ = x.shape
         if key_padding_mask is not None:
             if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
                 raise TypeError("seqboat: key_padding_mask must be a bool tensor [B, N] (True = real token)")
             if tuple(key_padding_mask.shape) != (B, N):
-                raise ValueError(f"seqboat: key_padding_mask must have shape {(B, N)}, got {tuple(key_padding_mask.shape)}")
+                raise ValueError(
+                    f"seqboat: key_padding_mask must have shape {(B, N)}, got {tuple(key_padding_mask.shape)}"
+                )
             real = key_padding_mask
         else:
             real = torch.ones(B, N, dtype=torch.bool, device=x.device)

@@ -77,7 +77,11 @@ class SparseQueryAttention(AttentionLayer):
         int_at_least("sqa: head_dim", head_dim)
         fq, fkv = VARIANTS[variant]
         hq = max(1, heads // fq) if query_heads is None else int_at_least("sqa: query_heads", query_heads)
-        hkv = max(1, min(hq, heads // fkv)) if key_value_heads is None else int_at_least("sqa: key_value_heads", key_value_heads)
+        hkv = (
+            max(1, min(hq, heads // fkv))
+            if key_value_heads is None
+            else int_at_least("sqa: key_value_heads", key_value_heads)
+        )
         if hq > heads:
             raise ValueError(f"sqa: query_heads={hq} must be <= heads={heads} (SQA reduces query heads)")
         if hkv > hq or hq % hkv:

@@ -10,8 +10,16 @@ from .biformer import BiFormer
 from .decode import DoubleSparsity, Quest, TidalDecode
 from .flexprefill import FlexPrefill
 from .minference import (  # noqa: F401  (the per-head config tools, re-exported by the deprecated .prefill)
-    CONFIG_FORMAT, MInference, MInferenceBlock, VerticalSlash, attention_mass, default_candidates,
-    load_minference_config, minference_heads_layout, save_minference_config, search_minference_config,
+    CONFIG_FORMAT,
+    MInference,
+    MInferenceBlock,
+    VerticalSlash,
+    attention_mass,
+    default_candidates,
+    load_minference_config,
+    minference_heads_layout,
+    save_minference_config,
+    search_minference_config,
     validate_minference_config,
 )
 from .neighborhood import Neighborhood
@@ -22,9 +30,33 @@ from .topk import BlockMass, BlockTopK, TopK, TopP
 from .xattention import XAttention
 
 __all__ = [
-    "Pattern", "pattern", "Dense", "Window", "DilatedWindow", "GlobalTokens", "BigBird", "Strided", "Fixed",
-    "Axial", "AShape", "Neighborhood", "Routing", "TopK", "TopP", "BlockTopK", "BlockMass", "BiFormer", "VerticalSlash",
-    "MInferenceBlock", "MInference", "XAttention", "FlexPrefill", "SeerGate", "Quest", "DoubleSparsity", "TidalDecode",
+    "Pattern",
+    "pattern",
+    "Dense",
+    "Window",
+    "DilatedWindow",
+    "GlobalTokens",
+    "BigBird",
+    "Strided",
+    "Fixed",
+    "Axial",
+    "AShape",
+    "Neighborhood",
+    "Routing",
+    "TopK",
+    "TopP",
+    "BlockTopK",
+    "BlockMass",
+    "BiFormer",
+    "VerticalSlash",
+    "MInferenceBlock",
+    "MInference",
+    "XAttention",
+    "FlexPrefill",
+    "SeerGate",
+    "Quest",
+    "DoubleSparsity",
+    "TidalDecode",
 ]
 
 

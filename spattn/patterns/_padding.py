@@ -15,8 +15,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["real_tokens", "query_tokens", "zero_padded", "masked_block_mean", "last_real_rows", "last_real_query_probs",
-           "masked_block_extrema"]
+__all__ = [
+    "real_tokens",
+    "query_tokens",
+    "zero_padded",
+    "masked_block_mean",
+    "last_real_rows",
+    "last_real_query_probs",
+    "masked_block_extrema",
+]
+
 
 def real_tokens(owner: str, key_padding_mask: Optional[Tensor], batch: int, n: int, device) -> Optional[Tensor]:
     """Validated ``key_padding_mask`` ``[B, N]`` bool, or None when absent or when every token is real
@@ -27,7 +35,9 @@ def real_tokens(owner: str, key_padding_mask: Optional[Tensor], batch: int, n: i
         what = key_padding_mask.dtype if isinstance(key_padding_mask, Tensor) else type(key_padding_mask).__name__
         raise TypeError(f"{owner}: key_padding_mask must be a bool tensor [B, Nk] (True = real key), got {what}")
     if tuple(key_padding_mask.shape) != (batch, n):
-        raise ValueError(f"{owner}: key_padding_mask must have shape [B, Nk] = {(batch, n)}, got {tuple(key_padding_mask.shape)}")
+        raise ValueError(
+            f"{owner}: key_padding_mask must have shape [B, Nk] = {(batch, n)}, got {tuple(key_padding_mask.shape)}"
+        )
     if key_padding_mask.device != device:
         raise ValueError(f"{owner}: key_padding_mask is on {key_padding_mask.device} but k is on {device}")
     return None if bool(key_padding_mask.all()) else key_padding_mask
@@ -75,8 +85,9 @@ def last_real_rows(real_q: Tensor, rows: int) -> tuple[Tensor, Tensor]:
     return idx, valid
 
 
-def last_real_query_probs(q: Tensor, k: Tensor, last: int, real: Tensor,
-                          scale: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def last_real_query_probs(
+    q: Tensor, k: Tensor, last: int, real: Tensor, scale: Optional[float] = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Causal attention of the last ``last`` *real* queries over the real keys (``real [B, Nk]``), fp32.
 
     The padded form of MInference's / FlexPrefill's last-query estimate: with ``Nq == Nk`` the mask

@@ -53,7 +53,7 @@ def last_query_probs(q: Tensor, k: Tensor, last: int, scale: Optional[float] = N
     nk = k.shape[2]
     rows = min(last, nq)
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    q_last = q[:, :, nq - rows:].float()
+    q_last = q[:, :, nq - rows :].float()
     logits = torch.matmul(q_last * scale, expand_kv(k, hq).float().transpose(-1, -2))
     pos = torch.arange(nk - rows, nk, device=q.device)
     logits.masked_fill_(torch.arange(nk, device=q.device)[None, :] > pos[:, None], float("-inf"))

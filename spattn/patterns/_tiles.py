@@ -19,8 +19,17 @@ from ..selection import TokenSelection
 from .base import causal_mask_mod, check_int
 
 __all__ = [
-    "DEFAULT_BLOCK", "floor_div", "has_multiple", "tile_bounds", "count_progression", "tile_stats_from_segments",
-    "make_layout", "causal_block_maps", "pack_blocks", "block_layout", "selection_layout",
+    "DEFAULT_BLOCK",
+    "floor_div",
+    "has_multiple",
+    "tile_bounds",
+    "count_progression",
+    "tile_stats_from_segments",
+    "make_layout",
+    "causal_block_maps",
+    "pack_blocks",
+    "block_layout",
+    "selection_layout",
 ]
 
 #: tile size of the static patterns
@@ -56,8 +65,9 @@ def count_progression(a: Tensor, b: Tensor, rho: Tensor, m: int) -> Tensor:
     return (floor_div(b - rho, m) - floor_div(a - 1 - rho, m)).clamp(min=0)
 
 
-def tile_stats_from_segments(segments_fn, q_len: int, kv_len: int, block: int, device,
-                             budget: int = 1 << 22) -> tuple[Tensor, Tensor]:
+def tile_stats_from_segments(
+    segments_fn, q_len: int, kv_len: int, block: int, device, budget: int = 1 << 22
+) -> tuple[Tensor, Tensor]:
     """Block/full maps ``[NQB, NKB]`` of a pattern whose keys for aligned query position ``p`` are a
     few *disjoint* arithmetic progressions: ``segments_fn(p [C]) -> (a, b, rho, m)`` with ``a, b,
     rho`` of shape ``[C, S]`` (keys ``x`` in ``[a, b]`` with ``x = rho (mod m)``; ``a > b`` = unused).
@@ -94,8 +104,15 @@ def tile_stats_from_segments(segments_fn, q_len: int, kv_len: int, block: int, d
     return torch.cat(sel), torch.cat(full)
 
 
-def make_layout(block_map: Tensor, full_map: Tensor | None, mask_mod, q_len: int, kv_len: int, block: int,
-                column_map: Tensor | None = None) -> Layout:
+def make_layout(
+    block_map: Tensor,
+    full_map: Tensor | None,
+    mask_mod,
+    q_len: int,
+    kv_len: int,
+    block: int,
+    column_map: Tensor | None = None,
+) -> Layout:
     while block_map.dim() < 4:
         block_map = block_map[None]
     if full_map is not None:
@@ -104,8 +121,13 @@ def make_layout(block_map: Tensor, full_map: Tensor | None, mask_mod, q_len: int
         while column_map.dim() < 4:
             column_map = column_map[None]
     return Layout.from_block_map(
-        block_map, full_map=full_map, mask_mod=mask_mod, column_map=column_map,
-        q_len=q_len, kv_len=kv_len, block_q=block,
+        block_map,
+        full_map=full_map,
+        mask_mod=mask_mod,
+        column_map=column_map,
+        q_len=q_len,
+        kv_len=kv_len,
+        block_q=block,
     )
 
 
@@ -137,8 +159,9 @@ def block_layout(block_map: Tensor, q_len: int, kv_len: int, block: int, causal:
         return Layout(num, idx, q_len=q_len, kv_len=kv_len, block_q=block)
     block_map = block_map & (k0 <= p1)
     num, idx, full = pack_blocks(block_map, block_map & (k1 <= p0))
-    return Layout(num, idx, q_len=q_len, kv_len=kv_len, block_q=block,
-                  mask_mod=causal_mask_mod(q_len, kv_len), full=full)
+    return Layout(
+        num, idx, q_len=q_len, kv_len=kv_len, block_q=block, mask_mod=causal_mask_mod(q_len, kv_len), full=full
+    )
 
 
 def selection_layout(selection: TokenSelection, block: int) -> Layout:

@@ -42,8 +42,15 @@ class Pattern(ABC):
         query ``i`` may see key ``j`` only if ``j <= i + Nk - Nq``.
         """
 
-    def select(self, q: Tensor, k: Tensor, causal: bool = False, *, key_padding_mask: Optional[Tensor] = None,
-               state: Any = None) -> "Layout | TokenSelection | ClusterSelection":
+    def select(
+        self,
+        q: Tensor,
+        k: Tensor,
+        causal: bool = False,
+        *,
+        key_padding_mask: Optional[Tensor] = None,
+        state: Any = None,
+    ) -> "Layout | TokenSelection | ClusterSelection":
         """What a kernel executes: the Layout by default.
 
         One signature for every pattern: ``key_padding_mask [B, Nk]`` (True = real key) and ``state``
@@ -93,8 +100,15 @@ class PaddedPattern(Pattern):
     def layout(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Layout:
         """Layout of ``q [B, H, Nq, D]``, ``k [B, Hkv, Nk, D]``; padded positions never influence it."""
 
-    def select(self, q: Tensor, k: Tensor, causal: bool = False, *, key_padding_mask: Optional[Tensor] = None,
-               state: Any = None) -> Layout:
+    def select(
+        self,
+        q: Tensor,
+        k: Tensor,
+        causal: bool = False,
+        *,
+        key_padding_mask: Optional[Tensor] = None,
+        state: Any = None,
+    ) -> Layout:
         return self.layout(q, k, causal=causal, key_padding_mask=key_padding_mask)
 
 
@@ -112,7 +126,9 @@ def causal_mask_mod(q_len: int, kv_len: int) -> MaskMod:
 def require_causal(owner: str, causal: bool) -> None:
     """Prefill selectors estimated from the last queries are defined for causal attention only."""
     if not causal:
-        raise ValueError(f"{owner} is defined for causal prefill (estimated from the last queries); call it with causal=True")
+        raise ValueError(
+            f"{owner} is defined for causal prefill (estimated from the last queries); call it with causal=True"
+        )
 
 
 def check_qk(q: Tensor, k: Tensor) -> tuple[int, int, int, int, int]:

@@ -45,9 +45,12 @@ def region_tokens(height: int, width: int, regions: int, device=None) -> Tensor:
     return grid.permute(0, 2, 1, 3).reshape(regions * regions, rh * rw)
 
 
-@register("biformer", kind="dynamic",
-          description="Bi-level routing: top-k regions per region from pooled q/k, token attention inside them",
-          paper="Zhu et al. 2023, BiFormer: Vision Transformer with Bi-Level Routing Attention (CVPR)")
+@register(
+    "biformer",
+    kind="dynamic",
+    description="Bi-level routing: top-k regions per region from pooled q/k, token attention inside them",
+    paper="Zhu et al. 2023, BiFormer: Vision Transformer with Bi-Level Routing Attention (CVPR)",
+)
 class BiFormer(Pattern):
     """Bi-level routing attention over an ``H x W`` token grid (see module docstring).
 
@@ -62,8 +65,9 @@ class BiFormer(Pattern):
     name = "biformer"
     content_based = True
 
-    def __init__(self, regions: int = 7, topk: int = 4, grid: Optional[tuple] = None, per_head: bool = False,
-                 block: int = 64):
+    def __init__(
+        self, regions: int = 7, topk: int = 4, grid: Optional[tuple] = None, per_head: bool = False, block: int = 64
+    ):
         check_int("biformer", "regions", regions, 1)
         check_int("biformer", "topk", topk, 1)
         check_int("biformer", "block", block, 1)
@@ -113,7 +117,9 @@ class BiFormer(Pattern):
             kr = k.detach().to(sdt)[:, :, members].mean(3)  # [B, Hkv, S², D]
         else:
             count = real[:, members].sum(-1).to(sdt)  # [B, S²] real tokens per region
-            mean = lambda x: zero_padded(x.detach().to(sdt), real)[:, :, members].sum(3) / count.clamp(min=1)[:, None, :, None]
+            mean = lambda x: (
+                zero_padded(x.detach().to(sdt), real)[:, :, members].sum(3) / count.clamp(min=1)[:, None, :, None]
+            )
             qr, kr = mean(q), mean(k)
         group = hq // hkv
         affinity = torch.matmul(qr.view(batch, hkv, group, *qr.shape[2:]), kr.transpose(-1, -2).unsqueeze(2))
@@ -125,8 +131,9 @@ class BiFormer(Pattern):
         order = torch.sort(affinity, dim=-1, descending=True, stable=True).indices
         return order[..., : self.topk]
 
-    def select(self, q: Tensor, k: Tensor, causal: bool = False, *, key_padding_mask: Optional[Tensor] = None,
-               state=None) -> TokenSelection:
+    def select(
+        self, q: Tensor, k: Tensor, causal: bool = False, *, key_padding_mask: Optional[Tensor] = None, state=None
+    ) -> TokenSelection:
         if causal:
             raise ValueError("biformer: bi-level routing is defined for non-causal attention over a 2-D grid")
         _, _, _, nq, nk = check_qk(q, k)
@@ -135,7 +142,9 @@ class BiFormer(Pattern):
         height, width = self._grid_for(nq)
         members = region_tokens(height, width, self.regions, q.device)  # [S², w²]
         region_of = torch.empty(nq, dtype=torch.long, device=q.device)
-        region_of[members.reshape(-1)] = torch.arange(members.shape[0], device=q.device).repeat_interleave(members.shape[1])
+        region_of[members.reshape(-1)] = torch.arange(members.shape[0], device=q.device).repeat_interleave(
+            members.shape[1]
+        )
         routed = self.routed_regions(q, k, key_padding_mask)[:, :, region_of]  # [B, H', N, topk]
         indices = members[routed].flatten(3)  # [B, H', N, topk * w²]
         return TokenSelection(indices, nq, nk)

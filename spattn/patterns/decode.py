@@ -124,8 +124,10 @@ def _store_and_layer(owner: str, state: Any) -> tuple[Optional[SelectorState], A
         return state.store, state.layer
     if isinstance(state, SelectorState):
         return state, None
-    raise TypeError(f"{owner}: state must be a spattn.kvcache.LayerState (state.at(layer)), a SelectorState or None, "
-                    f"got {type(state).__name__}")
+    raise TypeError(
+        f"{owner}: state must be a spattn.kvcache.LayerState (state.at(layer)), a SelectorState or None, "
+        f"got {type(state).__name__}"
+    )
 
 
 def _topk_tokens(scores: Tensor, count: int) -> Tensor:
@@ -142,13 +144,27 @@ class _DecodeSelector(Pattern):
     content_based = True
     decode_time = True
 
-    def _plan(self, q: Tensor, k: Tensor, causal: bool, store: Optional[SelectorState], layer: Any,
-              key_padding_mask: Optional[Tensor]) -> Optional[Union[TokenSelection, PageSelection]]:
+    def _plan(
+        self,
+        q: Tensor,
+        k: Tensor,
+        causal: bool,
+        store: Optional[SelectorState],
+        layer: Any,
+        key_padding_mask: Optional[Tensor],
+    ) -> Optional[Union[TokenSelection, PageSelection]]:
         """The selection, or None where plain dense attention is exact."""
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def select(self, q: Tensor, k: Tensor, causal: bool = False, *, key_padding_mask: Optional[Tensor] = None,
-               state: Union[None, LayerState, SelectorState] = None) -> Union[TokenSelection, PageSelection]:
+    def select(
+        self,
+        q: Tensor,
+        k: Tensor,
+        causal: bool = False,
+        *,
+        key_padding_mask: Optional[Tensor] = None,
+        state: Union[None, LayerState, SelectorState] = None,
+    ) -> Union[TokenSelection, PageSelection]:
         """The keys each query attends to: Quest's pages or the others' token indices ``[B, Hq, Nq, K]``
         (:class:`AllKeys`, broadcast ``[1, 1, Nq, Nk]``, when the budget covers the cache).
         ``key_padding_mask [B, Nk]`` (True = real key): padded keys are never selected.
@@ -158,18 +174,35 @@ class _DecodeSelector(Pattern):
         sel = self._plan(q, k, causal, store, layer, key_padding_mask)
         return _all_keys(q, k, causal) if sel is None else sel
 
-    def plan(self, q: Tensor, k: Tensor, causal: bool = False, *, state: Optional[SelectorState] = None,
-             layer: Any = None, key_padding_mask: Optional[Tensor] = None
-             ) -> Optional[Union[TokenSelection, PageSelection]]:
+    def plan(
+        self,
+        q: Tensor,
+        k: Tensor,
+        causal: bool = False,
+        *,
+        state: Optional[SelectorState] = None,
+        layer: Any = None,
+        key_padding_mask: Optional[Tensor] = None,
+    ) -> Optional[Union[TokenSelection, PageSelection]]:
         """Deprecated: ``select(q, k, causal, key_padding_mask=..., state=state.at(layer))``, with None
         where that returns every visible key (:class:`AllKeys`)."""
-        warnings.warn(f"{type(self).__name__}.plan(..., state=, layer=) is deprecated; use "
-                      "select(q, k, causal, state=state.at(layer)) (every_visible_key marks a dense answer)",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"{type(self).__name__}.plan(..., state=, layer=) is deprecated; use "
+            "select(q, k, causal, state=state.at(layer)) (every_visible_key marks a dense answer)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         if state is not None and not isinstance(state, SelectorState):
-            raise TypeError(f"{self.name}: state must be a spattn.kvcache.SelectorState or None, got {type(state).__name__}")
-        sel = self.select(q, k, causal, key_padding_mask=key_padding_mask,
-                          state=None if state is None and layer is None else LayerState(state, layer))
+            raise TypeError(
+                f"{self.name}: state must be a spattn.kvcache.SelectorState or None, got {type(state).__name__}"
+            )
+        sel = self.select(
+            q,
+            k,
+            causal,
+            key_padding_mask=key_padding_mask,
+            state=None if state is None and layer is None else LayerState(state, layer),
+        )
         return None if isinstance(sel, AllKeys) else sel
 
     def layout(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Layout:
@@ -184,7 +217,9 @@ class _DecodeSelector(Pattern):
         if not isinstance(causal, bool):
             raise TypeError(f"{owner}: causal must be a bool, got {type(causal).__name__}")
         if state is not None and not isinstance(state, SelectorState):
-            raise TypeError(f"{owner}: state must be a spattn.kvcache.SelectorState or None, got {type(state).__name__}")
+            raise TypeError(
+                f"{owner}: state must be a spattn.kvcache.SelectorState or None, got {type(state).__name__}"
+            )
         if causal and dims[3] > dims[4]:
             raise ValueError(f"{owner}: causal decoding needs Nq <= Nk, got Nq={dims[3]}, Nk={dims[4]}")
         return dims
@@ -207,9 +242,12 @@ def quest_page_bounds(q: Tensor, kmax: Tensor, kmin: Optional[Tensor] = None) ->
     return torch.matmul(split, packed.to(dt).transpose(-1, -2)).reshape(b, hq, nq, pages)
 
 
-@register("quest", kind="dynamic",
-          description="Quest decode selection: pages of keys bounded by elementwise max/min, top pages by the q.k upper bound",
-          paper="Tang et al. 2024, Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference (ICML)")
+@register(
+    "quest",
+    kind="dynamic",
+    description="Quest decode selection: pages of keys bounded by elementwise max/min, top pages by the q.k upper bound",
+    paper="Tang et al. 2024, Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference (ICML)",
+)
 class Quest(_DecodeSelector):
     """Quest page selection (Tang et al., ICML 2024).
 
@@ -241,8 +279,14 @@ class Quest(_DecodeSelector):
 
     name = "quest"
 
-    def __init__(self, page: int = 16, budget: Union[int, float] = 1024, min_pages: int = 3, group_pages: bool = False,
-                 rule: str = "kernel"):
+    def __init__(
+        self,
+        page: int = 16,
+        budget: Union[int, float] = 1024,
+        min_pages: int = 3,
+        group_pages: bool = False,
+        rule: str = "kernel",
+    ):
         check_int("quest", "page", page, minimum=1)
         check_budget("quest", budget)
         check_int("quest", "min_pages", min_pages, minimum=1)
@@ -265,8 +309,14 @@ class Quest(_DecodeSelector):
             return PageSummary(self.page).update(k)
         return state.layer(layer).setdefault(f"quest_pages_{self.page}", PageSummary(self.page)).update(k)
 
-    def page_scores(self, q: Tensor, k: Tensor, causal: bool = False, summary: Optional[PageSummary] = None,
-                    key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    def page_scores(
+        self,
+        q: Tensor,
+        k: Tensor,
+        causal: bool = False,
+        summary: Optional[PageSummary] = None,
+        key_padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
         """Page bounds with the selection rule's masks: ``[B, Hq, Nq, P]``, ``+inf`` for each query's own
         page (rule ``"kernel"``), ``-inf`` for pages it may not see or without a real key."""
         nq, nk = q.shape[2], k.shape[2]
@@ -320,9 +370,12 @@ def _q_at_channels(q: Tensor, channels: Tensor) -> Tensor:
     return torch.gather(q, 3, channels.to(q.device)[None, :, None, :].expand(b, hq, nq, channels.shape[1]))
 
 
-@register("double_sparsity", kind="dynamic",
-          description="Double Sparsity decode selection: approximate scores on calibrated outlier channels, top tokens",
-          paper="Yang et al. 2024, Post-Training Sparse Attention with Double Sparsity (arXiv 2408.07092)")
+@register(
+    "double_sparsity",
+    kind="dynamic",
+    description="Double Sparsity decode selection: approximate scores on calibrated outlier channels, top tokens",
+    paper="Yang et al. 2024, Post-Training Sparse Attention with Double Sparsity (arXiv 2408.07092)",
+)
 class DoubleSparsity(_DecodeSelector):
     """Double Sparsity token selection (Yang et al. 2024).
 
@@ -348,8 +401,14 @@ class DoubleSparsity(_DecodeSelector):
 
     name = "double_sparsity"
 
-    def __init__(self, channels: int = 16, budget: Union[int, float] = 256, calibration: Optional[str] = None,
-                 group_tokens: bool = False, label_dtype: Optional[str] = None):
+    def __init__(
+        self,
+        channels: int = 16,
+        budget: Union[int, float] = 256,
+        calibration: Optional[str] = None,
+        group_tokens: bool = False,
+        label_dtype: Optional[str] = None,
+    ):
         check_int("double_sparsity", "channels", channels, minimum=1)
         check_budget("double_sparsity", budget)
         if calibration is not None and not isinstance(calibration, (str, os.PathLike)):
@@ -357,7 +416,9 @@ class DoubleSparsity(_DecodeSelector):
         if not isinstance(group_tokens, bool):
             raise TypeError(f"double_sparsity: group_tokens must be a bool, got {group_tokens!r}")
         if label_dtype not in _LABEL_DTYPES:
-            raise ValueError(f"double_sparsity: label_dtype must be one of {sorted(_LABEL_DTYPES, key=str)}, got {label_dtype!r}")
+            raise ValueError(
+                f"double_sparsity: label_dtype must be one of {sorted(_LABEL_DTYPES, key=str)}, got {label_dtype!r}"
+            )
         self.channels, self.budget, self.calibration = channels, budget, calibration
         self.group_tokens, self.label_dtype = group_tokens, label_dtype
         self._sums: dict[Any, Tensor] = {}
@@ -383,7 +444,7 @@ class DoubleSparsity(_DecodeSelector):
             raise ValueError(f"double_sparsity: query heads ({hq}) must be a multiple of kv heads ({hkv})")
         if nq > nk:
             raise ValueError(f"double_sparsity.calibrate: needs Nq <= Nk, got Nq={nq}, Nk={nk}")
-        k_same = k[:, :, nk - nq:].to(torch.float64).repeat_interleave(hq // hkv, dim=1)
+        k_same = k[:, :, nk - nq :].to(torch.float64).repeat_interleave(hq // hkv, dim=1)
         stat = (q.to(torch.float64) * k_same).abs().sum(dim=(0, 2))  # [Hq, D]
         if layer in self._sums:
             if self._sums[layer].shape != stat.shape:
@@ -413,7 +474,9 @@ class DoubleSparsity(_DecodeSelector):
         if key not in self._channel_maps:  # decoding asks once per layer and step
             imp = self.importance(layer)
             if imp.shape[0] % group:
-                raise ValueError(f"double_sparsity: {imp.shape[0]} calibrated query heads do not form groups of {group}")
+                raise ValueError(
+                    f"double_sparsity: {imp.shape[0]} calibrated query heads do not form groups of {group}"
+                )
             imp = imp.view(imp.shape[0] // group, group, imp.shape[1]).sum(1)
             if self.channels > imp.shape[1]:
                 raise ValueError(f"double_sparsity: channels={self.channels} exceeds the head dim {imp.shape[1]}")
@@ -431,12 +494,15 @@ class DoubleSparsity(_DecodeSelector):
                 "double_sparsity: not calibrated; call .calibrate(q, k, layer=...) on calibration data "
                 "(spattn.integrations.hf.calibrate_double_sparsity for a transformers model) or pass calibration=path"
             )
-        raise ValueError(f"double_sparsity: no calibration for layer {layer!r}; calibrated: {sorted(map(str, self._sums))}")
+        raise ValueError(
+            f"double_sparsity: no calibration for layer {layer!r}; calibrated: {sorted(map(str, self._sums))}"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "layers": [
-                {"layer": layer, "sum": self._sums[layer].tolist(), "count": self._counts[layer]} for layer in self._sums
+                {"layer": layer, "sum": self._sums[layer].tolist(), "count": self._counts[layer]}
+                for layer in self._sums
             ]
         }
 
@@ -448,8 +514,10 @@ class DoubleSparsity(_DecodeSelector):
         sums, counts = {}, {}
         for i, entry in enumerate(state["layers"]):
             if not isinstance(entry, dict) or not {"layer", "sum", "count"} <= set(entry):
-                raise ValueError(f"double_sparsity: layers[{i}] must be a dict with 'layer', 'sum' and 'count'; "
-                                 f"a calibration state is {form}")
+                raise ValueError(
+                    f"double_sparsity: layers[{i}] must be a dict with 'layer', 'sum' and 'count'; "
+                    f"a calibration state is {form}"
+                )
             layer, count = entry["layer"], entry["count"]
             if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
                 raise ValueError(f"double_sparsity: layers[{i}].layer must be an int or null, got {layer!r}")
@@ -461,10 +529,17 @@ class DoubleSparsity(_DecodeSelector):
                 total = torch.tensor(entry["sum"], dtype=torch.float64)
             except (TypeError, ValueError, RuntimeError):
                 total = None
-            if total is None or total.dim() != 2 or 0 in total.shape or not bool(torch.isfinite(total).all()) \
-                    or bool((total < 0).any()):
-                raise ValueError(f"double_sparsity: layers[{i}].sum must be a non-empty [Hq, D] list of lists of "
-                                 "finite numbers >= 0 (sums of |q k|)")
+            if (
+                total is None
+                or total.dim() != 2
+                or 0 in total.shape
+                or not bool(torch.isfinite(total).all())
+                or bool((total < 0).any())
+            ):
+                raise ValueError(
+                    f"double_sparsity: layers[{i}].sum must be a non-empty [Hq, D] list of lists of "
+                    "finite numbers >= 0 (sums of |q k|)"
+                )
             sums[layer], counts[layer] = total, count
         self._sums, self._counts = sums, counts
         self._channel_maps.clear()
@@ -501,8 +576,11 @@ class DoubleSparsity(_DecodeSelector):
         else:
             slot = state.layer(layer)
             cache_labels = slot.get("ds_labels")
-            if cache_labels is None or cache_labels.dtype != _LABEL_DTYPES[self.label_dtype] or (
-                    cache_labels.channels is not channels and not torch.equal(cache_labels.channels, channels)):
+            if (
+                cache_labels is None
+                or cache_labels.dtype != _LABEL_DTYPES[self.label_dtype]
+                or (cache_labels.channels is not channels and not torch.equal(cache_labels.channels, channels))
+            ):
                 cache_labels = slot["ds_labels"] = LabelCache(channels, _LABEL_DTYPES[self.label_dtype])
             cache_labels.update(k)
         if group > 1 and nq == 1 and real is None:
@@ -534,8 +612,14 @@ class DoubleSparsity(_DecodeSelector):
 
 def _group_token_pages(indices: Tensor, group: int, kv_len: int, causal: bool) -> PageSelection:
     """Token positions per kv head ``[B, Hkv, Nq, K]`` as one-token pages shared by each group's query heads."""
-    return PageSelection(indices.repeat_interleave(group, dim=1), 1, q_len=indices.shape[2], kv_len=kv_len,
-                         causal=causal, shared_by=group)
+    return PageSelection(
+        indices.repeat_interleave(group, dim=1),
+        1,
+        q_len=indices.shape[2],
+        kv_len=kv_len,
+        causal=causal,
+        shared_by=group,
+    )
 
 
 def _group_topk_compiled(q: Tensor, cache: LabelCache, channels: Tensor, count: int) -> Optional[Tensor]:
@@ -562,14 +646,21 @@ def _read_calibration(path) -> dict:
     except json.JSONDecodeError as err:
         raise ValueError(f"double_sparsity: calibration file {os.fspath(path)!r} is not valid JSON: {err}") from None
     except UnicodeDecodeError as err:
-        raise ValueError(f"double_sparsity: calibration file {os.fspath(path)!r} is not UTF-8 JSON ({err.reason})") from None
+        raise ValueError(
+            f"double_sparsity: calibration file {os.fspath(path)!r} is not UTF-8 JSON ({err.reason})"
+        ) from None
     except OSError as err:
-        raise ValueError(f"double_sparsity: calibration file {os.fspath(path)!r} cannot be read: {err.strerror}") from None
+        raise ValueError(
+            f"double_sparsity: calibration file {os.fspath(path)!r} cannot be read: {err.strerror}"
+        ) from None
 
 
-@register("tidal", kind="dynamic",
-          description="TidalDecode: full attention at a few selection layers picks positions reused by following layers",
-          paper="Yang et al. 2025, TidalDecode: Fast and Accurate LLM Decoding with Position Persistent Sparse Attention (ICLR)")
+@register(
+    "tidal",
+    kind="dynamic",
+    description="TidalDecode: full attention at a few selection layers picks positions reused by following layers",
+    paper="Yang et al. 2025, TidalDecode: Fast and Accurate LLM Decoding with Position Persistent Sparse Attention (ICLR)",
+)
 class TidalDecode(_DecodeSelector):
     """TidalDecode position-persistent sparse attention (Yang et al., ICLR 2025).
 
@@ -599,7 +690,9 @@ class TidalDecode(_DecodeSelector):
             raise ValueError(f"tidal: select_layers must be strictly increasing, got {tuple(select_layers)}")
         self.budget, self.select_layers = budget, tuple(select_layers)
 
-    def top_positions(self, q: Tensor, k: Tensor, causal: bool, count: int, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    def top_positions(
+        self, q: Tensor, k: Tensor, causal: bool, count: int, key_padding_mask: Optional[Tensor] = None
+    ) -> Tensor:
         """``[B, Hq, Nq, count]`` top keys by the exact scores ``q . k`` (masked before top-k; padded
         keys, ``key_padding_mask [B, Nk]`` False, are never selected)."""
         b, hq, nq, _ = q.shape

@@ -63,9 +63,17 @@ def slash_block_sums(slash: Tensor, block: int, align: str = "end") -> Tensor:
     return by_key.view(*slash.shape[:-1], nkb, block).sum(-1).flip(-1)
 
 
-def flexprefill_estimate(q: Tensor, k: Tensor, gamma: float, tau: float, block: int,
-                         min_blocks: int, max_blocks: Optional[int], slash_align: str = "end",
-                         key_padding_mask: Optional[Tensor] = None) -> dict[str, Tensor]:
+def flexprefill_estimate(
+    q: Tensor,
+    k: Tensor,
+    gamma: float,
+    tau: float,
+    block: int,
+    min_blocks: int,
+    max_blocks: Optional[int],
+    slash_align: str = "end",
+    key_padding_mask: Optional[Tensor] = None,
+) -> dict[str, Tensor]:
     """Everything FlexPrefill decides, per (batch, query head).
 
     Returns a dict with ``vertical [B,H,Nk]`` (mean attention of the last block's queries per key),
@@ -89,7 +97,7 @@ def flexprefill_estimate(q: Tensor, k: Tensor, gamma: float, tau: float, block: 
         vertical = probs.mean(-2)
         slash = diagonal_sums(probs, pos) / rows
         k_pool = pool_mean(expand_kv(k, hq).float(), block)  # [B,H,NKB,D]
-        q_mean = q[:, :, nq - rows:].float().mean(2, keepdim=True) * scale
+        q_mean = q[:, :, nq - rows :].float().mean(2, keepdim=True) * scale
     else:
         real_q = query_tokens(real, nq, nk)
         probs, pos, valid, idx = last_real_query_probs(q, k, block, real)
@@ -129,8 +137,10 @@ def flexprefill_estimate(q: Tensor, k: Tensor, gamma: float, tau: float, block: 
     nqb = p0.shape[0]
     delta = torch.div(p1, block, rounding_mode="floor") - torch.div(k0, block, rounding_mode="floor")  # [NQB,NKB]
     in_range = delta >= 0
-    blocks = v_sel[:, :, None, :] | (torch.gather(s_sel, -1, delta.clamp(min=0).view(1, 1, -1).expand(bsz, hq, -1))
-                                      .view(bsz, hq, nqb, nkb) & in_range)
+    blocks = v_sel[:, :, None, :] | (
+        torch.gather(s_sel, -1, delta.clamp(min=0).view(1, 1, -1).expand(bsz, hq, -1)).view(bsz, hq, nqb, nkb)
+        & in_range
+    )
     blocks = blocks | ((k0 <= p1) & (k1 >= p0))  # the query block's own (diagonal) key blocks
 
     # query-aware heads add the fewest pooled blocks covering γ·NQB of the block-causal softmax
@@ -147,13 +157,26 @@ def flexprefill_estimate(q: Tensor, k: Tensor, gamma: float, tau: float, block: 
         take = torch.cumsum(vals, -1) <= gamma * nqb
         aware = torch.zeros_like(take).scatter_(-1, order, take).view(bsz, hq, nqb, nkb)
         blocks = blocks | (aware & query_aware[..., None, None])
-    return dict(vertical=vertical, slash=slash, vertical_blocks=v_blocks, slash_blocks=s_blocks, pooled=pooled,
-                divergence=divergence, query_aware=query_aware, n_vertical=n_v, n_slash=n_s, blocks=blocks)
+    return dict(
+        vertical=vertical,
+        slash=slash,
+        vertical_blocks=v_blocks,
+        slash_blocks=s_blocks,
+        pooled=pooled,
+        divergence=divergence,
+        query_aware=query_aware,
+        n_vertical=n_v,
+        n_slash=n_s,
+        blocks=blocks,
+    )
 
 
-@register("flexprefill", kind="dynamic",
-          description="FlexPrefill: per-head JSD test between query-aware blocks and vertical-slash, mass gamma",
-          paper="Lai et al. 2025, FlexPrefill (ICLR 2025)")
+@register(
+    "flexprefill",
+    kind="dynamic",
+    description="FlexPrefill: per-head JSD test between query-aware blocks and vertical-slash, mass gamma",
+    paper="Lai et al. 2025, FlexPrefill (ICLR 2025)",
+)
 class FlexPrefill(PaddedPattern):
     """FlexPrefill (Lai et al. 2025), per (batch, query head):
 
@@ -178,8 +201,15 @@ class FlexPrefill(PaddedPattern):
     name = "flexprefill"
     content_based = True
 
-    def __init__(self, gamma: float = 0.9, tau: float = 0.1, block: int = 128, min_budget: Optional[int] = None,
-                 max_budget: Optional[int] = None, slash_align: str = "end"):
+    def __init__(
+        self,
+        gamma: float = 0.9,
+        tau: float = 0.1,
+        block: int = 128,
+        min_budget: Optional[int] = None,
+        max_budget: Optional[int] = None,
+        slash_align: str = "end",
+    ):
         check_float("flexprefill", "gamma", gamma, 0.0, 1.0, low_open=True)
         check_float("flexprefill", "tau", tau, 0.0, math.inf)
         check_int("flexprefill", "block", block, 1)

@@ -33,10 +33,21 @@ from ._tiles import block_layout, pack_blocks, tile_bounds
 from .base import PaddedPattern, causal_mask_mod, check_float, check_int, check_qk, require_causal
 
 __all__ = [
-    "VerticalSlash", "MInferenceBlock", "MInference",
-    "vertical_slash_scores", "select_vertical_slash", "select_pooled_topk", "prefill_layout",
-    "minference_heads_layout", "attention_mass", "default_candidates", "search_minference_config",
-    "save_minference_config", "load_minference_config", "validate_minference_config", "CONFIG_FORMAT",
+    "VerticalSlash",
+    "MInferenceBlock",
+    "MInference",
+    "vertical_slash_scores",
+    "select_vertical_slash",
+    "select_pooled_topk",
+    "prefill_layout",
+    "minference_heads_layout",
+    "attention_mass",
+    "default_candidates",
+    "search_minference_config",
+    "save_minference_config",
+    "load_minference_config",
+    "validate_minference_config",
+    "CONFIG_FORMAT",
 ]
 
 
@@ -44,9 +55,16 @@ __all__ = [
 # estimation and layouts
 
 
-def prefill_layout(q_len: int, kv_len: int, block: int, *, vertical: Optional[Tensor] = None,
-                   slash: Optional[Tensor] = None, blocks: Optional[Tensor] = None,
-                   whole_slash_tiles: bool = False) -> Layout:
+def prefill_layout(
+    q_len: int,
+    kv_len: int,
+    block: int,
+    *,
+    vertical: Optional[Tensor] = None,
+    slash: Optional[Tensor] = None,
+    blocks: Optional[Tensor] = None,
+    whole_slash_tiles: bool = False,
+) -> Layout:
     """Causal Layout of the union of vertical lines, slash lines and whole tiles.
 
     ``vertical [B, H, Nk]`` bool (key positions), ``slash [B, H, Nk]`` bool (offsets ``d = i' - j``),
@@ -88,14 +106,25 @@ def prefill_layout(q_len: int, kv_len: int, block: int, *, vertical: Optional[Te
         valid = torch.arange(cols.shape[-1], device=dev) < count[..., None]
         keyed = torch.where(valid, cols, kv_len)
         # a query block sees the verticals up to its last aligned position
-        col_num = torch.searchsorted(keyed.contiguous(), p1.view(1, 1, -1).expand(bsz, heads, -1).contiguous(), right=True)
+        col_num = torch.searchsorted(
+            keyed.contiguous(), p1.view(1, 1, -1).expand(bsz, heads, -1).contiguous(), right=True
+        )
         col_idx = cols[:, :, None, :].expand(bsz, heads, nqb, cols.shape[-1])
 
     # Without exact slash lines, every selected tile is whole (causal inside) and every column a
     # selected vertical: causality is the whole predicate.
     if slash is None or whole_slash_tiles or not bool(slash.any()):
-        return Layout(num, idx, q_len=q_len, kv_len=kv_len, block_q=block, mask_mod=causal_mask_mod(q_len, kv_len),
-                      full=full, col_num=col_num, col_indices=col_idx)
+        return Layout(
+            num,
+            idx,
+            q_len=q_len,
+            kv_len=kv_len,
+            block_q=block,
+            mask_mod=causal_mask_mod(q_len, kv_len),
+            full=full,
+            col_num=col_num,
+            col_indices=col_idx,
+        )
 
     vert_t = vertical if vertical is not None else torch.zeros(bsz, heads, kv_len, dtype=torch.bool, device=dev)
 
@@ -106,12 +135,22 @@ def prefill_layout(q_len: int, kv_len: int, block: int, *, vertical: Optional[Te
             hit = hit | blocks[b, h, q_idx // block, kv_idx // block]
         return (d >= 0) & hit
 
-    return Layout(num, idx, q_len=q_len, kv_len=kv_len, block_q=block, mask_mod=prefill_mask,
-                  full=full, col_num=col_num, col_indices=col_idx)
+    return Layout(
+        num,
+        idx,
+        q_len=q_len,
+        kv_len=kv_len,
+        block_q=block,
+        mask_mod=prefill_mask,
+        full=full,
+        col_num=col_num,
+        col_indices=col_idx,
+    )
 
 
-def vertical_slash_scores(q: Tensor, k: Tensor, last_q: int = 64,
-                          key_padding_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def vertical_slash_scores(
+    q: Tensor, k: Tensor, last_q: int = 64, key_padding_mask: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
     """MInference's estimate: column sums and diagonal sums of the last queries' attention.
 
     Returns ``(vertical [B, Hq, Nk], slash [B, Hq, Nk])``; ``slash[..., d]`` sums offset ``d``.
@@ -125,8 +164,17 @@ def vertical_slash_scores(q: Tensor, k: Tensor, last_q: int = 64,
     return probs.sum(-2), diagonal_sums(probs, pos)
 
 
-def select_vertical_slash(q: Tensor, k: Tensor, vertical, slash, *, last_q: int = 64, sinks: int = 30,
-                          local: int = 100, key_padding_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def select_vertical_slash(
+    q: Tensor,
+    k: Tensor,
+    vertical,
+    slash,
+    *,
+    last_q: int = 64,
+    sinks: int = 30,
+    local: int = 100,
+    key_padding_mask: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
     """Top ``vertical`` columns and top ``slash`` offsets per head (bool ``[B, Hq, Nk]`` each).
 
     The first ``sinks`` columns and the ``local`` nearest offsets are forced in (they rank first,
@@ -145,8 +193,9 @@ def select_vertical_slash(q: Tensor, k: Tensor, vertical, slash, *, last_q: int 
     return rank_select(v_score, vcount), rank_select(s_score, scount)
 
 
-def select_pooled_topk(q: Tensor, k: Tensor, topk, block: int, causal: bool,
-                       key_padding_mask: Optional[Tensor] = None) -> Tensor:
+def select_pooled_topk(
+    q: Tensor, k: Tensor, topk, block: int, causal: bool, key_padding_mask: Optional[Tensor] = None
+) -> Tensor:
     """MInference block-sparse selection: top-``topk`` key blocks per query block by mean-pooled
     ``q̄ k̄ᵀ`` among the causally visible ones. bool ``[B, Hq, NQB, NKB]``; ``topk`` int or ``[Hq]``.
     With ``key_padding_mask [B, Nk]`` blocks pool their real tokens and key blocks without one are never kept."""
@@ -174,9 +223,12 @@ def select_pooled_topk(q: Tensor, k: Tensor, topk, block: int, causal: bool,
 # patterns
 
 
-@register("vertical_slash", kind="dynamic",
-          description="MInference vertical-slash: top columns + top diagonals estimated from the last queries",
-          paper="Jiang et al. 2024, MInference 1.0 (NeurIPS 2024)")
+@register(
+    "vertical_slash",
+    kind="dynamic",
+    description="MInference vertical-slash: top columns + top diagonals estimated from the last queries",
+    paper="Jiang et al. 2024, MInference 1.0 (NeurIPS 2024)",
+)
 class VerticalSlash(PaddedPattern):
     """MInference's vertical-slash head pattern (Jiang et al. 2024, §3.2; official
     ``gather_last_q_vertical_slash_topk_v4``).
@@ -195,10 +247,24 @@ class VerticalSlash(PaddedPattern):
     name = "vertical_slash"
     content_based = True
 
-    def __init__(self, vertical: int = 1000, slash: int = 6096, last_q: int = 64, sinks: int = 30,
-                 local: int = 100, block: int = 64, whole_tiles: bool = False):
-        for pname, val, low in (("vertical", vertical, 1), ("slash", slash, 1), ("last_q", last_q, 1),
-                                ("sinks", sinks, 0), ("local", local, 0), ("block", block, 1)):
+    def __init__(
+        self,
+        vertical: int = 1000,
+        slash: int = 6096,
+        last_q: int = 64,
+        sinks: int = 30,
+        local: int = 100,
+        block: int = 64,
+        whole_tiles: bool = False,
+    ):
+        for pname, val, low in (
+            ("vertical", vertical, 1),
+            ("slash", slash, 1),
+            ("last_q", last_q, 1),
+            ("sinks", sinks, 0),
+            ("local", local, 0),
+            ("block", block, 1),
+        ):
             check_int("vertical_slash", pname, val, low)
         if not isinstance(whole_tiles, bool):
             raise TypeError(f"vertical_slash: whole_tiles must be a bool, got {whole_tiles!r}")
@@ -210,15 +276,24 @@ class VerticalSlash(PaddedPattern):
         require_causal("vertical_slash", causal)
         with torch.no_grad():
             vert, sl = select_vertical_slash(
-                q, k, max(self.vertical, 30), max(self.slash, 50), last_q=self.last_q,
-                sinks=self.sinks, local=self.local, key_padding_mask=key_padding_mask,
+                q,
+                k,
+                max(self.vertical, 30),
+                max(self.slash, 50),
+                last_q=self.last_q,
+                sinks=self.sinks,
+                local=self.local,
+                key_padding_mask=key_padding_mask,
             )
             return prefill_layout(nq, nk, self.block, vertical=vert, slash=sl, whole_slash_tiles=self.whole_tiles)
 
 
-@register("minference_block", kind="dynamic",
-          description="MInference block-sparse: top-k key blocks per query block by mean-pooled q/k scores",
-          paper="Jiang et al. 2024, MInference 1.0 (NeurIPS 2024)")
+@register(
+    "minference_block",
+    kind="dynamic",
+    description="MInference block-sparse: top-k key blocks per query block by mean-pooled q/k scores",
+    paper="Jiang et al. 2024, MInference 1.0 (NeurIPS 2024)",
+)
 class MInferenceBlock(PaddedPattern):
     """MInference's block-sparse head pattern (official ``_build_block_index``): q and k are
     mean-pooled in blocks of ``block`` tokens, ``q̄ k̄ᵀ`` is masked block-causally and each query
@@ -259,8 +334,15 @@ HEAD_PATTERNS = {
 # per-head layouts
 
 
-def minference_heads_layout(q: Tensor, k: Tensor, heads: Sequence[dict], *, block: int = 64,
-                            last_q: int = 64, key_padding_mask: Optional[Tensor] = None) -> Layout:
+def minference_heads_layout(
+    q: Tensor,
+    k: Tensor,
+    heads: Sequence[dict],
+    *,
+    block: int = 64,
+    last_q: int = 64,
+    key_padding_mask: Optional[Tensor] = None,
+) -> Layout:
     """Causal Layout where query head ``h`` follows ``heads[h]`` (one dict per query head).
 
     * ``{"pattern": "a_shape", "sinks": s, "local": w}``: ``j < s`` or ``i' - j < w`` (StreamingLLM);
@@ -291,8 +373,9 @@ def minference_heads_layout(q: Tensor, k: Tensor, heads: Sequence[dict], *, bloc
             vertical |= v_sel
             slash |= s_sel
         if "block_sparse" in kind:
-            blocks = select_pooled_topk(q, k, param("k", "block_sparse"), block, causal=True,
-                                        key_padding_mask=key_padding_mask)
+            blocks = select_pooled_topk(
+                q, k, param("k", "block_sparse"), block, causal=True, key_padding_mask=key_padding_mask
+            )
     return prefill_layout(nq, nk, block, vertical=vertical, slash=slash, blocks=blocks)
 
 
@@ -311,7 +394,7 @@ def attention_mass(q: Tensor, k: Tensor, layout: Layout, chunk: int = 256) -> Te
     kv_idx = torch.arange(nk, device=q.device).view(1, 1, 1, -1)
     for r0 in range(0, nq, chunk):
         rows = torch.arange(r0, min(r0 + chunk, nq), device=q.device).view(1, 1, -1, 1)
-        logits = torch.matmul(q[:, :, r0: r0 + chunk].double(), kk.transpose(-1, -2)) / math.sqrt(dim)
+        logits = torch.matmul(q[:, :, r0 : r0 + chunk].double(), kk.transpose(-1, -2)) / math.sqrt(dim)
         logits = logits.masked_fill(kv_idx > rows + off, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         kept = layout.contains(b_idx, h_idx, rows, kv_idx)
@@ -338,8 +421,13 @@ def default_candidates(nk: int, budget: float, block: int = 64) -> list[dict]:
         sinks = min(64, max(1, keys // 8))
         out.append({"pattern": "a_shape", "sinks": sinks, "local": max(1, keys - sinks)})
         for share in (0.25, 0.5):
-            out.append({"pattern": "vertical_slash", "vertical": max(1, int(2 * keys * share)),
-                        "slash": max(1, int(2 * keys * (1 - share)))})
+            out.append(
+                {
+                    "pattern": "vertical_slash",
+                    "vertical": max(1, int(2 * keys * share)),
+                    "slash": max(1, int(2 * keys * (1 - share))),
+                }
+            )
         out.append({"pattern": "block_sparse", "k": max(1, round(keys / block))})
     unique = []
     for c in out:
@@ -348,9 +436,16 @@ def default_candidates(nk: int, budget: float, block: int = 64) -> list[dict]:
     return unique
 
 
-def search_minference_config(q: Union[Tensor, Sequence[Tensor]], k: Union[Tensor, Sequence[Tensor]], budget: float, *,
-                             candidates: Optional[Sequence[dict]] = None, block: int = 64, last_q: int = 64,
-                             chunk: int = 256) -> dict:
+def search_minference_config(
+    q: Union[Tensor, Sequence[Tensor]],
+    k: Union[Tensor, Sequence[Tensor]],
+    budget: float,
+    *,
+    candidates: Optional[Sequence[dict]] = None,
+    block: int = 64,
+    last_q: int = 64,
+    chunk: int = 256,
+) -> dict:
     """Offline per-head pattern search (MInference §3.2) on one sample per layer.
 
     ``q [B, Hq, N, D]`` / ``k [B, Hkv, N, D]``, or sequences of them (one per layer). For every
@@ -366,7 +461,9 @@ def search_minference_config(q: Union[Tensor, Sequence[Tensor]], k: Union[Tensor
     qs = [q] if isinstance(q, Tensor) else list(q)
     ks = [k] if isinstance(k, Tensor) else list(k)
     if len(qs) != len(ks) or not qs:
-        raise ValueError(f"search_minference_config: q and k must hold the same number (>= 1) of layers, got {len(qs)} and {len(ks)}")
+        raise ValueError(
+            f"search_minference_config: q and k must hold the same number (>= 1) of layers, got {len(qs)} and {len(ks)}"
+        )
     layers = []
     for lq, lk in zip(qs, ks):
         _, hq, _, nq, nk = check_qk(lq, lk)
@@ -383,11 +480,19 @@ def search_minference_config(q: Union[Tensor, Sequence[Tensor]], k: Union[Tensor
                     best[h] = dict(cand, mass=float(mass[h]), density=float(density[h]))
         missing = [h for h in range(hq) if best[h] is None]
         if missing:
-            raise ValueError(f"search_minference_config: no candidate fits budget={budget} for heads {missing}; "
-                             "raise the budget or pass smaller candidates")
+            raise ValueError(
+                f"search_minference_config: no candidate fits budget={budget} for heads {missing}; "
+                "raise the budget or pass smaller candidates"
+            )
         layers.append(best)
-    return {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "block": block, "last_q": last_q,
-            "budget": budget, "layers": layers}
+    return {
+        "format": CONFIG_FORMAT,
+        "version": CONFIG_VERSION,
+        "block": block,
+        "last_q": last_q,
+        "budget": budget,
+        "layers": layers,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,7 +523,9 @@ def validate_minference_config(config: Any) -> dict:
     if config.get("format") != CONFIG_FORMAT:
         raise ValueError(f"minference config: 'format' must be {CONFIG_FORMAT!r}, got {config.get('format')!r}")
     if config.get("version") != CONFIG_VERSION:
-        raise ValueError(f"minference config: unsupported version {config.get('version')!r} (expected {CONFIG_VERSION})")
+        raise ValueError(
+            f"minference config: unsupported version {config.get('version')!r} (expected {CONFIG_VERSION})"
+        )
     for name in ("block", "last_q"):
         val = config.get(name)
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -455,9 +562,12 @@ def load_minference_config(path: Union[str, os.PathLike]) -> dict:
     return validate_minference_config(config)
 
 
-@register("minference", kind="dynamic",
-          description="MInference: per-head A-shape / vertical-slash / block-sparse from an offline search (JSON)",
-          paper="Jiang et al. 2024, MInference 1.0 (NeurIPS 2024)")
+@register(
+    "minference",
+    kind="dynamic",
+    description="MInference: per-head A-shape / vertical-slash / block-sparse from an offline search (JSON)",
+    paper="Jiang et al. 2024, MInference 1.0 (NeurIPS 2024)",
+)
 class MInference(PaddedPattern):
     """MInference with per-head patterns read from a JSON config (:func:`search_minference_config`).
 
@@ -479,5 +589,6 @@ class MInference(PaddedPattern):
     def layout(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Layout:
         check_qk(q, k)
         require_causal("minference", causal)
-        return minference_heads_layout(q, k, self._heads, block=self._block, last_q=self._last_q,
-                                       key_padding_mask=key_padding_mask)
+        return minference_heads_layout(
+            q, k, self._heads, block=self._block, last_q=self._last_q, key_padding_mask=key_padding_mask
+        )

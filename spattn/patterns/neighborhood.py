@@ -48,9 +48,12 @@ def _axis_ok(x: Tensor, y: Tensor, n: int, k: int, d: int, causal: bool) -> Tens
     return (y % d == g) & (yg >= lo) & (yg <= lo + (k - 1))
 
 
-@register("neighborhood", kind="static",
-          description="Neighborhood attention (NAT/DiNAT): k nearest (dilated) neighbours per axis, 1-D or 2-D",
-          paper="Hassani et al. 2023, Neighborhood Attention Transformer; Hassani & Shi 2022, DiNAT")
+@register(
+    "neighborhood",
+    kind="static",
+    description="Neighborhood attention (NAT/DiNAT): k nearest (dilated) neighbours per axis, 1-D or 2-D",
+    paper="Hassani et al. 2023, Neighborhood Attention Transformer; Hassani & Shi 2022, DiNAT",
+)
 class Neighborhood(Pattern):
     """Neighborhood attention, NAT (Hassani et al., CVPR 2023), with dilation, DiNAT (Hassani & Shi
     2022), exactly as NATTEN defines it.
@@ -70,8 +73,13 @@ class Neighborhood(Pattern):
 
     name = "neighborhood"
 
-    def __init__(self, kernel: "int | tuple[int, int]" = 7, dilation: "int | tuple[int, int]" = 1,
-                 shape: "tuple[int, int] | None" = None, block: int = DEFAULT_BLOCK):
+    def __init__(
+        self,
+        kernel: "int | tuple[int, int]" = 7,
+        dilation: "int | tuple[int, int]" = 1,
+        shape: "tuple[int, int] | None" = None,
+        block: int = DEFAULT_BLOCK,
+    ):
         if shape is not None:
             if not isinstance(shape, (tuple, list)) or len(shape) != 2:
                 raise ValueError(f"neighborhood: shape must be None (1-D) or (H, W) for 2-D, got {shape!r}")
@@ -95,15 +103,15 @@ class Neighborhood(Pattern):
         else:
             dims = self.shape
             if dims[0] * dims[1] != nk:
-                raise ValueError(
-                    f"neighborhood: shape={dims} needs H*W = {dims[0] * dims[1]} keys, got Nk = {nk}")
+                raise ValueError(f"neighborhood: shape={dims} needs H*W = {dims[0] * dims[1]} keys, got Nk = {nk}")
             ks, ds = _per_axis("", "", self.kernel, 2), _per_axis("", "", self.dilation, 2)
         for axis, n, k, d in zip(("rows", "cols"), dims, ks, ds):
             if n < k * d:
                 what = f"axis {axis} " if self.shape is not None else ""
                 raise ValueError(
                     f"neighborhood: {what}length {n} is shorter than kernel*dilation = {k}*{d} = {k * d}; "
-                    "every dilation group needs at least `kernel` positions")
+                    "every dilation group needs at least `kernel` positions"
+                )
         return dims, ks, ds
 
     def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:

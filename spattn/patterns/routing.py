@@ -123,7 +123,9 @@ def causal_safe_windows(scores: Tensor, w: int, real: Optional[Tensor] = None) -
         slot = torch.where(real[:, None, :], slot, n_windows * w)
     flat = torch.full((b, h, n_windows * w + 1), -1, dtype=torch.long, device=scores.device)
     flat.scatter_(-1, slot, pos)
-    idx = flat[..., : n_windows * w].view(b, h, n_windows, w).cummax(-1).values  # positions grow along a window: pad by repeating
+    idx = (
+        flat[..., : n_windows * w].view(b, h, n_windows, w).cummax(-1).values
+    )  # positions grow along a window: pad by repeating
     unused = idx < 0
     return idx.masked_fill(unused, 0), idx.masked_fill(unused, n - 1)
 
@@ -204,8 +206,10 @@ class Routing(Pattern, nn.Module):
         if share_qk is not None and not isinstance(share_qk, bool):
             raise TypeError(f"routing: share_qk must be a bool or None, got {share_qk!r}")
         if causal_safe and share_qk is False:
-            raise ValueError("routing: causal_safe=True routes each token's query and key together; "
-                             "share_qk=False is not supported with it")
+            raise ValueError(
+                "routing: causal_safe=True routes each token's query and key together; "
+                "share_qk=False is not supported with it"
+            )
         check_float("routing", "decay", decay, 0.0, 1.0, low_open=True, high_open=True)
         check_float("routing", "commitment", commitment, 0.0, math.inf)
         if init not in ("data", "random"):
@@ -250,9 +254,7 @@ class Routing(Pattern, nn.Module):
             self._create(hq, d, device)
         h, _, dc = self.centroids.shape
         if (h, dc) != (hq, d):
-            raise ValueError(
-                f"routing: centroids are for {h} heads of dim {dc} but q has {hq} heads of dim {d}"
-            )
+            raise ValueError(f"routing: centroids are for {h} heads of dim {dc} but q has {hq} heads of dim {d}")
         if self.centroids.device != device:
             raise ValueError(f"routing: centroids are on {self.centroids.device} but q is on {device}; move the module")
 
@@ -268,7 +270,9 @@ class Routing(Pattern, nn.Module):
             raise ValueError(f"routing: clusters={self.clusters} must be <= the sequence length (Nq={nq}, Nk={nk})")
         if (causal or self._shares(causal)) and nq != nk:
             why = "causal=True" if causal else "share_qk=True"
-            raise ValueError(f"routing: {why} shares windows between queries and keys and needs Nq == Nk, got {nq}, {nk}")
+            raise ValueError(
+                f"routing: {why} shares windows between queries and keys and needs Nq == Nk, got {nq}, {nk}"
+            )
 
     def _shares(self, causal: bool) -> bool:
         """Do keys use the query windows? (``share_qk``; ``None`` = shared when causal.)"""
@@ -287,7 +291,9 @@ class Routing(Pattern, nn.Module):
             raise TypeError(f"routing: causal must be a bool, got {causal!r}")
         self._check_lengths(nq, nk, causal)
         self._check_state(hq, q.shape[-1], q.device)
-        if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, nk)):
+        if key_padding_mask is not None and (
+            key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, nk)
+        ):
             raise ValueError(f"routing: key_padding_mask must be a bool tensor of shape {(b, nk)}")
         # padded tokens take no part: values zeroed, no window slot while real tokens remain, no
         # k-means statistics; in self-attention (Nq == Nk) the key mask also marks padded queries
@@ -315,8 +321,9 @@ class Routing(Pattern, nn.Module):
         sel = ClusterSelection(qi, ki, nq, nk, causal=causal)
         return sel, routed, scores, masks
 
-    def select(self, q: Tensor, k: Tensor, causal: bool = False, *, key_padding_mask: Optional[Tensor] = None,
-               state=None) -> ClusterSelection:
+    def select(
+        self, q: Tensor, k: Tensor, causal: bool = False, *, key_padding_mask: Optional[Tensor] = None, state=None
+    ) -> ClusterSelection:
         """Routing windows for ``q [B, Hq, Nq, D]``, ``k [B, Hkv, Nk, D]``.
 
         Sets :attr:`aux_loss` (commitment loss, grad to q and k) and, in training mode, updates the

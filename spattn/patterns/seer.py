@@ -165,7 +165,9 @@ class SeerGate(PaddedPattern, nn.Module):
             )
 
     # ------------------------------------------------------------------ gate
-    def gate_logits(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    def gate_logits(
+        self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None
+    ) -> Tensor:
         """Block logits ``[B, Hq, NQB, NKB]`` (fp32 or fp64), ``-inf`` on blocks with no visible pair.
 
         Differentiable in the gate weights; ``q``, ``k`` of the frozen model are not detached here.
@@ -197,7 +199,9 @@ class SeerGate(PaddedPattern, nn.Module):
         """Gate probabilities: softmax of :meth:`gate_logits` over key blocks, ``[B, Hq, NQB, NKB]``."""
         return torch.softmax(self.gate_logits(q, k, causal, key_padding_mask), dim=-1)
 
-    def block_map(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    def block_map(
+        self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None
+    ) -> Tensor:
         """bool ``[B, Hq, NQB, NKB]``: the tiles kept at inference (top-k or threshold; causal diagonal forced)."""
         nq, nk = q.shape[2], k.shape[2]
         with torch.no_grad():

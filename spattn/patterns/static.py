@@ -23,8 +23,17 @@ from ._tiles import DEFAULT_BLOCK, floor_div, has_multiple, make_layout, tile_bo
 from .base import Pattern, causal_mask_mod, check_int, check_qk
 
 __all__ = [
-    "Dense", "Window", "DilatedWindow", "GlobalTokens", "BigBird", "Strided", "Fixed", "Axial", "AShape",
+    "Dense",
+    "Window",
+    "DilatedWindow",
+    "GlobalTokens",
+    "BigBird",
+    "Strided",
+    "Fixed",
+    "Axial",
+    "AShape",
 ]
+
 
 def _dense_layout(q_len: int, kv_len: int, block: int, causal: bool, device) -> Layout:
     p0, p1, k0, k1 = tile_bounds(q_len, kv_len, block, device)
@@ -36,8 +45,12 @@ def _dense_layout(q_len: int, kv_len: int, block: int, causal: bool, device) -> 
     return make_layout(k0 <= p1, k1 <= p0, causal_mask_mod(q_len, kv_len), q_len, kv_len, block)
 
 
-@register("dense", kind="static", description="Full softmax attention (every pair, or every past pair when causal)",
-          paper="Vaswani et al. 2017, Attention Is All You Need")
+@register(
+    "dense",
+    kind="static",
+    description="Full softmax attention (every pair, or every past pair when causal)",
+    paper="Vaswani et al. 2017, Attention Is All You Need",
+)
 class Dense(Pattern):
     """Every (query, key) pair; with ``causal`` every key ``j <= i + Nk - Nq``."""
 
@@ -56,8 +69,12 @@ class Dense(Pattern):
 # window, dilated window, global tokens
 
 
-@register("window", kind="static", description="Sliding-window (local) attention: keys with |i - j| <= size",
-          paper="Beltagy et al. 2020, Longformer: The Long-Document Transformer")
+@register(
+    "window",
+    kind="static",
+    description="Sliding-window (local) attention: keys with |i - j| <= size",
+    paper="Beltagy et al. 2020, Longformer: The Long-Document Transformer",
+)
 class Window(Pattern):
     """Sliding-window / local attention (Longformer, Beltagy et al. 2020; Parmar et al. 2018).
 
@@ -91,9 +108,12 @@ class Window(Pattern):
         return make_layout(block_map, full_map, window_mask, nq, nk, self.block)
 
 
-@register("dilated_window", kind="static",
-          description="Dilated sliding window: keys j = i + t*dilation with |t| <= size",
-          paper="Beltagy et al. 2020, Longformer: The Long-Document Transformer")
+@register(
+    "dilated_window",
+    kind="static",
+    description="Dilated sliding window: keys j = i + t*dilation with |t| <= size",
+    paper="Beltagy et al. 2020, Longformer: The Long-Document Transformer",
+)
 class DilatedWindow(Pattern):
     """Dilated sliding window (Longformer, Beltagy et al. 2020).
 
@@ -129,9 +149,12 @@ class DilatedWindow(Pattern):
         return make_layout(block_map, full_map, dilated_mask, nq, nk, self.block)
 
 
-@register("global_tokens", kind="static",
-          description="Global tokens: the first `count` positions see all and are seen by all",
-          paper="Beltagy et al. 2020, Longformer: The Long-Document Transformer")
+@register(
+    "global_tokens",
+    kind="static",
+    description="Global tokens: the first `count` positions see all and are seen by all",
+    paper="Beltagy et al. 2020, Longformer: The Long-Document Transformer",
+)
 class GlobalTokens(Pattern):
     """Longformer's global attention (Beltagy et al. 2020): the first ``count`` positions attend
     every key and are attended by every query, i.e. the pairs with ``i' < count`` or ``j < count``;
@@ -180,9 +203,12 @@ def _mix32(x: Tensor) -> Tensor:
     return (x >> 16) ^ x
 
 
-@register("bigbird", kind="static",
-          description="BigBird blocks: window + global + seeded random key blocks (per head)",
-          paper="Zaheer et al. 2020, Big Bird: Transformers for Longer Sequences")
+@register(
+    "bigbird",
+    kind="static",
+    description="BigBird blocks: window + global + seeded random key blocks (per head)",
+    paper="Zaheer et al. 2020, Big Bird: Transformers for Longer Sequences",
+)
 class BigBird(Pattern):
     """Block-level BigBird (Zaheer et al. 2020, the ITC variant), in blocks of ``block`` tokens.
 
@@ -203,8 +229,7 @@ class BigBird(Pattern):
 
     name = "bigbird"
 
-    def __init__(self, block: int = DEFAULT_BLOCK, window: int = 3, globals: int = 2, random: int = 3,
-                 seed: int = 0):
+    def __init__(self, block: int = DEFAULT_BLOCK, window: int = 3, globals: int = 2, random: int = 3, seed: int = 0):
         check_int("bigbird", "block", block, 1)
         check_int("bigbird", "window", window, 0)
         check_int("bigbird", "globals", globals, 0)
@@ -286,8 +311,9 @@ class BigBird(Pattern):
         multi_h, blk, off = table.shape[0] > 1, self.block, nk - nq
 
         def bigbird_mask(b, h, q_idx, kv_idx):
-            hit = table[h * multi_h, torch.div(q_idx, blk, rounding_mode="floor"),
-                        torch.div(kv_idx, blk, rounding_mode="floor")]
+            hit = table[
+                h * multi_h, torch.div(q_idx, blk, rounding_mode="floor"), torch.div(kv_idx, blk, rounding_mode="floor")
+            ]
             return hit & (kv_idx <= q_idx + off) if causal else hit
 
         if not causal:
@@ -300,9 +326,12 @@ class BigBird(Pattern):
 # Sparse Transformer: strided and fixed
 
 
-@register("strided", kind="static",
-          description="Sparse Transformer strided (both heads merged): i-j < stride or (i-j) % stride == 0",
-          paper="Child et al. 2019, Generating Long Sequences with Sparse Transformers")
+@register(
+    "strided",
+    kind="static",
+    description="Sparse Transformer strided (both heads merged): i-j < stride or (i-j) % stride == 0",
+    paper="Child et al. 2019, Generating Long Sequences with Sparse Transformers",
+)
 class Strided(Pattern):
     """Strided attention of the Sparse Transformer (Child et al. 2019), *merged* form: the union of
     the paper's two factorized heads, the local head ``|i' - j| < stride`` (causal:
@@ -342,9 +371,12 @@ class Strided(Pattern):
         return make_layout(block_map, full_map, strided_mask, nq, nk, self.block)
 
 
-@register("fixed", kind="static",
-          description="Sparse Transformer fixed (both heads merged): same block of `block`, or summary columns",
-          paper="Child et al. 2019, Generating Long Sequences with Sparse Transformers")
+@register(
+    "fixed",
+    kind="static",
+    description="Sparse Transformer fixed (both heads merged): same block of `block`, or summary columns",
+    paper="Child et al. 2019, Generating Long Sequences with Sparse Transformers",
+)
 class Fixed(Pattern):
     """Fixed attention of the Sparse Transformer (Child et al. 2019), *merged* form (the union of
     the paper's two heads), with ``l = block`` and ``c = summary``: query ``i`` attends ``j`` when
@@ -377,12 +409,13 @@ class Fixed(Pattern):
         def fixed_mask(b, h, q_idx, kv_idx):
             p = q_idx + off
             ok = (torch.div(kv_idx, l, rounding_mode="floor") == torch.div(p, l, rounding_mode="floor")) | (
-                kv_idx % l >= l - c)
+                kv_idx % l >= l - c
+            )
             return ok & (kv_idx <= p) if causal else ok
 
         if 4 * c <= l:
             j = torch.arange(nk, device=q.device)[None, :]
-            cols = (j % l >= l - c)
+            cols = j % l >= l - c
             if causal:
                 cols = cols & (j <= p1)
             else:
@@ -399,9 +432,12 @@ class Fixed(Pattern):
 # axial, A-shape
 
 
-@register("axial", kind="static",
-          description="Axial attention on a rows x cols grid (row-major): same row or same column",
-          paper="Ho et al. 2019, Axial Attention in Multidimensional Transformers")
+@register(
+    "axial",
+    kind="static",
+    description="Axial attention on a rows x cols grid (row-major): same row or same column",
+    paper="Ho et al. 2019, Axial Attention in Multidimensional Transformers",
+)
 class Axial(Pattern):
     """Axial attention (Ho et al. 2019), both axes merged in one pattern: the ``Nk`` keys form a
     ``rows x cols`` grid in row-major order (``cols = Nk / rows``); query ``i`` (at grid position
@@ -433,6 +469,7 @@ class Axial(Pattern):
         rhi = torch.minimum(floor_div(p1, cols), floor_div(k1, cols))
         row_sel = rlo <= rhi
         if causal:
+
             def row_ok(r):  # earliest key of the tile in row r <= latest query of the tile in row r
                 return torch.maximum(k0, r * cols) <= torch.minimum(p1, r * cols + cols - 1)
 
@@ -447,16 +484,19 @@ class Axial(Pattern):
         def axial_mask(b, h, q_idx, kv_idx):
             p = q_idx + off
             ok = (torch.div(p, cols, rounding_mode="floor") == torch.div(kv_idx, cols, rounding_mode="floor")) | (
-                p % cols == kv_idx % cols)
+                p % cols == kv_idx % cols
+            )
             return ok & (kv_idx <= p) if causal else ok
 
         return make_layout(block_map, full_map, axial_mask, nq, nk, self.block)
 
 
-@register("a_shape", kind="static",
-          description="A-shape: attention sinks (first `sinks` keys) + local window of `local` keys",
-          paper="Xiao et al. 2023, Efficient Streaming Language Models with Attention Sinks; "
-                "Jiang et al. 2024, MInference")
+@register(
+    "a_shape",
+    kind="static",
+    description="A-shape: attention sinks (first `sinks` keys) + local window of `local` keys",
+    paper="Xiao et al. 2023, Efficient Streaming Language Models with Attention Sinks; Jiang et al. 2024, MInference",
+)
 class AShape(Pattern):
     """Attention sinks + local window (StreamingLLM, Xiao et al. 2023; MInference's A-shape,
     Jiang et al. 2024). Causal: ``j <= i'`` and (``j < sinks`` or ``i' - j < local``);

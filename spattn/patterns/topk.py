@@ -51,8 +51,15 @@ from ._tiles import causal_block_maps, selection_layout
 from .base import PaddedPattern, Pattern, causal_mask_mod, check_float, check_int, check_qk
 
 __all__ = [
-    "TopK", "TopP", "topp_selection", "BlockTopK", "BlockMass", "topk_selections", "selection_layout",
-    "pooled_block_scores", "causal_block_maps",
+    "TopK",
+    "TopP",
+    "topp_selection",
+    "BlockTopK",
+    "BlockMass",
+    "topk_selections",
+    "selection_layout",
+    "pooled_block_scores",
+    "causal_block_maps",
 ]
 
 #: elements of one ``[B, Hq, chunk, Nk]`` score block
@@ -168,8 +175,15 @@ def _row_nucleus(s: Tensor, p: float, scale: float) -> Tensor:
     return torch.zeros_like(take).scatter_(-1, order, take)
 
 
-def topp_selection(q: Tensor, k: Tensor, p: float, *, scale: Optional[float] = None, causal: bool = False,
-                   key_padding_mask: Optional[Tensor] = None) -> TokenSelection:
+def topp_selection(
+    q: Tensor,
+    k: Tensor,
+    p: float,
+    *,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+) -> TokenSelection:
     """Each query's nucleus: the fewest allowed keys holding ``>= p`` of its softmax weight.
 
     ``q [B, Hq, Nq, D]``, ``k [B, Hkv, Nk, D]`` (GQA as in :func:`topk_selections`); weights are
@@ -180,13 +194,19 @@ def topp_selection(q: Tensor, k: Tensor, p: float, *, scale: Optional[float] = N
     _, _, _, nq, nk = check_qk(q, k)
     check_float("topp", "p", p, 0.0, 1.0, low_open=True)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    chunks = [true_positions(_row_nucleus(s, p, scale), fill=-1, min_width=0)[1]
-              for s in _score_chunks(q, k, causal, key_padding_mask)]
+    chunks = [
+        true_positions(_row_nucleus(s, p, scale), fill=-1, min_width=0)[1]
+        for s in _score_chunks(q, k, causal, key_padding_mask)
+    ]
     return _concat_rows(chunks, nq, nk)
 
 
-@register("topk", kind="dynamic", description="Explicit Sparse Transformer: each query keeps its k highest-scoring keys",
-          paper="Zhao et al. 2019, Explicit Sparse Transformer (arXiv 1912.11637)")
+@register(
+    "topk",
+    kind="dynamic",
+    description="Explicit Sparse Transformer: each query keeps its k highest-scoring keys",
+    paper="Zhao et al. 2019, Explicit Sparse Transformer (arXiv 1912.11637)",
+)
 class TopK(Pattern):
     """Per-query top-k keys (see module docstring); ``select`` -> TokenSelection ``[B, Hq, Nq, K']``.
 
@@ -203,8 +223,9 @@ class TopK(Pattern):
             raise ValueError(f"topk: ties must be one of {TIES}, got {ties!r}")
         self.k, self.ties, self.block = k, ties, block
 
-    def select(self, q: Tensor, k: Tensor, causal: bool = False, *, key_padding_mask: Optional[Tensor] = None,
-               state=None) -> TokenSelection:
+    def select(
+        self, q: Tensor, k: Tensor, causal: bool = False, *, key_padding_mask: Optional[Tensor] = None, state=None
+    ) -> TokenSelection:
         """Top-k keys per query; ``key_padding_mask [B, Nk]`` (True = real key) is applied before the
         ranking, as in the official code, so padded keys never take a slot."""
         return topk_selections(q, k, [self.k], causal=causal, key_padding_mask=key_padding_mask, ties=self.ties)[0]
@@ -214,8 +235,12 @@ class TopK(Pattern):
         return selection_layout(self.select(q, k, causal=causal), self.block)
 
 
-@register("topp", kind="dynamic", description="Twilight top-p: each query keeps the fewest keys holding p of its attention weight",
-          paper="Lin et al. 2025, Twilight: Adaptive Attention Sparsity with Hierarchical Top-p Pruning (arXiv 2502.02770)")
+@register(
+    "topp",
+    kind="dynamic",
+    description="Twilight top-p: each query keeps the fewest keys holding p of its attention weight",
+    paper="Lin et al. 2025, Twilight: Adaptive Attention Sparsity with Hierarchical Top-p Pruning (arXiv 2502.02770)",
+)
 class TopP(Pattern):
     """Per-query nucleus of the attention weights (see :func:`topp_selection`); ``select`` ->
     TokenSelection ``[B, Hq, Nq, W]``. ``scale``: the softmax scale of the attention (None = 1/sqrt(D)).
@@ -235,8 +260,9 @@ class TopP(Pattern):
         check_int("topp", "block", block, 1)
         self.p, self.scale, self.block = p, scale, block
 
-    def select(self, q: Tensor, k: Tensor, causal: bool = False, *, key_padding_mask: Optional[Tensor] = None,
-               state=None) -> TokenSelection:
+    def select(
+        self, q: Tensor, k: Tensor, causal: bool = False, *, key_padding_mask: Optional[Tensor] = None, state=None
+    ) -> TokenSelection:
         return topp_selection(q, k, self.p, scale=self.scale, causal=causal, key_padding_mask=key_padding_mask)
 
     def layout(self, q: Tensor, k: Tensor, causal: bool = False) -> Layout:
@@ -291,8 +317,12 @@ def _descending_order(scores: Tensor, forced: Tensor) -> Tensor:
     return torch.sort(key, dim=-1, descending=True, stable=True).indices
 
 
-@register("block_topk", kind="dynamic", description="Top-k key blocks per query block from mean-pooled q/k scores",
-          paper="Block top-k selection as in MInference block-sparse (Jiang et al. 2024), SLA (Zhang et al. 2025)")
+@register(
+    "block_topk",
+    kind="dynamic",
+    description="Top-k key blocks per query block from mean-pooled q/k scores",
+    paper="Block top-k selection as in MInference block-sparse (Jiang et al. 2024), SLA (Zhang et al. 2025)",
+)
 class BlockTopK(PaddedPattern):
     """Keep the ``k`` key blocks with the highest pooled score per query block (causal: diagonal forced)."""
 
@@ -308,16 +338,21 @@ class BlockTopK(PaddedPattern):
         _, _, _, _, nk = check_qk(q, k)
         nkb = -(-nk // self.block)
         if self.k > nkb:
-            raise ValueError(f"block_topk: k={self.k} exceeds the number of key blocks {nkb} (Nk={nk}, block={self.block})")
+            raise ValueError(
+                f"block_topk: k={self.k} exceeds the number of key blocks {nkb} (Nk={nk}, block={self.block})"
+            )
         scores, allowed, forced, kwargs = _block_candidates(q, k, self.block, causal, key_padding_mask)
         order = _descending_order(scores, forced)[..., : self.k]
         keep = torch.zeros_like(allowed).scatter_(-1, order, True) | forced
         return Layout.from_block_map(keep & allowed, **kwargs)
 
 
-@register("block_mass", kind="dynamic",
-          description="Smallest set of key blocks per query block whose pooled softmax mass reaches a threshold",
-          paper="Cumulative-mass block selection as in FlexPrefill (Lai et al. 2025), XAttention (Xu et al. 2025)")
+@register(
+    "block_mass",
+    kind="dynamic",
+    description="Smallest set of key blocks per query block whose pooled softmax mass reaches a threshold",
+    paper="Cumulative-mass block selection as in FlexPrefill (Lai et al. 2025), XAttention (Xu et al. 2025)",
+)
 class BlockMass(PaddedPattern):
     """Per query block: softmax of pooled scores ``/sqrt(D)`` over allowed key blocks, keep the
     shortest prefix in descending order (forced diagonal first in causal mode) with mass ``>= threshold``."""

@@ -34,16 +34,29 @@ from ._padding import query_tokens, real_tokens, zero_padded
 from .base import PaddedPattern, check_float, check_int, check_qk
 from ._tiles import block_layout, tile_bounds
 
-__all__ = ["XAttention", "antidiagonal_block_scores", "threshold_select", "official_threshold_select",
-           "official_chunk_size", "RULES"]
+__all__ = [
+    "XAttention",
+    "antidiagonal_block_scores",
+    "threshold_select",
+    "official_threshold_select",
+    "official_chunk_size",
+    "RULES",
+]
 
 #: selection rules of :class:`XAttention`
 RULES = ("fewest", "official")
 
 
-def antidiagonal_block_scores(q: Tensor, k: Tensor, stride: int, block: int, causal: bool,
-                              chunk_elems: int = 1 << 24, chunk_blocks: int = 8,
-                              key_padding_mask: Optional[Tensor] = None) -> Tensor:
+def antidiagonal_block_scores(
+    q: Tensor,
+    k: Tensor,
+    stride: int,
+    block: int,
+    causal: bool,
+    chunk_elems: int = 1 << 24,
+    chunk_blocks: int = 8,
+    key_padding_mask: Optional[Tensor] = None,
+) -> Tensor:
     """XAttention block scores ``[B, Hq, NQB, NKB]`` (fp32).
 
     Both sequences are zero-padded to whole blocks and cut into ``stride x stride`` tiles. The
@@ -154,8 +167,9 @@ def official_chunk_size(kv_len: int) -> int:
     return int(max(min(max(2048, p), 128 * 1024 * 2048 // p), 2048))
 
 
-def official_threshold_select(scores: Tensor, threshold: float, causal: bool, nq: int, nk: int, block: int,
-                              valid: Tensor) -> Tensor:
+def official_threshold_select(
+    scores: Tensor, threshold: float, causal: bool, nq: int, nk: int, block: int, valid: Tensor
+) -> Tensor:
     """The block choice of the official ``find_blocks_chunked`` (threshold mode), see the module
     docstring. ``scores [B, H, NQB, NKB]`` (non-negative), ``valid`` bool broadcastable to it.
     Ties keep the lower index first. Returns bool ``[B, H, NQB, NKB]``.
@@ -194,9 +208,12 @@ def official_threshold_select(scores: Tensor, threshold: float, causal: bool, nq
     return (chosen | sink) & valid
 
 
-@register("xattention", kind="dynamic",
-          description="XAttention: strided antidiagonal block scores, cumulative threshold selection",
-          paper="Xu et al. 2025, XAttention: Block Sparse Attention with Antidiagonal Scoring")
+@register(
+    "xattention",
+    kind="dynamic",
+    description="XAttention: strided antidiagonal block scores, cumulative threshold selection",
+    paper="Xu et al. 2025, XAttention: Block Sparse Attention with Antidiagonal Scoring",
+)
 class XAttention(PaddedPattern):
     """XAttention (Xu et al. 2025): score blocks of ``block`` tokens by the strided antidiagonal
     sums of :func:`antidiagonal_block_scores`, then per query block keep the sink block (key block
@@ -222,7 +239,9 @@ class XAttention(PaddedPattern):
             raise ValueError(f"xattention: rule must be one of {RULES}, got {rule!r}")
         self.threshold, self.stride, self.block, self.rule = threshold, stride, block, rule
 
-    def block_scores(self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    def block_scores(
+        self, q: Tensor, k: Tensor, causal: bool = False, key_padding_mask: Optional[Tensor] = None
+    ) -> Tensor:
         """``[B, Hq, NQB, NKB]`` antidiagonal block scores (see :func:`antidiagonal_block_scores`)."""
         check_qk(q, k)
         with torch.no_grad():

@@ -69,8 +69,9 @@ def check(row: Bad) -> None:
             assert not missing, f"{row.id}: message {message!r} lacks {missing}"
             return
         except Exception as err:  # the wrong kind of error: report it whole
-            raise AssertionError(f"{row.id}: expected {row.exc} naming {row.fragment_list()}, "
-                                 f"got {type(err).__name__}: {err}") from err
+            raise AssertionError(
+                f"{row.id}: expected {row.exc} naming {row.fragment_list()}, got {type(err).__name__}: {err}"
+            ) from err
     raise AssertionError(f"{row.id}: accepted silently (returned {type(result).__name__})")
 
 

@@ -16,8 +16,11 @@ from ._table import Bad, check, check_message, params, time_limit
 
 
 def qkv(b=1, hq=2, hkv=2, nq=8, nk=8, d=4, dtype=torch.float32):
-    return (torch.randn(b, hq, nq, d, dtype=dtype), torch.randn(b, hkv, nk, d, dtype=dtype),
-            torch.randn(b, hkv, nk, d, dtype=dtype))
+    return (
+        torch.randn(b, hq, nq, d, dtype=dtype),
+        torch.randn(b, hkv, nk, d, dtype=dtype),
+        torch.randn(b, hkv, nk, d, dtype=dtype),
+    )
 
 
 Q, K, V = qkv()
@@ -29,8 +32,13 @@ def att(*args, **kw):
 
 
 def layout(**kw):
-    base = dict(kv_num_blocks=torch.ones(1, 1, 2, dtype=L), kv_indices=torch.zeros(1, 1, 2, 1, dtype=L),
-                q_len=8, kv_len=8, block_q=4)
+    base = dict(
+        kv_num_blocks=torch.ones(1, 1, 2, dtype=L),
+        kv_indices=torch.zeros(1, 1, 2, 1, dtype=L),
+        q_len=8,
+        kv_len=8,
+        block_q=4,
+    )
     base.update(kw)
     num, idx = base.pop("kv_num_blocks"), base.pop("kv_indices")
     return lambda: Layout(num, idx, **base)
@@ -94,17 +102,45 @@ ATTENTION = [
     Bad("pattern-kwarg", att(Q, K, V, "window(width=3)"), VE, "width"),
     Bad("pattern-bad-value", att(Q, K, V, "window(size=-3)"), VE, "size"),
     Bad("pattern-approx", att(Q, K, V, "performer"), EITHER, "performer"),
-    Bad("layout-causal", att(Q, K, V, spattn.pattern("window(size=2, block=4)").layout(Q, K), causal=True), VE,
-        "causal=True cannot be combined"),
-    Bad("layout-len", att(Q, K, V, spattn.pattern("window(size=2, block=4)").layout(*qkv(nq=12, nk=12)[:2])), VE,
-        "layout is for (Nq, Nk)"),
+    Bad(
+        "layout-causal",
+        att(Q, K, V, spattn.pattern("window(size=2, block=4)").layout(Q, K), causal=True),
+        VE,
+        "causal=True cannot be combined",
+    ),
+    Bad(
+        "layout-len",
+        att(Q, K, V, spattn.pattern("window(size=2, block=4)").layout(*qkv(nq=12, nk=12)[:2])),
+        VE,
+        "layout is for (Nq, Nk)",
+    ),
     Bad("layout-heads", att(Q, K, V, spattn.pattern("topk(k=2)").layout(*qkv(hq=4, hkv=4)[:2])), VE, "head count"),
     Bad("tokensel-len", att(Q, K, V, TokenSelection(torch.zeros(1, 1, 4, 1, dtype=L), 4, 8)), VE, "selection is for"),
     Bad("pagesel-batch", att(Q, K, V, PageSelection(torch.zeros(3, 1, 8, 1, dtype=L), 4, 8, 8)), VE, "batch size"),
-    Bad("cluster-causal", att(Q, K, V, ClusterSelection(torch.zeros(1, 1, 1, 2, dtype=L), torch.zeros(1, 1, 1, 2, dtype=L),
-                                                         8, 8), causal=True), VE, "causal=True"),
-    Bad("cluster-backend", att(Q, K, V, ClusterSelection(torch.zeros(1, 1, 1, 2, dtype=L), torch.zeros(1, 1, 1, 2, dtype=L),
-                                                          8, 8), backend="blocksparse"), VE, "backend"),
+    Bad(
+        "cluster-causal",
+        att(
+            Q,
+            K,
+            V,
+            ClusterSelection(torch.zeros(1, 1, 1, 2, dtype=L), torch.zeros(1, 1, 1, 2, dtype=L), 8, 8),
+            causal=True,
+        ),
+        VE,
+        "causal=True",
+    ),
+    Bad(
+        "cluster-backend",
+        att(
+            Q,
+            K,
+            V,
+            ClusterSelection(torch.zeros(1, 1, 1, 2, dtype=L), torch.zeros(1, 1, 1, 2, dtype=L), 8, 8),
+            backend="blocksparse",
+        ),
+        VE,
+        "backend",
+    ),
     Bad("quest-causal-long-q", att(*qkv(nq=12, nk=8), "quest(page=2, budget=4)", causal=True), VE, "Nq"),
 ]
 
@@ -116,7 +152,9 @@ PATTERN = [
     Bad("pattern-unknown", lambda: spattn.pattern("nope"), VE, "unknown attention mechanism 'nope'"),
     Bad("pattern-positional", lambda: spattn.pattern("window(3)"), VE, "by keyword"),
     Bad("pattern-starstar", lambda: spattn.pattern("window(**{'size': 3})"), VE, "'**'"),
-    Bad("pattern-call-value", lambda: spattn.pattern("window(size=__import__('os').getpid())"), VE, "cannot parse value"),
+    Bad(
+        "pattern-call-value", lambda: spattn.pattern("window(size=__import__('os').getpid())"), VE, "cannot parse value"
+    ),
     Bad("pattern-attr", lambda: spattn.pattern("os.path(size=3)"), VE, "cannot parse spec"),
     Bad("pattern-lambda", lambda: spattn.pattern("window(size=lambda: 3)"), VE, "cannot parse value"),
     Bad("pattern-unclosed", lambda: spattn.pattern("window(size=3"), VE, "cannot parse spec"),
@@ -151,19 +189,39 @@ LAYOUT = [
     Bad("idx-shape", layout(kv_indices=torch.zeros(1, 2, 2, 1, dtype=L)), VE, "kv_indices"),
     Bad("idx-range", layout(kv_indices=torch.full((1, 1, 2, 1), 2, dtype=L)), VE, "kv_indices"),
     Bad("idx-neg", layout(kv_indices=torch.full((1, 1, 2, 1), -1, dtype=L)), VE, "kv_indices"),
-    Bad("idx-repeat", layout(kv_num_blocks=torch.full((1, 1, 2), 2, dtype=L), kv_indices=torch.zeros(1, 1, 2, 2, dtype=L)),
-        VE, "repeat"),
+    Bad(
+        "idx-repeat",
+        layout(kv_num_blocks=torch.full((1, 1, 2), 2, dtype=L), kv_indices=torch.zeros(1, 1, 2, 2, dtype=L)),
+        VE,
+        "repeat",
+    ),
     Bad("full-float", layout(full=torch.ones(1, 1, 2, 1)), EITHER, "full"),
     Bad("full-shape", layout(full=torch.ones(1, 1, 2, 2, dtype=torch.bool)), VE, "full"),
     Bad("cols-alone", layout(col_num=torch.ones(1, 1, 2, dtype=L)), VE, "col_num and col_indices"),
-    Bad("cols-range", layout(col_num=torch.ones(1, 1, 2, dtype=L), col_indices=torch.full((1, 1, 2, 1), 8, dtype=L)),
-        VE, "col_indices"),
-    Bad("cols-num-over", layout(col_num=torch.full((1, 1, 2), 2, dtype=L), col_indices=torch.full((1, 1, 2, 1), 5, dtype=L)),
-        VE, "col_num"),
-    Bad("cols-float", layout(col_num=torch.ones(1, 1, 2, dtype=L), col_indices=torch.full((1, 1, 2, 1), 5.0)),
-        TE, "col_indices"),
-    Bad("cols-shape", layout(col_num=torch.ones(1, 2, 2, dtype=L), col_indices=torch.full((1, 2, 2, 1), 5, dtype=L)),
-        VE, "col_num"),
+    Bad(
+        "cols-range",
+        layout(col_num=torch.ones(1, 1, 2, dtype=L), col_indices=torch.full((1, 1, 2, 1), 8, dtype=L)),
+        VE,
+        "col_indices",
+    ),
+    Bad(
+        "cols-num-over",
+        layout(col_num=torch.full((1, 1, 2), 2, dtype=L), col_indices=torch.full((1, 1, 2, 1), 5, dtype=L)),
+        VE,
+        "col_num",
+    ),
+    Bad(
+        "cols-float",
+        layout(col_num=torch.ones(1, 1, 2, dtype=L), col_indices=torch.full((1, 1, 2, 1), 5.0)),
+        TE,
+        "col_indices",
+    ),
+    Bad(
+        "cols-shape",
+        layout(col_num=torch.ones(1, 2, 2, dtype=L), col_indices=torch.full((1, 2, 2, 1), 5, dtype=L)),
+        VE,
+        "col_num",
+    ),
     # from_block_map
     Bad("bm-float", from_block_map(torch.ones(1, 1, 2, 2)), EITHER, "block_map"),
     Bad("bm-list", from_block_map([[True]]), EITHER, "block_map"),
@@ -197,10 +255,19 @@ LAYOUT = [
     Bad("dense-empty", from_dense(torch.ones(0, 8, dtype=torch.bool), 4), VE, "mask"),
     # methods
     Bad("head-index", lambda: Layout.from_dense(torch.ones(1, 2, 8, 8, dtype=torch.bool), 4).head(5), VE, "index"),
-    Bad("head-index-str", lambda: Layout.from_dense(torch.ones(1, 2, 8, 8, dtype=torch.bool), 4).head("0"), VE, "index"),
+    Bad(
+        "head-index-str", lambda: Layout.from_dense(torch.ones(1, 2, 8, 8, dtype=torch.bool), 4).head("0"), VE, "index"
+    ),
     Bad("union-type", lambda: spattn.pattern("window(size=2)").layout(Q, K) | 3, TE, "Layout"),
-    Bad("union-len", lambda: spattn.pattern("window(size=2, block=4)").layout(Q, K)
-        | spattn.pattern("window(size=2, block=4)").layout(*qkv(nq=12, nk=12)[:2]), VE, "q_len"),
+    Bad(
+        "union-len",
+        lambda: (
+            spattn.pattern("window(size=2, block=4)").layout(Q, K)
+            | spattn.pattern("window(size=2, block=4)").layout(*qkv(nq=12, nk=12)[:2])
+        ),
+        VE,
+        "q_len",
+    ),
 ]
 
 TOK = torch.arange(2).expand(1, 1, 8, 2).clone()
@@ -224,7 +291,12 @@ SELECTIONS = [
     Bad("page-kvlen-neg", lambda: PageSelection(TOK, 4, 8, -8), VE, "kv_len"),
     Bad("page-shared0", lambda: PageSelection(TOK, 4, 8, 8, shared_by=0), VE, "shared_by"),
     Bad("page-shared3", lambda: PageSelection(torch.zeros(1, 2, 8, 1, dtype=L), 4, 8, 8, shared_by=3), VE, "shared_by"),
-    Bad("page-shared-differ", lambda: PageSelection(torch.tensor([[[[0]], [[1]]]]), 4, 1, 8, shared_by=2), VE, "shared_by"),
+    Bad(
+        "page-shared-differ",
+        lambda: PageSelection(torch.tensor([[[[0]], [[1]]]]), 4, 1, 8, shared_by=2),
+        VE,
+        "shared_by",
+    ),
     Bad("page-causal-int", lambda: PageSelection(TOK, 4, 8, 8, causal=1), TE, "causal"),
     Bad("page-dup", lambda: PageSelection(torch.tensor([[[[1, 1]]]]), 4, 1, 8), VE, "repeat"),
     Bad("cl-float", lambda: ClusterSelection(TOK.float(), TOK, 8, 8), TE, "query_indices"),
@@ -283,8 +355,16 @@ def test_block_larger_than_sequence_is_exact_and_small():
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.one_of(st.floats(max_value=0.0), st.just(float("nan")), st.just(float("inf")), st.booleans(),
-                 st.text(max_size=3), st.none().map(lambda _: [0.5])))
+@given(
+    st.one_of(
+        st.floats(max_value=0.0),
+        st.just(float("nan")),
+        st.just(float("inf")),
+        st.booleans(),
+        st.text(max_size=3),
+        st.none().map(lambda _: [0.5]),
+    )
+)
 def test_bad_scales_named(scale):
     with pytest.raises(ValueError) as info:
         attention(Q, K, V, scale=scale)

@@ -61,7 +61,16 @@ CLI = [
     c("lra-attention", "bench", "lra", "--attentions", "nope", fragment="nope"),
     c("lra-steps", "bench", "lra", "--steps", "-1", fragment="steps"),
     c("lra-minutes", "bench", "lra", "--max-minutes", "-1", fragment="max"),
-    c("lra-text-no-dir", "bench", "lra", "--tasks", "text", "--data-dir", "/nonexistent/lra", fragment="/nonexistent/lra"),
+    c(
+        "lra-text-no-dir",
+        "bench",
+        "lra",
+        "--tasks",
+        "text",
+        "--data-dir",
+        "/nonexistent/lra",
+        fragment="/nonexistent/lra",
+    ),
     c("mqar-seq-len", "bench", "mqar", "--seq-lens", "63", fragment="seq"),
     c("mqar-dims", "bench", "mqar", "--dims", "0", fragment="dim"),
     c("mqar-lrs", "bench", "mqar", "--lrs", "-1", fragment="lr"),
@@ -161,8 +170,15 @@ transformers = pytest.importorskip("transformers")
 def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 

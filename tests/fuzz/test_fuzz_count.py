@@ -7,10 +7,20 @@ from . import test_fuzz_mechanisms as mechanisms
 from . import test_fuzz_modules as modules
 
 TABLES = {
-    "attention": api.ATTENTION, "pattern / spec": api.PATTERN, "Layout": api.LAYOUT, "selections": api.SELECTIONS,
-    "mechanism parameters": mechanisms.ROWS, "nn layers": modules.NN, "models": modules.MODELS,
-    "approximations": modules.APPROX, "data generators": files.GENERATORS, "LRA files": files.LRA,
-    "KV cache": files.KV, "calibration files": files.CALIBRATION, "CLI": cli.CLI, "hf.sparsify": cli.SPARSIFY_IDS,
+    "attention": api.ATTENTION,
+    "pattern / spec": api.PATTERN,
+    "Layout": api.LAYOUT,
+    "selections": api.SELECTIONS,
+    "mechanism parameters": mechanisms.ROWS,
+    "nn layers": modules.NN,
+    "models": modules.MODELS,
+    "approximations": modules.APPROX,
+    "data generators": files.GENERATORS,
+    "LRA files": files.LRA,
+    "KV cache": files.KV,
+    "calibration files": files.CALIBRATION,
+    "CLI": cli.CLI,
+    "hf.sparsify": cli.SPARSIFY_IDS,
 }
 
 

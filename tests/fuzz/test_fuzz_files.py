@@ -83,13 +83,30 @@ GENERATORS = [
     Bad("mqar-n-neg", lambda: mqar.MQARDataset(-2), VE, "num_examples"),
     Bad("mqar-index", lambda: mqar.MQARDataset(2, seq_len=64, kv_pairs=4)[5], IndexError, "index 5"),
     Bad("mqar-index-str", lambda: mqar.MQARDataset(2, seq_len=64, kv_pairs=4)["0"], TE, "index"),
-    Bad("listops-index", lambda: listops.ListOpsDataset("train", 2, min_len=5, max_len=30, use_cache=False)[7], IndexError,
-        "index 7"),
-    Bad("listops-index-float", lambda: listops.ListOpsDataset("train", 2, min_len=5, max_len=30, use_cache=False)[0.5], TE,
-        "index"),
-    Bad("lra-seq-index", lambda: lra_files.SequenceDataset([np.zeros(3, np.uint8)], [0], 256, 2)[-2], IndexError, "index -2"),
-    Bad("lra-pair-index", lambda: lra_files.PairDataset([np.zeros(3, np.uint8)], [np.zeros(3, np.uint8)], [0])[1], IndexError,
-        "index 1"),
+    Bad(
+        "listops-index",
+        lambda: listops.ListOpsDataset("train", 2, min_len=5, max_len=30, use_cache=False)[7],
+        IndexError,
+        "index 7",
+    ),
+    Bad(
+        "listops-index-float",
+        lambda: listops.ListOpsDataset("train", 2, min_len=5, max_len=30, use_cache=False)[0.5],
+        TE,
+        "index",
+    ),
+    Bad(
+        "lra-seq-index",
+        lambda: lra_files.SequenceDataset([np.zeros(3, np.uint8)], [0], 256, 2)[-2],
+        IndexError,
+        "index -2",
+    ),
+    Bad(
+        "lra-pair-index",
+        lambda: lra_files.PairDataset([np.zeros(3, np.uint8)], [np.zeros(3, np.uint8)], [0])[1],
+        IndexError,
+        "index 1",
+    ),
     Bad("lra-seq-lengths", lambda: lra_files.SequenceDataset([np.zeros(3, np.uint8)], [0, 1], 256, 2), VE, "labels"),
     Bad("corpus-root-int", lambda: corpus.corpus_files(123), TE, "root"),
     Bad("mqar-rnq-str", lambda: mqar.MQARDataset(2, random_non_queries="yes"), TE, "random_non_queries"),
@@ -116,8 +133,14 @@ GENERATORS = [
     Bad("corpus-root-empty", lambda: corpus.corpus_files(folder("empty-corpus", {"a.txt": "x"})), FNF, "*.py"),
     Bad("corpus-seq-0", lambda: corpus.ByteLMDataset(seq_len=0), VE, "seq_len"),
     Bad("corpus-sampling", lambda: corpus.ByteLMDataset(sampling="shuffled"), VE, "sampling"),
-    Bad("corpus-short", lambda: corpus.ByteLMDataset("train", seq_len=10_000, root=folder("tiny-corpus", {
-        f"m{i}.py": "x = 1\n" for i in range(40)})), VE, "seq_len"),
+    Bad(
+        "corpus-short",
+        lambda: corpus.ByteLMDataset(
+            "train", seq_len=10_000, root=folder("tiny-corpus", {f"m{i}.py": "x = 1\n" for i in range(40)})
+        ),
+        VE,
+        "seq_len",
+    ),
     Bad("corpus-split-arg", lambda: corpus.ByteLMDataset("dev", seq_len=16), VE, "split"),
     Bad("needle-task", lambda: needle.make_task("haystack", 256), VE, "task"),
     Bad("needle-length-small", lambda: needle.make_task("passkey", 10), VE, "length"),
@@ -125,7 +148,9 @@ GENERATORS = [
     Bad("needle-depth-2", lambda: needle.make_task("passkey", 512, depth=2.0), VE, "depth"),
     Bad("needle-depth-nan", lambda: needle.make_task("passkey", 512, depth=math.nan), VE, "depth"),
     Bad("needle-count-const", lambda: needle.make_task("passkey", 512, count_tokens=lambda s: 0), VE, "count_tokens"),
-    Bad("needle-count-str", lambda: needle.make_task("passkey", 512, count_tokens=lambda s: "3"), EITHER, "count_tokens"),
+    Bad(
+        "needle-count-str", lambda: needle.make_task("passkey", 512, count_tokens=lambda s: "3"), EITHER, "count_tokens"
+    ),
     Bad("needle-count-none", lambda: needle.make_task("passkey", 512, count_tokens=None), TE, "count_tokens"),
     Bad("needle-keys-1", lambda: needle.niah_multikey(512, 0.5, keys=1), VE, "keys"),
     Bad("needle-haystack", lambda: needle.niah_single(512, 0.5, haystack="lorem"), VE, "haystack"),
@@ -149,6 +174,7 @@ PNG_SIG = b"\x89PNG\r\n\x1a\n"
 def png(w=4, h=4, depth=8, colour=0, rows=None, ihdr=True, compress=True):
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     raw = rows if rows is not None else b"".join(b"\x00" + bytes(range(w)) for _ in range(h))
     out = PNG_SIG
     if ihdr:
@@ -159,8 +185,10 @@ def png(w=4, h=4, depth=8, colour=0, rows=None, ihdr=True, compress=True):
 
 def cifar(data=None, labels=None, obj=None):
     if obj is None:
-        obj = {b"data": np.zeros((2, 3072), np.uint8) if data is None else data,
-               b"labels": [0, 1] if labels is None else labels}
+        obj = {
+            b"data": np.zeros((2, 3072), np.uint8) if data is None else data,
+            b"labels": [0, 1] if labels is None else labels,
+        }
     return pickle.dumps(obj)
 
 
@@ -169,8 +197,9 @@ def text_dir(name, train=GOOD_TSV, test=GOOD_TSV):
 
 
 def aan_dir(name, train=AAN_ROW, eval_=AAN_ROW, test=AAN_ROW):
-    return folder(name, {"new_aan_pairs.train.tsv": train, "new_aan_pairs.eval.tsv": eval_,
-                         "new_aan_pairs.test.tsv": test})
+    return folder(
+        name, {"new_aan_pairs.train.tsv": train, "new_aan_pairs.eval.tsv": eval_, "new_aan_pairs.test.tsv": test}
+    )
 
 
 def listops_dir(name, train="Source\tTarget\n[MAX 2 3 ]\t3\n"):
@@ -199,114 +228,324 @@ class Evil:
 LRA = [
     Bad("text-missing-dir", lambda: lra_files.load_text(ROOT / "absent"), FNF, "absent"),
     Bad("text-file-as-dir", lambda: lra_files.load_text(write("plainfile", "x")), FNF, "plainfile"),
-    Bad("text-missing-files", lambda: lra_files.load_text(folder("text-empty", {"readme": "x"})), FNF, "imdb.train.tsv"),
-    Bad("text-no-tab", lambda: lra_files.load_text(text_dir("text-notab", train="0 no tab here\n")), VE,
-        ("imdb.train.tsv", "line 1", "label<TAB>text")),
-    Bad("text-label-word", lambda: lra_files.load_text(text_dir("text-labelword", train="pos\ttext\n")), VE,
-        ("imdb.train.tsv", "line 1", "label")),
-    Bad("text-label-3", lambda: lra_files.load_text(text_dir("text-label3", test="3\ttext\n")), VE,
-        ("imdb.test.tsv", "line 1")),
-    Bad("text-label-nan", lambda: lra_files.load_text(text_dir("text-labelnan", train="nan\ttext\n")), VE,
-        ("imdb.train.tsv", "label")),
-    Bad("text-label-inf", lambda: lra_files.load_text(text_dir("text-labelinf", train="inf\ttext\n")), VE,
-        ("imdb.train.tsv", "label")),
-    Bad("text-label-frac", lambda: lra_files.load_text(text_dir("text-labelfrac", train="0.5\ttext\n")), VE,
-        ("imdb.train.tsv", "label")),
-    Bad("text-empty", lambda: lra_files.load_text(text_dir("text-emptyfile", train="")), VE, ("imdb.train.tsv", "no examples")),
-    Bad("text-not-utf8", lambda: lra_files.load_text(text_dir("text-latin1", train=b"0\tcaf\xe9\n")), VE,
-        ("imdb.train.tsv", "UTF-8")),
-    Bad("text-binary", lambda: lra_files.load_text(text_dir("text-binary", train=b"\xff\xfe\x00\x01" * 10)), VE,
-        "imdb.train.tsv"),
-    Bad("text-truncated", lambda: lra_files.load_text(text_dir("text-trunc", train=b"0\tgood movie\n1")), VE,
-        ("imdb.train.tsv", "line 2")),
+    Bad(
+        "text-missing-files", lambda: lra_files.load_text(folder("text-empty", {"readme": "x"})), FNF, "imdb.train.tsv"
+    ),
+    Bad(
+        "text-no-tab",
+        lambda: lra_files.load_text(text_dir("text-notab", train="0 no tab here\n")),
+        VE,
+        ("imdb.train.tsv", "line 1", "label<TAB>text"),
+    ),
+    Bad(
+        "text-label-word",
+        lambda: lra_files.load_text(text_dir("text-labelword", train="pos\ttext\n")),
+        VE,
+        ("imdb.train.tsv", "line 1", "label"),
+    ),
+    Bad(
+        "text-label-3",
+        lambda: lra_files.load_text(text_dir("text-label3", test="3\ttext\n")),
+        VE,
+        ("imdb.test.tsv", "line 1"),
+    ),
+    Bad(
+        "text-label-nan",
+        lambda: lra_files.load_text(text_dir("text-labelnan", train="nan\ttext\n")),
+        VE,
+        ("imdb.train.tsv", "label"),
+    ),
+    Bad(
+        "text-label-inf",
+        lambda: lra_files.load_text(text_dir("text-labelinf", train="inf\ttext\n")),
+        VE,
+        ("imdb.train.tsv", "label"),
+    ),
+    Bad(
+        "text-label-frac",
+        lambda: lra_files.load_text(text_dir("text-labelfrac", train="0.5\ttext\n")),
+        VE,
+        ("imdb.train.tsv", "label"),
+    ),
+    Bad(
+        "text-empty",
+        lambda: lra_files.load_text(text_dir("text-emptyfile", train="")),
+        VE,
+        ("imdb.train.tsv", "no examples"),
+    ),
+    Bad(
+        "text-not-utf8",
+        lambda: lra_files.load_text(text_dir("text-latin1", train=b"0\tcaf\xe9\n")),
+        VE,
+        ("imdb.train.tsv", "UTF-8"),
+    ),
+    Bad(
+        "text-binary",
+        lambda: lra_files.load_text(text_dir("text-binary", train=b"\xff\xfe\x00\x01" * 10)),
+        VE,
+        "imdb.train.tsv",
+    ),
+    Bad(
+        "text-truncated",
+        lambda: lra_files.load_text(text_dir("text-trunc", train=b"0\tgood movie\n1")),
+        VE,
+        ("imdb.train.tsv", "line 2"),
+    ),
     Bad("text-maxlen-0", lambda: lra_files.load_text(text_dir("text-ok0"), max_len=0), VE, "max_len"),
     Bad("text-maxlen-str", lambda: lra_files.load_text(text_dir("text-ok1"), max_len="9"), TE, "max_len"),
-    Bad("text-acl-missing-neg", lambda: lra_files.load_text(folder("acl1", {"aclImdb/train/pos/0.txt": "x",
-                                                                             "aclImdb/test/pos/0.txt": "x"})), FNF, "neg"),
-    Bad("text-acl-empty", lambda: lra_files.load_text(folder("acl2", {"aclImdb/train/pos/a.md": "x", "aclImdb/train/neg/a.md": "x",
-                                                                       "aclImdb/test/pos/a.md": "x", "aclImdb/test/neg/a.md": "x"})),
-        FNF, "*.txt"),
-    Bad("aan-missing", lambda: lra_files.load_retrieval(folder("aan-none", {"x": "y"})), FNF, "new_aan_pairs.train.tsv"),
-    Bad("aan-columns", lambda: lra_files.load_retrieval(aan_dir("aan-cols", train="1\tid1\ttext\n")), VE,
-        ("new_aan_pairs.train.tsv", "line 1", "5 tab-separated columns")),
-    Bad("aan-label", lambda: lra_files.load_retrieval(aan_dir("aan-label", eval_="yes\ta\tb\tc\td\n")), VE,
-        ("new_aan_pairs.eval.tsv", "label")),
-    Bad("aan-empty", lambda: lra_files.load_retrieval(aan_dir("aan-empty", test="\n\n")), VE, ("new_aan_pairs.test.tsv", "no examples")),
-    Bad("aan-not-utf8", lambda: lra_files.load_retrieval(aan_dir("aan-latin1", train=b"1\ta\tb\tcaf\xe9\td\n")), VE,
-        ("new_aan_pairs.train.tsv", "UTF-8")),
-    Bad("aan-truncated", lambda: lra_files.load_retrieval(aan_dir("aan-trunc", train=AAN_ROW + "0\tid1\tid2\tfirst")), VE,
-        ("new_aan_pairs.train.tsv", "line 2")),
-    Bad("aan-six-columns", lambda: lra_files.load_retrieval(aan_dir("aan-six", train="1\ta\tb\tc\td\te\n")), VE,
-        ("new_aan_pairs.train.tsv", "line 1")),
+    Bad(
+        "text-acl-missing-neg",
+        lambda: lra_files.load_text(folder("acl1", {"aclImdb/train/pos/0.txt": "x", "aclImdb/test/pos/0.txt": "x"})),
+        FNF,
+        "neg",
+    ),
+    Bad(
+        "text-acl-empty",
+        lambda: lra_files.load_text(
+            folder(
+                "acl2",
+                {
+                    "aclImdb/train/pos/a.md": "x",
+                    "aclImdb/train/neg/a.md": "x",
+                    "aclImdb/test/pos/a.md": "x",
+                    "aclImdb/test/neg/a.md": "x",
+                },
+            )
+        ),
+        FNF,
+        "*.txt",
+    ),
+    Bad(
+        "aan-missing", lambda: lra_files.load_retrieval(folder("aan-none", {"x": "y"})), FNF, "new_aan_pairs.train.tsv"
+    ),
+    Bad(
+        "aan-columns",
+        lambda: lra_files.load_retrieval(aan_dir("aan-cols", train="1\tid1\ttext\n")),
+        VE,
+        ("new_aan_pairs.train.tsv", "line 1", "5 tab-separated columns"),
+    ),
+    Bad(
+        "aan-label",
+        lambda: lra_files.load_retrieval(aan_dir("aan-label", eval_="yes\ta\tb\tc\td\n")),
+        VE,
+        ("new_aan_pairs.eval.tsv", "label"),
+    ),
+    Bad(
+        "aan-empty",
+        lambda: lra_files.load_retrieval(aan_dir("aan-empty", test="\n\n")),
+        VE,
+        ("new_aan_pairs.test.tsv", "no examples"),
+    ),
+    Bad(
+        "aan-not-utf8",
+        lambda: lra_files.load_retrieval(aan_dir("aan-latin1", train=b"1\ta\tb\tcaf\xe9\td\n")),
+        VE,
+        ("new_aan_pairs.train.tsv", "UTF-8"),
+    ),
+    Bad(
+        "aan-truncated",
+        lambda: lra_files.load_retrieval(aan_dir("aan-trunc", train=AAN_ROW + "0\tid1\tid2\tfirst")),
+        VE,
+        ("new_aan_pairs.train.tsv", "line 2"),
+    ),
+    Bad(
+        "aan-six-columns",
+        lambda: lra_files.load_retrieval(aan_dir("aan-six", train="1\ta\tb\tc\td\te\n")),
+        VE,
+        ("new_aan_pairs.train.tsv", "line 1"),
+    ),
     Bad("aan-maxlen", lambda: lra_files.load_retrieval(aan_dir("aan-ok"), max_len=-1), VE, "max_len"),
-    Bad("img-missing", lambda: lra_files.load_image(folder("img-none", {"data_batch_1": cifar()})), FNF, "data_batch_2"),
+    Bad(
+        "img-missing", lambda: lra_files.load_image(folder("img-none", {"data_batch_1": cifar()})), FNF, "data_batch_2"
+    ),
     Bad("img-maxlen", lambda: lra_files.load_image(ROOT, max_len=100), VE, "max_len"),
     Bad("img-not-pickle", lambda: lra_files.load_image(image_dir("img-text", b"hello world")), VE, "data_batch_1"),
     Bad("img-truncated", lambda: lra_files.load_image(image_dir("img-trunc", cifar()[:50])), VE, "data_batch_1"),
     Bad("img-empty-file", lambda: lra_files.load_image(image_dir("img-empty", b"")), VE, "data_batch_1"),
-    Bad("img-evil", lambda: lra_files.load_image(image_dir("img-evil", pickle.dumps(Evil()))), VE,
-        ("data_batch_1", "refusing")),
-    Bad("img-list", lambda: lra_files.load_image(image_dir("img-list", cifar(obj=[1, 2]))), VE, ("data_batch_1", "dict")),
-    Bad("img-no-labels", lambda: lra_files.load_image(image_dir("img-nolab", cifar(obj={b"data": 1}))), VE,
-        ("data_batch_1", "labels")),
-    Bad("img-shape", lambda: lra_files.load_image(image_dir("img-shape", cifar(data=np.zeros((2, 100), np.uint8)))), VE,
-        ("data_batch_1", "3072")),
-    Bad("img-dtype", lambda: lra_files.load_image(image_dir("img-dtype", cifar(data=np.zeros((2, 3072), np.float32)))), VE,
-        ("data_batch_1", "uint8")),
-    Bad("img-label-count", lambda: lra_files.load_image(image_dir("img-labcount", cifar(labels=[0]))), VE, "data_batch_1"),
-    Bad("img-label-range", lambda: lra_files.load_image(image_dir("img-labrange", cifar(labels=[0, 10]))), VE,
-        ("data_batch_1", "labels")),
-    Bad("img-label-str", lambda: lra_files.load_image(image_dir("img-labstr", cifar(labels=["a", "b"]))), VE,
-        ("data_batch_1", "labels")),
-    Bad("img-label-2d", lambda: lra_files.load_image(image_dir("img-lab2d", cifar(labels=[[0, 1]]))), VE,
-        ("data_batch_1", "labels")),
+    Bad(
+        "img-evil",
+        lambda: lra_files.load_image(image_dir("img-evil", pickle.dumps(Evil()))),
+        VE,
+        ("data_batch_1", "refusing"),
+    ),
+    Bad(
+        "img-list", lambda: lra_files.load_image(image_dir("img-list", cifar(obj=[1, 2]))), VE, ("data_batch_1", "dict")
+    ),
+    Bad(
+        "img-no-labels",
+        lambda: lra_files.load_image(image_dir("img-nolab", cifar(obj={b"data": 1}))),
+        VE,
+        ("data_batch_1", "labels"),
+    ),
+    Bad(
+        "img-shape",
+        lambda: lra_files.load_image(image_dir("img-shape", cifar(data=np.zeros((2, 100), np.uint8)))),
+        VE,
+        ("data_batch_1", "3072"),
+    ),
+    Bad(
+        "img-dtype",
+        lambda: lra_files.load_image(image_dir("img-dtype", cifar(data=np.zeros((2, 3072), np.float32)))),
+        VE,
+        ("data_batch_1", "uint8"),
+    ),
+    Bad(
+        "img-label-count",
+        lambda: lra_files.load_image(image_dir("img-labcount", cifar(labels=[0]))),
+        VE,
+        "data_batch_1",
+    ),
+    Bad(
+        "img-label-range",
+        lambda: lra_files.load_image(image_dir("img-labrange", cifar(labels=[0, 10]))),
+        VE,
+        ("data_batch_1", "labels"),
+    ),
+    Bad(
+        "img-label-str",
+        lambda: lra_files.load_image(image_dir("img-labstr", cifar(labels=["a", "b"]))),
+        VE,
+        ("data_batch_1", "labels"),
+    ),
+    Bad(
+        "img-label-2d",
+        lambda: lra_files.load_image(image_dir("img-lab2d", cifar(labels=[[0, 1]]))),
+        VE,
+        ("data_batch_1", "labels"),
+    ),
     Bad("cifar-missing", lambda: lra_files.read_cifar_batch(ROOT / "no_batch"), FNF, "no_batch"),
-    Bad("listops-header", lambda: lra_files.load_listops(listops_dir("lo-header", "src\ttgt\n")), VE,
-        ("basic_train.tsv", "header")),
-    Bad("listops-columns", lambda: lra_files.load_listops(listops_dir("lo-cols", "Source\tTarget\n[MAX 2 ]\n")), VE,
-        ("basic_train.tsv", "line 2")),
-    Bad("listops-token", lambda: lra_files.load_listops(listops_dir("lo-token", "Source\tTarget\n[FOO 2 ]\t2\n")), VE,
-        ("basic_train.tsv", "line 2", "FOO")),
-    Bad("listops-label", lambda: lra_files.load_listops(listops_dir("lo-label", "Source\tTarget\n[MAX 2 ]\t12\n")), VE,
-        ("basic_train.tsv", "line 2", "label")),
-    Bad("listops-not-utf8", lambda: lra_files.load_listops(listops_dir("lo-latin1", b"Source\tTarget\n[MAX \xe9 ]\t2\n")), VE,
-        ("basic_train.tsv", "UTF-8")),
-    Bad("listops-empty-file", lambda: lra_files.load_listops(listops_dir("lo-empty", "")), VE, ("basic_train.tsv", "header")),
+    Bad(
+        "listops-header",
+        lambda: lra_files.load_listops(listops_dir("lo-header", "src\ttgt\n")),
+        VE,
+        ("basic_train.tsv", "header"),
+    ),
+    Bad(
+        "listops-columns",
+        lambda: lra_files.load_listops(listops_dir("lo-cols", "Source\tTarget\n[MAX 2 ]\n")),
+        VE,
+        ("basic_train.tsv", "line 2"),
+    ),
+    Bad(
+        "listops-token",
+        lambda: lra_files.load_listops(listops_dir("lo-token", "Source\tTarget\n[FOO 2 ]\t2\n")),
+        VE,
+        ("basic_train.tsv", "line 2", "FOO"),
+    ),
+    Bad(
+        "listops-label",
+        lambda: lra_files.load_listops(listops_dir("lo-label", "Source\tTarget\n[MAX 2 ]\t12\n")),
+        VE,
+        ("basic_train.tsv", "line 2", "label"),
+    ),
+    Bad(
+        "listops-not-utf8",
+        lambda: lra_files.load_listops(listops_dir("lo-latin1", b"Source\tTarget\n[MAX \xe9 ]\t2\n")),
+        VE,
+        ("basic_train.tsv", "UTF-8"),
+    ),
+    Bad(
+        "listops-empty-file",
+        lambda: lra_files.load_listops(listops_dir("lo-empty", "")),
+        VE,
+        ("basic_train.tsv", "header"),
+    ),
     Bad("listops-maxlen", lambda: lra_files.load_listops(listops_dir("lo-ok"), max_len=0), VE, "max_len"),
     Bad("listops-missing", lambda: lra_files.load_listops(ROOT / "lo-absent"), FNF, "lo-absent"),
     Bad("pf-resolution", lambda: lra_files.load_pathfinder(ROOT, resolution=48), VE, "resolution"),
     Bad("pf-maxlen", lambda: lra_files.load_pathfinder(ROOT, max_len=10), VE, "max_len"),
     Bad("pf-missing", lambda: lra_files.load_pathfinder(ROOT / "pf-absent"), FNF, "pf-absent"),
-    Bad("pf-no-meta-files", lambda: lra_files.load_pathfinder(folder("pf-nometa", {
-        "pathfinder32/curv_contour_length_14/metadata/readme.txt": "x"})), FNF, "metadata"),
-    Bad("pf-meta-fields", lambda: lra_files.load_pathfinder(pathfinder_dir("pf-fields", "imgs/0 sample_0.png\n")), VE,
-        ("0.npy", "line 1", "4")),
-    Bad("pf-meta-not-utf8", lambda: lra_files.load_pathfinder(pathfinder_dir("pf-latin1", b"imgs/0 sample_\xe9.png 0 1\n")), VE,
-        ("0.npy", "UTF-8")),
-    Bad("pf-meta-label", lambda: lra_files.load_pathfinder(pathfinder_dir("pf-label", "imgs/0 sample_0.png 0 7\n")), VE,
-        ("0.npy", "label")),
-    Bad("pf-image-missing", lambda: lra_files.load_pathfinder(pathfinder_dir("pf-noimg", "imgs/0 sample_9.png 0 1\n")), FNF,
-        "sample_9.png"),
-    Bad("pf-image-size", lambda: lra_files.load_pathfinder(pathfinder_dir("pf-size", "imgs/0 sample_0.png 0 1\n",
-                                                                         {"imgs/0/sample_0.png": png(8, 8)})), VE,
-        ("sample_0.png", "32x32")),
-    Bad("pf-image-escape", lambda: lra_files.load_pathfinder(pathfinder_dir("pf-escape", "../../../../../etc passwd 0 1\n")), VE,
-        "passwd"),
-    Bad("pf-all-empty", lambda: lra_files.load_pathfinder(pathfinder_dir("pf-black", "imgs/0 sample_0.png 0 1\n", {
-        "imgs/0/sample_0.png": png(32, 32, rows=b"".join(b"\x00" + bytes(32) for _ in range(32)))})), VE, "non-empty"),
+    Bad(
+        "pf-no-meta-files",
+        lambda: lra_files.load_pathfinder(
+            folder("pf-nometa", {"pathfinder32/curv_contour_length_14/metadata/readme.txt": "x"})
+        ),
+        FNF,
+        "metadata",
+    ),
+    Bad(
+        "pf-meta-fields",
+        lambda: lra_files.load_pathfinder(pathfinder_dir("pf-fields", "imgs/0 sample_0.png\n")),
+        VE,
+        ("0.npy", "line 1", "4"),
+    ),
+    Bad(
+        "pf-meta-not-utf8",
+        lambda: lra_files.load_pathfinder(pathfinder_dir("pf-latin1", b"imgs/0 sample_\xe9.png 0 1\n")),
+        VE,
+        ("0.npy", "UTF-8"),
+    ),
+    Bad(
+        "pf-meta-label",
+        lambda: lra_files.load_pathfinder(pathfinder_dir("pf-label", "imgs/0 sample_0.png 0 7\n")),
+        VE,
+        ("0.npy", "label"),
+    ),
+    Bad(
+        "pf-image-missing",
+        lambda: lra_files.load_pathfinder(pathfinder_dir("pf-noimg", "imgs/0 sample_9.png 0 1\n")),
+        FNF,
+        "sample_9.png",
+    ),
+    Bad(
+        "pf-image-size",
+        lambda: lra_files.load_pathfinder(
+            pathfinder_dir("pf-size", "imgs/0 sample_0.png 0 1\n", {"imgs/0/sample_0.png": png(8, 8)})
+        ),
+        VE,
+        ("sample_0.png", "32x32"),
+    ),
+    Bad(
+        "pf-image-escape",
+        lambda: lra_files.load_pathfinder(pathfinder_dir("pf-escape", "../../../../../etc passwd 0 1\n")),
+        VE,
+        "passwd",
+    ),
+    Bad(
+        "pf-all-empty",
+        lambda: lra_files.load_pathfinder(
+            pathfinder_dir(
+                "pf-black",
+                "imgs/0 sample_0.png 0 1\n",
+                {"imgs/0/sample_0.png": png(32, 32, rows=b"".join(b"\x00" + bytes(32) for _ in range(32)))},
+            )
+        ),
+        VE,
+        "non-empty",
+    ),
     Bad("png-missing", lambda: lra_files.read_png_gray(ROOT / "none.png"), FNF, "none.png"),
     Bad("png-not-png", lambda: lra_files.read_png_gray(write("fake.png", b"GIF89a....")), VE, ("fake.png", "PNG")),
     Bad("png-empty", lambda: lra_files.read_png_gray(write("empty.png", b"")), VE, "empty.png"),
-    Bad("png-no-ihdr", lambda: lra_files.read_png_gray(write("noihdr.png", png(ihdr=False))), VE, ("noihdr.png", "IHDR")),
+    Bad(
+        "png-no-ihdr", lambda: lra_files.read_png_gray(write("noihdr.png", png(ihdr=False))), VE, ("noihdr.png", "IHDR")
+    ),
     Bad("png-rgb", lambda: lra_files.read_png_gray(write("rgb.png", png(colour=2))), VE, ("rgb.png", "greyscale")),
     Bad("png-16bit", lambda: lra_files.read_png_gray(write("deep.png", png(depth=16))), VE, ("deep.png", "bit depth")),
-    Bad("png-corrupt-zlib", lambda: lra_files.read_png_gray(write("zlib.png", png(compress=False))), VE, ("zlib.png", "corrupt")),
-    Bad("png-short-data", lambda: lra_files.read_png_gray(write("short.png", png(rows=b"\x00\x01"))), VE, ("short.png", "bytes")),
-    Bad("png-filter", lambda: lra_files.read_png_gray(write("filter.png", png(rows=b"\x07" + bytes(4) + b"\x00" * 15))), VE,
-        ("filter.png", "filter")),
+    Bad(
+        "png-corrupt-zlib",
+        lambda: lra_files.read_png_gray(write("zlib.png", png(compress=False))),
+        VE,
+        ("zlib.png", "corrupt"),
+    ),
+    Bad(
+        "png-short-data",
+        lambda: lra_files.read_png_gray(write("short.png", png(rows=b"\x00\x01"))),
+        VE,
+        ("short.png", "bytes"),
+    ),
+    Bad(
+        "png-filter",
+        lambda: lra_files.read_png_gray(write("filter.png", png(rows=b"\x07" + bytes(4) + b"\x00" * 15))),
+        VE,
+        ("filter.png", "filter"),
+    ),
     Bad("png-truncated", lambda: lra_files.read_png_gray(write("trunc.png", png()[:30])), VE, "trunc.png"),
-    Bad("png-huge-header", lambda: lra_files.read_png_gray(write("huge.png", png(w=100_000, h=100_000, rows=b"\x00"))), VE,
-        "huge.png"),
+    Bad(
+        "png-huge-header",
+        lambda: lra_files.read_png_gray(write("huge.png", png(w=100_000, h=100_000, rows=b"\x00"))),
+        VE,
+        "huge.png",
+    ),
     Bad("png-directory", lambda: lra_files.read_png_gray(ROOT), FNF, str(ROOT)),
 ]
 
@@ -352,8 +591,12 @@ KV = [
 
 
 def calibration(name, content) -> str:
-    return str(write(f"calib/{name}.json", content if isinstance(content, bytes) else
-                     (content if isinstance(content, str) else json.dumps(content))))
+    return str(
+        write(
+            f"calib/{name}.json",
+            content if isinstance(content, bytes) else (content if isinstance(content, str) else json.dumps(content)),
+        )
+    )
 
 
 def ds(name, content):
@@ -390,31 +633,64 @@ CALIBRATION = [
     Bad("ds-entry-int", ds("entryint", {"layers": [3]}), VE, ("entryint.json", "layer")),
     Bad("ds-no-sum", ds("nosum", {"layers": [{"layer": 0, "count": 1}]}), VE, ("nosum.json", "sum")),
     Bad("ds-no-count", ds("nocount", {"layers": [{"layer": 0, "sum": [[1.0]]}]}), VE, ("nocount.json", "count")),
-    Bad("ds-no-layer-key", ds("nolayerkey", {"layers": [{"sum": [[1.0]], "count": 1}]}), VE, ("nolayerkey.json", "layer")),
+    Bad(
+        "ds-no-layer-key",
+        ds("nolayerkey", {"layers": [{"sum": [[1.0]], "count": 1}]}),
+        VE,
+        ("nolayerkey.json", "layer"),
+    ),
     Bad("ds-sum-1d", ds("sum1d", {"layers": [dict(GOOD_ENTRY, sum=[1.0, 2.0])]}), VE, ("sum1d.json", "sum")),
-    Bad("ds-sum-ragged", ds("ragged", {"layers": [dict(GOOD_ENTRY, sum=[[1.0, 2.0], [1.0]])]}), VE, ("ragged.json", "sum")),
+    Bad(
+        "ds-sum-ragged",
+        ds("ragged", {"layers": [dict(GOOD_ENTRY, sum=[[1.0, 2.0], [1.0]])]}),
+        VE,
+        ("ragged.json", "sum"),
+    ),
     Bad("ds-sum-str", ds("sumstr", {"layers": [dict(GOOD_ENTRY, sum=[["a", "b"]])]}), VE, ("sumstr.json", "sum")),
-    Bad("ds-sum-nan", ds("sumnan", '{"layers": [{"layer": 0, "sum": [[NaN, 1.0]], "count": 1}]}'), VE, ("sumnan.json", "sum")),
+    Bad(
+        "ds-sum-nan",
+        ds("sumnan", '{"layers": [{"layer": 0, "sum": [[NaN, 1.0]], "count": 1}]}'),
+        VE,
+        ("sumnan.json", "sum"),
+    ),
     Bad("ds-sum-neg", ds("sumneg", {"layers": [dict(GOOD_ENTRY, sum=[[-1.0, 2.0]])]}), VE, ("sumneg.json", "sum")),
     Bad("ds-sum-empty", ds("sumempty", {"layers": [dict(GOOD_ENTRY, sum=[[]])]}), VE, ("sumempty.json", "sum")),
     Bad("ds-count-0", ds("count0", {"layers": [dict(GOOD_ENTRY, count=0)]}), VE, ("count0.json", "count")),
     Bad("ds-count-str", ds("countstr", {"layers": [dict(GOOD_ENTRY, count="many")]}), VE, ("countstr.json", "count")),
-    Bad("ds-count-float", ds("countfloat", {"layers": [dict(GOOD_ENTRY, count=2.5)]}), VE, ("countfloat.json", "count")),
+    Bad(
+        "ds-count-float", ds("countfloat", {"layers": [dict(GOOD_ENTRY, count=2.5)]}), VE, ("countfloat.json", "count")
+    ),
     Bad("ds-layer-list", ds("layerlist", {"layers": [dict(GOOD_ENTRY, layer=[0])]}), VE, ("layerlist.json", "layer")),
     Bad("ds-layer-dup", ds("layerdup", {"layers": [GOOD_ENTRY, GOOD_ENTRY]}), VE, ("layerdup.json", "layer")),
-    Bad("ds-layer-float", ds("layerfloat", {"layers": [dict(GOOD_ENTRY, layer=1.5)]}), VE, ("layerfloat.json", "layer")),
+    Bad(
+        "ds-layer-float", ds("layerfloat", {"layers": [dict(GOOD_ENTRY, layer=1.5)]}), VE, ("layerfloat.json", "layer")
+    ),
     Bad("ds-wrong-head-dim", use_wrong_head_dim, VE, ("head dim", "4")),
     Bad("ds-wrong-heads", use_wrong_heads, VE, "query heads"),
     Bad("ds-path-int", lambda: DoubleSparsity(calibration=3), TE, "calibration"),
     Bad("ds-save-dir", lambda: calibrated_for_d4().save(ROOT), (OSError, ValueError), str(ROOT)),
     Bad("ds-load-state-list", lambda: DoubleSparsity().load_state_dict([]), VE, "layers"),
     Bad("ds-load-state-entry", lambda: DoubleSparsity().load_state_dict({"layers": [{"layer": 0}]}), VE, "sum"),
-    Bad("ds-not-calibrated", lambda: DoubleSparsity(budget=2).select(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 16, 4)), VE,
-        "not calibrated"),
-    Bad("ds-unknown-layer", lambda: calibrated_for_d4().select(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 16, 4), state=LayerState(None, 5)), VE,
-        "layer 5"),
-    Bad("ds-calibrate-shape", lambda: calibrated_for_d4().calibrate(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), layer=0),
-        VE, "layer 0"),
+    Bad(
+        "ds-not-calibrated",
+        lambda: DoubleSparsity(budget=2).select(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 16, 4)),
+        VE,
+        "not calibrated",
+    ),
+    Bad(
+        "ds-unknown-layer",
+        lambda: calibrated_for_d4().select(
+            torch.randn(1, 2, 1, 4), torch.randn(1, 2, 16, 4), state=LayerState(None, 5)
+        ),
+        VE,
+        "layer 5",
+    ),
+    Bad(
+        "ds-calibrate-shape",
+        lambda: calibrated_for_d4().calibrate(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), layer=0),
+        VE,
+        "layer 0",
+    ),
 ]
 
 
@@ -475,9 +751,14 @@ def test_random_bytes_as_cifar_batch(tmp_path, data):
     check_message(info.value, "data_batch_1")
 
 
-JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False) | st.text(max_size=3),
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
-                               st.sampled_from(["layers", "layer", "sum", "count"]), inner, max_size=4), max_leaves=12)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False) | st.text(max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["layers", "layer", "sum", "count"]), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -62,8 +62,9 @@ def _rows():
             default = required.get(p.name, p.default)
             for label, bad in _bad_values(default):
                 kwargs = dict(required, **{p.name: bad})
-                rows.append(Bad(f"{mech.name}-{p.name}-{label}", _build(mech.name, kwargs), (TypeError, ValueError),
-                                p.name))
+                rows.append(
+                    Bad(f"{mech.name}-{p.name}-{label}", _build(mech.name, kwargs), (TypeError, ValueError), p.name)
+                )
     return rows
 
 
@@ -77,5 +78,7 @@ def test_mechanism_parameter_rejected(row):
 
 def test_every_mechanism_has_rows():
     named = {row.id.split("-")[0] for row in ROWS}
-    no_params = {m.name for m in registry.mechanisms() if not [p for p in m.parameters() if p not in CONTEXT_PARAMETERS]}
+    no_params = {
+        m.name for m in registry.mechanisms() if not [p for p in m.parameters() if p not in CONTEXT_PARAMETERS]
+    }
     assert named | no_params >= {m.name for m in registry.mechanisms()}

@@ -102,8 +102,12 @@ NN = [
     Bad("ema-x", fwd(EMA, X[..., :8]), VE, "x"),
     Bad("ema-mask", fwd(EMA, X, torch.ones(2, 7, dtype=torch.bool)), VE, "padding_mask"),
     Bad("routing-x-int", fwd(RoutingAttention(16, 2, window=4), X.long()), TE, "x"),
-    Bad("routing-kpm-shape", fwd(RoutingAttention(16, 2, window=4), X, torch.ones(2, 7, dtype=torch.bool)), VE,
-        "key_padding_mask"),
+    Bad(
+        "routing-kpm-shape",
+        fwd(RoutingAttention(16, 2, window=4), X, torch.ones(2, 7, dtype=torch.bool)),
+        VE,
+        "key_padding_mask",
+    ),
     Bad("seqboat-kpm-float", fwd(SeqBoat(dim=16, max_len=16), X, torch.ones(2, 8)), TE, "key_padding_mask"),
     Bad("sqa-x-int", fwd(SQA, X.long()), TE, "x"),
     Bad("sqa-kpm-float", fwd(SQA, X, torch.ones(2, 8)), TE, "key_padding_mask"),
@@ -116,7 +120,9 @@ NN = [
     Bad("attn-x-empty-batch", fwd(WIN, X[:0]), VE, "x"),
     Bad("block-x-empty", fwd(BLOCK, X[:, :0]), VE, "x"),
     Bad("ema-recurrent-state", lambda: EMA.recurrent(X, torch.zeros(3, 3)), VE, "state"),
-    Bad("ema-recurrent-bidirectional", lambda: MultiHeadEMA(16, 4, bidirectional=True).recurrent(X), VE, "bidirectional"),
+    Bad(
+        "ema-recurrent-bidirectional", lambda: MultiHeadEMA(16, 4, bidirectional=True).recurrent(X), VE, "bidirectional"
+    ),
     Bad("build-mech-context", lambda: build_mechanism("dense", width=3), VE, "context"),
     Bad("build-mech-int", lambda: build_mechanism(3), TE, "attention"),
     Bad("build-mech-unknown", lambda: build_mechanism("nope(x=1)"), VE, "nope"),
@@ -196,11 +202,19 @@ def test_models_reject(row):
 def test_spattn_nn_all_entry_points_covered():
     names = {r.id.split("-")[0] for r in NN}
     assert {"attn", "block", "sqa", "routing", "seqboat", "ema", "build", "positions", "rotary"} <= names
-    assert set(spattn.nn.__all__) <= {"Attention", "build_mechanism", "TransformerBlock", "MLP", "RoutingAttention",
-                                      "SeqBoat", "SparseQueryAttention"}
+    assert set(spattn.nn.__all__) <= {
+        "Attention",
+        "build_mechanism",
+        "TransformerBlock",
+        "MLP",
+        "RoutingAttention",
+        "SeqBoat",
+        "SparseQueryAttention",
+    }
 
 
 # ------------------------------------------------------------------ approximations called directly (generated rows)
+
 
 def _approx_rows():
     from spattn import registry

@@ -21,8 +21,15 @@ from spattn.nn import Attention
 from ._table import time_limit
 
 CLEAR = (ValueError, TypeError)
-SPECS = [None, "window(size=2, block=4)", "topk(k=2)", "bigbird(block=4, window=1, globals=1, random=1)",
-         "block_topk(k=1, block=4)", "xattention(threshold=0.9, block=4, stride=2)", "quest(page=2, budget=3)"]
+SPECS = [
+    None,
+    "window(size=2, block=4)",
+    "topk(k=2)",
+    "bigbird(block=4, window=1, globals=1, random=1)",
+    "block_topk(k=1, block=4)",
+    "xattention(threshold=0.9, block=4, stride=2)",
+    "quest(page=2, budget=3)",
+]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.int64, torch.bool]
 sizes = st.integers(0, 3)
 shape4 = st.tuples(sizes, sizes, st.integers(0, 9), sizes)
@@ -35,8 +42,15 @@ def tensor(shape, dtype):
 
 
 @settings(max_examples=80, deadline=None)
-@given(qs=any_shape, ks=any_shape, vs=any_shape, dtypes=st.tuples(*[st.sampled_from(DTYPES)] * 3),
-       spec=st.sampled_from(SPECS), causal=st.booleans(), backend=st.sampled_from(["auto", "reference", "blocksparse"]))
+@given(
+    qs=any_shape,
+    ks=any_shape,
+    vs=any_shape,
+    dtypes=st.tuples(*[st.sampled_from(DTYPES)] * 3),
+    spec=st.sampled_from(SPECS),
+    causal=st.booleans(),
+    backend=st.sampled_from(["auto", "reference", "blocksparse"]),
+)
 def test_attention_random_shapes(qs, ks, vs, dtypes, spec, causal, backend):
     q, k, v = (tensor(s, d) for s, d in zip((qs, ks, vs), dtypes))
     with time_limit(10):
@@ -52,8 +66,17 @@ small_ints = st.integers(-2, 5)
 
 
 @settings(max_examples=80, deadline=None)
-@given(nqb=st.integers(0, 3), slots=st.integers(0, 3), b=st.integers(1, 2), h=st.integers(1, 2),
-       q_len=small_ints, kv_len=small_ints, block=small_ints, seed=st.integers(0, 9), full=st.booleans())
+@given(
+    nqb=st.integers(0, 3),
+    slots=st.integers(0, 3),
+    b=st.integers(1, 2),
+    h=st.integers(1, 2),
+    q_len=small_ints,
+    kv_len=small_ints,
+    block=small_ints,
+    seed=st.integers(0, 9),
+    full=st.booleans(),
+)
 def test_layout_random_tables(nqb, slots, b, h, q_len, kv_len, block, seed, full):
     g = torch.Generator().manual_seed(seed)
     num = torch.randint(-1, slots + 2, (b, h, nqb), generator=g)
@@ -69,7 +92,9 @@ def test_layout_random_tables(nqb, slots, b, h, q_len, kv_len, block, seed, full
 
 
 @settings(max_examples=60, deadline=None)
-@given(shape=any_shape, q_len=small_ints, kv_len=small_ints, block=small_ints, cols=st.booleans(), seed=st.integers(0, 9))
+@given(
+    shape=any_shape, q_len=small_ints, kv_len=small_ints, block=small_ints, cols=st.booleans(), seed=st.integers(0, 9)
+)
 def test_from_block_map_random(shape, q_len, kv_len, block, cols, seed):
     g = torch.Generator().manual_seed(seed)
     bm = torch.rand(shape, generator=g) > 0.5 if shape else torch.tensor(True)
@@ -82,7 +107,9 @@ def test_from_block_map_random(shape, q_len, kv_len, block, cols, seed):
 
 
 @settings(max_examples=60, deadline=None)
-@given(shape=any_shape, q_len=small_ints, kv_len=small_ints, page=small_ints, seed=st.integers(0, 9), pages=st.booleans())
+@given(
+    shape=any_shape, q_len=small_ints, kv_len=small_ints, page=small_ints, seed=st.integers(0, 9), pages=st.booleans()
+)
 def test_selections_random(shape, q_len, kv_len, page, seed, pages):
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(-2, 6, shape, generator=g) if shape else torch.tensor(1)
@@ -95,15 +122,18 @@ def test_selections_random(shape, q_len, kv_len, page, seed, pages):
     assert int(sel.pair_counts().sum()) == int(dense.sum())
 
 
-junk = st.one_of(st.integers(-3, 70), st.floats(-2, 3), st.just(float("nan")), st.booleans(), st.none(), st.text(max_size=3))
+junk = st.one_of(
+    st.integers(-3, 70), st.floats(-2, 3), st.just(float("nan")), st.booleans(), st.none(), st.text(max_size=3)
+)
 
 
 @settings(max_examples=60, deadline=None)
 @given(dim=junk, heads=junk, kv_heads=junk, head_dim=junk, dropout=junk, max_len=junk)
 def test_nn_attention_random_arguments(dim, heads, kv_heads, head_dim, dropout, max_len):
     try:
-        layer = Attention(dim, heads, "window(size=2)", kv_heads=kv_heads, head_dim=head_dim, dropout=dropout,
-                          max_len=max_len)
+        layer = Attention(
+            dim, heads, "window(size=2)", kv_heads=kv_heads, head_dim=head_dim, dropout=dropout, max_len=max_len
+        )
     except CLEAR:
         return
     x = torch.randn(1, 5, dim)
@@ -132,8 +162,11 @@ def model_vocab(model):
 
 
 @settings(max_examples=40, deadline=None)
-@given(steps=st.lists(st.tuples(st.integers(0, 1), shape4, st.sampled_from([torch.float32, torch.float64])), min_size=1,
-                      max_size=4))
+@given(
+    steps=st.lists(
+        st.tuples(st.integers(0, 1), shape4, st.sampled_from([torch.float32, torch.float64])), min_size=1, max_size=4
+    )
+)
 def test_kvcache_random_appends(steps):
     cache = KVCache()
     for layer, shape, dtype in steps:
