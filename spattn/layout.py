@@ -502,6 +502,43 @@ class Layout:
         return out.expand(self.batch, self.heads, self.q_len, self.kv_len).clone()
 
     # ------------------------------------------------------------------ statistics
+    def partial_tiles(self) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor, Tensor]:
+        """The partial tiles (valid slots not marked ``full``), each distinct mask once.
+
+        Returns ``((b, h, qb, slot, kb), inverse, rep)``: the P partial tiles' coordinates (long
+        ``[P]`` each), ``inverse [P]`` the distinct mask of each tile and ``rep [U]`` one tile (an index
+        into P) per distinct mask. With a :func:`translation_invariant` ``mask_mod`` the tiles of one
+        (batch, head) at the same block offset share a mask unless a sequence end cuts them
+        differently; otherwise every tile is its own.
+        """
+        dev = self.device
+        bq, bk = self.block_q, self.block_k
+        b, h, qb, s = (self.valid_slots() & ~self.full).nonzero(as_tuple=True)
+        kb = self.kv_indices[b, h, qb, s]
+        if getattr(self.mask_mod, "translation_invariant", False) and b.numel() > 0:
+            rows = (self.q_len - qb * bq).clamp(max=bq)
+            cols = (self.kv_len - kb * bk).clamp(max=bk)
+            key = torch.stack([b, h, kb * bk - qb * bq, rows, cols], dim=1)
+            unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+            rep = torch.empty(unique.shape[0], dtype=torch.long, device=dev)
+            rep.scatter_(0, inverse, torch.arange(b.numel(), device=dev))
+        else:
+            inverse = rep = torch.arange(b.numel(), device=dev)
+        return (b, h, qb, s, kb), inverse, rep
+
+    def tile_masks(self, b: Tensor, h: Tensor, qb: Tensor, kb: Tensor) -> Tensor:
+        """bool ``[T, block_q, block_k]``: ``mask_mod`` on tiles (b, h, qb, kb) (long ``[T]`` each).
+        Rows / columns past the sequence ends repeat the last position's value (callers cut them)."""
+        dev = self.device
+        if b.numel() == 0:
+            return torch.zeros(0, self.block_q, self.block_k, dtype=torch.bool, device=dev)
+        q_idx = (qb * self.block_q).view(-1, 1, 1) + torch.arange(self.block_q, device=dev).view(1, -1, 1)
+        kv_idx = (kb * self.block_k).view(-1, 1, 1) + torch.arange(self.block_k, device=dev).view(1, 1, -1)
+        masks = self.mask_mod(
+            b.view(-1, 1, 1), h.view(-1, 1, 1), q_idx.clamp(max=self.q_len - 1), kv_idx.clamp(max=self.kv_len - 1)
+        )
+        return masks.expand(b.numel(), self.block_q, self.block_k).to(torch.bool)
+
     def pair_counts(self, chunk_elems: int = 1 << 22) -> Tensor:
         """long ``[B', H', Nq]``: keys computed per query, without an Nq x Nk tensor."""
         dev = self.device
@@ -511,20 +548,15 @@ class Layout:
         valid = self.valid_slots()
         rows = torch.zeros(self.batch, self.heads, nqb, bq, dtype=torch.long, device=dev)  # per query row
         rows += (k_sizes[self.kv_indices] * (valid & self.full)).sum(-1)[..., None]
-        partial = valid & ~self.full
-        tiles = partial.nonzero()  # [P, 4]: b, h, qb, slot
+        (b, h, qb, _, kb), inverse, rep = self.partial_tiles()
+        # keys per row of each distinct mask, evaluated in chunks, then spread over the tiles sharing it
+        per_mask = torch.empty(rep.numel(), bq, dtype=torch.long, device=dev)
         step = max(1, chunk_elems // (bq * bk))
-        for start in range(0, tiles.shape[0], step):
-            t = tiles[start : start + step]
-            b, h, qb = t[:, 0], t[:, 1], t[:, 2]
-            kb = self.kv_indices[b, h, qb, t[:, 3]]
-            q = qb[:, None, None] * bq + torch.arange(bq, device=dev).view(1, -1, 1)
-            kv = kb[:, None, None] * bk + torch.arange(bk, device=dev).view(1, 1, -1)
-            ok = self.mask_mod(
-                b[:, None, None], h[:, None, None], q.clamp(max=self.q_len - 1), kv.clamp(max=self.kv_len - 1)
-            )
-            ok = ok & (kv < self.kv_len)
-            rows.index_put_((b, h, qb), ok.expand(t.shape[0], bq, bk).sum(-1), accumulate=True)
+        for start in range(0, rep.numel(), step):
+            r = rep[start : start + step]
+            inside = (kb[r] * bk).view(-1, 1, 1) + torch.arange(bk, device=dev).view(1, 1, -1) < self.kv_len
+            per_mask[start : start + step] = (self.tile_masks(b[r], h[r], qb[r], kb[r]) & inside).sum(-1)
+        rows.index_put_((b, h, qb), per_mask[inverse], accumulate=True)
         if self.has_columns:
             cols = self.valid_columns().nonzero()
             step = max(1, chunk_elems // bq)
