@@ -147,3 +147,13 @@ def test_the_sibling_check_sees_relative_imports(tmp_path):
     path.write_text(tree_src)
     found = {dst for dst, _ in _imports("spattn.patterns.probe", path)}
     assert {"spattn.patterns.static", "spattn.patterns.topk", "spattn.patterns.seer"} <= found
+
+
+def test_pattern_references_are_independent_oracles():
+    """The brute-force references under ``spattn/patterns/reference/`` import nothing of spattn outside
+    that folder: an oracle built on the code it checks would check nothing."""
+    root = "spattn.patterns.reference"
+    refs = {m for m in MODULES if m == root or m.startswith(root + ".")}
+    assert len(refs) > 3
+    bad = sorted({(a, b) for a, b, _ in EDGES if a in refs and b.split(".")[0] == "spattn" and b not in refs})
+    assert not bad, f"a pattern reference imports package code: {bad}"
