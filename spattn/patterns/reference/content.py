@@ -40,7 +40,8 @@ def brute_topk(q, k, kk, causal, ties, kpm=None):
 
 def brute_topp(q, k, p, causal, kpm=None, scale=None):
     """Top-p (Twilight, Lin et al. 2025). Per query: softmax (fp64) over the allowed keys, keys ranked
-    by descending weight (lower index first), each kept while the weight ranked ahead of it is below p."""
+    by descending weight (lower index first), each kept while the weight ranked ahead of it is below p.
+    With ``Nq == Nk`` a padded query (``kpm`` False) keeps no key."""
     batch, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     scale = 1 / math.sqrt(dim) if scale is None else scale
@@ -49,6 +50,8 @@ def brute_topp(q, k, p, causal, kpm=None, scale=None):
         for h in range(hq):
             s = (q[b, h].double() @ k[b, h // (hq // hkv)].double().T * scale).tolist()
             for i in range(nq):
+                if kpm is not None and nq == nk and not kpm[b, i]:
+                    continue
                 allowed = [j for j in range(nk) if _visible(i, j, nq, nk, causal) and (kpm is None or kpm[b, j])]
                 if not allowed:
                     continue
