@@ -386,11 +386,8 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
     """
     import torch.nn.functional as F
 
-    from ..functional import attention
-    from ..kernels.blocksparse import blocksparse_attention
-    from ..layout import Layout
+    from ..functional import backend_for, backends_for, kernel_for
     from ..patterns import Pattern
-    from ..selection import TokenSelection
 
     cfg = config or SpeedConfig()
     cfg.validate()
@@ -452,9 +449,12 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
                 t0 = time.perf_counter()
                 layout = mech.select(q, k, causal=cfg.causal)
                 rec["layout_s"] = time.perf_counter() - t0
-                rec["kernel"] = {Layout: "blocksparse", TokenSelection: "tokensparse"}.get(type(layout), "clustered")
+                # block Layouts run on the block-sparse kernel (tiles are its cost); other kinds on their own
+                on_blocks = backend_for(layout, "blocksparse") == "blocksparse"
+                kernel = kernel_for(layout, "blocksparse" if on_blocks else "auto")
+                rec["kernel"] = kernel.name
                 rec["density"] = layout.density()
-                rec["block_density"] = layout.block_density() if isinstance(layout, Layout) else None
+                rec["block_density"] = layout.block_density() if on_blocks else None
                 log(f"N={n} {spec}: density {rec['density']:.4f}")
             else:  # an approximation: no pairs, no mask, no flex
                 layout, rec["kernel"], rec["density"], rec["block_density"] = None, "approximation", None, None
@@ -487,14 +487,10 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
 
                 def bs_call(a, b, c, mech=mech):
                     return mech(a, b, c, causal=cfg.causal)
-            elif isinstance(layout, Layout):
-
-                def bs_call(a, b, c, layout=layout):
-                    return blocksparse_attention(a, b, c, layout)
             else:
 
-                def bs_call(a, b, c, layout=layout):
-                    return attention(a, b, c, layout)
+                def bs_call(a, b, c, layout=layout, run=kernel.run):
+                    return run(a, b, c, layout)
 
             if "blocksparse" in want:
                 log(f"N={n} {spec}: {rec['kernel']} forward")
@@ -507,7 +503,7 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
             if "blocksparse_bwd" in want:
                 log(f"N={n} {spec}: {rec['kernel']} forward+backward")
                 rec["blocksparse_bwd"] = _safe(lambda: time_call(fwd_bwd(bs_call), **timing), log, "blocksparse_bwd")
-            if "flex" in want and isinstance(layout, Layout):
+            if "flex" in want and layout is not None and "flex" in backends_for(layout):
                 log(f"N={n} {spec}: compiled FlexAttention forward (first call compiles)")
                 rec["flex"] = _safe(lambda: _time_flex(q, k, v, layout, cfg), log, "flex")
             rec["load_after"] = _load1()
