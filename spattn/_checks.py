@@ -53,11 +53,20 @@ def check_float(owner: str, name: str, value: Any, low: float, high: float, *, l
     return value
 
 
-def int_at_least(label: str, value: Any, minimum: int = 1) -> int:
-    """``value`` if it is an int ``>= minimum``; else ``ValueError`` naming ``label`` (e.g. ``"seqboat: chunk"``)."""
+def int_at_least(
+    label: str, value: Any, minimum: int = 1, *, allow_none: bool = False, minimum_name: Optional[str] = None
+) -> Any:
+    """``value`` if it is an int ``>= minimum`` (or None with ``allow_none``); else ``ValueError`` naming
+    ``label`` (e.g. ``"seqboat: chunk"``). ``minimum_name`` names a minimum that is another parameter
+    (``"max_repeat must be an int >= repeat (3)"``)."""
+    if value is None and allow_none:
+        return value
     if not _is_int(value) or value < minimum:
-        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(f"{label} must be {what}, got {value!r}")
+        if minimum_name is not None:
+            what = f"an int >= {minimum_name} ({minimum})"
+        else:
+            what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{label} must be {what}{' or None' if allow_none else ''}, got {value!r}")
     return value
 
 

@@ -63,6 +63,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from .._checks import int_at_least
+
 __all__ = [
     "SpeedConfig",
     "run_speed",
@@ -269,16 +271,11 @@ class SpeedConfig:
 
     def validate(self) -> None:
         for n in self.ns:
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"sequence lengths must be positive ints, got {n!r}")
+            int_at_least("ns: every sequence length", n)
         for name in ("batch", "heads", "dim", "repeat"):
-            val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"warmup must be an int >= 0, got {self.warmup!r}")
-        if isinstance(self.max_repeat, bool) or not isinstance(self.max_repeat, int) or self.max_repeat < self.repeat:
-            raise ValueError(f"max_repeat must be an int >= repeat ({self.repeat}), got {self.max_repeat!r}")
+            int_at_least(name, getattr(self, name))
+        int_at_least("warmup", self.warmup, 0)
+        int_at_least("max_repeat", self.max_repeat, self.repeat, minimum_name="repeat")
         if not 0 < self.rel_tol < 1 or not self.budget_s > 0:
             raise ValueError(f"need 0 < rel_tol < 1 and budget_s > 0, got {self.rel_tol}, {self.budget_s}")
         if self.dtype not in _DTYPES:
