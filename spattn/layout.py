@@ -579,13 +579,53 @@ class Layout:
         """This layout (the :class:`~spattn.selection.Selection` protocol's conversion; ``block`` is ignored)."""
         return self
 
+    @classmethod
+    def causal_window(
+        cls, q_len: int, kv_len: int, window: int, block_q: int, block_k: Optional[int] = None, device=None
+    ) -> "Layout":
+        """The causal sliding window of ``window`` keys as a Layout: query ``i`` (aligned to the end of the
+        keys, ``i' = i + kv_len - q_len``) sees key ``j`` iff ``0 <= i' - j < window`` (transformers'
+        ``sliding_window_causal_mask_function``; Beltagy et al. 2020's causal band)."""
+        for name, value in (("q_len", q_len), ("kv_len", kv_len), ("window", window), ("block_q", block_q)):
+            check_int("Layout.causal_window", name, value, 1)
+        block_k = block_q if block_k is None else check_int("Layout.causal_window", "block_k", block_k, 1)
+        off = kv_len - q_len
+        q_starts = torch.arange(0, q_len, block_q, device=device)
+        p0 = (q_starts + off)[:, None]
+        p1 = ((q_starts + block_q - 1).clamp(max=q_len - 1) + off)[:, None]
+        k0 = torch.arange(0, kv_len, block_k, device=device)[None, :]
+        k1 = (k0 + block_k - 1).clamp(max=kv_len - 1)
+        dmin, dmax = p0 - k1, p1 - k0  # i' - j over a tile takes every value in [dmin, dmax]
+        block_map = (dmax >= 0) & (dmin <= window - 1)
+        full_map = block_map & (dmin >= 0) & (dmax <= window - 1)
+
+        @translation_invariant
+        def in_window(b, h, q_idx, kv_idx):
+            d = q_idx + off - kv_idx
+            return (d >= 0) & (d < window)
+
+        return cls.from_block_map(
+            block_map[None, None],
+            q_len=q_len,
+            kv_len=kv_len,
+            block_q=block_q,
+            block_k=block_k,
+            full_map=full_map[None, None],
+            mask_mod=in_window,
+        )
+
+    def within_window(self, window: int) -> "Layout":
+        """The pairs of this layout inside the causal sliding window of ``window`` keys
+        (:meth:`causal_window`; the :class:`~spattn.selection.Selection` protocol's restriction)."""
+        return self & Layout.causal_window(self.q_len, self.kv_len, window, self.block_q, self.block_k, self.device)
+
     def block_density(self) -> float:
         """Fraction of tiles computed (what a block-sparse kernel pays for)."""
         return float(self.kv_num_blocks.double().mean()) / self.num_kv_blocks
 
     # ------------------------------------------------------------------ set algebra
     def _check_compatible(self, other: "Layout", op: str) -> None:
-        if not isinstance(other, Layout):
+        if getattr(other, "kind", None) != self.kind:  # the Selection protocol's kind: another block Layout
             raise TypeError(f"{op} expects a Layout, got {type(other).__name__}")
         mine = (self.q_len, self.kv_len, self.block_q, self.block_k)
         theirs = (other.q_len, other.kv_len, other.block_q, other.block_k)

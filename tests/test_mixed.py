@@ -249,3 +249,16 @@ def test_bad_parameters():
         SEA(chunks=0)
     with pytest.raises(ValueError, match="multiple"):
         SEA()(q, k[:, :1].expand(1, 3, 8, 8).contiguous()[:, :3], v[:, :1].expand(1, 3, 8, 8).contiguous())
+
+
+def test_scatterbrain_takes_a_precomputed_layout_but_no_other_kind_of_selection():
+    q, k, v = (torch.randn(1, 2, 24, 8, dtype=torch.float64) for _ in range(3))
+    proj = orthogonal_gaussian(16, 8, generator=torch.Generator().manual_seed(0)).double()
+    layout = spattn.pattern("window(size=4, block=8)").layout(q, k)
+    want = scatterbrain_attention(q, k, v, "window(size=4, block=8)", proj)
+    assert torch.allclose(scatterbrain_attention(q, k, v, layout, proj), want, atol=1e-12)
+    tokens = spattn.pattern("topk(k=4)").select(q, k)
+    with pytest.raises(
+        TypeError, match="scatterbrain: pattern must be a Layout, a Pattern or a pattern spec, got TokenSelection"
+    ):
+        scatterbrain_attention(q, k, v, tokens, proj)
