@@ -4,6 +4,8 @@ Two contracts exist and both are kept, because callers and tests rely on them:
 
 * :func:`check_int` / :func:`check_float` -- patterns, data, decode selectors: a wrong type is a
   ``TypeError``, a value out of range a ``ValueError``, each naming ``owner: name``.
+* :func:`check_kind` -- kernels' selection argument: a ``TypeError`` unless the value is the kind of
+  selection the kernel runs (the Selection protocol's ``kind``; the dispatch table decides who gets what).
 * :func:`int_at_least` -- layers, models, approximations: any bad value (wrong type included) is a
   ``ValueError`` ``"<label> must be a positive int"`` (``"... an int >= m"`` for other minimums).
 """
@@ -14,7 +16,7 @@ import math
 import numbers
 from typing import Any, Optional
 
-__all__ = ["check_int", "check_float", "int_at_least"]
+__all__ = ["check_int", "check_float", "int_at_least", "check_kind"]
 
 
 def _is_int(value: Any) -> bool:
@@ -51,9 +53,26 @@ def check_float(owner: str, name: str, value: Any, low: float, high: float, *, l
     return value
 
 
-def int_at_least(label: str, value: Any, minimum: int = 1) -> int:
-    """``value`` if it is an int ``>= minimum``; else ``ValueError`` naming ``label`` (e.g. ``"seqboat: chunk"``)."""
+def int_at_least(
+    label: str, value: Any, minimum: int = 1, *, allow_none: bool = False, minimum_name: Optional[str] = None
+) -> Any:
+    """``value`` if it is an int ``>= minimum`` (or None with ``allow_none``); else ``ValueError`` naming
+    ``label`` (e.g. ``"seqboat: chunk"``). ``minimum_name`` names a minimum that is another parameter
+    (``"max_repeat must be an int >= repeat (3)"``)."""
+    if value is None and allow_none:
+        return value
     if not _is_int(value) or value < minimum:
-        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(f"{label} must be {what}, got {value!r}")
+        if minimum_name is not None:
+            what = f"an int >= {minimum_name} ({minimum})"
+        else:
+            what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{label} must be {what}{' or None' if allow_none else ''}, got {value!r}")
+    return value
+
+
+def check_kind(label: str, value: Any, expected: type, expected_name: Optional[str] = None) -> Any:
+    """``value`` if it is a selection of ``expected``'s ``kind`` (the Selection protocol); else ``TypeError``
+    ``"<label> must be a <expected_name or expected's name>, got <type>"``."""
+    if getattr(value, "kind", None) != expected.kind:
+        raise TypeError(f"{label} must be a {expected_name or expected.__name__}, got {type(value).__name__}")
     return value

@@ -53,7 +53,7 @@ _SOURCES = [
 ]
 _HEADERS = [Path(__file__).with_name("csrc") / "blocksparse_blas.h"]  # included by the sources: part of the key
 # -fopenmp: at::parallel_for is a header template that runs serially unless compiled with OpenMP
-_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+_CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 _STAMP = "spattn-build.sha256"
 _state: dict[str, Any] = {"tried": False, "ops": None, "error": None, "built_now": False}
 _thread_lock = threading.Lock()

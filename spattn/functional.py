@@ -25,6 +25,7 @@ __all__ = [
     "register_kernel",
     "kernel_for",
     "backend_for",
+    "backends_for",
     "is_selection",
 ]
 
@@ -161,11 +162,15 @@ def kernel_for(selection, backend: str) -> Kernel:
         kernel = _KERNELS.get((cls, backend))
         if kernel is not None:
             return kernel
-    able = sorted({b for (cls, b) in _KERNELS if isinstance(selection, cls)})
     raise ValueError(
         f"backend={backend!r} cannot run {selection.kind} ({type(selection).__name__}); "
-        f"backends for it: {', '.join(able) or 'none registered'}"
+        f"backends for it: {', '.join(backends_for(selection)) or 'none registered'}"
     )
+
+
+def backends_for(selection) -> tuple[str, ...]:
+    """The backends with a kernel for ``selection`` (sorted; empty for what no kernel runs)."""
+    return tuple(sorted({b for (cls, b) in _KERNELS if isinstance(selection, cls)}))
 
 
 def backend_for(selection, backend: str) -> str:

@@ -502,6 +502,43 @@ class Layout:
         return out.expand(self.batch, self.heads, self.q_len, self.kv_len).clone()
 
     # ------------------------------------------------------------------ statistics
+    def partial_tiles(self) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor, Tensor]:
+        """The partial tiles (valid slots not marked ``full``), each distinct mask once.
+
+        Returns ``((b, h, qb, slot, kb), inverse, rep)``: the P partial tiles' coordinates (long
+        ``[P]`` each), ``inverse [P]`` the distinct mask of each tile and ``rep [U]`` one tile (an index
+        into P) per distinct mask. With a :func:`translation_invariant` ``mask_mod`` the tiles of one
+        (batch, head) at the same block offset share a mask unless a sequence end cuts them
+        differently; otherwise every tile is its own.
+        """
+        dev = self.device
+        bq, bk = self.block_q, self.block_k
+        b, h, qb, s = (self.valid_slots() & ~self.full).nonzero(as_tuple=True)
+        kb = self.kv_indices[b, h, qb, s]
+        if getattr(self.mask_mod, "translation_invariant", False) and b.numel() > 0:
+            rows = (self.q_len - qb * bq).clamp(max=bq)
+            cols = (self.kv_len - kb * bk).clamp(max=bk)
+            key = torch.stack([b, h, kb * bk - qb * bq, rows, cols], dim=1)
+            unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+            rep = torch.empty(unique.shape[0], dtype=torch.long, device=dev)
+            rep.scatter_(0, inverse, torch.arange(b.numel(), device=dev))
+        else:
+            inverse = rep = torch.arange(b.numel(), device=dev)
+        return (b, h, qb, s, kb), inverse, rep
+
+    def tile_masks(self, b: Tensor, h: Tensor, qb: Tensor, kb: Tensor) -> Tensor:
+        """bool ``[T, block_q, block_k]``: ``mask_mod`` on tiles (b, h, qb, kb) (long ``[T]`` each).
+        Rows / columns past the sequence ends repeat the last position's value (callers cut them)."""
+        dev = self.device
+        if b.numel() == 0:
+            return torch.zeros(0, self.block_q, self.block_k, dtype=torch.bool, device=dev)
+        q_idx = (qb * self.block_q).view(-1, 1, 1) + torch.arange(self.block_q, device=dev).view(1, -1, 1)
+        kv_idx = (kb * self.block_k).view(-1, 1, 1) + torch.arange(self.block_k, device=dev).view(1, 1, -1)
+        masks = self.mask_mod(
+            b.view(-1, 1, 1), h.view(-1, 1, 1), q_idx.clamp(max=self.q_len - 1), kv_idx.clamp(max=self.kv_len - 1)
+        )
+        return masks.expand(b.numel(), self.block_q, self.block_k).to(torch.bool)
+
     def pair_counts(self, chunk_elems: int = 1 << 22) -> Tensor:
         """long ``[B', H', Nq]``: keys computed per query, without an Nq x Nk tensor."""
         dev = self.device
@@ -511,20 +548,15 @@ class Layout:
         valid = self.valid_slots()
         rows = torch.zeros(self.batch, self.heads, nqb, bq, dtype=torch.long, device=dev)  # per query row
         rows += (k_sizes[self.kv_indices] * (valid & self.full)).sum(-1)[..., None]
-        partial = valid & ~self.full
-        tiles = partial.nonzero()  # [P, 4]: b, h, qb, slot
+        (b, h, qb, _, kb), inverse, rep = self.partial_tiles()
+        # keys per row of each distinct mask, evaluated in chunks, then spread over the tiles sharing it
+        per_mask = torch.empty(rep.numel(), bq, dtype=torch.long, device=dev)
         step = max(1, chunk_elems // (bq * bk))
-        for start in range(0, tiles.shape[0], step):
-            t = tiles[start : start + step]
-            b, h, qb = t[:, 0], t[:, 1], t[:, 2]
-            kb = self.kv_indices[b, h, qb, t[:, 3]]
-            q = qb[:, None, None] * bq + torch.arange(bq, device=dev).view(1, -1, 1)
-            kv = kb[:, None, None] * bk + torch.arange(bk, device=dev).view(1, 1, -1)
-            ok = self.mask_mod(
-                b[:, None, None], h[:, None, None], q.clamp(max=self.q_len - 1), kv.clamp(max=self.kv_len - 1)
-            )
-            ok = ok & (kv < self.kv_len)
-            rows.index_put_((b, h, qb), ok.expand(t.shape[0], bq, bk).sum(-1), accumulate=True)
+        for start in range(0, rep.numel(), step):
+            r = rep[start : start + step]
+            inside = (kb[r] * bk).view(-1, 1, 1) + torch.arange(bk, device=dev).view(1, 1, -1) < self.kv_len
+            per_mask[start : start + step] = (self.tile_masks(b[r], h[r], qb[r], kb[r]) & inside).sum(-1)
+        rows.index_put_((b, h, qb), per_mask[inverse], accumulate=True)
         if self.has_columns:
             cols = self.valid_columns().nonzero()
             step = max(1, chunk_elems // bq)
@@ -547,13 +579,53 @@ class Layout:
         """This layout (the :class:`~spattn.selection.Selection` protocol's conversion; ``block`` is ignored)."""
         return self
 
+    @classmethod
+    def causal_window(
+        cls, q_len: int, kv_len: int, window: int, block_q: int, block_k: Optional[int] = None, device=None
+    ) -> "Layout":
+        """The causal sliding window of ``window`` keys as a Layout: query ``i`` (aligned to the end of the
+        keys, ``i' = i + kv_len - q_len``) sees key ``j`` iff ``0 <= i' - j < window`` (transformers'
+        ``sliding_window_causal_mask_function``; Beltagy et al. 2020's causal band)."""
+        for name, value in (("q_len", q_len), ("kv_len", kv_len), ("window", window), ("block_q", block_q)):
+            check_int("Layout.causal_window", name, value, 1)
+        block_k = block_q if block_k is None else check_int("Layout.causal_window", "block_k", block_k, 1)
+        off = kv_len - q_len
+        q_starts = torch.arange(0, q_len, block_q, device=device)
+        p0 = (q_starts + off)[:, None]
+        p1 = ((q_starts + block_q - 1).clamp(max=q_len - 1) + off)[:, None]
+        k0 = torch.arange(0, kv_len, block_k, device=device)[None, :]
+        k1 = (k0 + block_k - 1).clamp(max=kv_len - 1)
+        dmin, dmax = p0 - k1, p1 - k0  # i' - j over a tile takes every value in [dmin, dmax]
+        block_map = (dmax >= 0) & (dmin <= window - 1)
+        full_map = block_map & (dmin >= 0) & (dmax <= window - 1)
+
+        @translation_invariant
+        def in_window(b, h, q_idx, kv_idx):
+            d = q_idx + off - kv_idx
+            return (d >= 0) & (d < window)
+
+        return cls.from_block_map(
+            block_map[None, None],
+            q_len=q_len,
+            kv_len=kv_len,
+            block_q=block_q,
+            block_k=block_k,
+            full_map=full_map[None, None],
+            mask_mod=in_window,
+        )
+
+    def within_window(self, window: int) -> "Layout":
+        """The pairs of this layout inside the causal sliding window of ``window`` keys
+        (:meth:`causal_window`; the :class:`~spattn.selection.Selection` protocol's restriction)."""
+        return self & Layout.causal_window(self.q_len, self.kv_len, window, self.block_q, self.block_k, self.device)
+
     def block_density(self) -> float:
         """Fraction of tiles computed (what a block-sparse kernel pays for)."""
         return float(self.kv_num_blocks.double().mean()) / self.num_kv_blocks
 
     # ------------------------------------------------------------------ set algebra
     def _check_compatible(self, other: "Layout", op: str) -> None:
-        if not isinstance(other, Layout):
+        if getattr(other, "kind", None) != self.kind:  # the Selection protocol's kind: another block Layout
             raise TypeError(f"{op} expects a Layout, got {type(other).__name__}")
         mine = (self.q_len, self.kv_len, self.block_q, self.block_k)
         theirs = (other.q_len, other.kv_len, other.block_q, other.block_k)

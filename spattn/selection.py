@@ -27,6 +27,7 @@ from typing import Optional, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ._checks import check_int
 from .layout import Layout
 
 __all__ = ["Selection", "TokenSelection", "PageSelection", "ClusterSelection"]
@@ -40,6 +41,13 @@ class Selection(Protocol):
     ``pair_counts()`` is long ``[B', H', Nq]`` (keys computed per query); ``density()`` the fraction
     of (query, key) pairs computed; ``to_layout()`` the same pairs as a block Layout and ``to_dense()``
     as a bool ``[B', H', Nq, Nk]`` mask (both may be quadratic: inspection, tests, the reference kernel).
+
+    Optional capability (not part of the structural check, so a kind defined elsewhere need not have it):
+    ``within_window(window)``, the pairs inside the causal sliding window of ``window`` keys (query ``i``
+    aligned to the end of the keys sees key ``j`` iff ``0 <= i + Nk - Nq - j < window``) as a selection
+    a kernel runs. Layout, TokenSelection and PageSelection have it; ClusterSelection has not (a window
+    would change which keys each routing window averages over). ``integrations.hf`` needs it for
+    layers with a sliding window.
     """
 
     kind: str
@@ -166,6 +174,13 @@ class TokenSelection:
         """int64 ``[B', H', Nq]``: keys computed per query."""
         return self.valid.sum(-1)
 
+    def within_window(self, window: int) -> "TokenSelection":
+        """The selected keys inside the causal sliding window of ``window`` keys (the rest become ``-1``)."""
+        check_int("TokenSelection.within_window", "window", window, 1)
+        pos = (torch.arange(self.q_len, device=self.device) + self.kv_len - self.q_len)[:, None]
+        keep = (self.indices >= 0) & (self.indices <= pos) & (self.indices > pos - window)
+        return TokenSelection(torch.where(keep, self.indices, -1), self.q_len, self.kv_len)
+
     def density(self) -> float:
         """Fraction of (query, key) pairs computed, averaged over batch and heads."""
         return _density(self)
@@ -251,6 +266,11 @@ class PageSelection:
 
     def to_layout(self, block: Optional[int] = None) -> Layout:
         return self.to_tokens().to_layout(block)
+
+    def within_window(self, window: int) -> TokenSelection:
+        """The tokens of the selected pages inside the causal sliding window of ``window`` keys
+        (a window cuts pages: the result is per token)."""
+        return self.to_tokens().within_window(window)
 
     def pair_counts(self) -> Tensor:
         """int64 ``[B', H', Nq]``: keys computed per query."""

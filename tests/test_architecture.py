@@ -147,3 +147,67 @@ def test_the_sibling_check_sees_relative_imports(tmp_path):
     path.write_text(tree_src)
     found = {dst for dst, _ in _imports("spattn.patterns.probe", path)}
     assert {"spattn.patterns.static", "spattn.patterns.topk", "spattn.patterns.seer"} <= found
+
+
+def test_pattern_references_are_independent_oracles():
+    """The brute-force references under ``spattn/patterns/reference/`` import nothing of spattn outside
+    that folder: an oracle built on the code it checks would check nothing."""
+    root = "spattn.patterns.reference"
+    refs = {m for m in MODULES if m == root or m.startswith(root + ".")}
+    assert len(refs) > 3
+    bad = sorted({(a, b) for a, b, _ in EDGES if a in refs and b.split(".")[0] == "spattn" and b not in refs})
+    assert not bad, f"a pattern reference imports package code: {bad}"
+
+
+#: the kinds of selection (spattn.selection.Selection and the four types that meet it)
+SELECTION_TYPES = {"Selection", "Layout", "TokenSelection", "PageSelection", "ClusterSelection"}
+
+#: where an isinstance on a selection type is the design: the dispatch table (which kernel runs which kind)
+ISINSTANCE_ON_SELECTIONS_ALLOWED = {"spattn.functional"}
+
+
+def _names_a_selection_type(node: ast.AST) -> bool:
+    if isinstance(node, ast.Tuple):
+        return any(_names_a_selection_type(e) for e in node.elts)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):  # isinstance(x, A | B)
+        return _names_a_selection_type(node.left) or _names_a_selection_type(node.right)
+    name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+    return name in SELECTION_TYPES
+
+
+def _isinstance_on_selections(source: str) -> list[int]:
+    """Lines of ``isinstance(x, T)`` / ``issubclass(x, T)`` calls whose ``T`` names a selection type."""
+    return [
+        node.lineno
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ("isinstance", "issubclass")
+        and len(node.args) == 2
+        and _names_a_selection_type(node.args[1])
+    ]
+
+
+def test_isinstance_on_selection_types_only_in_the_dispatch_table():
+    """Per-kind behaviour goes through the Selection protocol (``kind``, ``within_window``, ``to_layout``)
+    or the dispatch table (``kernel_for``, ``backends_for``, ``is_selection``): a new kind of selection
+    then touches one place."""
+    found = {
+        f"{name} line {line}"
+        for name, path in MODULES.items()
+        if name not in ISINSTANCE_ON_SELECTIONS_ALLOWED
+        for line in _isinstance_on_selections(path.read_text())
+    }
+    assert not found, f"isinstance on a selection type outside spattn.functional's dispatch table: {sorted(found)}"
+
+
+def test_the_selection_isinstance_check_sees_every_spelling():
+    """Guard: the check finds bare names, attributes, tuples and unions (and nothing else)."""
+    source = (
+        "isinstance(a, Layout)\n"
+        "isinstance(a, (int, sel.TokenSelection))\n"
+        "isinstance(a, PageSelection | ClusterSelection)\n"
+        "issubclass(t, Selection)\n"
+        "isinstance(a, (int, str))\n"
+    )
+    assert _isinstance_on_selections(source) == [1, 2, 3, 4]

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import spattn
 from spattn.layout import Layout
 from spattn.patterns.biformer import BiFormer
+from spattn.patterns.reference import brute_biformer
 
 from .helpers import assert_matches_reference
 
@@ -17,34 +18,6 @@ from .helpers import assert_matches_reference
 def _qkv(seed, batch, hq, hkv, n, dim, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(batch, h, n, dim, generator=gen, dtype=dtype) for h in (hq, hkv, hkv))
-
-
-def brute_biformer(q, k, height, width, regions, topk, per_head):
-    """Direct transcription: region of each (row, col), region means, affinity, top-k, union of tokens."""
-    batch, hq, n, _ = q.shape
-    hkv = k.shape[1]
-    rh, rw = height // regions, width // regions
-    region = [(t // width) // rh * regions + (t % width) // rw for t in range(n)]
-    nreg = regions * regions
-    tokens_of = [[t for t in range(n) if region[t] == r] for r in range(nreg)]
-    heads_out = hq if per_head else 1
-    dense = torch.zeros(batch, heads_out, n, n, dtype=torch.bool)
-    for b in range(batch):
-        aff = torch.zeros(hq, nreg, nreg, dtype=torch.float64)
-        for h in range(hq):
-            qr = torch.stack([q[b, h, tokens_of[r]].double().mean(0) for r in range(nreg)])
-            kr = torch.stack([k[b, h // (hq // hkv), tokens_of[r]].double().mean(0) for r in range(nreg)])
-            aff[h] = qr @ kr.T
-        if not per_head:
-            aff = aff.sum(0, keepdim=True)
-        for h in range(heads_out):
-            for r in range(nreg):
-                row = aff[h, r].tolist()
-                chosen = sorted(range(nreg), key=lambda s: (-row[s], s))[:topk]
-                keys = [t for s in chosen for t in tokens_of[s]]
-                for i in tokens_of[r]:
-                    dense[b, h, i, keys] = True
-    return dense
 
 
 @settings(max_examples=10, deadline=None)

@@ -12,6 +12,7 @@ import spattn
 from spattn import _compiled
 from spattn.kvcache import SelectorState
 from spattn.patterns.decode import DoubleSparsity, Quest
+from spattn.patterns.reference import brute_group_label_scores
 from spattn.selection import PageSelection
 
 from .helpers import CountingOps
@@ -33,16 +34,6 @@ def _ops():
     if ops is None:
         pytest.skip(f"compiled loops unavailable: {_compiled.build_error()}")
     return ops
-
-
-def _brute_group_scores(q, labels, channels):
-    """max over a group's heads of q_h[channels_g] . labels_g -> [B, Hkv, N]."""
-    b, hq, _ = q.shape
-    hkv, r, n = labels.shape[1:]
-    g = hq // hkv
-    per_head = torch.stack([q[:, h][:, channels[h // g]] for h in range(hq)], 1)  # [B, Hq, r]
-    s = torch.einsum("bhr,bhrn->bhn", per_head, labels.repeat_interleave(g, 1))
-    return s.view(b, hkv, g, n).amax(2)
 
 
 @settings(max_examples=30, deadline=None)
@@ -67,7 +58,7 @@ def test_group_topk_brute_force(b, heads, r, n, count, dtype, seed):
     got = ops.group_topk(q, labels, channels, count)
     assert got.shape == (b, hkv, count)
     assert torch.equal(got, got.sort(-1).values)  # ascending positions
-    want = _brute_group_scores(q, labels, channels).topk(count, dim=-1).indices.sort(-1).values
+    want = brute_group_label_scores(q, labels, channels).topk(count, dim=-1).indices.sort(-1).values
     assert torch.equal(got, want)
 
 
@@ -86,7 +77,7 @@ def test_group_topk_long_caches(n, count, bf16, seed):
         labels = labels.bfloat16()
     channels = torch.stack([torch.randperm(64, generator=g)[:8].sort().values for _ in range(3)])
     got = ops.group_topk(q, labels, channels, count)
-    scores = _brute_group_scores(q.double(), labels.double(), channels)
+    scores = brute_group_label_scores(q.double(), labels.double(), channels)
     want_scores = scores.topk(count, dim=-1).values.sort(-1).values
     # bfloat16 labels tie often: compare the selected scores (ties may pick other positions of equal score)
     torch.testing.assert_close(scores.gather(-1, got).sort(-1).values, want_scores, atol=1e-9, rtol=0)

@@ -9,6 +9,15 @@ from hypothesis import given, settings, strategies as st
 import spattn
 from spattn.kvcache import KVCache, LabelCache, LayerState, PageSummary, SelectorState
 from spattn.patterns.decode import DoubleSparsity, Quest, TidalDecode, quest_page_bounds
+from spattn.patterns.reference import (
+    brute_budget_rows,
+    brute_double_sparsity_group_scores,
+    brute_double_sparsity_scores,
+    brute_quest_rows,
+    brute_scores,
+    quest_evaluation_oracle,
+    quest_kernel_oracle,
+)
 from spattn.selection import PageSelection, TokenSelection
 
 
@@ -36,31 +45,15 @@ def _row(got, sel, b, h, i):
     return got[b if sel.batch > 1 else 0][h if sel.heads > 1 else 0][i]
 
 
-def _visible(i, nq, nk, causal):
-    return i + nk - nq if causal else nk - 1
-
-
 def _assert_quest_rows(sel, page_bound, b, hq, nq, nk, page, budget, causal):
     """Every row of ``sel`` holds the own page plus the best pages by ``page_bound(b, h, i) -> [P]``
     (all pages when the budget covers them), restricted to the keys the query may see."""
     got = _sets(sel)
-    pages = math.ceil(nk / page)
-    n_keep = min(pages, max(1, -(-budget // page)))
+    want = brute_quest_rows(page_bound, b, hq, nq, nk, page, budget, causal)
     for bi in range(b):
         for h in range(hq):
             for i in range(nq):
-                last = _visible(i, nq, nk, causal)
-                if n_keep * page >= nk:
-                    want_pages = set(range(pages))
-                else:
-                    own = last // page
-                    bound = page_bound(bi, h, i)
-                    ranked = sorted(
-                        (p for p in range(pages) if p * page <= last and p != own), key=lambda p: -bound[p].item()
-                    )
-                    want_pages = {own, *ranked[: n_keep - 1]}
-                want = {t for p in want_pages for t in range(p * page, min(nk, (p + 1) * page)) if t <= last}
-                assert _row(got, sel, bi, h, i) == want
+                assert _row(got, sel, bi, h, i) == want[bi][h][i]
 
 
 shapes = st.tuples(
@@ -133,17 +126,11 @@ def test_double_sparsity_selects_topk_of_approx_scores(shape, channels, budget):
         assert set(ch[h].tolist()) == set(imp[h].topk(channels).indices.tolist())
     sel = ds.select(q, k, causal=causal, state=LayerState(None, 3))
     got = _sets(sel)
+    want = brute_budget_rows(brute_double_sparsity_scores(q, k, ch), budget, causal)
     for bi in range(b):
         for h in range(hq):
-            approx = q[bi, h][:, ch[h]] @ k[bi, h // g][:, ch[h]].T  # [Nq, Nk]
             for i in range(nq):
-                last = _visible(i, nq, nk, causal)
-                if budget >= nk:
-                    want = set(range(last + 1))
-                else:
-                    order = approx[i, : last + 1].argsort(descending=True)[:budget]
-                    want = set(order.tolist())
-                assert _row(got, sel, bi, h, i) == want
+                assert _row(got, sel, bi, h, i) == want[bi][h][i]
 
 
 @settings(max_examples=20, deadline=None)
@@ -154,18 +141,11 @@ def test_tidal_stateless_is_exact_topk(shape, budget):
     q, k, v = _qk(b, hq, hkv, nq, nk, d, seed)
     sel = TidalDecode(budget=budget).select(q, k, causal=causal)
     got = _sets(sel)
-    g = hq // hkv
+    want = brute_budget_rows(brute_scores(q, k), budget, causal)
     for bi in range(b):
         for h in range(hq):
-            scores = q[bi, h] @ k[bi, h // g].T
             for i in range(nq):
-                last = _visible(i, nq, nk, causal)
-                want = (
-                    set(range(last + 1))
-                    if budget >= nk
-                    else set(scores[i, : last + 1].argsort(descending=True)[:budget].tolist())
-                )
-                assert _row(got, sel, bi, h, i) == want
+                assert _row(got, sel, bi, h, i) == want[bi][h][i]
 
 
 def test_tidal_layers_share_positions():
@@ -290,21 +270,11 @@ def test_double_sparsity_group_tokens_brute_force(shape, channels, budget):
     if budget < nk and g > 1:
         assert isinstance(sel, PageSelection) and sel.page == 1 and sel.shared_by == g
     got = _sets(sel)
+    want = brute_budget_rows(brute_double_sparsity_group_scores(q, k, group_channels), budget, causal)
     for bi in range(b):
         for h in range(hq):
-            ch = group_channels[h // g]
-            approx = torch.stack(
-                [q[bi, j][:, ch] @ k[bi, h // g][:, ch].T for j in range((h // g) * g, (h // g + 1) * g)]
-            )
-            group_score = approx.amax(0)  # [Nq, Nk]
             for i in range(nq):
-                last = _visible(i, nq, nk, causal)
-                want = (
-                    set(range(last + 1))
-                    if budget >= nk
-                    else set(group_score[i, : last + 1].argsort(descending=True)[:budget].tolist())
-                )
-                assert _row(got, sel, bi, h, i) == want
+                assert _row(got, sel, bi, h, i) == want[bi][h][i]
 
 
 def test_double_sparsity_state_round_trip(tmp_path):
@@ -394,56 +364,6 @@ def test_registered_with_layouts():
 
 
 # --------------------------------------------------------------- Quest: the two official references
-def _quest_token_bounds(q, k, page):
-    """Per-token page bounds as the evaluation code builds them: ``sign(q) * k`` max-pooled over the
-    page (chunk) and repeated for every token of it, scored with ``|q|``: ``[B, H, Nq, Nk]``."""
-    b, hq, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    kk = k.repeat_interleave(hq // hkv, dim=1)
-    out = torch.empty(b, hq, nq, nk, dtype=torch.float64)
-    for bi in range(b):
-        for h in range(hq):
-            for i in range(nq):
-                sign = torch.where(q[bi, h, i] > 0, 1.0, -1.0).double()
-                for p0 in range(0, nk, page):
-                    chunk_max = (kk[bi, h, p0 : p0 + page].double() * sign).amax(0)
-                    out[bi, h, i, p0 : p0 + page] = (q[bi, h, i].double() * sign) @ chunk_max
-    return out
-
-
-def _quest_evaluation_oracle(q, k, page, token_budget):
-    """``evaluation/quest_attention.py`` for one decoding query: token budget capped at Nk, the
-    per-token bounds padded with the dtype minimum to whole chunks, chunk maxima, the top
-    ``min(max(3, budget // chunk), chunks)`` chunks, no page forced."""
-    nk = k.shape[2]
-    weights = _quest_token_bounds(q, k, page)
-    budget = min(nk, token_budget)
-    pad = page - ((nk - 1) % page + 1)
-    padded = torch.cat(
-        [weights, torch.full((*weights.shape[:-1], pad), torch.finfo(torch.float64).min, dtype=torch.float64)], -1
-    )
-    chunk = padded.view(*weights.shape[:-1], -1, page).amax(-1)
-    top = chunk.topk(min(max(3, budget // page), chunk.shape[-1]), dim=-1).indices
-    keep = torch.zeros_like(chunk, dtype=torch.bool).scatter_(-1, top, True)
-    return keep.repeat_interleave(page, -1)[..., :nk]
-
-
-def _quest_kernel_oracle(q, k, page, token_budget):
-    """The kernel path (``controller.py``): ``page_budget = budget // page`` pages including the last
-    one; dense when the cache has no more pages; otherwise the last page plus the top
-    ``page_budget - 1`` of the other pages by the bound."""
-    nk = k.shape[2]
-    pages = -(-nk // page)
-    page_budget = token_budget // page
-    weights = _quest_token_bounds(q, k, page)[..., ::page]  # one bound per page
-    if pages <= page_budget:
-        return torch.ones(*weights.shape[:-1], nk, dtype=torch.bool)
-    top = weights[..., :-1].topk(page_budget - 1, dim=-1).indices
-    keep = torch.zeros_like(weights, dtype=torch.bool).scatter_(-1, top, True)
-    keep[..., -1] = True
-    return keep.repeat_interleave(page, -1)[..., :nk]
-
-
 @settings(max_examples=20, deadline=None)
 @given(
     st.integers(1, 2),
@@ -461,8 +381,8 @@ def test_quest_rules_follow_their_official_references(b, heads, nk, page, pages_
     budget = pages_budget * page
     kernel = Quest(page=page, budget=budget, min_pages=1).select(q, k, causal=True).to_dense()
     evaluation = Quest(page=page, budget=budget, rule="evaluation").select(q, k, causal=True).to_dense()
-    assert torch.equal(kernel.expand(b, hq, 1, nk), _quest_kernel_oracle(q, k, page, budget))
-    assert torch.equal(evaluation.expand(b, hq, 1, nk), _quest_evaluation_oracle(q, k, page, budget))
+    assert torch.equal(kernel.expand(b, hq, 1, nk), quest_kernel_oracle(q, k, page, budget))
+    assert torch.equal(evaluation.expand(b, hq, 1, nk), quest_evaluation_oracle(q, k, page, budget))
 
 
 def test_quest_evaluation_rule_does_not_force_the_own_page():

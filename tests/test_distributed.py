@@ -169,3 +169,15 @@ def test_inconsistent_shards_wrong_layouts_and_unsupported_selectors_raise_on_ev
         assert "inconsistent shapes" in shapes and "query heads" in shapes, shapes
         assert "not support" in selector and "'topk'" in selector, selector
         assert "whole sequence (N=32)" in layout, layout
+
+
+def test_a_precomputed_selection_must_be_a_block_layout():
+    """Shards are planned over key blocks: a precomputed Layout passes, per-token kinds are a TypeError."""
+    from spattn.distributed import sequence
+
+    q = torch.randn(1, 1, 16, 4)
+    layout = spattn.pattern("window(size=3, block=4)").layout(q, q)
+    assert sequence._resolve(layout) is layout
+    tokens = spattn.pattern("topk(k=3)").select(q, q)
+    with pytest.raises(TypeError, match="block Layout; got a TokenSelection"):
+        sequence._resolve(tokens)

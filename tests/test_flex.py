@@ -1,4 +1,4 @@
-"""FlexAttention backend against a dense masked-softmax oracle, and Layout.to_block_mask itself.
+"""FlexAttention backend against the dense reference (spattn.kernels.reference), and Layout.to_block_mask itself.
 
 Compiling FlexAttention costs seconds per new (shape, dtype, block size, predicate) on CPU, so the
 cases share a few shapes: B=2, Nq=100, Nk=120 (not multiples of the blocks), D=16.
@@ -15,6 +15,7 @@ import torch
 from spattn import Layout
 from spattn.kernels import flex as flex_mod
 from spattn.kernels.flex import flex_attention, flex_available
+from spattn.kernels.reference import float64_attention, reference_attention
 
 B, H, NQ, NK, D = 2, 2, 100, 120, 16
 ATOL = 1e-5
@@ -23,29 +24,6 @@ needs_flex = pytest.mark.skipif(
     not flex_available("cpu"),
     reason=f"compiled FlexAttention cannot run here: {flex_mod._unavailable_reason('cpu')}",
 )
-
-
-def oracle(q, k, v, dense, key_padding_mask=None, scale=None):
-    """Dense masked softmax attention in float64 from a bool mask [B'|1, H'|1, Nq, Nk]."""
-    g = q.shape[1] // k.shape[1]
-    qd, kd, vd = (t.double() for t in (q, k, v))
-    kd, vd = kd.repeat_interleave(g, 1), vd.repeat_interleave(g, 1)
-    s = (qd @ kd.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    m = dense
-    if key_padding_mask is not None:
-        m = m & key_padding_mask[:, None, None, :]
-    s = s.masked_fill(~m, float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)
-    return (p @ vd).to(q.dtype)
-
-
-def reference(q, k, v, layout, **kw):
-    """The project's reference kernel when it has landed, else the local oracle."""
-    try:
-        from spattn.kernels.reference import reference_attention
-    except ImportError:
-        return oracle(q, k, v, layout.to_dense(), kw.get("key_padding_mask"), kw.get("scale"))
-    return reference_attention(q, k, v, layout, **kw)
 
 
 def qkv(hq=H, hkv=H, nq=NQ, nk=NK, seed=0):
@@ -127,7 +105,7 @@ def test_random_layouts_per_head_and_shared():
         with torch.no_grad():
             out = flex_attention(q, k, v, layout)
         assert out.shape == q.shape
-        torch.testing.assert_close(out, reference(q, k, v, layout), atol=ATOL, rtol=0)
+        torch.testing.assert_close(out, reference_attention(q, k, v, layout), atol=ATOL, rtol=0)
 
 
 @needs_flex
@@ -137,11 +115,11 @@ def test_columns_and_causal_nq_ne_nk_and_scale():
     assert layout.has_columns
     with torch.no_grad():
         out = flex_attention(q, k, v, layout)
-    torch.testing.assert_close(out, reference(q, k, v, layout), atol=ATOL, rtol=0)
+    torch.testing.assert_close(out, reference_attention(q, k, v, layout), atol=ATOL, rtol=0)
     layout = causal_layout()
     with torch.no_grad():
         out = flex_attention(q, k, v, layout, scale=0.3)
-    torch.testing.assert_close(out, reference(q, k, v, layout, scale=0.3), atol=ATOL, rtol=0)
+    torch.testing.assert_close(out, reference_attention(q, k, v, layout, scale=0.3), atol=ATOL, rtol=0)
 
 
 @needs_flex
@@ -150,7 +128,7 @@ def test_gqa():
     layout = Layout.from_dense(random_mask(B, 4, seed=7), 16, 32)
     with torch.no_grad():
         out = flex_attention(q, k, v, layout)
-    torch.testing.assert_close(out, reference(q, k, v, layout), atol=ATOL, rtol=0)
+    torch.testing.assert_close(out, reference_attention(q, k, v, layout), atol=ATOL, rtol=0)
 
 
 @needs_flex
@@ -166,12 +144,12 @@ def test_key_padding_and_empty_rows_give_zeros():
         out = flex_attention(q, k, v, layout, key_padding_mask=kpm)
     assert not out.isnan().any()
     assert out[:, :, 5].abs().max() == 0 and out[:, :, 32:48].abs().max() == 0 and out[1].abs().max() == 0
-    torch.testing.assert_close(out, reference(q, k, v, layout, key_padding_mask=kpm), atol=ATOL, rtol=0)
+    torch.testing.assert_close(out, reference_attention(q, k, v, layout, key_padding_mask=kpm), atol=ATOL, rtol=0)
     # padding inside tiles the layout marks full (a dense layout has only full tiles)
     dense = Layout.from_dense(torch.ones(NQ, NK, dtype=torch.bool), 16, 32)
     with torch.no_grad():
         out = flex_attention(q, k, v, dense, key_padding_mask=kpm)
-    torch.testing.assert_close(out, reference(q, k, v, dense, key_padding_mask=kpm), atol=ATOL, rtol=0)
+    torch.testing.assert_close(out, reference_attention(q, k, v, dense, key_padding_mask=kpm), atol=ATOL, rtol=0)
 
 
 @needs_flex
@@ -179,8 +157,8 @@ def test_bfloat16_within_twice_the_rounding_of_an_fp32_reference():
     q, k, v = (t.bfloat16() for t in qkv(seed=21))
     layout = Layout.from_dense(random_mask(B, H, seed=22), 16, 32)
     dense = layout.to_dense()
-    truth = oracle(q.double(), k.double(), v.double(), dense)
-    cast = oracle(q.float(), k.float(), v.float(), dense).bfloat16()
+    truth = float64_attention(q.double(), k.double(), v.double(), dense)
+    cast = float64_attention(q.float(), k.float(), v.float(), dense).bfloat16()
     with torch.no_grad():
         out = flex_attention(q, k, v, layout)
     assert out.dtype == torch.bfloat16
@@ -221,7 +199,7 @@ def test_registered_patterns_with_gqa(spec, causal):
     layout = pattern(spec).layout(q, k, causal=causal)
     with torch.no_grad():
         out = flex_attention(q, k, v, layout)
-    torch.testing.assert_close(out, reference(q, k, v, layout), atol=ATOL, rtol=0)
+    torch.testing.assert_close(out, reference_attention(q, k, v, layout), atol=ATOL, rtol=0)
 
 
 # ----------------------------------------------------------------------------- fallbacks and errors
@@ -238,7 +216,7 @@ def test_cpu_grad_falls_back_to_blocksparse_once():
         out2 = flex_attention(qg, kg, vg, layout)
     msgs = [str(w.message) for w in caught if "blocksparse" in str(w.message)]
     assert len(msgs) == 1 and "backward on CPU" in msgs[0]
-    torch.testing.assert_close(out, reference(q, k, v, layout), atol=ATOL, rtol=0)
+    torch.testing.assert_close(out, reference_attention(q, k, v, layout), atol=ATOL, rtol=0)
     torch.testing.assert_close(out2, out)
     out.sum().backward()
     assert qg.grad is not None and torch.isfinite(qg.grad).all()
@@ -260,7 +238,7 @@ def test_return_lse_on_cpu_falls_back():
             out, lse = flex_attention(q, k, v, layout, return_lse=True)
     assert lse.shape == (B, H, NQ) and lse.dtype == torch.float32
     assert torch.isneginf(lse[:, :, 3]).all() and out[:, :, 3].abs().max() == 0
-    torch.testing.assert_close(out, reference(q, k, v, layout), atol=ATOL, rtol=0)
+    torch.testing.assert_close(out, reference_attention(q, k, v, layout), atol=ATOL, rtol=0)
 
 
 def test_float64_on_cpu_is_a_type_error(monkeypatch):

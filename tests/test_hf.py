@@ -380,3 +380,24 @@ def test_longctx_evaluate_on_tiny_model(tiny, tmp_path):
         own_prefill = _greedy(tiny, ids, 3)[0]
     shared = next(r for r in result["cases"] if r["method"].startswith("decode:") and r["case"] == 0)
     assert tok.decode(own_prefill) == shared["prediction"]
+
+
+def test_a_sliding_window_restricts_every_kind_that_can_be_restricted():
+    """``_within_window`` goes through the Selection protocol's ``within_window``; routing windows (no such
+    method: their outputs are averaged per window) raise a ValueError naming the layer."""
+    import spattn
+    from spattn.selection import ClusterSelection
+
+    extras = hf._LayerExtras(window=4)
+    q, k = torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
+    band = torch.tril(torch.ones(12, 12, dtype=torch.bool)) & ~torch.tril(torch.ones(12, 12, dtype=torch.bool), -4)
+    for spec in ("window(size=6, block=4)", "topk(k=5)"):
+        sel = spattn.pattern(spec).select(q, k, causal=True)
+        assert torch.equal(hf._within_window(sel, extras, 0).to_dense(), sel.to_dense() & band), spec
+    routed = spattn.pattern("routing(clusters=2)").select(q, k, causal=True)
+    assert isinstance(routed, ClusterSelection)
+    with pytest.raises(
+        ValueError, match="layer 3 has a sliding window of 4 but the pattern selected a ClusterSelection"
+    ):
+        hf._within_window(routed, extras, 3)
+    assert hf._within_window(routed, hf._LayerExtras(window=12), 3) is routed  # the window hides nothing

@@ -12,7 +12,7 @@ from spattn.kernels import blocksparse_cpu
 from spattn.kernels.blocksparse import blocksparse_attention
 from spattn.kernels.clustered import clustered_attention
 from spattn.kernels.pagesparse import pagesparse_attention
-from spattn.kernels.reference import reference_attention
+from spattn.kernels.reference import nan_reach, reference_attention
 from spattn.kernels.tokensparse import tokensparse_attention
 from spattn.selection import ClusterSelection, PageSelection, TokenSelection
 
@@ -124,25 +124,6 @@ def test_masked_keys_never_win_with_large_scores(dtype, scale, causal, seed):
 
 
 # ---------------------------------------------------------------------- item 2: NaN placement
-def _expected_nan(allowed, q, k, v, where, pos):
-    """NaN mask of the dense definition: allowed [B|1, Hq|1, Nq, Nk] (pairs computed)."""
-    b, hq, nq, d = q.shape
-    g = hq // k.shape[1]
-    allowed = allowed.expand(b, hq, nq, k.shape[2])
-    bi, h, i, c = pos
-    nan = torch.zeros(b, hq, nq, d, dtype=torch.bool)
-    if where == "q":
-        nan[bi, h, i] = bool(allowed[bi, h, i].any())
-    else:  # key / value position i of kv head h: every query head of the group that sees it
-        heads = slice(h * g, (h + 1) * g)
-        rows = allowed[bi, heads, :, i]  # [g, Nq]
-        if where == "k":
-            nan[bi, heads] = rows[..., None].expand(-1, -1, d)
-        else:
-            nan[bi, heads, :, c] = rows
-    return nan
-
-
 def _poison(q, k, v, where, pos):
     q, k, v = q.clone(), k.clone(), v.clone()
     bi, h, i, c = pos
@@ -181,7 +162,7 @@ def test_nan_reaches_exactly_the_rows_that_see_it_block_layouts(shape, where, ca
     pos = tuple(int(torch.randint(0, m, (1,), generator=g)) for m in (b, heads, n, 8))
     lay = spattn.pattern(spec).layout(q, k, causal=causal)
     q, k, v = _poison(q, k, v, where, pos)
-    want = _expected_nan(lay.to_dense(), q, k, v, where, pos)
+    want = nan_reach(lay.to_dense(), q, k, v, where, pos)
     ref = reference_attention(q, k, v, lay)
     _check_nan(ref, want)
     with torch.no_grad():
@@ -221,7 +202,7 @@ def test_nan_placement_token_and_page_selections(shape, where, seed):
     tokens = TokenSelection(idx, n, n)
     pages = PageSelection(torch.rand(1, hq, n, (n + 7) // 8, generator=g).argsort(-1)[..., :3], 8, n, n, causal=True)
     for sel, run in ((tokens, tokensparse_attention), (pages, pagesparse_attention)):
-        want = _expected_nan(sel.to_dense(), q, k, v, where, pos)
+        want = nan_reach(sel.to_dense(), q, k, v, where, pos)
         ref = reference_attention(q, k, v, sel.to_layout(16))
         _check_nan(ref, want)
         with torch.no_grad():
@@ -229,7 +210,7 @@ def test_nan_placement_token_and_page_selections(shape, where, seed):
     # decoding: one query per head, group-shared pages (the compiled shared-rows loop where built)
     qd = q[:, :, -1:]
     shared = PageSelection(pages.pages[:, :1, -1:].expand(1, hq, 1, -1).contiguous(), 8, 1, n, causal=True)
-    want = _expected_nan(shared.to_dense(), qd, k, v, where, (pos[0], pos[1], 0 if where == "q" else pos[2], pos[3]))
+    want = nan_reach(shared.to_dense(), qd, k, v, where, (pos[0], pos[1], 0 if where == "q" else pos[2], pos[3]))
     if where == "q" and pos[2] != n - 1:
         want[:] = False
     with torch.no_grad():
@@ -247,7 +228,7 @@ def test_nan_placement_routing_windows(where, causal, seed):
     heads = hq if where == "q" else hkv
     pos = tuple(int(torch.randint(0, m, (1,), generator=g)) for m in (b, heads, n, 8))
     q, k, v = _poison(q, k, v, where, pos)
-    want = _expected_nan(sel.to_dense(), q, k, v, where, pos)
+    want = nan_reach(sel.to_dense(), q, k, v, where, pos)
     ref = clustered_attention(q, k, v, sel, reference=True)
     _check_nan(ref, want)
     _check_nan(clustered_attention(q, k, v, sel), want, ref)
@@ -262,6 +243,6 @@ def test_nan_placement_flex_cpu_inference():
     lay = spattn.pattern("window(size=16, block=32)").layout(q, k, causal=True)
     for where, pos in (("q", (0, 1, 40, 2)), ("k", (0, 0, 70, 5)), ("v", (0, 0, 90, 1))):
         qn, kn, vn = _poison(q, k, v, where, pos)
-        want = _expected_nan(lay.to_dense(), qn, kn, vn, where, pos)
+        want = nan_reach(lay.to_dense(), qn, kn, vn, where, pos)
         with torch.no_grad():
             _check_nan(flex_attention(qn, kn, vn, lay), want, reference_attention(qn, kn, vn, lay), atol=1e-4)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from hypothesis import strategies as st
 import spattn
 from spattn.approx.featuremaps import orthogonal_gaussian
 from spattn.approx.mixed import SLA, Scatterbrain, scatterbrain_attention
+from spattn.approx.reference import allowed_pairs, naive_scatterbrain, naive_sea, naive_sla
 from spattn.approx.sea import SEA
 
 
@@ -34,34 +34,7 @@ def _assert_close(got, want, atol):
         assert err <= atol, f"max abs error {err:.3g} > {atol:.1g}"
 
 
-def _phi(x, w):
-    """FAVOR+ features without any stabiliser (fp64 reference)."""
-    d = x.shape[-1]
-    xs = x * d**-0.25
-    return torch.exp(xs @ w.T - 0.5 * (xs * xs).sum(-1, keepdim=True)) * w.shape[0] ** -0.5
-
-
-def _allowed(n, causal, kpm, B):
-    ok = torch.ones(B, 1, n, n, dtype=torch.bool)
-    if causal:
-        ok = ok & torch.ones(n, n, dtype=torch.bool).tril()
-    if kpm is not None:
-        ok = ok & kpm[:, None, None, :]
-    return ok
-
-
 # ------------------------------------------------------------------------------------ Scatterbrain
-def naive_scatterbrain(q, k, v, support, w, allowed):
-    """Dense: exact exp scores on the support, the Performer estimate elsewhere, one normaliser."""
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    exact = torch.exp(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]))
-    low = _phi(q, w) @ _phi(k, w).transpose(-1, -2)
-    a = torch.where(support & allowed, exact, low) * allowed
-    den = a.sum(-1, keepdim=True)
-    return torch.where(den > 0, (a @ v) / torch.where(den > 0, den, 1), 0.0)
-
-
 def _check_scatterbrain(B, Hq, Hkv, n, D, causal, pattern, kpm=None, dtype=torch.float64, atol=1e-10, m=16):
     q, k, v = _inputs(B, Hq, Hkv, n, D, dtype, scale=0.7)
     w = orthogonal_gaussian(m, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -75,7 +48,7 @@ def _check_scatterbrain(B, Hq, Hkv, n, D, causal, pattern, kpm=None, dtype=torch
         v,
     )
     want = _grads(
-        lambda a, b, c: naive_scatterbrain(a, b, c, support, w, _allowed(n, causal, kpm, B)),
+        lambda a, b, c: naive_scatterbrain(a, b, c, support, w, allowed_pairs(n, causal, kpm, B)),
         q.double(),
         k.double(),
         v.double(),
@@ -149,45 +122,6 @@ def test_scatterbrain_redraw():
 
 
 # ------------------------------------------------------------------------------------------- SLA
-def naive_sla(q, k, v, block, topk, proj, kpm=None):
-    """Per query: critical keys (top-k blocks by pooled smooth-k scores) get softmax attention, every
-    other real key linear attention with phi = softmax over the head dim; o = o_s + proj(o_l)."""
-    B, Hq, n, D = q.shape
-    rep = Hq // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    real = torch.ones(B, n, dtype=torch.bool) if kpm is None else kpm
-    nb = -(-n // block)
-    out = torch.zeros_like(q)
-    for b in range(B):
-        rk = real[b].nonzero().flatten()
-        kmean = k[b, :, rk].detach().mean(1, keepdim=True) if len(rk) else torch.zeros_like(k[b, :, :1])
-        for h in range(Hq):
-            for qb in range(nb):
-                rows = list(range(qb * block, min(n, (qb + 1) * block)))
-                real_rows = [i for i in rows if real[b, i]]  # self-attention: padded queries are not pooled
-                qbar = q[b, h, real_rows].detach().mean(0) if real_rows else torch.zeros(D, dtype=q.dtype)
-                scores = []
-                for kb in range(nb):
-                    cols = [j for j in range(kb * block, min(n, (kb + 1) * block)) if real[b, j]]
-                    if cols:
-                        kbar = (k[b, h, cols].detach() - kmean[h]).mean(0)
-                        scores.append((float(qbar @ kbar), kb))
-                chosen = {kb for _, kb in sorted(scores, reverse=True)[:topk]}
-                crit = [j for j in range(n) if real[b, j] and j // block in chosen]
-                rest = [j for j in range(n) if real[b, j] and j // block not in chosen]
-                for i in rows:
-                    o = torch.zeros(D, dtype=q.dtype)
-                    if crit:
-                        p = torch.softmax(k[b, h, crit] @ q[b, h, i] / math.sqrt(D), 0)
-                        o = p @ v[b, h, crit]
-                    ol = torch.zeros(D, dtype=q.dtype)
-                    if rest:
-                        s = torch.softmax(k[b, h, rest], -1) @ torch.softmax(q[b, h, i], -1)
-                        ol = (s @ v[b, h, rest]) / s.sum()
-                    out[b, h, i] = o + proj(ol)
-    return out
-
-
 def _sla_layer(D, k, block, seed=0, dtype=torch.float64):
     layer = SLA(k=k, block=block, head_dim=D).to(dtype)
     g = torch.Generator().manual_seed(seed)
@@ -246,34 +180,6 @@ def test_sla_all_blocks_critical_is_softmax():
 
 
 # ------------------------------------------------------------------------------------------- SEA
-def naive_sea(q, k, v, layer, causal, kpm=None):
-    B, Hq, n, D = q.shape
-    rep = Hq // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    w = layer.projection.weight.double()
-    cs = -(-n // min(layer.chunks, n))
-    C = -(-n // cs)
-    allowed = _allowed(n, causal, kpm, B)
-    lin = (_phi(q.detach(), w) @ _phi(k.detach(), w).transpose(-1, -2)) * allowed
-    chunk_of = torch.arange(n) // cs
-    est = torch.stack([lin[..., chunk_of == c].sum(-1) for c in range(C)], -1)
-    mask = torch.zeros(B, Hq, n, n, dtype=torch.bool)
-    real = torch.ones(B, n, dtype=torch.bool) if kpm is None else kpm
-    for b in range(B):
-        for h in range(Hq):
-            for i in range(n):
-                cand = [c for c in range(C) if real[b, c * cs : (c + 1) * cs].any() and (not causal or c * cs <= i)]
-                own = [i // cs] if causal else []
-                rest = sorted((c for c in cand if c not in own), key=lambda c: -float(est[b, h, i, c]))
-                for c in (own + rest)[: layer.k]:
-                    mask[b, h, i, c * cs : (c + 1) * cs] = True
-    mask = mask & allowed
-    s = (q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(~mask, float("-inf"))
-    empty = ~mask.any(-1, keepdim=True)
-    p = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
-    return p @ v
-
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_sea_matches_definition(causal):
     layer = SEA(k=2, chunks=5, features=16)
@@ -343,3 +249,16 @@ def test_bad_parameters():
         SEA(chunks=0)
     with pytest.raises(ValueError, match="multiple"):
         SEA()(q, k[:, :1].expand(1, 3, 8, 8).contiguous()[:, :3], v[:, :1].expand(1, 3, 8, 8).contiguous())
+
+
+def test_scatterbrain_takes_a_precomputed_layout_but_no_other_kind_of_selection():
+    q, k, v = (torch.randn(1, 2, 24, 8, dtype=torch.float64) for _ in range(3))
+    proj = orthogonal_gaussian(16, 8, generator=torch.Generator().manual_seed(0)).double()
+    layout = spattn.pattern("window(size=4, block=8)").layout(q, k)
+    want = scatterbrain_attention(q, k, v, "window(size=4, block=8)", proj)
+    assert torch.allclose(scatterbrain_attention(q, k, v, layout, proj), want, atol=1e-12)
+    tokens = spattn.pattern("topk(k=4)").select(q, k)
+    with pytest.raises(
+        TypeError, match="scatterbrain: pattern must be a Layout, a Pattern or a pattern spec, got TokenSelection"
+    ):
+        scatterbrain_attention(q, k, v, tokens, proj)

@@ -14,7 +14,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -22,6 +21,7 @@ from hypothesis import strategies as st
 
 import spattn
 from spattn.patterns import Neighborhood
+from spattn.patterns.reference import nat_1d, nat_2d
 
 
 def _load_shared_checks():
@@ -39,40 +39,6 @@ check, qk = _load_shared_checks().check, _load_shared_checks().qk
 
 EXAMPLES = int(os.environ.get("SPATTN_EXAMPLES", "40"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None)
-
-
-def axis_neighbours(x: int, n: int, k: int, d: int, causal: bool) -> set[int]:
-    group = list(range(x % d, n, d))  # positions of x's dilation group, in order
-    at = group.index(x)
-    if causal:
-        picks = [t for t in range(at - k + 1, at + 1) if t >= 0]
-    else:
-        # the k consecutive group members "centred" on x (k//2 before, the rest after), slid
-        # back inside the group at the borders
-        start = at - k // 2
-        start = max(0, min(start, len(group) - k))
-        picks = list(range(start, start + k))
-    return {group[t] for t in picks}
-
-
-def nat_1d(nq, nk, k, d, causal):
-    out = np.zeros((nq, nk), bool)
-    for i in range(nq):
-        for j in axis_neighbours(i + nk - nq, nk, k, d, causal):
-            out[i, j] = True
-    return out
-
-
-def nat_2d(nq, H, W, k, d, causal):
-    (kr, kc), (dr, dc) = k, d
-    nk = H * W
-    out = np.zeros((nq, nk), bool)
-    for i in range(nq):
-        r, c = divmod(i + nk - nq, W)
-        for rr in axis_neighbours(r, H, kr, dr, causal):
-            for cc in axis_neighbours(c, W, kc, dc, causal):
-                out[i, rr * W + cc] = True
-    return out
 
 
 @SETTINGS

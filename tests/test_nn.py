@@ -4,20 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from einops import rearrange
 
 import spattn
-from spattn.kernels.reference import reference_attention
-
-
-def _manual(layer, x, causal, kpm=None):
-    """The layer's math written out with the dense reference."""
-    q = rearrange(layer.q_proj(x), "b n (h d) -> b h n d", h=layer.heads)
-    k = rearrange(layer.k_proj(x), "b n (h d) -> b h n d", h=layer.kv_heads)
-    v = rearrange(layer.v_proj(x), "b n (h d) -> b h n d", h=layer.kv_heads)
-    pattern = layer.mechanism or spattn.pattern("dense")
-    out = reference_attention(q, k, v, pattern.layout(q, k, causal=causal), key_padding_mask=kpm)
-    return layer.out_proj(rearrange(out, "b h n d -> b n (h d)"))
+from spattn.nn.reference import naive_attention_layer
 
 
 @pytest.mark.parametrize("spec", [None, "window(size=9, block=16)", "bigbird(block=16, window=3, globals=1, random=1)"])
@@ -27,7 +16,7 @@ def test_layer_equals_manual_computation(spec, causal):
     layer = spattn.nn.Attention(dim=32, heads=4, attention=spec, causal=causal, kv_heads=2)
     x = torch.randn(2, 75, 32, requires_grad=True)
     y = layer(x)
-    want = _manual(layer, x, causal)
+    want = naive_attention_layer(layer, x, causal)
     torch.testing.assert_close(y, want, atol=1e-5, rtol=0)
     g = torch.randn_like(y)
     (gx,) = torch.autograd.grad(y, x, g)
@@ -43,7 +32,7 @@ def test_key_padding_and_layout_cache():
     kpm = torch.ones(3, 40, dtype=torch.bool)
     kpm[1, 30:] = False
     y = layer(x, key_padding_mask=kpm)
-    torch.testing.assert_close(y, _manual(layer, x, False, kpm), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y, naive_attention_layer(layer, x, False, kpm), atol=1e-5, rtol=0)
     layer(x)
     assert len(layer._layouts) == 1  # the static layout was reused
     layer(x[:, :33])

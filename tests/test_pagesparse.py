@@ -6,6 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 import spattn
 from spattn.kernels.pagesparse import pagesparse_attention
+from spattn.patterns.reference import brute_page_dense
 from spattn.selection import PageSelection
 
 
@@ -21,20 +22,6 @@ def _random_pages(b, h, nq, nk, page, slots, seed, unused=0.2):
         drop = torch.rand(slots, generator=g) < unused
         rows.append(torch.where(drop, -1, perm))
     return torch.stack(rows).view(b, h, nq, slots)
-
-
-def _brute_force_dense(sel: PageSelection) -> torch.Tensor:
-    b, h, nq, _ = sel.pages.shape
-    out = torch.zeros(b, h, nq, sel.kv_len, dtype=torch.bool)
-    for bi in range(b):
-        for hi in range(h):
-            for i in range(nq):
-                last = i + sel.kv_len - nq if sel.causal else sel.kv_len - 1
-                for p in sel.pages[bi, hi, i].tolist():
-                    if p >= 0:
-                        for t in range(p * sel.page, min((p + 1) * sel.page, sel.kv_len)):
-                            out[bi, hi, i, t] = t <= last
-    return out
 
 
 def _qkv(b, hq, hkv, nq, nk, d, dtype, seed=0):
@@ -65,7 +52,7 @@ def test_selection_semantics_and_kernel_match_reference(shape):
     b, (hq, hkv), nq, nk, page, slots, causal, per_head, seed = shape
     nq = min(nq, nk)
     sel = PageSelection(_random_pages(b, hq if per_head else 1, nq, nk, page, slots, seed), page, nq, nk, causal)
-    want = _brute_force_dense(sel)
+    want = brute_page_dense(sel)
     assert torch.equal(sel.to_dense(), want)
     assert torch.equal(sel.pair_counts(), want.sum(-1))
     for dtype, atol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):

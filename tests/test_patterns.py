@@ -1,7 +1,8 @@
 """Static patterns: every layout equals a brute-force construction of the paper's definition.
 
 The expected masks are written directly from the definitions with NumPy broadcasting or plain
-Python loops over all (i, j), independent of the patterns' block arithmetic. Query ``i`` of
+Python loops over all (i, j), independent of the patterns' block arithmetic
+(:mod:`spattn.patterns.reference.static`). Query ``i`` of
 ``Nq`` sits at key position ``i' = i + Nk - Nq`` (aligned to the end of the keys).
 """
 
@@ -27,6 +28,18 @@ from spattn.patterns import (
     Strided,
     Window,
 )
+from spattn.patterns.reference import (
+    brute_a_shape,
+    brute_axial,
+    brute_bigbird,
+    brute_dense,
+    brute_dilated_window,
+    brute_fixed,
+    brute_global_tokens,
+    brute_strided,
+    brute_window,
+    positions,
+)
 
 EXAMPLES = int(os.environ.get("SPATTN_EXAMPLES", "40"))  # raise for a deeper sweep
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None)
@@ -34,12 +47,6 @@ SETTINGS = settings(max_examples=EXAMPLES, deadline=None)
 
 def qk(nq, nk, heads=1):
     return torch.zeros(1, heads, nq, 2), torch.zeros(1, heads, nk, 2)
-
-
-def positions(nq, nk):
-    i = np.arange(nq)[:, None]
-    j = np.arange(nk)[None, :]
-    return i + (nk - nq), j
 
 
 def tiles(mask, block):
@@ -99,8 +106,7 @@ blocks = st.sampled_from([4, 8, 13, 16])
 @SETTINGS
 @given(nq=lengths, nk=lengths, block=blocks, causal=st.booleans())
 def test_dense(nq, nk, block, causal):
-    p, j = positions(nq, nk)
-    expected = (j <= p) if causal else np.ones((nq, nk), bool)
+    expected = brute_dense(nq, nk, causal)
     check(Dense(block).layout(*qk(nq, nk), causal=causal), expected, block)
 
 
@@ -108,18 +114,14 @@ def test_dense(nq, nk, block, causal):
 @SETTINGS
 @given(nq=lengths, nk=lengths, block=blocks, causal=st.booleans(), size=st.integers(0, 40))
 def test_window(nq, nk, block, causal, size):
-    p, j = positions(nq, nk)
-    expected = ((p - j >= 0) & (p - j <= size)) if causal else (np.abs(p - j) <= size)
+    expected = brute_window(nq, nk, size, causal)
     check(Window(size, block=block).layout(*qk(nq, nk), causal=causal), expected, block)
 
 
 @SETTINGS
 @given(nq=lengths, nk=lengths, block=blocks, causal=st.booleans(), size=st.integers(0, 8), dilation=st.integers(1, 6))
 def test_dilated_window(nq, nk, block, causal, size, dilation):
-    p, j = positions(nq, nk)
-    ts = np.arange(-size, 1 if causal else size + 1)
-    # keys j = i' + t * dilation for an allowed t
-    expected = (j[None] == p[None] + ts[:, None, None] * dilation).any(0)
+    expected = brute_dilated_window(nq, nk, size, dilation, causal)
     layout = DilatedWindow(size, dilation, block=block).layout(*qk(nq, nk), causal=causal)
     check(layout, expected, block)
 
@@ -134,10 +136,7 @@ def test_dilated_window_one_is_window():
 @SETTINGS
 @given(nq=lengths, nk=lengths, block=blocks, causal=st.booleans(), count=st.integers(1, 40))
 def test_global_tokens(nq, nk, block, causal, count):
-    p, j = positions(nq, nk)
-    expected = (p < count) | (j < count)
-    if causal:
-        expected = expected & (j <= p)
+    expected = brute_global_tokens(nq, nk, count, causal)
     check(GlobalTokens(count, block=block).layout(*qk(nq, nk), causal=causal), expected, block)
 
 
@@ -145,12 +144,7 @@ def test_global_tokens(nq, nk, block, causal, count):
 @SETTINGS
 @given(nq=lengths, nk=lengths, block=blocks, causal=st.booleans(), stride=st.integers(1, 40))
 def test_strided(nq, nk, block, causal, stride):
-    p, j = positions(nq, nk)
-    d = p - j
-    if causal:
-        expected = ((d >= 0) & (d < stride)) | ((d >= 0) & (d % stride == 0))
-    else:
-        expected = (np.abs(d) < stride) | (d % stride == 0)
+    expected = brute_strided(nq, nk, stride, causal)
     check(Strided(stride, block=block).layout(*qk(nq, nk), causal=causal), expected, block)
 
 
@@ -159,9 +153,7 @@ def test_strided(nq, nk, block, causal, stride):
 def test_fixed(nq, nk, l, causal, data):
     c = data.draw(st.integers(1, l), label="summary")
     p, j = positions(nq, nk)
-    expected = (j // l == p // l) | np.isin(j % l, np.arange(l - c, l))
-    if causal:
-        expected = expected & (j <= p)
+    expected = brute_fixed(nq, nk, l, c, causal)
     layout = Fixed(block=l, summary=c).layout(*qk(nq, nk), causal=causal)
     # with summary columns the tiles hold only the same-block part: check density/dense equality
     if layout.has_columns:
@@ -189,47 +181,18 @@ def test_fixed_uses_columns_when_summary_small():
 def test_axial(nq, block, causal, rows, cols, data):
     nk = rows * cols
     nq = data.draw(st.integers(1, nk), label="nq")
-    p, j = positions(nq, nk)
-    prow, pcol = p // cols, p % cols
-    jrow, jcol = j // cols, j % cols
-    expected = (prow == jrow) | (pcol == jcol)
-    if causal:
-        expected = expected & (j <= p)
+    expected = brute_axial(nq, nk, cols, causal)
     check(Axial(rows, block=block).layout(*qk(nq, nk), causal=causal), expected, block, exact_full=False)
 
 
 @SETTINGS
 @given(nq=lengths, nk=lengths, block=blocks, causal=st.booleans(), sinks=st.integers(0, 30), local=st.integers(1, 60))
 def test_a_shape(nq, nk, block, causal, sinks, local):
-    p, j = positions(nq, nk)
-    if causal:
-        expected = (j <= p) & ((j < sinks) | (p - j < local))
-    else:
-        expected = (j < sinks) | (np.abs(p - j) < local)
+    expected = brute_a_shape(nq, nk, sinks, local, causal)
     check(AShape(sinks, local, block=block).layout(*qk(nq, nk), causal=causal), expected, block)
 
 
 # ------------------------------------------------------------------------------------- BigBird
-def bigbird_expected(nq, nk, block, window, globals_, rnd, causal):
-    """Brute force over (h, i, j) from the definition, given the drawn random blocks ``rnd``."""
-    heads = rnd.shape[0]
-    off = nk - nq
-    out = np.zeros((heads, nq, nk), bool)
-    for qb in range(-(-nq // block)):
-        last = min(qb * block + block - 1, nq - 1)
-        a = (last + off) // block  # key block of the tile's last query
-        for h in range(heads):
-            chosen = set(int(x) for x in rnd[h, qb] if x >= 0)
-            for i in range(qb * block, last + 1):
-                for j in range(nk):
-                    kb = j // block
-                    ok = abs(a - kb) <= window // 2 or kb < globals_ or a < globals_ or kb in chosen
-                    if causal:
-                        ok = ok and j <= i + off
-                    out[h, i, j] = ok
-    return out
-
-
 def check_random_draw(p, rnd, nq, nk, causal):
     block, r = p.block, p.random
     nkb = -(-nk // block)
@@ -267,7 +230,7 @@ def test_bigbird(nq, nk, block, causal, window, globals_, rnd, seed, heads):
     layout = p.layout(*qk(nq, nk, heads), causal=causal)
     draw = p.random_blocks(heads, nq, nk, causal).numpy()
     check_random_draw(p, draw, nq, nk, causal)
-    expected = bigbird_expected(nq, nk, block, window, globals_, draw, causal)
+    expected = brute_bigbird(nq, nk, block, window, globals_, draw, causal)
     assert layout.heads == (heads if rnd else 1)
     check(layout, expected if rnd else expected[:1], block)
 

@@ -1,7 +1,8 @@
 """Prefill selectors (XAttention, MInference vertical-slash / block-sparse, FlexPrefill).
 
 Each selector is checked against a brute-force construction of its definition written with plain
-loops / dense NumPy from the full attention matrix (never from the selector's own helpers), the
+loops / dense NumPy from the full attention matrix (never from the selector's own helpers; in
+:mod:`spattn.patterns.reference.prefill`), the
 kernels against the dense reference on the produced layouts, recovery of planted keys, and errors.
 Query ``i`` of ``Nq`` sits at key position ``i' = i + Nk - Nq``.
 """
@@ -21,6 +22,20 @@ import spattn
 from spattn.kernels.blocksparse import blocksparse_attention
 from spattn.patterns.flexprefill import FlexPrefill
 from spattn.patterns.minference import MInferenceBlock, VerticalSlash
+from spattn.patterns.reference import (
+    brute_flexprefill_blocks,
+    brute_minference_block,
+    brute_vertical_slash,
+    brute_vertical_slash_scores,
+    brute_vertical_slash_tiles,
+    causal_dense,
+    expand_blocks,
+    full_probs,
+    official_find_blocks,
+    official_slash_blocks,
+    xattn_brute_scores,
+    xattn_brute_select,
+)
 from spattn.patterns.xattention import XAttention
 
 from .helpers import assert_matches_reference
@@ -34,86 +49,7 @@ def qkv(batch, hq, hkv, nq, nk, dim, seed, scale=1.0):
     return q, k, v
 
 
-def np_heads(q, k):
-    """float64 numpy q [B,Hq,Nq,D] and k expanded to the query heads."""
-    group = q.shape[1] // k.shape[1]
-    return q.double().numpy(), k.double().repeat_interleave(group, 1).numpy()
-
-
-def causal_dense(nq, nk):
-    i = np.arange(nq)[:, None] + nk - nq
-    return np.arange(nk)[None, :] <= i
-
-
-def expand_blocks(block_map, nq, nk, block, causal):
-    """[..., NQB, NKB] -> token mask [..., Nq, Nk] (causal inside tiles)."""
-    m = np.repeat(np.repeat(block_map, block, -2), block, -1)[..., :nq, :nk]
-    return m & causal_dense(nq, nk) if causal else m
-
-
-def block_geometry(nq, nk, block):
-    off = nk - nq
-    nqb, nkb = -(-nq // block), -(-nk // block)
-    p0 = [qb * block + off for qb in range(nqb)]
-    p1 = [min(qb * block + block - 1, nq - 1) + off for qb in range(nqb)]
-    k0 = [kb * block for kb in range(nkb)]
-    k1 = [min(kb * block + block - 1, nk - 1) for kb in range(nkb)]
-    return p0, p1, k0, k1
-
-
 # ------------------------------------------------------------------------------------ XAttention
-def xattn_brute_scores(q, k, stride, block, causal):
-    qn, kn = np_heads(q, k)
-    bsz, hq, nq, dim = qn.shape
-    nk = kn.shape[2]
-    s, off = stride, nk - nq
-    nqb, nkb = -(-nq // block), -(-nk // block)
-    rows, cols = nqb * block // s, nkb * block // s
-    out = np.zeros((bsz, hq, nqb, nkb))
-    for b in range(bsz):
-        for h in range(hq):
-            for i in range(rows):
-                if i * s >= nq:
-                    continue
-                logits = np.full(cols, -np.inf)
-                for j in range(cols):
-                    if j * s >= nk or (causal and j * s > min(i * s + s - 1, nq - 1) + off):
-                        continue
-                    acc = 0.0  # explicit antidiagonal of the s x s tile (i, j)
-                    for t in range(s):
-                        qi, kj = i * s + s - 1 - t, j * s + t
-                        if qi < nq and kj < nk:
-                            acc += qn[b, h, qi] @ kn[b, h, kj]
-                    logits[j] = acc / (math.sqrt(dim) * s)
-                if not np.isfinite(logits).any():  # more queries than keys: this row sees none yet
-                    continue
-                p = np.exp(logits - logits.max())
-                p /= p.sum()
-                for j in range(cols):
-                    out[b, h, i * s // block, j * s // block] += p[j]
-    return out
-
-
-def xattn_brute_select(scores, nq, nk, block, tau, causal):
-    p0, p1, k0, k1 = block_geometry(nq, nk, block)
-    sel = np.zeros(scores.shape, dtype=bool)
-    for idx in np.ndindex(*scores.shape[:3]):
-        qb = idx[2]
-        row = scores[idx]
-        valid = [(not causal) or k0[kb] <= p1[qb] for kb in range(len(k0))]
-        forced = [valid[kb] and (kb == 0 or (k0[kb] <= p1[qb] and k1[kb] >= p0[qb])) for kb in range(len(k0))]
-        total = sum(row[kb] for kb in range(len(k0)) if valid[kb])
-        mass = sum(row[kb] for kb in range(len(k0)) if forced[kb])
-        others = sorted((kb for kb in range(len(k0)) if valid[kb] and not forced[kb]), key=lambda kb: (-row[kb], kb))
-        for kb in range(len(k0)):
-            sel[idx + (kb,)] = forced[kb]
-        for kb in others:
-            if mass < tau * total:
-                sel[idx + (kb,)] = True
-                mass += row[kb]
-    return sel
-
-
 @settings(max_examples=8, deadline=None)
 @given(
     nq=st.integers(17, 90),
@@ -134,43 +70,6 @@ def test_xattention_scores_and_selection_match_brute_force(nq, extra, stride, ca
     sel = xattn_brute_select(want, nq, nq + extra, block, tau, causal)
     mask = expand_blocks(sel, nq, nq + extra, block, causal)
     assert np.array_equal(layout.to_dense().numpy(), mask)
-
-
-def official_find_blocks(scores, tau, causal, chunk_blocks):
-    """The official ``find_blocks_chunked`` (threshold mode, prefill) written out with loops, applied
-    chunk by chunk as ``xattn_estimate`` does for ``Nq == Nk`` (``current_index`` = first query block
-    of the chunk), followed by its block-causal clip. ``scores [..., NQB, NKB]``."""
-    nqb, nkb = scores.shape[-2:]
-    out = np.zeros(scores.shape, dtype=bool)
-    for idx in np.ndindex(*scores.shape[:-2]):
-        for c0 in range(0, nqb, chunk_blocks):
-            current = c0  # k_block_num - q_block_num + chunk_idx * num_blocks_per_chunk, with Nq == Nk
-            for r in range(min(chunk_blocks, nqb - c0)):
-                row = np.array(scores[idx + (c0 + r,)], dtype=np.float64)
-                if causal:
-                    row[c0 + r + 1 :] = 0.0  # the estimate's causal softmax gives future blocks nothing
-                required = row.sum() * tau
-                mask = np.zeros(nkb, dtype=bool)
-                if causal:
-                    mask[0] = True
-                    for col in range(current, min(current + chunk_blocks, nkb)):  # eye(chunk) overwrites
-                        mask[col] = (col - current) == r
-                    other = np.where(mask, 0.0, row)
-                    other_sorted = sorted(other, reverse=True)
-                    forced_sum = row[mask].sum()
-                    sorted_values = [0.0, forced_sum] + other_sorted[:-2]
-                    key = np.where(mask, 100000 * (1 + row), row)
-                    index = sorted(range(nkb), key=lambda j: (-key[j], j))
-                    cum = np.cumsum([0.0] + sorted_values[:-1])
-                else:
-                    index = sorted(range(nkb), key=lambda j: (-row[j], j))
-                    cum = np.cumsum([0.0] + [row[j] for j in index][:-1])
-                for t in range(nkb):
-                    mask[index[t] if cum[t] < required else 0] = True
-                if causal:
-                    mask[c0 + r + 1 :] = False  # the tril on the last q_block_num square
-                out[idx + (c0 + r,)] = mask
-    return out
 
 
 @settings(max_examples=10, deadline=None)
@@ -250,35 +149,6 @@ def test_xattention_tau_one_and_small_tau():
 
 
 # --------------------------------------------------------------------------- MInference patterns
-def full_probs(q, k, causal=True):
-    qn, kn = np_heads(q, k)
-    nq, nk = qn.shape[2], kn.shape[2]
-    logits = qn @ kn.transpose(0, 1, 3, 2) / math.sqrt(qn.shape[3])
-    if causal:
-        logits = np.where(causal_dense(nq, nk), logits, -np.inf)
-    p = np.exp(logits - logits.max(-1, keepdims=True))
-    return p / p.sum(-1, keepdims=True)
-
-
-def brute_vertical_slash_scores(q, k, last_q):
-    probs = full_probs(q, k)
-    nq, nk = probs.shape[-2:]
-    rows = min(last_q, nq)
-    vert = probs[:, :, nq - rows :].sum(2)
-    slash = np.zeros(vert.shape)
-    for r in range(nq - rows, nq):
-        pos = r + nk - nq
-        for j in range(pos + 1):
-            slash[:, :, pos - j] += probs[:, :, r, j]
-    return vert, slash
-
-
-def pick(scores, count, forced):
-    """indices of the top ``count`` with the ``forced`` ones first (nearest/first first), ties -> lower index."""
-    order = list(range(forced)) + sorted(range(forced, len(scores)), key=lambda x: (-scores[x], x))
-    return set(order[: min(count, len(scores))])
-
-
 @settings(max_examples=8, deadline=None)
 @given(
     nq=st.integers(20, 120),
@@ -299,14 +169,10 @@ def test_vertical_slash_matches_brute_force(nq, extra, group, nv, ns, seed):
     np.testing.assert_allclose(got_v.numpy(), vert, atol=1e-5)
     np.testing.assert_allclose(got_s.numpy(), slash, atol=1e-5)
     want = np.zeros((2, 2 * group, nq, nk), dtype=bool)
-    i = np.arange(nq)[:, None] + nk - nq
-    j = np.arange(nk)[None, :]
     for b in range(2):
         for h in range(2 * group):
             # official budgets: at least 30 verticals and 50 slashes, at most Nk
-            vs = pick(vert[b, h], max(nv, 30), 3)
-            ss = pick(slash[b, h], max(ns, 50), 5)
-            want[b, h] = (j <= i) & (np.isin(j, list(vs)) | np.isin(i - j, list(ss)))
+            want[b, h] = brute_vertical_slash(vert[b, h], slash[b, h], nq, nk, max(nv, 30), max(ns, 50), 3, 5)
     layout = pat.layout(q, k, causal=True)
     assert np.array_equal(layout.to_dense().numpy(), want)
 
@@ -326,20 +192,12 @@ def test_vertical_slash_whole_tiles_matches_brute_force(nq, extra, group, nv, ns
     nk, block = nq + extra, 16
     q, k, v = qkv(2, 2 * group, 2, nq, nk, 8, seed, scale=1.5)
     vert, slash = brute_vertical_slash_scores(q, k, last_q=16)
-    i = np.arange(nq)[:, None] + nk - nq
-    j = np.arange(nk)[None, :]
-    causal = j <= i
     want = np.zeros((2, 2 * group, nq, nk), dtype=bool)
     for b in range(2):
         for h in range(2 * group):
-            vs = pick(vert[b, h], max(nv, 30), 3)
-            ss = pick(slash[b, h], max(ns, 50), 5)
-            on_slash = causal & np.isin(i - j, list(ss))
-            tiles = np.zeros_like(on_slash)
-            for qb in range(0, nq, block):
-                for kb in range(0, nk, block):
-                    tiles[qb : qb + block, kb : kb + block] = on_slash[qb : qb + block, kb : kb + block].any()
-            want[b, h] = causal & (np.isin(j, list(vs)) | tiles)
+            want[b, h] = brute_vertical_slash_tiles(
+                vert[b, h], slash[b, h], nq, nk, max(nv, 30), max(ns, 50), 3, 5, block
+            )
     pat = VerticalSlash(vertical=nv, slash=ns, last_q=16, sinks=3, local=5, block=block, whole_tiles=True)
     layout = pat.layout(q, k, causal=True)
     assert np.array_equal(layout.to_dense().numpy(), want)
@@ -362,101 +220,12 @@ def test_vertical_slash_whole_tiles_matches_brute_force(nq, extra, group, nv, ns
 def test_minference_block_matches_brute_force(nq, extra, causal, topk, group, seed):
     block, nk = 16, nq + extra
     q, k, _ = qkv(2, 2 * group, 2, nq, nk, 8, seed)
-    qn, kn = np_heads(q, k)
-    p0, p1, k0, _ = block_geometry(nq, nk, block)
-    nqb, nkb = len(p0), len(k0)
-    sel = np.zeros((2, 2 * group, nqb, nkb), dtype=bool)
-    for b in range(2):
-        for h in range(2 * group):
-            for qb in range(nqb):
-                qbar = qn[b, h, qb * block : (qb + 1) * block].mean(0)
-                scores = [qbar @ kn[b, h, kb * block : (kb + 1) * block].mean(0) for kb in range(nkb)]
-                cand = [kb for kb in range(nkb) if not causal or k0[kb] <= p1[qb]]
-                for kb in sorted(cand, key=lambda x: (-scores[x], x))[:topk]:
-                    sel[b, h, qb, kb] = True
+    sel = brute_minference_block(q, k, topk, block, causal)
     layout = MInferenceBlock(k=topk, block=block).layout(q, k, causal=causal)
     assert np.array_equal(layout.to_dense().numpy(), expand_blocks(sel, nq, nk, block, causal))
 
 
 # ------------------------------------------------------------------------------------ FlexPrefill
-def official_slash_blocks(last, block):
-    """Block-diagonal slash scores as the official FlexPrefill code builds them (``get_active_blocks``):
-    ``sum_all_diagonal_matrix`` indexes a diagonal by the key where it meets the last query row
-    (``i = Nk - 1 - d``), ``torch_bhn_sumpool`` pools those indices from 0 in groups of ``block``
-    (zero-padded at the end), and group ``c`` selects the block diagonal ``δ = NKB - 1 - c``."""
-    rows, nk = last.shape
-    nkb = -(-nk // block)
-    by_key = np.zeros(nkb * block)
-    for i in range(nk):  # mat_padded columns: pad (rows - 1) zeros on the left
-        for r in range(rows):
-            j = i + r - (rows - 1)
-            if j >= 0:
-                by_key[i] += last[r, j] / rows
-    pooled = by_key.reshape(nkb, block).sum(-1)
-    return np.array([pooled[nkb - 1 - delta] for delta in range(nkb)])
-
-
-def brute_flexprefill_blocks(q, k, gamma, tau, block, align="end"):
-    qn, kn = np_heads(q, k)
-    bsz, hq, nq, dim = qn.shape
-    nk = kn.shape[2]
-    probs = full_probs(q, k)
-    rows = min(block, nq)
-    p0, p1, k0, k1 = block_geometry(nq, nk, block)
-    nqb, nkb = len(p0), len(k0)
-    out = np.zeros((bsz, hq, nqb, nkb), dtype=bool)
-    aware = np.zeros((bsz, hq), dtype=bool)
-    for b in range(bsz):
-        for h in range(hq):
-            last = probs[b, h, nq - rows :]
-            a_v = last.mean(0)
-            a_s = np.zeros(nk)
-            for r in range(rows):
-                pos = nk - rows + r
-                for j in range(pos + 1):
-                    a_s[pos - j] += last[r, j] / rows
-
-            def cover(x):
-                return int((np.cumsum(np.sort(x)[::-1]) <= gamma).sum()) + 1
-
-            v_blk = np.array([a_v[kb * block : (kb + 1) * block].sum() for kb in range(nkb)])
-            if align == "start":
-                s_blk = np.array([a_s[d * block : (d + 1) * block].sum() for d in range(nkb)])
-            else:
-                s_blk = official_slash_blocks(last, block)
-            kbar = np.stack([kn[b, h, kb * block : (kb + 1) * block].mean(0) for kb in range(nkb)])
-            logit = (qn[b, h, nq - rows :].mean(0) / math.sqrt(dim)) @ kbar.T
-            a_hat = np.exp(logit - logit.max())
-            a_hat /= a_hat.sum()
-            m = (a_hat + v_blk) / 2
-            kl = lambda x: sum(xi * math.log(xi / mi) for xi, mi in zip(x, m) if xi > 0)
-            aware[b, h] = math.sqrt(max(0.5 * kl(a_hat) + 0.5 * kl(v_blk), 0)) < tau
-            n_v = 1 if aware[b, h] else min(max(cover(a_v) // block + 1, 1), nkb)
-            n_s = 1 if aware[b, h] else min(max(cover(a_s) // block + 1, 1), nkb)
-            vs = pick(v_blk, n_v, 1)
-            ss = pick(s_blk, n_s, 1)
-            for qb in range(nqb):
-                for kb in range(nkb):
-                    delta = p1[qb] // block - kb
-                    diag = k0[kb] <= p1[qb] and k1[kb] >= p0[qb]
-                    out[b, h, qb, kb] = kb in vs or (delta >= 0 and delta in ss) or diag
-            if aware[b, h]:
-                qbar = np.stack([qn[b, h, qb * block : (qb + 1) * block].mean(0) for qb in range(nqb)]) / math.sqrt(dim)
-                sc = qbar @ kbar.T
-                sc = np.where(np.array(k0)[None, :] <= np.array(p1)[:, None], sc, -np.inf)
-                pm = np.exp(sc - sc.max(-1, keepdims=True))
-                pm /= pm.sum(-1, keepdims=True)
-                flat = pm.reshape(-1)
-                order = sorted(range(flat.size), key=lambda x: (-flat[x], x))
-                acc = 0.0
-                for x in order:
-                    acc += flat[x]
-                    if acc > gamma * nqb:
-                        break
-                    out[b, h, x // nkb, x % nkb] = True
-    return out, aware
-
-
 @pytest.mark.parametrize("align", ["end", "start"])
 @pytest.mark.parametrize("tau", [0.0, 0.3, 10.0])
 @pytest.mark.parametrize("nq,extra,group", [(150, 0, 1), (133, 0, 2), (100, 40, 1)])

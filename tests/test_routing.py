@@ -13,6 +13,7 @@ import spattn
 from spattn.kernels.clustered import clustered_attention
 from spattn.patterns.routing import Routing, layer_norm
 from spattn.selection import ClusterSelection
+from spattn.patterns.reference import brute_routing_causal_safe, brute_routing_scores, brute_routing_windows
 
 
 def _qkv(b, hq, hkv, nq, nk, d, dtype=torch.float32, seed=0):
@@ -21,31 +22,6 @@ def _qkv(b, hq, hkv, nq, nk, d, dtype=torch.float32, seed=0):
     k = torch.randn(b, hkv, nk, d, generator=gen, dtype=torch.float64).to(dtype)
     v = torch.randn(b, hkv, nk, d, generator=gen, dtype=torch.float64).to(dtype)
     return q, k, v
-
-
-def _scores_loop(x, mu, hq):
-    """Brute-force ``LN(x) · mu`` per query head: ``[B, Hq, N, C]``."""
-    b, hx, n, d = x.shape
-    out = torch.zeros(b, hq, n, mu.shape[1], dtype=torch.float64)
-    for bi in range(b):
-        for h in range(hq):
-            for t in range(n):
-                xt = x[bi, h // (hq // hx), t].double()
-                xt = (xt - xt.mean()) / torch.sqrt(xt.var(unbiased=False) + 1e-5)
-                out[bi, h, t] = mu[h].double() @ xt
-    return out
-
-
-def _topw_loop(scores, w):
-    """Per (batch, head, centroid): the ``w`` positions of largest score, as sorted lists."""
-    b, h, n, c = scores.shape
-    return [
-        [
-            [sorted(sorted(range(n), key=lambda t: -scores[bi, hi, t, ci].item())[:w]) for ci in range(c)]
-            for hi in range(h)
-        ]
-        for bi in range(b)
-    ]
 
 
 # --------------------------------------------------------------------------------- selection
@@ -59,12 +35,12 @@ def test_windows_equal_bruteforce_top_w(causal, share_qk):
     r = Routing(clusters=c, share_qk=share_qk, heads=hq, head_dim=d).eval()
     sel = r.select(q, k, causal=causal)
     w = -(-n // c)
-    want_q = _topw_loop(_scores_loop(q, r.centroids, hq), w)
+    want_q = brute_routing_windows(brute_routing_scores(q, r.centroids, hq), w)
     assert sel.query_indices.tolist() == want_q
     if share_qk or (share_qk is None and causal):  # None: shared windows when causal (the paper's decoder)
         assert sel.key_indices.tolist() == want_q
     else:
-        assert sel.key_indices.tolist() == _topw_loop(_scores_loop(k, r.centroids, hq), w)
+        assert sel.key_indices.tolist() == brute_routing_windows(brute_routing_scores(k, r.centroids, hq), w)
     assert sel.causal == causal
 
 
@@ -73,15 +49,8 @@ def test_causal_safe_windows_equal_bruteforce():
     q, k, _ = _qkv(b, h, h, n, n, d, seed=3)
     r = Routing(clusters=c, window=w, causal_safe=True, heads=h, head_dim=d).eval()
     dense = r.select(q, k, causal=True).to_dense()
-    scores = _scores_loop(q, r.centroids, h)
-    want = torch.zeros(b, h, n, n, dtype=torch.bool)
-    for bi in range(b):
-        for hi in range(h):
-            cl = scores[bi, hi].argmax(-1).tolist()
-            rank = [sum(cl[s] == cl[t] for s in range(t)) for t in range(n)]
-            for t in range(n):
-                for s in range(t + 1):
-                    want[bi, hi, t, s] = cl[s] == cl[t] and rank[s] // w == rank[t] // w
+    scores = brute_routing_scores(q, r.centroids, h)
+    want = brute_routing_causal_safe(scores, w)
     assert torch.equal(dense, want)
 
 

@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 import spattn
 from spattn.kernels.reference import reference_attention
 from spattn.patterns.seer import SeerGate, block_pool, distill_seer_gate, seer_block_target
+from spattn.patterns.reference import brute_seer_block_map, brute_seer_logits, token_blocks
 
 
 def _qkv(b, hq, hkv, nq, nk, d, dtype=torch.float32, seed=0):
@@ -22,34 +23,10 @@ def _qkv(b, hq, hkv, nq, nk, d, dtype=torch.float32, seed=0):
     return q, k, v
 
 
-def _blocks(n, block):
-    return [list(range(s, min(n, s + block))) for s in range(0, n, block)]
-
-
-def _brute_logits(gate, q, k, causal):
-    """Loop form of the gate: pooled q/k per block, per-head maps, masked block logits."""
-    b, hq, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    qb, kb = _blocks(nq, gate.block), _blocks(nk, gate.block)
-    out = torch.zeros(b, hq, len(qb), len(kb), dtype=torch.float64)
-    wq, wk = gate.q_weight.double(), gate.k_weight.double()
-    for bi in range(b):
-        for h in range(hq):
-            kh = h // (hq // hkv)
-            for i, rows in enumerate(qb):
-                qp = q[bi, h, rows].double().mean(0) @ wq[h]
-                for j, cols in enumerate(kb):
-                    keys = k[bi, kh, cols].double()
-                    kp = torch.cat([keys.max(0).values, keys.min(0).values]) @ wk[kh]
-                    visible = not causal or cols[0] <= rows[-1] + nk - nq
-                    out[bi, h, i, j] = qp @ kp / math.sqrt(gate.hidden) if visible else -math.inf
-    return out
-
-
 def test_block_pool_equals_loops():
     x = torch.randn(2, 3, 21, 4, dtype=torch.float64)
     mean, hi, lo = block_pool(x, 8)
-    for i, rows in enumerate(_blocks(21, 8)):
+    for i, rows in enumerate(token_blocks(21, 8)):
         assert torch.allclose(mean[:, :, i], x[:, :, rows].mean(2))
         assert torch.equal(hi[:, :, i], x[:, :, rows].amax(2))
         assert torch.equal(lo[:, :, i], x[:, :, rows].amin(2))
@@ -60,37 +37,12 @@ def test_gate_equals_bruteforce(causal, nq, nk):
     q, k, _ = _qkv(2, 4, 2, nq, nk, 8, torch.float64)
     gate = SeerGate(block=8, hidden=16).double()
     got = gate.gate_logits(q, k, causal)
-    want = _brute_logits(gate, q, k, causal)
+    want = brute_seer_logits(gate, q, k, causal)
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     fin = ~torch.isinf(want)
     assert (got[fin] - want[fin]).abs().max() < 1e-12
     probs = gate.gate(q, k, causal)
     assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[:-1], dtype=torch.float64))
-
-
-def _brute_block_map(gate, q, k, causal):
-    logits = _brute_logits(gate, q, k, causal)
-    b, h, nqb, nkb = logits.shape
-    nq, nk = q.shape[2], k.shape[2]
-    qb, kb = _blocks(nq, gate.block), _blocks(nk, gate.block)
-    keep = torch.zeros(b, h, nqb, nkb, dtype=torch.bool)
-    for bi in range(b):
-        for hi in range(h):
-            for i in range(nqb):
-                row = logits[bi, hi, i]
-                if gate.topk is not None:
-                    chosen = sorted(range(nkb), key=lambda j: -row[j].item())[: gate.topk]
-                else:
-                    probs = torch.softmax(row, -1)
-                    chosen = [j for j in range(nkb) if probs[j] > gate.effective_threshold]
-                for j in chosen:
-                    keep[bi, hi, i, j] = not math.isinf(row[j].item())
-                if causal:  # diagonal: key blocks overlapping the block's aligned positions
-                    lo, hi_pos = qb[i][0] + nk - nq, qb[i][-1] + nk - nq
-                    for j, cols in enumerate(kb):
-                        if cols[0] <= hi_pos and cols[-1] >= lo:
-                            keep[bi, hi, i, j] = True
-    return keep
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -99,7 +51,7 @@ def test_layout_matches_bruteforce_selection(causal, mode):
     q, k, _ = _qkv(2, 2, 1, 45, 45, 8, torch.float64, seed=2)
     gate = SeerGate(block=8, hidden=16, **mode).double()
     layout = gate.layout(q, k, causal)
-    want = _brute_block_map(gate, q, k, causal)
+    want = brute_seer_block_map(gate, q, k, causal)
     assert torch.equal(layout.block_map(), want)
     dense = want.repeat_interleave(8, 2).repeat_interleave(8, 3)[:, :, :45, :45]
     if causal:
@@ -160,7 +112,11 @@ def test_block_target_equals_dense_max_pool():
             logits = logits.masked_fill(~torch.ones(30, 30, dtype=torch.bool).tril(), -math.inf)
         p = torch.softmax(logits, -1)
         want = torch.stack(
-            [torch.stack([p[..., r, :][..., c].amax((-1, -2)) for c in _blocks(30, 8)], -1) for r in _blocks(30, 8)], -2
+            [
+                torch.stack([p[..., r, :][..., c].amax((-1, -2)) for c in token_blocks(30, 8)], -1)
+                for r in token_blocks(30, 8)
+            ],
+            -2,
         )
         assert torch.allclose(got, want / want.sum(-1, keepdim=True), atol=1e-12)
 

@@ -167,3 +167,36 @@ def test_backend_for_keeps_selections_on_their_own_kernels():
     for backend in ("auto", "reference", "blocksparse", "flex"):
         assert functional.backend_for(layout, backend) == backend
         assert functional.backend_for(tokens, backend) == "auto"  # the token kernel whatever block kernel was asked
+
+
+def _brute_window(q_len: int, kv_len: int, window: int) -> torch.Tensor:
+    """The causal sliding window by its definition: aligned query i' = i + Nk - Nq sees j iff 0 <= i' - j < window."""
+    d = torch.arange(q_len)[:, None] + (kv_len - q_len) - torch.arange(kv_len)[None, :]
+    return (d >= 0) & (d < window)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    nq=st.integers(1, 45),
+    extra=st.integers(0, 30),
+    window=st.integers(1, 40),
+    causal=st.booleans(),
+    seed=st.integers(0, 10**6),
+)
+def test_within_window_keeps_exactly_the_pairs_in_the_window(nq, extra, window, causal, seed):
+    nk = nq + extra
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(2, 2, nq, 8, generator=gen), torch.randn(2, 1, nk, 8, generator=gen)
+    band = _brute_window(nq, nk, window)
+    layout = spattn.pattern("window(size=5, block=8)").select(q, k, causal=causal)
+    tokens = spattn.pattern(f"topk(k={min(4, nk)})").select(q, k, causal=causal)
+    pages = PageSelection(torch.arange(-(-nk // 8))[-2:].expand(2, 2, nq, -1).contiguous(), page=8, q_len=nq, kv_len=nk)
+    for sel in (layout, tokens, pages):
+        restricted = sel.within_window(window)
+        assert functional.is_selection(restricted)
+        assert torch.equal(restricted.to_dense().expand(sel.batch, sel.heads, nq, nk), sel.to_dense() & band)
+    whole = Layout.causal_window(nq, nk, window, 8, 16)
+    assert torch.equal(whole.to_dense()[0, 0], band)
+    assert not hasattr(ClusterSelection, "within_window")  # routing windows average: no restriction
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        tokens.within_window(0)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import spattn
 from spattn.nn.ema import MultiHeadEMA
 from spattn.nn.gau import RelativeBias, compress, extract, local_attention
+from spattn.nn.reference import naive_local, naive_seqboat
 from spattn.nn.seqboat import SeqBoat
 
 
@@ -45,20 +46,6 @@ def test_compress_extract_match_loop(B, N, seed):
                 want_back[b, i] = h[b, c]
                 c += 1
     assert torch.equal(back, want_back)
-
-
-def naive_local(q, k, v, valid, pos, bias, w, causal, fn):
-    B, L, _ = q.shape
-    out = torch.zeros(B, L, v.shape[-1], dtype=q.dtype)
-    for b in range(B):
-        for i in range(L):
-            js = [j for j in range(L) if valid[b, j] and (0 <= i - j <= w if causal else abs(i - j) <= w)]
-            if not js:
-                continue
-            s = torch.stack([q[b, i] @ k[b, j] + bias(pos[b, i], pos[b, j]) for j in js])
-            a = torch.softmax(s, 0) if fn == "softmax" else F.relu(s).square()
-            out[b, i] = a @ v[b, js]
-    return out
 
 
 @pytest.mark.parametrize("fn", ["softmax", "relu2"])
@@ -104,46 +91,6 @@ def test_ema_fft_matches_recurrence_and_bidirectional_sum():
 
 
 # ----------------------------------------------------------------------------------- whole layer
-def naive_seqboat(layer: SeqBoat, x, real):
-    """The layer written token by token from its definition (same parameters)."""
-    B, N, D = x.shape
-    h_in = layer.norm(x) if layer.prenorm else x
-    ema = layer.ema
-    k = ema.kernel(N)
-    hm = h_in * real[..., None]
-    y = torch.zeros_like(x)
-    for t in range(N):
-        for s in range(N):
-            if s <= t:
-                y[:, t] = y[:, t] + k[:D, t - s] * hm[:, s]
-            if ema.bidirectional and s >= t:
-                y[:, t] = y[:, t] + k[D:, s - t] * hm[:, s]
-    mx = F.silu(y + ema.omega * h_in)
-    u, hx = torch.split(layer.hx_proj(mx), [2, D], -1)
-    px = torch.softmax(u / layer.log_temp.exp(), -1)
-    out_h = torch.zeros_like(x)
-    for b in range(B):
-        active = [i for i in range(N) if real[b, i] and px[b, i, 1] > px[b, i, 0]]
-        for ci, i in enumerate(active):
-            z, r, _ = torch.split(F.silu(layer.mx_proj(mx[b, i])), [layer.zdim, layer.hdim, layer.hdim])
-            q = z * layer.gamma[0] + layer.beta[0]
-            q = q * layer.zdim**-0.5 if layer.attn_fn == "softmax" else q / (layer.window * (1 if layer.causal else 2))
-            s, vs = [], []
-            for cj, j in enumerate(active):
-                d = ci - cj
-                if (0 <= d <= layer.window) if layer.causal else abs(d) <= layer.window:
-                    zj, _, vj = torch.split(F.silu(layer.mx_proj(mx[b, j])), [layer.zdim, layer.hdim, layer.hdim])
-                    kj = zj * layer.gamma[1] + layer.beta[1]
-                    s.append(q @ kj + layer.rel_bias(torch.tensor(i), torch.tensor(j)))
-                    vs.append(vj)
-            s = torch.stack(s)
-            a = torch.softmax(s, 0) if layer.attn_fn == "softmax" else F.relu(s).square()
-            h = layer.h_proj((a @ torch.stack(vs)) * r)
-            out_h[b, i] = h * px[b, i].max()
-    out = F.silu(hx + out_h + x)
-    return out if layer.prenorm else layer.norm(out)
-
-
 @pytest.mark.parametrize(
     "causal,fn,prenorm", [(False, "softmax", True), (True, "relu2", True), (True, "softmax", False)]
 )

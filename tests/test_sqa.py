@@ -3,32 +3,15 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
 
 import spattn
+from spattn.nn.reference import naive_sqa
 from spattn.nn.sqa import SparseQueryAttention
 
 from .approx_helpers import assert_close_rel, padding_mask
-
-
-def naive_sqa(layer, x, causal, kpm=None):
-    """Projections, key/value heads repeated to the query heads, explicit softmax, output projection."""
-    b, n, _ = x.shape
-    hq, hkv, d = layer.query_heads, layer.key_value_heads, layer.head_dim
-    q = layer.q_proj(x).view(b, n, hq, d).transpose(1, 2)
-    k = layer.k_proj(x).view(b, n, hkv, d).transpose(1, 2).repeat_interleave(hq // hkv, 1)
-    v = layer.v_proj(x).view(b, n, hkv, d).transpose(1, 2).repeat_interleave(hq // hkv, 1)
-    logits = q @ k.transpose(-1, -2) / math.sqrt(d)
-    allowed = torch.ones(n, n, dtype=torch.bool)
-    if causal:
-        allowed = allowed.tril()
-    allowed = allowed[None, None] & (True if kpm is None else kpm[:, None, None, :])
-    a = torch.softmax(logits.masked_fill(~allowed, -math.inf), -1)
-    out = torch.nan_to_num(a) @ v
-    return layer.out_proj(out.transpose(1, 2).reshape(b, n, hq * d))
 
 
 @pytest.mark.parametrize("causal", [False, True])

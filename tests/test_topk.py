@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 
-import math
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ from hypothesis import strategies as st
 
 import spattn
 from spattn.layout import Layout
+from spattn.approx.reference import dense_drsformer
+from spattn.patterns.reference import brute_block_mass, brute_block_topk, brute_topk, brute_topp
 from spattn.patterns import topk as topk_module
 from spattn.patterns.topk import selection_layout, topk_selections
 
@@ -28,30 +29,6 @@ def _qkv(seed, batch, hq, hkv, nq, nk, dim, integer=False, dtype=torch.float32):
         return torch.randn(batch, h, n, dim, generator=gen, dtype=dtype)
 
     return make(hq, nq), make(hkv, nk), make(hkv, nk)
-
-
-def _visible(i, j, nq, nk, causal):
-    return not causal or j <= i + nk - nq
-
-
-def brute_topk(q, k, kk, causal, ties, kpm=None):
-    """Per query: the official rule (keep s >= k-th largest allowed score) or exactly k, lower index first."""
-    batch, hq, nq, _ = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    out = torch.zeros(batch, hq, nq, nk, dtype=torch.bool)
-    for b in range(batch):
-        for h in range(hq):
-            s = (q[b, h].double() @ k[b, h // (hq // hkv)].double().T).tolist()
-            for i in range(nq):
-                allowed = [j for j in range(nk) if _visible(i, j, nq, nk, causal) and (kpm is None or kpm[b, j])]
-                ranked = sorted(allowed, key=lambda j: (-s[i][j], j))
-                if ties == "first" or len(ranked) <= kk:
-                    kept = ranked[:kk]
-                else:
-                    kth = s[i][ranked[kk - 1]]
-                    kept = [j for j in allowed if s[i][j] >= kth]
-                out[b, h, i, kept] = True
-    return out
 
 
 @settings(max_examples=12, deadline=None)
@@ -133,32 +110,6 @@ def test_topk_layout_equals_selection(causal):
     assert torch.equal(selection_layout(sel, 7).to_dense(), sel.to_dense())
 
 
-def brute_topp(q, k, p, causal, kpm=None, scale=None):
-    """Per query: softmax (fp64) over the allowed keys, keys ranked by descending weight (lower index
-    first), each kept while the weight ranked ahead of it is below p."""
-    batch, hq, nq, dim = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    scale = 1 / math.sqrt(dim) if scale is None else scale
-    out = torch.zeros(batch, hq, nq, nk, dtype=torch.bool)
-    for b in range(batch):
-        for h in range(hq):
-            s = (q[b, h].double() @ k[b, h // (hq // hkv)].double().T * scale).tolist()
-            for i in range(nq):
-                allowed = [j for j in range(nk) if _visible(i, j, nq, nk, causal) and (kpm is None or kpm[b, j])]
-                if not allowed:
-                    continue
-                top = max(s[i][j] for j in allowed)
-                w = {j: math.exp(s[i][j] - top) for j in allowed}
-                total = sum(w.values())
-                ahead = 0.0
-                for j in sorted(allowed, key=lambda j: (-w[j], j)):
-                    if ahead >= p and p < 1:
-                        break
-                    out[b, h, i, j] = True
-                    ahead += w[j] / total
-    return out
-
-
 @settings(max_examples=15, deadline=None)
 @given(
     batch=st.integers(1, 2),
@@ -200,70 +151,6 @@ def test_topp_chunking_and_scale(monkeypatch):
 
 
 # -------------------------------------------------------------------------------- block patterns
-
-
-def _pool(x, block):
-    n = x.shape[2]
-    return torch.stack([x[:, :, s : s + block].double().mean(2) for s in range(0, n, block)], dim=2)
-
-
-def _block_candidates(q, k, block, causal):
-    """Brute-force (scores, allowed, forced) per (b, h, qb) as Python lists."""
-    batch, hq, nq, _ = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    qp, kp = _pool(q, block), _pool(k, block)
-    nqb, nkb = qp.shape[2], kp.shape[2]
-    for b in range(batch):
-        for h in range(hq):
-            s = qp[b, h] @ kp[b, h // (hq // hkv)].T
-            for qb in range(nqb):
-                queries = range(qb * block, min(nq, qb * block + block))
-                allowed, forced = [], []
-                for kb in range(nkb):
-                    keys = range(kb * block, min(nk, kb * block + block))
-                    if any(_visible(i, j, nq, nk, causal) for i in queries for j in keys):
-                        allowed.append(kb)
-                    if causal and any(j == i + nk - nq for i in queries for j in keys):
-                        forced.append(kb)
-                yield b, h, qb, s[qb].tolist(), allowed, forced
-
-
-def _expand(keep, q, k, block, causal):
-    batch, hq, nq, _ = q.shape
-    nk = k.shape[2]
-    dense = torch.zeros(batch, hq, nq, nk, dtype=torch.bool)
-    for (b, h, qb), kbs in keep.items():
-        for i in range(qb * block, min(nq, qb * block + block)):
-            for kb in kbs:
-                for j in range(kb * block, min(nk, kb * block + block)):
-                    dense[b, h, i, j] = _visible(i, j, nq, nk, causal)
-    return dense
-
-
-def brute_block_topk(q, k, kk, block, causal):
-    keep = {}
-    for b, h, qb, s, allowed, forced in _block_candidates(q, k, block, causal):
-        ranked = sorted(allowed, key=lambda kb: (kb not in forced, -s[kb], kb))
-        keep[b, h, qb] = set(ranked[:kk]) | set(forced)  # the diagonal is always kept
-    return _expand(keep, q, k, block, causal)
-
-
-def brute_block_mass(q, k, tau, block, causal):
-    keep = {}
-    d = q.shape[-1]
-    for b, h, qb, s, allowed, forced in _block_candidates(q, k, block, causal):
-        if not allowed:
-            continue
-        z = sum(math.exp(s[kb] / math.sqrt(d)) for kb in allowed)
-        ranked = sorted(allowed, key=lambda kb: (kb not in forced, -s[kb], kb))
-        kept, mass = [], 0.0
-        for kb in ranked:
-            if mass >= tau and kb not in forced:
-                break
-            kept.append(kb)
-            mass += math.exp(s[kb] / math.sqrt(d)) / z
-        keep[b, h, qb] = kept
-    return _expand(keep, q, k, block, causal)
 
 
 _BLOCK_CASES = dict(
@@ -378,30 +265,6 @@ def test_errors():
 
 
 # -------------------------------------------------------------------------------- DRSformer multi-ratio top-k
-
-
-def dense_drsformer(q, k, v, ratios, weights, temperature, causal=False, kpm=None):
-    """Direct transcription of the official operator on token attention (dense masks, fp64)."""
-    q, k = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    nq, nk = q.shape[2], k.shape[2]
-    scores = (q @ k.transpose(-1, -2)) * temperature.view(-1, 1, 1)
-    allowed = torch.ones(nq, nk, dtype=torch.bool)
-    if causal:
-        allowed = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq)
-    allowed = allowed.expand(q.shape[0], 1, nq, nk)
-    if kpm is not None:
-        allowed = allowed & kpm[:, None, None, :]
-    masked = scores.masked_fill(~allowed, float("-inf"))
-    out = 0
-    for r, w in zip(ratios, weights):
-        kk = max(1, int(nk * r))
-        idx = torch.topk(masked, kk, dim=-1).indices
-        keep = torch.zeros_like(allowed.expand_as(masked)).scatter(-1, idx, True) & allowed
-        probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
-        out = out + w * torch.nan_to_num(probs, nan=0.0) @ v
-    return out
 
 
 @pytest.mark.parametrize("causal,padded", [(False, False), (False, True), (True, False)])

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._heads import expand_kv
+from .._checks import int_at_least
 from ..registry import register
 from .base import ApproxAttention
 from .linear_core import check_qkv, compute_dtype
@@ -252,8 +253,7 @@ class Combiner(ApproxAttention):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"combiner: mode must be one of {', '.join(MODES)}; got {mode!r}")
-        if segment is not None and (isinstance(segment, bool) or not isinstance(segment, int) or segment < 1):
-            raise ValueError(f"combiner: segment must be a positive int or None, got {segment!r}")
+        int_at_least("combiner: segment", segment, allow_none=True)
         if mode == "logsparse" and segment is not None:
             raise ValueError("combiner: mode='logsparse' takes no segment (its spans are powers of two)")
         if row_summary not in ("wsum", "max"):

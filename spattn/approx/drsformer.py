@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import int_at_least
 from ..kernels.tokensparse import tokensparse_attention
 from ..patterns.topk import topk_selections
 from ..registry import register
@@ -71,8 +72,7 @@ class DRSformerTopK(ApproxAttention):
                 raise ValueError(f"drsformer_topk: every ratio must lie in (0, 1], got {r!r}")
         if not isinstance(normalize, bool):
             raise TypeError(f"drsformer_topk: normalize must be a bool, got {normalize!r}")
-        if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
-            raise ValueError(f"drsformer_topk: heads must be a positive int or None, got {heads!r}")
+        int_at_least("drsformer_topk: heads", heads, allow_none=True)
         self.ratios, self.normalize, self.heads = tuple(float(r) for r in ratios), normalize, heads
         self.weights = nn.Parameter(torch.full((len(ratios),), 0.2))
         self.temperature = nn.Parameter(torch.ones(heads or 1))

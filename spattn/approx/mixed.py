@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 from .._heads import expand_kv
 from .. import registry
-from .._checks import int_at_least
-from ..functional import attention
+from .._checks import check_kind, int_at_least
+from ..functional import attention, is_selection
 from ..layout import Layout
 from ..patterns import Pattern
 from ..patterns.base import PaddedPattern
@@ -68,8 +68,8 @@ def _support(
     owner: str,
 ) -> Layout:
     """The sparse support as a Layout; content-based patterns see the padding mask."""
-    if isinstance(pattern, Layout):
-        return pattern
+    if is_selection(pattern):  # precomputed: the support must be block pairs (a softmax over them)
+        return check_kind(f"{owner}: pattern", pattern, Layout, "Layout, a Pattern or a pattern spec")
     pat = _as_pattern(pattern, owner)
     if isinstance(pat, PaddedPattern):
         return pat.layout(q, k, causal=causal, key_padding_mask=key_padding_mask)

@@ -9,7 +9,8 @@ mechanism's own random features / gates / landmark count as arguments.
 Papers: linear attention (Katharopoulos et al. 2020), Performer's FAVOR+ (Choromanski et al. 2021),
 TransNormer / Lightning attention (Qin et al. 2022, 2024), gated linear attention (Yang et al. 2024),
 SOFT (Lu et al. 2021), Linformer (Wang et al. 2020), Nyströmformer (Xiong et al. 2021),
-Combiner (Ren et al. 2021).
+Combiner (Ren et al. 2021), Scatterbrain (Chen et al. 2021), SEA (Lee et al. 2024), SLA (Zhang et al.
+2025), DRSformer's multi-ratio top-k (Chen et al. 2023).
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ __all__ = [
     "naive_pinv",
     "naive_nystrom",
     "naive_combiner",
+    "favor_features",
+    "allowed_pairs",
+    "naive_scatterbrain",
+    "naive_sla",
+    "naive_sea",
+    "dense_drsformer",
 ]
 
 
@@ -256,3 +263,128 @@ def naive_combiner(q, k, v, mode, L, causal, kpm=None, row_summary="wsum"):
                 support = [j for j in range(n) if real[b, j] and (j <= i or not causal)]
                 assert set(torch.nonzero(p).flatten().tolist()) == set(support), "not full attention"
     return out, total_p
+
+
+def favor_features(x, w):
+    """FAVOR+ features without any stabiliser (fp64 reference)."""
+    d = x.shape[-1]
+    xs = x * d**-0.25
+    return torch.exp(xs @ w.T - 0.5 * (xs * xs).sum(-1, keepdim=True)) * w.shape[0] ** -0.5
+
+
+def allowed_pairs(n, causal, kpm, B):
+    """bool ``[B, 1, N, N]``: pairs allowed by causality and the key padding mask ``kpm [B, N]``."""
+    ok = torch.ones(B, 1, n, n, dtype=torch.bool)
+    if causal:
+        ok = ok & torch.ones(n, n, dtype=torch.bool).tril()
+    if kpm is not None:
+        ok = ok & kpm[:, None, None, :]
+    return ok
+
+
+def naive_scatterbrain(q, k, v, support, w, allowed):
+    """Scatterbrain (Chen et al. 2021), dense: exact exp scores on the sparse ``support [B|1, H|1, N, N]``,
+    the Performer estimate with features ``w [m, D]`` elsewhere, one normaliser over ``allowed``."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    exact = torch.exp(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]))
+    low = favor_features(q, w) @ favor_features(k, w).transpose(-1, -2)
+    a = torch.where(support & allowed, exact, low) * allowed
+    den = a.sum(-1, keepdim=True)
+    return torch.where(den > 0, (a @ v) / torch.where(den > 0, den, 1), 0.0)
+
+
+def naive_sla(q, k, v, block, topk, proj, kpm=None):
+    """SLA (Zhang et al. 2025). Per query: critical keys (top-k blocks by pooled smooth-k scores) get softmax attention, every
+    other real key linear attention with phi = softmax over the head dim; o = o_s + proj(o_l)."""
+    B, Hq, n, D = q.shape
+    rep = Hq // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    real = torch.ones(B, n, dtype=torch.bool) if kpm is None else kpm
+    nb = -(-n // block)
+    out = torch.zeros_like(q)
+    for b in range(B):
+        rk = real[b].nonzero().flatten()
+        kmean = k[b, :, rk].detach().mean(1, keepdim=True) if len(rk) else torch.zeros_like(k[b, :, :1])
+        for h in range(Hq):
+            for qb in range(nb):
+                rows = list(range(qb * block, min(n, (qb + 1) * block)))
+                real_rows = [i for i in rows if real[b, i]]  # self-attention: padded queries are not pooled
+                qbar = q[b, h, real_rows].detach().mean(0) if real_rows else torch.zeros(D, dtype=q.dtype)
+                scores = []
+                for kb in range(nb):
+                    cols = [j for j in range(kb * block, min(n, (kb + 1) * block)) if real[b, j]]
+                    if cols:
+                        kbar = (k[b, h, cols].detach() - kmean[h]).mean(0)
+                        scores.append((float(qbar @ kbar), kb))
+                chosen = {kb for _, kb in sorted(scores, reverse=True)[:topk]}
+                crit = [j for j in range(n) if real[b, j] and j // block in chosen]
+                rest = [j for j in range(n) if real[b, j] and j // block not in chosen]
+                for i in rows:
+                    o = torch.zeros(D, dtype=q.dtype)
+                    if crit:
+                        p = torch.softmax(k[b, h, crit] @ q[b, h, i] / math.sqrt(D), 0)
+                        o = p @ v[b, h, crit]
+                    ol = torch.zeros(D, dtype=q.dtype)
+                    if rest:
+                        s = torch.softmax(k[b, h, rest], -1) @ torch.softmax(q[b, h, i], -1)
+                        ol = (s @ v[b, h, rest]) / s.sum()
+                    out[b, h, i] = o + proj(ol)
+    return out
+
+
+def naive_sea(q, k, v, layer, causal, kpm=None):
+    """SEA (Lee et al. 2024), dense: the Performer estimate (features ``layer.projection.weight``) of the
+    attention mass of each of ``layer.chunks`` key chunks, the top ``layer.k`` chunks per query (causal:
+    its own chunk first), exact softmax attention on their keys."""
+    B, Hq, n, D = q.shape
+    rep = Hq // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    w = layer.projection.weight.double()
+    cs = -(-n // min(layer.chunks, n))
+    C = -(-n // cs)
+    allowed = allowed_pairs(n, causal, kpm, B)
+    lin = (favor_features(q.detach(), w) @ favor_features(k.detach(), w).transpose(-1, -2)) * allowed
+    chunk_of = torch.arange(n) // cs
+    est = torch.stack([lin[..., chunk_of == c].sum(-1) for c in range(C)], -1)
+    mask = torch.zeros(B, Hq, n, n, dtype=torch.bool)
+    real = torch.ones(B, n, dtype=torch.bool) if kpm is None else kpm
+    for b in range(B):
+        for h in range(Hq):
+            for i in range(n):
+                cand = [c for c in range(C) if real[b, c * cs : (c + 1) * cs].any() and (not causal or c * cs <= i)]
+                own = [i // cs] if causal else []
+                rest = sorted((c for c in cand if c not in own), key=lambda c: -float(est[b, h, i, c]))
+                for c in (own + rest)[: layer.k]:
+                    mask[b, h, i, c * cs : (c + 1) * cs] = True
+    mask = mask & allowed
+    s = (q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(~mask, float("-inf"))
+    empty = ~mask.any(-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+    return p @ v
+
+
+def dense_drsformer(q, k, v, ratios, weights, temperature, causal=False, kpm=None):
+    """DRSformer's multi-ratio top-k attention (Chen et al. 2023), a direct transcription of the official
+    operator on token attention (dense masks, fp64): per ratio ``r`` the ``max(1, int(Nk * r))`` largest
+    scores of each row, softmax over them, outputs summed with ``weights``; ``temperature [Hq]``."""
+    q, k = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    nq, nk = q.shape[2], k.shape[2]
+    scores = (q @ k.transpose(-1, -2)) * temperature.view(-1, 1, 1)
+    allowed = torch.ones(nq, nk, dtype=torch.bool)
+    if causal:
+        allowed = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq)
+    allowed = allowed.expand(q.shape[0], 1, nq, nk)
+    if kpm is not None:
+        allowed = allowed & kpm[:, None, None, :]
+    masked = scores.masked_fill(~allowed, float("-inf"))
+    out = 0
+    for r, w in zip(ratios, weights):
+        kk = max(1, int(nk * r))
+        idx = torch.topk(masked, kk, dim=-1).indices
+        keep = torch.zeros_like(allowed.expand_as(masked)).scatter(-1, idx, True) & allowed
+        probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+        out = out + w * torch.nan_to_num(probs, nan=0.0) @ v
+    return out

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import registry
+from .._checks import int_at_least
 from ..approx.base import ApproxAttention, AttentionLayer
 from ..functional import attention
 from ..nn.attention import build_mechanism
@@ -102,9 +103,7 @@ class FidelityConfig:
 
     def validate(self) -> None:
         for name in ("n", "batch", "heads", "dim", "topk"):
-            val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"fidelity: {name} must be a positive int, got {val!r}")
+            int_at_least(f"fidelity: {name}", getattr(self, name))
         if self.topk > self.n:
             raise ValueError(f"fidelity: topk={self.topk} must be <= n={self.n}")
         bad = [kind for kind in self.inputs if kind not in INPUT_KINDS]

@@ -59,6 +59,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from .._checks import int_at_least
 from .timing import PeakMemory, memory_probe, time_call, timed
 
 __all__ = [
@@ -148,16 +149,11 @@ class SpeedConfig:
 
     def validate(self) -> None:
         for n in self.ns:
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"sequence lengths must be positive ints, got {n!r}")
+            int_at_least("ns: every sequence length", n)
         for name in ("batch", "heads", "dim", "repeat"):
-            val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"warmup must be an int >= 0, got {self.warmup!r}")
-        if isinstance(self.max_repeat, bool) or not isinstance(self.max_repeat, int) or self.max_repeat < self.repeat:
-            raise ValueError(f"max_repeat must be an int >= repeat ({self.repeat}), got {self.max_repeat!r}")
+            int_at_least(name, getattr(self, name))
+        int_at_least("warmup", self.warmup, 0)
+        int_at_least("max_repeat", self.max_repeat, self.repeat, minimum_name="repeat")
         if not 0 < self.rel_tol < 1 or not self.budget_s > 0:
             raise ValueError(f"need 0 < rel_tol < 1 and budget_s > 0, got {self.rel_tol}, {self.budget_s}")
         if self.dtype not in _DTYPES:
@@ -265,11 +261,8 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
     """
     import torch.nn.functional as F
 
-    from ..functional import attention
-    from ..kernels.blocksparse import blocksparse_attention
-    from ..layout import Layout
+    from ..functional import backend_for, backends_for, kernel_for
     from ..patterns import Pattern
-    from ..selection import TokenSelection
 
     cfg = config or SpeedConfig()
     cfg.validate()
@@ -329,9 +322,12 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
             mech = _build(spec, cfg, n)
             if isinstance(mech, Pattern):
                 layout, rec["layout_s"] = timed(lambda: mech.select(q, k, causal=cfg.causal))
-                rec["kernel"] = {Layout: "blocksparse", TokenSelection: "tokensparse"}.get(type(layout), "clustered")
+                # block Layouts run on the block-sparse kernel (tiles are its cost); other kinds on their own
+                on_blocks = backend_for(layout, "blocksparse") == "blocksparse"
+                kernel = kernel_for(layout, "blocksparse" if on_blocks else "auto")
+                rec["kernel"] = kernel.name
                 rec["density"] = layout.density()
-                rec["block_density"] = layout.block_density() if isinstance(layout, Layout) else None
+                rec["block_density"] = layout.block_density() if on_blocks else None
                 log(f"N={n} {spec}: density {rec['density']:.4f}")
             else:  # an approximation: no pairs, no mask, no flex
                 layout, rec["kernel"], rec["density"], rec["block_density"] = None, "approximation", None, None
@@ -364,14 +360,10 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
 
                 def bs_call(a, b, c, mech=mech):
                     return mech(a, b, c, causal=cfg.causal)
-            elif isinstance(layout, Layout):
-
-                def bs_call(a, b, c, layout=layout):
-                    return blocksparse_attention(a, b, c, layout)
             else:
 
-                def bs_call(a, b, c, layout=layout):
-                    return attention(a, b, c, layout)
+                def bs_call(a, b, c, layout=layout, run=kernel.run):
+                    return run(a, b, c, layout)
 
             if "blocksparse" in want:
                 log(f"N={n} {spec}: {rec['kernel']} forward")
@@ -384,7 +376,7 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
             if "blocksparse_bwd" in want:
                 log(f"N={n} {spec}: {rec['kernel']} forward+backward")
                 rec["blocksparse_bwd"] = _safe(lambda: time_call(fwd_bwd(bs_call), **timing), log, "blocksparse_bwd")
-            if "flex" in want and isinstance(layout, Layout):
+            if "flex" in want and layout is not None and "flex" in backends_for(layout):
                 log(f"N={n} {spec}: compiled FlexAttention forward (first call compiles)")
                 rec["flex"] = _safe(lambda: _time_flex(q, k, v, layout, cfg), log, "flex")
             rec["load_after"] = _load1()

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import int_at_least
+
 from ..models import ModelConfig, build_model
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_SCHEMA, load_checkpoint, save_checkpoint
 from .tasks import Task, TaskData, as_batch, get_task
@@ -114,19 +116,11 @@ class TrainConfig:
         for f in fields(self):  # NumPy scalars (np.int64(100), np.float32(1e-3)) as Python numbers
             setattr(self, f.name, as_python_scalar(getattr(self, f.name)))
 
-        def pos_int(name, allow_none=False):
-            v = getattr(self, name)
-            if v is None and allow_none:
-                return
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"TrainConfig: {name} must be a positive int, got {v!r}")
-
         for name in ("steps", "batch_size", "eval_every"):
-            pos_int(name)
+            int_at_least(f"TrainConfig: {name}", getattr(self, name))
         for name in ("eval_batches", "eval_batch_size", "checkpoint_every", "num_val", "num_test"):
-            pos_int(name, allow_none=True)
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"TrainConfig: warmup must be an int >= 0, got {self.warmup!r}")
+            int_at_least(f"TrainConfig: {name}", getattr(self, name), allow_none=True)
+        int_at_least("TrainConfig: warmup", self.warmup, 0)
         for name in ("lr", "weight_decay", "min_lr_ratio", "grad_clip"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

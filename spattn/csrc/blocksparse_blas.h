@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
@@ -49,18 +50,21 @@ class OneBlasThread {
 };
 
 
-// Row-major s[i, j] = alpha * a[i, :d] . b[j, :d] for i < m, j < n (s has leading dimension n).
+// Row-major s[i, j] = alpha * a[i, :d] . b[j, :d] for i < m, j < n (s has leading dimension lds, default n).
 template <typename T>
-void abt(int64_t m, int64_t n, int64_t d, T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T* s) {
+void abt(int64_t m, int64_t n, int64_t d, T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T* s,
+         int64_t lds = 0) {
   // column-major view: s^T (n x m) = b (as d x n)^T . a (as d x m)
-  gemm('T', 'N', n, m, d, alpha, b, ldb, a, lda, T(0), s, n);
+  gemm('T', 'N', n, m, d, alpha, b, ldb, a, lda, T(0), s, lds > 0 ? lds : n);
 }
 
-// Row-major c[i, :] += alpha * p[i, :n] . b[:n, :] for i < m (c has leading dimension ldc, p has n).
+// Row-major c[i, :] += alpha * p[i, :n] . b[:n, :] for i < m (c has leading dimension ldc, p has ldp,
+// default n).
 template <typename T>
-void add_pb(int64_t m, int64_t n, int64_t dc, T alpha, const T* p, const T* b, int64_t ldb, T* c, int64_t ldc) {
+void add_pb(int64_t m, int64_t n, int64_t dc, T alpha, const T* p, const T* b, int64_t ldb, T* c, int64_t ldc,
+            int64_t ldp = 0) {
   // column-major view: c^T (dc x m) += b (as dc x n) . p (as n x m)
-  gemm('N', 'N', dc, m, n, alpha, b, ldb, p, n, T(1), c, ldc);
+  gemm('N', 'N', dc, m, n, alpha, b, ldb, p, ldp > 0 ? ldp : n, T(1), c, ldc);
 }
 
 // Row-major c[j, :] += alpha * p[:m, j]^T . a[:m, :] for j < n (c has leading dimension ldc, p has n).
@@ -70,11 +74,12 @@ void add_ptb(int64_t m, int64_t n, int64_t dc, T alpha, const T* p, const T* a, 
   gemm('N', 'T', dc, n, m, alpha, a, lda, p, n, T(1), c, ldc);
 }
 
-// exp(x) for x <= 0 (small positive rounding excess is fine), vectorisable: x = n ln2 + r with
-// |r| <= ln2 / 2, exp(r) by its degree-7 Taylor polynomial (relative error < 6e-9), 2^n through the
-// exponent bits. x < -87 (including -inf) gives 0; exp(-87) ~ 1.6e-38 is below anything a row sum notices.
+// exp(x) for x <= 0 (a rounding excess above 0 is fine; valid up to x = 88), vectorisable: x = n ln2 + r
+// with |r| <= ln2 / 2, exp(r) by its degree-7 Taylor polynomial (relative error < 6e-9), 2^n through
+// the exponent bits. x < -87 (including -inf) gives exactly 0 (exp(-87) ~ 1.6e-38 is below anything a
+// row sum notices), NaN gives NaN.
 inline float exp_nonpositive(float x) {
-  const float xc = x < -87.f ? -87.f : (x > 80.f ? 80.f : x);
+  const float xc = std::max(x, -87.f);  // NaN stays NaN
   const float magic = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
   const float n = (xc * 1.4426950408889634f + magic) - magic;
   const float r = (xc - n * 0.693145751953125f) - n * 1.4286068203094172e-06f;

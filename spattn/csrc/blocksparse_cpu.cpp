@@ -3,9 +3,10 @@
 // block_sparse_forward: every query block of every head attends to the key blocks a Layout lists,
 //   FlashAttention-style (Dao et al. 2022): scores of one run of keys, running row max and sum, output
 //   rescaled as the max grows. Keys and values are read in place from the caller's tensors (no gathered
-//   copies); a run is up to kMaxRun keys of consecutive whole ("full") blocks, so contiguous selections
-//   become few large GEMMs. Partial blocks are masked with the precomputed per-tile masks, in slices
-//   of rows that skip the columns none of their rows may see.
+//   copies). Consecutive whole ("full") blocks are merged into one run (one GEMM each way), and runs are
+//   grouped into chunks of up to kMaxRun keys whose scores sit side by side, so the softmax step works
+//   on long rows even when the selected blocks are scattered. Partial blocks are masked with the
+//   precomputed per-tile masks, in slices of rows that skip the columns none of their rows may see.
 //
 // GEMMs go to the BLAS that libtorch_cpu exports (sgemm_ / dgemm_, MKL on x86 builds). They are weak
 // symbols: without them the library still loads, block_sparse_blas() says false and spattn keeps
@@ -22,28 +23,30 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "blocksparse_blas.h"
 
 namespace {
 
-constexpr int64_t kMaxRun = 512;  // keys per score tile: consecutive full blocks are merged up to this
+constexpr int64_t kMaxRun = 512;  // keys per score chunk; consecutive full blocks are merged up to this
 
 using spattn_blas::exp_nonpositive;
 
 bool have_blas() { return spattn_blas::available(); }
 
-// Row-major s[i, j] = alpha * q[i, :] . k[j, :] for i < m, j < n (s has leading dimension n).
+// Row-major s[i, j] = alpha * q[i, :] . k[j, :] for i < m, j < n (s has leading dimension lds).
 template <typename T>
-void scores(int64_t m, int64_t n, int64_t d, T alpha, const T* q, int64_t ldq, const T* k, int64_t ldk, T* s) {
-  spattn_blas::abt<T>(m, n, d, alpha, q, ldq, k, ldk, s);
+void scores(int64_t m, int64_t n, int64_t d, T alpha, const T* q, int64_t ldq, const T* k, int64_t ldk, T* s,
+            int64_t lds) {
+  spattn_blas::abt<T>(m, n, d, alpha, q, ldq, k, ldk, s, lds);
 }
 
-// Row-major o[i, :] += p[i, :n] . v[:n, :] for i < m (o has leading dimension dv, p has n).
+// Row-major o[i, :] += p[i, :n] . v[:n, :] for i < m (o has leading dimension dv, p has ldp).
 template <typename T>
-void accumulate(int64_t m, int64_t n, int64_t dv, const T* p, const T* v, int64_t ldv, T* o) {
-  spattn_blas::add_pb<T>(m, n, dv, T(1), p, v, ldv, o, dv);
+void accumulate(int64_t m, int64_t n, int64_t dv, const T* p, const T* v, int64_t ldv, T* o, int64_t ldp) {
+  spattn_blas::add_pb<T>(m, n, dv, T(1), p, v, ldv, o, dv, ldp);
 }
 
 // One row of scores -> probabilities relative to the updated running max; returns the factor the
@@ -52,23 +55,20 @@ template <typename T>
 T softmax_step(T* s, int64_t n, T& row_max, T& row_sum) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   T mx = kNegInf;
-  int nan = 0;
-#pragma omp simd reduction(max : mx) reduction(| : nan)
-  for (int64_t j = 0; j < n; ++j) {
-    mx = s[j] > mx ? s[j] : mx;
-    nan |= s[j] != s[j];
-  }
-  // a NaN score (NaN query or key) makes the row NaN, as in the dense reference; a NaN row max stays
-  if (nan) mx = std::numeric_limits<T>::quiet_NaN();
-  const T new_max = (mx > row_max || mx != mx) ? mx : row_max;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;  // NaN scores are skipped here ...
+  const T new_max = mx > row_max ? mx : row_max;
   if (new_max == kNegInf) {
-    std::fill(s, s + n, T(0));
-    return T(1);
+    // no key in the row yet; a NaN score (NaN query or key) makes the row NaN, as in the dense reference
+    const bool nan = std::any_of(s, s + n, [](T x) { return x != x; });
+    std::fill(s, s + n, nan ? std::numeric_limits<T>::quiet_NaN() : T(0));
+    if (nan) row_max = row_sum = std::numeric_limits<T>::quiet_NaN();
+    return nan ? row_max : T(1);
   }
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
-    const T e = exp_nonpositive(s[j] - new_max);
+    const T e = exp_nonpositive(s[j] - new_max);  // ... but exp(NaN) is NaN: the row sum and output turn NaN
     s[j] = e;
     sum += e;
   }
@@ -103,84 +103,135 @@ struct MaskExtents {
   }
 };
 
-// Running state of one query block's online softmax.
-template <typename T>
-struct BlockState {
-  std::vector<T> scores, out, row_max, row_sum;
-  BlockState(int64_t rows, int64_t keys, int64_t dv) : scores(rows * keys), out(rows * dv), row_max(rows), row_sum(rows) {}
+// A run of keys inside one chunk of the score buffer: keys [key0, key0 + n) at columns [col, col + n);
+// mask = -1 for whole blocks (merged), else the partial tile's mask id.
+struct Segment {
+  int64_t key0, n, col;
+  int32_t mask;
 };
 
-// Rows [i0, i0 + rows) of the block against keys [key0, key0 + n): scores, optional mask (row-major,
-// leading dimension mask_ld, already offset to (i0, key0)), softmax update, output update.
+// Running state of one query block's online softmax. Scores of up to `width` keys (a chunk of several
+// runs) are kept side by side, so the softmax and the output rescale run once per chunk, over rows of
+// up to `width` keys, not once per 64-key block.
 template <typename T>
-void attend_keys(const Problem& p, BlockState<T>& st, int64_t i0, int64_t rows, const T* q_rows, const T* keys,
-                 const T* values, int64_t n, const uint8_t* mask, int64_t mask_ld, T scale) {
-  T* sc = st.scores.data();
-  scores<T>(rows, n, p.d, scale, q_rows, p.q_strides[2], keys, p.k_strides[2], sc);
-  if (mask != nullptr)
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < n; ++j)
-        if (!mask[i * mask_ld + j]) sc[i * n + j] = -std::numeric_limits<T>::infinity();
-  T* o = st.out.data() + i0 * p.dv;
-  for (int64_t i = 0; i < rows; ++i) {
-    const T factor = softmax_step<T>(sc + i * n, n, st.row_max[i0 + i], st.row_sum[i0 + i]);
-    if (factor != T(1)) {
-      T* oi = o + i * p.dv;
-#pragma omp simd
-      for (int64_t c = 0; c < p.dv; ++c) oi[c] *= factor;
-    }
-  }
-  accumulate<T>(rows, n, p.dv, sc, values, p.v_strides[2], o);
+struct BlockState {
+  int64_t width;
+  std::vector<T> scores, out, row_max, row_sum;
+  std::vector<Segment> segments;
+  BlockState(int64_t rows, int64_t width, int64_t dv)
+      : width(width), scores(rows * width), out(rows * dv), row_max(rows), row_sum(rows) {}
+};
+
+// Columns [c0, c1) of a partial tile that rows [i0, i0 + rows) may see (their masks' union); c1 <= c0: none.
+inline std::pair<int64_t, int64_t> slice_columns(const int32_t* lo, const int32_t* hi, int64_t i0, int64_t rows,
+                                                 int64_t n) {
+  int64_t c0 = n, c1 = 0;
+  for (int64_t i = i0; i < i0 + rows; ++i)
+    if (hi[i] > lo[i]) c0 = std::min<int64_t>(c0, lo[i]), c1 = std::max<int64_t>(c1, hi[i]);
+  return {c0, std::min(c1, n)};
 }
 
-// One (batch, query head, query block): online softmax over the block's runs of keys.
+// One (batch, query head, query block): online softmax over the block's keys, a chunk at a time. A
+// chunk is consecutive runs (whole blocks merged, or one partial tile) of at most st.width keys in
+// all: their scores are computed into adjacent columns, then one softmax step and one output update
+// per run. Partial tiles are computed in slices of rows, each over the columns its masks reach, and
+// the rest of the tile's columns are set to -inf.
 template <typename T>
 void attend_query_block(const Problem& p, int64_t bi, int64_t h, int64_t qb, const T* q, const T* k, const T* v,
                         const int64_t* num, const int64_t* idx, const int32_t* mask_id, const uint8_t* masks,
                         const MaskExtents& extents, T scale, T* out, T* lse, BlockState<T>& st) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   const int64_t g = h / (p.heads_q / p.heads_kv);
   const int64_t row0 = qb * p.block_q, m = std::min(p.block_q, p.nq - row0);
   const T* qt = q + bi * p.q_strides[0] + h * p.q_strides[1] + row0 * p.q_strides[2];
   const T* kh = k + bi * p.k_strides[0] + g * p.k_strides[1];
   const T* vh = v + bi * p.v_strides[0] + g * p.v_strides[1];
+  const int64_t ldq = p.q_strides[2], ldk = p.k_strides[2], ldv = p.v_strides[2], width = st.width;
   const int64_t lb = p.layout_batch == 1 ? 0 : bi, lh = p.layout_heads == 1 ? 0 : h;
   const int64_t tile = (lb * p.layout_heads + lh) * p.nqb + qb;
   const int64_t count = num[tile];
   const int64_t* blocks = idx + tile * p.slots;
   const int32_t* ids = mask_id + tile * p.slots;
+  T* sc = st.scores.data();
+  T* o = st.out.data();
 
   std::fill(st.out.begin(), st.out.begin() + m * p.dv, T(0));
-  std::fill(st.row_max.begin(), st.row_max.begin() + m, -std::numeric_limits<T>::infinity());
+  std::fill(st.row_max.begin(), st.row_max.begin() + m, kNegInf);
   std::fill(st.row_sum.begin(), st.row_sum.begin() + m, T(0));
 
   for (int64_t s = 0; s < count;) {
-    const int64_t first = blocks[s], key0 = first * p.block_k;
-    if (ids[s] >= 0) {  // a partial tile: slices of rows, each over the columns its masks allow
-      const int64_t n = std::min(p.block_k, p.nk - key0);
-      const int64_t u = ids[s++];
-      const uint8_t* mask = masks + u * p.block_q * p.block_k;
-      const int32_t* lo = extents.begin.data() + u * p.block_q;
-      const int32_t* hi = extents.end.data() + u * p.block_q;
+    // the chunk's runs
+    auto& segs = st.segments;
+    segs.clear();
+    int64_t cols = 0;
+    while (s < count) {
+      const int64_t first = blocks[s], key0 = first * p.block_k;
+      int64_t n, next;
+      if (ids[s] >= 0) {
+        n = std::min(p.block_k, p.nk - key0), next = s + 1;
+      } else {  // whole tiles: consecutive blocks merged up to kMaxRun keys
+        int64_t last = first;
+        next = s + 1;
+        while (next < count && ids[next] < 0 && blocks[next] == last + 1 &&
+               (blocks[next] + 1 - first) * p.block_k <= kMaxRun)
+          last = blocks[next++];
+        n = std::min((last + 1) * p.block_k, p.nk) - key0;
+      }
+      if (cols > 0 && cols + n > width) break;
+      segs.push_back({key0, n, cols, ids[s]});
+      cols += n;
+      s = next;
+    }
+    // scores
+    for (const Segment& seg : segs) {
+      T* sseg = sc + seg.col;
+      if (seg.mask < 0) {
+        scores<T>(m, seg.n, p.d, scale, qt, ldq, kh + seg.key0 * ldk, ldk, sseg, width);
+        continue;
+      }
+      const uint8_t* mask = masks + seg.mask * p.block_q * p.block_k;
+      const int32_t* lo = extents.begin.data() + seg.mask * p.block_q;
+      const int32_t* hi = extents.end.data() + seg.mask * p.block_q;
       for (int64_t i0 = 0; i0 < m; i0 += kMaskRows) {
         const int64_t rows = std::min(kMaskRows, m - i0);
-        int64_t c0 = n, c1 = 0;
-        for (int64_t i = i0; i < i0 + rows; ++i)
-          if (hi[i] > lo[i]) c0 = std::min<int64_t>(c0, lo[i]), c1 = std::max<int64_t>(c1, hi[i]);
-        c1 = std::min(c1, n);
-        if (c1 <= c0) continue;
-        attend_keys<T>(p, st, i0, rows, qt + i0 * p.q_strides[2], kh + (key0 + c0) * p.k_strides[2],
-                       vh + (key0 + c0) * p.v_strides[2], c1 - c0, mask + i0 * p.block_k + c0, p.block_k, scale);
+        const auto [c0, c1] = slice_columns(lo, hi, i0, rows, seg.n);
+        if (c1 > c0)
+          scores<T>(rows, c1 - c0, p.d, scale, qt + i0 * ldq, ldq, kh + (seg.key0 + c0) * ldk, ldk,
+                    sseg + i0 * width + c0, width);
+        for (int64_t i = i0; i < i0 + rows; ++i) {
+          T* si = sseg + i * width;
+          const uint8_t* mi = mask + i * p.block_k;
+          for (int64_t j = 0; j < seg.n; ++j)
+            if (j < c0 || j >= c1 || !mi[j]) si[j] = kNegInf;
+        }
       }
-      continue;
     }
-    // whole tiles: consecutive blocks merged up to kMaxRun keys
-    int64_t last = first, e = s + 1;
-    while (e < count && ids[e] < 0 && blocks[e] == last + 1 && (blocks[e] + 1 - first) * p.block_k <= kMaxRun)
-      last = blocks[e++];
-    s = e;
-    const int64_t n = std::min((last + 1) * p.block_k, p.nk) - key0;
-    if (n > 0)
-      attend_keys<T>(p, st, 0, m, qt, kh + key0 * p.k_strides[2], vh + key0 * p.v_strides[2], n, nullptr, 0, scale);
+    // softmax step and rescale of the output so far
+    for (int64_t i = 0; i < m; ++i) {
+      const T factor = softmax_step<T>(sc + i * width, cols, st.row_max[i], st.row_sum[i]);
+      if (factor != T(1)) {
+        T* oi = o + i * p.dv;
+#pragma omp simd
+        for (int64_t c = 0; c < p.dv; ++c) oi[c] *= factor;
+      }
+    }
+    // output update
+    for (const Segment& seg : segs) {
+      const T* pseg = sc + seg.col;
+      if (seg.mask < 0) {
+        accumulate<T>(m, seg.n, p.dv, pseg, vh + seg.key0 * ldv, ldv, o, width);
+        continue;
+      }
+      const int32_t* lo = extents.begin.data() + seg.mask * p.block_q;
+      const int32_t* hi = extents.end.data() + seg.mask * p.block_q;
+      for (int64_t i0 = 0; i0 < m; i0 += kMaskRows) {
+        const int64_t rows = std::min(kMaskRows, m - i0);
+        const auto [c0, c1] = slice_columns(lo, hi, i0, rows, seg.n);
+        if (c1 > c0)
+          accumulate<T>(rows, c1 - c0, p.dv, pseg + i0 * width + c0, vh + (seg.key0 + c0) * ldv, ldv,
+                        o + i0 * p.dv, width);
+      }
+    }
   }
 
   T* ot = out + ((bi * p.heads_q + h) * p.nq + row0) * p.dv;
@@ -188,10 +239,10 @@ void attend_query_block(const Problem& p, int64_t bi, int64_t h, int64_t qb, con
   for (int64_t i = 0; i < m; ++i) {
     const bool empty = st.row_sum[i] == T(0);
     const T inv = empty ? T(0) : T(1) / st.row_sum[i];
-    const T* oi = st.out.data() + i * p.dv;
+    const T* oi = o + i * p.dv;
 #pragma omp simd
     for (int64_t c = 0; c < p.dv; ++c) ot[i * p.dv + c] = oi[c] * inv;
-    lt[i] = empty ? -std::numeric_limits<T>::infinity() : st.row_max[i] + std::log(st.row_sum[i]);
+    lt[i] = empty ? kNegInf : st.row_max[i] + std::log(st.row_sum[i]);
   }
 }
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..functional import _check_inputs, attention
+from ..functional import _check_inputs, attention, is_selection
 from ..layout import Layout
 from ..patterns import Dense, Pattern
 from ..patterns import pattern as make_pattern
@@ -92,8 +92,21 @@ def _fake(shape, like: Tensor) -> Tensor:
     return torch.zeros((), dtype=like.dtype, device=like.device).expand(shape)
 
 
+def _is_block_layout(selection) -> bool:
+    """Whether a selection is a block Layout (the Selection protocol's ``kind``): the shard plan cuts
+    key *blocks* across the ranks, so per-token kinds (tokens, pages, routing windows) cannot be sharded."""
+    return selection.kind == Layout.kind
+
+
 def _resolve(pattern) -> Union[Pattern, Layout, None]:
-    if pattern is None or isinstance(pattern, Layout):
+    if pattern is None:
+        return None
+    if is_selection(pattern):
+        if not _is_block_layout(pattern):
+            raise TypeError(
+                f"sequence_parallel_attention: pattern must be None, a spec string, a Pattern or a block Layout; "
+                f"got a {type(pattern).__name__} (per-token selection is not supported)"
+            )
         return pattern
     pat = make_pattern(pattern)
     return None if isinstance(pat, Dense) else pat
@@ -134,7 +147,7 @@ def sequence_parallel_attention(
             "static patterns and dense are supported"
         )
     sizes = _check_shards(q, k, v, causal, group, world)
-    if isinstance(pat, Layout) and causal:
+    if is_selection(pat) and causal:
         raise ValueError("causal=True cannot be combined with a precomputed Layout: causality is part of the Layout")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if pat is None:
@@ -168,7 +181,7 @@ def _static_plan(pat, q, k, sizes, rank, causal) -> Optional[ShardPlan]:
 # ---------------------------------------------------------------------------------------- layouts
 def _global_layout(pat, q, k, sizes, rank, world, group, causal) -> Layout:
     n = sum(sizes)
-    if isinstance(pat, Layout):
+    if is_selection(pat):  # a precomputed Layout (_resolve let no other kind through)
         if (pat.q_len, pat.kv_len) != (n, n):
             raise ValueError(f"pattern: a Layout must cover the whole sequence (N={n}), got {(pat.q_len, pat.kv_len)}")
         return pat
@@ -177,7 +190,7 @@ def _global_layout(pat, q, k, sizes, rank, world, group, causal) -> Layout:
     qf = _fake((q.shape[0], q.shape[1], n, q.shape[3]), q)
     kf = _fake((k.shape[0], k.shape[1], n, k.shape[3]), k)
     selection = pat.select(qf, kf, causal=causal)
-    if not isinstance(selection, Layout):
+    if not _is_block_layout(selection):
         raise ValueError(
             f"sequence_parallel_attention supports block Layouts; {pat.name} selects "
             f"a {type(selection).__name__} (per-token selection is not supported)"

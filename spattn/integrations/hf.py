@@ -37,11 +37,10 @@ from torch import Tensor
 
 from ..functional import attention as spattn_attention, backend_for
 from ..kvcache import LayerState, SelectorState
-from ..layout import Layout, translation_invariant
+from ..layout import Layout
 from ..patterns import Pattern, pattern as make_pattern
 from ..patterns.decode import DoubleSparsity, TidalDecode
 from ..patterns.routing import Routing
-from ..selection import PageSelection, TokenSelection
 
 __all__ = [
     "ATTN_NAME",
@@ -430,7 +429,7 @@ class SparsifyHandle:
             else:
                 sel = spec.select(q, k, causal=causal)
         if sel is None and extras.cuts(nq, nk):
-            sel = _window_layout(nq, nk, extras.window, WINDOW_BLOCK, WINDOW_BLOCK, q.device)
+            sel = Layout.causal_window(nq, nk, extras.window, WINDOW_BLOCK, device=q.device)
         elif sel is not None:
             sel = _within_window(sel, extras, call.layer)
         kwargs = dict(scale=call.scale, key_padding_mask=call.kpm, softcap=extras.softcap, return_lse=call.want_lse)
@@ -482,54 +481,19 @@ class _Call:
 WINDOW_BLOCK = 64
 
 
-def _window_layout(q_len: int, kv_len: int, window: int, block_q: int, block_k: int, device) -> Layout:
-    """The causal sliding window as a Layout: query ``i`` (aligned ``i' = i + Nk - Nq``) sees key ``j``
-    iff ``0 <= i' - j < window`` -- transformers' ``sliding_window_causal_mask_function``."""
-    off = kv_len - q_len
-    q_starts = torch.arange(0, q_len, block_q, device=device)
-    p0 = (q_starts + off)[:, None]
-    p1 = ((q_starts + block_q - 1).clamp(max=q_len - 1) + off)[:, None]
-    k0 = torch.arange(0, kv_len, block_k, device=device)[None, :]
-    k1 = (k0 + block_k - 1).clamp(max=kv_len - 1)
-    dmin, dmax = p0 - k1, p1 - k0  # i' - j over a tile takes every value in [dmin, dmax]
-    block_map = (dmax >= 0) & (dmin <= window - 1)
-    full_map = block_map & (dmin >= 0) & (dmax <= window - 1)
-
-    @translation_invariant
-    def in_window(b, h, q_idx, kv_idx):
-        d = q_idx + off - kv_idx
-        return (d >= 0) & (d < window)
-
-    return Layout.from_block_map(
-        block_map[None, None],
-        q_len=q_len,
-        kv_len=kv_len,
-        block_q=block_q,
-        block_k=block_k,
-        full_map=full_map[None, None],
-        mask_mod=in_window,
-    )
-
-
 def _within_window(sel, extras: "_LayerExtras", layer: int):
-    """``sel`` restricted to the layer's causal sliding window (unchanged when the window hides nothing)."""
+    """``sel`` restricted to the layer's causal sliding window (unchanged when the window hides nothing),
+    through the Selection protocol's optional ``within_window``."""
     if not extras.cuts(sel.q_len, sel.kv_len):
         return sel
-    window = extras.window
-    if isinstance(sel, Layout):
-        return sel & _window_layout(sel.q_len, sel.kv_len, window, sel.block_q, sel.block_k, sel.device)
-    if isinstance(sel, PageSelection):
-        sel = sel.to_tokens()
-    if isinstance(sel, TokenSelection):
-        pos = (torch.arange(sel.q_len, device=sel.device) + sel.kv_len - sel.q_len)[:, None]
-        idx = sel.indices
-        keep = (idx >= 0) & (idx <= pos) & (idx > pos - window)
-        return TokenSelection(torch.where(keep, idx, -1), sel.q_len, sel.kv_len)
-    raise ValueError(
-        f"spattn sparsify: layer {layer} has a sliding window of {window} but the pattern selected a "
-        f"{type(sel).__name__}, which cannot be restricted to it; keep the layer dense (dense_layers=) or use "
-        "a block or token pattern"
-    )
+    restrict = getattr(sel, "within_window", None)
+    if restrict is None:
+        raise ValueError(
+            f"spattn sparsify: layer {layer} has a sliding window of {extras.window} but the pattern selected a "
+            f"{type(sel).__name__}, which cannot be restricted to it; keep the layer dense (dense_layers=) or use "
+            "a block or token pattern"
+        )
+    return restrict(extras.window)
 
 
 def _pairs(sel, batch: int, heads: int) -> float:

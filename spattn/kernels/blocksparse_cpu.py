@@ -38,36 +38,13 @@ def partial_tile_masks(layout: Layout, max_elems: Optional[int] = None) -> Optio
     using mask ``u``; rows / columns beyond the sequence ends are never read.
     """
     bq, bk = layout.block_q, layout.block_k
-    partial = layout.valid_slots() & ~layout.full
-    mask_id = torch.full(partial.shape, -1, dtype=torch.int32, device=layout.device)
-    if not bool(partial.any()):
-        return mask_id, torch.zeros(0, bq, bk, dtype=torch.bool, device=layout.device)
-    b, h, qb, s = partial.nonzero(as_tuple=True)
-    kb = layout.kv_indices[b, h, qb, s]
-    if getattr(layout.mask_mod, "translation_invariant", False):
-        # tiles at one block offset share a mask, unless a sequence end cuts them differently
-        rows = (layout.q_len - qb * bq).clamp(max=bq)
-        cols = (layout.kv_len - kb * bk).clamp(max=bk)
-        key = torch.stack([b, h, kb * bk - qb * bq, rows, cols], dim=1)
-        unique, inverse = torch.unique(key, dim=0, return_inverse=True)
-        count = unique.shape[0]
-    else:
-        count, inverse = b.numel(), torch.arange(b.numel(), device=layout.device)
-    if count * bq * bk > (MAX_MASK_ELEMS if max_elems is None else max_elems):
+    (b, h, qb, s, kb), inverse, rep = layout.partial_tiles()
+    mask_id = torch.full(layout.kv_indices.shape, -1, dtype=torch.int32, device=layout.device)
+    if rep.numel() * bq * bk > (MAX_MASK_ELEMS if max_elems is None else max_elems):
         return None
-    rep = torch.empty(count, dtype=torch.long, device=layout.device).scatter_(
-        0, inverse, torch.arange(b.numel(), device=layout.device)
-    )
-    q_idx = (qb[rep] * bq).view(-1, 1, 1) + torch.arange(bq, device=layout.device).view(1, -1, 1)
-    kv_idx = (kb[rep] * bk).view(-1, 1, 1) + torch.arange(bk, device=layout.device).view(1, 1, -1)
-    masks = layout.mask_mod(
-        b[rep].view(-1, 1, 1),
-        h[rep].view(-1, 1, 1),
-        q_idx.clamp(max=layout.q_len - 1),
-        kv_idx.clamp(max=layout.kv_len - 1),
-    )
+    masks = layout.tile_masks(b[rep], h[rep], qb[rep], kb[rep])
     mask_id[b, h, qb, s] = inverse.to(torch.int32)
-    return mask_id, masks.expand(count, bq, bk).to(torch.bool).contiguous()
+    return mask_id, masks.contiguous()
 
 
 def applies(q: Tensor, k: Tensor, v: Tensor, layout: Layout, key_padding_mask: Optional[Tensor]) -> bool:

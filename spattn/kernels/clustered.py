@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import check_kind
 from ..selection import ClusterSelection
 from ._finite import nan_exact
 
@@ -38,8 +39,7 @@ __all__ = ["clustered_attention"]
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, sel: ClusterSelection, key_padding_mask: Optional[Tensor]) -> None:
-    if not isinstance(sel, ClusterSelection):
-        raise TypeError(f"clustered_attention: selection must be a ClusterSelection, got {type(sel).__name__}")
+    check_kind("clustered_attention: selection", sel, ClusterSelection)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             raise ValueError(f"clustered_attention: {name} must be a 4-D tensor [B, H, N, D]")

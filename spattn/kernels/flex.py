@@ -40,6 +40,7 @@ import torch
 import torch._dynamo
 from torch import Tensor
 
+from .._checks import check_kind
 from ..layout import Layout
 from ._finite import nan_exact
 
@@ -224,8 +225,7 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, layout: Layout, key_padding_mask:
             raise ValueError(f"{name} must have shape [B, H, N, D], got {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if not isinstance(layout, Layout):
-        raise TypeError(f"layout must be a spattn.Layout, got {type(layout).__name__}")
+    check_kind("layout", layout, Layout, "spattn.Layout")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):

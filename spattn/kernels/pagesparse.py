@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _compiled
+from .._checks import check_kind
 from ..selection import PageSelection
 from .tokensparse import _compute_dtype, _row_view, tokensparse_attention
 
@@ -144,8 +145,7 @@ def pagesparse_attention(
     without keys). Differentiable (through the token-sparse kernel when gradients are needed).
     ``softcap`` (scaled scores ``s`` -> ``softcap * tanh(s / softcap)``) runs on the token-sparse kernel.
     """
-    if not isinstance(selection, PageSelection):
-        raise TypeError(f"pagesparse_attention: selection must be a PageSelection, got {type(selection).__name__}")
+    check_kind("pagesparse_attention: selection", selection, PageSelection)
     if (selection.q_len, selection.kv_len) != (q.shape[2], k.shape[2]):
         raise ValueError(
             f"pagesparse_attention: selection is for (Nq, Nk) = {(selection.q_len, selection.kv_len)} "

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..layout import Layout
 
-__all__ = ["reference_attention"]
+__all__ = ["reference_attention", "float64_attention", "nan_reach"]
 
 
 def reference_attention(
@@ -73,3 +73,43 @@ def reference_attention(
         .masked_fill(empty.squeeze(-1), float("-inf"))
     )
     return out, lse.expand(batch, hq, nq)
+
+
+def float64_attention(q, k, v, dense, key_padding_mask=None, scale=None):
+    """Dense masked softmax attention computed in float64 from a bool mask ``dense [B'|1, H'|1, Nq, Nk]``,
+    returned in q's dtype: the exact answer that rounded kernels (bf16, fp32) are measured against.
+    q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]``; rows without an allowed key give zeros."""
+    g = q.shape[1] // k.shape[1]
+    qd, kd, vd = (t.double() for t in (q, k, v))
+    kd, vd = kd.repeat_interleave(g, 1), vd.repeat_interleave(g, 1)
+    s = (qd @ kd.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    m = dense
+    if key_padding_mask is not None:
+        m = m & key_padding_mask[:, None, None, :]
+    s = s.masked_fill(~m, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return (p @ vd).to(q.dtype)
+
+
+def nan_reach(allowed, q, k, v, where, pos):
+    """Which outputs ``[B, Hq, Nq, D]`` the dense definition makes NaN when one element of q, k or v is NaN.
+
+    ``where`` in ``"q" | "k" | "v"`` names the poisoned tensor, ``pos = (b, h, i, c)`` the element (``h`` a kv
+    head for k and v); ``allowed [B|1, Hq|1, Nq, Nk]`` are the pairs computed. A NaN query poisons its whole
+    row if it sees any key; a NaN key every row of its kv-head group that sees it; a NaN value only
+    channel ``c`` of those rows (excluded pairs never read their key or value)."""
+    b, hq, nq, d = q.shape
+    g = hq // k.shape[1]
+    allowed = allowed.expand(b, hq, nq, k.shape[2])
+    bi, h, i, c = pos
+    nan = torch.zeros(b, hq, nq, d, dtype=torch.bool)
+    if where == "q":
+        nan[bi, h, i] = bool(allowed[bi, h, i].any())
+    else:  # key / value position i of kv head h: every query head of the group that sees it
+        heads = slice(h * g, (h + 1) * g)
+        rows = allowed[bi, heads, :, i]  # [g, Nq]
+        if where == "k":
+            nan[bi, heads] = rows[..., None].expand(-1, -1, d)
+        else:
+            nan[bi, heads, :, c] = rows
+    return nan

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._checks import check_kind
 from ..selection import TokenSelection
 from ._finite import nan_exact
 
@@ -223,8 +224,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, selection, key_padding_mask) -> None
             f"tokensparse_attention: expected q [B, Hq, Nq, D], k = v [B, Hkv, Nk, D] with Hq % Hkv == 0, "
             f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    if not isinstance(selection, TokenSelection):
-        raise TypeError(f"tokensparse_attention: selection must be a TokenSelection, got {type(selection).__name__}")
+    check_kind("tokensparse_attention: selection", selection, TokenSelection)
     if (selection.q_len, selection.kv_len) != (q.shape[2], k.shape[2]):
         raise ValueError(
             f"tokensparse_attention: selection is for (Nq, Nk) = {(selection.q_len, selection.kv_len)} "

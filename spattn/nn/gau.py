@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import int_at_least
+
 __all__ = ["compress", "extract", "RelativeBias", "local_attention", "ATTENTION_FUNCTIONS"]
 
 ATTENTION_FUNCTIONS = ("softmax", "relu2")
@@ -44,9 +46,7 @@ class RelativeBias(nn.Module):
 
     def __init__(self, max_positions: int):
         super().__init__()
-        if isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions < 1:
-            raise ValueError(f"RelativeBias: max_positions must be a positive int, got {max_positions!r}")
-        self.max_positions = max_positions
+        self.max_positions = int_at_least("RelativeBias: max_positions", max_positions)
         self.table = nn.Parameter(torch.empty(2 * max_positions - 1))
         nn.init.trunc_normal_(self.table, std=0.02, a=-0.04, b=0.04)
 

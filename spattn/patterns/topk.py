@@ -190,14 +190,21 @@ def topp_selection(
     ``softmax(scale · q·k)`` over the allowed keys (causal mask and ``key_padding_mask [B, Nk]``
     applied first), ``scale`` defaults to ``1/sqrt(D)``. Computed in query chunks of
     ``SCORE_BUDGET`` scores; the selection is ``[B, Hq, Nq, W]`` with W the largest kept count.
+    With ``Nq == Nk`` and a ``key_padding_mask``, padded queries keep no key (their output is zero).
     """
-    _, _, _, nq, nk = check_qk(q, k)
+    batch, _, _, nq, nk = check_qk(q, k)
     check_float("topp", "p", p, 0.0, 1.0, low_open=True)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    chunks = [
-        true_positions(_row_nucleus(s, p, scale), fill=-1, min_width=0)[1]
-        for s in _score_chunks(q, k, causal, key_padding_mask)
-    ]
+    # padded queries (self-attention) keep no key: their nuclei, hence the selection's width and the
+    # real rows' arithmetic, would otherwise depend on padded values
+    real_q = query_tokens(real_tokens("topp", key_padding_mask, batch, nk, q.device), nq, nk)
+    chunks, row = [], 0
+    for s in _score_chunks(q, k, causal, key_padding_mask):
+        take = _row_nucleus(s, p, scale)
+        if real_q is not None:
+            take &= real_q[:, None, row : row + s.shape[2], None]
+        row += s.shape[2]
+        chunks.append(true_positions(take, fill=-1, min_width=0)[1])
     return _concat_rows(chunks, nq, nk)
 
 
