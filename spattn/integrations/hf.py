@@ -671,7 +671,7 @@ def sparsify(
     head_list = None if heads is None else sorted(_index_set(heads, "heads", num_heads))
     if head_list is not None and not head_list:
         raise ValueError("sparsify: heads must not be empty (use heads=None for all heads)")
-    check_int("sparsify", "dense_tail (query rows kept dense)", dense_tail)
+    check_int("sparsify", "dense_tail", dense_tail)  # query rows kept dense
     if dense_tail and prefill_p is None:
         raise ValueError("sparsify: dense_tail only applies to a sparse prefill; pass prefill=... as well")
     if backend not in ("auto", "reference", "blocksparse", "flex"):

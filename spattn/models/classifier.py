@@ -39,7 +39,7 @@ class SequenceClassifier(nn.Module):
         if pool not in POOLS:
             raise ValueError(f"SequenceClassifier: pool must be one of {', '.join(POOLS)}; got {pool!r}")
         int_at_least("SequenceClassifier: num_classes", num_classes, 2)
-        int_at_least("SequenceClassifier: head_hidden (0 = linear head)", head_hidden, 0)
+        int_at_least("SequenceClassifier: head_hidden", head_hidden, 0)  # 0 = linear head
         backbone.pop("causal", None)
         self.backbone = Backbone(vocab_size, causal=False, **backbone)
         self.pool, self.num_classes = pool, num_classes

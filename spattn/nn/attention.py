@@ -18,7 +18,7 @@ from .positions import RotaryProjection
 
 Mechanism = Union[Pattern, ApproxAttention, AttentionLayer]
 
-__all__ = ["Attention", "build_mechanism", "check_dropout", "check_sequence"]
+__all__ = ["Attention", "build_mechanism", "build_for_heads", "check_dropout", "check_sequence", "head_width"]
 
 
 def check_sequence(owner: str, x, dim: int) -> None:
