@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import spattn
-from spattn.bench.speed import time_call
+from spattn.bench.timing import time_call
 from spattn.kernels import blocksparse_cpu
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import spattn
-from spattn.bench.speed import time_call
+from spattn.bench.timing import time_call
 from spattn.kvcache import SelectorState
 from spattn.patterns.decode import DoubleSparsity, Quest
 

@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from spattn.bench.speed import time_call
+from spattn.bench.timing import time_call
 from spattn.nn import Attention
 from spattn.nn.attention import build_mechanism
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from spattn.bench.tasks import get_task
+from spattn.bench.timing import time_interleaved
 from spattn.models.builder import ModelConfig, build_model
 
 DEFAULT_ATTENTIONS = ["dense", "window(size=128)", "window(size=128, block=32)", "routing(clusters=8)", "linear"]
@@ -34,8 +33,7 @@ def _stepper(spec: str, seq_len: int, batch: int, seed: int):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tokens = torch.randint(0, 256, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
 
-    def step() -> float:
-        t0 = time.perf_counter()
+    def step() -> None:
         logits = model(tokens[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, 256), tokens[:, 1:].reshape(-1))
         aux = getattr(model, "aux_loss", None)
@@ -44,7 +42,6 @@ def _stepper(spec: str, seq_len: int, batch: int, seed: int):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
 
     return step
 
@@ -62,13 +59,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     # seq_len + 1 bytes per row: inputs and next-byte targets of length seq_len
     steppers = {spec: _stepper(spec, args.seq_len + 1, args.batch, 0) for spec in args.attention}
-    for step in steppers.values():
-        step(), step()
-    times: dict[str, list[float]] = {spec: [] for spec in steppers}
-    for _ in range(args.steps):
-        for spec, step in steppers.items():
-            times[spec].append(step())
-    medians = {spec: statistics.median(ts) for spec, ts in times.items()}
+    # 2 warm-up steps each, then the attentions take turns: one timed step each per round
+    timings = time_interleaved(steppers, warmup=2, repeat=args.steps)
+    medians = {spec: t["median_s"] for spec, t in timings.items()}
     dense = medians.get("dense")
     rows = [
         {"attention": spec, "step_ms": 1e3 * m, "speedup_vs_dense": dense / m if dense else None}

@@ -27,7 +27,7 @@ import sys
 import torch
 
 import spattn
-from spattn.bench.speed import time_call
+from spattn.bench.timing import time_call
 from spattn.kernels import blocksparse_cpu
 from spattn.patterns.base import Pattern
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import spattn
 from spattn import registry
-from spattn.bench.speed import time_call
+from spattn.bench.timing import time_call
 
 SPECS = (
     "vertical_slash(vertical=1000, slash=6096)",

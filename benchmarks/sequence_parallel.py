@@ -22,12 +22,12 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
 
 import spattn
+from spattn.bench.timing import time_call
 from spattn.distributed import record_comm, sequence_parallel_attention
 from spattn.distributed.local import run_local
 
@@ -50,15 +50,11 @@ def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
     return n * rank // world, n * (rank + 1) // world
 
 
-def _time(fn, repeats: int, group_sync: bool) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        if group_sync:
-            dist.barrier()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+def _times(fn, repeats: int, *, warmup: int, group_sync: bool) -> list[float]:
+    """Wall times of ``repeats`` calls of ``fn`` after ``warmup``; with ``group_sync`` the ranks start
+    each call together (a barrier, untimed, before every call), so call ``i`` can be reduced over ranks."""
+    before = dist.barrier if group_sync else None
+    return time_call(fn, warmup=warmup, repeat=repeats, memory=False, before=before)["times_s"]
 
 
 def _rank_run(rank: int, world: int, cfg: dict) -> dict:
@@ -76,7 +72,7 @@ def _rank_run(rank: int, world: int, cfg: dict) -> dict:
         def train():
             sequence_parallel_attention(q, k, v, pat, causal=cfg["causal"]).sum().backward()
 
-        with record_comm() as fwd_stats:
+        with record_comm() as fwd_stats:  # these two calls are the warm-up too
             forward()
         with record_comm() as stats:
             train()
@@ -85,8 +81,8 @@ def _rank_run(rank: int, world: int, cfg: dict) -> dict:
             fwd_bytes_received=fwd_stats.bytes_received,
             bytes_sent=stats.bytes_sent,
             bytes_received=stats.bytes_received,
-            fwd_s=_time(forward, cfg["repeats"], True),
-            fwd_bwd_s=_time(train, cfg["repeats"], True),
+            fwd_s=_times(forward, cfg["repeats"], warmup=0, group_sync=True),
+            fwd_bwd_s=_times(train, cfg["repeats"], warmup=0, group_sync=True),
         )
     return out
 
@@ -105,9 +101,10 @@ def single_process(cfg: dict) -> dict:
         def train():
             spattn.attention(q, k, v, pat, causal=cfg["causal"]).sum().backward()
 
-        forward()
-        train()
-        out[pattern] = dict(fwd_s=_time(forward, cfg["repeats"], False), fwd_bwd_s=_time(train, cfg["repeats"], False))
+        out[pattern] = dict(
+            fwd_s=_times(forward, cfg["repeats"], warmup=1, group_sync=False),
+            fwd_bwd_s=_times(train, cfg["repeats"], warmup=1, group_sync=False),
+        )
     return out
 
 

@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from spattn.bench.timing import timed
 from spattn.data.needle import passkey
 from spattn.integrations.hf import load_smollm2, sparsify
 
@@ -43,15 +44,15 @@ def _load() -> str:
 
 @torch.no_grad()
 def _generate(model, tokenizer, ids: torch.Tensor, new_tokens: int) -> tuple[str, float]:
-    t0 = time.perf_counter()
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.eos_token_id,
+    out, seconds = timed(
+        lambda: model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )
     )
-    seconds = time.perf_counter() - t0
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True), seconds
 
 

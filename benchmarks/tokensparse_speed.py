@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import spattn
 
-from spattn.bench.speed import time_call
+from spattn.bench.timing import time_call
 from spattn.kernels.tokensparse import tokensparse_attention
 from spattn.patterns.topk import topk_selections
 from spattn.selection import TokenSelection

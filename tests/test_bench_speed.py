@@ -1,11 +1,9 @@
-"""spattn bench speed's timing and its reading of the results: adaptive repeats, implausible results
-flagged with their reason, every printed column explained (synthetic results: no timing here)."""
-
-import itertools
+"""spattn bench speed's reading of the results: implausible results flagged with their reason, every
+printed column explained (synthetic results: no timing here; the timing itself: test_bench_timing.py)."""
 
 import pytest
 
-from spattn.bench.speed import TABLE_COLUMNS, flag_unreliable, format_speed_table, time_call
+from spattn.bench.speed import TABLE_COLUMNS, flag_unreliable, format_speed_table
 
 
 def _timed(ms, n=5):
@@ -116,30 +114,6 @@ def test_every_printed_column_is_explained():
     # the approximation's time sits in its own column, the sparse path's in another
     cols = [c for c in lines[0].split("  ") if c.strip()]
     assert "approx ms" in [c.strip() for c in cols] and "sparse ms" in [c.strip() for c in cols]
-
-
-def test_time_call_repeats_until_the_median_settles(monkeypatch):
-    import spattn.bench.speed as speed
-
-    durations = itertools.chain([0.0, 5.0, 1.0, 9.0], itertools.repeat(1.0))  # noisy, then steady
-    clock = [0.0]
-
-    def perf_counter():
-        return clock[0]
-
-    def fn():
-        clock[0] += next(durations)
-
-    monkeypatch.setattr(speed.time, "perf_counter", perf_counter)
-    res = time_call(fn, warmup=1, repeat=3, max_repeat=50, rel_tol=0.05, memory=False)
-    assert res["stable"] is True and res["median_s"] == 1.0 and 3 < len(res["times_s"]) < 50
-    durations = itertools.cycle([1.0, 3.0])  # never settles: stops at max_repeat and says so
-    res = time_call(fn, warmup=0, repeat=3, max_repeat=8, rel_tol=0.05, memory=False)
-    assert len(res["times_s"]) == 8 and res["stable"] is False and res["spread"] > 0.05
-    res = time_call(fn, warmup=0, repeat=3, max_repeat=100, rel_tol=0.05, budget_s=10.0, memory=False)
-    assert len(res["times_s"]) < 100 and sum(res["times_s"]) >= 10.0  # the time budget ends it
-    res = time_call(fn, warmup=0, repeat=2, memory=False)  # fixed repeats, as before
-    assert len(res["times_s"]) == 2 and res["stable"] is None
 
 
 @pytest.mark.parametrize("kw", [dict(max_repeat=2, repeat=3), dict(rel_tol=0.0), dict(budget_s=0.0), dict(warmup=-1)])

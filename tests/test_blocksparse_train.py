@@ -228,10 +228,10 @@ def test_backward_rejects_malformed_tables(spy):
     out, lse = ops.block_sparse_forward(
         q, k, v, layout.kv_num_blocks, layout.kv_indices, t.mask_id, t.masks, 16, 16, 1.0
     )
-    delta = torch.zeros_like(lse)
+    dlse = torch.zeros_like(lse)
 
     def call(q_ptr=t.q_ptr, q_blocks=t.q_blocks, q_mask=t.q_mask_id, masks=t.masks, dtype=torch.float32):
-        x = [y.to(dtype) for y in (q, k, v, out, lse, delta)]
+        x = [y.to(dtype) for y in (q, k, v, out, out, lse, dlse)]
         return ops.block_sparse_backward(*x, q_ptr, q_blocks, q_mask, masks, 16, 16, 1.0)
 
     call()

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import platform
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
@@ -45,6 +44,7 @@ from ..approx.base import ApproxAttention, AttentionLayer
 from ..functional import attention
 from ..nn.attention import build_for_heads
 from ..patterns import Pattern
+from .timing import timed
 
 __all__ = ["FidelityConfig", "DEFAULT_SPECS", "make_inputs", "run_fidelity", "format_fidelity_table", "plot_fidelity"]
 
@@ -173,9 +173,7 @@ def _evaluate(spec: str, q, k, v, planted, scores, dense_out, cfg: FidelityConfi
     }
     with torch.no_grad():
         if isinstance(mech, Pattern):
-            t0 = time.perf_counter()
-            selection = mech.select(q, k, causal=cfg.causal)
-            rec["select_s"] = time.perf_counter() - t0
+            selection, rec["select_s"] = timed(lambda: mech.select(q, k, causal=cfg.causal))
             out = attention(q, k, v, selection)
             mask = selection.to_dense().expand(q.shape[0], q.shape[1], -1, -1)
             allowed = torch.ones(cfg.n, cfg.n, dtype=torch.bool)
@@ -188,10 +186,8 @@ def _evaluate(spec: str, q, k, v, planted, scores, dense_out, cfg: FidelityConfi
             if planted is not None:
                 rec["planted_recall"] = float(mask.gather(-1, planted[..., None]).float().mean())
         elif isinstance(mech, ApproxAttention):
-            t0 = time.perf_counter()
-            out = mech(q, k, v, causal=cfg.causal)
+            out, rec["forward_s"] = timed(lambda: mech(q, k, v, causal=cfg.causal))
             rec["select_s"] = None
-            rec["forward_s"] = time.perf_counter() - t0
         else:
             kind = "AttentionLayer" if isinstance(mech, AttentionLayer) else type(mech).__name__
             raise ValueError(

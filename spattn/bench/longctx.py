@@ -21,11 +21,12 @@ import json
 import math
 import platform
 import statistics
-import time
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from .timing import timed
 
 __all__ = ["add_longctx_arguments", "run_longctx", "evaluate", "perplexity"]
 
@@ -97,9 +98,7 @@ def _prefill(model, ids: torch.Tensor):
     Logits for the last position only (``logits_to_keep=1``), as ``generate()`` does: the LM head
     over all N positions would add a dense cost no attention method touches.
     """
-    t0 = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    return out, time.perf_counter() - t0
+    return timed(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
 
 
 @torch.no_grad()
@@ -109,9 +108,8 @@ def _decode(model, prefill_out, new_tokens: int) -> tuple[list[int], list[float]
     past, tok = getattr(prefill_out, arg), prefill_out.logits[:, -1].argmax(-1, keepdim=True)
     tokens, steps = [int(tok)], []
     for _ in range(new_tokens - 1):
-        t0 = time.perf_counter()
-        out = model(input_ids=tok, use_cache=True, **{arg: past})
-        steps.append(time.perf_counter() - t0)
+        out, seconds = timed(lambda: model(input_ids=tok, use_cache=True, **{arg: past}))
+        steps.append(seconds)
         past, tok = getattr(out, arg), out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(tok))
     return tokens, steps

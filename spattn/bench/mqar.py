@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from typing import Any, Optional, Sequence
 
+from .timing import timed
 from .train import TrainConfig, check_attention, train
 
 __all__ = ["run_mqar_sweep", "format_mqar_table", "add_mqar_arguments", "run_mqar"]
@@ -84,8 +84,7 @@ def run_mqar_sweep(
                         model=dict(dim=d, max_len=L),
                         task_options=opts,
                     )
-                    t0 = time.perf_counter()
-                    res = train(cfg, data=data)
+                    res, seconds = timed(lambda: train(cfg, data=data))
                     row = {
                         "attention": res["attention"],
                         "spec": attention,
@@ -97,7 +96,7 @@ def run_mqar_sweep(
                         "stopped": res["stopped"],
                         "test_acc": res["test"]["acc"],
                         "val_acc": res["val"]["acc"],
-                        "seconds": time.perf_counter() - t0,
+                        "seconds": seconds,
                         "s_per_step": res["s_per_step"],
                     }
                     log(

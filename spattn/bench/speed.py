@@ -17,7 +17,7 @@ For each sequence length N and each pattern spec this times, on the same random 
                           it) as ``block_mask_s``
 ========================  ====================================================================
 
-**Timing** (:func:`time_call`, the one timing function of the project): first a warm-up that builds
+**Timing** (:func:`spattn.bench.timing.time_call`, the one timing function of the project): first a warm-up that builds
 or loads the compiled CPU kernels and starts torch's thread pool; per case ``warmup`` untimed calls,
 then at least ``repeat`` wall-clock timings (``time.perf_counter``), continued up to ``max_repeat``
 (within ``budget_s``) until the interquartile range is within ``rel_tol`` of the median; the median
@@ -32,7 +32,7 @@ The printed table explains every column in a legend and lists the reasons under 
 Forward timings run under ``torch.no_grad()``; forward + backward ones call ``out.backward(g)``
 with a fixed random ``g``.
 
-**Peak memory** (Linux): before each timed call, free heap pages are returned to the OS
+**Peak memory** (Linux, :class:`spattn.bench.timing.PeakMemory`): before each timed call, free heap pages are returned to the OS
 (``malloc_trim``) and the kernel's resident-set high-water mark is reset (``echo 5 >
 /proc/self/clear_refs``); the case's peak is ``VmHWM - VmRSS`` read around the call, i.e. the
 extra resident memory the call needed on top of its inputs. This is one extra untimed call after
@@ -45,18 +45,14 @@ Results: a dict (see :func:`run_speed`) written as JSON, and a plain or ``rich``
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import datetime
 import gc
 import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
-import time
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -64,6 +60,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .._checks import int_at_least
+from .timing import PeakMemory, memory_probe, time_call, timed
 
 __all__ = [
     "SpeedConfig",
@@ -124,125 +121,6 @@ def expand_backends(names: Sequence[str]) -> tuple[str, ...]:
             raise ValueError(f"unknown backend {name!r}; valid: {', '.join(sorted(BACKEND_GROUPS))}")
         chosen.update(BACKEND_GROUPS[name])
     return tuple(m for m in MEASUREMENTS if m in chosen)
-
-
-# --------------------------------------------------------------------------------- peak memory
-class PeakMemory:
-    """Extra resident memory of a call, via the Linux RSS high-water mark (see module docstring)."""
-
-    def __init__(self) -> None:
-        self.available = False
-        self._trim = None
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self._read()
-            self.available = True
-        except (OSError, ValueError, AttributeError):
-            return
-        libc_name = ctypes.util.find_library("c")
-        try:
-            libc = ctypes.CDLL(libc_name) if libc_name else None
-            self._trim = getattr(libc, "malloc_trim", None)
-        except OSError:
-            self._trim = None
-
-    @staticmethod
-    def _read() -> tuple[int, int]:
-        text = open("/proc/self/status").read()
-        rss = int(re.search(r"VmRSS:\s+(\d+)", text).group(1))
-        hwm = int(re.search(r"VmHWM:\s+(\d+)", text).group(1))
-        return rss * 1024, hwm * 1024
-
-    def start(self) -> Optional[int]:
-        if not self.available:
-            return None
-        gc.collect()
-        if self._trim is not None:
-            self._trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return self._read()[0]
-
-    def stop(self, rss_before: Optional[int]) -> Optional[int]:
-        if rss_before is None:
-            return None
-        return max(0, self._read()[1] - rss_before)
-
-
-_PEAK: Optional[PeakMemory] = None
-
-
-def _peak() -> PeakMemory:
-    global _PEAK
-    if _PEAK is None:
-        _PEAK = PeakMemory()
-    return _PEAK
-
-
-def time_call(
-    fn: Callable[[], Any],
-    *,
-    warmup: int = 1,
-    repeat: int = 5,
-    memory: bool = True,
-    max_repeat: Optional[int] = None,
-    rel_tol: float = 0.05,
-    budget_s: Optional[float] = None,
-) -> dict[str, Any]:
-    """Median wall time of ``fn()`` after ``warmup`` calls; peak extra RSS of one more call when ``memory``.
-
-    Times ``repeat`` calls; with ``max_repeat > repeat`` it goes on (up to ``max_repeat`` calls, and
-    while the timed calls took less than ``budget_s`` in total) until the median is stable: the
-    interquartile range of the timings is at most ``rel_tol`` of their median.
-
-    Returns ``{"median_s", "times_s", "first_s", "peak_bytes", "spread", "stable"}``: ``first_s`` is
-    the first call's time (including any compilation); ``peak_bytes`` None when unmeasurable;
-    ``spread`` the relative interquartile range; ``stable`` whether it met ``rel_tol`` (None when
-    fewer than 3 timed calls make no spread).
-    """
-    first = None
-    for i in range(max(warmup, 0)):
-        t0 = time.perf_counter()
-        fn()
-        if i == 0:
-            first = time.perf_counter() - t0
-    times: list[float] = []
-    limit = max(repeat, 1, max_repeat or 0)
-    while len(times) < limit:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= max(repeat, 1):
-            spread = _spread(times)
-            if spread is not None and spread <= rel_tol:
-                break
-            if budget_s is not None and sum(times) >= budget_s:
-                break
-    peak_bytes = None
-    if memory:  # one extra, untimed call: returning pages to the OS first would slow the timed ones
-        peak = _peak()
-        before = peak.start()
-        fn()
-        peak_bytes = peak.stop(before)
-    spread = _spread(times)
-    return {
-        "median_s": statistics.median(times),
-        "times_s": times,
-        "first_s": times[0] if first is None else first,
-        "peak_bytes": peak_bytes,
-        "spread": spread,
-        "stable": None if spread is None else spread <= rel_tol,
-    }
-
-
-def _spread(times: Sequence[float]) -> Optional[float]:
-    """Interquartile range / median of ``times`` (None for fewer than 3)."""
-    if len(times) < 3:
-        return None
-    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
-    med = statistics.median(times)
-    return (q3 - q1) / med if med > 0 else None
 
 
 # --------------------------------------------------------------------------------- the benchmark
@@ -382,7 +260,7 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
     cfg.validate()
     dtype = _DTYPES[cfg.dtype]
     want = set(cfg.measurements)
-    peak = _peak() if cfg.memory else None
+    peak = memory_probe() if cfg.memory else None
     timing = dict(
         warmup=cfg.warmup,
         repeat=cfg.repeat,
@@ -435,9 +313,7 @@ def run_speed(config: Optional[SpeedConfig] = None, *, log: Callable[[str], None
             rec: dict[str, Any] = {"n": n, "pattern": spec, **dense, "load_before": _load1()}
             mech = _build(spec, cfg, n)
             if isinstance(mech, Pattern):
-                t0 = time.perf_counter()
-                layout = mech.select(q, k, causal=cfg.causal)
-                rec["layout_s"] = time.perf_counter() - t0
+                layout, rec["layout_s"] = timed(lambda: mech.select(q, k, causal=cfg.causal))
                 # block Layouts run on the block-sparse kernel (tiles are its cost); other kinds on their own
                 on_blocks = backend_for(layout, "blocksparse") == "blocksparse"
                 kernel = kernel_for(layout, "blocksparse" if on_blocks else "auto")
@@ -518,13 +394,17 @@ def _warm_up(log: Callable[[str], None]) -> None:
 
     from .. import _compiled
 
-    t0 = time.perf_counter()
     log("warming up: loading the compiled CPU kernels (built once, about a minute, if not cached) ...")
-    ops = _compiled.ops()
-    x = torch.randn(1, 2, 256, 32)
-    F.scaled_dot_product_attention(x, x, x)
+
+    def warm():
+        ops = _compiled.ops()
+        x = torch.randn(1, 2, 256, 32)
+        F.scaled_dot_product_attention(x, x, x)
+        return ops
+
+    ops, seconds = timed(warm)
     log(
-        f"warm-up done in {time.perf_counter() - t0:.1f} s"
+        f"warm-up done in {seconds:.1f} s"
         + ("" if ops is not None else f" (compiled kernels unavailable: {_compiled.build_error()}; eager paths timed)")
     )
 
@@ -624,18 +504,19 @@ def _time_flex(q, k, v, layout, cfg: SpeedConfig) -> dict[str, Any]:
     reason = _unavailable_reason(q.device)
     if reason is not None:
         raise RuntimeError(reason)
-    t0 = time.perf_counter()
-    _layout_block_mask(layout, q.device)  # Layout.to_block_mask(), kept on the layout for later calls
-    block_mask_s = time.perf_counter() - t0
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        t0 = time.perf_counter()
+    # Layout.to_block_mask(), kept on the layout for later calls
+    block_mask_s = timed(lambda: _layout_block_mask(layout, q.device))[1]
+
+    def first_call():
         if cfg.cold_compile:
             with torch.compiler.config.patch(force_disable_caches=True):
                 flex_attention(q, k, v, layout)
         else:
             flex_attention(q, k, v, layout)  # compiles, or loads Inductor's on-disk cache
-        first = time.perf_counter() - t0
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = timed(first_call)[1]
         res = time_call(
             lambda: flex_attention(q, k, v, layout),
             warmup=max(cfg.warmup - 1, 0),

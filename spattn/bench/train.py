@@ -36,6 +36,7 @@ from .._checks import int_at_least
 from ..models import ModelConfig, build_model
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_SCHEMA, load_checkpoint, save_checkpoint
 from .tasks import Task, TaskData, as_batch, get_task
+from .timing import timed
 
 __all__ = [
     "TrainConfig",
@@ -536,11 +537,10 @@ def train(
     _seed_all(cfg.seed)
     if data is None:
         _say(cfg, f"building the {cfg.task} data ...")
-        t0 = time.perf_counter()
-        data = task.make_data(**cfg.task_options)
+        data, seconds = timed(lambda: task.make_data(**cfg.task_options))
         _say(
             cfg,
-            f"data ready in {time.perf_counter() - t0:.1f} s: {len(data.train)} train, {len(data.val)} validation"
+            f"data ready in {seconds:.1f} s: {len(data.train)} train, {len(data.val)} validation"
             + (f", {len(data.test)} test" if data.test is not None else "")
             + " examples",
         )
@@ -654,42 +654,47 @@ def train(
     model.train()
     step_forward = group.wrap(model, lambda m, b: forward_batch(m, task, b))
     order, order_epoch = None, -1
+
+    def train_step():
+        """One optimizer step on the next batch of the epoch; returns the batch, its loss and counts."""
+        nonlocal order, order_epoch
+        if order_epoch != epoch:
+            order, order_epoch = _epoch_order(n_train, cfg.seed, epoch), epoch
+        idx = group.local_indices(order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size].tolist())
+        batch = as_batch(data.collate([data.train[i] for i in idx]))
+        with _autocast(cfg.bf16):
+            logits, target = step_forward(batch)
+            loss, correct, count = _loss_and_counts(logits, target)
+            aux = getattr(model, "aux_loss", None)
+            total = loss + aux.float() if isinstance(aux, Tensor) else loss
+        # several ranks: the global batch's loss and counts; ``total`` scaled so the ranks' gradients
+        # combine into the global batch's; a stop asked on any rank stops every rank at this step
+        total, loss_value, correct, count, stop_all = group.reduce_step(
+            total, correct, count, signals.requested is not None
+        )
+        loss = loss.new_tensor(loss_value)
+        if stop_all and signals.requested is None:
+            signals.requested = "another rank"
+        if not torch.isfinite(total):
+            raise FloatingPointError(
+                f"loss became {float(total.detach())} at step {step + 1}; lower --lr or check the data"
+            )
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        group.after_backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        return batch, loss, correct, count
+
     with signals:
         while step < cfg.steps and stopped == "steps" and signals.requested is None:
-            t0 = time.perf_counter()
-            if order_epoch != epoch:
-                order, order_epoch = _epoch_order(n_train, cfg.seed, epoch), epoch
-            idx = group.local_indices(order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size].tolist())
-            batch = as_batch(data.collate([data.train[i] for i in idx]))
-            with _autocast(cfg.bf16):
-                logits, target = step_forward(batch)
-                loss, correct, count = _loss_and_counts(logits, target)
-                aux = getattr(model, "aux_loss", None)
-                total = loss + aux.float() if isinstance(aux, Tensor) else loss
-            # several ranks: the global batch's loss and counts; ``total`` scaled so the ranks' gradients
-            # combine into the global batch's; a stop asked on any rank stops every rank at this step
-            total, loss_value, correct, count, stop_all = group.reduce_step(
-                total, correct, count, signals.requested is not None
-            )
-            loss = loss.new_tensor(loss_value)
-            if stop_all and signals.requested is None:
-                signals.requested = "another rank"
-            if not torch.isfinite(total):
-                raise FloatingPointError(
-                    f"loss became {float(total.detach())} at step {step + 1}; lower --lr or check the data"
-                )
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            group.after_backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
+            (batch, loss, correct, count), dt = timed(train_step)
             step += 1
             pos += 1
             if pos >= per_epoch:
                 epoch, pos = epoch + 1, 0
-            dt = time.perf_counter() - t0
             train_seconds += dt
             win_loss += float(loss.detach()) * count
             win_correct, win_count = win_correct + correct, win_count + count

@@ -6,9 +6,11 @@
 //   each run of rows computes
 //     S = scale q k^T (masked), P = exp(S - lse), dP = dout v^T, dS = P (dP - delta),
 //     dV += P^T dout, dK += scale dS^T q, dQ += scale dS k,
-//   where delta = rowsum(dout * out) - dlse (the caller folds the lse cotangent in). dK / dV rows of a key
-//   block belong to one task, so no two threads write them; dQ rows are shared between key blocks and
-//   go to one accumulator per worker (zeroed once, summed at the end). Tasks are handed out by an atomic
+//   where delta = rowsum(dout * out) - dlse (the lse cotangent; NaN taken as 0), computed in a parallel
+//   pre-pass. dK / dV rows of a key block belong to one task, which zeroes them first, so no two threads
+//   write them; dQ rows are shared between key blocks: the first worker accumulates into dQ itself, each
+//   other worker into its own buffer (zeroed by that worker), added to dQ at the end. No output is
+//   zero-filled serially: on large tensors that is a page-faulting pass as long as a small backward. Tasks are handed out by an atomic
 //   counter, so a key block selected by every query (global tokens) does not stall a static partition.
 //   Consecutive query blocks of one key block are merged into one GEMM of up to kMaxRows rows (partial
 //   tiles computed in full, their excluded pairs given probability 0).
@@ -112,6 +114,8 @@ template <typename T>
 void key_block_grads(const Shape& s, const Inputs<T>& in, int64_t bi, int64_t g, int64_t kb, Scratch<T>& sc, T* dq,
                      T* dk, T* dv) {
   const int64_t key0 = kb * s.block_k, n = std::min(s.block_k, s.nk - key0);
+  std::fill(dk + key0 * s.d, dk + (key0 + n) * s.d, T(0));
+  std::fill(dv + key0 * s.dv, dv + (key0 + n) * s.dv, T(0));
   const int64_t lb = s.layout_batch == 1 ? 0 : bi;
   for (int64_t h = g * s.group; h < (g + 1) * s.group; ++h) {
     const int64_t lh = s.layout_heads == 1 ? 0 : h;
@@ -128,6 +132,20 @@ void key_block_grads(const Shape& s, const Inputs<T>& in, int64_t bi, int64_t g,
       e = f;
     }
   }
+}
+
+template <typename T>
+T row_dot(const T* a, const T* b, int64_t n) {
+  T dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t c = 0; c < n; ++c) dot += a[c] * b[c];
+  return dot;
+}
+
+template <typename T>
+void add_into(T* dst, const T* src, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
 }
 
 void check_tables(const Shape& s, const at::Tensor& ptr, const at::Tensor& qblocks, const at::Tensor& mask_id,
@@ -152,28 +170,28 @@ void check_tables(const Shape& s, const at::Tensor& ptr, const at::Tensor& qbloc
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_backward(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout, const at::Tensor& lse,
-    const at::Tensor& delta, const at::Tensor& q_ptr, const at::Tensor& q_blocks, const at::Tensor& q_mask_id,
-    const at::Tensor& masks, int64_t block_q, int64_t block_k, double scale) {
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& dlse, const at::Tensor& q_ptr, const at::Tensor& q_blocks,
+    const at::Tensor& q_mask_id, const at::Tensor& masks, int64_t block_q, int64_t block_k, double scale) {
   TORCH_CHECK(spattn_blas::available(), "block_sparse_backward: this torch build exports no sgemm_ / dgemm_");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && dout.dim() == 4,
               "block_sparse_backward: q, k, v, dout must be [B, H, N, D]");
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "block_sparse_backward: float32 or float64 only, got ",
               dtype);
-  for (const at::Tensor* t : {&k, &v, &dout, &lse, &delta})
-    TORCH_CHECK(t->scalar_type() == dtype, "block_sparse_backward: q, k, v, dout, lse, delta must share a dtype");
+  for (const at::Tensor* t : {&k, &v, &dout, &out, &lse, &dlse})
+    TORCH_CHECK(t->scalar_type() == dtype, "block_sparse_backward: q, k, v, dout, out, lse, dlse must share a dtype");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "block_sparse_backward: q, k, v need a unit stride in the last dim");
   TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) == v.size(1) && k.size(2) == v.size(2) &&
                   k.size(3) == q.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
               "block_sparse_backward: shapes q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv], Hq % Hkv == 0");
-  TORCH_CHECK(dout.is_contiguous() && lse.is_contiguous() && delta.is_contiguous(),
-              "block_sparse_backward: dout, lse, delta must be contiguous");
+  TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && lse.is_contiguous() && dlse.is_contiguous(),
+              "block_sparse_backward: dout, out, lse, dlse must be contiguous");
   TORCH_CHECK(dout.size(0) == q.size(0) && dout.size(1) == q.size(1) && dout.size(2) == q.size(2) &&
-                  dout.size(3) == v.size(3) && lse.dim() == 3 && lse.sizes() == dout.sizes().slice(0, 3) &&
-                  delta.sizes() == lse.sizes(),
-              "block_sparse_backward: dout [B, Hq, Nq, Dv], lse and delta [B, Hq, Nq]");
+                  dout.size(3) == v.size(3) && out.sizes() == dout.sizes() && lse.dim() == 3 &&
+                  lse.sizes() == dout.sizes().slice(0, 3) && (dlse.numel() == 0 || dlse.sizes() == lse.sizes()),
+              "block_sparse_backward: dout and out [B, Hq, Nq, Dv], lse [B, Hq, Nq], dlse like lse or empty");
   TORCH_CHECK(block_q >= 1 && block_k >= 1, "block_sparse_backward: block sizes must be >= 1");
   TORCH_CHECK(q_ptr.scalar_type() == at::kLong && q_blocks.scalar_type() == at::kLong &&
                   q_mask_id.scalar_type() == at::kInt && masks.scalar_type() == at::kBool,
@@ -202,42 +220,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_backward(
   check_tables(s, q_ptr, q_blocks, q_mask_id, masks.size(0));
 
   const int64_t workers = std::max<int64_t>(1, at::get_num_threads());
-  auto dq_acc = at::zeros({workers, s.batch, s.heads_q, s.nq, s.d}, q.options());
-  auto dk = at::zeros({s.batch, s.heads_kv, s.nk, s.d}, q.options());
-  auto dv = at::zeros({s.batch, s.heads_kv, s.nk, s.dv}, q.options());
+  const int64_t rows = s.batch * s.heads_q * s.nq, dq_size = rows * s.d;
+  auto dq = at::empty({s.batch, s.heads_q, s.nq, s.d}, q.options());
+  auto dq_more = at::empty({workers - 1, s.batch, s.heads_q, s.nq, s.d}, q.options());  // workers 1, 2, ...
+  auto dk = at::empty({s.batch, s.heads_kv, s.nk, s.d}, q.options());
+  auto dv = at::empty({s.batch, s.heads_kv, s.nk, s.dv}, q.options());
+  auto delta = at::empty({s.batch, s.heads_q, s.nq}, q.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "block_sparse_backward", [&] {
+    scalar_t* dqp = dq.data_ptr<scalar_t>();
+    scalar_t* dq_morep = dq_more.data_ptr<scalar_t>();
+    scalar_t* deltap = delta.data_ptr<scalar_t>();
+    const scalar_t* dop = dout.data_ptr<scalar_t>();
+    const scalar_t* outp = out.data_ptr<scalar_t>();
+    const scalar_t* dlsep = dlse.numel() ? dlse.data_ptr<scalar_t>() : nullptr;
+    // pre-pass: delta = rowsum(dout * out) - dlse, dq = 0
+    at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t dot = row_dot(dop + r * s.dv, outp + r * s.dv, s.dv);
+        const scalar_t dl = dlsep == nullptr || dlsep[r] != dlsep[r] ? scalar_t(0) : dlsep[r];
+        deltap[r] = dot - dl;
+      }
+      std::fill(dqp + r0 * s.d, dqp + r1 * s.d, scalar_t(0));
+    });
     const uint8_t* mk = reinterpret_cast<const uint8_t*>(masks.data_ptr<bool>());
     const Inputs<scalar_t> in{q.data_ptr<scalar_t>(),     k.data_ptr<scalar_t>(),   v.data_ptr<scalar_t>(),
-                              dout.data_ptr<scalar_t>(),  lse.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
+                              dop,                        lse.data_ptr<scalar_t>(), deltap,
                               q_ptr.data_ptr<int64_t>(),  q_blocks.data_ptr<int64_t>(),
                               q_mask_id.data_ptr<int32_t>(), mk, static_cast<scalar_t>(scale)};
-    scalar_t* dqp = dq_acc.data_ptr<scalar_t>();
     scalar_t* dkp = dk.data_ptr<scalar_t>();
     scalar_t* dvp = dv.data_ptr<scalar_t>();
-    const int64_t tasks = s.batch * s.heads_kv * s.nkb, dq_size = s.batch * s.heads_q * s.nq * s.d;
+    const int64_t tasks = s.batch * s.heads_kv * s.nkb;
     std::atomic<int64_t> next{0};
-    // one chunk per worker; each chunk owns the dq accumulator numbered by its first index
+    // one chunk per worker; chunk 0 accumulates into dq, chunk w > 0 into dq_more[w - 1]
     at::parallel_for(0, workers, 1, [&](int64_t worker, int64_t) {
       const spattn_blas::OneBlasThread one_blas_thread;
       Scratch<scalar_t> sc(std::max(kMaxRows, block_q), block_k);
-      scalar_t* dq = dqp + worker * dq_size;
+      scalar_t* dqw = worker == 0 ? dqp : dq_morep + (worker - 1) * dq_size;
+      if (worker > 0) std::fill(dqw, dqw + dq_size, scalar_t(0));
       for (int64_t t = next++; t < tasks; t = next++) {
         const int64_t kb = t % s.nkb, g = (t / s.nkb) % s.heads_kv, bi = t / (s.nkb * s.heads_kv);
         const int64_t head = bi * s.heads_kv + g;
-        key_block_grads<scalar_t>(s, in, bi, g, kb, sc, dq, dkp + head * s.nk * s.d,
-                                  dvp + head * s.nk * s.dv);
+        key_block_grads<scalar_t>(s, in, bi, g, kb, sc, dqw, dkp + head * s.nk * s.d, dvp + head * s.nk * s.dv);
       }
     });
+    if (workers > 1)
+      at::parallel_for(0, dq_size, 1 << 14, [&](int64_t i0, int64_t i1) {
+        for (int64_t w = 0; w + 1 < workers; ++w) add_into(dqp + i0, dq_morep + w * dq_size + i0, i1 - i0);
+      });
   });
-  auto dq = workers == 1 ? dq_acc[0] : dq_acc.sum(0);
   return {dq, dk, dv};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(spattn_cpu, m) {
-  m.def("block_sparse_backward(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor lse, Tensor delta, Tensor q_ptr, "
-        "Tensor q_blocks, Tensor q_mask_id, Tensor masks, int block_q, int block_k, float scale) "
+  m.def("block_sparse_backward(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor out, Tensor lse, Tensor dlse, "
+        "Tensor q_ptr, Tensor q_blocks, Tensor q_mask_id, Tensor masks, int block_q, int block_k, float scale) "
         "-> (Tensor, Tensor, Tensor)");
 }
 

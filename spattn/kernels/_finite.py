@@ -12,7 +12,8 @@ every row of its tiles.
 *same* kernel (same selection, same key padding) which rows see which NaN: with ``q = k = 0`` every
 allowed key of a row gets probability ``1 / (keys it sees) > 0``, so attending to an indicator value
 (1 at a NaN position, 0 elsewhere) is positive exactly where the row sees one. The rows and columns
-found are set to NaN. Inputs without NaN (the normal case) cost one sum per tensor.
+found are set to NaN. Inputs without NaN (the normal case) cost one sum per tensor (or, for a kernel
+that never hides a NaN, one sum over its output).
 """
 
 from __future__ import annotations
@@ -31,14 +32,22 @@ def nan_exact(
     k: Tensor,
     v: Tensor,
     probe: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None,
+    shows_nan: bool = False,
 ) -> Result:
     """``run(q, k, v)`` (-> ``out`` or ``(out, lse)``) with the reference's NaN propagation.
 
     ``probe(q, k, v) -> out`` attends with the same selection as ``run`` (default: ``run``'s output);
-    it is called only when an input holds a NaN. Shapes: q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``,
+    it is called only when an input holds a NaN. ``shows_nan``: ``run`` never hides a NaN a row can see
+    (it may spread one too far, never too little), so a NaN-free output proves that no input NaN
+    reached any row: ``run`` is then called first and only its output is checked (one pass over
+    ``out`` instead of over q, k and v). Shapes: q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``,
     v ``[B, Hkv, Nk, Dv]``.
     """
-    if not _may_hold_nan(q, k, v):
+    if shows_nan:
+        result = run(q, k, v)
+        if not _may_hold_nan(*(t.detach() for t in (result if isinstance(result, tuple) else (result,)))):
+            return result
+    elif not _may_hold_nan(q, k, v):
         return run(q, k, v)
     q_nan, k_nan, v_nan = torch.isnan(q).any(-1), torch.isnan(k).any(-1), torch.isnan(v)
     if not (bool(q_nan.any()) or bool(k_nan.any()) or bool(v_nan.any())):

@@ -428,7 +428,7 @@ def blocksparse_attention(
     def run(q, k, v):
         return _attend(q, k, v, layout, scale, key_padding_mask, chunk_elems, softcap)
 
-    out, lse = nan_exact(run, q, k, v)
+    out, lse = nan_exact(run, q, k, v, shows_nan=True)  # masked scores are set to -inf, not added to
     return (out, lse) if return_lse else out
 
 

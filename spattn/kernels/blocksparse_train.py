@@ -141,18 +141,18 @@ class _CompiledBlockSparse(torch.autograd.Function):
         if dout is None and dlse is None:
             return None, None, None, None, None, None
         dout = torch.zeros_like(out) if dout is None else dout.to(out.dtype).contiguous()
-        # d lse_i / d s_ij = p_ij: the lse cotangent enters dS = P (dP - delta) as delta -= dlse
-        delta = (dout * out).sum(-1)
-        if dlse is not None:
-            delta = delta - torch.nan_to_num(dlse.to(delta.dtype), nan=0.0)
+        # d lse_i / d s_ij = p_ij: the lse cotangent enters dS = P (dP - delta) as delta -= dlse (the op
+        # computes delta = rowsum(dout * out) - dlse itself; NaN in dlse counts as 0)
+        dlse = out.new_empty(0) if dlse is None else dlse.to(out.dtype).contiguous()
         t, lay = ctx.tables, ctx.layout
         dq, dk, dv = _compiled.ops().block_sparse_backward(
             q,
             k,
             v,
             dout,
+            out,
             lse,
-            delta.contiguous(),
+            dlse,
             t.q_ptr,
             t.q_blocks,
             t.q_mask_id,
