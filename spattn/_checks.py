@@ -6,6 +6,8 @@ Two contracts exist and both are kept, because callers and tests rely on them:
   ``TypeError``, a value out of range a ``ValueError``, each naming ``owner: name``.
 * :func:`check_kind` -- kernels' selection argument: a ``TypeError`` unless the value is the kind of
   selection the kernel runs (the Selection protocol's ``kind``; the dispatch table decides who gets what).
+* :func:`is_int` -- the shared type test (an int, not a bool) for checks whose message says more
+  (``"a positive divisor of heads=8"``, ``"an even int >= 2"``).
 * :func:`int_at_least` -- layers, models, approximations: any bad value (wrong type included) is a
   ``ValueError`` ``"<label> must be a positive int"`` (``"... an int >= m"`` for other minimums).
 """
@@ -16,10 +18,12 @@ import math
 import numbers
 from typing import Any, Optional
 
-__all__ = ["check_int", "check_float", "int_at_least", "check_kind"]
+__all__ = ["is_int", "check_int", "check_float", "int_at_least", "check_kind"]
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """True for a Python int that is not a bool (the type test every validator here starts from; call
+    it directly only when the message needs more than :func:`check_int` / :func:`int_at_least` say)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -32,7 +36,7 @@ def check_int(
     if value is None and allow_none:
         return value
     label = name if owner is None else f"{owner}: {name}"
-    if not (_is_int(value) or (numpy and isinstance(value, numbers.Integral) and not isinstance(value, bool))):
+    if not (is_int(value) or (numpy and isinstance(value, numbers.Integral) and not isinstance(value, bool))):
         raise TypeError(f"{label} must be an int, got {value!r}")
     if value < minimum:
         raise ValueError(f"{label} must be >= {minimum}, got {value}")
@@ -61,7 +65,7 @@ def int_at_least(
     (``"max_repeat must be an int >= repeat (3)"``)."""
     if value is None and allow_none:
         return value
-    if not _is_int(value) or value < minimum:
+    if not is_int(value) or value < minimum:
         if minimum_name is not None:
             what = f"an int >= {minimum_name} ({minimum})"
         else:

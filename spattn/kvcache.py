@@ -31,6 +31,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from ._checks import int_at_least, is_int
+
 __all__ = ["PageSummary", "LabelCache", "SelectorState", "LayerState", "KVCache"]
 
 
@@ -44,7 +46,7 @@ def _check_keys(owner: str, keys: Tensor, name: str = "keys") -> None:
 
 
 def _check_layer(layer: Any) -> None:
-    if isinstance(layer, bool) or not isinstance(layer, int):
+    if not is_int(layer):
         raise TypeError(f"KVCache: layer must be an int index, got {layer!r}")
 
 
@@ -89,9 +91,7 @@ class PageSummary:
     """
 
     def __init__(self, page: int):
-        if isinstance(page, bool) or not isinstance(page, int) or page < 1:
-            raise ValueError(f"PageSummary: page must be an int >= 1, got {page!r}")
-        self.page = page
+        self.page = int_at_least("PageSummary: page", page)
         self.length = 0
         self._bounds: Optional[_Growing] = None
 

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_int
+from ._checks import check_int, is_int
 
 __all__ = ["Layout", "MaskMod", "translation_invariant", "ceil_div", "true_positions"]
 
@@ -426,7 +426,7 @@ class Layout:
         """
         if self.heads == 1:
             return self
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.heads:
+        if not is_int(index) or not 0 <= index < self.heads:
             raise ValueError(f"Layout.head: index must be an int in [0, {self.heads}), got {index!r}")
         sl = slice(index, index + 1)
         mask_mod = self.mask_mod

@@ -27,7 +27,7 @@ from typing import Optional, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from ._checks import check_int
+from ._checks import check_int, is_int
 from .layout import Layout
 
 __all__ = ["Selection", "TokenSelection", "PageSelection", "ClusterSelection"]
@@ -87,10 +87,7 @@ def _check_index_tensor(owner: str, name: str, t: Tensor, dims: int) -> None:
 
 def _check_lengths(owner: str, **sizes) -> None:
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__}")
-        if value < 1:
-            raise ValueError(f"{owner}: {name} must be >= 1, got {value}")
+        check_int(owner, name, value, 1)
 
 
 def _check_flag(owner: str, name: str, value) -> None:
@@ -213,7 +210,7 @@ class PageSelection:
 
     def __post_init__(self):
         _check_index_tensor("PageSelection", "pages", self.pages, 4)
-        if isinstance(self.page, bool) or not isinstance(self.page, int) or self.page < 1:
+        if not is_int(self.page) or self.page < 1:
             raise ValueError(f"PageSelection: page must be an int >= 1, got {self.page!r}")
         _check_lengths("PageSelection", q_len=self.q_len, kv_len=self.kv_len)
         _check_flag("PageSelection", "causal", self.causal)
@@ -223,7 +220,7 @@ class PageSelection:
             raise ValueError(f"PageSelection: pages must lie in [-1, {self.num_pages}), -1 = unused slot")
         _check_distinct("PageSelection", "pages", self.pages)
         s, h = self.shared_by, self.pages.shape[1]
-        if isinstance(s, bool) or not isinstance(s, int) or s < 1 or h % s:
+        if not is_int(s) or s < 1 or h % s:
             raise ValueError(f"PageSelection: shared_by must be a positive int dividing the {h} head rows, got {s!r}")
         if s > 1:
             grouped = self.pages.view(self.pages.shape[0], h // s, s, *self.pages.shape[2:])

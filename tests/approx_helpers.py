@@ -26,6 +26,17 @@ def with_grads(fn, q, k, v, seed=1):
     return out.detach(), q.grad, k.grad, v.grad
 
 
+def assert_no_future_leak(fn, q, k, v, steps, atol=1e-6):
+    """Causality of ``fn(q, k, v) -> [B, H, N, D]``: shifting every position after ``t`` of q, k and v
+    leaves output rows ``<= t`` unchanged, for each ``t`` in ``steps``."""
+    out = fn(q, k, v)
+    for t in steps:
+        q2, k2, v2 = (x.clone() for x in (q, k, v))
+        for x in (q2, k2, v2):
+            x[:, :, t + 1 :] += 3.0
+        assert torch.allclose(fn(q2, k2, v2)[:, :, : t + 1], out[:, :, : t + 1], atol=atol)
+
+
 def assert_close_rel(got, want, rtol, what=""):
     got, want = got.double(), want.double()
     assert not torch.isnan(got).any(), f"{what}: NaN"

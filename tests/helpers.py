@@ -8,6 +8,33 @@ import torch
 
 from spattn.kernels.reference import reference_attention
 
+#: the smallest MQAR training run of the CLI (``spattn train``); tests add sizes, steps and --out
+TINY_MQAR_TRAIN = [
+    "train",
+    "mqar",
+    "--attention",
+    "window(size=8)",
+    "--dim",
+    "16",
+    "--seq-len",
+    "64",
+    "--kv-pairs",
+    "4",
+    "--vocab",
+    "64",
+    "--batch-size",
+    "8",
+]
+
+
+def random_qkv(b, hq, hkv, nq, nk, d, dtype=torch.float32, seed=0):
+    """Seeded ``q [b, hq, nq, d]``, ``k, v [b, hkv, nk, d]`` (drawn in float64, then cast to ``dtype``)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, nq, d, generator=gen, dtype=torch.float64).to(dtype)
+    k = torch.randn(b, hkv, nk, d, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(b, hkv, nk, d, generator=gen, dtype=torch.float64).to(dtype)
+    return q, k, v
+
 
 def finite(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(x), torch.zeros_like(x), x)

@@ -13,6 +13,8 @@ import pytest
 import spattn
 from spattn.cli import build_parser, main
 
+from .helpers import TINY_MQAR_TRAIN
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -104,24 +106,11 @@ def test_module_entry_point_exit_status():
 
 def test_train_mqar_then_resume(tmp_path, capsys):
     argv = [
-        "train",
-        "mqar",
-        "--attention",
-        "window(size=8)",
-        "--dim",
-        "16",
-        "--seq-len",
-        "64",
-        "--kv-pairs",
-        "4",
-        "--vocab",
-        "64",
+        *TINY_MQAR_TRAIN,
         "--num-train",
         "64",
         "--num-test",
         "32",
-        "--batch-size",
-        "8",
         "--eval-every",
         "2",
         "--eval-batches",
@@ -294,22 +283,9 @@ def test_readme_first_example_runs_as_a_script_and_prints():
 
 def test_train_resume_with_other_evaluation_sizes(tmp_path, capsys):
     argv = [
-        "train",
-        "mqar",
-        "--attention",
-        "window(size=8)",
-        "--dim",
-        "16",
-        "--seq-len",
-        "64",
-        "--kv-pairs",
-        "4",
-        "--vocab",
-        "64",
+        *TINY_MQAR_TRAIN,
         "--num-train",
         "64",
-        "--batch-size",
-        "8",
         "--eval-every",
         "2",
         "--no-progress",

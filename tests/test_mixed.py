@@ -14,6 +14,8 @@ from spattn.approx.mixed import SLA, Scatterbrain, scatterbrain_attention
 from spattn.approx.reference import allowed_pairs, naive_scatterbrain, naive_sea, naive_sla
 from spattn.approx.sea import SEA
 
+from .approx_helpers import assert_no_future_leak
+
 
 def _inputs(B, Hq, Hkv, n, D, dtype=torch.float64, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
@@ -102,12 +104,7 @@ def test_scatterbrain_error_shrinks_with_features():
 def test_scatterbrain_causal_no_leakage():
     layer = Scatterbrain(features=16, pattern="window(size=3, block=4)")
     q, k, v = _inputs(1, 2, 2, 21, 8, torch.float32, seed=2)
-    out = layer(q, k, v, causal=True)
-    for t in (0, 6, 13):
-        q2, k2, v2 = (x.clone() for x in (q, k, v))
-        for x in (q2, k2, v2):
-            x[:, :, t + 1 :] += 3.0
-        assert torch.allclose(layer(q2, k2, v2, causal=True)[:, :, : t + 1], out[:, :, : t + 1], atol=1e-6)
+    assert_no_future_leak(lambda q, k, v: layer(q, k, v, causal=True), q, k, v, (0, 6, 13))
 
 
 def test_scatterbrain_redraw():
@@ -196,12 +193,7 @@ def test_sea_matches_definition(causal):
 def test_sea_causal_no_leakage():
     layer = SEA(k=2, chunks=4, features=8)
     q, k, v = _inputs(1, 2, 2, 16, 8, torch.float32, seed=2)
-    out = layer(q, k, v, causal=True)
-    for t in (0, 5, 11):
-        q2, k2, v2 = (x.clone() for x in (q, k, v))
-        for x in (q2, k2, v2):
-            x[:, :, t + 1 :] += 3.0
-        assert torch.allclose(layer(q2, k2, v2, causal=True)[:, :, : t + 1], out[:, :, : t + 1], atol=1e-6)
+    assert_no_future_leak(lambda q, k, v: layer(q, k, v, causal=True), q, k, v, (0, 5, 11))
 
 
 # --------------------------------------------------------------------------------- registry, errors

@@ -15,13 +15,7 @@ from spattn.patterns.routing import Routing, layer_norm
 from spattn.selection import ClusterSelection
 from spattn.patterns.reference import brute_routing_causal_safe, brute_routing_scores, brute_routing_windows
 
-
-def _qkv(b, hq, hkv, nq, nk, d, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, nq, d, generator=gen, dtype=torch.float64).to(dtype)
-    k = torch.randn(b, hkv, nk, d, generator=gen, dtype=torch.float64).to(dtype)
-    v = torch.randn(b, hkv, nk, d, generator=gen, dtype=torch.float64).to(dtype)
-    return q, k, v
+from .helpers import random_qkv
 
 
 # --------------------------------------------------------------------------------- selection
@@ -31,7 +25,7 @@ def _qkv(b, hq, hkv, nq, nk, d, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("share_qk", [None, False, True])
 def test_windows_equal_bruteforce_top_w(causal, share_qk):
     b, hq, hkv, n, d, c = 2, 4, 2, 23, 8, 3
-    q, k, _ = _qkv(b, hq, hkv, n, n, d)
+    q, k, _ = random_qkv(b, hq, hkv, n, n, d)
     r = Routing(clusters=c, share_qk=share_qk, heads=hq, head_dim=d).eval()
     sel = r.select(q, k, causal=causal)
     w = -(-n // c)
@@ -46,7 +40,7 @@ def test_windows_equal_bruteforce_top_w(causal, share_qk):
 
 def test_causal_safe_windows_equal_bruteforce():
     b, h, n, d, c, w = 2, 2, 29, 8, 3, 4
-    q, k, _ = _qkv(b, h, h, n, n, d, seed=3)
+    q, k, _ = random_qkv(b, h, h, n, n, d, seed=3)
     r = Routing(clusters=c, window=w, causal_safe=True, heads=h, head_dim=d).eval()
     dense = r.select(q, k, causal=True).to_dense()
     scores = brute_routing_scores(q, r.centroids, h)
@@ -55,7 +49,7 @@ def test_causal_safe_windows_equal_bruteforce():
 
 
 def test_padded_keys_are_chosen_last():
-    q, k, _ = _qkv(1, 1, 1, 16, 16, 8)
+    q, k, _ = random_qkv(1, 1, 1, 16, 16, 8)
     kpm = torch.ones(1, 16, dtype=torch.bool)
     kpm[0, 10:] = False
     r = Routing(clusters=4, heads=1, head_dim=8).eval()
@@ -117,7 +111,7 @@ def test_kernel_matches_naive_reference(b, hkv, group, nq, extra, c, causal, pad
     if pad:
         kpm[0] = False  # a batch entry with no real key: zeros, never NaN
     for dtype, atol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
-        q, k, v = _qkv(b, hq, hkv, nq, nk, 8, dtype, seed)
+        q, k, v = random_qkv(b, hq, hkv, nq, nk, 8, dtype, seed)
         got = _grads(clustered_attention, q, k, v, sel, kpm)
         want = _grads(_reference, q.double(), k.double(), v.double(), sel, kpm)
         for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
@@ -128,7 +122,7 @@ def test_kernel_matches_naive_reference(b, hkv, group, nq, extra, c, causal, pad
 
 def test_reference_is_the_mean_of_window_softmaxes():
     """Hand-built selection: query 1 in two windows gets the mean, query 3 in none gets zeros."""
-    q, k, v = _qkv(1, 1, 1, 4, 4, 4, torch.float64)
+    q, k, v = random_qkv(1, 1, 1, 4, 4, 4, torch.float64)
     qi = torch.tensor([[[[0, 1], [1, 2]]]])
     ki = torch.tensor([[[[0, 1], [2, 3]]]])
     out = clustered_attention(q, k, v, ClusterSelection(qi, ki, 4, 4), reference=True)
@@ -149,7 +143,7 @@ def test_reference_is_the_mean_of_window_softmaxes():
     "causal,safe,share_qk", [(False, False, None), (True, False, None), (True, True, None), (True, False, False)]
 )
 def test_attention_on_routing_matches_reference(causal, safe, share_qk, pad):
-    q, k, v = _qkv(2, 4, 2, 37, 37, 8, torch.float64)
+    q, k, v = random_qkv(2, 4, 2, 37, 37, 8, torch.float64)
     r = Routing(clusters=4, causal_safe=safe, share_qk=share_qk, heads=4, head_dim=8).eval()
     kpm = (torch.rand(2, 37, generator=torch.Generator().manual_seed(1)) > 0.2) if pad else None
     got = spattn.attention(q, k, v, r, causal=causal, key_padding_mask=kpm)
@@ -158,7 +152,7 @@ def test_attention_on_routing_matches_reference(causal, safe, share_qk, pad):
 
 
 def test_kernel_errors():
-    q, k, v = _qkv(1, 2, 1, 8, 8, 4)
+    q, k, v = random_qkv(1, 2, 1, 8, 8, 4)
     sel = ClusterSelection(torch.zeros(1, 2, 2, 3, dtype=torch.long), torch.zeros(1, 2, 2, 3, dtype=torch.long), 8, 8)
     with pytest.raises(ValueError, match="return_lse"):
         clustered_attention(q, k, v, sel, return_lse=True)
@@ -202,7 +196,7 @@ def test_centroids_recover_well_separated_clusters():
 def test_ema_update_follows_online_kmeans_formula():
     h, c, d, lam = 2, 3, 4, 0.8
     r = Routing(clusters=c, decay=lam, init="random", heads=h, head_dim=d)
-    q, k, _ = _qkv(1, h, h, 9, 9, d)
+    q, k, _ = random_qkv(1, h, h, 9, 9, d)
     count0, sum0 = r.ema_count.clone(), r.ema_sum.clone()
     mu0 = r.centroids.clone()
     r.select(q, k)
@@ -251,7 +245,7 @@ def test_dead_centroid_is_moved_onto_the_farthest_vector():
 
 
 def test_commitment_loss_has_grad_to_q_and_k_and_none_through_routing():
-    q, k, v = _qkv(1, 2, 2, 16, 16, 8)
+    q, k, v = random_qkv(1, 2, 2, 16, 16, 8)
     q.requires_grad_()
     k.requires_grad_()
     r = Routing(clusters=4, heads=2, head_dim=8).eval()
@@ -280,7 +274,7 @@ def test_commitment_loss_has_grad_to_q_and_k_and_none_through_routing():
 
 
 def test_state_dict_round_trip_into_lazy_module():
-    q, k, v = _qkv(2, 2, 2, 24, 24, 8)
+    q, k, v = random_qkv(2, 2, 2, 24, 24, 8)
     r = Routing(clusters=3)
     for _ in range(3):
         r.select(q + torch.randn_like(q), k)
@@ -364,7 +358,7 @@ def test_training_resumes_bit_identically():
 
 def test_causal_safe_never_looks_at_future_tokens():
     n, t = 40, 17
-    q, k, v = _qkv(2, 2, 1, n, n, 8, torch.float64)
+    q, k, v = random_qkv(2, 2, 1, n, n, 8, torch.float64)
     r = Routing(clusters=4, causal_safe=True, heads=2, head_dim=8).eval()
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
     gen = torch.Generator().manual_seed(5)
@@ -382,7 +376,7 @@ def test_causal_safe_never_looks_at_future_tokens():
 def test_paper_causal_mode_selection_depends_on_future_tokens():
     """The documented leak of the paper's balanced routing, shown so the safe variant's test means something."""
     n, t = 40, 17
-    q, k, _ = _qkv(1, 1, 1, n, n, 8, torch.float64)
+    q, k, _ = random_qkv(1, 1, 1, n, n, 8, torch.float64)
     r = Routing(clusters=4, heads=1, head_dim=8).eval()
     q2 = q.clone()
     q2[:, :, t + 1 :] = r.centroids[0, 0].double() * 10  # future tokens crowd centroid 0's window
@@ -417,7 +411,7 @@ def test_bad_parameters_raise_clear_errors():
         Routing(route_rotated="no")
     with pytest.raises(ValueError, match="head_dim"):
         Routing(heads=2)
-    q, k, v = _qkv(1, 2, 2, 8, 8, 4)
+    q, k, v = random_qkv(1, 2, 2, 8, 8, 4)
     with pytest.raises(ValueError, match="clusters=16 must be <="):
         Routing(clusters=16).select(q, k)
     with pytest.raises(ValueError, match="window=9 exceeds"):

@@ -14,13 +14,7 @@ from spattn.kernels.reference import reference_attention
 from spattn.patterns.seer import SeerGate, block_pool, distill_seer_gate, seer_block_target
 from spattn.patterns.reference import brute_seer_block_map, brute_seer_logits, token_blocks
 
-
-def _qkv(b, hq, hkv, nq, nk, d, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, nq, d, generator=gen, dtype=torch.float64).to(dtype)
-    k = torch.randn(b, hkv, nk, d, generator=gen, dtype=torch.float64).to(dtype)
-    v = torch.randn(b, hkv, nk, d, generator=gen, dtype=torch.float64).to(dtype)
-    return q, k, v
+from .helpers import random_qkv
 
 
 def test_block_pool_equals_loops():
@@ -34,7 +28,7 @@ def test_block_pool_equals_loops():
 
 @pytest.mark.parametrize("causal,nq,nk", [(False, 37, 37), (True, 37, 37), (True, 21, 45), (False, 13, 30)])
 def test_gate_equals_bruteforce(causal, nq, nk):
-    q, k, _ = _qkv(2, 4, 2, nq, nk, 8, torch.float64)
+    q, k, _ = random_qkv(2, 4, 2, nq, nk, 8, torch.float64)
     gate = SeerGate(block=8, hidden=16).double()
     got = gate.gate_logits(q, k, causal)
     want = brute_seer_logits(gate, q, k, causal)
@@ -48,7 +42,7 @@ def test_gate_equals_bruteforce(causal, nq, nk):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("mode", [dict(topk=2), dict(threshold=0.05), dict()])
 def test_layout_matches_bruteforce_selection(causal, mode):
-    q, k, _ = _qkv(2, 2, 1, 45, 45, 8, torch.float64, seed=2)
+    q, k, _ = random_qkv(2, 2, 1, 45, 45, 8, torch.float64, seed=2)
     gate = SeerGate(block=8, hidden=16, **mode).double()
     layout = gate.layout(q, k, causal)
     want = brute_seer_block_map(gate, q, k, causal)
@@ -80,7 +74,7 @@ def _run(fn, q, k, v):
     seed=st.integers(0, 99),
 )
 def test_attention_on_gate_matches_reference(b, hkv, group, n, block, causal, topk, seed):
-    q, k, v = _qkv(b, hkv * group, hkv, n, n, 8, torch.float32, seed)
+    q, k, v = random_qkv(b, hkv * group, hkv, n, n, 8, torch.float32, seed)
     gate = SeerGate(block=block, topk=topk, hidden=16)
     layout = gate.layout(q, k, causal)
     got = _run(lambda a, c, e: spattn.attention(a, c, e, gate, causal=causal), q, k, v)
@@ -91,7 +85,7 @@ def test_attention_on_gate_matches_reference(b, hkv, group, n, block, causal, to
 
 
 def test_state_dict_round_trip_into_lazy_gate():
-    q, k, _ = _qkv(1, 4, 2, 40, 40, 8)
+    q, k, _ = random_qkv(1, 4, 2, 40, 40, 8)
     gate = SeerGate(block=8, topk=2)
     distill_seer_gate(gate, q, k, steps=3, lr=1e-2)
     fresh = SeerGate(block=8, topk=2)
@@ -104,7 +98,7 @@ def test_state_dict_round_trip_into_lazy_gate():
 
 
 def test_block_target_equals_dense_max_pool():
-    q, k, _ = _qkv(1, 2, 1, 30, 30, 8, torch.float64)
+    q, k, _ = random_qkv(1, 2, 1, 30, 30, 8, torch.float64)
     for causal in (False, True):
         got = seer_block_target(q, k, 8, causal, chunk_blocks=1)
         logits = q @ k.repeat_interleave(2, 1).transpose(-1, -2) / math.sqrt(8)
@@ -182,7 +176,7 @@ def test_errors():
         SeerGate(block=0)
     with pytest.raises(ValueError, match="multiple of kv_heads"):
         SeerGate(heads=3, kv_heads=2, head_dim=4)
-    q, k, _ = _qkv(1, 2, 2, 16, 16, 4)
+    q, k, _ = random_qkv(1, 2, 2, 16, 16, 4)
     with pytest.raises(ValueError, match="the gate is for 4 query"):
         SeerGate(heads=4, head_dim=4).layout(q, k)
     with pytest.raises(ValueError, match="steps"):

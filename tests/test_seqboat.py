@@ -27,24 +27,18 @@ def test_compress_extract_match_loop(B, N, seed):
     x = torch.randn(B, N, 3, generator=g)
     slot = act.long() * act.long().cumsum(1)
     L = int(act.sum(1).max())
+    # (b, i, c): the c-th active position of row b is position i
+    kept = [(b, i, c) for b in range(B) for c, i in enumerate(i for i in range(N) if act[b, i])]
     got = compress(x, slot, L)
     want = torch.zeros(B, L, 3)
-    for b in range(B):
-        c = 0
-        for i in range(N):
-            if act[b, i]:
-                want[b, c] = x[b, i]
-                c += 1
+    for b, i, c in kept:
+        want[b, c] = x[b, i]
     assert torch.equal(got, want)
     h = torch.randn(B, L, 2, generator=g)
     back = extract(h, slot)
     want_back = torch.zeros(B, N, 2)
-    for b in range(B):
-        c = 0
-        for i in range(N):
-            if act[b, i]:
-                want_back[b, i] = h[b, c]
-                c += 1
+    for b, i, c in kept:
+        want_back[b, i] = h[b, c]
     assert torch.equal(back, want_back)
 
 

@@ -11,6 +11,8 @@ from torch.utils.data import Dataset
 from spattn.bench import tasks as T
 from spattn.bench.train import TrainConfig, add_train_arguments, load_checkpoint, lr_lambda, run_train, train
 
+from .helpers import TINY_MQAR_TRAIN
+
 
 class FirstTokenDataset(Dataset):
     """Label = the class of the first token; variable lengths (padding exercised)."""
@@ -466,22 +468,9 @@ def test_cli_default_run_directory(tmp_path, monkeypatch, capsys):
 SIGNAL_RUN = [
     "-m",
     "spattn.cli",
-    "train",
-    "mqar",
-    "--attention",
-    "window(size=8)",
-    "--dim",
-    "16",
-    "--seq-len",
-    "64",
-    "--kv-pairs",
-    "4",
-    "--vocab",
-    "64",
+    *TINY_MQAR_TRAIN,
     "--num-train",
     "4096",
-    "--batch-size",
-    "8",
     "--steps",
     "100000",
     "--eval-every",

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import int_at_least
+from .._checks import int_at_least, is_int
 
 __all__ = [
     "elu_feature_map",
@@ -98,7 +98,7 @@ class FavorProjection(nn.Module):
         int_at_least(f"{owner}: features", features)
         if redraw is not None:
             int_at_least(f"{owner}: redraw", redraw)
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if not is_int(seed):
             raise ValueError(f"{owner}: seed must be an int, got {seed!r}")
         self.features, self.seed, self.redraw = features, seed, redraw
         self.register_buffer("weight", torch.empty(0), persistent=True)

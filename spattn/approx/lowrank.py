@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .._checks import int_at_least
+from .._checks import int_at_least, is_int
 from .._heads import expand_kv
 from ..registry import register
 from .base import ApproxAttention
@@ -136,7 +136,7 @@ class Nystromformer(ApproxAttention):
         super().__init__()
         self.landmarks = int_at_least("nystrom: landmarks", landmarks)
         self.iters = int_at_least("nystrom: iters", iters)
-        if isinstance(conv, bool) or not isinstance(conv, int) or conv < 0 or (conv and conv % 2 == 0):
+        if not is_int(conv) or conv < 0 or (conv and conv % 2 == 0):
             raise ValueError(f"nystrom: conv must be 0 (no conv residual) or an odd kernel size, got {conv!r}")
         self.conv = conv
         self.heads = heads

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from .._checks import is_int
+
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_SCHEMA", "save_checkpoint", "load_checkpoint", "validate_payload"]
 
 CHECKPOINT_FORMAT = "spattn-train"
@@ -136,7 +138,7 @@ def _fail(path: str, name: str, expected: str, got: Any) -> None:
 
 
 def _count(path: str, name: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+    if not is_int(v) or v < 0:
         _fail(path, name, "an int >= 0", v)
 
 

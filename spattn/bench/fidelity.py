@@ -42,7 +42,7 @@ from .. import registry
 from .._checks import int_at_least
 from ..approx.base import ApproxAttention, AttentionLayer
 from ..functional import attention
-from ..nn.attention import build_mechanism
+from ..nn.attention import build_for_heads
 from ..patterns import Pattern
 from .timing import timed
 
@@ -157,15 +157,7 @@ def _dense(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _build(spec: str, cfg: FidelityConfig):
     """The mechanism of ``spec`` for this configuration; ``ValueError`` if it cannot run in it."""
-    mech = build_mechanism(
-        spec,
-        dim=cfg.heads * cfg.dim,
-        heads=cfg.heads,
-        kv_heads=cfg.heads,
-        head_dim=cfg.dim,
-        causal=cfg.causal,
-        max_len=cfg.n,
-    )
+    mech = build_for_heads(spec, heads=cfg.heads, head_dim=cfg.dim, causal=cfg.causal, max_len=cfg.n)
     if isinstance(mech, ApproxAttention) and cfg.causal and not mech.supports_causal:
         raise ValueError(f"{spec} has no causal form; run the fidelity bench with --non-causal")
     return mech

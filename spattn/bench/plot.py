@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import registry
+from .._checks import int_at_least
 from ..patterns import Pattern
 
 __all__ = ["pattern_mask", "plot_patterns", "plot_speed", "add_plot_arguments", "run_plot", "DEFAULT_PLOT_PATTERNS"]
@@ -58,8 +59,7 @@ def pattern_mask(
 
     ``q, k [1, H, n, D]`` are the inputs of content-based patterns (random with ``seed`` if not given).
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"pattern_mask: n must be a positive int, got {n!r}")
+    int_at_least("pattern_mask: n", n)
     pat = spec if isinstance(spec, Pattern) else registry.build(spec) if isinstance(spec, str) else None
     if not isinstance(pat, Pattern):
         raise ValueError(

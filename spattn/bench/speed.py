@@ -170,17 +170,9 @@ class SpeedConfig:
 def _build(spec: str, cfg: "SpeedConfig", n: int):
     """The mechanism of ``spec`` for self-attention of length ``n`` (eval mode)."""
     from ..approx.base import AttentionLayer
-    from ..nn.attention import build_mechanism
+    from ..nn.attention import build_for_heads
 
-    mech = build_mechanism(
-        spec,
-        dim=cfg.heads * cfg.dim,
-        heads=cfg.heads,
-        kv_heads=cfg.heads,
-        head_dim=cfg.dim,
-        causal=cfg.causal,
-        max_len=n,
-    )
+    mech = build_for_heads(spec, heads=cfg.heads, head_dim=cfg.dim, causal=cfg.causal, max_len=n)
     if isinstance(mech, AttentionLayer):
         raise ValueError(f"{spec!r} replaces the whole layer (x -> x); speed times q/k/v attention mechanisms only")
     if isinstance(mech, torch.nn.Module):

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Optional
 
+from .._checks import int_at_least
+
 __all__ = [
     "NeedleSample",
     "TASKS",
@@ -103,8 +105,7 @@ def prose_text(n_sentences: int, start: int = 0) -> str:
 
 def _check(length: int, depth: Optional[float] = None, count_tokens=word_count, **counts: int) -> None:
     """Validate the common arguments; ``counts`` are ints that must be >= 1 (``hops=4``)."""
-    if isinstance(length, bool) or not isinstance(length, int) or length < 64:
-        raise ValueError(f"length must be an int >= 64 tokens, got {length!r}")
+    int_at_least("length (tokens)", length, 64)
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0 <= depth <= 1):
         raise ValueError(f"depth must be a number in [0, 1], got {depth!r}")
     if not callable(count_tokens):
@@ -112,8 +113,7 @@ def _check(length: int, depth: Optional[float] = None, count_tokens=word_count, 
             f"count_tokens must be a callable str -> int (a tokenizer's counter), got {type(count_tokens).__name__}"
         )
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        int_at_least(name, value)
 
 
 def _count(count_tokens: Callable[[str], int], text: str) -> int:
@@ -229,8 +229,7 @@ def niah_multikey(
 ) -> NeedleSample:
     """RULER niah_multikey_1: ``keys`` needles (distractors at other depths); the one at ``depth`` is queried."""
     _check(length, depth, count_tokens)
-    if isinstance(keys, bool) or not isinstance(keys, int) or keys < 2:
-        raise ValueError(f"keys must be an int >= 2, got {keys!r}")
+    int_at_least("keys", keys, 2)
     rng = random.Random(seed + 7919)
     depths = [depth] + [rng.random() for _ in range(keys - 1)]
     return _niah("niah_multikey", length, depths, 0, count_tokens, seed, haystack)

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._checks import is_int
 from ._common import cached_arrays, check_positive_int, collate_classification, item_index
 
 __all__ = ["PathfinderConfig", "PathfinderDataset", "config_for", "generate", "collate", "DIFFICULTIES"]
@@ -96,7 +97,7 @@ class PathfinderConfig:
         if (
             not isinstance(self.paddle_margins, (tuple, list))
             or not self.paddle_margins
-            or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.paddle_margins)
+            or any(not is_int(m) or m < 1 for m in self.paddle_margins)
         ):
             raise ValueError(f"PathfinderConfig.paddle_margins must be positive ints, got {self.paddle_margins!r}")
         return self

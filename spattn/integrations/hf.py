@@ -35,6 +35,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
+from .._checks import check_int, int_at_least, is_int
 from ..functional import attention as spattn_attention, backend_for
 from ..kvcache import LayerState, SelectorState
 from ..layout import Layout
@@ -154,10 +155,7 @@ class _LayerExtras:
     @classmethod
     def from_call(cls, module, window, softcap, sinks) -> "_LayerExtras":
         layer = getattr(module, "layer_idx", "?")
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-            raise ValueError(
-                f"spattn sparsify: layer {layer} passed sliding_window={window!r}; expected an int >= 1 or None"
-            )
+        int_at_least(f"spattn sparsify: layer {layer}: sliding_window", window, allow_none=True)
         if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap <= 0):
             raise ValueError(
                 f"spattn sparsify: layer {layer} passed softcap={softcap!r}; expected a positive number or None"
@@ -581,7 +579,7 @@ def _index_set(values, what: str, upper: int) -> frozenset:
         raise TypeError(f"sparsify: {what} must be an iterable of ints, got {values!r}")
     out = set()
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, int):
+        if not is_int(v):
             raise TypeError(f"sparsify: {what} must contain ints, got {v!r}")
         if not 0 <= v < upper:
             raise ValueError(f"sparsify: {what} entry {v} is out of range [0, {upper})")
@@ -661,7 +659,7 @@ def sparsify(
             "pass it as decode=..., and a prefill pattern such as 'xattention(threshold=0.9)' or 'a_shape(...)' as prefill="
         )
     sparse = _index_set(range(num_layers) if layers is None else layers, "layers", num_layers)
-    if isinstance(dense_layers, int) and not isinstance(dense_layers, bool):
+    if is_int(dense_layers):
         if not 0 <= dense_layers <= num_layers:
             raise ValueError(
                 f"sparsify: dense_layers={dense_layers} must lie in [0, {num_layers}] (the model has "
@@ -673,10 +671,7 @@ def sparsify(
     head_list = None if heads is None else sorted(_index_set(heads, "heads", num_heads))
     if head_list is not None and not head_list:
         raise ValueError("sparsify: heads must not be empty (use heads=None for all heads)")
-    if isinstance(dense_tail, bool) or not isinstance(dense_tail, int):
-        raise TypeError(f"sparsify: dense_tail must be an int (query rows kept dense), got {dense_tail!r}")
-    if dense_tail < 0:
-        raise ValueError(f"sparsify: dense_tail must be >= 0 (query rows kept dense), got {dense_tail}")
+    check_int("sparsify", "dense_tail", dense_tail)  # query rows kept dense
     if dense_tail and prefill_p is None:
         raise ValueError("sparsify: dense_tail only applies to a sparse prefill; pass prefill=... as well")
     if backend not in ("auto", "reference", "blocksparse", "flex"):

@@ -314,19 +314,19 @@ def flex_attention(
             "use backend='blocksparse' or 'reference' for float64"
         )
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if on_cpu and needs_grad:
-        _warn_once(
-            "grad",
-            "spattn flex backend: FlexAttention has no backward on CPU (torch >= 2.11 rejects CPU inputs "
-            "that require grad), so this call and later ones like it use the eager 'blocksparse' kernel.",
-        )
-        return _fallback(q, k, v, layout, scale, key_padding_mask, return_lse, softcap)
-    if on_cpu and return_lse:
-        _warn_once(
-            "lse",
-            "spattn flex backend: FlexAttention's compiled CPU kernel cannot return the log-sum-exp, "
-            "so calls with return_lse=True on CPU use the eager 'blocksparse' kernel.",
-        )
+    if on_cpu and (needs_grad or return_lse):
+        if needs_grad:
+            _warn_once(
+                "grad",
+                "spattn flex backend: FlexAttention has no backward on CPU (torch >= 2.11 rejects CPU inputs "
+                "that require grad), so this call and later ones like it use the eager 'blocksparse' kernel.",
+            )
+        else:
+            _warn_once(
+                "lse",
+                "spattn flex backend: FlexAttention's compiled CPU kernel cannot return the log-sum-exp, "
+                "so calls with return_lse=True on CPU use the eager 'blocksparse' kernel.",
+            )
         return _fallback(q, k, v, layout, scale, key_padding_mask, return_lse, softcap)
     layout.check()
     block_mask = _layout_block_mask(layout, q.device)

@@ -69,8 +69,7 @@ class Backbone(nn.Module):
             ("max_len", max_len),
         ):
             int_at_least(f"{owner}: {name}", val)
-        if isinstance(short_conv, bool) or not isinstance(short_conv, int) or short_conv < 0:
-            raise ValueError(f"{owner}: short_conv must be an int >= 0 (0 = none), got {short_conv!r}")
+        int_at_least(f"{owner}: short_conv", short_conv, 0)  # 0 = none
         if isinstance(embed_dropout, bool) or not isinstance(embed_dropout, (int, float)) or not 0 <= embed_dropout < 1:
             raise ValueError(f"{owner}: embed_dropout must be a number in [0, 1), got {embed_dropout!r}")
         if positions not in POSITIONS:

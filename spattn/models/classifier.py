@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .._checks import int_at_least
+
 from .backbone import Backbone
 
 __all__ = ["SequenceClassifier", "POOLS", "pool_states"]
@@ -36,12 +38,8 @@ class SequenceClassifier(nn.Module):
         super().__init__()
         if pool not in POOLS:
             raise ValueError(f"SequenceClassifier: pool must be one of {', '.join(POOLS)}; got {pool!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"SequenceClassifier: num_classes must be an int >= 2, got {num_classes!r}")
-        if isinstance(head_hidden, bool) or not isinstance(head_hidden, int) or head_hidden < 0:
-            raise ValueError(
-                f"SequenceClassifier: head_hidden must be an int >= 0 (0 = linear head), got {head_hidden!r}"
-            )
+        int_at_least("SequenceClassifier: num_classes", num_classes, 2)
+        int_at_least("SequenceClassifier: head_hidden", head_hidden, 0)  # 0 = linear head
         backbone.pop("causal", None)
         self.backbone = Backbone(vocab_size, causal=False, **backbone)
         self.pool, self.num_classes = pool, num_classes

@@ -9,7 +9,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .. import registry
-from .._checks import int_at_least
+from .._checks import int_at_least, is_int
 from ..approx.base import CONTEXT_PARAMETERS, ApproxAttention, AttentionLayer
 from ..functional import BACKENDS, attention
 from ..layout import Layout
@@ -18,7 +18,7 @@ from .positions import RotaryProjection
 
 Mechanism = Union[Pattern, ApproxAttention, AttentionLayer]
 
-__all__ = ["Attention", "build_mechanism", "check_dropout", "check_sequence"]
+__all__ = ["Attention", "build_mechanism", "build_for_heads", "check_dropout", "check_sequence", "head_width"]
 
 
 def check_sequence(owner: str, x, dim: int) -> None:
@@ -28,6 +28,15 @@ def check_sequence(owner: str, x, dim: int) -> None:
         raise ValueError(f"{owner}: x must have shape [B, N, {dim}] with B, N >= 1, got {shape}")
     if not x.is_floating_point():
         raise TypeError(f"{owner}: x must be a floating-point tensor, got {x.dtype}")
+
+
+def head_width(owner: str, dim: int, heads: int, head_dim: Optional[int]) -> int:
+    """``head_dim`` (a positive int), or ``dim // heads`` when it is None (then ``heads`` must divide ``dim``)."""
+    if head_dim is None:
+        if dim % heads:
+            raise ValueError(f"{owner}: dim={dim} must be divisible by heads={heads} (or pass head_dim)")
+        return dim // heads
+    return int_at_least(f"{owner}: head_dim", head_dim, allow_none=True)
 
 
 def check_dropout(owner: str, name: str, p) -> None:
@@ -60,6 +69,22 @@ def build_mechanism(attention: Union[None, str, Mechanism], **context) -> Option
     if not isinstance(mech, (Pattern, ApproxAttention, AttentionLayer)):
         raise TypeError(f"{name!r} builds a {type(mech).__name__}, which is not an attention mechanism")
     return mech
+
+
+def build_for_heads(
+    attention: Union[None, str, Mechanism], *, heads: int, head_dim: int, causal: bool, max_len: Optional[int]
+) -> Optional[Mechanism]:
+    """:func:`build_mechanism` for self-attention with ``heads`` query and key heads of width ``head_dim``
+    (no grouping; model width ``heads * head_dim``), the setting the benchmarks run mechanisms in."""
+    return build_mechanism(
+        attention,
+        dim=heads * head_dim,
+        heads=heads,
+        kv_heads=heads,
+        head_dim=head_dim,
+        causal=causal,
+        max_len=max_len,
+    )
 
 
 class Attention(nn.Module):
@@ -100,14 +125,9 @@ class Attention(nn.Module):
         for name, val in (("dim", dim), ("heads", heads)):
             int_at_least(f"Attention: {name}", val)
         kv_heads = heads if kv_heads is None else kv_heads
-        if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+        if not is_int(kv_heads) or kv_heads < 1 or heads % kv_heads:
             raise ValueError(f"Attention: kv_heads must be a positive divisor of heads={heads}, got {kv_heads!r}")
-        if head_dim is None:
-            if dim % heads:
-                raise ValueError(f"Attention: dim={dim} must be divisible by heads={heads} (or pass head_dim)")
-            head_dim = dim // heads
-        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
-            raise ValueError(f"Attention: head_dim must be a positive int or None, got {head_dim!r}")
+        head_dim = head_width("Attention", dim, heads, head_dim)
         check_dropout("Attention", "dropout", dropout)
         if not isinstance(bias, bool):
             raise TypeError(f"Attention: bias must be a bool, got {bias!r}")
@@ -116,8 +136,7 @@ class Attention(nn.Module):
         if not isinstance(causal, bool):
             raise TypeError(f"Attention: causal must be a bool, got {causal!r}")
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
-        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
-            raise ValueError(f"Attention: max_len must be a positive int or None, got {max_len!r}")
+        int_at_least("Attention: max_len", max_len, allow_none=True)
         self.causal, self.backend, self.max_len = causal, backend, max_len
         self.mechanism = build_mechanism(
             attention, dim=dim, heads=heads, kv_heads=kv_heads, head_dim=head_dim, causal=causal, max_len=max_len

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._checks import int_at_least, is_int
+
 __all__ = ["LearnedPositions", "RotaryProjection", "rotary_tables", "apply_rotary"]
 
 
@@ -23,8 +25,7 @@ class LearnedPositions(nn.Module):
     def __init__(self, max_len: int, dim: int):
         super().__init__()
         for name, value in (("max_len", max_len), ("dim", dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LearnedPositions: {name} must be a positive int, got {value!r}")
+            int_at_least(f"LearnedPositions: {name}", value)
         self.max_len = max_len
         self.table = nn.Embedding(max_len, dim)
         nn.init.normal_(self.table.weight, std=0.02)
@@ -38,9 +39,8 @@ class LearnedPositions(nn.Module):
 
 def rotary_tables(n: int, head_dim: int, base: float = 10000.0, device=None) -> tuple[Tensor, Tensor]:
     """cos, sin ``[n, head_dim // 2]`` of the RoPE angles ``pos * base^(-2i/head_dim)``."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"rotary_tables: n must be an int >= 0, got {n!r}")
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
+    int_at_least("rotary_tables: n", n, 0)
+    if not is_int(head_dim) or head_dim < 2 or head_dim % 2:
         raise ValueError(f"rotary_tables: head_dim must be an even int >= 2, got {head_dim!r}")
     inv = base ** (-torch.arange(0, head_dim // 2, device=device, dtype=torch.float64) * 2 / head_dim)
     ang = torch.arange(n, device=device, dtype=torch.float64)[:, None] * inv[None, :]

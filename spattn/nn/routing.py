@@ -28,7 +28,7 @@ from ..kernels.clustered import clustered_attention
 from ..patterns.routing import Routing, layer_norm
 from ..patterns.static import Window
 from ..registry import register
-from .attention import check_sequence
+from .attention import check_sequence, head_width
 
 __all__ = ["RoutingAttention"]
 
@@ -88,11 +88,7 @@ class RoutingAttention(AttentionLayer):
         for name, flag in (("causal_safe", causal_safe), ("bias", bias)):
             if not isinstance(flag, bool):
                 raise TypeError(f"RoutingAttention: {name} must be a bool, got {flag!r}")
-        if head_dim is None:
-            if dim % heads:
-                raise ValueError(f"RoutingAttention: dim={dim} must be divisible by heads={heads} (or pass head_dim)")
-            head_dim = dim // heads
-        int_at_least("RoutingAttention: head_dim", head_dim)
+        head_dim = head_width("RoutingAttention", dim, heads, head_dim)
         if not isinstance(causal, bool):
             raise TypeError(f"RoutingAttention: causal must be a bool, got {causal!r}")
         share_qk = causal if share_qk is None else share_qk

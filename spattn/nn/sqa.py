@@ -25,7 +25,7 @@ from ..approx.base import AttentionLayer
 from ..functional import attention
 from ..patterns import Pattern
 from ..registry import register
-from .attention import check_sequence
+from .attention import check_sequence, head_width
 
 __all__ = ["SparseQueryAttention", "VARIANTS"]
 
@@ -70,11 +70,7 @@ class SparseQueryAttention(AttentionLayer):
         int_at_least("sqa: heads", heads)
         if variant not in VARIANTS:
             raise ValueError(f"sqa: variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-        if head_dim is None:
-            if dim % heads:
-                raise ValueError(f"sqa: dim={dim} must be divisible by heads={heads} (or pass head_dim)")
-            head_dim = dim // heads
-        int_at_least("sqa: head_dim", head_dim)
+        head_dim = head_width("sqa", dim, heads, head_dim)
         fq, fkv = VARIANTS[variant]
         hq = max(1, heads // fq) if query_heads is None else int_at_least("sqa: query_heads", query_heads)
         hkv = (

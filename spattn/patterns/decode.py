@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from .. import _compiled
+from .._checks import int_at_least, is_int
 from ..kvcache import LabelCache, LayerState, PageSummary, SelectorState
 from ..layout import Layout
 from ..registry import register
@@ -519,12 +520,11 @@ class DoubleSparsity(_DecodeSelector):
                     f"a calibration state is {form}"
                 )
             layer, count = entry["layer"], entry["count"]
-            if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+            if layer is not None and not is_int(layer):
                 raise ValueError(f"double_sparsity: layers[{i}].layer must be an int or null, got {layer!r}")
             if layer in sums:
                 raise ValueError(f"double_sparsity: layers[{i}].layer {layer!r} appears twice")
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise ValueError(f"double_sparsity: layers[{i}].count must be an int >= 1, got {count!r}")
+            int_at_least(f"double_sparsity: layers[{i}].count", count)
             try:
                 total = torch.tensor(entry["sum"], dtype=torch.float64)
             except (TypeError, ValueError, RuntimeError):
@@ -680,7 +680,7 @@ class TidalDecode(_DecodeSelector):
 
     def __init__(self, budget: Union[int, float] = 256, select_layers: tuple = (2, 13)):
         check_budget("tidal", budget)
-        if isinstance(select_layers, int) and not isinstance(select_layers, bool):
+        if is_int(select_layers):
             select_layers = (select_layers,)
         if not isinstance(select_layers, (tuple, list)) or not select_layers:
             raise TypeError(f"tidal: select_layers must be a non-empty tuple of layer indices, got {select_layers!r}")

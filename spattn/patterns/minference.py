@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .._checks import int_at_least
 from ..layout import Layout, true_positions
 from ..registry import register
 from ._padding import last_real_query_probs, masked_block_mean, query_tokens, real_tokens
@@ -114,26 +115,16 @@ def prefill_layout(
     # Without exact slash lines, every selected tile is whole (causal inside) and every column a
     # selected vertical: causality is the whole predicate.
     if slash is None or whole_slash_tiles or not bool(slash.any()):
-        return Layout(
-            num,
-            idx,
-            q_len=q_len,
-            kv_len=kv_len,
-            block_q=block,
-            mask_mod=causal_mask_mod(q_len, kv_len),
-            full=full,
-            col_num=col_num,
-            col_indices=col_idx,
-        )
+        mask_mod = causal_mask_mod(q_len, kv_len)
+    else:
+        vert_t = vertical if vertical is not None else torch.zeros(bsz, heads, kv_len, dtype=torch.bool, device=dev)
 
-    vert_t = vertical if vertical is not None else torch.zeros(bsz, heads, kv_len, dtype=torch.bool, device=dev)
-
-    def prefill_mask(b, h, q_idx, kv_idx):
-        d = q_idx + off - kv_idx
-        hit = slash[b, h, d.clamp(0, kv_len - 1)] | vert_t[b, h, kv_idx]
-        if blocks is not None:
-            hit = hit | blocks[b, h, q_idx // block, kv_idx // block]
-        return (d >= 0) & hit
+        def mask_mod(b, h, q_idx, kv_idx):
+            d = q_idx + off - kv_idx
+            hit = slash[b, h, d.clamp(0, kv_len - 1)] | vert_t[b, h, kv_idx]
+            if blocks is not None:
+                hit = hit | blocks[b, h, q_idx // block, kv_idx // block]
+            return (d >= 0) & hit
 
     return Layout(
         num,
@@ -141,7 +132,7 @@ def prefill_layout(
         q_len=q_len,
         kv_len=kv_len,
         block_q=block,
-        mask_mod=prefill_mask,
+        mask_mod=mask_mod,
         full=full,
         col_num=col_num,
         col_indices=col_idx,
@@ -506,9 +497,7 @@ def _validate_head(head: Any, where: str) -> None:
     if kind not in HEAD_PATTERNS:
         raise ValueError(f"minference config: {where} has pattern {kind!r}; expected one of {sorted(HEAD_PATTERNS)}")
     for name, low in HEAD_PATTERNS[kind].items():
-        val = head.get(name)
-        if isinstance(val, bool) or not isinstance(val, int) or val < low:
-            raise ValueError(f"minference config: {where} ({kind}) needs integer {name} >= {low}, got {val!r}")
+        int_at_least(f"minference config: {where} ({kind}) {name}", head.get(name), low)
 
 
 def validate_minference_config(config: Any) -> dict:
@@ -527,9 +516,7 @@ def validate_minference_config(config: Any) -> dict:
             f"minference config: unsupported version {config.get('version')!r} (expected {CONFIG_VERSION})"
         )
     for name in ("block", "last_q"):
-        val = config.get(name)
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"minference config: {name!r} must be an integer >= 1, got {val!r}")
+        int_at_least(f"minference config: {name!r}", config.get(name))
     layers = config.get("layers")
     if not isinstance(layers, list) or not layers:
         raise ValueError("minference config: 'layers' must be a non-empty list (one list of heads per layer)")
