@@ -252,11 +252,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_backward(
     const int64_t tasks = s.batch * s.heads_kv * s.nkb;
     std::atomic<int64_t> next{0};
     // one chunk per worker; chunk 0 accumulates into dq, chunk w > 0 into dq_more[w - 1]
-    at::parallel_for(0, workers, 1, [&](int64_t worker, int64_t) {
+    at::parallel_for(0, workers, 1, [&](int64_t worker, int64_t end) {
       const spattn_blas::OneBlasThread one_blas_thread;
       Scratch<scalar_t> sc(std::max(kMaxRows, block_q), block_k);
       scalar_t* dqw = worker == 0 ? dqp : dq_morep + (worker - 1) * dq_size;
-      if (worker > 0) std::fill(dqw, dqw + dq_size, scalar_t(0));
+      // zero every extra buffer of this chunk (a chunk spans several workers when the loop runs
+      // serially, e.g. inside another parallel region): the final sum reads them all
+      for (int64_t w = std::max<int64_t>(worker, 1); w < end; ++w)
+        std::fill(dq_morep + (w - 1) * dq_size, dq_morep + w * dq_size, scalar_t(0));
       for (int64_t t = next++; t < tasks; t = next++) {
         const int64_t kb = t % s.nkb, g = (t / s.nkb) % s.heads_kv, bi = t / (s.nkb * s.heads_kv);
         const int64_t head = bi * s.heads_kv + g;
