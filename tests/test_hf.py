@@ -401,3 +401,26 @@ def test_a_sliding_window_restricts_every_kind_that_can_be_restricted():
     ):
         hf._within_window(routed, extras, 3)
     assert hf._within_window(routed, hf._LayerExtras(window=12), 3) is routed  # the window hides nothing
+
+
+def test_a_mask_is_checked_once_until_it_changes(monkeypatch):
+    """sparsify checks sdpa's [B, 1, Nq, Nk] mask once for all layers that share it; an in-place edit or
+    another tensor is checked again (and a mask that is no longer causal + padding still raises)."""
+    import spattn.integrations.hf as hf_module
+
+    calls = []
+    real = hf_module._key_padding
+    monkeypatch.setattr(hf_module, "_key_padding", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(hf_module, "_CHECKED_MASKS", [])
+    mask = torch.ones(8, 8, dtype=torch.bool).tril()[None, None].clone()
+    for layer in range(5):
+        assert hf_module._checked_key_padding(mask, 8, 8, True, None, layer) is None
+    assert len(calls) == 1
+    mask[0, 0, :, 0] = False  # key 0 becomes padding: a new check, a new answer
+    kpm = hf_module._checked_key_padding(mask, 8, 8, True, None, 0)
+    assert len(calls) == 2 and kpm.tolist() == [[False] + [True] * 7]
+    mask[0, 0, 3, 6] = True  # a real query seeing a future key: not causal any more
+    with pytest.raises(ValueError, match="expected a causal mask"):
+        hf_module._checked_key_padding(mask, 8, 8, True, None, 0)
+    other = torch.ones(8, 8, dtype=torch.bool).tril()[None, None]
+    assert hf_module._checked_key_padding(other, 8, 8, True, None, 0) is None and len(calls) == 4

@@ -29,6 +29,7 @@ import functools
 import importlib.util
 import inspect
 import textwrap
+import weakref
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
@@ -241,6 +242,29 @@ def _key_padding(
     return None if bool(kpm.all()) else kpm
 
 
+#: the last masks checked by :func:`_checked_key_padding`: (weak ref, version, arguments, key padding)
+_CHECKED_MASKS: list = []
+
+
+def _checked_key_padding(
+    mask: Optional[Tensor], q_len: int, kv_len: int, causal: bool, window: Optional[int], layer: Any
+) -> Optional[Tensor]:
+    """:func:`_key_padding`, checked once per mask: a model passes the same mask tensor to every layer
+    (one per kind of layer), and checking an ``[Nq, Nk]`` mask costs several passes over N² elements.
+    A hit needs the very same tensor object, unmodified since (its version counter), and the same
+    arguments."""
+    if mask is None:
+        return None
+    args = (q_len, kv_len, causal, window, tuple(mask.shape), tuple(mask.stride()))
+    for ref, version, seen, kpm in _CHECKED_MASKS:
+        if ref() is mask and version == mask._version and seen == args:
+            return kpm
+    kpm = _key_padding(mask, q_len, kv_len, causal, window, layer)
+    _CHECKED_MASKS.insert(0, (weakref.ref(mask), mask._version, args, kpm))
+    del _CHECKED_MASKS[4:]
+    return kpm
+
+
 def _causal_pairs(q_len: int, kv_len: int, causal: bool, window: Optional[int] = None) -> int:
     """(query, key) pairs of dense attention; causal with ``window``: aligned query ``p`` sees ``min(p + 1, window)``."""
     if not causal:
@@ -355,7 +379,7 @@ class SparsifyHandle:
             raise ValueError(
                 f"spattn sparsify: layer {layer} has {extras.sinks.shape[0]} attention sinks for {hq} query heads"
             )
-        kpm = _key_padding(mask, nq, nk, causal, extras.window, layer)
+        kpm = _checked_key_padding(mask, nq, nk, causal, extras.window, layer)
         phase = "prefill" if nq > 1 else "decode"
         if phase == "prefill":
             self.state.layers.pop(layer, None)
