@@ -131,6 +131,19 @@ inline std::pair<int64_t, int64_t> slice_columns(const int32_t* lo, const int32_
   return {c0, std::min(c1, n)};
 }
 
+// fn(i0, rows, c0, c1) for each slice of kMaskRows rows of a partial tile (mask id `mask`, m rows, n
+// columns), with [c0, c1) the columns the slice's masks reach (c1 <= c0: none).
+template <typename Fn>
+void for_each_slice(const MaskExtents& extents, int32_t mask, int64_t block_q, int64_t m, int64_t n, Fn&& fn) {
+  const int32_t* lo = extents.begin.data() + mask * block_q;
+  const int32_t* hi = extents.end.data() + mask * block_q;
+  for (int64_t i0 = 0; i0 < m; i0 += kMaskRows) {
+    const int64_t rows = std::min(kMaskRows, m - i0);
+    const auto [c0, c1] = slice_columns(lo, hi, i0, rows, n);
+    fn(i0, rows, c0, c1);
+  }
+}
+
 // One (batch, query head, query block): online softmax over the block's keys, a chunk at a time. A
 // chunk is consecutive runs (whole blocks merged, or one partial tile) of at most st.width keys in
 // all: their scores are computed into adjacent columns, then one softmax step and one output update
@@ -190,11 +203,7 @@ void attend_query_block(const Problem& p, int64_t bi, int64_t h, int64_t qb, con
         continue;
       }
       const uint8_t* mask = masks + seg.mask * p.block_q * p.block_k;
-      const int32_t* lo = extents.begin.data() + seg.mask * p.block_q;
-      const int32_t* hi = extents.end.data() + seg.mask * p.block_q;
-      for (int64_t i0 = 0; i0 < m; i0 += kMaskRows) {
-        const int64_t rows = std::min(kMaskRows, m - i0);
-        const auto [c0, c1] = slice_columns(lo, hi, i0, rows, seg.n);
+      for_each_slice(extents, seg.mask, p.block_q, m, seg.n, [&](int64_t i0, int64_t rows, int64_t c0, int64_t c1) {
         if (c1 > c0)
           scores<T>(rows, c1 - c0, p.d, scale, qt + i0 * ldq, ldq, kh + (seg.key0 + c0) * ldk, ldk,
                     sseg + i0 * width + c0, width);
@@ -204,7 +213,7 @@ void attend_query_block(const Problem& p, int64_t bi, int64_t h, int64_t qb, con
           for (int64_t j = 0; j < seg.n; ++j)
             if (j < c0 || j >= c1 || !mi[j]) si[j] = kNegInf;
         }
-      }
+      });
     }
     // softmax step and rescale of the output so far
     for (int64_t i = 0; i < m; ++i) {
@@ -222,15 +231,11 @@ void attend_query_block(const Problem& p, int64_t bi, int64_t h, int64_t qb, con
         accumulate<T>(m, seg.n, p.dv, pseg, vh + seg.key0 * ldv, ldv, o, width);
         continue;
       }
-      const int32_t* lo = extents.begin.data() + seg.mask * p.block_q;
-      const int32_t* hi = extents.end.data() + seg.mask * p.block_q;
-      for (int64_t i0 = 0; i0 < m; i0 += kMaskRows) {
-        const int64_t rows = std::min(kMaskRows, m - i0);
-        const auto [c0, c1] = slice_columns(lo, hi, i0, rows, seg.n);
+      for_each_slice(extents, seg.mask, p.block_q, m, seg.n, [&](int64_t i0, int64_t rows, int64_t c0, int64_t c1) {
         if (c1 > c0)
           accumulate<T>(rows, c1 - c0, p.dv, pseg + i0 * width + c0, vh + (seg.key0 + c0) * ldv, ldv,
                         o + i0 * p.dv, width);
-      }
+      });
     }
   }
 
