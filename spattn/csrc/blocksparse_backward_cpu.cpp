@@ -12,8 +12,8 @@
 //   other worker into its own buffer (zeroed by that worker), added to dQ at the end. No output is
 //   zero-filled serially: on large tensors that is a page-faulting pass as long as a small backward. Tasks are handed out by an atomic
 //   counter, so a key block selected by every query (global tokens) does not stall a static partition.
-//   Consecutive whole tiles of one key block are merged into one GEMM of up to kMaxRows rows; a partial
-//   tile runs alone in slices of rows over the columns their masks reach, as in the forward.
+//   Consecutive query blocks of one key block are merged into one GEMM of up to kMaxRows rows (partial
+//   tiles computed in full, their excluded pairs given probability 0).
 //   BLAS runs single-threaded inside the parallel region (one level of parallelism).
 
 #include <ATen/ATen.h>
@@ -28,7 +28,6 @@
 #include <vector>
 
 #include "blocksparse_blas.h"
-#include "blocksparse_tiles.h"
 
 namespace {
 
@@ -36,8 +35,6 @@ using spattn_blas::abt;
 using spattn_blas::add_pb;
 using spattn_blas::add_ptb;
 using spattn_blas::exp_nonpositive;
-using spattn_tiles::for_each_slice;
-using spattn_tiles::MaskExtents;
 
 constexpr int64_t kMaxRows = 512;  // query rows per GEMM: consecutive whole query blocks merged up to this
 
@@ -62,18 +59,18 @@ struct Scratch {
   Scratch(int64_t rows, int64_t cols) : p(rows * cols), ds(rows * cols) {}
 };
 
-// Rows [row0, row0 + m) of head h (row0 = first * block_q + r0) against keys [key0, key0 + n) of kv head
-// g (batch bi). Either a run of whole tiles (mask = -1: consecutive query blocks merged, one GEMM each
-// way) or a slice of one partial tile (mask id `mask`; its rows start at row r0 of the tile and its
-// columns at column c0 of the key block; excluded pairs get probability 0).
+// Query blocks [first, last] of head h (rows row0 = first * block_q onwards, m of them) against keys
+// [key0, key0 + n) of kv head g (batch bi). Their tiles' mask ids are tile_masks[0 .. last - first]
+// (-1 = whole tile): partial tiles are computed in full and their excluded pairs get probability 0, so a
+// run of a key block's query blocks is one GEMM each way even where masks cut it.
 template <typename T>
-void run_grads(const Shape& s, const Inputs<T>& in, int64_t bi, int64_t h, int64_t g, int64_t first, int64_t r0,
-               int64_t m, int64_t key0, int64_t c0, int64_t n, int32_t mask, Scratch<T>& sc, T* dq, T* dk, T* dv) {
+void run_grads(const Shape& s, const Inputs<T>& in, int64_t bi, int64_t h, int64_t g, int64_t first, int64_t m,
+               int64_t key0, int64_t n, const int32_t* tile_masks, Scratch<T>& sc, T* dq, T* dk, T* dv) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  const int64_t row0 = first * s.block_q + r0, k0 = key0 + c0;
+  const int64_t row0 = first * s.block_q;
   const T* qr = in.q + bi * s.q_strides[0] + h * s.q_strides[1] + row0 * s.q_strides[2];
-  const T* kr = in.k + bi * s.k_strides[0] + g * s.k_strides[1] + k0 * s.k_strides[2];
-  const T* vr = in.v + bi * s.v_strides[0] + g * s.v_strides[1] + k0 * s.v_strides[2];
+  const T* kr = in.k + bi * s.k_strides[0] + g * s.k_strides[1] + key0 * s.k_strides[2];
+  const T* vr = in.v + bi * s.v_strides[0] + g * s.v_strides[1] + key0 * s.v_strides[2];
   const int64_t row = (bi * s.heads_q + h) * s.nq + row0;
   const T* dor = in.dout + row * s.dv;
   const T* lse = in.lse + row;
@@ -89,8 +86,9 @@ void run_grads(const Shape& s, const Inputs<T>& in, int64_t bi, int64_t h, int64
       std::fill(pi, pi + n, T(0));
       continue;
     }
-    if (mask >= 0) {
-      const uint8_t* mi = in.masks + (mask * s.block_q + r0 + i) * s.block_k + c0;
+    const int32_t u = tile_masks[i / s.block_q];
+    if (u >= 0) {
+      const uint8_t* mi = in.masks + (u * s.block_q + i % s.block_q) * s.block_k;
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) pi[j] = mi[j] ? pi[j] : kNegInf;
     }
@@ -105,18 +103,16 @@ void run_grads(const Shape& s, const Inputs<T>& in, int64_t bi, int64_t h, int64
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) dsi[j] = pi[j] * (dsi[j] - di);
   }
-  add_ptb<T>(m, n, s.dv, T(1), p, dor, s.dv, dv + k0 * s.dv, s.dv);
-  add_ptb<T>(m, n, s.d, in.scale, ds, qr, s.q_strides[2], dk + k0 * s.d, s.d);
+  add_ptb<T>(m, n, s.dv, T(1), p, dor, s.dv, dv + key0 * s.dv, s.dv);
+  add_ptb<T>(m, n, s.d, in.scale, ds, qr, s.q_strides[2], dk + key0 * s.d, s.d);
   add_pb<T>(m, n, s.d, in.scale, ds, kr, s.k_strides[2], dq + row * s.d, s.d);
 }
 
 // One task: every query row that selects key block kb of kv head g (batch bi), over the group's heads.
-// dk / dv point at the (bi, g) head of the outputs; dq at the worker's accumulator. Consecutive whole
-// tiles are merged up to kMaxRows rows; a partial tile runs alone, in slices of rows over the columns
-// their masks reach (as in the forward), so what no row computes is not computed here either.
+// dk / dv point at the (bi, g) head of the outputs; dq at the worker's accumulator.
 template <typename T>
-void key_block_grads(const Shape& s, const Inputs<T>& in, const MaskExtents& extents, int64_t bi, int64_t g,
-                     int64_t kb, Scratch<T>& sc, T* dq, T* dk, T* dv) {
+void key_block_grads(const Shape& s, const Inputs<T>& in, int64_t bi, int64_t g, int64_t kb, Scratch<T>& sc, T* dq,
+                     T* dk, T* dv) {
   const int64_t key0 = kb * s.block_k, n = std::min(s.block_k, s.nk - key0);
   std::fill(dk + key0 * s.d, dk + (key0 + n) * s.d, T(0));
   std::fill(dv + key0 * s.dv, dv + (key0 + n) * s.dv, T(0));
@@ -126,22 +122,13 @@ void key_block_grads(const Shape& s, const Inputs<T>& in, const MaskExtents& ext
     const int64_t* row_ptr = in.ptr + (lb * s.layout_heads + lh) * (s.nkb + 1) + kb;
     const int64_t end = row_ptr[1];
     for (int64_t e = row_ptr[0]; e < end;) {
+      // consecutive query blocks merged up to kMaxRows rows
       const int64_t first = in.qblocks[e];
-      const int32_t mask = in.mask_id[e];
-      if (mask >= 0) {
-        const int64_t rows = std::min(s.block_q, s.nq - first * s.block_q);
-        for_each_slice(extents, mask, s.block_q, rows, n, [&](int64_t i0, int64_t m, int64_t c0, int64_t c1) {
-          if (c1 > c0) run_grads<T>(s, in, bi, h, g, first, i0, m, key0, c0, c1 - c0, mask, sc, dq, dk, dv);
-        });
-        ++e;
-        continue;
-      }
       int64_t last = first, f = e + 1;
-      while (f < end && in.mask_id[f] < 0 && in.qblocks[f] == last + 1 &&
-             (in.qblocks[f] + 1 - first) * s.block_q <= kMaxRows)
+      while (f < end && in.qblocks[f] == last + 1 && (in.qblocks[f] + 1 - first) * s.block_q <= kMaxRows)
         last = in.qblocks[f++];
       const int64_t rows = std::min((last + 1) * s.block_q, s.nq) - first * s.block_q;
-      run_grads<T>(s, in, bi, h, g, first, 0, rows, key0, 0, n, -1, sc, dq, dk, dv);
+      run_grads<T>(s, in, bi, h, g, first, rows, key0, n, in.mask_id + e, sc, dq, dk, dv);
       e = f;
     }
   }
@@ -256,7 +243,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_backward(
       std::fill(dqp + r0 * s.d, dqp + r1 * s.d, scalar_t(0));
     });
     const uint8_t* mk = reinterpret_cast<const uint8_t*>(masks.data_ptr<bool>());
-    const MaskExtents extents(mk, masks.size(0), block_q, block_k);
     const Inputs<scalar_t> in{q.data_ptr<scalar_t>(),     k.data_ptr<scalar_t>(),   v.data_ptr<scalar_t>(),
                               dop,                        lse.data_ptr<scalar_t>(), deltap,
                               q_ptr.data_ptr<int64_t>(),  q_blocks.data_ptr<int64_t>(),
@@ -277,8 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_backward(
       for (int64_t t = next++; t < tasks; t = next++) {
         const int64_t kb = t % s.nkb, g = (t / s.nkb) % s.heads_kv, bi = t / (s.nkb * s.heads_kv);
         const int64_t head = bi * s.heads_kv + g;
-        key_block_grads<scalar_t>(s, in, extents, bi, g, kb, sc, dqw, dkp + head * s.nk * s.d,
-                                  dvp + head * s.nk * s.dv);
+        key_block_grads<scalar_t>(s, in, bi, g, kb, sc, dqw, dkp + head * s.nk * s.d, dvp + head * s.nk * s.dv);
       }
     });
     if (workers > 1)
