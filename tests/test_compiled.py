@@ -3,6 +3,7 @@ selectors / kernel that use them against their eager paths."""
 
 import importlib.util
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -346,3 +347,16 @@ def test_doctor_reports_build_and_paths(capsys, monkeypatch):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "built       no" in out and "/nonexistent/spattn-doctor-test" in out
+
+
+def test_every_csrc_file_ships_with_the_package():
+    """The compiled loops build from spattn/csrc at run time: every source and header must be package data."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["spattn"]
+    files = [p.relative_to(root / "spattn").as_posix() for p in (root / "spattn" / "csrc").iterdir() if p.is_file()]
+    assert files
+    missing = [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs)]
+    assert not missing, f"not in [tool.setuptools.package-data]: {missing}"
