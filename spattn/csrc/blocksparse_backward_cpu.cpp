@@ -10,8 +10,9 @@
 //   pre-pass. dK / dV rows of a key block belong to one task, which zeroes them first, so no two threads
 //   write them; dQ rows are shared between key blocks: the first worker accumulates into dQ itself, each
 //   other worker into its own buffer (zeroed by that worker), added to dQ at the end. No output is
-//   zero-filled serially: on large tensors that is a page-faulting pass as long as a small backward. Tasks are handed out by an atomic
-//   counter, so a key block selected by every query (global tokens) does not stall a static partition.
+//   zero-filled serially: on large tensors that is a page-faulting pass as long as a small backward.
+//   Tasks are handed out by an atomic counter, so a key block selected by every query (global tokens)
+//   does not stall a static partition.
 //   Consecutive query blocks of one key block are merged into one GEMM of up to kMaxRows rows (partial
 //   tiles computed in full, their excluded pairs given probability 0).
 //   BLAS runs single-threaded inside the parallel region (one level of parallelism).

@@ -304,13 +304,12 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_forward(const at::Tensor& q, con
     const int64_t workers = std::min<int64_t>(at::get_num_threads(), total);
     std::atomic<int64_t> next{0};
     at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-      const int previous_blas_threads = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+      const spattn_blas::OneBlasThread one_blas_thread;
       BlockState<scalar_t> state(block_q, std::max(kMaxRun, block_k), p.dv);
       for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < total;) {
         const int64_t qb = p.nqb - 1 - t / rows_of_tiles, h = t % p.heads_q, bi = (t % rows_of_tiles) / p.heads_q;
         attend_query_block<scalar_t>(p, bi, h, qb, qp, kp, vp, np, ip, mp, mk, extents, sc, op, lp, state);
       }
-      if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_blas_threads);
     });
   });
   return {out, lse};
