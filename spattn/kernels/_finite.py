@@ -43,15 +43,16 @@ def nan_exact(
     ``out`` instead of over q, k and v). Shapes: q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``,
     v ``[B, Hkv, Nk, Dv]``.
     """
+    plain = None  # run's result on the inputs as they are, once computed
     if shows_nan:
-        result = run(q, k, v)
-        if not _may_hold_nan(*(t.detach() for t in (result if isinstance(result, tuple) else (result,)))):
-            return result
+        plain = run(q, k, v)
+        if not _may_hold_nan(*(t.detach() for t in (plain if isinstance(plain, tuple) else (plain,)))):
+            return plain
     elif not _may_hold_nan(q, k, v):
         return run(q, k, v)
     q_nan, k_nan, v_nan = torch.isnan(q).any(-1), torch.isnan(k).any(-1), torch.isnan(v)
     if not (bool(q_nan.any()) or bool(k_nan.any()) or bool(v_nan.any())):
-        return run(q, k, v)
+        return run(q, k, v) if plain is None else plain  # a false alarm (e.g. inf - inf): no NaN input
     zero = torch.zeros((), dtype=q.dtype, device=q.device)
     result = run(
         torch.where(q_nan[..., None], zero, q), torch.where(k_nan[..., None], zero, k), torch.where(v_nan, zero, v)
