@@ -51,9 +51,8 @@ _SOURCES = [
     Path(__file__).with_name("csrc") / name
     for name in ("decode_cpu.cpp", "blocksparse_cpu.cpp", "blocksparse_backward_cpu.cpp")
 ]
-_HEADERS = [
-    Path(__file__).with_name("csrc") / name for name in ("blocksparse_blas.h", "blocksparse_tiles.h")
-]  # included by the sources: part of the key
+# every header the sources include is part of the key (a new one cannot be forgotten here)
+_HEADERS = sorted(Path(__file__).with_name("csrc").glob("*.h"))
 # -fopenmp: at::parallel_for is a header template that runs serially unless compiled with OpenMP
 _CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 _STAMP = "spattn-build.sha256"
