@@ -65,11 +65,11 @@ def antidiagonal_block_scores(
     the queries instead: the same sums; reversing the keys copies fewer heads under GQA).
     ``A_r = softmax(Q_r K_rᵀ / (√D·S))`` per strided row over the strided keys; with ``causal`` a
     strided key is visible when its first key is not after the row's last (aligned) query, i.e. the
-    diagonal tile's whole antidiagonal counts, as in the official code. Rows/columns whose first token is padding are dropped. The
-    score of block (I, J) is the sum of ``A_r`` over its ``(block/S)²`` strided entries, so every
-    real strided row contributes 1 to its block row. Query rows are processed in chunks of at most
-    ``chunk_blocks`` query blocks and ``chunk_elems`` scores; with ``causal`` a chunk only looks at
-    the keys it can see.
+    diagonal tile's whole antidiagonal counts, as in the official code. Rows/columns whose first
+    token is padding are dropped. The score of block (I, J) is the sum of ``A_r`` over its
+    ``(block/S)²`` strided entries, so every real strided row contributes 1 to its block row. Query
+    rows are processed in chunks of at most ``chunk_blocks`` query blocks and ``chunk_elems``
+    scores; with ``causal`` a chunk only looks at the keys it can see.
 
     ``key_padding_mask [B, Nk]`` (True = real; also marks the queries when ``Nq == Nk``): padded
     tokens add nothing to an antidiagonal, strided columns without a real key are hidden and
@@ -82,29 +82,22 @@ def antidiagonal_block_scores(
     if real is not None:
         q, k = zero_padded(q, real_q), zero_padded(k, real)
     g, s, off = hq // hkv, stride, nk - nq
-    p0, p1, k0, _ = tile_bounds(nq, nk, block, q.device)
+    p0, _, k0, _ = tile_bounds(nq, nk, block, q.device)
     nqb, nkb = p0.shape[0], k0.shape[1]
     per = block // s  # strided rows/cols per block
     nrows, ncols_all = nqb * per, nkb * per
-    # The antidiagonal of tile (i, j) pairs q[iS + t] with k[jS + S-1-t]: the reversal (and the
-    # softmax scale) is put on the keys, which have fewer heads than the queries under GQA.
-    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, ncols_all * s - nk))
-    k_r = kp.reshape(bsz, hkv, ncols_all, s, dim).flip(3).contiguous().mul_(1.0 / (math.sqrt(dim) * s))
-    k_r = k_r.view(bsz, hkv, ncols_all, s * dim)
-    # strided query rows grouped by kv head: [B, Hkv, rows, G, S·D], so a chunk of rows is one
-    # contiguous [G·rows, S·D] matrix per kv head
-    q_r = q.new_zeros(bsz, hkv, nrows, g, s, dim, dtype=torch.float32)
-    q_g = q.unflatten(1, (hkv, g))
-    whole = nq // s
-    q_r[:, :, :whole].copy_(q_g[:, :, :, : whole * s].unflatten(3, (whole, s)).transpose(2, 3))
-    if nq > whole * s:
-        q_r[:, :, whole, :, : nq - whole * s].copy_(q_g[:, :, :, whole * s :])
-    q_r = q_r.view(bsz, hkv, nrows, g * s * dim)
-    real_cols = torch.arange(ncols_all, device=q.device) * s < nk
+    # K_rᵀ of every strided column, reversed inside the column and scaled, once: [B, Hkv, S·D, cols],
+    # so each chunk's GEMM reads a column slice of it and the queries are used as they are
+    key_cols = -(-nk // s)  # strided columns holding a key; the ones after them are empty
+    k_pad = torch.nn.functional.pad(k, (0, 0, 0, key_cols * s - nk)) if nk % s else k
+    k_rev = k_pad.reshape(bsz, hkv, key_cols, s, dim).flip(3).reshape(bsz, hkv, key_cols, s * dim)
+    k_t = torch.empty(bsz, hkv, s * dim, key_cols, dtype=torch.float32, device=k.device)
+    k_t.copy_(k_rev.transpose(-1, -2)).mul_(1.0 / (math.sqrt(dim) * s))
+    q_g = q.unflatten(1, (hkv, g))  # [B, Hkv, G, Nq, D]
     if real is not None:
         pad_to = lambda m, n: torch.nn.functional.pad(m, (0, n * s - m.shape[1])).view(bsz, n, s).any(-1)
-        col_real = pad_to(real, ncols_all)[:, None, None, None, :]  # [B, 1, 1, 1, cols]
-        row_real = None if real_q is None else pad_to(real_q, nrows)[:, None, :, None, None]  # [B, 1, rows, 1, 1]
+        col_real = pad_to(real, key_cols)[:, None, None, None, :]  # [B, 1, 1, 1, cols]
+        row_real = None if real_q is None else pad_to(real_q, nrows)[:, None, None, :, None]  # [B, 1, 1, rows, 1]
     out = torch.zeros(bsz, hkv, g, nqb, nkb, dtype=torch.float32, device=q.device)
     # chunks of whole query blocks; with causal, a chunk reads only the keys it can see, so small
     # chunks skip most of the masked upper triangle
@@ -118,29 +111,32 @@ def antidiagonal_block_scores(
         if causal:
             last = (rows * s + s - 1).clamp(max=nq - 1) + off  # last aligned query of each strided row
             ncols = max(0, min(nkb, int(last.max()) // block + 1)) * per  # 0: more queries than keys, none visible yet
-        lhs = q_r[:, :, r0:r1].view(bsz, hkv, (r1 - r0) * g, s * dim)
-        logits = torch.matmul(lhs, k_r[:, :, :ncols].transpose(-1, -2)).view(bsz, hkv, r1 - r0, g, ncols)
-        # only the trailing columns can be hidden (causal or padding): mask that slice alone
-        first_hidden = int(last.min()) // s + 1 if causal else ncols
-        first_hidden = max(0, min(first_hidden, int(real_cols[:ncols].sum())))
-        if first_hidden < ncols:
-            cols = torch.arange(first_hidden, ncols, device=q.device)
-            hidden = ~real_cols[cols][None, :]
-            if causal:
-                hidden = hidden | (cols[None, :] * s > last[:, None])
-            logits[..., first_hidden:].masked_fill_(hidden[:, None, :], float("-inf"))
+        cols = min(ncols, key_cols)
+        # Q_r of the chunk: [B, Hkv, G·rows, S·D]
+        lhs = q_g[:, :, :, r0 * s : r1 * s]
+        if lhs.shape[3] < (r1 - r0) * s:  # the queries end inside the chunk's last strided row
+            lhs = torch.nn.functional.pad(lhs, (0, 0, 0, (r1 - r0) * s - lhs.shape[3]))
+        lhs = lhs.float().reshape(bsz, hkv, g * (r1 - r0), s * dim)
+        logits = torch.matmul(lhs, k_t[..., :cols]).view(bsz, hkv, g, r1 - r0, cols)
+        if causal:  # only the trailing columns can be hidden: mask that slice alone
+            first_hidden = max(0, min(cols, int(last.min()) // s + 1))
+            if first_hidden < cols:
+                hidden = torch.arange(first_hidden, cols, device=q.device)[None, :] * s > last[:, None]
+                logits[..., first_hidden:].masked_fill_(hidden, float("-inf"))
         if real is not None:
-            logits.masked_fill_(~col_real[..., :ncols], float("-inf"))
+            logits.masked_fill_(~col_real[..., :cols], float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         if (causal and off < 0) or real is not None:  # rows that see no (real) key at all
             probs = torch.nan_to_num_(probs, nan=0.0)
         if real is not None and row_real is not None:
-            probs.masked_fill_(~row_real[:, :, r0:r1], 0.0)
+            probs.masked_fill_(~row_real[..., r0:r1, :], 0.0)
         pad_rows = rows * s >= nq
         if bool(pad_rows.any()):
-            probs[:, :, pad_rows] = 0.0  # strided rows made of padding only
-        sums = probs.view(bsz, hkv, c1 - c0, per, g, ncols // per, per).sum(dim=(3, 6))  # [B, Hkv, c, G, cb]
-        out[:, :, :, c0:c1, : ncols // per] = sums.permute(0, 1, 3, 2, 4)
+            probs[..., pad_rows, :] = 0.0  # strided rows made of padding only
+        if cols < ncols:  # empty strided columns after the last key: probability 0
+            probs = torch.nn.functional.pad(probs, (0, ncols - cols))
+        sums = probs.view(bsz, hkv, g, c1 - c0, per, ncols // per, per).sum(dim=(4, 6))  # [B, Hkv, G, c, cb]
+        out[..., c0:c1, : ncols // per] = sums
     return out.view(bsz, hq, nqb, nkb)
 
 
