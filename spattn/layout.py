@@ -32,6 +32,9 @@ from ._checks import check_int, is_int
 
 __all__ = ["Layout", "MaskMod", "translation_invariant", "ceil_div", "true_positions"]
 
+#: mixed-radix tile keys above this would overflow int64 (then rows are deduplicated as tuples)
+_INT64_KEYS = 2**63 - 1
+
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
@@ -522,7 +525,7 @@ class Layout:
             # in the order of the tuples (torch.unique(dim=0) compares rows one by one, ~100x slower)
             offset = kb * bk - qb * bq + (self.num_q_blocks - 1) * bq  # >= 0
             span = (self.num_q_blocks - 1) * bq + (self.num_kv_blocks - 1) * bk + 1
-            if self.batch * self.heads * span * (bq + 1) * (bk + 1) < 2**63:
+            if self.batch * self.heads * span * (bq + 1) * (bk + 1) <= _INT64_KEYS:
                 key = (((b * self.heads + h) * span + offset) * (bq + 1) + rows) * (bk + 1) + cols
                 _, inverse = torch.unique(key, return_inverse=True)
             else:

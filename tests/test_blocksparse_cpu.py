@@ -96,9 +96,13 @@ def test_compiled_equals_eager_on_a_long_sequence(spy, monkeypatch):
     assert (fast - eager.detach()).abs().max().item() <= 1e-5
 
 
-def test_partial_tile_masks_brute_force():
+@pytest.mark.parametrize("int64_keys", [True, False], ids=["int64-keys", "tuple-rows"])
+def test_partial_tile_masks_brute_force(int64_keys, monkeypatch):
     """Every partial tile's mask equals the predicate on that tile; translation-invariant predicates
-    share one mask per (batch, head, block offset, cut by the sequence ends)."""
+    share one mask per (batch, head, block offset, cut by the sequence ends) -- exactly one, whether
+    the tiles are grouped by one int64 key each or (for shapes whose keys would overflow) as tuples."""
+    if not int64_keys:
+        monkeypatch.setattr("spattn.layout._INT64_KEYS", 0)
     gen = torch.Generator().manual_seed(0)
     nq, nk, bq, bk = 150, 170, 32, 16
     block_map = torch.rand(2, 3, 5, 11, generator=gen) < 0.6
@@ -126,7 +130,12 @@ def test_partial_tile_masks_brute_force():
             want = mask_mod(torch.tensor(b), torch.tensor(h), q_idx, kv_idx)
             assert torch.equal(masks[mask_id[b, h, qb, s]][:rows, :cols], want)
         if shared:
-            assert masks.shape[0] < int(partial.sum())
+            groups = {
+                (b, h, int(layout.kv_indices[b, h, qb, s]) * bk - qb * bq, min(bq, nq - qb * bq))
+                + (min(bk, nk - int(layout.kv_indices[b, h, qb, s]) * bk),)
+                for b, h, qb, s in partial.nonzero().tolist()
+            }
+            assert masks.shape[0] == len(groups) < int(partial.sum())
         else:
             assert masks.shape[0] == int(partial.sum())
         assert blocksparse_cpu.partial_tile_masks(layout, max_elems=masks[:1].numel() - 1) is None
