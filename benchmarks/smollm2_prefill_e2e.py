@@ -92,7 +92,7 @@ def _generate(model, tokenizer, ids: torch.Tensor, new_tokens: int) -> tuple[str
 
 
 def _profile_sparse(model, tokenizer, ids: torch.Tensor, args) -> None:
-    """One sparse ``generate()`` under cProfile: spattn's functions by own time, then the total."""
+    """One sparse ``generate()`` under cProfile: the total, then spattn's functions by own time."""
     profiler = cProfile.Profile()
     with sparsify(model, prefill=args.prefill, dense_tail=args.dense_tail):
         profiler.enable()
@@ -127,11 +127,7 @@ def run(args) -> dict:
         for sample, ids in zip(samples, prompts):
             row = {"depth": sample.depth, "tokens": ids.shape[1]}
             order = ("dense", "sparse") if len(cases) % 2 == 0 else ("sparse", "dense")
-            for method in order + (("free",) if args.free_attention else ()):
-                if method == "free":
-                    with _attention_free(model):
-                        row["free_s"] = _generate(model, tokenizer, ids, args.new_tokens)[1]
-                    continue
+            for method in order:
                 if method == "dense":
                     text, seconds = _generate(model, tokenizer, ids, args.new_tokens)
                 else:
@@ -141,6 +137,9 @@ def run(args) -> dict:
                 row[f"{method}_s"] = seconds
                 row[f"{method}_answer"] = text
                 row[f"{method}_score"] = sample.score(text)
+            if args.free_attention:
+                with _attention_free(model):
+                    row["free_s"] = _generate(model, tokenizer, ids, args.new_tokens)[1]
             cases.append(row)
             print(
                 f"depth {sample.depth:.2f} ({row['tokens']} tokens): dense {row['dense_s']:.2f} s "

@@ -522,15 +522,16 @@ class Layout:
             rows = (self.q_len - qb * bq).clamp(max=bq)
             cols = (self.kv_len - kb * bk).clamp(max=bk)
             # one int64 per tile, mixed radix over (b, h, offset, rows, cols): a 1-d unique sorts it
-            # in the order of the tuples (torch.unique(dim=0) compares rows one by one, ~100x slower)
+            # in the order of the tuples (on CPU torch.unique(dim=0) compares the rows one by one:
+            # tens of thousands of small ops per 8k-token prefill)
             offset = kb * bk - qb * bq + (self.num_q_blocks - 1) * bq  # >= 0
             span = (self.num_q_blocks - 1) * bq + (self.num_kv_blocks - 1) * bk + 1
             if self.batch * self.heads * span * (bq + 1) * (bk + 1) <= _INT64_KEYS:
                 key = (((b * self.heads + h) * span + offset) * (bq + 1) + rows) * (bk + 1) + cols
-                _, inverse = torch.unique(key, return_inverse=True)
+                unique, inverse = torch.unique(key, return_inverse=True)
             else:
-                _, inverse = torch.unique(torch.stack([b, h, offset, rows, cols], 1), dim=0, return_inverse=True)
-            rep = torch.empty(int(inverse.max()) + 1, dtype=torch.long, device=dev)
+                unique, inverse = torch.unique(torch.stack([b, h, offset, rows, cols], 1), dim=0, return_inverse=True)
+            rep = torch.empty(unique.shape[0], dtype=torch.long, device=dev)
             rep.scatter_(0, inverse, torch.arange(b.numel(), device=dev))
         else:
             inverse = rep = torch.arange(b.numel(), device=dev)
